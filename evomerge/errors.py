@@ -1,0 +1,41 @@
+"""User-facing errors: anything the user can fix by editing a file or a path.
+
+The CLI prints these as one line and exits with code 2 (no traceback unless --debug).
+"""
+
+
+class UserError(Exception):
+    """An error caused by the user's input; the message names the field and the fix."""
+
+    exit_code = 2
+
+
+def did_you_mean(name: str, choices) -> str:
+    """Return ' (did you mean X?)' for the closest choice, or '' when nothing is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def describe_validation_error(error, source: str) -> str:
+    """One line for the first problem in a pydantic ValidationError: 'SOURCE: a.b[0].c: message'."""
+    first = error.errors()[0]
+    path = ""
+    for part in first.get("loc", ()):
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not _is_union_branch_label(part):
+            path += f".{part}" if path else str(part)
+    message = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        known = first.get("ctx", {}).get("known_fields", ())
+        message = "unknown key; remove it or fix the spelling" + did_you_mean(path.rsplit(".", 1)[-1], known)
+    elif first.get("type") == "missing":
+        message = "required key is missing; add it"
+    return f"{source}: {path or '(top level)'}: {message}"
+
+
+def _is_union_branch_label(part) -> bool:
+    # pydantic names union branches like 'list[float]' or 'function-after[...]' in error paths.
+    return isinstance(part, str) and any(ch in part for ch in "[](),")

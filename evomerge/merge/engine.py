@@ -1,0 +1,181 @@
+"""Apply a merge plan: streamed to disk as a model folder, or in place into a resident model.
+
+Both modes call `merge_tensor` for every output tensor, so they produce identical tensors. The
+in-memory mode is what a search worker runs once per candidate: `ResidentSources` loads every
+input once onto the worker's device and caches what depends only on the sources (task vectors and
+their magnitude ranks), so a candidate costs only the parameter-dependent arithmetic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+
+from evomerge.merge.config import MergeConfig
+from evomerge.merge.io import LazyTensorReader, StreamingShardWriter, write_text_atomic
+from evomerge.merge.methods import MethodInfo, linear_merge, magnitude_rank, slerp, sparsify, task_vector_merge
+from evomerge.merge.plan import TensorPlan
+from evomerge.merge.validate import ValidatedMerge, validate_merge_config
+
+TOKENIZER_FILES = (
+    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+DTYPE_CONFIG_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
+
+
+def tensor_generator(seed: int, output: str, input_index: int, device: torch.device) -> torch.Generator:
+    """An RNG keyed by (seed, tensor, input) so random trims do not depend on merge order."""
+    digest = hashlib.blake2b(f"{seed}|{output}|{input_index}".encode(), digest_size=8).digest()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return generator
+
+
+def merge_tensor(
+    plan: TensorPlan,
+    method: MethodInfo,
+    inputs: list[torch.Tensor],
+    seed: int = 0,
+    deltas: dict[int, torch.Tensor] | None = None,
+    ranks: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One output tensor from its inputs; `deltas`/`ranks` (by input index) skip recomputation."""
+    if method.family == "linear":
+        weights = [params["weight"] for params in plan.per_input]
+        return linear_merge(inputs, weights, plan.shared["normalize"])
+    base = inputs[plan.base_index]
+    if method.family == "slerp":
+        other = inputs[1 - plan.base_index]
+        return slerp(plan.shared["t"], base, other)
+    trimmed, weights = [], []
+    for index, params in enumerate(plan.per_input):
+        if index == plan.base_index:
+            continue
+        delta = deltas[index] if deltas and index in deltas else inputs[index] - base
+        if method.sparsification:
+            delta = sparsify(
+                delta, params["density"], method.sparsification, rescale=plan.shared["rescale"],
+                gamma=params.get("gamma", 0.01), epsilon=params.get("epsilon", 0.15),
+                generator=tensor_generator(seed, plan.output, index, base.device) if method.is_random else None,
+                rank=ranks.get(index) if ranks else None,
+            )
+        trimmed.append(delta)
+        weights.append(params["weight"])
+    return task_vector_merge(
+        base, trimmed, weights, sign_consensus=method.sign_consensus,
+        normalize=plan.shared["normalize"], lam=plan.shared["lambda"],
+    )
+
+
+def merge_to_disk(config: MergeConfig, out_dir: str | Path, device: str = "cpu", seed: int = 0, progress: bool = True, max_shard_bytes: int = 2 * 1024**3) -> ValidatedMerge:
+    """Write the merged model folder, streaming tensor by tensor."""
+    validated = validate_merge_config(config)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    readers = {path: LazyTensorReader(folder) for path, folder in validated.folders.items()}
+    plans = validated.plan.tensors
+    outputs = [(p.output, _shape_of(validated, p), validated.out_dtype[p.output]) for p in plans]
+    writer = StreamingShardWriter(out_dir, outputs, max_shard_bytes)
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("merging", total=len(plans))
+        for plan in plans:
+            working = validated.working_dtype[plan.output]
+            inputs = [readers[model].read(name, device).to(working) for model, name in plan.inputs]
+            merged = merge_tensor(plan, validated.plan.method, inputs, seed)
+            writer.write(plan.output, merged.to(validated.out_dtype[plan.output]))
+            bar.advance(task)
+    writer.close()
+    _write_model_metadata(validated, out_dir)
+    return validated
+
+
+def _shape_of(validated: ValidatedMerge, plan: TensorPlan) -> tuple[int, ...]:
+    model, name = plan.inputs[0]
+    return validated.folders[model].tensors[name].shape
+
+
+def _write_model_metadata(validated: ValidatedMerge, out_dir: Path) -> None:
+    donor = validated.folders[validated.config.base_model or validated.config.referenced_models()[0]]
+    model_config = dict(donor.config)
+    model_config["num_hidden_layers"] = validated.plan.num_layers
+    out_dtypes = set(validated.out_dtype.values())
+    if len(out_dtypes) == 1:
+        dtype_name = DTYPE_CONFIG_NAMES.get(out_dtypes.pop())
+        for key in ("torch_dtype", "dtype"):
+            if key in model_config or key == "dtype":
+                model_config[key] = dtype_name
+    write_text_atomic(out_dir / "config.json", json.dumps(model_config, indent=2))
+    tokenizer_folder = validated.folders[validated.donor].path
+    for file_name in TOKENIZER_FILES:
+        if (tokenizer_folder / file_name).exists():
+            shutil.copy(tokenizer_folder / file_name, out_dir / file_name)
+    write_text_atomic(out_dir / "mergekit_config.yml", validated.config.to_yaml())
+
+
+class ResidentSources:
+    """Every input tensor of a merge, loaded once onto one device, with source-only work cached."""
+
+    def __init__(self, validated: ValidatedMerge, device: str = "cpu", cache_ranks: bool = True):
+        self.validated = validated
+        self.device = torch.device(device)
+        self.cache_ranks = cache_ranks
+        self.tensors: dict[tuple[str, str], torch.Tensor] = {}
+        self.deltas: dict[tuple[tuple[str, str], tuple[str, str]], torch.Tensor] = {}
+        self.ranks: dict[tuple[tuple[str, str], tuple[str, str]], torch.Tensor] = {}
+
+    @classmethod
+    def load(cls, config: MergeConfig, device: str = "cpu", cache_ranks: bool = True) -> "ResidentSources":
+        sources = cls(validate_merge_config(config), device, cache_ranks)
+        readers = {path: LazyTensorReader(folder) for path, folder in sources.validated.folders.items()}
+        for plan in sources.validated.plan.tensors:
+            working = sources.validated.working_dtype[plan.output]
+            for model, name in plan.inputs:
+                if (model, name) not in sources.tensors:
+                    sources.tensors[(model, name)] = readers[model].read(name, str(sources.device)).to(working)
+        return sources
+
+    def plan_for(self, config: MergeConfig) -> ValidatedMerge:
+        """Validate and plan a candidate against the already inspected folders (no disk reads)."""
+        return validate_merge_config(config, "candidate", folders=self.validated.folders)
+
+    def cached_inputs(self, plan: TensorPlan, method: MethodInfo):
+        inputs = [self.tensors[ref] for ref in plan.inputs]
+        if method.family != "task_vector":
+            return inputs, None, None
+        base_ref = plan.inputs[plan.base_index]
+        deltas, ranks = {}, {}
+        for index, ref in enumerate(plan.inputs):
+            if index == plan.base_index:
+                continue
+            key = (base_ref, ref)
+            if key not in self.deltas:
+                self.deltas[key] = self.tensors[ref] - self.tensors[base_ref]
+            deltas[index] = self.deltas[key]
+            if self.cache_ranks and method.sparsification in ("magnitude", "magnitude_outliers"):
+                descending = method.sparsification == "magnitude"
+                if (key, descending) not in self.ranks:
+                    self.ranks[(key, descending)] = magnitude_rank(self.deltas[key], descending)
+                ranks[index] = self.ranks[(key, descending)]
+        return inputs, deltas, ranks
+
+
+@torch.no_grad()
+def merge_into_model(model: torch.nn.Module, sources: ResidentSources, config: MergeConfig, seed: int = 0) -> ValidatedMerge:
+    """Overwrite a resident model's weights with the merge `config` describes; no disk access."""
+    validated = sources.plan_for(config)
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    targets.update(dict(model.named_buffers(remove_duplicate=False)))
+    for plan in validated.plan.tensors:
+        if plan.output not in targets:
+            raise KeyError(f"the resident model has no tensor named {plan.output}")
+        inputs, deltas, ranks = sources.cached_inputs(plan, validated.plan.method)
+        merged = merge_tensor(plan, validated.plan.method, inputs, seed, deltas, ranks)
+        targets[plan.output].copy_(merged.to(validated.out_dtype[plan.output]))
+    return validated

@@ -1,0 +1,250 @@
+"""Pure tensor math of every merge method, with mergekit 0.1.5's semantics.
+
+Nothing here reads files, resolves parameters or knows model structure: each function takes
+tensors and numbers and returns a tensor. Task arithmetic, TIES, DARE, breadcrumbs and DELLA are
+one family (`task_vector_merge`) configured by a sparsification rule, a sign consensus, rescale and
+normalize; `METHODS` lists which setting each named method uses.
+
+Magnitude trims rank |delta| with the same sort calls mergekit makes (a descending argsort for TIES,
+an ascending sort for breadcrumbs), so equal magnitudes, common in bf16, break ties the same way on
+the same torch build. A caller that merges many candidates from the same sources may pass a
+precomputed rank (`magnitude_rank`), because a source's delta never changes between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import torch
+
+Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """How a named merge method is configured and which parameters it takes."""
+
+    name: str
+    family: Literal["task_vector", "linear", "slerp"]
+    sparsification: Sparsification | None = None
+    sign_consensus: bool = False
+    default_normalize: bool = False
+    default_rescale: bool = False
+    needs_base: bool = True
+    # Parameters resolved per input model (base excluded for task-vector methods).
+    input_params: dict[str, float | None] = field(default_factory=dict)
+    # Parameters resolved once per tensor.
+    shared_params: dict[str, float | bool | None] = field(default_factory=dict)
+
+    @property
+    def is_random(self) -> bool:
+        return self.sparsification in ("random", "della_magprune")
+
+    @property
+    def tunable(self) -> tuple[str, ...]:
+        """Parameters a search may evolve."""
+        names = [p for p in ("weight", "density", "gamma", "epsilon") if p in self.input_params]
+        return tuple(names + [p for p in ("t", "lambda") if p in self.shared_params])
+
+
+def _task_vector_method(name, sparsification, consensus, normalize, rescale) -> MethodInfo:
+    input_params: dict[str, float | None] = {"weight": None, "density": 1.0}
+    if sparsification == "magnitude_outliers":
+        input_params["gamma"] = 0.01
+    if sparsification == "della_magprune":
+        input_params["epsilon"] = 0.15
+    return MethodInfo(
+        name=name,
+        family="task_vector",
+        sparsification=sparsification,
+        sign_consensus=consensus,
+        default_normalize=normalize,
+        default_rescale=rescale,
+        input_params=input_params,
+        shared_params={"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False},
+    )
+
+
+METHODS: dict[str, MethodInfo] = {
+    m.name: m
+    for m in (
+        MethodInfo(
+            "linear", "linear", needs_base=False,
+            input_params={"weight": None}, shared_params={"normalize": True},
+        ),
+        MethodInfo("slerp", "slerp", input_params={}, shared_params={"t": None}),
+        _task_vector_method("task_arithmetic", None, False, False, False),
+        _task_vector_method("ties", "magnitude", True, True, False),
+        _task_vector_method("dare_ties", "random", True, False, True),
+        _task_vector_method("dare_linear", "random", False, False, True),
+        _task_vector_method("breadcrumbs", "magnitude_outliers", False, False, False),
+        _task_vector_method("breadcrumbs_ties", "magnitude_outliers", True, False, False),
+        _task_vector_method("della", "della_magprune", True, True, True),
+        _task_vector_method("della_linear", "della_magprune", False, False, True),
+    )
+}
+
+
+def magnitude_rank(delta: torch.Tensor, descending: bool = True) -> torch.Tensor:
+    """Position of every element of |delta| in magnitude order (0 = largest when descending)."""
+    flat = delta.detach().abs().reshape(-1).float()
+    order = torch.argsort(flat, descending=True) if descending else torch.sort(flat).indices
+    rank_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
+    rank = torch.empty_like(order, dtype=rank_dtype)
+    rank[order] = torch.arange(flat.numel(), device=flat.device, dtype=rank_dtype)
+    return rank.reshape(delta.shape)
+
+
+def l1_rescaled(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Scale the kept delta so its L1 norm equals the full delta's (mergekit's DARE rescale)."""
+    before = delta.abs().sum()
+    after = kept.abs().sum()
+    if before < eps or after < eps:
+        return kept
+    return kept * (before / after)
+
+
+def magnitude_mask(delta: torch.Tensor, density: float, rank: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the int(density*n) largest-magnitude elements (at least one)."""
+    k = max(1, int(density * delta.numel()))
+    rank = magnitude_rank(delta) if rank is None else rank
+    return rank < k
+
+
+def magnitude_outliers_mask(
+    delta: torch.Tensor, density: float, gamma: float, rank: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Breadcrumbs: drop the gamma largest outliers, then the smallest, keeping density*n.
+
+    `rank` is the ascending magnitude rank (magnitude_rank(delta, descending=False)).
+    """
+    n = delta.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    # The outlier cut shrinks when needed so the target density is still reached.
+    n_bottom = max(0, n - target - n_top)
+    ascending_rank = magnitude_rank(delta, descending=False) if rank is None else rank
+    return (ascending_rank >= n_bottom) & (ascending_rank < n_bottom + target)
+
+
+def bernoulli_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: keep each element independently with probability density."""
+    probs = torch.full(delta.shape, density, dtype=torch.float32, device=delta.device)
+    return torch.bernoulli(probs, generator=generator).bool()
+
+
+def della_mask(
+    delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator
+) -> torch.Tensor:
+    """DELLA MagPrune: keep probability grows linearly with the row-wise magnitude rank."""
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError("epsilon must keep density ± epsilon inside (0, 1)")
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    ranks = torch.argsort(torch.argsort(rows.abs().float(), dim=1), dim=1).float()
+    spread = (rows.shape[1] - 1) if rows.shape[1] > 1 else 1
+    probs = (density - epsilon) + (ranks / spread).clamp(0, 1) * 2 * epsilon
+    return torch.bernoulli(probs, generator=generator).bool().reshape(delta.shape)
+
+
+def sparsify(
+    delta: torch.Tensor,
+    density: float,
+    method: Sparsification,
+    *,
+    rescale: bool,
+    gamma: float = 0.01,
+    epsilon: float = 0.15,
+    generator: torch.Generator | None = None,
+    rank: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Trim a task vector (`rank`: precomputed descending rank, ascending for magnitude_outliers) to `density` by `method`; optionally restore its L1 norm."""
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    if method == "magnitude":
+        mask = magnitude_mask(delta, density, rank)
+    elif method == "magnitude_outliers":
+        mask = magnitude_outliers_mask(delta, density, gamma, rank)
+    elif method == "random":
+        mask = bernoulli_mask(delta, density, generator)
+    elif method == "della_magprune":
+        mask = della_mask(delta, density, epsilon, generator)
+    else:
+        raise ValueError(f"unknown sparsification {method!r}")
+    kept = delta * mask
+    return l1_rescaled(delta, kept) if rescale else kept
+
+
+def task_vector_merge(
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    sign_consensus: bool,
+    normalize: bool,
+    lam: float = 1.0,
+) -> torch.Tensor:
+    """base + lam * combine(w_i * delta_i), with TIES sign election when sign_consensus.
+
+    Deltas must already be sparsified. Sign election is weighted: the elected sign is that of
+    sum_i(w_i*delta_i), ties going to +; only entries whose sign equals it are summed, and
+    normalize divides by the sum of the weights of those entries (0 -> 1).
+    """
+    if not deltas:
+        return base
+    # Weights are rounded to the working dtype before multiplying, as mergekit does, so bf16
+    # merges agree bit for bit rather than to within an ulp.
+    stacked = torch.stack(list(deltas))
+    weight_column = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    weight_column = weight_column.reshape(-1, *([1] * base.dim()))
+    stacked = stacked * weight_column
+    if sign_consensus:
+        elected = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0).to(stacked.dtype)
+        agrees = stacked.sign() == elected
+        mixed = (stacked * agrees).sum(dim=0)
+        divisor = (weight_column * agrees).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = stacked.sum(dim=0)
+        divisor = weight_column.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed = mixed / divisor
+    if lam != 1:
+        mixed = mixed * lam
+    return (base + mixed).to(base.dtype)
+
+
+def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """Weighted average (or weighted sum without normalize), accumulated in float32."""
+    first = tensors[0]
+    work = torch.float64 if first.dtype == torch.float64 else torch.float32
+    total = torch.zeros_like(first, dtype=work)
+    for tensor, weight in zip(tensors, weights):
+        total.add_(tensor.to(work), alpha=float(weight))
+    if normalize:
+        total.div_(float(sum(weights)))
+    return total.to(first.dtype)
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
+    """Spherical interpolation of whole tensors; near-collinear pairs fall back to lerp."""
+    work = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    a = v0.reshape(-1).to(work)
+    b = v1.reshape(-1).to(work)
+    if a.numel() == 0:
+        return v0
+    norm_a = torch.linalg.vector_norm(a)
+    norm_b = torch.linalg.vector_norm(b)
+    norm_a = norm_a if norm_a > eps else torch.ones_like(norm_a)
+    norm_b = norm_b if norm_b > eps else torch.ones_like(norm_b)
+    dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
+    if dot.abs() > dot_threshold:
+        mixed = (1 - t) * a + t * b
+    else:
+        theta = torch.acos(dot)
+        sin_theta = torch.sin(theta)
+        mixed = (torch.sin((1 - t) * theta) / sin_theta) * a + (torch.sin(t * theta) / sin_theta) * b
+    return mixed.reshape(v0.shape).to(v0.dtype)

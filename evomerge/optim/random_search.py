@@ -1,0 +1,38 @@
+"""Uniform random search over the box: the baseline every smarter optimizer must beat.
+
+It ignores scores entirely, so failed trials need no handling. The generator lives on the
+instance, which puts its state into the snapshot and keeps it independent of numpy's
+global RNG.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, ClassVar
+
+import numpy as np
+
+from evomerge.optim.base import Optimizer
+
+
+class RandomSearchOptimizer(Optimizer):
+    """x0 first, then enqueued points, then independent uniform samples."""
+
+    name: ClassVar[str] = "random"
+    default_settings: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, lower, upper, x0, seed: int, **settings):
+        super().__init__(lower, upper, x0, seed, **settings)
+        self._rng = np.random.default_rng(self.seed)
+        self._queue: deque[np.ndarray] = deque([self.x0])
+
+    def _enqueue_point(self, x: np.ndarray) -> None:
+        self._queue.append(x)
+
+    def _propose(self, trial_id: int) -> np.ndarray:
+        if self._queue:
+            return self._queue.popleft()
+        return self._rng.uniform(self.lower, self.upper)
+
+    def _observe(self, trial_id: int, x: np.ndarray, score: float | None) -> None:
+        pass  # scores cannot change where uniform sampling goes next

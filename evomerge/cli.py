@@ -69,6 +69,101 @@ def merge(
     typer.echo(f"wrote {len(validated.plan.tensors)} tensors ({validated.plan.num_layers} layers) to {out_dir}")
 
 
+@app.command()
+@user_errors_exit_2
+def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"), debug: bool = DebugOption):
+    """Check a spec (models, method, genome, tasks) without reading any weight."""
+    from evomerge.preflight import preflight
+    from evomerge.spec import load_spec
+
+    spec = load_spec(spec_path)
+    prepared = preflight(spec, str(spec_path))
+    tasks = ", ".join(t.name for t in spec.evaluation.tasks)
+    typer.echo(f"ok: {spec.merge.method} over {len(spec.models.experts)} experts, {prepared.genome.dim} genes, {spec.optimizer.name}, tasks: {tasks}")
+
+
+@app.command()
+@user_errors_exit_2
+def search(
+    spec_path: Path = typer.Argument(..., metavar="SPEC"),
+    address: Optional[str] = typer.Option(None, help="Join a Ray cluster (auto or HOST:PORT); default starts a local one."),
+    debug: bool = DebugOption,
+):
+    """Run a search; results go to runs/NAME/."""
+    from evomerge.run import start_search
+    from evomerge.spec import load_spec
+
+    run_dir = start_search(load_spec(spec_path), address, progress=sys.stderr.isatty())
+    _print_summary(run_dir)
+
+
+@app.command()
+@user_errors_exit_2
+def resume(
+    run_dir: Path = typer.Argument(..., help="runs/NAME"),
+    address: Optional[str] = typer.Option(None),
+    spec_path: Optional[Path] = typer.Option(None, "--spec", help="Refuse to resume if this spec differs from the frozen one."),
+    debug: bool = DebugOption,
+):
+    """Continue a stopped or crashed search exactly where it was."""
+    from evomerge.run import resume_search
+
+    resume_search(run_dir, address, progress=sys.stderr.isatty(), spec_path=spec_path)
+    _print_summary(run_dir)
+
+
+@app.command()
+@user_errors_exit_2
+def status(run_dir: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json"), debug: bool = DebugOption):
+    """Completed and failed trials, best score and trial, evaluations per minute."""
+    import json
+
+    from evomerge.results import status as run_status
+
+    figures = run_status(run_dir)
+    if as_json:
+        typer.echo(json.dumps(figures, indent=2))
+        return
+    for key in ("run", "asked", "completed", "failed", "in_flight", "best_score", "best_trial", "best_label", "evals_per_min", "heldout_winner", "finished"):
+        typer.echo(f"{key:>15}: {figures[key]}")
+
+
+@app.command()
+@user_errors_exit_2
+def export(
+    run_dir: Path = typer.Argument(...),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the YAML here instead of stdout."),
+    trial: Optional[int] = typer.Option(None, help="Export this trial instead of the held-out winner."),
+    debug: bool = DebugOption,
+):
+    """Write a trial as a standard mergekit YAML (the held-out winner by default)."""
+    from evomerge.merge.io import write_text_atomic
+    from evomerge.results import export_trial
+
+    chosen, text = export_trial(run_dir, trial)
+    if output is None:
+        typer.echo(text)
+    else:
+        write_text_atomic(output, text)
+        typer.echo(f"wrote {chosen.label} (trial {chosen.trial_id}) to {output}", err=True)
+
+
+def _print_summary(run_dir) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from evomerge.results import leaderboard, load_trials
+
+    _, trials = load_trials(run_dir)
+    table = Table(title=f"{run_dir}")
+    for column in ("trial", "merge", "search score", "held-out score"):
+        table.add_column(column)
+    for row in leaderboard(trials):
+        held = "-" if row["heldout"] is None else f"{row['heldout']:.4f} ± {row['heldout_se']:.4f}"
+        table.add_row(str(row["trial"]), row["label"], f"{row['search']:.4f} ± {row['search_se']:.4f}", held)
+    Console().print(table)
+
+
 def _require_cuda() -> None:
     import torch
 

@@ -27,7 +27,7 @@ def describe_validation_error(error, source: str) -> str:
             path += f"[{part}]"
         elif not _is_union_branch_label(part):
             path += f".{part}" if path else str(part)
-    message = first.get("msg", "invalid value")
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if first.get("type") == "extra_forbidden":
         known = first.get("ctx", {}).get("known_fields", ())
         message = "unknown key; remove it or fix the spelling" + did_you_mean(path.rsplit(".", 1)[-1], known)

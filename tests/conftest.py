@@ -62,7 +62,7 @@ def run_mergekit(config_path: Path, out_dir: Path, seed: int | None = None) -> P
     return Path(out_dir)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def evomerge_cli():
     """`evomerge_cli(*args)` runs the evomerge command line and returns the finished process."""
     return run_evomerge_cli

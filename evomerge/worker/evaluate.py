@@ -103,9 +103,8 @@ class Evaluator:
         from lm_eval.evaluator import evaluate
 
         start = time.perf_counter()
-        # Not simple_evaluate: besides rebuilding nothing we need, it collects torch's
-        # environment report (subprocesses) and the git hash on every call.  Its seeding
-        # is repeated here instead.
+        # Not simple_evaluate: on every call it also collects torch's environment report
+        # (several subprocesses) and the git hash.  Its seeding is repeated here instead.
         with quiet_lm_eval(), _seeded_global_rngs(self._lm.device):
             for task in self._tasks.values():
                 task.set_fewshot_seed(FEWSHOT_SEED)

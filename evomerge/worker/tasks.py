@@ -135,14 +135,15 @@ def _check_settings(settings: EvalSettings) -> None:
 def _local_index(include_paths: tuple[str, ...]) -> dict[str, Any]:
     from lm_eval.tasks import TaskManager
 
-    with quiet_lm_eval(logging.ERROR):
+    with quiet_lm_eval():
         return TaskManager(include_path=list(include_paths), include_defaults=False).task_index
 
 
 @functools.lru_cache(maxsize=1)
 def _builtin_index() -> dict[str, Any]:
     # Indexing lm-eval's ~15k bundled YAMLs takes seconds, so only a name missing
-    # from the include paths pays for it, once per process.
+    # from the include paths pays for it, once per process.  Its warnings are about
+    # lm-eval's own duplicate names, nothing the user can act on.
     from lm_eval.tasks import TaskManager
 
     with quiet_lm_eval(logging.ERROR):

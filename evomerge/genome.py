@@ -1,0 +1,159 @@
+"""The search space: a flat vector in the unit box <-> a mergekit merge config.
+
+Every gene lives in [0, 1] and maps linearly onto its parameter's bounds, so the decode is smooth
+and has no flat regions for the optimizer to get lost in. A candidate is written as a standard
+`slices:` config with one slice per layer group, so the very config a worker merges is the one
+`evomerge export` hands to mergekit. x0 is the method's default recipe, so the first generation
+contains it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from evomerge.merge.config import MergeConfig
+from evomerge.merge.methods import METHODS, MethodInfo
+from evomerge.spec import DEFAULT_BOUNDS, Spec
+
+PER_MODEL = ("weight", "density", "gamma", "epsilon")
+DEFAULT_VALUES = {"density": 0.5, "t": 0.5, "gamma": 0.01, "epsilon": 0.15, "lambda": 1.0}
+
+
+@dataclass(frozen=True)
+class Gene:
+    name: str
+    param: str
+    model: Optional[int]  # expert index, None for parameters shared by all models
+    group: str  # layer group index as text, "embed" or "head"
+    part: Optional[str]  # "attn" (everything but the MLP), "mlp", or None
+    low: float
+    high: float
+
+    def value(self, unit: float) -> float:
+        return self.low + float(unit) * (self.high - self.low)
+
+    def unit(self, value: float) -> float:
+        return float(np.clip((value - self.low) / (self.high - self.low), 0.0, 1.0))
+
+
+def default_parameters(method: MethodInfo, fixed: dict) -> list[str]:
+    """What a search evolves when the spec does not say."""
+    wanted = [p for p in ("weight", "density", "t") if p in method.tunable]
+    if method.family == "task_vector" and method.sparsification is None:
+        wanted = ["weight"]
+    return [p for p in wanted if p not in fixed]
+
+
+def is_normalized(method: MethodInfo, fixed: dict) -> bool:
+    return bool(fixed.get("normalize", method.shared_params.get("normalize", False)))
+
+
+def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) layer ranges, as even as possible."""
+    groups = min(groups, num_layers)
+    edges = np.linspace(0, num_layers, groups + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+class Genome:
+    """Named genes for a spec and a base model with `num_layers` layers."""
+
+    def __init__(self, spec: Spec, num_layers: int):
+        self.spec = spec
+        self.method = METHODS[spec.merge.method]
+        self.fixed = dict(spec.merge.fixed)
+        self.params = spec.genome.params or default_parameters(self.method, self.fixed)
+        self.groups = layer_groups(num_layers, spec.genome.layer_groups)
+        self.genes = self._make_genes()
+        self.dim = len(self.genes)
+        self.lower = np.zeros(self.dim)
+        self.upper = np.ones(self.dim)
+
+    def _bounds(self, param: str) -> tuple[float, float]:
+        if param in self.spec.genome.bounds:
+            return tuple(self.spec.genome.bounds[param])
+        if param == "weight" and not is_normalized(self.method, self.fixed) and self.method.family != "linear":
+            return (0.0, 2.0)  # unnormalized weights are scales; 1.0 (plain task arithmetic) sits mid-box
+        return DEFAULT_BOUNDS[param]
+
+    def _make_genes(self) -> list[Gene]:
+        group_names = [str(i) for i in range(len(self.groups))]
+        if self.spec.genome.embeddings:
+            group_names += ["embed", "head"]
+        parts = ("attn", "mlp") if self.spec.genome.split_attn_mlp else (None,)
+        models = range(len(self.spec.models.experts))
+        genes = []
+        for param in self.params:
+            owners = models if param in PER_MODEL else [None]
+            for model in owners:
+                for group in group_names:
+                    for part in parts if group.isdigit() else (None,):
+                        label = "/".join(str(s) for s in (param, f"m{model}" if model is not None else "all", f"g{group}", part) if s is not None)
+                        genes.append(Gene(label, param, model, group, part, *self._bounds(param)))
+        return genes
+
+    def default_values(self) -> dict[str, float]:
+        normalized = is_normalized(self.method, self.fixed) or self.method.family == "linear"
+        defaults = dict(DEFAULT_VALUES, weight=0.5 if normalized else 1.0)
+        return {gene.name: defaults[gene.param] for gene in self.genes}
+
+    def x0(self) -> np.ndarray:
+        return self.encode(self.default_values())
+
+    def encode(self, values: dict[str, float]) -> np.ndarray:
+        return np.array([gene.unit(values[gene.name]) for gene in self.genes])
+
+    def decode(self, x) -> dict[str, float]:
+        x = np.asarray(x, dtype=float)
+        if x.shape != (self.dim,):
+            raise ValueError(f"expected a vector of {self.dim} genes, got shape {x.shape}")
+        return {gene.name: round(gene.value(u), 6) for gene, u in zip(self.genes, x)}
+
+    def to_merge_config(self, x) -> MergeConfig:
+        values = self.decode(x)
+        lookup = {(g.param, g.model, g.group, g.part): values[g.name] for g in self.genes}
+        spec = self.spec
+        slices = []
+        for index, (start, end) in enumerate(self.groups):
+            first, last = index == 0, index == len(self.groups) - 1
+            sources = []
+            for model_index, path in enumerate(spec.models.experts):
+                params = {p: self._setting(lookup, p, model_index, index, first, last) for p in self.params if p in PER_MODEL}
+                sources.append({"model": path, "layer_range": [start, end], "parameters": params or None})
+            if self.method.needs_base:
+                sources.append({"model": spec.models.base, "layer_range": [start, end]})
+            shared = {p: self._setting(lookup, p, None, index, first, last) for p in self.params if p not in PER_MODEL}
+            slices.append({"sources": sources, "parameters": shared or None})
+        return MergeConfig.model_validate({
+            "merge_method": self.method.name,
+            "base_model": spec.models.base if self.method.needs_base else None,
+            "slices": slices,
+            "parameters": dict(self.fixed) or None,
+            "dtype": spec.merge.dtype,
+            "tokenizer_source": "base",
+        })
+
+    def _setting(self, lookup, param, model, group_index, first, last):
+        """A scalar, or filter branches for attn/mlp and for embeddings/head genes."""
+        group = str(group_index)
+        if self.spec.genome.split_attn_mlp:
+            branches = [{"filter": "mlp", "value": lookup[(param, model, group, "mlp")]}, {"value": lookup[(param, model, group, "attn")]}]
+        else:
+            branches = [{"value": lookup[(param, model, group, None)]}]
+        if self.spec.genome.embeddings:
+            if first:
+                branches.insert(0, {"filter": "embed_tokens", "value": lookup[(param, model, "embed", None)]})
+            if last:
+                head = lookup[(param, model, "head", None)]
+                branches[:0] = [{"filter": "lm_head", "value": head}, {"filter": "model.norm.", "value": head}]
+        return branches[0]["value"] if len(branches) == 1 else branches
+
+
+def num_layers_of(model_path: str | Path) -> int:
+    import json
+
+    return int(json.loads((Path(model_path) / "config.json").read_text())["num_hidden_layers"])

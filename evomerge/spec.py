@@ -1,0 +1,181 @@
+"""spec.yaml as frozen pydantic models: what to merge, how, what to search, how to judge it.
+
+`load_spec` returns a validated Spec or raises a one-line UserError with the field path. Paths in
+the spec are resolved against the spec file's folder. Checks that need the model folders or the
+task files live in `validation.py`; this module only knows the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import UserError, describe_validation_error, did_you_mean
+from evomerge.merge.config import load_yaml_file
+from evomerge.merge.methods import METHODS
+
+SEARCHABLE = ("weight", "density", "t", "gamma", "epsilon", "lambda")
+DEFAULT_BOUNDS = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 0.1), "epsilon": (0.01, 0.2), "lambda": (0.5, 1.5)}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelsSpec(_Strict):
+    base: str = Field(description="The model every expert was fine-tuned from.")
+    experts: list[str] = Field(min_length=1, description="Fine-tunes to merge.")
+
+    @field_validator("experts")
+    @classmethod
+    def _distinct(cls, experts):
+        if len(set(experts)) != len(experts):
+            raise ValueError("an expert is listed twice; list each model once")
+        return experts
+
+
+class MergeSpec(_Strict):
+    method: str = "ties"
+    fixed: dict[str, float | bool] = Field(default_factory=dict, description="Shared parameters held constant, e.g. normalize, lambda.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method):
+        if method not in METHODS:
+            raise ValueError(f"unknown method '{method}'{did_you_mean(method, METHODS)}; choose one of {', '.join(METHODS)}")
+        return method
+
+
+class GenomeSpec(_Strict):
+    params: Optional[list[str]] = Field(None, description="Parameters to evolve; default: the method's weight/density/t.")
+    layer_groups: int = Field(4, ge=1, description="Contiguous layer groups, each with its own genes (1 = one value per model).")
+    split_attn_mlp: bool = False
+    embeddings: bool = Field(False, description="Separate genes for embed_tokens, final norm and lm_head.")
+    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
+
+    @field_validator("params")
+    @classmethod
+    def _searchable(cls, params):
+        for name in params or []:
+            if name not in SEARCHABLE:
+                raise ValueError(f"'{name}' cannot be searched{did_you_mean(name, SEARCHABLE)}; choose from {', '.join(SEARCHABLE)}")
+        return params
+
+    @field_validator("bounds")
+    @classmethod
+    def _ordered(cls, bounds):
+        for name, (low, high) in bounds.items():
+            if name not in SEARCHABLE:
+                raise ValueError(f"no parameter '{name}'{did_you_mean(name, SEARCHABLE)}")
+            if not low < high:
+                raise ValueError(f"{name}: lower bound {low} must be below upper bound {high}")
+            if name == "density" and not (0 < low and high <= 1):
+                raise ValueError(f"density bounds must lie in (0, 1], got [{low}, {high}]")
+        return bounds
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["cmaes", "tpe", "random"] = "cmaes"
+    seed: int = 0
+    popsize: Optional[int] = Field(None, ge=2)
+    sigma0: float = Field(0.25, gt=0, le=1)
+    n_startup_trials: int = Field(10, ge=0)
+
+
+class TaskWeight(_Strict):
+    name: str
+    weight: float = Field(1.0, gt=0)
+    metric: str = "acc"
+    num_fewshot: Optional[int] = Field(None, ge=0)
+
+
+class EvaluationSpec(_Strict):
+    tasks: list[TaskWeight] = Field(min_length=1)
+    heldout_tasks: list[TaskWeight] = Field(default_factory=list, description="Disjoint split for the final report.")
+    include: list[str] = Field(default_factory=lambda: ["evals"])
+    limit: Optional[int] = Field(None, ge=1)
+    seed: int = 0
+    batch_size: int = Field(32, ge=1)
+    max_length: Optional[int] = Field(None, ge=8)
+    top_k: int = Field(5, ge=0, description="Trials re-scored on the held-out tasks at the end.")
+
+    @field_validator("tasks", "heldout_tasks", mode="before")
+    @classmethod
+    def _names_as_tasks(cls, tasks):
+        return [{"name": t} if isinstance(t, str) else t for t in tasks or []]
+
+
+class BudgetSpec(_Strict):
+    max_evals: Optional[int] = Field(100, ge=1)
+    time_limit_min: Optional[float] = Field(None, gt=0)
+    baselines: bool = Field(True, description="Score the parents and the default merges first.")
+
+
+class WorkersSpec(_Strict):
+    count: Optional[int] = Field(None, ge=1, description="Default: one per GPU, else 2 CPU workers.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    queue_depth: int = Field(2, ge=1, description="Candidates queued per worker so it never waits for the driver.")
+
+
+class Spec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    models: ModelsSpec
+    merge: MergeSpec = MergeSpec()
+    genome: GenomeSpec = GenomeSpec()
+    optimizer: OptimizerSpec = OptimizerSpec()
+    evaluation: EvaluationSpec
+    budget: BudgetSpec = BudgetSpec()
+    workers: WorkersSpec = WorkersSpec()
+    runs_dir: str = "runs"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _budget_is_bounded(self):
+        if self.budget.max_evals is None and self.budget.time_limit_min is None:
+            raise ValueError("budget: set max_evals or time_limit_min so the search ends")
+        return self
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes what the search does (the run name excluded)."""
+        payload = self.model_dump(mode="json", exclude={"name", "runs_dir"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _resolve_paths(data: dict, folder: Path) -> dict:
+    def resolve(path):
+        return str((folder / Path(path).expanduser()).resolve()) if isinstance(path, str) else path
+
+    models = data.get("models")
+    if isinstance(models, dict):
+        models = dict(models)
+        models["base"] = resolve(models.get("base"))
+        if isinstance(models.get("experts"), list):
+            models["experts"] = [resolve(p) for p in models["experts"]]
+        data["models"] = models
+    evaluation = data.get("evaluation")
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("include", ["evals"]), list):
+        evaluation = dict(evaluation)
+        evaluation["include"] = [resolve(p) for p in evaluation.get("include", ["evals"])]
+        data["evaluation"] = evaluation
+    return data
+
+
+def parse_spec(data, source: str, folder: Path) -> Spec:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Spec.model_validate(_resolve_paths(dict(data), folder))
+    except ValidationError as error:
+        raise UserError(describe_validation_error(error, source)) from None
+
+
+def load_spec(path: str | Path) -> Spec:
+    path = Path(path)
+    return parse_spec(load_yaml_file(path), str(path), path.resolve().parent)

@@ -1,0 +1,108 @@
+"""A search worker: sources resident on one device, one resident model, one evaluator.
+
+`MergeWorker` is a plain class (a GPU benchmark can drive it directly); `ray_worker_class` wraps it
+as a Ray actor. Per candidate it merges in place, checks the weights are finite, and scores with
+lm-eval. Anything that goes wrong inside one candidate (a merge that raises, NaN weights, an
+evaluation that raises, CUDA out of memory) comes back as a failed result, never as a dead worker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from evomerge.merge.config import MergeConfig
+from evomerge.merge.engine import ResidentSources, merge_into_model
+from evomerge.worker.evaluate import Evaluator
+from evomerge.worker.tasks import EvalSettings
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    base_model: str
+    union_config: dict  # a merge that touches every tensor of every model: what to keep resident
+    eval_sets: dict  # name ("search", "heldout") -> EvalSettings
+    device: str = "cpu"
+    dtype: str = "float32"
+    cpu_threads: int = 1
+    trust_remote_code: bool = False
+    merge_seed: int = 0
+
+
+class MergeWorker:
+    """Holds the sources and a resident model; merges and scores one candidate per call."""
+
+    def __init__(self, settings: WorkerSettings, worker_id: str = "w0"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        if settings.device == "cpu":
+            torch.set_num_threads(max(1, settings.cpu_threads))
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.settings = settings
+        self.worker_id = f"{worker_id}@{socket.gethostname()}:{os.getpid()}"
+        dtype = getattr(torch, settings.dtype)
+        self.sources = ResidentSources.load(MergeConfig.model_validate(settings.union_config), device=settings.device)
+        self.model = AutoModelForCausalLM.from_pretrained(settings.base_model, dtype=dtype, trust_remote_code=settings.trust_remote_code).to(settings.device)
+        self.model.eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(settings.base_model, trust_remote_code=settings.trust_remote_code)
+        self.evaluators = {
+            name: Evaluator(self.model, self.tokenizer, eval_settings, device=settings.device)
+            for name, eval_settings in settings.eval_sets.items()
+        }
+
+    def ping(self) -> str:
+        return self.worker_id
+
+    def subset_indices(self, eval_set: str = "search") -> dict[str, list[int]]:
+        return self.evaluators[eval_set].subset_indices()
+
+    def evaluate(self, trial_id: int, merge_config: dict, eval_set: str = "search") -> dict:
+        """Merge `merge_config` into the resident model and score it; never raises for the candidate."""
+        started = time.perf_counter()
+        try:
+            merge_into_model(self.model, self.sources, MergeConfig.model_validate(merge_config), seed=self.settings.merge_seed)
+            _synchronize(self.settings.device)
+            bad = _first_non_finite(self.model)
+            if bad:
+                return self._failure(trial_id, f"merged weights are not finite ({bad})", started)
+            merged = time.perf_counter()
+            result = self.evaluators[eval_set].evaluate()
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return self._failure(trial_id, "CUDA out of memory in this candidate", started)
+        except Exception as error:  # noqa: BLE001 - one bad candidate must not kill the worker
+            detail = traceback.format_exception_only(type(error), error)[-1].strip()
+            return self._failure(trial_id, detail, started)
+        return {
+            "trial": trial_id, "ok": True, "score": result.score, "metrics": result.metrics,
+            "n_docs": result.n_docs, "worker": self.worker_id, "eval_set": eval_set,
+            "merge_s": round(merged - started, 4), "eval_s": round(result.seconds, 4),
+        }
+
+    def _failure(self, trial_id: int, reason: str, started: float) -> dict:
+        return {"trial": trial_id, "ok": False, "reason": reason, "worker": self.worker_id, "seconds": round(time.perf_counter() - started, 4)}
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _first_non_finite(model: torch.nn.Module) -> str | None:
+    for name, parameter in model.named_parameters():
+        if not torch.isfinite(parameter).all():
+            return name
+    return None
+
+
+def ray_worker_class(num_cpus: float, num_gpus: float):
+    """MergeWorker as a Ray actor class with the given resources."""
+    import ray
+
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(MergeWorker)

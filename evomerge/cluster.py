@@ -19,7 +19,7 @@ def connect(spec: Spec, address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}}
     try:
         if address:
             ray.init(address=address, runtime_env=env, log_to_driver=False)

@@ -83,7 +83,8 @@ class TPEOptimizer(Optimizer):
     def _propose(self, trial_id: int) -> np.ndarray:
         trial = self._study.ask(fixed_distributions=self._distributions)
         self._trial_numbers[trial_id] = trial.number
-        return np.array([trial.params[name] for name in self._names], dtype=np.float64)
+        params = trial.params  # a deep copy per access, so read it once
+        return np.array([params[name] for name in self._names], dtype=np.float64)
 
     def _observe(self, trial_id: int, x: np.ndarray, score: float | None) -> None:
         number = self._trial_numbers.pop(trial_id)

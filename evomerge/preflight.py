@@ -37,7 +37,8 @@ def preflight(spec: Spec, source: str = "spec") -> Prepared:
     if method.family == "slerp" and len(spec.models.experts) != 1:
         raise UserError(f"{source}: models.experts: slerp merges the base with exactly one expert, got {len(spec.models.experts)}; use ties or task_arithmetic for more")
     union = _union_config(spec)
-    validated = validate_merge_config(union, source)
+    field_names = {spec.models.base: "models.base", **{p: f"models.experts[{i}]" for i, p in enumerate(spec.models.experts)}}
+    validated = validate_merge_config(union, source, field_names=field_names)
     _check_tokenizers(spec, source)
     genome = Genome(spec, num_layers_of(spec.models.base))
     validate_merge_config(genome.to_merge_config(genome.x0()), source, folders=validated.folders)

@@ -279,26 +279,25 @@ def test_tpe_mirrors_finished_trials_to_a_loadable_journal(tmp_path):
     np.testing.assert_array_equal([by_id[0].params[f"x{i:04d}"] for i in range(6)], X0)
 
 
-def test_tpe_mirror_is_not_duplicated_by_resume_replay(tmp_path):
+@pytest.mark.parametrize("resume_from", ["snapshot", "scratch"])
+def test_tpe_mirror_is_not_duplicated_by_resume_replay(tmp_path, resume_from):
+    """Trials mirrored before a "crash" are replayed on resume and must not be added twice."""
     path = str(tmp_path / "study.log")
     optimizer = build("tpe", storage_path=path)
-    run_rounds(optimizer, 2)
+    head = run_rounds(optimizer, 2)
     blob = optimizer.snapshot()
-    tail = run_rounds(optimizer, 2)  # mirrored before the "crash"
+    tail = run_rounds(optimizer, 2)
 
-    resumed = Optimizer.restore(blob)
-    for ask in tail:  # replay, telling the journaled scores again
-        assert resumed.ask().trial_id == ask.trial_id
-    for ask in reversed(tail):
-        resumed.tell(ask.trial_id, concave(ask.x))
+    if resume_from == "snapshot":
+        resumed, replayed = Optimizer.restore(blob), tail
+    else:
+        resumed, replayed = build("tpe", storage_path=path), head + tail
+    for wave_start in range(0, len(replayed), 4):  # run_rounds asks 4, then tells newest first
+        wave = replayed[wave_start : wave_start + 4]
+        assert [resumed.ask().trial_id for _ in wave] == [a.trial_id for a in wave]
+        for ask in reversed(wave):
+            resumed.tell(ask.trial_id, concave(ask.x))
     run_rounds(resumed, 1)
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
     ids = [t.user_attrs["evomerge_trial_id"] for t in optuna.load_study(study_name="evomerge", storage=storage).trials]
     assert sorted(ids) == list(range(20))
-
-
-def test_tpe_fresh_run_refuses_an_existing_mirror(tmp_path):
-    path = str(tmp_path / "study.log")
-    build("tpe", storage_path=path)
-    with pytest.raises(UserError, match="storage_path"):
-        build("tpe", storage_path=path)

@@ -32,8 +32,14 @@ class ValidatedMerge:
     donor: str  # model whose config.json and tokenizer the output takes
 
 
-def validate_merge_config(config: MergeConfig, source: str = "config", folders: dict[str, ModelFolder] | None = None) -> ValidatedMerge:
-    """Check everything and plan the merge; pass `folders` (already inspected) to avoid disk reads."""
+def validate_merge_config(
+    config: MergeConfig, source: str = "config", folders: dict[str, ModelFolder] | None = None, field_names: dict[str, str] | None = None
+) -> ValidatedMerge:
+    """Check everything and plan the merge.
+
+    `folders` (already inspected) avoids disk reads; `field_names` maps model paths to the field
+    the user wrote them in, when the config was generated from another file (a search spec).
+    """
     method = METHODS.get(config.merge_method)
     if method is None:
         raise UserError(f"{source}: merge_method: unknown method '{config.merge_method}'{did_you_mean(config.merge_method, METHODS)}; choose one of {', '.join(METHODS)}")
@@ -43,14 +49,15 @@ def validate_merge_config(config: MergeConfig, source: str = "config", folders: 
     parse_dtype(config.out_dtype, f"{source}: out_dtype")
     _check_parameter_values(config, source)
     known = folders or {}
+    names = field_names or {}
     folders = {
-        path: known.get(path) or inspect_model_folder(path, f"{source}: {_field_of(config, path)}")
+        path: known.get(path) or inspect_model_folder(path, f"{source}: {names.get(path) or _field_of(config, path)}")
         for path in config.referenced_models()
     }
     donor = _tokenizer_donor(config, source)
     if donor not in folders:
         folders[donor] = inspect_model_folder(donor, f"{source}: tokenizer_source")
-    _check_same_family(folders, source, config)
+    _check_same_family(folders, source, config, names)
     _check_layer_ranges(config, folders, source)
     plan = _build_plan(config, folders, source)
     working, out = _dtypes(config, plan, folders)
@@ -126,12 +133,12 @@ def _check_range(name: str, value: float, field: str) -> None:
         raise UserError(f"{field}: {value} is outside {UNIT_INTERVAL_PARAMETERS[name]}; use a value in that range")
 
 
-def _check_same_family(folders: dict[str, ModelFolder], source: str, config: MergeConfig) -> None:
+def _check_same_family(folders: dict[str, ModelFolder], source: str, config: MergeConfig, names: dict[str, str]) -> None:
     paths = list(folders)
     reference = folders[paths[0]]
     for path in paths[1:]:
         other = folders[path]
-        field = f"{source}: {_field_of(config, path)}"
+        field = f"{source}: {names.get(path) or _field_of(config, path)}"
         if other.config.get("architectures") != reference.config.get("architectures"):
             raise UserError(f"{field}: architecture {other.config.get('architectures')} differs from {reference.config.get('architectures')} of '{paths[0]}'; merge only fine-tunes of one base model")
         if other.config.get("vocab_size") != reference.config.get("vocab_size"):

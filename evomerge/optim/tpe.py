@@ -15,9 +15,10 @@ Design choices:
 * **Dashboard mirror.** With ``storage_path`` set, each *finished* trial is also added to a
   study in a ``JournalStorage`` file, readable by ``optuna.load_study`` and
   optuna-dashboard. The sampler never sees the mirror, so mirroring cannot change asks.
-  Each mirrored trial carries its evomerge trial id as a user attribute; after a restore
-  the mirror is reopened and trials it already holds (told before a crash, then replayed)
-  are skipped, so it is never duplicated.
+  Each mirrored trial carries its evomerge trial id as a user attribute. An existing study
+  in the file is reopened (the path belongs to one run directory), and trials it already
+  holds, told before a crash and replayed on resume, are skipped, so it is never
+  duplicated whether resume starts from a snapshot or from scratch.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from optuna.storages import InMemoryStorage, JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from evomerge.errors import UserError
 from evomerge.optim.base import Optimizer
 
 TRIAL_ID_ATTR = "evomerge_trial_id"
@@ -69,7 +69,7 @@ class TPEOptimizer(Optimizer):
             study_name=self.settings["study_name"],
         )
         self._trial_numbers: dict[int, int] = {}
-        self._mirror = self._open_mirror(fresh=True)
+        self._mirror = self._open_mirror()
         self._enqueue_point(self.x0)
 
     @property
@@ -98,11 +98,11 @@ class TPEOptimizer(Optimizer):
     def _params(self, x: np.ndarray) -> dict[str, float]:
         return {name: float(value) for name, value in zip(self._names, x)}
 
-    def _open_mirror(self, fresh: bool) -> _JournalMirror | None:
+    def _open_mirror(self) -> _JournalMirror | None:
         path = self.settings["storage_path"]
         if path is None:
             return None
-        return _JournalMirror(str(path), self.settings["study_name"], fresh=fresh)
+        return _JournalMirror(str(path), self.settings["study_name"])
 
     def __getstate__(self) -> dict[str, Any]:
         # The mirror holds a file backend and lock; it is reopened from settings on restore.
@@ -111,24 +111,22 @@ class TPEOptimizer(Optimizer):
         return state
 
     def _reattach(self) -> None:
-        self._mirror = self._open_mirror(fresh=False)
+        self._mirror = self._open_mirror()
 
 
 class _JournalMirror:
-    """Copies finished trials into a JournalStorage study, at most once per trial id."""
+    """Copies finished trials into a JournalStorage study, at most once per trial id.
 
-    def __init__(self, path: str, study_name: str, fresh: bool):
+    An existing study of the same name is reopened rather than refused: a resume builds a
+    fresh optimizer (and replays from scratch when no snapshot exists yet) against the
+    mirror the interrupted process already wrote, and the trial-id check keeps it exact.
+    """
+
+    def __init__(self, path: str, study_name: str):
         storage = JournalStorage(JournalFileBackend(path))
-        if fresh:
-            try:
-                self.study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize")
-            except optuna.exceptions.DuplicatedStudyError:
-                raise UserError(
-                    f"optimizer.settings.storage_path: {path} already holds a study named '{study_name}'; "
-                    "use a new path for a new run, or resume the run that wrote it"
-                ) from None
-        else:
-            self.study = optuna.load_study(storage=storage, study_name=study_name)
+        self.study = optuna.create_study(
+            storage=storage, study_name=study_name, direction="maximize", load_if_exists=True
+        )
         self._mirrored = {t.user_attrs.get(TRIAL_ID_ATTR) for t in self.study.get_trials(deepcopy=False)}
 
     def record(self, trial_id: int, params: dict[str, float], distributions: dict, score: float | None) -> None:

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install Debian's headless-capable Chromium for the report browser test. Idempotent and quiet;
+# needs root (CI runs as root). A no-op when /usr/bin/chromium is already there.
+set -euo pipefail
+if [ -x /usr/bin/chromium ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install_chromium.sh: /usr/bin/chromium is missing and installing it needs root; run 'sudo apt-get install -y chromium' (the report browser test skips without it)" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends chromium >/dev/null

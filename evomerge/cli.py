@@ -126,6 +126,8 @@ def status(run_dir: Path = typer.Argument(...), as_json: bool = typer.Option(Fal
         return
     for key in ("run", "asked", "completed", "failed", "in_flight", "best_score", "best_trial", "best_label", "evals_per_min", "heldout_winner", "finished"):
         typer.echo(f"{key:>15}: {figures[key]}")
+    if figures["pareto_front"]:
+        typer.echo(f"{'pareto front':>15}: " + "; ".join(f"trial {p['trial']} {[round(v, 4) for v in p['objectives']]}" for p in figures["pareto_front"]))
 
 
 @app.command()
@@ -134,11 +136,20 @@ def export(
     run_dir: Path = typer.Argument(...),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the YAML here instead of stdout."),
     trial: Optional[int] = typer.Option(None, help="Export this trial instead of the held-out winner."),
+    pareto: bool = typer.Option(False, "--pareto", help="List the Pareto front of a multi-objective run (export one with --trial)."),
     debug: bool = DebugOption,
 ):
     """Write a trial as a standard mergekit YAML (the held-out winner by default)."""
     from evomerge.merge.io import write_text_atomic
-    from evomerge.results import export_trial
+    from evomerge.results import export_trial, load_trials, pareto_trials
+
+    if pareto:
+        front = pareto_trials(load_trials(run_dir)[1])
+        if not front:
+            raise UserError(f"--pareto: {run_dir} has no multi-objective trials; declare evaluation.objectives in the spec")
+        for point in front:
+            typer.echo(f"trial {point['trial']:>5}  {point['label']:<28} objectives {', '.join(f'{v:.4f}' for v in point['objectives'])}")
+        return
 
     chosen, text = export_trial(run_dir, trial)
     if output is None:

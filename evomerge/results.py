@@ -11,6 +11,7 @@ import yaml
 
 from evomerge.errors import UserError
 from evomerge.journal import read_events
+from evomerge.pareto import pareto_front
 from evomerge.run import Trial, replay
 
 
@@ -54,9 +55,16 @@ def status(run_dir: Path) -> dict:
         "best_label": best.label if best else None,
         "evals_per_min": round((len(completed) + len(failed)) / minutes, 2) if minutes > 0 else None,
         "heldout_winner": heldout.trial_id if heldout else None,
+        "pareto_front": pareto_trials(trials),
         "failures": [{"trial": t.trial_id, "reason": t.result.get("reason")} for t in failed],
         "finished": any(e["event"] == "run_finished" for e in events),
     }
+
+
+def pareto_trials(trials: dict[int, Trial]) -> list[dict]:
+    """The non-dominated completed trials of a multi-objective run (empty otherwise)."""
+    points = {t.trial_id: t.result["objectives"] for t in trials.values() if t.status == "completed" and t.result.get("objectives")}
+    return [{"trial": i, "label": trials[i].label, "objectives": points[i]} for i in pareto_front(points)]
 
 
 def heldout_winner(trials: dict[int, Trial]) -> Trial | None:

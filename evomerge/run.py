@@ -20,6 +20,7 @@ from evomerge.errors import UserError
 from evomerge.journal import Journal, load_snapshot, read_events
 from evomerge.merge.io import write_text_atomic
 from evomerge.optim import make_optimizer
+from evomerge.pareto import objective_values
 from evomerge.preflight import Prepared, preflight
 from evomerge.progress import SearchProgress
 from evomerge.scheduler import Job, Scheduler
@@ -101,8 +102,12 @@ class Search:
         genome = self.prepared.genome
         settings = self.spec.optimizer
         extra = {"popsize": settings.popsize, "sigma0": settings.sigma0} if settings.name == "cmaes" else {}
-        if settings.name == "tpe":
-            extra = {"n_startup_trials": settings.n_startup_trials, "storage_path": str(self.run_dir / "optuna.log")}
+        if settings.name in ("tpe", "nsga2"):
+            extra = {"storage_path": str(self.run_dir / "optuna.log"), "objectives": max(1, len(self.spec.evaluation.objectives))}
+            if settings.name == "tpe":
+                extra["n_startup_trials"] = settings.n_startup_trials
+            if settings.popsize and settings.name == "nsga2":
+                extra["population_size"] = settings.popsize
         extra = {k: v for k, v in extra.items() if v is not None}
         return make_optimizer(settings.name, genome.lower, genome.upper, genome.x0(), settings.seed, **extra)
 
@@ -191,12 +196,20 @@ class Search:
         trial.status = "completed" if ok else "failed"
         if not ok:
             result = {**result, "ok": False, "reason": result.get("reason", "score is not finite")}
-        trial.result = self.journal.append(trial.status, **_result_fields(result))
+        objectives = self._objectives(result) if ok else None
+        extra = {"objectives": objectives} if objectives is not None else {}
+        trial.result = self.journal.append(trial.status, **_result_fields(result), **extra)
         if trial.kind == "optimizer":
-            self.optimizer.tell(trial.trial_id, result["score"] if ok else None)
+            self.optimizer.tell(trial.trial_id, (objectives or result["score"]) if ok else None)
             self.tells_since_snapshot += 1
             if self.tells_since_snapshot >= (self.spec.optimizer.popsize or 10):
                 self._snapshot()
+
+    def _objectives(self, result: dict) -> list[float] | None:
+        if not self.spec.multi_objective:
+            return None
+        weights = {t.name: t.weight for t in self.spec.evaluation.tasks}
+        return objective_values(result["metrics"], self.spec.evaluation.objectives, weights)
 
     def _snapshot(self) -> None:
         self.journal.write_snapshot(self.optimizer.snapshot(), after_events=self.journal.count)
@@ -241,7 +254,7 @@ def _replay_event(optimizer, event: dict, trials: dict[int, Trial]) -> None:
         if ask is None or ask.trial_id != event["trial"] or not np.allclose(ask.x, event["x"], rtol=0, atol=1e-12):
             raise UserError(f"journal: the optimizer no longer proposes trial {event['trial']} as journaled; the spec or the optimizer code changed, start a new run")
     elif kind in ("completed", "failed") and event["trial"] in trials and trials[event["trial"]].kind == "optimizer":
-        optimizer.tell(event["trial"], event.get("score") if kind == "completed" else None)
+        optimizer.tell(event["trial"], (event.get("objectives") or event.get("score")) if kind == "completed" else None)
 
 
 def start_search(spec: Spec, address: str | None = None, progress: bool = True) -> Path:

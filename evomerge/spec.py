@@ -80,7 +80,7 @@ class GenomeSpec(_Strict):
 
 
 class OptimizerSpec(_Strict):
-    name: Literal["cmaes", "tpe", "random"] = "cmaes"
+    name: Literal["cmaes", "tpe", "random", "nsga2"] = "cmaes"
     seed: int = 0
     popsize: Optional[int] = Field(None, ge=2)
     sigma0: float = Field(0.25, gt=0, le=1)
@@ -94,8 +94,14 @@ class TaskWeight(_Strict):
     num_fewshot: Optional[int] = Field(None, ge=0)
 
 
+class ObjectiveSpec(_Strict):
+    name: str
+    tasks: list[str] = Field(min_length=1, description="Search tasks whose weighted mean is this objective.")
+
+
 class EvaluationSpec(_Strict):
     tasks: list[TaskWeight] = Field(min_length=1)
+    objectives: list[ObjectiveSpec] = Field(default_factory=list, description="Two or more for a multi-objective (Pareto) search.")
     heldout_tasks: list[TaskWeight] = Field(default_factory=list, description="Disjoint split for the final report.")
     include: list[str] = Field(default_factory=lambda: ["evals"])
     limit: Optional[int] = Field(None, ge=1)
@@ -103,6 +109,17 @@ class EvaluationSpec(_Strict):
     batch_size: int = Field(32, ge=1)
     max_length: Optional[int] = Field(None, ge=8)
     top_k: int = Field(5, ge=0, description="Trials re-scored on the held-out tasks at the end.")
+
+    @model_validator(mode="after")
+    def _objectives_use_search_tasks(self):
+        names = [t.name for t in self.tasks]
+        for objective in self.objectives:
+            for task in objective.tasks:
+                if task not in names:
+                    raise ValueError(f"objective '{objective.name}' uses '{task}', which is not in evaluation.tasks{did_you_mean(task, names)}")
+        if len(self.objectives) == 1:
+            raise ValueError("objectives: give two or more for a Pareto search, or none for a single weighted score")
+        return self
 
     @field_validator("tasks", "heldout_tasks", mode="before")
     @classmethod
@@ -135,6 +152,18 @@ class Spec(_Strict):
     workers: WorkersSpec = WorkersSpec()
     runs_dir: str = "runs"
     trust_remote_code: bool = False
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.evaluation.objectives) >= 2
+
+    @model_validator(mode="after")
+    def _optimizer_fits_objectives(self):
+        if self.multi_objective and self.optimizer.name == "cmaes":
+            raise ValueError("optimizer.name: cmaes optimizes one score; use nsga2 or tpe for several objectives")
+        if not self.multi_objective and self.optimizer.name == "nsga2":
+            raise ValueError("optimizer.name: nsga2 needs two or more evaluation.objectives; use cmaes or tpe for one score")
+        return self
 
     @model_validator(mode="after")
     def _budget_is_bounded(self):

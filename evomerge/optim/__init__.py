@@ -8,15 +8,15 @@ from evomerge.errors import UserError, did_you_mean
 from evomerge.optim.base import Ask, Optimizer, is_failed_score
 from evomerge.optim.cmaes import CMAESOptimizer
 from evomerge.optim.random_search import RandomSearchOptimizer
-from evomerge.optim.tpe import TPEOptimizer
+from evomerge.optim.tpe import NSGA2Optimizer, TPEOptimizer
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {
-    cls.name: cls for cls in (CMAESOptimizer, TPEOptimizer, RandomSearchOptimizer)
+    cls.name: cls for cls in (CMAESOptimizer, TPEOptimizer, RandomSearchOptimizer, NSGA2Optimizer)
 }
 
 
 def make_optimizer(name: str, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray, seed: int, **settings) -> Optimizer:
-    """Build the optimizer registered as ``name`` ("cmaes", "tpe" or "random")."""
+    """Build the optimizer registered as ``name`` ("cmaes", "tpe", "random" or "nsga2")."""
     if name not in OPTIMIZERS:
         raise UserError(
             f"optimizer.name: unknown optimizer '{name}' (choose one of: {', '.join(OPTIMIZERS)})"
@@ -29,6 +29,7 @@ __all__ = [
     "Ask",
     "CMAESOptimizer",
     "OPTIMIZERS",
+    "NSGA2Optimizer",
     "Optimizer",
     "RandomSearchOptimizer",
     "TPEOptimizer",

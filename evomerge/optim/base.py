@@ -36,9 +36,25 @@ class Ask:
     x: np.ndarray
 
 
-def is_failed_score(score: float | None) -> bool:
-    """True for the scores that mean "this trial produced no usable measurement"."""
-    return score is None or not math.isfinite(float(score))
+def is_failed_score(score) -> bool:
+    """True for the scores that mean "this trial produced no usable measurement".
+
+    A multi-objective score (a sequence) has failed when any of its values is not finite.
+    """
+    if score is None:
+        return True
+    if isinstance(score, (list, tuple, np.ndarray)):
+        return len(score) == 0 or any(not math.isfinite(float(v)) for v in score)
+    return not math.isfinite(float(score))
+
+
+def normalized_score(score):
+    """None for a failed trial, a float, or a list of floats for several objectives."""
+    if is_failed_score(score):
+        return None
+    if isinstance(score, (list, tuple, np.ndarray)):
+        return [float(v) for v in score]
+    return float(score)
 
 
 class Optimizer(ABC):
@@ -80,14 +96,13 @@ class Optimizer(ABC):
         self._pending[trial_id] = x
         return Ask(trial_id=trial_id, x=x.copy())
 
-    def tell(self, trial_id: int, score: float | None) -> None:
+    def tell(self, trial_id: int, score) -> None:
         """Record a trial's score; ``None``/NaN/inf mark a failed trial and never raise."""
         if trial_id not in self._pending:
             state = "was already told" if 0 <= trial_id < self._next_trial_id else "was never asked"
             raise ValueError(f"{self.name}: tell for trial {trial_id}, which {state}")
         x = self._pending.pop(trial_id)
-        value = None if is_failed_score(score) else float(score)
-        self._observe(trial_id, x, value)
+        self._observe(trial_id, x, normalized_score(score))
 
     def enqueue(self, x: np.ndarray) -> None:
         """Queue a known point (e.g. a seed recipe) ahead of the optimizer's own proposals."""

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import cma
 import numpy as np
 
+from evomerge.errors import UserError
 from evomerge.optim.base import Optimizer
 
 
@@ -73,7 +74,7 @@ class CMAESOptimizer(Optimizer):
     def _sigma0(self) -> float:
         sigma0 = float(self.settings["sigma0"])
         if not 0 < sigma0 <= 1:
-            raise ValueError(f"cmaes sigma0={sigma0} must be a fraction of the box width in (0, 1]")
+            raise UserError(f"optimizer.sigma0: {sigma0} must be a fraction of each coordinate's range, in (0, 1]")
         return sigma0
 
     def _cma_options(self) -> dict[str, Any]:
@@ -86,6 +87,8 @@ class CMAESOptimizer(Optimizer):
             "verb_log": 0,  # otherwise cma writes outcmaes/ into the working directory
         }
         if self.settings["popsize"] is not None:
+            if int(self.settings["popsize"]) < 2:
+                raise UserError(f"optimizer.popsize: {self.settings['popsize']} is too small; CMA-ES needs at least 2")
             options["popsize"] = int(self.settings["popsize"])
         return options
 

@@ -50,6 +50,7 @@ class TPEOptimizer(Optimizer):
         "n_startup_trials": 10,  # random trials before TPE starts modelling
         "storage_path": None,  # optional JournalStorage file mirroring finished trials
         "study_name": "evomerge",
+        "objectives": 1,  # several: multi-objective TPE, told a list of values per trial
     }
 
     def __init__(self, lower, upper, x0, seed: int, **settings):
@@ -59,18 +60,18 @@ class TPEOptimizer(Optimizer):
             name: FloatDistribution(float(lo), float(hi))
             for name, lo, hi in zip(self._names, self.lower, self.upper)
         }
-        sampler = optuna.samplers.TPESampler(
-            seed=self.seed, n_startup_trials=int(self.settings["n_startup_trials"])
-        )
         self._study = optuna.create_study(
             storage=InMemoryStorage(),
-            sampler=sampler,
-            direction="maximize",
+            sampler=self._make_sampler(),
+            directions=["maximize"] * int(self.settings["objectives"]),
             study_name=self.settings["study_name"],
         )
         self._trial_numbers: dict[int, int] = {}
         self._mirror = self._open_mirror()
         self._enqueue_point(self.x0)
+
+    def _make_sampler(self) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=int(self.settings["n_startup_trials"]))
 
     @property
     def study(self) -> optuna.Study:
@@ -102,7 +103,7 @@ class TPEOptimizer(Optimizer):
         path = self.settings["storage_path"]
         if path is None:
             return None
-        return _JournalMirror(str(path), self.settings["study_name"])
+        return _JournalMirror(str(path), self.settings["study_name"], int(self.settings["objectives"]))
 
     def __getstate__(self) -> dict[str, Any]:
         # The mirror holds a file backend and lock; it is reopened from settings on restore.
@@ -122,10 +123,10 @@ class _JournalMirror:
     mirror the interrupted process already wrote, and the trial-id check keeps it exact.
     """
 
-    def __init__(self, path: str, study_name: str):
+    def __init__(self, path: str, study_name: str, objectives: int = 1):
         storage = JournalStorage(JournalFileBackend(path))
         self.study = optuna.create_study(
-            storage=storage, study_name=study_name, direction="maximize", load_if_exists=True
+            storage=storage, study_name=study_name, directions=["maximize"] * objectives, load_if_exists=True
         )
         self._mirrored = {t.user_attrs.get(TRIAL_ID_ATTR) for t in self.study.get_trials(deepcopy=False)}
 
@@ -135,9 +136,23 @@ class _JournalMirror:
         trial = optuna.trial.create_trial(
             params=params,
             distributions=distributions,
-            value=score,
+            values=None if score is None else (score if isinstance(score, list) else [score]),
             state=TrialState.FAIL if score is None else TrialState.COMPLETE,
             user_attrs={TRIAL_ID_ATTR: trial_id},
         )
         self.study.add_trial(trial)
         self._mirrored.add(trial_id)
+
+
+class NSGA2Optimizer(TPEOptimizer):
+    """Optuna's NSGA-II for several objectives; same storage, snapshot and mirror as TPE."""
+
+    name: ClassVar[str] = "nsga2"
+    default_settings: ClassVar[dict[str, Any]] = {
+        **{k: v for k, v in TPEOptimizer.default_settings.items() if k != "n_startup_trials"},
+        "objectives": 2,
+        "population_size": 16,
+    }
+
+    def _make_sampler(self) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.NSGAIISampler(seed=self.seed, population_size=int(self.settings["population_size"]))

@@ -237,7 +237,7 @@ def heldout_candidates(trials: dict[int, Trial], top_k: int) -> list[Trial]:
 
 
 def _result_fields(result: dict) -> dict:
-    keep = ("trial", "ok", "score", "metrics", "n_docs", "worker", "merge_s", "eval_s", "reason", "seconds")
+    keep = ("trial", "ok", "score", "metrics", "n_docs", "worker", "merge_s", "eval_s", "subset", "reason", "seconds")
     return {k: result[k] for k in keep if k in result}
 
 

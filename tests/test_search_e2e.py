@@ -102,6 +102,7 @@ def test_search_status_export_merge_rescore(tmp_path, trained_zoo, optimizer, me
     assert len(completed) == status["completed"]
     assert len({e["score"] for e in completed}) > 1, "merges of the trained zoo must score differently"
     assert {e["worker"].split("@")[0] for e in completed} == {"w0", "w1"}, "both workers took candidates"
+    assert len({e["subset"] for e in completed}) == 1, "every worker and candidate scored the same documents"
     check_export_round_trip(tmp_path, run_dir, spec_path, mergekit_merge)
 
 

@@ -8,6 +8,8 @@ evaluation that raises, CUDA out of memory) comes back as a failed result, never
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 import time
@@ -55,6 +57,8 @@ class MergeWorker:
             name: Evaluator(self.model, self.tokenizer, eval_settings, device=settings.device)
             for name, eval_settings in settings.eval_sets.items()
         }
+        # Journaled with every result, so a run proves all its candidates saw the same documents.
+        self.subset_digests = {name: subset_digest(e.subset_indices()) for name, e in self.evaluators.items()}
 
     def ping(self) -> str:
         return self.worker_id
@@ -83,10 +87,15 @@ class MergeWorker:
             "trial": trial_id, "ok": True, "score": result.score, "metrics": result.metrics,
             "n_docs": result.n_docs, "worker": self.worker_id, "eval_set": eval_set,
             "merge_s": round(merged - started, 4), "eval_s": round(result.seconds, 4),
+            "subset": self.subset_digests[eval_set],
         }
 
     def _failure(self, trial_id: int, reason: str, started: float) -> dict:
         return {"trial": trial_id, "ok": False, "reason": reason, "worker": self.worker_id, "seconds": round(time.perf_counter() - started, 4)}
+
+
+def subset_digest(indices: dict[str, list[int]]) -> str:
+    return hashlib.sha256(json.dumps(indices, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _synchronize(device: str) -> None:

@@ -1,0 +1,66 @@
+"""MergeWorker without Ray: resident merge + lm-eval per candidate, the same documents for every
+worker and candidate of a run, and failures that stay inside one candidate."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from search_zoo import FIXTURE_EVALS, build_trained_zoo
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from evomerge.preflight import preflight
+    from evomerge.spec import load_spec
+
+    root = tmp_path_factory.mktemp("worker")
+    zoo = build_trained_zoo(root / "zoo")
+    spec = {
+        "name": "worker-test", "runs_dir": str(root / "runs"),
+        "models": {"base": zoo["base"], "experts": [zoo["even"], zoo["odd"]]},
+        "genome": {"layer_groups": 2},
+        "evaluation": {"include": [str(FIXTURE_EVALS)], "tasks": ["tiny_add"], "limit": 24, "seed": 5, "batch_size": 8},
+    }
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return preflight(load_spec(root / "spec.yaml"))
+
+
+def make_worker(prepared, name):
+    from evomerge.worker.actor import MergeWorker, WorkerSettings
+
+    settings = WorkerSettings(base_model=prepared.spec.models.base, union_config=prepared.union_config, eval_sets=prepared.eval_sets)
+    return MergeWorker(settings, name)
+
+
+def candidate(prepared, unit_value):
+    genome = prepared.genome
+    return genome.to_merge_config([unit_value] * genome.dim).model_dump(mode="json", exclude_none=True)
+
+
+def test_every_worker_and_candidate_scores_the_same_documents(prepared):
+    first, second = make_worker(prepared, "w0"), make_worker(prepared, "w1")
+    before = first.subset_indices()
+    results = [first.evaluate(0, candidate(prepared, 0.2)), second.evaluate(1, candidate(prepared, 0.9)), first.evaluate(2, candidate(prepared, 0.6))]
+    assert all(r["ok"] for r in results)
+    assert first.subset_indices() == second.subset_indices() == before
+    assert len(before["tiny_add"]) == 24
+    assert len({r["subset"] for r in results}) == 1
+
+
+def test_same_candidate_gives_the_same_score_on_another_worker(prepared):
+    config = candidate(prepared, 0.4)
+    assert make_worker(prepared, "a").evaluate(0, config)["score"] == make_worker(prepared, "b").evaluate(0, config)["score"]
+
+
+def test_failures_stay_inside_one_candidate(prepared, monkeypatch):
+    worker = make_worker(prepared, "w0")
+    broken = candidate(prepared, 0.5)
+    broken["merge_method"] = "no_such_method"
+    failed = worker.evaluate(0, broken)
+    assert not failed["ok"] and "no_such_method" in failed["reason"]
+    overflow = candidate(prepared, 0.5)
+    overflow["parameters"] = {"lambda": 1e39}
+    failed = worker.evaluate(1, overflow)
+    assert not failed["ok"] and "not finite" in failed["reason"]
+    assert worker.evaluate(2, candidate(prepared, 0.5))["ok"], "the worker still serves the next candidate"

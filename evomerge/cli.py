@@ -159,6 +159,19 @@ def export(
         typer.echo(f"wrote {chosen.label} (trial {chosen.trial_id}) to {output}", err=True)
 
 
+@app.command()
+@user_errors_exit_2
+def report(
+    run_dir: Path = typer.Argument(...),
+    out_dir: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder for report.html and its PNGs (default RUN_DIR/report)."),
+    debug: bool = DebugOption,
+):
+    """Write report.html with plots: scores over evaluations, per-task metrics, per-layer heatmaps, baselines, Pareto front."""
+    from evomerge.report import write_report
+
+    typer.echo(f"wrote {write_report(run_dir, out_dir)}")
+
+
 def _print_summary(run_dir) -> None:
     from rich.console import Console
     from rich.table import Table

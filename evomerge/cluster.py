@@ -1,6 +1,7 @@
 """Connecting to Ray and creating worker actors: local cluster by default, or an existing one.
 
-A local cluster binds to 127.0.0.1 with the dashboard off. Without GPUs the search runs N CPU
+A local cluster is always a fresh one (never a `ray start` cluster that happens to run on the
+machine) and listens on 127.0.0.1 only, with the dashboard off. Without GPUs the search runs N CPU
 workers, each with its own torch threads.
 """
 
@@ -25,9 +26,24 @@ def connect(spec: Spec, address: str | None) -> None:
             ray.init(address=address, runtime_env=env, log_to_driver=False)
         else:
             cpus = max(os.cpu_count() or 1, int(_worker_count(spec, gpus=_local_gpus()) * spec.workers.cpus_per_worker))
-            ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=env, log_to_driver=False)
+            _start_loopback_cluster(num_cpus=cpus, runtime_env=env)
     except ConnectionError as error:
         raise UserError(f"--address: cannot reach a Ray cluster at {address} ({error}); start one with 'ray start --head' or drop --address") from None
+
+
+def _start_loopback_cluster(**options) -> None:
+    """ray.init a new single-machine cluster whose every server listens on 127.0.0.1 only."""
+    import ray
+    from ray._private import ray_constants
+
+    # Ray treats "127.0.0.1" as "this machine's routable IP" and then listens on all interfaces,
+    # unless it believes it runs a single-machine cluster, which a local search is.
+    multi_node = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, **options)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = multi_node
 
 
 def _local_gpus() -> int:

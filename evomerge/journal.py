@@ -4,6 +4,10 @@ Each event is one JSON line, flushed and fsynced before the driver acts on it, s
 loses at most the line it was writing; `read_events` drops such a torn last line with a warning.
 Optimizer state is the only pickle, written atomically under `optimizer/` and referenced from the
 journal by its SHA-256, so a resume refuses a blob that does not match.
+
+Test-only hook: with EVOMERGE_TEST_KILL_AFTER_EVENT=EVENT:N in the environment, the process
+SIGKILLs itself right after its N-th EVENT line is durable; the reliability tests use it to kill
+the driver at exact points of a search. Nothing else reads that variable.
 """
 
 from __future__ import annotations
@@ -12,11 +16,15 @@ import fcntl
 import hashlib
 import json
 import os
+import signal
 import time
 import warnings
 from pathlib import Path
 
 from evomerge.errors import UserError
+
+
+KILL_HOOK_VARIABLE = "EVOMERGE_TEST_KILL_AFTER_EVENT"
 
 
 class RunLocked(UserError):
@@ -54,21 +62,29 @@ class Journal:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunLocked(f"{self.run_dir}: another evomerge process is using this run; wait for it or stop it first") from None
-        self._repair_torn_tail()
+        if self._repair_torn_tail():
+            warnings.warn(f"{self.path}: dropped a torn last line (the driver was killed while writing it)", stacklevel=2)
         self._handle = open(self.path, "ab")
         self.count = len(read_events(self.path))
+        self._kill_after = _kill_hook()
+        self._kill_countdown = self._kill_after[1] if self._kill_after else 0
 
-    def _repair_torn_tail(self) -> None:
-        """Cut a partial last line so the next event starts on a fresh line."""
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            with open(self.path, "r+b") as handle:
-                handle.truncate(keep)
-                handle.flush()
-                os.fsync(handle.fileno())
+    def _repair_torn_tail(self) -> bool:
+        """Cut a torn last line so the next event starts on a fresh line; True when one was cut.
+
+        A last line with its newline but not valid JSON is cut as well: left in place, it would sit
+        in the middle of the journal after the next append and make the whole run unreadable.
+        """
+        data = self.path.read_bytes() if self.path.exists() else b""
+        body = data.removesuffix(b"\n")
+        start = body.rfind(b"\n") + 1
+        if not data or (data.endswith(b"\n") and _is_json(body[start:])):
+            return False
+        with open(self.path, "r+b") as handle:
+            handle.truncate(start)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return True
 
     def append(self, event: str, **fields) -> dict:
         record = {"event": event, "time": round(time.time(), 3), **fields}
@@ -83,7 +99,15 @@ class Journal:
             self._handle = open(self.path, "ab")
             raise UserError(f"{self.path}: cannot write the journal ({error.strerror}); free disk space or fix permissions, then 'evomerge resume {self.run_dir}'") from None
         self.count += 1
+        self._kill_if_asked(event)
         return record
+
+    def _kill_if_asked(self, event: str) -> None:
+        if self._kill_after is None or event != self._kill_after[0]:
+            return
+        self._kill_countdown -= 1
+        if self._kill_countdown == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def write_snapshot(self, blob: bytes, after_events: int) -> dict:
         digest = hashlib.sha256(blob).hexdigest()
@@ -101,6 +125,23 @@ class Journal:
         self._handle.close()
         fcntl.flock(self._lock, fcntl.LOCK_UN)
         self._lock.close()
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
+def _kill_hook() -> tuple[str, int] | None:
+    """(event, n) from EVOMERGE_TEST_KILL_AFTER_EVENT=event:n, the test-only kill point."""
+    value = os.environ.get(KILL_HOOK_VARIABLE)
+    if not value:
+        return None
+    event, _, count = value.partition(":")
+    return event, int(count or 1)
 
 
 def load_snapshot(run_dir: Path, event: dict) -> bytes:

@@ -12,7 +12,7 @@ import yaml
 from evomerge.errors import UserError
 from evomerge.journal import read_events
 from evomerge.pareto import pareto_front
-from evomerge.run import Trial, replay
+from evomerge.trials import Trial, replay
 
 
 def load_trials(run_dir: Path) -> tuple[list[dict], dict[int, Trial]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import yaml
 
 from evomerge.errors import UserError
 from evomerge.journal import Journal, load_snapshot, read_events
+from evomerge.trials import Trial, replay
 from evomerge.merge.io import write_text_atomic
 from evomerge.optim import make_optimizer
 from evomerge.pareto import objective_values
@@ -27,18 +27,6 @@ from evomerge.scheduler import Job, Scheduler
 from evomerge.spec import Spec, parse_spec
 
 SPEC_FILE = "spec.yaml"
-
-
-@dataclass
-class Trial:
-    trial_id: int
-    kind: str  # "optimizer" or "baseline"
-    label: str
-    merge_config: dict
-    params: dict = field(default_factory=dict)
-    status: str = "asked"  # asked | completed | failed
-    result: dict = field(default_factory=dict)
-    heldout: dict | None = None
 
 
 def run_dir_of(spec: Spec) -> Path:
@@ -64,21 +52,6 @@ def load_run_spec(run_dir: Path) -> Spec:
     if not path.exists():
         raise UserError(f"{run_dir}: not a run directory (no {SPEC_FILE}); give runs/NAME")
     return parse_spec(yaml.safe_load(path.read_text()), str(path), path.parent)
-
-
-def replay(events: list[dict]) -> dict[int, Trial]:
-    """Trials as the journal tells them (the optimizer is replayed separately)."""
-    trials: dict[int, Trial] = {}
-    for event in events:
-        kind = event["event"]
-        if kind == "asked":
-            trials[event["trial"]] = Trial(event["trial"], event["kind"], event["label"], event["merge_config"], event.get("params", {}))
-        elif kind in ("completed", "failed") and event["trial"] in trials:
-            trial = trials[event["trial"]]
-            trial.status, trial.result = kind, event
-        elif kind == "heldout" and event["trial"] in trials:
-            trials[event["trial"]].heldout = event
-    return trials
 
 
 class Search:

@@ -10,5 +10,8 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends chromium >/dev/null
+# apt is chatty even with -qq (debconf notes); show its output only when it fails.
+if ! log=$(apt-get update -qq 2>&1 && apt-get install -y -qq --no-install-recommends chromium 2>&1); then
+  echo "$log" >&2
+  exit 1
+fi

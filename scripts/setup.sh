@@ -9,3 +9,5 @@ python -m pip install -q --upgrade pip
 # The CPU wheel is pinned here only; pyproject.toml declares a range so GPU users get CUDA builds.
 python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 python -m pip install -q -e '.[dev]'
+# Headless Chromium for the report's browser test; the test skips cleanly without it.
+bash scripts/install_chromium.sh || echo "warning: chromium could not be installed; the browser test will skip" >&2

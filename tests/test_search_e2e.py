@@ -141,9 +141,16 @@ def test_killed_search_resumes_to_the_uninterrupted_state(tmp_path, trained_zoo)
 
 
 def test_resume_refuses_a_changed_spec(tmp_path, trained_zoo):
+    from evomerge.journal import Journal
+    from evomerge.run import create_run_dir
+    from evomerge.spec import load_spec
+
     spec_path = write_spec(tmp_path, trained_zoo, "frozen", {"name": "random", "seed": 0}, max_evals=8)
-    cli("search", spec_path)
-    run_dir = tmp_path / "runs" / "frozen"
+    spec = load_spec(spec_path)
+    run_dir = create_run_dir(spec)
+    journal_file = Journal(run_dir)
+    journal_file.append("run_started", spec_fingerprint=spec.fingerprint(), workers=2)
+    journal_file.close()
     changed = yaml.safe_load(spec_path.read_text())
     changed["optimizer"]["seed"] = 1
     spec_path.write_text(yaml.safe_dump(changed))

@@ -136,6 +136,14 @@ class Search:
             for job, result in scheduler.poll(timeout=1.0):
                 self._record(job, result)
                 progress.update(self.trials)
+            self._stop_if_nothing_works(scheduler)
+
+    def _stop_if_nothing_works(self, scheduler: Scheduler) -> None:
+        """Every evaluation so far failed: the setup is broken, not the candidates; say why and stop."""
+        finished = [t for t in self.trials.values() if t.status in ("completed", "failed")]
+        if len(finished) >= max(6, 3 * len(scheduler.slots)) and all(t.status == "failed" for t in finished):
+            reason = finished[-1].result.get("reason", "unknown")
+            raise UserError(f"the first {len(finished)} evaluations all failed (last: {reason}); fix the cause and run 'evomerge resume {self.run_dir}'")
 
     def _next_job(self) -> Job | None:
         for label, config in self.prepared.baselines:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -132,6 +132,12 @@ class BudgetSpec(_Strict):
     time_limit_min: Optional[float] = Field(None, gt=0)
     baselines: bool = Field(True, description="Score the parents and the default merges first.")
 
+    @model_validator(mode="after")
+    def _bounded(self):
+        if self.max_evals is None and self.time_limit_min is None:
+            raise ValueError("set max_evals or time_limit_min so the search ends")
+        return self
+
 
 class WorkersSpec(_Strict):
     count: Optional[int] = Field(None, ge=1, description="Default: one per GPU, else 2 CPU workers.")
@@ -150,7 +156,7 @@ class Spec(_Strict):
     evaluation: EvaluationSpec
     budget: BudgetSpec = BudgetSpec()
     workers: WorkersSpec = WorkersSpec()
-    runs_dir: str = "runs"
+    runs_dir: str = Field("runs", description="Where runs/NAME/ goes, relative to the spec file.")
     trust_remote_code: bool = False
 
     @property
@@ -163,12 +169,6 @@ class Spec(_Strict):
             raise ValueError("optimizer.name: cmaes optimizes one score; use nsga2 or tpe for several objectives")
         if not self.multi_objective and self.optimizer.name == "nsga2":
             raise ValueError("optimizer.name: nsga2 needs two or more evaluation.objectives; use cmaes or tpe for one score")
-        return self
-
-    @model_validator(mode="after")
-    def _budget_is_bounded(self):
-        if self.budget.max_evals is None and self.budget.time_limit_min is None:
-            raise ValueError("budget: set max_evals or time_limit_min so the search ends")
         return self
 
     def fingerprint(self) -> str:
@@ -188,6 +188,8 @@ def _resolve_paths(data: dict, folder: Path) -> dict:
         if isinstance(models.get("experts"), list):
             models["experts"] = [resolve(p) for p in models["experts"]]
         data["models"] = models
+    if isinstance(data.get("runs_dir"), str):
+        data["runs_dir"] = resolve(data["runs_dir"])
     evaluation = data.get("evaluation")
     if isinstance(evaluation, dict) and isinstance(evaluation.get("include", ["evals"]), list):
         evaluation = dict(evaluation)
@@ -202,7 +204,23 @@ def parse_spec(data, source: str, folder: Path) -> Spec:
     try:
         return Spec.model_validate(_resolve_paths(dict(data), folder))
     except ValidationError as error:
-        raise UserError(describe_validation_error(error, source)) from None
+        first = error.errors()[0]
+        hint = did_you_mean(first["loc"][-1], _keys_at(first["loc"][:-1])) if first["type"] == "extra_forbidden" else ""
+        raise UserError(describe_validation_error(error, source) + hint) from None
+
+
+def _keys_at(location: tuple) -> list[str]:
+    """The keys the spec allows at `location` (a pydantic error path), for did-you-mean hints."""
+    model = Spec
+    for part in location:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        nested = [t for t in (field.annotation, *get_args(field.annotation)) if isinstance(t, type) and issubclass(t, BaseModel)] if field else []
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
 
 
 def load_spec(path: str | Path) -> Spec:

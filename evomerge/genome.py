@@ -114,6 +114,10 @@ class Genome:
         return {gene.name: round(gene.value(u), 6) for gene, u in zip(self.genes, x)}
 
     def to_merge_config(self, x) -> MergeConfig:
+        return MergeConfig.model_validate(self.merge_config_dict(x))
+
+    def merge_config_dict(self, x) -> dict:
+        """The candidate's mergekit config as plain data (what the journal and workers carry)."""
         values = self.decode(x)
         lookup = {(g.param, g.model, g.group, g.part): values[g.name] for g in self.genes}
         spec = self.spec
@@ -128,14 +132,15 @@ class Genome:
                 sources.append({"model": spec.models.base, "layer_range": [start, end]})
             shared = {p: self._setting(lookup, p, None, index, first, last) for p in self.params if p not in PER_MODEL}
             slices.append({"sources": sources, "parameters": shared or None})
-        return MergeConfig.model_validate({
+        config = {
             "merge_method": self.method.name,
             "base_model": spec.models.base if self.method.needs_base else None,
             "slices": slices,
             "parameters": dict(self.fixed) or None,
             "dtype": spec.merge.dtype,
             "tokenizer_source": "base",
-        })
+        }
+        return _without_nones(config)
 
     def _setting(self, lookup, param, model, group_index, first, last):
         """A scalar, or filter branches for attn/mlp and for embeddings/head genes."""
@@ -151,6 +156,14 @@ class Genome:
                 head = lookup[(param, model, "head", None)]
                 branches[:0] = [{"filter": "lm_head", "value": head}, {"filter": "model.norm.", "value": head}]
         return branches[0]["value"] if len(branches) == 1 else branches
+
+
+def _without_nones(value):
+    if isinstance(value, dict):
+        return {k: _without_nones(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nones(v) for v in value]
+    return value
 
 
 def num_layers_of(model_path: str | Path) -> int:

@@ -101,6 +101,11 @@ class Search:
 
         from evomerge.cluster import connect, make_actor_factory
 
+        # The driver's numpy work (CMA-ES eigendecompositions) is small; extra BLAS threads only
+        # fight the workers for cores.
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
         connect(self.spec, self.address)
         factory, count = make_actor_factory(self.prepared, self.spec)
         scheduler = Scheduler(factory, count, self.spec.workers.queue_depth)
@@ -156,7 +161,7 @@ class Search:
         if ask is None:
             return None
         genome = self.prepared.genome
-        config = genome.to_merge_config(ask.x).model_dump(mode="json", exclude_none=True)
+        config = genome.merge_config_dict(ask.x)
         trial = Trial(ask.trial_id, "optimizer", f"trial {ask.trial_id}", config, genome.decode(ask.x))
         return self._ask(trial, x=[float(v) for v in ask.x])
 

@@ -67,7 +67,12 @@ class Scheduler:
         references = [ref for slot in self.slots for ref in slot.in_flight]
         if not references:
             return []
-        ready, _ = ray.wait(references, num_returns=len(references), timeout=timeout)
+        # Wake on the first result, then take whatever else is already done: waiting for all of
+        # them would idle every fast worker until the slowest finished.
+        ready, rest = ray.wait(references, num_returns=1, timeout=timeout)
+        if ready and rest:
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+            ready += more
         finished = []
         for reference in ready:
             slot = self._slot_of(reference)

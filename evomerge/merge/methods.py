@@ -108,8 +108,28 @@ def l1_rescaled(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> t
 def magnitude_mask(delta: torch.Tensor, density: float, rank: torch.Tensor | None = None) -> torch.Tensor:
     """Keep the int(density*n) largest-magnitude elements (at least one)."""
     k = max(1, int(density * delta.numel()))
-    rank = magnitude_rank(delta) if rank is None else rank
+    if rank is None:
+        selected = _select_top_k_without_sorting(delta, k)
+        if selected is not None:
+            return selected
+        rank = magnitude_rank(delta)
     return rank < k
+
+
+def _select_top_k_without_sorting(delta: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The top-k mask from one O(n) selection, or None when equal magnitudes straddle the cut.
+
+    Only then does the choice depend on the sort's tie-breaking, so only then is the full sort
+    needed to agree with mergekit. Ties at zero never matter: a kept zero adds nothing.
+    """
+    magnitudes = delta.detach().abs().reshape(-1).float()
+    if k >= magnitudes.numel():
+        return torch.ones_like(delta, dtype=torch.bool)
+    threshold = torch.kthvalue(magnitudes, magnitudes.numel() - k + 1).values
+    at_least = magnitudes >= threshold
+    if threshold == 0 or int(at_least.sum()) == k:
+        return at_least.reshape(delta.shape)
+    return None
 
 
 def magnitude_outliers_mask(

@@ -27,6 +27,9 @@ from evomerge.errors import UserError
 KILL_HOOK_VARIABLE = "EVOMERGE_TEST_KILL_AFTER_EVENT"
 
 
+NO_FSYNC_EVENTS = frozenset({"asked"})
+
+
 class RunLocked(UserError):
     pass
 
@@ -92,15 +95,25 @@ class Journal:
         try:
             self._handle.write(line.encode())
             self._handle.flush()
-            os.fsync(self._handle.fileno())
+            # A killed driver loses nothing already flushed to the OS; fsync guards against power
+            # loss, and one fsync covers every earlier line, so events that only announce work
+            # (an 'asked' is re-derived by replay) skip their own.
+            if event not in NO_FSYNC_EVENTS:
+                os.fsync(self._handle.fileno())
         except OSError as error:
-            self._handle.close()
-            self._repair_torn_tail()
-            self._handle = open(self.path, "ab")
+            self._reopen_after_failed_write()
             raise UserError(f"{self.path}: cannot write the journal ({error.strerror}); free disk space or fix permissions, then 'evomerge resume {self.run_dir}'") from None
         self.count += 1
         self._kill_if_asked(event)
         return record
+
+    def _reopen_after_failed_write(self) -> None:
+        try:
+            self._handle.close()  # flushes what is still buffered, and fails again on a full disk
+        except OSError:
+            pass
+        self._repair_torn_tail()
+        self._handle = open(self.path, "ab")
 
     def _kill_if_asked(self, event: str) -> None:
         if self._kill_after is None or event != self._kill_after[0]:
@@ -111,14 +124,18 @@ class Journal:
 
     def write_snapshot(self, blob: bytes, after_events: int) -> dict:
         digest = hashlib.sha256(blob).hexdigest()
-        self.snapshot_dir.mkdir(exist_ok=True)
         final = self.snapshot_dir / f"{digest[:16]}.pkl"
         temporary = final.with_suffix(".tmp")
-        with open(temporary, "wb") as handle:
-            handle.write(blob)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, final)
+        try:
+            self.snapshot_dir.mkdir(exist_ok=True)
+            with open(temporary, "wb") as handle:
+                handle.write(blob)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, final)
+        except OSError as error:
+            temporary.unlink(missing_ok=True)
+            raise UserError(f"{final}: cannot write the optimizer snapshot ({error.strerror}); free disk space or fix permissions, then 'evomerge resume {self.run_dir}'") from None
         return self.append("snapshot", file=final.name, sha256=digest, after_events=after_events)
 
     def close(self) -> None:

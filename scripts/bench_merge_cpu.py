@@ -42,6 +42,7 @@ BIN = Path(sys.executable).parent
 @dataclass(frozen=True)
 class Timing:
     wall_s: float
+    cpu_s: float  # user + system: less sensitive than wall time to other load on the machine
     peak_rss_gib: float
 
 
@@ -113,8 +114,11 @@ def timed_run(command: list[str]) -> Timing:
     wall = time.perf_counter() - started
     if finished.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{finished.stderr[-3000:]}")
-    peak_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", finished.stderr).group(1))
-    return Timing(wall, peak_kib / 1024**2)
+    def reported(label: str) -> float:
+        return float(re.search(rf"{re.escape(label)}: ([\d.]+)", finished.stderr).group(1))
+
+    cpu = reported("User time (seconds)") + reported("System time (seconds)")
+    return Timing(wall, cpu, reported("Maximum resident set size (kbytes)") / 1024**2)
 
 
 def bench_env() -> dict[str, str]:
@@ -146,20 +150,23 @@ def bench_method(config: Path, repeats: int, scratch: Path) -> dict:
             timings[tool].append(timed_run(tool_command(tool, config, out_dir)))
     return {
         "difference": max_relative_difference(scratch / "evomerge", scratch / "mergekit"),
-        **{tool: Timing(statistics.median(t.wall_s for t in runs), max(t.peak_rss_gib for t in runs))
+        **{tool: Timing(statistics.median(t.wall_s for t in runs), statistics.median(t.cpu_s for t in runs),
+                        max(t.peak_rss_gib for t in runs))
            for tool, runs in timings.items()},
     }
 
 
 def markdown_table(results: dict[str, dict]) -> str:
     rows = [
-        "| merge | evomerge wall (s) | mergekit wall (s) | speed-up | evomerge peak RSS (GiB) | mergekit peak RSS (GiB) | max rel. diff |",
-        "|---|---|---|---|---|---|---|",
+        "| merge | evomerge wall (s) | mergekit wall (s) | speed-up (wall) | evomerge CPU (s) | mergekit CPU (s) "
+        "| speed-up (CPU) | evomerge peak RSS (GiB) | mergekit peak RSS (GiB) | max rel. diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, r in results.items():
         ours, theirs = r["evomerge"], r["mergekit"]
         rows.append(
             f"| {method} | {ours.wall_s:.2f} | {theirs.wall_s:.2f} | {theirs.wall_s / ours.wall_s:.2f}x "
+            f"| {ours.cpu_s:.2f} | {theirs.cpu_s:.2f} | {theirs.cpu_s / ours.cpu_s:.2f}x "
             f"| {ours.peak_rss_gib:.2f} | {theirs.peak_rss_gib:.2f} | {r['difference']:.1e} |"
         )
     return "\n".join(rows)
@@ -184,7 +191,7 @@ def parameter_count() -> int:
         return sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**MODEL_SHAPE)).parameters())
 
 
-def report(results: dict[str, dict], repeats: int) -> str:
+def report(results: dict[str, dict], repeats: int, load: tuple[float, float]) -> str:
     millions = parameter_count() / 1e6
     return "\n".join([
         SECTION_TITLE, "",
@@ -192,9 +199,11 @@ def report(results: dict[str, dict], repeats: int) -> str:
         "`/usr/bin/time -v`) for the same YAML. Inputs: a Llama-shaped fp32 base and two fine-tunes,",
         f"{millions:.0f}M parameters each ({MODEL_SHAPE['num_hidden_layers']} layers, hidden "
         f"{MODEL_SHAPE['hidden_size']}, vocab {MODEL_SHAPE['vocab_size']}); TIES at density 0.5 over the two",
-        "fine-tunes, linear over all three. Speed-up = mergekit / evomerge. Both include ~3-4 s of imports.", "",
+        "fine-tunes, linear over all three. Speed-up = mergekit / evomerge; CPU = user + system seconds.",
+        "Both include ~3-4 s of imports.", "",
         f"Command: `python scripts/bench_merge_cpu.py --repeats {repeats}`", "",
-        f"Machine: {machine_description()}; run {time.strftime('%Y-%m-%d')}.", "",
+        f"Machine: {machine_description()}; run {time.strftime('%Y-%m-%d')}; 1-minute load average "
+        f"{load[0]:.1f} before and {load[1]:.1f} after (other work on the machine inflates wall time most).", "",
         markdown_table(results), "",
     ])
 
@@ -220,9 +229,10 @@ def main() -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     models = build_checkpoints(CACHE / "models")
     configs = write_configs(CACHE, models)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(dir=CACHE) as scratch:
         results = {method: bench_method(path, args.repeats, Path(scratch)) for method, path in configs.items()}
-    section = report(results, args.repeats)
+    section = report(results, args.repeats, (load_before, os.getloadavg()[0]))
     print(section)
     if not args.no_docs:
         update_benchmarks_md(section)

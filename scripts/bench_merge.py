@@ -1,0 +1,369 @@
+"""GPU benchmark: one search candidate's in-memory merge, against its bound and against mergekit.
+
+For each model size it builds (once, cached) a random Llama-shaped bf16 base and two fine-tunes,
+keeps them resident as a search worker does (`ResidentSources`), and times `merge_into_model`
+for linear, TIES and DARE-TIES candidates with different weights/densities per layer group and
+for attention and MLP (the `slices:` config a search writes). In the same run it measures:
+
+* the bound: bytes every candidate must read (each input tensor) and write (each output tensor)
+  divided by the device's copy bandwidth, from a large `Tensor.copy_`;
+* mergekit 0.1.5's in-memory API (`mergekit.merge_methods.merge_state_dicts`) on the same
+  resident tensors and per-tensor parameters, plus the copy into the resident model;
+* `mergekit-yaml --cuda` as a whole process on the same YAML (disk in, disk out).
+
+    python scripts/bench_merge.py --device cuda --sizes 1.5b,3.6b
+    python scripts/bench_merge.py --device cpu --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_merge_cpu import build_tokenizer, machine_description  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SHAPES = {
+    "1.5b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, vocab_size=32000),
+    "3.6b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=34, num_attention_heads=24, num_key_value_heads=8, vocab_size=32000),
+    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
+}
+FINETUNE_SCALES = {"ft_a": 0.004, "ft_b": 0.01}
+METHODS = ("linear", "ties", "dare_ties")
+GENOME = {"layer_groups": 4, "split_attn_mlp": True}
+
+
+@dataclass
+class MethodResult:
+    size: str
+    method: str
+    evomerge_s: float  # median per candidate, caches warm
+    first_s: float  # first candidate: also builds the task-vector and rank caches
+    bound_s: float
+    peak_gib: float | None
+    api_s: float | None = None
+    api_peak_gib: float | None = None
+    api_max_rel_diff: float | None = None
+    yaml_s: float | None = None
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 1024**3 if device.startswith("cuda") else None
+
+
+def llama_config(size: str):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        **SHAPES[size], max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16",
+        bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"],
+    )
+
+
+def build_checkpoints(size: str, root: Path, device: str) -> dict[str, Path]:
+    """Random bf16 base + fine-tunes (base + seeded noise), rebuilt only when the shape changes."""
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    folder = root / size
+    paths = {name: folder / name for name in ("base", *FINETUNE_SCALES)}
+    stamp, spec = folder / "spec.json", json.dumps({"shape": SHAPES[size], "scales": FINETUNE_SCALES, "format": 2}, sort_keys=True)
+    if stamp.exists() and stamp.read_text() == spec:
+        return paths
+    config = llama_config(size)
+    with torch.device("meta"):
+        shapes = {name: t.shape for name, t in LlamaForCausalLM(config).state_dict().items()}
+    generator = torch.Generator(device=device).manual_seed(0)
+    base = {name: _random_weight(name, shape, generator, device) for name, shape in shapes.items()}
+    tokenizer = build_tokenizer(config.vocab_size)
+    for name, path in paths.items():
+        scale = FINETUNE_SCALES.get(name, 0.0)
+        tensors = {key: (t + scale * torch.randn(t.shape, generator=generator, device=device, dtype=t.dtype)).cpu() for key, t in base.items()}
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    stamp.write_text(spec)
+    return paths
+
+
+def _random_weight(name: str, shape, generator, device: str) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        return 1 + 0.1 * torch.randn(shape, generator=generator, device=device, dtype=torch.bfloat16)
+    return 0.02 * torch.randn(shape, generator=generator, device=device, dtype=torch.bfloat16)
+
+
+def candidate_configs(paths: dict[str, Path], method: str, count: int, seed: int) -> list:
+    """`count` candidates as a search proposes them: a seeded point of the genome, written as slices."""
+    from evomerge.genome import Genome
+    from evomerge.spec import Spec
+
+    spec = Spec.model_validate({
+        "name": "bench", "models": {"base": str(paths["base"]), "experts": [str(paths[n]) for n in FINETUNE_SCALES]},
+        "merge": {"method": method, "dtype": "bfloat16"}, "genome": GENOME, "evaluation": {"tasks": ["none"]},
+    })
+    genome = Genome(spec, llama_config_layers(paths["base"]))
+    rng = np.random.default_rng(seed)
+    return [genome.to_merge_config(rng.uniform(0.05, 0.95, genome.dim)) for _ in range(count)]
+
+
+def llama_config_layers(folder: Path) -> int:
+    return int(json.loads((folder / "config.json").read_text())["num_hidden_layers"])
+
+
+def union_config(paths: dict[str, Path]):
+    """Every tensor of every model, as a search worker keeps resident (cf. preflight)."""
+    from evomerge.merge.config import MergeConfig
+
+    return MergeConfig.model_validate({
+        "merge_method": "task_arithmetic", "base_model": str(paths["base"]), "dtype": "bfloat16",
+        "models": [{"model": str(paths[n]), "parameters": {"weight": 1.0}} for n in FINETUNE_SCALES],
+    })
+
+
+def copy_bandwidth(device: str, megabytes: int, repeats: int = 10) -> float:
+    """Bytes moved per second (read + write) by a large device-to-device `copy_`."""
+    source = torch.empty(megabytes * 1024**2 // 2, dtype=torch.bfloat16, device=device).normal_()
+    target = torch.empty_like(source)
+    target.copy_(source)
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    synchronize(device)
+    return 2 * source.numel() * source.element_size() * repeats / (time.perf_counter() - started)
+
+
+def traffic_bytes(sources, config) -> int:
+    """What any implementation must move per candidate: read every input once, write every output once."""
+    total = 0
+    for plan in sources.plan_for(config).plan.tensors:
+        inputs = [sources.tensors[ref] for ref in plan.inputs]
+        total += sum(t.numel() * t.element_size() for t in inputs) + inputs[0].numel() * inputs[0].element_size()
+    return total
+
+
+def time_evomerge(model, sources, configs: list, device: str) -> tuple[float, float, float | None]:
+    """(first candidate s, median of the rest s, peak GiB) for `merge_into_model`."""
+    from evomerge.merge.engine import merge_into_model
+
+    reset_peak(device)
+    seconds = []
+    for config in configs:
+        synchronize(device)
+        started = time.perf_counter()
+        merge_into_model(model, sources, config)
+        synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return seconds[0], statistics.median(seconds[1:]), peak_gib(device)
+
+
+def mergekit_api_inputs(sources, config):
+    """State dicts (views of the resident tensors) and per-tensor parameters from evomerge's plan."""
+    from mergekit.merge_methods import PerGroupValues
+
+    validated = sources.plan_for(config)
+    plans = validated.plan.tensors
+    models = validated.config.referenced_models()
+    state_dicts = {model: {} for model in models}
+    values: dict[str, list] = {name: [] for name in validated.plan.method.input_params if name in ("weight", "density")}
+    for plan in plans:
+        for model, name in plan.inputs:
+            state_dicts[model][plan.output] = sources.tensors[(model, name)]
+        for name in values:
+            values[name].append({model: params[name] for (model, _), params in zip(plan.inputs, plan.per_input) if name in params})
+    parameters = {name: PerGroupValues(per_tensor) for name, per_tensor in values.items()}
+    return state_dicts, parameters, validated.config.base_model
+
+
+def time_mergekit_api(model, sources, configs: list, method: str, device: str) -> tuple[float, float | None, float | None]:
+    """(median s, peak GiB, max relative difference to evomerge on the last candidate)."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    from evomerge.merge.engine import merge_into_model
+
+    targets = dict(model.named_parameters())
+    reset_peak(device)
+    seconds = []
+    for config in configs:
+        state_dicts, parameters, base = mergekit_api_inputs(sources, config)
+        synchronize(device)
+        started = time.perf_counter()
+        with torch.no_grad():
+            merged = merge_state_dicts(state_dicts, method, parameters=parameters, base=base)
+            for name, tensor in merged.items():
+                targets[name].copy_(tensor)
+        synchronize(device)
+        seconds.append(time.perf_counter() - started)
+        del merged
+    peak = peak_gib(device)
+    if method == "dare_ties":  # random trims: the two tools draw different masks
+        return statistics.median(seconds[1:]), peak, None
+    with torch.no_grad():
+        merge_into_model(model, sources, configs[-1])
+        theirs = merge_state_dicts(state_dicts, method, parameters=parameters, base=base)
+        difference = max(float((targets[n].float() - t.float()).abs().max() / t.float().abs().max().clamp_min(1e-30)) for n, t in theirs.items())
+    return statistics.median(seconds[1:]), peak, difference
+
+
+def time_mergekit_yaml(config, device: str, scratch: Path) -> float:
+    """Whole-process wall time of `mergekit-yaml` (imports, reading, merging, writing)."""
+    config_path = scratch / "candidate.yml"
+    config_path.write_text(config.to_yaml())
+    command = [str(BIN / "mergekit-yaml"), str(config_path), str(scratch / "out"), "--no-write-model-card"]
+    command += ["--cuda"] if device.startswith("cuda") else []
+    started = time.perf_counter()
+    finished = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if finished.returncode != 0:
+        raise RuntimeError(f"mergekit-yaml failed:\n{finished.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def bench_size(size: str, args, bandwidth: float, log) -> list[MethodResult]:
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.merge.engine import ResidentSources
+
+    paths = build_checkpoints(size, args.cache, args.device)
+    started = time.perf_counter()
+    sources = ResidentSources.load(union_config(paths), device=args.device)
+    model = AutoModelForCausalLM.from_pretrained(str(paths["base"]), dtype=torch.bfloat16).to(args.device).eval()
+    resident = f", {torch.cuda.memory_allocated() / 1024**3:.1f} GiB allocated" if args.device.startswith("cuda") else ""
+    args.notes.append(f"{size}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters; sources + model resident in {time.perf_counter() - started:.1f} s{resident}")
+    log(args.notes[-1])
+    results = []
+    for index, method in enumerate(args.methods):
+        configs = candidate_configs(paths, method, args.repeats + 1, seed=index)
+        row = _guarded(partial(_evomerge_row, model, sources, configs, bandwidth, args.device), log, None)
+        if row is None:  # e.g. out of memory: the log says why, the table leaves the method out
+            continue
+        result = MethodResult(size, method, *row)
+        log(f"{size} {method}: evomerge {result.evomerge_s:.3f} s/candidate, bound {result.bound_s:.3f} s")
+        api = partial(time_mergekit_api, model, sources, configs, method, args.device)
+        result.api_s, result.api_peak_gib, result.api_max_rel_diff = _guarded(api, log, (None,) * 3)
+        if method in args.yaml_methods:
+            with tempfile.TemporaryDirectory(dir=args.cache) as scratch:
+                result.yaml_s = _guarded(partial(time_mergekit_yaml, configs[0], args.device, Path(scratch)), log, None)
+        results.append(result)
+        args.on_result(result)
+    del model, sources
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return results
+
+
+def _evomerge_row(model, sources, configs, bandwidth, device):
+    first, median, peak = time_evomerge(model, sources, configs, device)
+    return median, first, traffic_bytes(sources, configs[0]) / bandwidth, peak
+
+
+def _guarded(measure, log, failed):
+    """A competitor that fails (OOM, unsupported) leaves its cells empty instead of ending the run."""
+    try:
+        return measure()
+    except Exception as error:  # noqa: BLE001 - reported in the log, the table shows "-"
+        log(f"  skipped: {type(error).__name__}: {str(error)[:300]}")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return failed
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:.1f}"
+
+
+def _ratio(numerator: float | None, denominator: float) -> str:
+    return "-" if numerator is None else f"{numerator / denominator:.1f}x"
+
+
+def _gib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def markdown_table(results: list[MethodResult]) -> str:
+    lines = [
+        "| model | method | evomerge ms/candidate | bound ms | evomerge / bound | first candidate ms | peak GiB "
+        "| mergekit API ms | API / evomerge | API peak GiB | API max rel. diff | mergekit-yaml s | yaml / evomerge |",
+        "|---" * 13 + "|",
+    ]
+    for r in results:
+        difference = "-" if r.api_max_rel_diff is None else f"{r.api_max_rel_diff:.1e}"
+        yaml_s = "-" if r.yaml_s is None else f"{r.yaml_s:.1f}"
+        lines.append(
+            f"| {r.size} | {r.method} | {_ms(r.evomerge_s)} | {_ms(r.bound_s)} | {_ratio(r.evomerge_s, r.bound_s)} | {_ms(r.first_s)} "
+            f"| {_gib(r.peak_gib)} | {_ms(r.api_s)} | {_ratio(r.api_s, r.evomerge_s)} | {_gib(r.api_peak_gib)} "
+            f"| {difference} | {yaml_s} | {_ratio(r.yaml_s, r.evomerge_s)} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--sizes", default="1.5b,3.6b", help=f"comma-separated, from: {', '.join(SHAPES)}")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--repeats", type=int, default=5, help="timed candidates per method, after the first")
+    parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench_merge", help="where the random checkpoints are kept")
+    parser.add_argument("--yaml-methods", default=",".join(METHODS), help="methods also timed with mergekit-yaml ('' for none)")
+    parser.add_argument("--results", type=Path, help="also append each row as a JSON line here (kept if the run is cut short)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 2 repeats: checks the script runs (CPU, seconds)")
+    args = parser.parse_args()
+    args.sizes, args.methods, args.yaml_methods = args.sizes.split(","), args.methods.split(","), args.yaml_methods.split(",")
+    if args.smoke:
+        args.sizes, args.repeats, args.yaml_methods = ["smoke"], 2, ["linear"]
+    unknown = [s for s in args.sizes if s not in SHAPES]
+    if unknown:
+        parser.error(f"--sizes: unknown size(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    args.cache.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - began:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    def on_result(result: MethodResult) -> None:
+        if args.results:
+            with open(args.results, "a") as handle:
+                handle.write(json.dumps(asdict(result)) + "\n")
+
+    args.on_result, args.notes = on_result, []
+    bandwidth = copy_bandwidth(args.device, 64 if args.smoke else 2048)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    log(f"{device_name}: copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+    results = [row for size in args.sizes for row in bench_size(size, args, bandwidth, log)]
+    print(f"Device: {device_name}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); host: {machine_description()}")
+    print("\n".join(args.notes) + "\n")
+    print(markdown_table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""GPU benchmark: where a search candidate's time goes, on a real MergeWorker scoring with lm-eval.
+
+A `MergeWorker` holds a random Llama-shaped bf16 base and two fine-tunes (built by
+bench_merge.py), merges TIES candidates with per-layer-group parameters in place, and scores each
+on a synthetic local loglikelihood task (~1,000 docs of seeded random words, written as a JSONL
+plus an lm-eval YAML in a temp folder). Reported per candidate:
+
+* the share of wall time outside evaluation (merge, finiteness check, result bookkeeping; the
+  Ray dispatch and driver work are measured separately by bench_scheduler.py);
+* evaluation tokens/s against a plain HF forward over the same token sequences and batch size;
+* GPU busy fraction: sampled `torch.cuda.utilization()` when pynvml is installed, and always a
+  derived one, (merge time + tokens / plain-forward tokens/s) / wall time.
+
+    python scripts/bench_search.py --device cuda --size 1.5b
+    python scripts/bench_search.py --device cpu --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_merge import REPO, SHAPES, build_checkpoints, candidate_configs, synchronize, union_config  # noqa: E402
+from bench_merge_cpu import machine_description  # noqa: E402
+
+TASK = "bench_loglikelihood"
+
+
+def write_task(folder: Path, docs: int, words: tuple[int, int], vocab_size: int, seed: int) -> Path:
+    """A local lm-eval loglikelihood task of `docs` random-word prompts; returns the folder."""
+    rng = random.Random(seed)
+    ordinary = vocab_size - 3  # build_tokenizer's words after its three special tokens
+    data = folder / "data" / f"{TASK}.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    with open(data, "w") as handle:
+        for _ in range(docs):
+            prompt = " ".join(f"w{rng.randrange(ordinary)}" for _ in range(rng.randint(*words)))
+            # loglikelihood continuations carry their own separator (lm-eval adds none).
+            handle.write(json.dumps({"prompt": prompt, "target": f" w{rng.randrange(ordinary)}"}) + "\n")
+    (folder / f"{TASK}.yaml").write_text(
+        f"task: {TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data/{TASK}.jsonl\n"
+        "test_split: test\noutput_type: loglikelihood\ndoc_to_text: prompt\ndoc_to_target: target\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return folder
+
+
+def token_sequences(task_folder: Path, tokenizer) -> list[list[int]]:
+    """Context + continuation tokens per doc, as lm-eval's loglikelihood scores them."""
+    rows = [json.loads(line) for line in (task_folder / "data" / f"{TASK}.jsonl").read_text().splitlines()]
+    return [tokenizer(row["prompt"] + row["target"])["input_ids"] for row in rows]
+
+
+@torch.no_grad()
+def plain_forward_seconds(model, sequences: list[list[int]], batch_size: int, pad_id: int, device: str) -> float:
+    """One HF forward over every sequence, longest first in batches as lm-eval orders them."""
+    ordered = sorted(sequences, key=len, reverse=True)
+    batches = []
+    for start in range(0, len(ordered), batch_size):
+        chunk = ordered[start:start + batch_size]
+        width = len(chunk[0])
+        ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in chunk], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
+        batches.append((ids, mask))
+    model(input_ids=batches[-1][0], attention_mask=batches[-1][1])  # kernels warmed, not timed
+    synchronize(device)
+    started = time.perf_counter()
+    for ids, mask in batches:
+        model(input_ids=ids, attention_mask=mask)
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+class UtilizationSampler:
+    """Samples `torch.cuda.utilization()` in a thread; None where pynvml (or a GPU) is missing."""
+
+    def __init__(self, device: str, interval: float = 0.05):
+        self.samples: list[int] = []
+        self.enabled = device.startswith("cuda") and self._available()
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _available() -> bool:
+        try:
+            torch.cuda.utilization()
+            return True
+        except Exception:  # noqa: BLE001 - pynvml missing or no NVML: fall back to the derived figure
+            return False
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.samples.append(torch.cuda.utilization())
+
+    def __enter__(self):
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.enabled:
+            self._thread.join()
+
+    @property
+    def busy(self) -> float | None:
+        return statistics.mean(self.samples) / 100 if self.samples else None
+
+
+def make_worker(paths: dict, task_folder: Path, args):
+    from evomerge.worker.actor import MergeWorker, WorkerSettings
+    from evomerge.worker.tasks import EvalSettings, TaskSpec
+
+    settings = WorkerSettings(
+        base_model=str(paths["base"]),
+        union_config=union_config(paths).model_dump(mode="json", exclude_none=True),
+        eval_sets={"search": EvalSettings(tasks=(TaskSpec(TASK),), include_paths=(str(task_folder),), batch_size=args.batch_size)},
+        device=args.device, dtype="bfloat16", cpu_threads=os.cpu_count() or 1,
+    )
+    return MergeWorker(settings)
+
+
+def run_candidates(worker, configs: list, device: str) -> tuple[list[dict], list[float], float | None]:
+    """Results and wall seconds per candidate (the first, which fills caches, kept apart by the caller)."""
+    results, walls = [], []
+    with UtilizationSampler(device) as sampler:
+        for trial, config in enumerate(configs):
+            started = time.perf_counter()
+            result = worker.evaluate(trial, config.model_dump(mode="json", exclude_none=True))
+            walls.append(time.perf_counter() - started)
+            if not result["ok"]:
+                raise RuntimeError(f"candidate {trial} failed: {result['reason']}")
+            results.append(result)
+    return results, walls, sampler.busy
+
+
+def report(results: list[dict], walls: list[float], tokens: int, plain_s: float, sampled_busy: float | None) -> str:
+    timed = list(zip(results[1:], walls[1:]))
+    wall = statistics.median(w for _, w in timed)
+    merge = statistics.median(r["merge_s"] for r, _ in timed)
+    evaluation = statistics.median(r["eval_s"] for r, _ in timed)
+    derived_busy = (merge + plain_s) / wall  # the kernels of a plain forward over the same tokens, plus the merge
+    rows = [
+        "| candidates timed | wall s | merge s | eval s | outside eval | eval tokens/s | plain forward tokens/s | eval / plain | GPU busy (sampled) | GPU busy (derived) | first candidate s |",
+        "|---" * 11 + "|",
+        f"| {len(timed)} | {wall:.3f} | {merge:.3f} | {evaluation:.3f} | {(wall - evaluation) / wall:.1%} | {tokens / evaluation:,.0f} "
+        f"| {tokens / plain_s:,.0f} | {plain_s / evaluation:.2f} | {'-' if sampled_busy is None else f'{sampled_busy:.0%}'} "
+        f"| {derived_busy:.0%} | {walls[0]:.2f} |",
+    ]
+    return "\n".join(rows)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", default="1.5b", choices=sorted(SHAPES))
+    parser.add_argument("--docs", type=int, default=1000)
+    parser.add_argument("--words", type=int, nargs=2, default=(32, 256), metavar=("MIN", "MAX"), help="prompt length range in tokens")
+    parser.add_argument("--candidates", type=int, default=5, help="timed candidates, after a first one that fills caches")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench_merge")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, few docs, CPU-friendly: checks the script runs")
+    args = parser.parse_args()
+    if args.smoke:
+        args.size, args.docs, args.words, args.candidates, args.batch_size = "smoke", 24, (4, 12), 2, 8
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    args.cache.mkdir(parents=True, exist_ok=True)
+    paths = build_checkpoints(args.size, args.cache, args.device)
+    with tempfile.TemporaryDirectory(prefix="bench_search_") as scratch:
+        task_folder = write_task(Path(scratch), args.docs, tuple(args.words), SHAPES[args.size]["vocab_size"], seed=0)
+        worker = make_worker(paths, task_folder, args)
+        configs = candidate_configs(paths, "ties", args.candidates + 1, seed=0)
+        results, walls, sampled_busy = run_candidates(worker, configs, args.device)
+        sequences = token_sequences(task_folder, worker.tokenizer)
+    pad_id = worker.tokenizer.pad_token_id if worker.tokenizer.pad_token_id is not None else worker.tokenizer.eos_token_id
+    plain_s = plain_forward_seconds(worker.model, sequences, args.batch_size, pad_id, args.device)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"Device: {device_name}; host: {machine_description()}")
+    print(f"Model: {args.size} ({sum(p.numel() for p in worker.model.parameters()) / 1e9:.2f}B, bf16), TIES candidates; "
+          f"task: {args.docs} loglikelihood docs, {sum(map(len, sequences)):,} tokens, batch size {args.batch_size}\n")
+    print(report(results, walls, sum(map(len, sequences)), plain_s, sampled_busy))
+
+
+if __name__ == "__main__":
+    main()

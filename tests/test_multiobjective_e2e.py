@@ -1,0 +1,59 @@
+"""A 2-objective NSGA-II search on the bundled demo: a Pareto front of at least 3 points, any of
+which exports and merges; its Optuna storage loads with optuna.load_study."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+EVOMERGE = str(Path(sys.executable).with_name("evomerge"))
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    result = subprocess.run([EVOMERGE, *map(str, args)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo_zoo():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import make_demo_zoo
+
+    return make_demo_zoo.main([])  # cached in .cache/demo_zoo after the first build
+
+
+def test_two_objective_search_gives_a_pareto_front_that_exports(tmp_path, demo_zoo):
+    spec = yaml.safe_load((REPO / "search_spaces" / "demo.yaml").read_text())
+    spec.update(name="pareto", runs_dir=str(tmp_path / "runs"))
+    spec["models"] = {"base": str(demo_zoo / "base"), "experts": [str(demo_zoo / f"expert_cipher_{c}") for c in "abc"]}
+    spec["genome"] = {"params": ["weight"], "layer_groups": 2}
+    spec["optimizer"] = {"name": "nsga2", "seed": 0, "popsize": 8}
+    evaluation = spec["evaluation"]
+    evaluation.update(include=[str(REPO / "evals" / "demo")], limit=60, heldout_tasks=[])
+    evaluation["objectives"] = [{"name": "cipher_a", "tasks": ["demo_cipher_a_search"]}, {"name": "cipher_b", "tasks": ["demo_cipher_b_search"]}]
+    spec["budget"] = {"max_evals": 40, "baselines": False}
+    spec_path = tmp_path / "pareto.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+
+    cli("search", spec_path)
+    run_dir = tmp_path / "runs" / "pareto"
+    front = json.loads(cli("status", run_dir, "--json").stdout)["pareto_front"]
+    assert len(front) >= 3, front
+    assert "objectives" in cli("export", run_dir, "--pareto").stdout
+    chosen = front[len(front) // 2]["trial"]
+    cli("export", run_dir, "--trial", chosen, "-o", tmp_path / "point.yaml")
+    cli("merge", tmp_path / "point.yaml", tmp_path / "merged")
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / "optuna.log")))
+    study = optuna.load_study(study_name="evomerge", storage=storage)
+    assert len(study.directions) == 2 and len(study.trials) == 40

@@ -78,6 +78,12 @@ ORACLE_CASES = {
         "merge_method": "ties", "base_model": z.model("base", "bf16"), "dtype": "bfloat16",
         "models": [entry(z, name, "bf16", weight=0.5, density=0.4) for name in ("ft_a", "ft_b", "ft_c")],
     },
+    # ft_a and ft_b cancel exactly in the zoo's mirror region: equal weights make the sign vote a tie.
+    "ties-exact-sign-ties-fp32": lambda z: {
+        "merge_method": "ties", "base_model": z.model("base"), "dtype": "float32",
+        "models": [entry(z, "ft_a", weight=0.5, density=0.9), entry(z, "ft_b", weight=0.5, density=0.9),
+                   entry(z, "ft_c", weight=0.5, density=0.6)],
+    },
     "ties-fp32-math-out-bf16": lambda z: {
         "merge_method": "ties", "base_model": z.model("base"), "dtype": "float32", "out_dtype": "bfloat16",
         "models": [entry(z, "ft_a", weight=1.0, density=0.3), entry(z, "ft_b", weight=0.6, density=0.8)],

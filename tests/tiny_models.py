@@ -31,6 +31,8 @@ FINETUNES = (("ft_a", 11, 0.02), ("ft_b", 12, 0.05), ("ft_c", 13, 0.01))
 ZERO_FRACTION = 0.2
 # Tensors no fine-tune touches: every delta is exactly zero there.
 UNTOUCHED_SUFFIXES = ("layers.0.post_attention_layernorm.weight",)
+# Grid (in steps per unit) of the region where two fine-tunes' deltas cancel exactly.
+MIRROR_GRID = 2**12
 
 
 @dataclass(frozen=True)
@@ -103,27 +105,59 @@ def build_base(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
     return model.eval()
 
 
+def leading_region(flat: torch.Tensor, cols: int, index: int) -> torch.Tensor:
+    """View of row `index` of a 2-D-or-more tensor, or of a short stretch of a 1-D one."""
+    width = cols if flat.numel() > cols else max(1, cols // 8)
+    return flat[index * width : (index + 1) * width]
+
+
 def finetune_delta(shape: torch.Size, scale: float, generator: torch.Generator) -> torch.Tensor:
     """Seeded delta with mixed signs, per-tensor magnitude, and exact zeros."""
     tensor_scale = scale * (0.25 + 1.5 * torch.rand((), generator=generator))
     delta = tensor_scale * torch.randn(shape, generator=generator)
-    keep = torch.rand(shape, generator=generator) >= ZERO_FRACTION
-    delta = delta * keep
-    # The first row (or element) is zero in every fine-tune: all-zero sign votes.
-    delta.view(-1, shape[-1])[0].zero_()
+    delta = delta * (torch.rand(shape, generator=generator) >= ZERO_FRACTION)
+    # Region 0 is zero in every fine-tune: all-zero sign votes and a zero TIES divisor.
+    leading_region(delta.view(-1), shape[-1], 0).zero_()
     return delta
 
 
-def build_finetune(base: LlamaForCausalLM, seed: int, scale: float) -> LlamaForCausalLM:
-    """Copy of `base` with a seeded delta added to every non-untouched tensor."""
+def finetune_deltas(base: LlamaForCausalLM, seed: int, scale: float) -> dict[str, torch.Tensor]:
+    """Deltas for every tensor a fine-tune changes (all but UNTOUCHED_SUFFIXES)."""
     generator = torch.Generator().manual_seed(seed)
-    model = LlamaForCausalLM(base.config)
-    model.load_state_dict(base.state_dict())
+    return {
+        name: finetune_delta(tensor.shape, scale, generator)
+        for name, tensor in base.named_parameters()
+        if not name.endswith(UNTOUCHED_SUFFIXES)
+    }
+
+
+def mirror_regions(base: LlamaForCausalLM, deltas: list[dict[str, torch.Tensor]]) -> None:
+    """Make region 1 an exact sign tie: fine-tune 2's delta is minus fine-tune 1's, others zero.
+
+    Base and deltas there sit on a 2**-12 grid, so `ft - base` recovers each delta exactly in
+    fp32 and equal weights give a weighted delta sum of exactly 0 (TIES elects '+' on a tie).
+    """
+    with torch.no_grad():
+        for name, tensor in base.named_parameters():
+            if name not in deltas[0]:
+                continue
+            cols = tensor.shape[-1]
+            base_region = leading_region(tensor.view(-1), cols, 1)
+            base_region.copy_(torch.round(base_region * MIRROR_GRID) / MIRROR_GRID)
+            first = leading_region(deltas[0][name].view(-1), cols, 1)
+            first.copy_(torch.round(first * MIRROR_GRID) / MIRROR_GRID)
+            leading_region(deltas[1][name].view(-1), cols, 1).copy_(-first)
+            for other in deltas[2:]:
+                leading_region(other[name].view(-1), cols, 1).zero_()
+
+
+def with_deltas(base: LlamaForCausalLM, deltas: dict[str, torch.Tensor]) -> LlamaForCausalLM:
+    """Copy of `base` with `deltas` added."""
+    model = copy.deepcopy(base)
     with torch.no_grad():
         for name, tensor in model.named_parameters():
-            if name.endswith(UNTOUCHED_SUFFIXES):
-                continue
-            tensor.add_(finetune_delta(tensor.shape, scale, generator))
+            if name in deltas:
+                tensor.add_(deltas[name])
     return model.eval()
 
 
@@ -152,9 +186,10 @@ def build_zoo(root: Path) -> TinyZoo:
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(BASE_VOCAB)
     base = build_base(tiny_llama_config(), seed=0)
+    deltas = [finetune_deltas(base, seed, scale) for _, seed, scale in FINETUNES]
+    mirror_regions(base, deltas)
     members = {"base": base}
-    for name, seed, scale in FINETUNES:
-        members[name] = build_finetune(base, seed, scale)
+    members.update({name: with_deltas(base, delta) for (name, _, _), delta in zip(FINETUNES, deltas)})
     for name, model in members.items():
         save_checkpoint(model, tokenizer, root / f"{name}_fp32", torch.float32)
         save_checkpoint(model, tokenizer, root / f"{name}_bf16", torch.bfloat16)

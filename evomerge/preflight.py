@@ -18,6 +18,7 @@ from evomerge.merge.config import MergeConfig
 from evomerge.merge.methods import METHODS
 from evomerge.merge.validate import validate_merge_config
 from evomerge.spec import Spec, TaskWeight
+from evomerge.tracking import check_available
 from evomerge.worker.tasks import EvalSettings, TaskSpec, resolve_tasks
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -48,6 +49,7 @@ def preflight(spec: Spec, source: str = "spec") -> Prepared:
         _check_disjoint(spec, source)
     for name, settings in eval_sets.items():
         resolve_tasks(settings)
+    check_available(spec, source)
     baselines = baseline_configs(spec) if spec.budget.baselines else []
     return Prepared(spec, genome, union.model_dump(mode="json", exclude_none=True), eval_sets, baselines)
 

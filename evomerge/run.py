@@ -25,6 +25,7 @@ from evomerge.preflight import Prepared, preflight
 from evomerge.progress import SearchProgress
 from evomerge.scheduler import Job, Scheduler
 from evomerge.spec import Spec, parse_spec
+from evomerge.tracking import Tracker
 
 SPEC_FILE = "spec.yaml"
 
@@ -109,6 +110,7 @@ class Search:
         connect(self.spec, self.address)
         factory, count = make_actor_factory(self.prepared, self.spec)
         scheduler = Scheduler(factory, count, self.spec.workers.queue_depth)
+        self.tracker = Tracker(self.spec, self.run_dir)
         self.journal.append("run_started", spec_fingerprint=self.spec.fingerprint(), workers=count)
         try:
             with SearchProgress(self.spec.budget.max_evals, enabled=self.show_progress) as progress:
@@ -118,6 +120,7 @@ class Search:
             self._snapshot()
             self.journal.append("run_finished", completed=sum(t.status == "completed" for t in self.trials.values()))
         finally:
+            self.tracker.close()
             scheduler.shutdown()
             self.journal.close()
             if self.address is None:
@@ -185,6 +188,8 @@ class Search:
         objectives = self._objectives(result) if ok else None
         extra = {"objectives": objectives} if objectives is not None else {}
         trial.result = self.journal.append(trial.status, **_result_fields(result), **extra)
+        if ok:
+            self.tracker.log_trial(trial, max(t.result["score"] for t in self.trials.values() if t.status == "completed"))
         if trial.kind == "optimizer":
             self.optimizer.tell(trial.trial_id, (objectives or result["score"]) if ok else None)
             self.tells_since_snapshot += 1

@@ -147,6 +147,12 @@ class WorkersSpec(_Strict):
     queue_depth: int = Field(2, ge=1, description="Candidates queued per worker so it never waits for the driver.")
 
 
+class LoggingSpec(_Strict):
+    tensorboard: bool = Field(False, description="Log every trial to runs/NAME/tensorboard (needs tensorboard).")
+    wandb: bool = Field(False, description="Log every trial to Weights & Biases (needs wandb).")
+    wandb_project: str = "evomerge"
+
+
 class Spec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
     models: ModelsSpec
@@ -157,6 +163,7 @@ class Spec(_Strict):
     budget: BudgetSpec = BudgetSpec()
     workers: WorkersSpec = WorkersSpec()
     runs_dir: str = Field("runs", description="Where runs/NAME/ goes, relative to the spec file.")
+    logging: LoggingSpec = LoggingSpec()
     trust_remote_code: bool = False
 
     @property
@@ -173,7 +180,7 @@ class Spec(_Strict):
 
     def fingerprint(self) -> str:
         """Hash of everything that changes what the search does (the run name excluded)."""
-        payload = self.model_dump(mode="json", exclude={"name", "runs_dir"})
+        payload = self.model_dump(mode="json", exclude={"name", "runs_dir", "logging"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

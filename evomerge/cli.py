@@ -93,7 +93,7 @@ def search(
     from evomerge.run import start_search
     from evomerge.spec import load_spec
 
-    run_dir = start_search(load_spec(spec_path), address, progress=sys.stderr.isatty())
+    run_dir = start_search(load_spec(spec_path), address, progress=sys.stderr.isatty(), source=str(spec_path))
     _print_summary(run_dir)
 
 

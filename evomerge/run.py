@@ -248,11 +248,21 @@ def _replay_event(optimizer, event: dict, trials: dict[int, Trial]) -> None:
         optimizer.tell(event["trial"], (event.get("objectives") or event.get("score")) if kind == "completed" else None)
 
 
-def start_search(spec: Spec, address: str | None = None, progress: bool = True) -> Path:
-    prepared = preflight(spec)
+def start_search(spec: Spec, address: str | None = None, progress: bool = True, source: str = "spec") -> Path:
+    prepared = preflight(spec, source)
+    _check_local_devices(spec, address, source)
     run_dir = create_run_dir(spec)
     Search(prepared, run_dir, address, progress).run()
     return run_dir
+
+
+def _check_local_devices(spec: Spec, address: str | None, source: str) -> None:
+    """A local run that asks for CUDA on a machine without it fails before any run dir exists."""
+    if address is None and spec.workers.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"{source}: workers.device: cuda was asked for but this machine has no GPU; use device: cpu or auto, or --address a GPU cluster")
 
 
 def resume_search(run_dir: Path, address: str | None = None, progress: bool = True, spec_path: Path | None = None) -> Path:

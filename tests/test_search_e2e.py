@@ -130,7 +130,6 @@ def test_killed_search_resumes_to_the_uninterrupted_state(tmp_path, trained_zoo)
         time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
     assert not any(e["event"] == "run_finished" for e in journal(run_dir))
 
     cli("resume", run_dir)

@@ -18,7 +18,7 @@ from rich.progress import Progress
 
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.io import LazyTensorReader, StreamingShardWriter, write_text_atomic
-from evomerge.merge.methods import MethodInfo, linear_merge, magnitude_rank, slerp, sparsify, task_vector_merge
+from evomerge.merge.methods import MethodInfo, linear_merge, magnitude_rank, slerp, sparsify, task_vector_merge, top_k_masks
 from evomerge.merge.plan import TensorPlan
 from evomerge.merge.validate import ValidatedMerge, validate_merge_config
 
@@ -54,17 +54,22 @@ def merge_tensor(
     if method.family == "slerp":
         other = inputs[1 - plan.base_index]
         return slerp(plan.shared["t"], base, other)
+    others = [i for i in range(len(plan.per_input)) if i != plan.base_index]
+    task_vectors = {i: deltas[i] if deltas and i in deltas else inputs[i] - base for i in others}
+    masks = {}
+    if method.sparsification == "magnitude" and not ranks:
+        trimming = [i for i in others if plan.per_input[i]["density"] < 1]
+        found = top_k_masks([task_vectors[i] for i in trimming], [plan.per_input[i]["density"] for i in trimming])
+        masks = dict(zip(trimming, found))
     trimmed, weights = [], []
-    for index, params in enumerate(plan.per_input):
-        if index == plan.base_index:
-            continue
-        delta = deltas[index] if deltas and index in deltas else inputs[index] - base
+    for index in others:
+        params, delta = plan.per_input[index], task_vectors[index]
         if method.sparsification:
             delta = sparsify(
                 delta, params["density"], method.sparsification, rescale=plan.shared["rescale"],
                 gamma=params.get("gamma", 0.01), epsilon=params.get("epsilon", 0.15),
                 generator=tensor_generator(seed, plan.output, index, base.device) if method.is_random else None,
-                rank=ranks.get(index) if ranks else None,
+                rank=ranks.get(index) if ranks else None, mask=masks.get(index),
             )
         trimmed.append(delta)
         weights.append(params["weight"])

@@ -116,6 +116,25 @@ def magnitude_mask(delta: torch.Tensor, density: float, rank: torch.Tensor | Non
     return rank < k
 
 
+def top_k_masks(deltas: Sequence[torch.Tensor], densities: Sequence[float]) -> list[torch.Tensor | None]:
+    """Magnitude masks for several task vectors of one tensor, by O(n) selection.
+
+    One batched selection when every input keeps the same count (the common case: it runs on
+    all cores). None where equal magnitudes straddle the cut: those need the full sort.
+    """
+    counts = [max(1, int(d * t.numel())) for t, d in zip(deltas, densities)]
+    if len(deltas) < 2 or len(set(counts)) != 1 or counts[0] >= deltas[0].numel():
+        return [_select_top_k_without_sorting(t, k) for t, k in zip(deltas, counts)]
+    k, n = counts[0], deltas[0].numel()
+    magnitudes = torch.stack([t.detach().abs().reshape(-1).float() for t in deltas])
+    thresholds = torch.kthvalue(magnitudes, n - k + 1, dim=1).values
+    masks = []
+    for row, threshold, delta in zip(magnitudes, thresholds, deltas):
+        at_least = row >= threshold
+        masks.append(at_least.reshape(delta.shape) if threshold == 0 or int(at_least.sum()) == k else None)
+    return masks
+
+
 def _select_top_k_without_sorting(delta: torch.Tensor, k: int) -> torch.Tensor | None:
     """The top-k mask from one O(n) selection, or None when equal magnitudes straddle the cut.
 
@@ -177,14 +196,19 @@ def sparsify(
     epsilon: float = 0.15,
     generator: torch.Generator | None = None,
     rank: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Trim a task vector (`rank`: precomputed descending rank, ascending for magnitude_outliers) to `density` by `method`; optionally restore its L1 norm."""
+    """Trim a task vector to `density` by `method`; optionally restore its L1 norm.
+
+    `rank` is a precomputed descending rank (ascending for magnitude_outliers); `mask` a
+    precomputed magnitude mask (see top_k_masks).
+    """
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     if method == "magnitude":
-        mask = magnitude_mask(delta, density, rank)
+        mask = mask if mask is not None else magnitude_mask(delta, density, rank)
     elif method == "magnitude_outliers":
         mask = magnitude_outliers_mask(delta, density, gamma, rank)
     elif method == "random":

@@ -117,6 +117,13 @@ class CMAESOptimizer(Optimizer):
         if self._handed_out == len(self._points) and not self._slot_of_trial:
             self._finish_generation()
 
+    def _reattach(self) -> None:
+        from cma.utilities.utils import SolutionDict
+
+        for archive in vars(self._es).values():
+            if isinstance(archive, SolutionDict):
+                _rekey_solution_archive(archive)
+
     def _start_generation(self) -> None:
         seeded = [self._queue.popleft() for _ in range(min(len(self._queue), self.popsize))]
         if seeded:
@@ -144,6 +151,19 @@ class CMAESOptimizer(Optimizer):
         self.generation += 1
         self._unit_solutions = None
         self._points, self._scores = [], []
+
+
+def _rekey_solution_archive(solutions) -> None:
+    """cma keys solutions by hash(x.tobytes()), which Python salts per process: after unpickling
+    in another process every lookup would miss, so rebuild the keys with this process's hash."""
+    data, same_key, originals = solutions.data, solutions.data_with_same_key, solutions._unhashed_keys
+    solutions.data, solutions.data_with_same_key, solutions._unhashed_keys = {}, {}, {}
+    for old_key, value in data.items():
+        x = originals.get(old_key, old_key)
+        new_key = solutions.key(x)
+        solutions.data[new_key], solutions._unhashed_keys[new_key] = value, x
+        if old_key in same_key:
+            solutions.data_with_same_key[new_key] = same_key[old_key]
 
 
 def _failure_penalty(worst_value: float | None) -> float:

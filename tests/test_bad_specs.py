@@ -1,0 +1,300 @@
+"""Bad or hostile input: refused before any weight is read, and never trusted further than asked.
+
+Each bad spec runs `evomerge search` (or `resume`) and expects exit code 2, exactly one line on
+stderr naming the field (with a did-you-mean where a name is close), no traceback, no run directory
+and no Ray. Every model folder here has garbage after its safetensors header, so a command that read
+a weight before rejecting the spec would die of a safetensors error instead. `evomerge merge` config
+errors are covered by tests/test_merge_errors.py. The last tests check what evomerge does with input
+it accepts: YAML is only safe-loaded, remote model code stays off unless the spec turns it on, and
+paths are resolved against the spec's folder and frozen absolute.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from search_zoo import FIXTURE_EVALS
+from tiny_models import write_corrupt_checkpoint
+
+
+@pytest.fixture(scope="module")
+def models(zoo, tmp_path_factory) -> dict[str, str]:
+    """Garbage-weight copies of the tiny zoo, plus folders broken in one way each."""
+    root = tmp_path_factory.mktemp("garbage_weights")
+    for name, good in {"base": zoo.model("base"), "ft_a": zoo.model("ft_a"), "ft_b": zoo.model("ft_b"), "wide": zoo.wide, "big_vocab": zoo.big_vocab}.items():
+        write_corrupt_checkpoint(Path(good), root / name)
+    shutil.copytree(root / "ft_b", root / "no_config")
+    (root / "no_config" / "config.json").unlink()
+    shutil.copytree(root / "ft_b", root / "other_tokenizer")
+    tokenizer_file = root / "other_tokenizer" / "tokenizer.json"
+    tokenizer = json.loads(tokenizer_file.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["w0"], vocab["w1"] = vocab["w1"], vocab["w0"]  # same size, different token ids
+    tokenizer_file.write_text(json.dumps(tokenizer))
+    return {path.name: str(path) for path in root.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def broken_task_folder(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("broken_task")
+    text = (FIXTURE_EVALS / "tiny_add.yaml").read_text().replace("task: tiny_add", "task: lost_data").replace("data/tiny.jsonl", "data/missing.jsonl")
+    (folder / "lost_data.yaml").write_text(text)
+    return str(folder)
+
+
+def good_spec(models: dict, root: Path) -> dict:
+    return {
+        "name": "bad-spec",
+        "runs_dir": str(root / "runs"),
+        "models": {"base": models["base"], "experts": [models["ft_a"], models["ft_b"]]},
+        "merge": {"method": "ties"},
+        "genome": {"layer_groups": 2},
+        "evaluation": {"include": [str(FIXTURE_EVALS)], "tasks": ["tiny_add"], "limit": 8},
+        "budget": {"max_evals": 10},
+        "workers": {"count": 1, "device": "cpu"},
+    }
+
+
+def put(spec: dict, dotted: str, value) -> None:
+    *parents, key = dotted.split(".")
+    for parent in parents:
+        spec = spec.setdefault(parent, {})
+    spec[key] = value
+
+
+# name -> (change to the good spec (or raw file text), words the one stderr line must contain)
+CASES = {
+    "unknown-top-level-key": (lambda s, m, x: put(s, "budgets", {"max_evals": 5}), ["budgets", "unknown key", "did you mean 'budget'"]),
+    "typo-in-a-key": (lambda s, m, x: put(s, "genome.layer_group", 2), ["genome.layer_group", "did you mean 'layer_groups'"]),
+    "typo-in-method": (lambda s, m, x: put(s, "merge.method", "tie"), ["merge.method", "did you mean 'ties'"]),
+    "typo-in-task-name": (lambda s, m, x: put(s, "evaluation.tasks", ["tiny_ad"]), ["evaluation.tasks[0]", "did you mean 'tiny_add'"]),
+    "unknown-lm-eval-task": (lambda s, m, x: put(s, "evaluation.tasks", ["no_such_benchmark_qqq"]), ["evaluation.tasks[0]", "unknown lm-eval task"]),
+    "task-data-file-missing": (lambda s, m, x: put(s, "evaluation", {"include": [x], "tasks": ["lost_data"]}), ["evaluation.tasks[0]", "missing.jsonl", "does not exist"]),
+    "unknown-metric": (lambda s, m, x: put(s, "evaluation.tasks", [{"name": "tiny_add", "metric": "accuracy"}]), ["evaluation.tasks[0].metric", "did you mean 'acc'"]),
+    "empty-task-list": (lambda s, m, x: put(s, "evaluation.tasks", []), ["evaluation.tasks"]),
+    "heldout-overlaps-search": (lambda s, m, x: put(s, "evaluation.heldout_tasks", ["tiny_add"]), ["evaluation.heldout_tasks", "disjoint"]),
+    "inverted-bounds": (lambda s, m, x: put(s, "genome.bounds", {"weight": [1.0, 0.5]}), ["genome.bounds", "lower bound 1.0 must be below upper bound 0.5"]),
+    "negative-density-bound": (lambda s, m, x: put(s, "genome.bounds", {"density": [-0.1, 0.5]}), ["genome.bounds", "density", "(0, 1]"]),
+    "density-bound-above-one": (lambda s, m, x: put(s, "genome.bounds", {"density": [0.5, 1.5]}), ["genome.bounds", "density", "(0, 1]"]),
+    "unknown-searchable-parameter": (lambda s, m, x: put(s, "genome.params", ["weights"]), ["genome.params", "did you mean 'weight'"]),
+    "layer-groups-zero": (lambda s, m, x: put(s, "genome.layer_groups", 0), ["genome.layer_groups", "greater than or equal to 1"]),
+    "missing-base-folder": (lambda s, m, x: put(s, "models.base", "/nonexistent/evomerge-base"), ["models.base", "/nonexistent/evomerge-base", "does not exist"]),
+    "missing-expert-folder": (lambda s, m, x: put(s, "models.experts", [m["ft_a"], "/nonexistent/evomerge-expert"]), ["models.experts[1]", "does not exist"]),
+    "expert-without-config": (lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["no_config"]]), ["models.experts[1]", "no config.json"]),
+    "duplicated-expert": (lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["ft_a"]]), ["models.experts", "listed twice"]),
+    "differing-tokenizers": (lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["other_tokenizer"]]), ["models.experts[1]", "tokenizer differs"]),
+    "differing-vocab-sizes": (lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["big_vocab"]]), ["models.experts[1]", "vocab_size"]),
+    "mismatched-hidden-size": (lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["wide"]]), ["models.experts[1]", "shape"]),
+    "slerp-with-two-experts": (lambda s, m, x: put(s, "merge.method", "slerp"), ["models.experts", "slerp", "exactly one expert"]),
+    "no-budget": (lambda s, m, x: put(s, "budget.max_evals", None), ["spec.yaml: budget: set max_evals or time_limit_min"]),
+    "unknown-optimizer": (lambda s, m, x: put(s, "optimizer.name", "cma-es"), ["optimizer.name", "'cmaes'"]),
+    "run-name-with-slash": (lambda s, m, x: put(s, "name", "team/run1"), ["name", "pattern"]),
+    "unwritable-runs-dir": (lambda s, m, x: put(s, "runs_dir", str(Path(m["base"]) / "config.json" / "runs")), ["runs_dir", "cannot write", "choose a writable runs_dir"]),
+    "malformed-yaml": (lambda s, m, x: "name: bad\nmodels:\n  base: a\n\texperts: [b]\n", ["malformed yaml", "line 4"]),
+    "spec-not-a-mapping": (lambda s, m, x: "- just\n- a list\n", ["expected a mapping at the top level", "list"]),
+}
+
+
+def write_case(case: str, models: dict, task_folder: str, root: Path) -> Path:
+    spec = good_spec(models, root)
+    text = CASES[case][0](spec, models, task_folder)
+    path = root / "spec.yaml"
+    path.write_text(text if isinstance(text, str) else yaml.safe_dump(spec))
+    return path
+
+
+def run_in_process(*args) -> tuple[int, list[str]]:
+    from evomerge.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def assert_one_clean_line(code: int, lines: list[str], expected: list[str]) -> None:
+    assert code == 2, f"exit {code}: {lines}"
+    assert len(lines) == 1, f"expected one line on stderr, got {lines}"
+    assert "Traceback" not in lines[0]
+    for word in expected:
+        assert word.lower() in lines[0].lower(), f"{word!r} not in: {lines[0]}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_spec_is_refused_in_one_line(case, models, broken_task_folder, tmp_path):
+    import ray
+
+    spec_path = write_case(case, models, broken_task_folder, tmp_path)
+    code, lines = run_in_process("search", spec_path)
+    assert_one_clean_line(code, lines, CASES[case][1])
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "a run directory was created"
+    assert not ray.is_initialized(), "Ray was started for a spec that cannot run"
+
+
+def test_the_garbage_zoo_is_only_broken_in_its_weights(models, tmp_path):
+    """Guards the premise above: a good spec over these folders validates, reading a weight fails."""
+    from safetensors.torch import load_file
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(good_spec(models, tmp_path)))
+    code, _ = run_in_process("validate", spec_path)
+    assert code == 0
+    with pytest.raises(Exception):
+        load_file(Path(models["ft_a"]) / "model.safetensors")
+
+
+def frozen_run(models: dict, root: Path) -> tuple[Path, Path]:
+    """A run directory as `evomerge search` leaves it once started: frozen spec + run_started."""
+    from evomerge.journal import Journal
+    from evomerge.run import create_run_dir
+    from evomerge.spec import load_spec
+
+    spec_path = root / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(good_spec(models, root)))
+    run_dir = create_run_dir(load_spec(spec_path))
+    journal = Journal(run_dir)
+    journal.append("run_started", spec_fingerprint=load_spec(spec_path).fingerprint(), workers=1)
+    journal.close()
+    return run_dir, spec_path
+
+
+def test_resuming_after_the_frozen_spec_was_edited_is_refused(models, tmp_path):
+    run_dir, _ = frozen_run(models, tmp_path)
+    frozen = yaml.safe_load((run_dir / "spec.yaml").read_text())
+    frozen["optimizer"] = {"seed": 5}
+    (run_dir / "spec.yaml").write_text(yaml.safe_dump(frozen))
+    assert_one_clean_line(*run_in_process("resume", run_dir), ["spec.yaml", "the spec was changed after the run started"])
+
+
+def test_resuming_with_a_different_spec_is_refused(models, tmp_path):
+    run_dir, spec_path = frozen_run(models, tmp_path)
+    changed = yaml.safe_load(spec_path.read_text())
+    changed["genome"]["layer_groups"] = 4
+    spec_path.write_text(yaml.safe_dump(changed))
+    assert_one_clean_line(*run_in_process("resume", run_dir, "--spec", spec_path), ["differs from the spec frozen"])
+
+
+def test_resuming_a_folder_that_is_not_a_run_is_refused(tmp_path):
+    assert_one_clean_line(*run_in_process("resume", tmp_path), ["not a run directory"])
+
+
+def test_starting_a_run_whose_name_exists_is_refused(models, tmp_path):
+    _, spec_path = frozen_run(models, tmp_path)
+    assert_one_clean_line(*run_in_process("search", spec_path), ["name", "already exists", "evomerge resume"])
+
+
+def test_missing_spec_file_is_refused(tmp_path):
+    assert_one_clean_line(*run_in_process("validate", tmp_path / "nope.yaml"), ["nope.yaml", "file not found"])
+
+
+@pytest.mark.slow
+def test_the_installed_command_prints_only_the_line(models, broken_task_folder, tmp_path, evomerge_cli):
+    """The same refusals through the real `evomerge` process: no import noise, no warnings."""
+    cases = ["typo-in-method", "differing-tokenizers"]
+    paths = []
+    for case in cases:
+        (tmp_path / case).mkdir()
+        paths.append(write_case(case, models, broken_task_folder, tmp_path / case))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        finished = list(pool.map(lambda p: evomerge_cli("search", p), paths))
+    for case, result in zip(cases, finished):
+        assert_one_clean_line(result.returncode, [line for line in result.stderr.splitlines() if line.strip()], CASES[case][1])
+
+
+@pytest.fixture(scope="module")
+def cuda_refusal(models, tmp_path_factory, evomerge_cli):
+    """`evomerge search` of a spec asking for CUDA workers on a machine without a GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    root = tmp_path_factory.mktemp("cuda")
+    spec = good_spec(models, root)
+    spec["workers"]["device"] = "cuda"
+    spec_path = root / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    result = evomerge_cli("search", spec_path, timeout=180)
+    return result, [line for line in result.stderr.splitlines() if line.strip()], root
+
+
+@pytest.mark.slow
+def test_cuda_workers_without_a_gpu_are_refused_before_weights(cuda_refusal):
+    result, lines, _ = cuda_refusal
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "workers.device" in lines[-1] and "no GPU" in lines[-1]
+
+
+@pytest.mark.slow
+def test_cuda_workers_without_a_gpu_leave_no_run_behind(cuda_refusal):
+    result, lines, root = cuda_refusal
+    assert len(lines) == 1, result.stderr
+    assert not (root / "runs" / "bad-spec").exists()
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "evomerge"
+UNSAFE_YAML = re.compile(r"yaml\.(load|load_all|full_load|full_load_all|unsafe_load|unsafe_load_all)\(|Loader\s*=|yaml\.(Unsafe|Full)?Loader\b")
+
+
+def test_yaml_is_only_ever_safe_loaded():
+    sources = {path.relative_to(PACKAGE): path.read_text() for path in PACKAGE.rglob("*.py")}
+    unsafe = [f"{path}: {match.group(0)}" for path, text in sources.items() for match in UNSAFE_YAML.finditer(text)]
+    assert not unsafe, unsafe
+    assert sum(text.count("yaml.safe_load(") for text in sources.values()) >= 2, "the scan found evomerge's YAML reads"
+
+
+def test_every_from_pretrained_call_passes_the_spec_s_trust_remote_code():
+    calls = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "from_pretrained":
+                given = {keyword.arg: ast.unparse(keyword.value) for keyword in node.keywords}
+                calls.append((path.name, node.lineno, given.get("trust_remote_code")))
+    assert calls, "no from_pretrained call found"
+    assert all(value and value != "True" and value.endswith("trust_remote_code") for _, _, value in calls), calls
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_workers_trust_remote_code_only_when_the_spec_says_so(asked, monkeypatch):
+    import ray
+
+    from evomerge import cluster
+    from evomerge.spec import parse_spec
+
+    built = []
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(cluster, "ray_worker_class", lambda cpus, gpus: SimpleNamespace(remote=lambda settings, name: built.append(settings)))
+    data = {"name": "t", "models": {"base": "b", "experts": ["e"]}, "evaluation": {"tasks": ["t"]}}
+    spec = parse_spec({**data, "trust_remote_code": True} if asked else data, "spec", Path("/"))
+    make_actor, _ = cluster.make_actor_factory(SimpleNamespace(union_config={}, eval_sets={}), spec)
+    make_actor(0)
+    assert built[0].trust_remote_code is asked
+
+
+def test_paths_resolve_against_the_spec_folder_and_are_frozen_absolute(models, tmp_path, monkeypatch):
+    from evomerge.preflight import preflight
+    from evomerge.run import create_run_dir
+    from evomerge.spec import load_spec
+
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    spec = good_spec(models, tmp_path)
+    spec["models"]["base"] = os.path.relpath(models["base"], folder)
+    spec["evaluation"]["include"] = [os.path.relpath(FIXTURE_EVALS, folder)]
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = load_spec(folder / "spec.yaml")
+    assert loaded.models.base == str(Path(models["base"]).resolve())
+    assert loaded.evaluation.include == [str(FIXTURE_EVALS.resolve())]
+    preflight(loaded)
+    frozen = yaml.safe_load((create_run_dir(loaded) / "spec.yaml").read_text())
+    assert frozen["models"]["base"] == loaded.models.base and Path(frozen["evaluation"]["include"][0]).is_absolute()

@@ -1,5 +1,6 @@
 """A 2-objective NSGA-II search on the bundled demo: a Pareto front of at least 3 points, any of
-which exports and merges; its Optuna storage loads with optuna.load_study."""
+which exports and merges; its Optuna storage loads with optuna.load_study; and the demo run's
+report renders in headless Chromium with no console errors and every image loaded."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+
+from test_report import browser, render  # noqa: F401  (browser is a fixture)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +34,9 @@ def demo_zoo():
     return make_demo_zoo.main([])  # cached in .cache/demo_zoo after the first build
 
 
-def test_two_objective_search_gives_a_pareto_front_that_exports(tmp_path, demo_zoo):
+@pytest.fixture(scope="module")
+def pareto_run(tmp_path_factory, demo_zoo):
+    tmp_path = tmp_path_factory.mktemp("pareto")
     spec = yaml.safe_load((REPO / "search_spaces" / "demo.yaml").read_text())
     spec.update(name="pareto", runs_dir=str(tmp_path / "runs"))
     spec["models"] = {"base": str(demo_zoo / "base"), "experts": [str(demo_zoo / f"expert_cipher_{c}") for c in "abc"]}
@@ -45,7 +50,11 @@ def test_two_objective_search_gives_a_pareto_front_that_exports(tmp_path, demo_z
     spec_path.write_text(yaml.safe_dump(spec))
 
     cli("search", spec_path)
-    run_dir = tmp_path / "runs" / "pareto"
+    return tmp_path, tmp_path / "runs" / "pareto"
+
+
+def test_two_objective_search_gives_a_pareto_front_that_exports(pareto_run):
+    tmp_path, run_dir = pareto_run
     front = json.loads(cli("status", run_dir, "--json").stdout)["pareto_front"]
     assert len(front) >= 3, front
     assert "objectives" in cli("export", run_dir, "--pareto").stdout
@@ -57,3 +66,11 @@ def test_two_objective_search_gives_a_pareto_front_that_exports(tmp_path, demo_z
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / "optuna.log")))
     study = optuna.load_study(study_name="evomerge", storage=storage)
     assert len(study.directions) == 2 and len(study.trials) == 40
+
+
+def test_the_demo_runs_report_renders_in_chromium(pareto_run, browser):  # noqa: F811
+    from evomerge.report import write_report
+
+    _, run_dir = pareto_run
+    page = render(browser, write_report(run_dir))
+    assert page["errors"] == [] and page["loaded"] and page["count"] >= 3

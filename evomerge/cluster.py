@@ -20,7 +20,7 @@ def connect(spec: Spec, address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}}
+    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "OMP_WAIT_POLICY": "PASSIVE"}}
     try:
         if address:
             ray.init(address=address, runtime_env=env, log_to_driver=False)

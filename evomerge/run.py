@@ -70,6 +70,7 @@ class Search:
         _refuse_changed_spec(self.events, self.spec, run_dir)
         self.trials = replay(self.events)
         self.optimizer = self._restore_optimizer()
+        self.tracker = Tracker(self.spec, self.run_dir)
         self.tells_since_snapshot = 0
 
     def _new_optimizer(self):
@@ -110,7 +111,6 @@ class Search:
         connect(self.spec, self.address)
         factory, count = make_actor_factory(self.prepared, self.spec)
         scheduler = Scheduler(factory, count, self.spec.workers.queue_depth)
-        self.tracker = Tracker(self.spec, self.run_dir)
         self.journal.append("run_started", spec_fingerprint=self.spec.fingerprint(), workers=count)
         try:
             with SearchProgress(self.spec.budget.max_evals, enabled=self.show_progress) as progress:

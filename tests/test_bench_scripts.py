@@ -60,7 +60,8 @@ def test_bench_merge_smoke_matches_mergekit_api(cache):
     assert float(rows["linear"][10]) < 1e-2 and float(rows["ties"][10]) < 1e-2
     assert rows["dare_ties"][10] == "-"  # random masks differ between the two tools
     assert float(rows["linear"][11]) > 0  # mergekit-yaml ran (smoke times it for linear only)
-    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows.values())
+    # Timings are printed, never asserted: a tiny smoke model can round to 0.00 ms.
+    assert all(float(row[2]) >= 0 and float(row[3]) >= 0 for row in rows.values())
 
 
 def test_bench_search_smoke_scores_candidates(cache):

@@ -57,7 +57,10 @@ def validate_merge_config(
     donor = _tokenizer_donor(config, source)
     if donor not in folders:
         folders[donor] = inspect_model_folder(donor, f"{source}: tokenizer_source")
-    _check_same_family(folders, source, config, names)
+    # Folders handed in were already checked together when they were loaded (a worker's
+    # resident sources); re-checking every tensor shape per candidate is hot-path waste.
+    if not (known and all(path in known for path in folders)):
+        _check_same_family(folders, source, config, names)
     _check_layer_ranges(config, folders, source)
     plan = _build_plan(config, folders, source)
     working, out = _dtypes(config, plan, folders)

@@ -179,15 +179,21 @@ def _print_summary(run_dir) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from evomerge.results import leaderboard, load_trials
+    from evomerge.results import heldout_winner, leaderboard, load_trials
 
     _, trials = load_trials(run_dir)
     table = Table(title=f"{run_dir}")
     for column in ("trial", "merge", "search score", "held-out score"):
         table.add_column(column)
+    winner = heldout_winner(trials)
     for row in leaderboard(trials):
         held = "-" if row["heldout"] is None else f"{row['heldout']:.4f} ± {row['heldout_se']:.4f}"
-        table.add_row(str(row["trial"]), row["label"], f"{row['search']:.4f} ± {row['search_se']:.4f}", held)
+        label = "evolved" if row["kind"] == "optimizer" else row["label"]
+        is_winner = winner is not None and row["trial"] == winner.trial_id
+        table.add_row(
+            str(row["trial"]), label + (" (held-out winner)" if is_winner else ""),
+            f"{row['search']:.4f} ± {row['search_se']:.4f}", held, style="bold" if is_winner else None,
+        )
     Console().print(table)
 
 

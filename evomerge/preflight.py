@@ -43,9 +43,9 @@ def preflight(spec: Spec, source: str = "spec") -> Prepared:
     _check_tokenizers(spec, source)
     genome = Genome(spec, num_layers_of(spec.models.base))
     validate_merge_config(genome.to_merge_config(genome.x0()), source, folders=validated.folders)
-    eval_sets = {"search": _eval_settings(spec, spec.evaluation.tasks)}
+    eval_sets = {"search": _eval_settings(spec, spec.evaluation.tasks, spec.evaluation.limit)}
     if spec.evaluation.heldout_tasks:
-        eval_sets["heldout"] = _eval_settings(spec, spec.evaluation.heldout_tasks)
+        eval_sets["heldout"] = _eval_settings(spec, spec.evaluation.heldout_tasks, spec.evaluation.heldout_limit)
         _check_disjoint(spec, source)
     for name, settings in eval_sets.items():
         resolve_tasks(settings)
@@ -81,12 +81,12 @@ def _tokenizer_fingerprint(folder: Path) -> str | None:
     return None
 
 
-def _eval_settings(spec: Spec, tasks: list[TaskWeight]) -> EvalSettings:
+def _eval_settings(spec: Spec, tasks: list[TaskWeight], limit: int | None) -> EvalSettings:
     evaluation = spec.evaluation
     return EvalSettings(
         tasks=tuple(TaskSpec(name=t.name, weight=t.weight, metric=t.metric, num_fewshot=t.num_fewshot) for t in tasks),
         include_paths=tuple(evaluation.include),
-        limit=evaluation.limit,
+        limit=limit,
         subset_seed=evaluation.seed,
         batch_size=evaluation.batch_size,
         max_length=evaluation.max_length,

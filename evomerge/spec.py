@@ -104,7 +104,8 @@ class EvaluationSpec(_Strict):
     objectives: list[ObjectiveSpec] = Field(default_factory=list, description="Two or more for a multi-objective (Pareto) search.")
     heldout_tasks: list[TaskWeight] = Field(default_factory=list, description="Disjoint split for the final report.")
     include: list[str] = Field(default_factory=lambda: ["evals"])
-    limit: Optional[int] = Field(None, ge=1)
+    limit: Optional[int] = Field(None, ge=1, description="Docs per search task: a fixed seeded subset.")
+    heldout_limit: Optional[int] = Field(None, ge=1, description="Docs per held-out task; default: the whole split.")
     seed: int = 0
     batch_size: int = Field(32, ge=1)
     max_length: Optional[int] = Field(None, ge=8)

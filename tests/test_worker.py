@@ -64,3 +64,17 @@ def test_failures_stay_inside_one_candidate(prepared, monkeypatch):
     failed = worker.evaluate(1, overflow)
     assert not failed["ok"] and "not finite" in failed["reason"]
     assert worker.evaluate(2, candidate(prepared, 0.5))["ok"], "the worker still serves the next candidate"
+
+
+@pytest.mark.parametrize("heldout_limit", [None, 10])
+def test_heldout_split_is_scored_whole_unless_heldout_limit_says_otherwise(prepared, heldout_limit):
+    from evomerge.preflight import preflight
+
+    evaluation = prepared.spec.evaluation.model_dump() | {"heldout_tasks": ["tiny_choice"], "heldout_limit": heldout_limit}
+    spec = prepared.spec.model_copy(update={"evaluation": type(prepared.spec.evaluation).model_validate(evaluation)})
+    with_heldout = preflight(spec)
+    assert with_heldout.eval_sets["search"].limit == 24
+    assert with_heldout.eval_sets["heldout"].limit == heldout_limit
+    worker = make_worker(with_heldout, "w0")
+    fixture_docs = len((FIXTURE_EVALS / "data" / "tiny.jsonl").read_text().splitlines())
+    assert {name: len(docs) for name, docs in worker.subset_indices("heldout").items()} == {"tiny_choice": heldout_limit or fixture_docs}

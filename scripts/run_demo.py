@@ -20,16 +20,41 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+def heldout_margins(trials) -> list[str]:
+    """The evolved held-out winner against the best parent and the best default merge, in SEs."""
+    import math
+
+    from evomerge.results import leaderboard
+
+    rows = [r for r in leaderboard(trials) if r["heldout"] is not None]
+    evolved = [r for r in rows if r["kind"] == "optimizer"]
+    if not evolved:
+        return []
+    best = evolved[0]
+    rivals = {
+        "the best parent": [r for r in rows if r["label"].startswith("parent:")],
+        "the best default merge": [r for r in rows if r["kind"] == "baseline" and ":" not in r["label"] and r["label"] != "base"],
+    }
+    lines = []
+    for name, group in rivals.items():
+        if group:
+            rival = max(group, key=lambda r: r["heldout"])
+            gap = best["heldout"] - rival["heldout"]
+            se = math.hypot(best["heldout_se"], rival["heldout_se"])
+            lines.append(f"held-out margin over {name} ({rival['label']}): {gap:+.4f} = {gap / se:.1f} SE")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="optimizer seed")
     parser.add_argument("--max-evals", type=int, default=None, help="override the spec's budget")
     args = parser.parse_args()
 
-    import make_demo_zoo
+    import build_demo_zoo
 
     started = time.time()
-    make_demo_zoo.main([])
+    build_demo_zoo.build_zoo(build_demo_zoo.DEFAULT_OUT)  # about 2 minutes the first time, then cached
     from evomerge.cli import _print_summary
     from evomerge.report import evals_to_reach, write_report
     from evomerge.results import load_trials
@@ -47,6 +72,8 @@ def main() -> int:
     searched = [t for t in sorted(trials.values(), key=lambda t: t.trial_id) if t.kind == "optimizer" and t.status in ("completed", "failed")]
     reach = evals_to_reach([t.result.get("score") if t.status == "completed" else None for t in searched])
     print(f"evaluations to reach 95% of the final best: {reach} of {len(searched)} searched")
+    for line in heldout_margins(trials):
+        print(line)
     print(f"report: {write_report(run_dir)}")
     print(f"export the held-out winner: evomerge export {run_dir} -o best.yaml")
     print(f"total time: {time.time() - started:.0f} s")

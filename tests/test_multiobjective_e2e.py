@@ -29,9 +29,9 @@ def cli(*args) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def demo_zoo():
     sys.path.insert(0, str(REPO / "scripts"))
-    import make_demo_zoo
+    import build_demo_zoo
 
-    return make_demo_zoo.main([])  # cached in .cache/demo_zoo after the first build
+    return build_demo_zoo.build_zoo(build_demo_zoo.DEFAULT_OUT)  # cached after the first build
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +39,12 @@ def pareto_run(tmp_path_factory, demo_zoo):
     tmp_path = tmp_path_factory.mktemp("pareto")
     spec = yaml.safe_load((REPO / "search_spaces" / "demo.yaml").read_text())
     spec.update(name="pareto", runs_dir=str(tmp_path / "runs"))
-    spec["models"] = {"base": str(demo_zoo / "base"), "experts": [str(demo_zoo / f"expert_cipher_{c}") for c in "abc"]}
+    spec["models"] = {"base": str(demo_zoo / "base"), "experts": [str(demo_zoo / f"expert_{s}") for s in ("reverse", "increment", "rotate")]}
     spec["genome"] = {"params": ["weight"], "layer_groups": 2}
     spec["optimizer"] = {"name": "nsga2", "seed": 0, "popsize": 8}
     evaluation = spec["evaluation"]
     evaluation.update(include=[str(REPO / "evals" / "demo")], limit=60, heldout_tasks=[])
-    evaluation["objectives"] = [{"name": "cipher_a", "tasks": ["demo_cipher_a_search"]}, {"name": "cipher_b", "tasks": ["demo_cipher_b_search"]}]
+    evaluation["objectives"] = [{"name": "reverse", "tasks": ["demo_reverse_search"]}, {"name": "increment", "tasks": ["demo_increment_search"]}]
     spec["budget"] = {"max_evals": 40, "baselines": False}
     spec_path = tmp_path / "pareto.yaml"
     spec_path.write_text(yaml.safe_dump(spec))

@@ -69,6 +69,7 @@ class Genome:
         self.params = spec.genome.params or default_parameters(self.method, self.fixed)
         self.groups = layer_groups(num_layers, spec.genome.layer_groups)
         self.genes = self._make_genes()
+        self._branches = self._branch_templates()
         self.dim = len(self.genes)
         self.lower = np.zeros(self.dim)
         self.upper = np.ones(self.dim)
@@ -104,6 +105,38 @@ class Genome:
     def x0(self) -> np.ndarray:
         return self.encode(self.default_values())
 
+    def baseline_points(self) -> list[tuple[str, np.ndarray]]:
+        """The baselines this genome can express, as (baseline label, point) to seed the optimizer.
+
+        Each expert alone (its weights 1, the others' 0, density 1, where that sparsification is
+        then a no-op), and for task arithmetic the equal-weight average, which is linear's recipe.
+        The method's own default (x0) is seeded already. A baseline outside the spec's bounds or
+        fixed parameters is left out.
+        """
+        if "weight" not in self.params or not _sparsification_off_at_density_one(self.method):
+            return []
+        experts = list(self.spec.models.experts)
+        points = []
+        for index, path in enumerate(experts):
+            point = self._point_with(lambda gene, index=index: 1.0 if gene.model == index else 0.0)
+            points.append((f"parent:{Path(path).name}", point))
+        if self.method.name == "task_arithmetic" and len(experts) > 1:
+            points.append(("linear (equal weights)", self._point_with(lambda gene: 1.0 / len(experts))))
+        return [(label, point) for label, point in points if point is not None]
+
+    def _point_with(self, weight_of) -> np.ndarray | None:
+        """Defaults, weights from weight_of(gene), density 1; None when a value is out of bounds."""
+        if any(self.fixed.get(p, 1.0) != 1.0 for p in ("density", "lambda")):
+            return None
+        values = self.default_values()
+        for gene in self.genes:
+            wanted = {"weight": weight_of(gene), "density": 1.0, "lambda": 1.0}.get(gene.param)
+            if wanted is not None:
+                if not gene.low <= wanted <= gene.high:
+                    return None
+                values[gene.name] = wanted
+        return self.encode(values)
+
     def encode(self, values: dict[str, float]) -> np.ndarray:
         return np.array([gene.unit(values[gene.name]) for gene in self.genes])
 
@@ -116,46 +149,77 @@ class Genome:
     def to_merge_config(self, x) -> MergeConfig:
         return MergeConfig.model_validate(self.merge_config_dict(x))
 
-    def merge_config_dict(self, x) -> dict:
-        """The candidate's mergekit config as plain data (what the journal and workers carry)."""
-        values = self.decode(x)
-        lookup = {(g.param, g.model, g.group, g.part): values[g.name] for g in self.genes}
+    def merge_config_dict(self, x, values: dict[str, float] | None = None) -> dict:
+        """The candidate's mergekit config as plain data (what the journal and workers carry).
+
+        `values` is `decode(x)` when the caller already has it.
+        """
+        values = self.decode(x) if values is None else values
         spec = self.spec
         slices = []
         for index, (start, end) in enumerate(self.groups):
-            first, last = index == 0, index == len(self.groups) - 1
             sources = []
             for model_index, path in enumerate(spec.models.experts):
-                params = {p: self._setting(lookup, p, model_index, index, first, last) for p in self.params if p in PER_MODEL}
-                sources.append({"model": path, "layer_range": [start, end], "parameters": params or None})
+                params = {p: self._setting(values, p, model_index, index) for p in self.params if p in PER_MODEL}
+                sources.append(_present(model=path, layer_range=[start, end], parameters=params or None))
             if self.method.needs_base:
                 sources.append({"model": spec.models.base, "layer_range": [start, end]})
-            shared = {p: self._setting(lookup, p, None, index, first, last) for p in self.params if p not in PER_MODEL}
-            slices.append({"sources": sources, "parameters": shared or None})
-        config = {
-            "merge_method": self.method.name,
-            "base_model": spec.models.base if self.method.needs_base else None,
-            "slices": slices,
-            "parameters": dict(self.fixed) or None,
-            "dtype": spec.merge.dtype,
-            "tokenizer_source": "base",
-        }
-        return _without_nones(config)
+            shared = {p: self._setting(values, p, None, index) for p in self.params if p not in PER_MODEL}
+            slices.append(_present(sources=sources, parameters=shared or None))
+        # Built without None entries directly: cleaning a 500-gene config afterwards cost more
+        # than building it (docs/BENCHMARKS.md, driver overhead).
+        return _present(
+            merge_method=self.method.name,
+            base_model=spec.models.base if self.method.needs_base else None,
+            slices=slices,
+            parameters=_without_nones(dict(self.fixed)) or None,
+            dtype=spec.merge.dtype,
+            tokenizer_source="base",
+        )
 
-    def _setting(self, lookup, param, model, group_index, first, last):
-        """A scalar, or filter branches for attn/mlp and for embeddings/head genes."""
-        group = str(group_index)
+    def _setting(self, values: dict[str, float], param: str, model: int | None, group_index: int):
+        """A scalar, or filter branches (attn/mlp, embeddings/head) as mergekit reads them."""
+        branches = self._branches[(param, model, group_index)]
+        if len(branches) == 1:
+            return values[branches[0][1]]
+        return [{"filter": f, "value": values[name]} if f else {"value": values[name]} for f, name in branches]
+
+    def _branch_templates(self) -> dict[tuple, list[tuple[str | None, str]]]:
+        """(param, model, group index) -> [(filter or None, gene name)], in mergekit's match order.
+
+        Worked out once per genome, so building a candidate's config is only lookups.
+        """
+        name_of = {(g.param, g.model, g.group, g.part): g.name for g in self.genes}
+        owners = {p: list(range(len(self.spec.models.experts))) if p in PER_MODEL else [None] for p in self.params}
+        templates = {}
+        for param in self.params:
+            for model in owners[param]:
+                for index in range(len(self.groups)):
+                    templates[(param, model, index)] = self._branches_of(name_of, param, model, index)
+        return templates
+
+    def _branches_of(self, name_of: dict, param: str, model: int | None, index: int) -> list[tuple[str | None, str]]:
+        group = str(index)
         if self.spec.genome.split_attn_mlp:
-            branches = [{"filter": "mlp", "value": lookup[(param, model, group, "mlp")]}, {"value": lookup[(param, model, group, "attn")]}]
+            branches = [("mlp", name_of[(param, model, group, "mlp")]), (None, name_of[(param, model, group, "attn")])]
         else:
-            branches = [{"value": lookup[(param, model, group, None)]}]
+            branches = [(None, name_of[(param, model, group, None)])]
         if self.spec.genome.embeddings:
-            if first:
-                branches.insert(0, {"filter": "embed_tokens", "value": lookup[(param, model, "embed", None)]})
-            if last:
-                head = lookup[(param, model, "head", None)]
-                branches[:0] = [{"filter": "lm_head", "value": head}, {"filter": "model.norm.", "value": head}]
-        return branches[0]["value"] if len(branches) == 1 else branches
+            if index == 0:
+                branches.insert(0, ("embed_tokens", name_of[(param, model, "embed", None)]))
+            if index == len(self.groups) - 1:
+                head = name_of[(param, model, "head", None)]
+                branches[:0] = [("lm_head", head), ("model.norm.", head)]
+        return branches
+
+
+def _sparsification_off_at_density_one(method: MethodInfo) -> bool:
+    """Linear, plain task arithmetic, TIES trims and DARE drops keep every delta at density 1."""
+    return method.family == "linear" or (method.family == "task_vector" and method.sparsification in (None, "magnitude", "random"))
+
+
+def _present(**fields) -> dict:
+    return {key: value for key, value in fields.items() if value is not None}
 
 
 def _without_nones(value):

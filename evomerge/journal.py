@@ -1,12 +1,15 @@
 """The run directory's source of truth: an append-only JSONL journal plus optimizer snapshots.
 
-Each event is one JSON line, flushed and fsynced before the driver acts on it, so a killed driver
+Each event is one JSON line, flushed to the OS before the driver acts on it, so a killed driver
 loses at most the line it was writing; `read_events` drops such a torn last line with a warning.
+A helper thread fsyncs behind the driver (group commit: one fsync covers every line written before
+it), so the search loop never waits on the disk; power loss can cost only the last few events,
+which a resume re-runs. `close` waits for the last fsync.
 Optimizer state is the only pickle, written atomically under `optimizer/` and referenced from the
 journal by its SHA-256, so a resume refuses a blob that does not match.
 
 Test-only hook: with EVOMERGE_TEST_KILL_AFTER_EVENT=EVENT:N in the environment, the process
-SIGKILLs itself right after its N-th EVENT line is durable; the reliability tests use it to kill
+SIGKILLs itself right after its N-th EVENT line is flushed; the reliability tests use it to kill
 the driver at exact points of a search. Nothing else reads that variable.
 """
 
@@ -17,17 +20,16 @@ import hashlib
 import json
 import os
 import signal
+import threading
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from evomerge.errors import UserError
 
 
 KILL_HOOK_VARIABLE = "EVOMERGE_TEST_KILL_AFTER_EVENT"
-
-
-NO_FSYNC_EVENTS = frozenset({"asked"})
 
 
 class RunLocked(UserError):
@@ -68,6 +70,10 @@ class Journal:
         if self._repair_torn_tail():
             warnings.warn(f"{self.path}: dropped a torn last line (the driver was killed while writing it)", stacklevel=2)
         self._handle = open(self.path, "ab")
+        self._syncer = BackgroundFsync(lambda: self._handle.fileno())
+        self._write_lock = threading.Lock()
+        self._snapshot_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-snapshot")
+        self._pending_snapshot: Future | None = None
         self.count = len(read_events(self.path))
         self._kill_after = _kill_hook()
         self._kill_countdown = self._kill_after[1] if self._kill_after else 0
@@ -92,22 +98,21 @@ class Journal:
     def append(self, event: str, **fields) -> dict:
         record = {"event": event, "time": round(time.time(), 3), **fields}
         line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
-        try:
-            self._handle.write(line.encode())
-            self._handle.flush()
-            # A killed driver loses nothing already flushed to the OS; fsync guards against power
-            # loss, and one fsync covers every earlier line, so events that only announce work
-            # (an 'asked' is re-derived by replay) skip their own.
-            if event not in NO_FSYNC_EVENTS:
-                os.fsync(self._handle.fileno())
-        except OSError as error:
-            self._reopen_after_failed_write()
-            raise UserError(f"{self.path}: cannot write the journal ({error.strerror}); free disk space or fix permissions, then 'evomerge resume {self.run_dir}'") from None
-        self.count += 1
-        self._kill_if_asked(event)
+        with self._write_lock:  # the snapshot thread appends too
+            try:
+                self._syncer.raise_failure()
+                self._handle.write(line.encode())
+                self._handle.flush()
+                self._syncer.request()
+            except OSError as error:
+                self._reopen_after_failed_write()
+                raise UserError(f"{self.path}: cannot write the journal ({error.strerror}); free disk space or fix permissions, then 'evomerge resume {self.run_dir}'") from None
+            self.count += 1
+            self._kill_if_asked(event)
         return record
 
     def _reopen_after_failed_write(self) -> None:
+        self._syncer.wait(raise_failure=False)
         try:
             self._handle.close()  # flushes what is still buffered, and fails again on a full disk
         except OSError:
@@ -121,6 +126,22 @@ class Journal:
         self._kill_countdown -= 1
         if self._kill_countdown == 0:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def write_snapshot_in_background(self, blob: bytes, after_events: int) -> None:
+        """Hash, write and fsync the blob on a helper thread, then journal its 'snapshot' event.
+
+        The driver goes on meanwhile. Snapshots are written in order; one that never lands (a
+        killed driver) only means a resume replays from the one before. A failure is raised here,
+        on the next call, or by `wait_for_snapshots`.
+        """
+        self.wait_for_snapshots(block=False)
+        self._pending_snapshot = self._snapshot_writer.submit(self.write_snapshot, blob, after_events)
+
+    def wait_for_snapshots(self, block: bool = True) -> None:
+        pending = self._pending_snapshot
+        if pending is not None and (block or pending.done()):
+            self._pending_snapshot = None
+            pending.result()  # re-raises the helper's UserError
 
     def write_snapshot(self, blob: bytes, after_events: int) -> dict:
         digest = hashlib.sha256(blob).hexdigest()
@@ -139,9 +160,73 @@ class Journal:
         return self.append("snapshot", file=final.name, sha256=digest, after_events=after_events)
 
     def close(self) -> None:
-        self._handle.close()
-        fcntl.flock(self._lock, fcntl.LOCK_UN)
-        self._lock.close()
+        try:
+            self._snapshot_writer.shutdown(wait=True)
+            self.wait_for_snapshots()
+            self._syncer.close()
+        except OSError as error:
+            raise UserError(f"{self.path}: cannot write the journal ({error.strerror}); free disk space or fix permissions, then 'evomerge resume {self.run_dir}'") from None
+        finally:
+            self._handle.close()
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+
+
+
+class BackgroundFsync:
+    """fsyncs a file from a helper thread whenever asked, coalescing requests that pile up.
+
+    `request` returns at once; `wait` blocks until everything requested so far is on disk. An
+    fsync error is kept and raised to the driver on its next append (or at `close`).
+    """
+
+    def __init__(self, fileno):
+        self._fileno = fileno
+        self._condition = threading.Condition()
+        self._requested = self._synced = 0
+        self._failure: OSError | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="journal-fsync", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        with self._condition:
+            self._requested += 1
+            self._condition.notify_all()
+
+    def wait(self, raise_failure: bool = True) -> None:
+        with self._condition:
+            self._condition.wait_for(lambda: self._synced >= self._requested or self._failure is not None)
+        if raise_failure:
+            self.raise_failure()
+
+    def raise_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
+    def close(self) -> None:
+        self.wait()
+        with self._condition:
+            self._closing = True
+            self._condition.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                self._condition.wait_for(lambda: self._requested > self._synced or self._closing)
+                if self._requested <= self._synced:
+                    return
+                target = self._requested
+            try:
+                os.fsync(self._fileno())
+            except OSError as error:
+                with self._condition:
+                    self._failure = error
+            with self._condition:
+                self._synced = target
+                self._condition.notify_all()
 
 
 def _is_json(line: bytes) -> bool:

@@ -25,13 +25,12 @@ class SearchProgress:
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
 
-    def update(self, trials: dict) -> None:
-        finished = [t for t in trials.values() if t.status in ("completed", "failed")]
+    def update(self, tally) -> None:
+        """Redraw from a trials.Tally (counts kept by the driver, not recounted per call)."""
+        finished = tally.completed + tally.failed
         if self._done_at_start is None:
-            self._done_at_start = len(finished)
-        scores = [t.result["score"] for t in finished if t.status == "completed"]
-        failed = sum(t.status == "failed" for t in finished)
+            self._done_at_start = finished
         minutes = max((time.monotonic() - self.started) / 60, 1e-9)
-        rate = (len(finished) - self._done_at_start) / minutes
-        best = f"{max(scores):.4f}" if scores else "-"
-        self.progress.update(self.task, completed=len(finished), summary=f"best {best} | {rate:.1f} evals/min | {failed} failed")
+        rate = (finished - self._done_at_start) / minutes
+        best = "-" if tally.best_score is None else f"{tally.best_score:.4f}"
+        self.progress.update(self.task, completed=finished, summary=f"best {best} | {rate:.1f} evals/min | {tally.failed} failed")

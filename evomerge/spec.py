@@ -131,7 +131,7 @@ class EvaluationSpec(_Strict):
 class BudgetSpec(_Strict):
     max_evals: Optional[int] = Field(100, ge=1)
     time_limit_min: Optional[float] = Field(None, gt=0)
-    baselines: bool = Field(True, description="Score the parents and the default merges first.")
+    baselines: bool = Field(True, description="Score the parents and the default merges first, and seed the optimizer with those the genome can express.")
 
     @model_validator(mode="after")
     def _bounded(self):

@@ -30,3 +30,38 @@ def replay(events: list[dict]) -> dict[int, Trial]:
         elif kind == "heldout" and event["trial"] in trials:
             trials[event["trial"]].heldout = event
     return trials
+
+
+@dataclass
+class Tally:
+    """Running counts over a run's trials, so the driver's work per trial does not grow with the run."""
+
+    asked: int = 0
+    completed: int = 0
+    failed: int = 0
+    best_score: float | None = None
+    baseline_labels: set[str] = field(default_factory=set)
+    last_failure: str | None = None
+
+    @classmethod
+    def of(cls, trials: dict[int, Trial]) -> "Tally":
+        tally = cls()
+        for trial in trials.values():
+            tally.add_asked(trial)
+            if trial.status != "asked":
+                tally.add_finished(trial)
+        return tally
+
+    def add_asked(self, trial: Trial) -> None:
+        self.asked += 1
+        if trial.kind == "baseline":
+            self.baseline_labels.add(trial.label)
+
+    def add_finished(self, trial: Trial) -> None:
+        if trial.status == "completed":
+            self.completed += 1
+            score = trial.result["score"]
+            self.best_score = score if self.best_score is None else max(self.best_score, score)
+        else:
+            self.failed += 1
+            self.last_failure = trial.result.get("reason", "unknown")

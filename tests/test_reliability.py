@@ -392,6 +392,7 @@ def test_journal_write_on_a_full_disk_fails_cleanly_and_leaves_the_journal_intac
 
     journal_ = Journal(tmp_path)
     before = [journal_.append("asked", trial=t, merge_config={"merge_method": "ties"}) for t in range(3)]
+    journal_._syncer.wait()  # the background fsync of those lines is done before the disk "fills"
     journal_._handle.close()
     journal_._handle = io.BufferedWriter(DiskFull(journal_.path, room=25))
     with pytest.raises(UserError, match="No space left on device.*evomerge resume"):
@@ -406,6 +407,7 @@ def test_journal_write_on_a_full_disk_fails_cleanly_and_leaves_the_journal_intac
 def test_snapshot_write_on_a_full_disk_fails_cleanly(tmp_path, monkeypatch):
     journal_ = Journal(tmp_path)
     journal_.append("asked", trial=0)
+    journal_._syncer.wait()  # only the snapshot's own fsync meets the full disk
 
     def no_space(_descriptor):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -466,3 +468,43 @@ def test_run_directory_is_json_and_yaml_with_pickles_only_for_hashed_optimizer_s
     yaml.safe_load((reference_run / "spec.yaml").read_text())
     assert all(json.loads(line) for line in (reference_run / "journal.jsonl").read_text().splitlines())
     assert snapshots, "the run wrote optimizer snapshots"
+
+
+def test_journal_fsyncs_in_the_background_and_close_waits_for_the_last_one(tmp_path, monkeypatch):
+    import threading
+
+    disk_free, synced_sizes, real_fsync = threading.Event(), [], os.fsync
+
+    def stuck_fsync(descriptor):
+        disk_free.wait(timeout=60)  # a disk that hangs until the test lets it go
+        real_fsync(descriptor)
+        synced_sizes.append(os.fstat(descriptor).st_size)
+
+    monkeypatch.setattr(os, "fsync", stuck_fsync)
+    journal_ = Journal(tmp_path)
+    for trial in range(20):  # would hang here if an append waited for its fsync
+        journal_.append("completed", trial=trial, score=0.5)
+    assert synced_sizes == [] and len(read_events(journal_.path)) == 20, "appends are flushed to the OS at once"
+    disk_free.set()
+    journal_.close()
+    assert synced_sizes[-1] == journal_.path.stat().st_size, "close returned before the last line was fsynced"
+    assert len(synced_sizes) <= 2, "requests that piled up were not coalesced into one fsync"
+
+
+def test_a_failed_background_fsync_is_reported_on_the_next_append(tmp_path, monkeypatch):
+    journal_ = Journal(tmp_path)
+    journal_.append("asked", trial=0)
+    journal_._syncer.wait()
+
+    def failing_fsync(_descriptor):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    journal_.append("completed", trial=0, score=0.5)
+    journal_._syncer.wait(raise_failure=False)
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="Input/output error.*evomerge resume"):
+        journal_.append("completed", trial=1, score=0.5)
+    journal_.append("completed", trial=1, score=0.5)  # the disk is back: the journal carries on
+    journal_.close()
+    assert [e.get("trial") for e in read_events(journal_.path)] == [0, 0, 1]

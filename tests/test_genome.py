@@ -1,0 +1,89 @@
+"""The genome's baseline seeds: which baselines a search space can express, and that the seeded
+points merge to exactly those baselines (each parent bit for bit, linear to float precision)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from evomerge.genome import Genome, num_layers_of
+from evomerge.merge.config import MergeConfig
+from evomerge.merge.engine import merge_to_disk
+from evomerge.spec import Spec
+from tiny_models import load_checkpoint_tensors
+
+EXPERTS = ("ft_a", "ft_b", "ft_c")
+
+
+def make_genome(zoo, method: str, **genome) -> Genome:
+    spec = Spec.model_validate({
+        "name": "seeds", "runs_dir": "/tmp",
+        "models": {"base": zoo.model("base"), "experts": [zoo.model(name) for name in EXPERTS]},
+        "merge": {"method": method},
+        "genome": {"layer_groups": 2, "split_attn_mlp": True, "embeddings": True, **genome},
+        "evaluation": {"tasks": ["unused"]},
+    })
+    return Genome(spec, num_layers_of(zoo.model("base")))
+
+
+def merged_tensors(genome: Genome, point: np.ndarray, out_dir) -> dict[str, torch.Tensor]:
+    merge_to_disk(MergeConfig.model_validate(genome.merge_config_dict(point)), out_dir, progress=False)
+    return load_checkpoint_tensors(out_dir)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "linear"])
+def test_each_seeded_parent_merges_to_exactly_that_parent(zoo, method, tmp_path):
+    genome = make_genome(zoo, method)
+    seeds = dict(genome.baseline_points())
+    for name in EXPERTS:
+        point = seeds[f"parent:{name}_fp32"]
+        weights = {gene.model: genome.decode(point)[gene.name] for gene in genome.genes if gene.param == "weight"}
+        assert weights == {i: float(EXPERTS[i] == name) for i in range(len(EXPERTS))}
+        merged, parent = merged_tensors(genome, point, tmp_path / name), load_checkpoint_tensors(zoo.model(name))
+        assert merged.keys() == parent.keys()
+        assert all(torch.equal(merged[key], parent[key]) for key in parent), f"{method}: {name} is not reproduced"
+
+
+def test_task_arithmetic_also_seeds_linears_equal_weights(zoo, tmp_path):
+    genome = make_genome(zoo, "task_arithmetic")
+    seeds = dict(genome.baseline_points())
+    assert list(seeds) == [f"parent:{name}_fp32" for name in EXPERTS] + ["linear (equal weights)"]
+    merged = merged_tensors(genome, seeds["linear (equal weights)"], tmp_path / "ta")
+    parents = [load_checkpoint_tensors(zoo.model(name)) for name in EXPERTS]
+    for key, tensor in merged.items():
+        average = sum(p[key] for p in parents) / len(parents)
+        # Gene values are kept to 6 decimals, so the weights are 0.333333, not 1/3.
+        torch.testing.assert_close(tensor, average, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method, genome_settings", [
+    ("breadcrumbs", {}),  # its outlier cut removes deltas even at density 1
+    ("della", {}),
+    ("slerp", {}),
+    ("ties", {"params": ["density"]}),  # no weight gene to isolate an expert
+    ("task_arithmetic", {"bounds": {"weight": [0.4, 2.0]}}),  # weights 0 and 1/3 are out of bounds
+])
+def test_no_seed_where_the_genome_cannot_express_the_baseline(zoo, method, genome_settings):
+    assert make_genome(zoo, method, **genome_settings).baseline_points() == []
+
+
+def test_a_seed_is_dropped_alone_when_its_own_values_leave_the_bounds(zoo):
+    labels = [label for label, _ in make_genome(zoo, "task_arithmetic", bounds={"weight": [0.2, 2.0]}).baseline_points()]
+    assert labels == ["linear (equal weights)"]  # 1/3 is inside, a parent's 0 is not
+
+
+def test_cmaes_asks_x0_then_the_seeded_baselines(zoo, tmp_path):
+    from evomerge.preflight import Prepared
+    from evomerge.run import Search, create_run_dir
+
+    genome = make_genome(zoo, "task_arithmetic")
+    spec = genome.spec.model_copy(update={"runs_dir": str(tmp_path)})
+    search = Search(Prepared(spec, genome, {}, {}, []), create_run_dir(spec), progress=False)
+    try:
+        jobs = [search._next_job() for _ in range(5)]
+    finally:
+        search.journal.close()
+    labels = [search.trials[job.trial_id].label for job in jobs]
+    assert labels == ["trial 0"] + [f"trial {i + 1} (seeded: parent:{name}_fp32)" for i, name in enumerate(EXPERTS)] + ["trial 4 (seeded: linear (equal weights))"]
+    assert search.trials[0].params == genome.decode(genome.x0())

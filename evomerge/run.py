@@ -69,9 +69,9 @@ class Search:
         self.events = read_events(self.journal.path)
         self.journal.count = len(self.events)
         _refuse_changed_spec(self.events, self.spec, run_dir)
-        # Baselines the genome can express start the optimizer off, right after x0.
-        self.seed_points = prepared.genome.baseline_points() if self.spec.budget.baselines else []
         self.trials = replay(self.events)
+        # (label, x) of the baselines handed to the optimizer; None until chosen (_seed_optimizer).
+        self.seeds = _journaled_seeds(self.events) if self.spec.budget.baselines else []
         self.tally = Tally.of(self.trials)
         self.optimizer = self._restore_optimizer()
         self.tracker = Tracker(self.spec, self.run_dir)
@@ -88,10 +88,7 @@ class Search:
             if settings.popsize and settings.name == "nsga2":
                 extra["population_size"] = settings.popsize
         extra = {k: v for k, v in extra.items() if v is not None}
-        optimizer = make_optimizer(settings.name, genome.lower, genome.upper, genome.x0(), settings.seed, **extra)
-        for _, point in self.seed_points:
-            optimizer.enqueue(point)
-        return optimizer
+        return make_optimizer(settings.name, genome.lower, genome.upper, genome.x0(), settings.seed, **extra)
 
     def _restore_optimizer(self):
         snapshots = [i for i, e in enumerate(self.events) if e["event"] == "snapshot"]
@@ -164,17 +161,35 @@ class Search:
             if label not in self.tally.baseline_labels:
                 trial_id = -1 - len(self.tally.baseline_labels)
                 return self._ask(Trial(trial_id, "baseline", label, config))
-        if self.tally.asked >= (self.spec.budget.max_evals or math.inf):
+        if self.tally.asked >= (self.spec.budget.max_evals or math.inf) or not self._seed_optimizer():
             return None
         ask = self.optimizer.ask()
         if ask is None:
             return None
         genome = self.prepared.genome
         params = genome.decode(ask.x)
-        seeded = next((label for label, point in self.seed_points if np.array_equal(point, ask.x)), None)
+        seeded = next((label for label, point in self.seeds if np.array_equal(point, ask.x)), None)
         label = f"trial {ask.trial_id}" + (f" (seeded: {seeded})" if seeded else "")
         trial = Trial(ask.trial_id, "optimizer", label, genome.merge_config_dict(ask.x, params), params)
         return self._ask(trial, x=[float(v) for v in ask.x])
+
+    def _seed_optimizer(self) -> bool:
+        """Once every baseline is scored, hand the optimizer those worth starting from; False until then.
+
+        Seeded: the baselines the genome can express exactly (each parent alone, and linear for
+        task arithmetic) that score at least as well as the best default merge. A weaker one
+        injected into CMA-ES's first generation only drags its mean toward a poor corner.
+        """
+        if self.seeds is not None:
+            return True
+        baselines = [t for t in self.trials.values() if t.kind == "baseline"]
+        if any(t.status == "asked" for t in baselines):
+            return False
+        self.seeds = seeds_worth_trying(self.prepared.genome.baseline_points(), baselines)
+        self.journal.append("seeded", seeds=[{"label": label, "x": [float(v) for v in x]} for label, x in self.seeds])
+        for _, x in self.seeds:
+            self.optimizer.enqueue(x)
+        return True
 
     def _ask(self, trial: Trial, x: list | None = None) -> Job:
         self.trials[trial.trial_id] = trial
@@ -244,6 +259,19 @@ def heldout_candidates(trials: dict[int, Trial], top_k: int) -> list[Trial]:
     return [t for t in done if t.kind == "baseline"] + searched[:top_k]
 
 
+def seeds_worth_trying(points: list[tuple[str, np.ndarray]], baselines: list[Trial]) -> list[tuple[str, np.ndarray]]:
+    """The expressible baselines that scored at least as well as every default merge."""
+    scores = {t.label: t.result["score"] for t in baselines if t.status == "completed"}
+    merges = [score for label, score in scores.items() if label != "base" and not label.startswith("parent:")]
+    bar = max(merges, default=-math.inf)
+    return [(label, x) for label, x in points if label in scores and scores[label] >= bar]
+
+
+def _journaled_seeds(events: list[dict]) -> list[tuple[str, np.ndarray]] | None:
+    seeded = [e for e in events if e["event"] == "seeded"]
+    return [(s["label"], np.asarray(s["x"], dtype=float)) for s in seeded[-1]["seeds"]] if seeded else None
+
+
 def _result_fields(result: dict) -> dict:
     keep = ("trial", "ok", "score", "metrics", "n_docs", "worker", "merge_s", "eval_s", "subset", "reason", "seconds")
     return {k: result[k] for k in keep if k in result}
@@ -261,6 +289,9 @@ def _replay_event(optimizer, event: dict, trials: dict[int, Trial]) -> None:
         ask = optimizer.ask()
         if ask is None or ask.trial_id != event["trial"] or not np.allclose(ask.x, event["x"], rtol=0, atol=1e-12):
             raise UserError(f"journal: the optimizer no longer proposes trial {event['trial']} as journaled; the spec or the optimizer code changed, start a new run")
+    elif kind == "seeded":
+        for seed in event["seeds"]:
+            optimizer.enqueue(np.asarray(seed["x"], dtype=float))
     elif kind in ("completed", "failed") and event["trial"] in trials and trials[event["trial"]].kind == "optimizer":
         optimizer.tell(event["trial"], (event.get("objectives") or event.get("score")) if kind == "completed" else None)
 

@@ -73,17 +73,41 @@ def test_a_seed_is_dropped_alone_when_its_own_values_leave_the_bounds(zoo):
     assert labels == ["linear (equal weights)"]  # 1/3 is inside, a parent's 0 is not
 
 
-def test_cmaes_asks_x0_then_the_seeded_baselines(zoo, tmp_path):
-    from evomerge.preflight import Prepared
-    from evomerge.run import Search, create_run_dir
+def fake_result(trial_id: int, score: float) -> dict:
+    return {"trial": trial_id, "ok": True, "score": score, "metrics": {"unused": score}, "n_docs": {"unused": 10}}
+
+
+def open_search(genome: Genome, run_dir):
+    from evomerge.preflight import Prepared, baseline_configs
+    from evomerge.run import Search
+
+    return Search(Prepared(genome.spec, genome, {}, {}, baseline_configs(genome.spec)), run_dir, progress=False)
+
+
+def test_baselines_that_beat_every_default_merge_are_seeded_after_x0_and_replayed_on_resume(zoo, tmp_path):
+    from evomerge.journal import read_events
+    from evomerge.run import create_run_dir
 
     genome = make_genome(zoo, "task_arithmetic")
-    spec = genome.spec.model_copy(update={"runs_dir": str(tmp_path)})
-    search = Search(Prepared(spec, genome, {}, {}, []), create_run_dir(spec), progress=False)
-    try:
-        jobs = [search._next_job() for _ in range(5)]
-    finally:
-        search.journal.close()
-    labels = [search.trials[job.trial_id].label for job in jobs]
-    assert labels == ["trial 0"] + [f"trial {i + 1} (seeded: parent:{name}_fp32)" for i, name in enumerate(EXPERTS)] + ["trial 4 (seeded: linear (equal weights))"]
+    genome.spec = genome.spec.model_copy(update={"runs_dir": str(tmp_path)})
+    run_dir = create_run_dir(genome.spec)
+    search = open_search(genome, run_dir)
+    baseline_jobs = [search._next_job() for _ in range(8)]
+    assert search._next_job() is None, "the optimizer waits until every baseline is scored"
+    # ft_b alone beats every default merge; ft_a ties the best one; ft_c and linear do not.
+    scores = {"parent:ft_a_fp32": 0.5, "parent:ft_b_fp32": 0.9, "task_arithmetic (lambda=1)": 0.5}
+    for job in baseline_jobs:
+        search._record(job, fake_result(job.trial_id, scores.get(search.trials[job.trial_id].label, 0.1)))
+    labels = [search.trials[search._next_job().trial_id].label for _ in range(4)]
+    assert labels == ["trial 0", "trial 1 (seeded: parent:ft_a_fp32)", "trial 2 (seeded: parent:ft_b_fp32)", "trial 3"]
     assert search.trials[0].params == genome.decode(genome.x0())
+    expected_next = search.optimizer.ask().x
+    search.journal.close()
+
+    seeded = [e for e in read_events(run_dir / "journal.jsonl") if e["event"] == "seeded"]
+    assert [s["label"] for s in seeded[0]["seeds"]] == ["parent:ft_a_fp32", "parent:ft_b_fp32"] and len(seeded) == 1
+    resumed = open_search(genome, run_dir)
+    try:
+        np.testing.assert_array_equal(resumed.optimizer.ask().x, expected_next)
+    finally:
+        resumed.journal.close()

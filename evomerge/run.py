@@ -182,6 +182,9 @@ class Search:
         """
         if self.seeds is not None:
             return True
+        if any(t.kind == "optimizer" for t in self.trials.values()):
+            self.seeds = []  # a run journaled before seeding existed: resume it as it was
+            return True
         baselines = [t for t in self.trials.values() if t.kind == "baseline"]
         if any(t.status == "asked" for t in baselines):
             return False

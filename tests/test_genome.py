@@ -111,3 +111,26 @@ def test_baselines_that_beat_every_default_merge_are_seeded_after_x0_and_replaye
         np.testing.assert_array_equal(resumed.optimizer.ask().x, expected_next)
     finally:
         resumed.journal.close()
+
+
+def test_a_run_journaled_before_seeding_existed_resumes_unseeded(zoo, tmp_path):
+    from evomerge.journal import read_events
+    from evomerge.run import create_run_dir
+
+    genome = make_genome(zoo, "task_arithmetic")
+    genome.spec = genome.spec.model_copy(update={"runs_dir": str(tmp_path)})
+    run_dir = create_run_dir(genome.spec)
+    search = open_search(genome, run_dir)
+    baseline_jobs = [search._next_job() for _ in range(8)]
+    for job in baseline_jobs:  # a parent beats every merge, so it would be seeded in a new run
+        search._record(job, fake_result(job.trial_id, 0.9 if search.trials[job.trial_id].label == "parent:ft_a_fp32" else 0.1))
+    search.seeds = []  # what the old code did: no seeding, no 'seeded' event
+    search._next_job()
+    search.journal.close()
+    resumed = open_search(genome, run_dir)
+    try:
+        labels = [resumed.trials[resumed._next_job().trial_id].label for _ in range(3)]
+    finally:
+        resumed.journal.close()
+    assert labels == ["trial 1", "trial 2", "trial 3"]
+    assert not [e for e in read_events(run_dir / "journal.jsonl") if e["event"] == "seeded"]

@@ -144,7 +144,7 @@ def export(
 ):
     """Write a trial as a standard mergekit YAML (the held-out winner by default)."""
     from evomerge.merge.io import write_text_atomic
-    from evomerge.results import export_trial, load_trials, pareto_trials
+    from evomerge.results import describe, export_trial, load_trials, pareto_trials
 
     if pareto:
         front = pareto_trials(load_trials(run_dir)[1])
@@ -159,7 +159,7 @@ def export(
         typer.echo(text)
     else:
         write_text_atomic(output, text)
-        typer.echo(f"wrote {chosen.label} (trial {chosen.trial_id}) to {output}", err=True)
+        typer.echo(f"wrote {describe(chosen)} to {output}", err=True)
 
 
 @app.command()

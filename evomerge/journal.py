@@ -3,7 +3,8 @@
 Each event is one JSON line, flushed to the OS before the driver acts on it, so a killed driver
 loses at most the line it was writing; `read_events` drops such a torn last line with a warning.
 A helper thread fsyncs behind the driver (group commit: one fsync covers every line written before
-it), so the search loop never waits on the disk; power loss can cost only the last few events,
+it; an 'asked' line asks for none and rides on the next result's), so the search loop never waits
+on the disk; power loss can cost only the last few events,
 which a resume re-runs. `close` waits for the last fsync.
 Optimizer state is the only pickle, written atomically under `optimizer/` and referenced from the
 journal by its SHA-256, so a resume refuses a blob that does not match.
@@ -30,6 +31,11 @@ from evomerge.errors import UserError
 
 
 KILL_HOOK_VARIABLE = "EVOMERGE_TEST_KILL_AFTER_EVENT"
+
+
+# Events that only announce work (an 'asked' is re-derived by replay) wake no fsync of their own:
+# the next result's fsync covers them.
+UNSYNCED_EVENTS = frozenset({"asked"})
 
 
 class RunLocked(UserError):
@@ -103,7 +109,8 @@ class Journal:
                 self._syncer.raise_failure()
                 self._handle.write(line.encode())
                 self._handle.flush()
-                self._syncer.request()
+                if event not in UNSYNCED_EVENTS:
+                    self._syncer.request()
             except OSError as error:
                 self._reopen_after_failed_write()
                 raise UserError(f"{self.path}: cannot write the journal ({error.strerror}); free disk space or fix permissions, then 'evomerge resume {self.run_dir}'") from None

@@ -87,6 +87,11 @@ def leaderboard(trials: dict[int, Trial]) -> list[dict]:
     return sorted(rows, key=lambda r: -(r["heldout"] if r["heldout"] is not None else r["search"]))
 
 
+def describe(trial: Trial) -> str:
+    """'trial 12', 'trial 3 (seeded: parent:x)' or 'parent:x (trial -2)': the label, with the id when it lacks it."""
+    return trial.label if trial.label.startswith(f"trial {trial.trial_id}") else f"{trial.label} (trial {trial.trial_id})"
+
+
 def export_trial(run_dir: Path, trial_id: int | None = None) -> tuple[Trial, str]:
     """The mergekit YAML of a trial: the held-out winner, else the best search score, by default."""
     _, trials = load_trials(run_dir)
@@ -101,5 +106,5 @@ def export_trial(run_dir: Path, trial_id: int | None = None) -> tuple[Trial, str
         chosen = trials.get(trial_id)
         if chosen is None or chosen.status != "completed":
             raise UserError(f"--trial: trial {trial_id} is not a completed trial of {run_dir}; see 'evomerge status {run_dir}'")
-    header = f"# evomerge export: {chosen.label} (trial {chosen.trial_id}), search score {chosen.result['score']:.6f}\n"
+    header = f"# evomerge export: {describe(chosen)}, search score {chosen.result['score']:.6f}\n"
     return chosen, header + yaml.safe_dump(chosen.merge_config, sort_keys=False, default_flow_style=None)

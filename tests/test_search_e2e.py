@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 import yaml
 
 from search_zoo import FIXTURE_EVALS, build_trained_zoo
+from evomerge.journal import KILL_HOOK_VARIABLE
 
 pytestmark = pytest.mark.slow
 EVOMERGE = str(Path(sys.executable).with_name("evomerge"))
@@ -121,15 +121,18 @@ def test_killed_search_resumes_to_the_uninterrupted_state(tmp_path, trained_zoo)
 
     spec_path = write_spec(tmp_path, trained_zoo, "killed", optimizer, max_evals=19)
     run_dir = tmp_path / "runs" / "killed"
-    driver = subprocess.Popen([EVOMERGE, "search", str(spec_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        done = [e for e in journal(run_dir) if e["event"] == "completed"] if (run_dir / "journal.jsonl").exists() else []
-        if len(done) >= 12:  # baselines done and the optimizer mid-generation
-            break
-        time.sleep(0.2)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
+    # The driver SIGKILLs itself right after its 12th result (baselines done, the optimizer mid-
+    # generation): polling the journal from here raced a driver that finishes 7 trials in 0.2 s.
+    env = {**os.environ, KILL_HOOK_VARIABLE: "completed:12"}
+    driver = subprocess.Popen([EVOMERGE, "search", str(spec_path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert driver.wait(timeout=300) == -signal.SIGKILL
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)  # the local Ray cluster it started
+        except ProcessLookupError:
+            pass
+    assert len([e for e in journal(run_dir) if e["event"] == "completed"]) == 12
     assert not any(e["event"] == "run_finished" for e in journal(run_dir))
 
     cli("resume", run_dir)

@@ -18,6 +18,7 @@ import numpy as np
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.methods import METHODS, MethodInfo
 from evomerge.spec import DEFAULT_BOUNDS, Spec
+from evomerge.trials import LINEAR_LABEL, parent_label
 
 PER_MODEL = ("weight", "density", "gamma", "epsilon")
 DEFAULT_VALUES = {"density": 0.5, "t": 0.5, "gamma": 0.01, "epsilon": 0.15, "lambda": 1.0}
@@ -70,6 +71,7 @@ class Genome:
         self.groups = layer_groups(num_layers, spec.genome.layer_groups)
         self.genes = self._make_genes()
         self._branches = self._branch_templates()
+        self._fixed_parameters = _without_nones(dict(self.fixed)) or None
         self.dim = len(self.genes)
         self.lower = np.zeros(self.dim)
         self.upper = np.ones(self.dim)
@@ -119,9 +121,9 @@ class Genome:
         points = []
         for index, path in enumerate(experts):
             point = self._point_with(lambda gene, index=index: 1.0 if gene.model == index else 0.0)
-            points.append((f"parent:{Path(path).name}", point))
+            points.append((parent_label(path), point))
         if self.method.name == "task_arithmetic" and len(experts) > 1:
-            points.append(("linear (equal weights)", self._point_with(lambda gene: 1.0 / len(experts))))
+            points.append((LINEAR_LABEL, self._point_with(lambda gene: 1.0 / len(experts))))
         return [(label, point) for label, point in points if point is not None]
 
     def _point_with(self, weight_of) -> np.ndarray | None:
@@ -172,7 +174,7 @@ class Genome:
             merge_method=self.method.name,
             base_model=spec.models.base if self.method.needs_base else None,
             slices=slices,
-            parameters=_without_nones(dict(self.fixed)) or None,
+            parameters=dict(self._fixed_parameters) if self._fixed_parameters else None,
             dtype=spec.merge.dtype,
             tokenizer_source="base",
         )

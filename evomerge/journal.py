@@ -4,8 +4,8 @@ Each event is one JSON line, flushed to the OS before the driver acts on it, so 
 loses at most the line it was writing; `read_events` drops such a torn last line with a warning.
 A helper thread fsyncs behind the driver (group commit: one fsync covers every line written before
 it; an 'asked' line asks for none and rides on the next result's), so the search loop never waits
-on the disk; power loss can cost only the last few events,
-which a resume re-runs. `close` waits for the last fsync.
+on the disk; power loss can cost only the last few events, which a resume re-runs. `close` fsyncs
+whatever is left and waits for it.
 Optimizer state is the only pickle, written atomically under `optimizer/` and referenced from the
 journal by its SHA-256, so a resume refuses a blob that does not match.
 
@@ -170,6 +170,7 @@ class Journal:
         try:
             self._snapshot_writer.shutdown(wait=True)
             self.wait_for_snapshots()
+            self._syncer.request()  # covers trailing 'asked' lines, which asked for no fsync
             self._syncer.close()
         except OSError as error:
             raise UserError(f"{self.path}: cannot write the journal ({error.strerror}); free disk space or fix permissions, then 'evomerge resume {self.run_dir}'") from None
@@ -177,7 +178,6 @@ class Journal:
             self._handle.close()
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
-
 
 
 class BackgroundFsync:

@@ -19,6 +19,7 @@ from evomerge.merge.methods import METHODS
 from evomerge.merge.validate import validate_merge_config
 from evomerge.spec import Spec, TaskWeight
 from evomerge.tracking import check_available
+from evomerge.trials import BASE_LABEL, LINEAR_LABEL, parent_label
 from evomerge.worker.tasks import EvalSettings, TaskSpec, resolve_tasks
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -108,10 +109,10 @@ def baseline_configs(spec: Spec) -> list[tuple[str, dict]]:
         models = [{"model": p, "parameters": {"weight": weight, **extra}} for p in experts]
         return {"merge_method": method, "base_model": base, "models": models, "dtype": dtype}
 
-    configs = [("base", _single(base, dtype))]
-    configs += [(f"parent:{Path(p).name}", _single(p, dtype)) for p in experts]
+    configs = [(BASE_LABEL, _single(base, dtype))]
+    configs += [(parent_label(p), _single(p, dtype)) for p in experts]
     configs += [
-        ("linear (equal weights)", {"merge_method": "linear", "models": [{"model": p, "parameters": {"weight": 1.0}} for p in experts], "dtype": dtype}),
+        (LINEAR_LABEL, {"merge_method": "linear", "models": [{"model": p, "parameters": {"weight": 1.0}} for p in experts], "dtype": dtype}),
         ("task_arithmetic (lambda=1)", merge("task_arithmetic", 1.0)),
         ("ties (density=0.5)", merge("ties", 1.0, density=0.5)),
         ("dare_ties (density=0.5)", merge("dare_ties", 1.0, density=0.5)),

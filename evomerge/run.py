@@ -18,7 +18,7 @@ import yaml
 
 from evomerge.errors import UserError
 from evomerge.journal import Journal, load_snapshot, read_events
-from evomerge.trials import Tally, Trial, replay
+from evomerge.trials import Tally, Trial, is_default_merge, replay
 from evomerge.merge.io import write_text_atomic
 from evomerge.optim import make_optimizer
 from evomerge.pareto import objective_values
@@ -122,7 +122,7 @@ class Search:
                 self._search(scheduler, progress)
                 self._rescore_heldout(scheduler)
             self._snapshot(wait=True)
-            self.journal.append("run_finished", completed=sum(t.status == "completed" for t in self.trials.values()))
+            self.journal.append("run_finished", completed=self.tally.completed)
         finally:
             self.tracker.close()
             scheduler.shutdown()
@@ -265,7 +265,7 @@ def heldout_candidates(trials: dict[int, Trial], top_k: int) -> list[Trial]:
 def seeds_worth_trying(points: list[tuple[str, np.ndarray]], baselines: list[Trial]) -> list[tuple[str, np.ndarray]]:
     """The expressible baselines that scored at least as well as every default merge."""
     scores = {t.label: t.result["score"] for t in baselines if t.status == "completed"}
-    merges = [score for label, score in scores.items() if label != "base" and not label.startswith("parent:")]
+    merges = [score for label, score in scores.items() if is_default_merge(label)]
     bar = max(merges, default=-math.inf)
     return [(label, x) for label, x in points if label in scores and scores[label] >= bar]
 

@@ -3,6 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+# Baseline labels: written by preflight (scored) and genome (seeded), read by the seeding rule
+# and the demo's margins, so they are defined once here.
+BASE_LABEL = "base"
+LINEAR_LABEL = "linear (equal weights)"
+PARENT_PREFIX = "parent:"
+
+
+def parent_label(model_path: str) -> str:
+    return f"{PARENT_PREFIX}{Path(model_path).name}"
+
+
+def is_parent(label: str) -> bool:
+    return label.startswith(PARENT_PREFIX)
+
+
+def is_default_merge(label: str) -> bool:
+    """A baseline that merges (linear, task arithmetic, TIES, DARE-TIES): neither the base nor a parent."""
+    return label != BASE_LABEL and not is_parent(label)
 
 
 @dataclass

@@ -24,31 +24,21 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval prints a bar per task and 
 LAMBDA_GRID = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)
 
 
-def task_arithmetic(spec, weights_of_expert) -> dict:
-    """A slices config with one weight per expert per layer: weights_of_expert(i, layer)."""
-    layers = spec_layers(spec)
-    slices = []
-    for layer in range(layers):
-        sources = [{"model": spec.models.base, "layer_range": [layer, layer + 1]}]
-        sources += [
-            {"model": path, "layer_range": [layer, layer + 1], "parameters": {"weight": weights_of_expert(i, layer)}}
-            for i, path in enumerate(spec.models.experts)
-        ]
-        slices.append({"sources": sources})
-    return {"merge_method": "task_arithmetic", "base_model": spec.models.base, "slices": slices, "dtype": spec.merge.dtype}
+def per_layer_config(genome, weight_of) -> dict:
+    """The demo genome's candidate with weight_of(expert index, first layer of the group) per gene.
+
+    The demo spec has one weight gene per expert per layer, so this is exactly the family the
+    search explores, built by the same code.
+    """
+    values = {gene.name: weight_of(gene.model, genome.groups[int(gene.group)][0]) for gene in genome.genes}
+    return genome.merge_config_dict(genome.encode(values))
 
 
-def spec_layers(spec) -> int:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(spec.models.base).num_hidden_layers
-
-
-def hand_tuned_configs(spec, expert_layers: dict[str, list[int]]) -> dict[str, dict]:
-    configs = {f"task arithmetic, lambda {lam}": task_arithmetic(spec, lambda i, layer, lam=lam: lam) for lam in LAMBDA_GRID}
-    blocks = [expert_layers[Path(path).name.removeprefix("expert_")] for path in spec.models.experts]
-    configs["per layer by hand: 1 in own block, 0 elsewhere"] = task_arithmetic(
-        spec, lambda i, layer: 1.0 if layer in blocks[i] else 0.0
+def hand_tuned_configs(genome, expert_layers: dict[str, list[int]]) -> dict[str, dict]:
+    configs = {f"task arithmetic, lambda {lam}": per_layer_config(genome, lambda i, layer, lam=lam: lam) for lam in LAMBDA_GRID}
+    blocks = [expert_layers[Path(path).name.removeprefix("expert_")] for path in genome.spec.models.experts]
+    configs["per layer by hand: 1 in own block, 0 elsewhere"] = per_layer_config(
+        genome, lambda i, layer: 1.0 if layer in blocks[i] else 0.0
     )
     return configs
 
@@ -66,7 +56,7 @@ def main() -> int:
     spec = prepared.spec
     worker = MergeWorker(WorkerSettings(spec.models.base, prepared.union_config, prepared.eval_sets))
     print(f"{'merge':52s} {'search':>16s} {'held-out':>16s}")
-    for label, config in hand_tuned_configs(spec, build_demo_zoo.RECIPE["expert_layers"]).items():
+    for label, config in hand_tuned_configs(prepared.genome, build_demo_zoo.RECIPE["expert_layers"]).items():
         cells = []
         for eval_set in ("search", "heldout"):
             result = worker.evaluate(0, config, eval_set)

@@ -25,6 +25,7 @@ def heldout_margins(trials) -> list[str]:
     import math
 
     from evomerge.results import leaderboard
+    from evomerge.trials import is_default_merge, is_parent
 
     rows = [r for r in leaderboard(trials) if r["heldout"] is not None]
     evolved = [r for r in rows if r["kind"] == "optimizer"]
@@ -32,8 +33,8 @@ def heldout_margins(trials) -> list[str]:
         return []
     best = evolved[0]
     rivals = {
-        "the best parent": [r for r in rows if r["label"].startswith("parent:")],
-        "the best default merge": [r for r in rows if r["kind"] == "baseline" and ":" not in r["label"] and r["label"] != "base"],
+        "the best parent": [r for r in rows if r["kind"] == "baseline" and is_parent(r["label"])],
+        "the best default merge": [r for r in rows if r["kind"] == "baseline" and is_default_merge(r["label"])],
     }
     lines = []
     for name, group in rivals.items():

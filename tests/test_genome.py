@@ -84,8 +84,9 @@ def open_search(genome: Genome, run_dir):
     return Search(Prepared(genome.spec, genome, {}, {}, baseline_configs(genome.spec)), run_dir, progress=False)
 
 
-def test_baselines_that_beat_every_default_merge_are_seeded_after_x0_and_replayed_on_resume(zoo, tmp_path):
-    from evomerge.journal import read_events
+def search_with_scored_baselines(zoo, tmp_path, scores: dict[str, float]):
+    """(genome, run dir, search) of a new task-arithmetic run whose 8 baselines scored `scores`
+    by label (0.1 for the others); checks the optimizer waited for them."""
     from evomerge.run import create_run_dir
 
     genome = make_genome(zoo, "task_arithmetic")
@@ -94,10 +95,17 @@ def test_baselines_that_beat_every_default_merge_are_seeded_after_x0_and_replaye
     search = open_search(genome, run_dir)
     baseline_jobs = [search._next_job() for _ in range(8)]
     assert search._next_job() is None, "the optimizer waits until every baseline is scored"
-    # ft_b alone beats every default merge; ft_a ties the best one; ft_c and linear do not.
-    scores = {"parent:ft_a_fp32": 0.5, "parent:ft_b_fp32": 0.9, "task_arithmetic (lambda=1)": 0.5}
     for job in baseline_jobs:
         search._record(job, fake_result(job.trial_id, scores.get(search.trials[job.trial_id].label, 0.1)))
+    return genome, run_dir, search
+
+
+def test_baselines_that_beat_every_default_merge_are_seeded_after_x0_and_replayed_on_resume(zoo, tmp_path):
+    from evomerge.journal import read_events
+
+    # ft_b alone beats every default merge; ft_a ties the best one; ft_c and linear do not.
+    scores = {"parent:ft_a_fp32": 0.5, "parent:ft_b_fp32": 0.9, "task_arithmetic (lambda=1)": 0.5}
+    genome, run_dir, search = search_with_scored_baselines(zoo, tmp_path, scores)
     labels = [search.trials[search._next_job().trial_id].label for _ in range(4)]
     assert labels == ["trial 0", "trial 1 (seeded: parent:ft_a_fp32)", "trial 2 (seeded: parent:ft_b_fp32)", "trial 3"]
     assert search.trials[0].params == genome.decode(genome.x0())
@@ -115,15 +123,9 @@ def test_baselines_that_beat_every_default_merge_are_seeded_after_x0_and_replaye
 
 def test_a_run_journaled_before_seeding_existed_resumes_unseeded(zoo, tmp_path):
     from evomerge.journal import read_events
-    from evomerge.run import create_run_dir
 
-    genome = make_genome(zoo, "task_arithmetic")
-    genome.spec = genome.spec.model_copy(update={"runs_dir": str(tmp_path)})
-    run_dir = create_run_dir(genome.spec)
-    search = open_search(genome, run_dir)
-    baseline_jobs = [search._next_job() for _ in range(8)]
-    for job in baseline_jobs:  # a parent beats every merge, so it would be seeded in a new run
-        search._record(job, fake_result(job.trial_id, 0.9 if search.trials[job.trial_id].label == "parent:ft_a_fp32" else 0.1))
+    # A parent beats every merge, so a new run would seed it.
+    genome, run_dir, search = search_with_scored_baselines(zoo, tmp_path, {"parent:ft_a_fp32": 0.9})
     search.seeds = []  # what the old code did: no seeding, no 'seeded' event
     search._next_job()
     search.journal.close()

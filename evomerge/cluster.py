@@ -83,6 +83,7 @@ def make_actor_factory(prepared: Prepared, spec: Spec):
         cpu_threads=max(1, int(spec.workers.cpus_per_worker)),
         trust_remote_code=spec.trust_remote_code,
         merge_seed=spec.optimizer.seed,
+        merge_method=spec.merge.method,
     )
     actor_class = ray_worker_class(spec.workers.cpus_per_worker, spec.workers.gpus_per_worker if device == "cuda" else 0)
 

@@ -151,8 +151,13 @@ class ResidentSources:
         return validate_merge_config(config, "candidate", folders=self.validated.folders)
 
     def cached_inputs(self, plan: TensorPlan, method: MethodInfo):
-        inputs = [self.tensors[ref] for ref in plan.inputs]
+        # Fused sources keep only the base and the deltas (candidate.reference_view): a task-vector
+        # merge needs no other input tensor.
+        inputs = [self.tensors.get(ref) for ref in plan.inputs]
         if method.family != "task_vector":
+            missing = [ref for ref, tensor in zip(plan.inputs, inputs) if tensor is None]
+            if missing:
+                raise KeyError(f"{missing[0]} is not resident: these sources were prepared for task-vector merges")
             return inputs, None, None
         base_ref = plan.inputs[plan.base_index]
         deltas, ranks = {}, {}
@@ -161,6 +166,8 @@ class ResidentSources:
                 continue
             key = (base_ref, ref)
             if key not in self.deltas:
+                if inputs[index] is None or inputs[plan.base_index] is None:
+                    raise KeyError(f"{ref} minus {base_ref} is not resident: these sources were prepared for another base model")
                 self.deltas[key] = self.tensors[ref] - self.tensors[base_ref]
             deltas[index] = self.deltas[key]
             if self.cache_ranks and method.sparsification in ("magnitude", "magnitude_outliers"):

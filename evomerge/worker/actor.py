@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from evomerge.merge.config import MergeConfig
-from evomerge.merge.engine import ResidentSources, merge_into_model
+from evomerge.merge.candidate import CandidateMerger
 from evomerge.worker.evaluate import Evaluator
 from evomerge.worker.tasks import EvalSettings
 
@@ -34,6 +34,8 @@ class WorkerSettings:
     cpu_threads: int = 1
     trust_remote_code: bool = False
     merge_seed: int = 0
+    merge_method: str | None = None  # the search's method: picks the fused merge path when it has one
+    source_placement: str = "auto"  # fused path: "device", "host" (pinned, streamed) or "auto"
 
 
 class MergeWorker:
@@ -49,9 +51,10 @@ class MergeWorker:
         self.settings = settings
         self.worker_id = f"{worker_id}@{socket.gethostname()}:{os.getpid()}"
         dtype = getattr(torch, settings.dtype)
-        self.sources = ResidentSources.load(MergeConfig.model_validate(settings.union_config), device=settings.device)
         self.model = AutoModelForCausalLM.from_pretrained(settings.base_model, dtype=dtype, trust_remote_code=settings.trust_remote_code).to(settings.device)
         self.model.eval()
+        union = MergeConfig.model_validate(settings.union_config)
+        self.merger = CandidateMerger.create(self.model, union, settings.merge_method, settings.device, settings.source_placement)
         self.tokenizer = AutoTokenizer.from_pretrained(settings.base_model, trust_remote_code=settings.trust_remote_code)
         self.evaluators = {
             name: Evaluator(self.model, self.tokenizer, eval_settings, device=settings.device)
@@ -70,9 +73,9 @@ class MergeWorker:
         """Merge `merge_config` into the resident model and score it; never raises for the candidate."""
         started = time.perf_counter()
         try:
-            merge_into_model(self.model, self.sources, MergeConfig.model_validate(merge_config), seed=self.settings.merge_seed)
+            self.merger.merge(MergeConfig.model_validate(merge_config), seed=self.settings.merge_seed)
             _synchronize(self.settings.device)
-            bad = _first_non_finite(self.model)
+            bad = self.merger.first_non_finite()
             if bad:
                 return self._failure(trial_id, f"merged weights are not finite ({bad})", started)
             merged = time.perf_counter()
@@ -86,7 +89,7 @@ class MergeWorker:
         return {
             "trial": trial_id, "ok": True, "score": result.score, "metrics": result.metrics,
             "n_docs": result.n_docs, "worker": self.worker_id, "eval_set": eval_set,
-            "merge_s": round(merged - started, 4), "eval_s": round(result.seconds, 4),
+            "merge_s": round(merged - started, 4), "merge_path": self.merger.path, "eval_s": round(result.seconds, 4),
             "subset": self.subset_digests[eval_set],
         }
 
@@ -101,13 +104,6 @@ def subset_digest(indices: dict[str, list[int]]) -> str:
 def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def _first_non_finite(model: torch.nn.Module) -> str | None:
-    for name, parameter in model.named_parameters():
-        if not torch.isfinite(parameter).all():
-            return name
-    return None
 
 
 def ray_worker_class(num_cpus: float, num_gpus: float):

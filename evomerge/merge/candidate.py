@@ -1,0 +1,141 @@
+"""A worker's per-candidate merge into its resident model: fused where it can, reference otherwise.
+
+`CandidateMerger.create` picks the path once per worker:
+
+* the fused kernel (`fused.FusedSources`) for task arithmetic, TIES and DARE on CUDA with Triton;
+  the model's parameters become views of one flat output buffer the kernel writes;
+* the reference path (`engine.ResidentSources` + `engine.merge_into_model`) for everything else,
+  and on CPU.
+
+The fused path proves itself on its first deterministic candidate: every tensor is compared with
+the reference path's result, and any difference switches the worker to the reference path for
+good, with a warning. A candidate the fused sources cannot express (another base, other inputs)
+takes the reference path, which reads the same flat buffers, so nothing is loaded twice.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from evomerge.merge.config import MergeConfig
+from evomerge.merge.engine import ResidentSources, merge_into_model, merge_tensor
+from evomerge.merge.fused import FusedSources, NotFusable, fused_unavailable_reason
+from evomerge.merge.methods import METHODS
+from evomerge.merge.validate import ValidatedMerge
+
+log = logging.getLogger(__name__)
+
+
+def adopt_model(model: torch.nn.Module, sources: FusedSources) -> torch.Tensor:
+    """Make the model's merged parameters views of one flat buffer laid out as the sources are."""
+    layout = sources.layout
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    targets.update(dict(model.named_buffers(remove_duplicate=False)))
+    chosen = []
+    for segment, name in enumerate(layout.names):
+        tensor = targets.get(name)
+        if tensor is None or tensor.dtype != sources.out_dtype or tuple(tensor.shape) != layout.shapes[segment]:
+            raise NotFusable(f"the resident model's {name} does not match the merge output")
+        if any(tensor is other for other in chosen):
+            raise NotFusable(f"{name} shares its storage with another output (tied weights)")
+        chosen.append(tensor)
+    flat = torch.zeros(layout.total, dtype=sources.out_dtype, device=chosen[0].device if chosen else sources.device)
+    with torch.no_grad():
+        for segment, tensor in enumerate(chosen):
+            view = layout.view(flat, segment)
+            view.copy_(tensor)
+            tensor.data = view
+    return flat
+
+
+def reference_view(sources: FusedSources) -> ResidentSources:
+    """ResidentSources over the fused sources' buffers (views, no copies) for the reference path."""
+    resident = ResidentSources(sources.validated, str(sources.base.device))
+    for segment, (base_ref, expert_refs) in enumerate(sources.refs):
+        resident.tensors[base_ref] = sources.layout.view(sources.base, segment)
+        for expert, ref in enumerate(expert_refs):
+            if ref is None:
+                continue
+            resident.deltas[(base_ref, ref)] = sources.layout.view(sources.deltas[expert], segment)
+            if sources.ranks is not None:
+                resident.ranks[((base_ref, ref), True)] = sources.layout.view(sources.ranks[expert], segment)
+    return resident
+
+
+class CandidateMerger:
+    """Merges candidates into one resident model by the fastest path that is known to be right."""
+
+    def __init__(self, model: torch.nn.Module, reference: ResidentSources, fused: FusedSources | None = None):
+        self.model = model
+        self.reference = reference
+        self.fused = fused
+        self.out = adopt_model(model, fused) if fused is not None else None
+        self.verified = False
+        self.path = "fused" if fused is not None else "reference"
+
+    @classmethod
+    def create(cls, model: torch.nn.Module, union: MergeConfig, method: str | None, device: str, placement: str = "auto") -> "CandidateMerger":
+        """Load the sources for `method` on `device`: fused when it can run, else the reference path."""
+        reason = fused_unavailable_reason(device, METHODS[method]) if method else "no search method given"
+        if reason is None:
+            try:
+                if placement == "auto":
+                    placement = choose_placement(union, method, device)
+                fused = FusedSources.load(union, method, device, placement)
+                return cls(model, reference_view(fused), fused)
+            except NotFusable as why:
+                reason = str(why)
+        log.info("reference merge path: %s", reason)
+        return cls(model, ResidentSources.load(union, device=device))
+
+    def first_non_finite(self) -> str | None:
+        """Name of the first merged tensor holding a NaN or inf, if any (one check when fused)."""
+        if self.fused is not None:
+            if bool(torch.isfinite(self.out).all()):
+                return None
+            layout = self.fused.layout
+            return next(name for segment, name in enumerate(layout.names) if not torch.isfinite(layout.view(self.out, segment)).all())
+        return next((name for name, parameter in self.model.named_parameters() if not torch.isfinite(parameter).all()), None)
+
+    @torch.no_grad()
+    def merge(self, config: MergeConfig, seed: int = 0) -> ValidatedMerge:
+        validated = self.reference.plan_for(config)
+        if self.fused is not None:
+            try:
+                self.fused.merge(validated, self.out, seed)
+                if not self.verified and not validated.plan.method.is_random:
+                    self._verify(validated, seed)
+                return validated
+            except NotFusable as why:
+                log.info("candidate takes the reference path: %s", why)
+        return merge_into_model(self.model, self.reference, config, seed)
+
+    def _verify(self, validated: ValidatedMerge, seed: int) -> None:
+        """Compare every fused tensor with the reference path's; switch to it on any difference."""
+        method, layout = validated.plan.method, self.fused.layout
+        for plan in validated.plan.tensors:
+            inputs, deltas, ranks = self.reference.cached_inputs(plan, method)
+            expected = merge_tensor(plan, method, inputs, seed, deltas, ranks).to(validated.out_dtype[plan.output])
+            got = layout.view(self.out, self.fused.segment_of[plan.output])
+            if not torch.equal(expected.to(got.device), got):
+                log.warning("fused merge differs from the reference on %s; using the reference path from now on", plan.output)
+                self.fused = None
+                self.path = "reference"
+                merge_into_model(self.model, self.reference, validated.config, seed)
+                return
+        self.verified = True
+
+
+def choose_placement(union: MergeConfig, method: str, device: str, headroom_fraction: float = 0.15) -> str:
+    """"device" when the fused sources fit beside the (already resident) model, else "host".
+
+    Keeps `headroom_fraction` of the GPU (at least 2 GiB) for evaluation activations and the
+    flat output buffer's one-off copy of the model.
+    """
+    if not device.startswith("cuda"):
+        return "device"
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    needed = FusedSources.estimate_bytes(union, method)
+    return "device" if needed + max(2 * 1024**3, headroom_fraction * total) <= free else "host"

@@ -1,0 +1,118 @@
+"""Host-side tables for the fused merge: magnitude thresholds and per-candidate parameters.
+
+`MagnitudeTables` keeps, for every (tensor, expert) delta, its distinct magnitudes in descending
+order with how many elements share each, so the k-th largest magnitude (the TIES threshold for a
+density) is one vectorized binary search over all tensors, with no device round trip.
+
+`ParameterTable` packs one candidate's plan into the int32 table the kernel reads: per tensor and
+expert the weight (rounded to the working dtype, as `task_vector_merge` rounds it), threshold, keep
+count, density and DARE seed; per tensor lambda and normalize. Float fields are stored as bits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+# Field order in the parameter table: each field holds one entry per expert; lambda and normalize
+# follow, one each.
+WEIGHT, THRESHOLD, KEEP_COUNT, DENSITY, SEED = range(5)
+PARAM_FIELDS = 5
+
+
+class MagnitudeTables:
+    """Distinct |delta| values (descending) and their counts, for every (segment, expert)."""
+
+    def __init__(self, segments: int, experts: int):
+        self._values: dict[tuple[int, int], np.ndarray] = {}
+        self._counts: dict[tuple[int, int], np.ndarray] = {}
+        self.shape = (segments, experts)
+        self._index = None
+
+    def add(self, segment: int, expert: int, delta: torch.Tensor, rank: torch.Tensor) -> None:
+        """Record the table of one delta, given its descending magnitude rank."""
+        magnitudes = delta.detach().abs().reshape(-1).float()
+        in_order = torch.empty_like(magnitudes)
+        in_order[rank.reshape(-1).long()] = magnitudes
+        values, counts = torch.unique_consecutive(in_order, return_counts=True)
+        self._values[(segment, expert)] = values.double().cpu().numpy()
+        self._counts[(segment, expert)] = counts.cpu().numpy().astype(np.int64)
+        self._index = None
+
+    def _build_index(self):
+        keys = sorted(self._values)
+        values = np.concatenate([self._values[k] for k in keys]) if keys else np.zeros(0)
+        counts = np.concatenate([self._counts[k] for k in keys]) if keys else np.zeros(0, np.int64)
+        ends = np.cumsum(counts)
+        count_base = np.zeros(self.shape, dtype=np.int64)
+        position = 0
+        for key in keys:
+            count_base[key] = position
+            position += int(self._counts[key].sum())
+        self._index = (values, ends, count_base)
+
+    def thresholds(self, keep_counts: np.ndarray) -> np.ndarray:
+        """The keep_counts[s, e]-th largest magnitude of each delta (only where keep_counts > 0)."""
+        if self._index is None:
+            self._build_index()
+        values, ends, count_base = self._index
+        wanted = keep_counts > 0
+        query = (count_base + keep_counts - 1)[wanted]
+        result = np.full(self.shape, np.inf, dtype=np.float64)
+        result[wanted] = values[np.searchsorted(ends, query, side="right")]
+        return result
+
+
+class ParameterTable:
+    """One candidate's per-tensor parameters, as the kernel's int32 table plus host-side arrays."""
+
+    def __init__(self, segments: int, experts: int):
+        self.experts = experts
+        self.weights = np.zeros((segments, experts))
+        self.densities = np.ones((segments, experts))
+        self.present = np.zeros((segments, experts), dtype=bool)
+        self.seeds = np.zeros((segments, experts), dtype=np.int64)
+        self.lambdas = np.ones(segments)
+        self.normalize = np.zeros(segments, dtype=bool)
+        self.rescale = np.zeros(segments, dtype=bool)
+
+    def set_input(self, segment: int, expert: int, weight: float, density: float, seed: int) -> None:
+        self.weights[segment, expert] = weight
+        self.densities[segment, expert] = density
+        self.present[segment, expert] = True
+        self.seeds[segment, expert] = seed
+
+    def keep_counts(self, numels: np.ndarray) -> np.ndarray:
+        """Magnitude trim counts: int(density * n), at least 1; n for density >= 1; 0 when absent or <= 0."""
+        counts = np.maximum(1, np.floor(self.densities * numels[:, None])).astype(np.int64)
+        counts = np.where(self.densities >= 1, numels[:, None], counts)
+        return np.where(self.present & (self.densities > 0), counts, 0)
+
+    def pack(self, work_dtype: torch.dtype, thresholds: np.ndarray | None, keep_counts: np.ndarray | None) -> np.ndarray:
+        segments, experts = self.weights.shape
+        table = np.zeros((segments, PARAM_FIELDS * experts + 2), dtype=np.int32)
+        rounded = torch.tensor(self.weights.reshape(-1).tolist(), dtype=work_dtype).float().numpy()
+        rounded = np.where(self.present.reshape(-1), rounded, 0).astype(np.float32).reshape(segments, experts)
+        _put(table, WEIGHT, experts, rounded.view(np.int32))
+        if thresholds is not None:
+            keep_all = self.densities >= 1
+            threshold = np.where(keep_all, -1.0, thresholds).astype(np.float32)
+            _put(table, THRESHOLD, experts, threshold.view(np.int32))
+            _put(table, KEEP_COUNT, experts, keep_counts.astype(np.int32))
+        _put(table, DENSITY, experts, np.where(self.present, self.densities, 0).astype(np.float32).view(np.int32))
+        _put(table, SEED, experts, self.seeds.astype(np.int32))
+        table[:, PARAM_FIELDS * experts] = self.lambdas.astype(np.float32).view(np.int32)
+        table[:, PARAM_FIELDS * experts + 1] = self.normalize.astype(np.int32)
+        return table
+
+
+def _put(table: np.ndarray, field: int, experts: int, values: np.ndarray) -> None:
+    table[:, field * experts:(field + 1) * experts] = values
+
+
+def input_seed(seed: int, output: str, input_index: int) -> int:
+    """DARE's Philox seed for one (tensor, input): independent of merge order, like the CPU path."""
+    digest = hashlib.blake2b(f"{seed}|{output}|{input_index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF

@@ -1,0 +1,136 @@
+"""Triton kernels for the fused candidate merge: task arithmetic, TIES and DARE in one pass.
+
+Pure per-element math over flat buffers (`flat.py` builds them and drives these kernels). Each
+program handles one BLOCK of one tensor ("segment"); tensors are padded to BLOCK multiples so a
+block never straddles two. Per-segment, per-input parameters come from one int32 table with float
+fields stored as their bits (`PARAM_FIELDS`), so a candidate uploads a single small tensor.
+
+The arithmetic reproduces `methods.task_vector_merge` bit for bit: every step rounds to the working
+dtype where torch's eager ops round (compute in float32, round each op's result), with sums taken in
+input order. bfloat16 rounding is done with integer ops (round to nearest even) because Triton's
+interpreter truncates in `.to(tl.bfloat16)`; the integer form is exact on GPUs too.
+
+A magnitude trim keeps element e of input j when rank_j(e) < k_j. Rank order agrees with value
+order, so that is |d| > t_j or (|d| == t_j and rank < k_j), where t_j is the k-th largest magnitude:
+the int32 rank is loaded only for elements tied with the threshold, a tiny share of them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from evomerge.merge import flat_tables
+
+# The parameter table's layout (flat_tables.ParameterTable). Field numbers below are its WEIGHT=0,
+# THRESHOLD=1, KEEP_COUNT=2, DENSITY=3, SEED=4; a test checks they still agree.
+PARAM_FIELDS: tl.constexpr = tl.constexpr(flat_tables.PARAM_FIELDS)
+
+
+@triton.jit
+def _round(x, MODE: tl.constexpr):
+    """Round float32 values to the working dtype and back (identity for float32)."""
+    if MODE == 1:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    elif MODE == 2:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _param_float(table, row, field, j, M: tl.constexpr):
+    return tl.load(table + row + field * M + j).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _kept_delta(deltas, ranks, table, row, j, offs, local, valid, total, M: tl.constexpr, SPARSIFY: tl.constexpr):
+    """Input j's task vector after the trim, in float32 (zero where trimmed)."""
+    delta = tl.load(deltas + j * total + offs, mask=valid, other=0.0).to(tl.float32)
+    if SPARSIFY == 1:
+        threshold = _param_float(table, row, 1, j, M)
+        keep_count = tl.load(table + row + 2 * M + j)
+        magnitude = tl.abs(delta)
+        tied = valid & (magnitude == threshold)
+        rank = tl.load(ranks + j * total + offs, mask=tied, other=0)
+        keep = (magnitude > threshold) | (tied & (rank < keep_count))
+        delta = tl.where(keep, delta, 0.0)
+    elif SPARSIFY == 2:
+        density = _param_float(table, row, 3, j, M)
+        seed = tl.load(table + row + 4 * M + j)
+        delta = tl.where(tl.rand(seed, local) < density, delta, 0.0)
+    return delta
+
+
+@triton.jit
+def task_vector_merge_kernel(
+    base, deltas, ranks, table, ratios, out, block_segment, segment_start, segment_numel, origin, total,
+    M: tl.constexpr, P: tl.constexpr, SPARSIFY: tl.constexpr, CONSENSUS: tl.constexpr,
+    RESCALE: tl.constexpr, WORK: tl.constexpr, OUT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """out = base + lambda * combine(w_j * trim(delta_j)) for one block of one tensor."""
+    segment = tl.load(block_segment + tl.program_id(0))
+    start = tl.load(segment_start + segment)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    local = (offs + origin - start).to(tl.int32)
+    valid = local < tl.load(segment_numel + segment)
+    row = segment * P
+    mixed = tl.zeros([BLOCK], dtype=tl.float32)
+    elected_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    weight_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    # The weighted, trimmed deltas are needed twice with sign consensus (elect, then sum those
+    # that agree); recomputing them from the same loads is cheaper than keeping M blocks live.
+    for j in tl.static_range(M):
+        weighted = _weighted(deltas, ranks, table, ratios, row, segment, j, offs, local, valid, total, M, SPARSIFY, RESCALE, WORK)
+        elected_sum += weighted
+        weight_sum += _param_float(table, row, 0, j, M)
+    if CONSENSUS:
+        positive = _round(elected_sum, WORK) >= 0
+        weight_sum = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(M):
+            weighted = _weighted(deltas, ranks, table, ratios, row, segment, j, offs, local, valid, total, M, SPARSIFY, RESCALE, WORK)
+            agrees = tl.where(positive, weighted > 0, weighted < 0)
+            mixed += tl.where(agrees, weighted, 0.0)
+            weight_sum += tl.where(agrees, _param_float(table, row, 0, j, M), 0.0)
+        divisor = _round(weight_sum, WORK)
+        divisor = tl.where(divisor == 0, 1.0, divisor)
+    else:
+        mixed = elected_sum
+        divisor = _round(weight_sum, WORK)
+        divisor = tl.where(tl.abs(divisor) < 1e-8, 1.0, divisor)
+    mixed = _round(mixed, WORK)
+    if tl.load(table + row + PARAM_FIELDS * M + 1) != 0:
+        mixed = _round(mixed / divisor, WORK)
+    mixed = _round(mixed * tl.load(table + row + PARAM_FIELDS * M).to(tl.float32, bitcast=True), WORK)
+    merged = _round(tl.load(base + offs, mask=valid, other=0.0).to(tl.float32) + mixed, WORK)
+    merged = _round(merged, OUT)
+    tl.store(out + offs, merged.to(out.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _weighted(deltas, ranks, table, ratios, row, segment, j, offs, local, valid, total,
+              M: tl.constexpr, SPARSIFY: tl.constexpr, RESCALE: tl.constexpr, WORK: tl.constexpr):
+    kept = _kept_delta(deltas, ranks, table, row, j, offs, local, valid, total, M, SPARSIFY)
+    if RESCALE:
+        kept = _round(kept * tl.load(ratios + segment * M + j), WORK)
+    return _round(kept * _param_float(table, row, 0, j, M), WORK)
+
+
+@triton.jit
+def kept_magnitude_kernel(
+    deltas, table, partial, block_segment, segment_start, segment_numel, origin, total,
+    M: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per block and input: the L1 norm of the delta a random (DARE) trim keeps, for its rescale."""
+    segment = tl.load(block_segment + tl.program_id(0))
+    start = tl.load(segment_start + segment)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    local = (offs + origin - start).to(tl.int32)
+    valid = local < tl.load(segment_numel + segment)
+    row = segment * P
+    blocks = tl.num_programs(0)
+    for j in tl.static_range(M):
+        kept = _kept_delta(deltas, deltas, table, row, j, offs, local, valid, total, M, 2)
+        tl.store(partial + j * blocks + tl.program_id(0), tl.sum(tl.abs(kept), axis=0))

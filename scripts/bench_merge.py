@@ -44,6 +44,7 @@ SHAPES = {
 }
 FINETUNE_SCALES = {"ft_a": 0.004, "ft_b": 0.01}
 METHODS = ("linear", "ties", "dare_ties")
+FUSED_METHODS = ("ties", "dare_ties")
 GENOME = {"layer_groups": 4, "split_attn_mlp": True}
 
 
@@ -59,6 +60,8 @@ class MethodResult:
     api_peak_gib: float | None = None
     api_max_rel_diff: float | None = None
     yaml_s: float | None = None
+    fused_device: dict | None = None  # time_fused's figures, sources on the GPU
+    fused_host: dict | None = None  # the same, sources in pinned host memory, streamed
 
 
 def synchronize(device: str) -> None:
@@ -270,10 +273,45 @@ def bench_size(size: str, args, bandwidth: float, log) -> list[MethodResult]:
                 result.yaml_s = _guarded(partial(time_mergekit_yaml, configs[0], args.device, Path(scratch)), log, None)
         results.append(result)
         args.on_result(result)
-    del model, sources
+    del sources  # the fused sources replace the reference path's: both at once may not fit
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    for result in results:
+        if result.method in args.fused_methods:
+            for placement in args.placements:
+                fused = _guarded(partial(time_fused, model, paths, result.method, placement, args), log, None)
+                if fused:
+                    setattr(result, f"fused_{placement}", fused)
+                    log(f"{size} {result.method} fused ({placement}): {fused['median_s']:.4f} s/candidate, {fused['median_s'] / result.bound_s:.2f}x bound")
+            args.on_result(result)
+    del model
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return results
+
+
+def time_fused(model, paths, method: str, placement: str, args) -> dict:
+    """The fused kernel (`CandidateMerger`) on the same candidates: load time, first, median, peak."""
+    from evomerge.merge.candidate import CandidateMerger, reference_view
+    from evomerge.merge.fused import FusedSources
+
+    configs = candidate_configs(paths, method, args.repeats + 1, seed=args.methods.index(method))
+    reset_peak(args.device)
+    started = time.perf_counter()
+    sources = FusedSources.load(union_config(paths), method, args.device, placement)
+    merger = CandidateMerger(model, reference_view(sources), sources)
+    loaded = time.perf_counter() - started
+    seconds = []
+    for config in configs:
+        synchronize(args.device)
+        began = time.perf_counter()
+        merger.merge(config)
+        synchronize(args.device)
+        seconds.append(time.perf_counter() - began)
+    result = {"median_s": statistics.median(seconds[1:]), "first_s": seconds[0], "load_s": loaded,
+              "peak_gib": peak_gib(args.device), "path": merger.path, "verified": merger.verified}
+    del merger, sources
+    return result
 
 
 def _evomerge_row(model, sources, configs, bandwidth, device):
@@ -321,6 +359,25 @@ def markdown_table(results: list[MethodResult]) -> str:
     return "\n".join(lines)
 
 
+def fused_table(results: list[MethodResult]) -> str:
+    lines = [
+        "| model | method | sources on | fused ms/candidate | bound ms | fused / bound | reference ms | reference / fused "
+        "| mergekit API / fused | first candidate ms (with self-check) | load s | peak GiB | path |",
+        "|---" * 13 + "|",
+    ]
+    for r in results:
+        for placement in ("device", "host"):
+            f = getattr(r, f"fused_{placement}")
+            if not f:
+                continue
+            lines.append(
+                f"| {r.size} | {r.method} | {placement} | {_ms(f['median_s'])} | {_ms(r.bound_s)} | {_ratio(f['median_s'], r.bound_s)} "
+                f"| {_ms(r.evomerge_s)} | {_ratio(r.evomerge_s, f['median_s'])} | {_ratio(r.api_s, f['median_s'])} "
+                f"| {_ms(f['first_s'])} | {f['load_s']:.1f} | {_gib(f['peak_gib'])} | {f['path']}{'' if f['verified'] or r.method != 'ties' else ' (unverified)'} |"
+            )
+    return "\n".join(lines)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -330,11 +387,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench_merge", help="where the random checkpoints are kept")
     parser.add_argument("--yaml-methods", default=",".join(METHODS), help="methods also timed with mergekit-yaml ('' for none)")
     parser.add_argument("--results", type=Path, help="also append each row as a JSON line here (kept if the run is cut short)")
+    parser.add_argument("--placements", default="device,host", help="fused-kernel rows: sources on the GPU, in pinned host memory ('' for none)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 2 repeats: checks the script runs (CPU, seconds)")
     args = parser.parse_args()
     args.sizes, args.methods, args.yaml_methods = args.sizes.split(","), args.methods.split(","), args.yaml_methods.split(",")
+    args.placements = [p for p in args.placements.split(",") if p]
+    args.fused_methods = FUSED_METHODS
     if args.smoke:
         args.sizes, args.repeats, args.yaml_methods = ["smoke"], 2, ["linear"]
+        args.placements, args.fused_methods = args.placements[-1:], ("ties",)  # the interpreter is slow
     unknown = [s for s in args.sizes if s not in SHAPES]
     if unknown:
         parser.error(f"--sizes: unknown size(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
@@ -344,6 +405,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if not args.device.startswith("cuda"):
+        # The fused rows on CPU run Triton's interpreter: a check that the script works, not a timing.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     args.cache.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
 
@@ -363,6 +427,9 @@ def main() -> None:
     print(f"Device: {device_name}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); host: {machine_description()}")
     print("\n".join(args.notes) + "\n")
     print(markdown_table(results))
+    if any(r.fused_device or r.fused_host for r in results):
+        print("\nFused kernel (reference = the evomerge column above, same candidates):\n")
+        print(fused_table(results))
 
 
 if __name__ == "__main__":

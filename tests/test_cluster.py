@@ -204,8 +204,12 @@ from evomerge.spec import parse_spec
 spec = parse_spec({"name": "probe", "models": {"base": "b", "experts": ["e"]}, "evaluation": {"tasks": ["t"]}, "workers": {"count": 1}}, "spec", Path("/"))
 connect(spec, None)
 ray.get(ray.remote(lambda: 1).remote())  # a worker process listens too
-listeners = [(p.name(), c.laddr.ip, c.laddr.port) for p in psutil.Process().children(recursive=True)
-             for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+def listening(process):
+    try:  # a short-lived helper process may exit between the listing and this call
+        return [(process.name(), c.laddr.ip, c.laddr.port) for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        return []
+listeners = [entry for p in psutil.Process().children(recursive=True) for entry in listening(p)]
 print(json.dumps(listeners))
 ray.shutdown()
 """

@@ -236,3 +236,18 @@ def test_size_estimate_and_layout(zoo):
     assert layout.total == 3072 + 1024 + 2048  # 2100 elements take three 1024-element blocks
     runs = layout.chunks(3072)
     assert runs[0][0] == 0 and runs[-1][1] == 3 and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+
+
+def test_a_kernel_that_fails_on_the_first_candidate_falls_back_to_the_reference_path(zoo, monkeypatch):
+    base, experts = zoo.model("base", "fp32"), [zoo.model(n, "fp32") for n in EXPERTS]
+    sources = union(base, experts, "float32")
+    merger = fused_merger(base, sources, "ties", torch.float32, "device")
+
+    def does_not_compile(self, validated, out, seed=0):
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(FusedSources, "merge", does_not_compile)
+    candidate = gradient_candidate(base, experts, "ties", "float32")
+    merger.merge(candidate)
+    assert merger.path == "reference"
+    assert_same_weights(merger, merged_by_reference(base, sources, candidate, torch.float32))

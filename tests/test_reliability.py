@@ -310,14 +310,14 @@ def raising(error: Exception):
 
 
 def break_merge(monkeypatch, worker, config):
-    from evomerge.worker import actor
+    from evomerge.merge import candidate
 
-    monkeypatch.setattr(actor, "merge_into_model", raising(RuntimeError("merge exploded")))
+    monkeypatch.setattr(candidate, "merge_into_model", raising(RuntimeError("merge exploded")))
     return config, "RuntimeError: merge exploded"
 
 
 def nan_after_merge(monkeypatch, worker, config):
-    from evomerge.worker import actor
+    from evomerge.merge import candidate
 
     def poisoned(model, *args, **kwargs):
         merged = real_merge(model, *args, **kwargs)
@@ -325,8 +325,8 @@ def nan_after_merge(monkeypatch, worker, config):
             model.model.norm.weight[0] = float("nan")
         return merged
 
-    real_merge = actor.merge_into_model
-    monkeypatch.setattr(actor, "merge_into_model", poisoned)
+    real_merge = candidate.merge_into_model
+    monkeypatch.setattr(candidate, "merge_into_model", poisoned)
     return config, "merged weights are not finite (model.norm.weight)"
 
 

@@ -105,14 +105,20 @@ class CandidateMerger:
         if self.fused is not None:
             try:
                 self.fused.merge(validated, self.out, seed)
-                if not self.verified and not validated.plan.method.is_random:
-                    self._verify(validated, seed)
+                if not self.verified:
+                    # Random trims draw other masks than the reference's: nothing to compare.
+                    self.verified = validated.plan.method.is_random or self._verify(validated, seed)
                 return validated
             except NotFusable as why:
                 log.info("candidate takes the reference path: %s", why)
+            except Exception as error:  # noqa: BLE001 - e.g. a kernel that does not compile here
+                if self.verified:
+                    raise
+                log.warning("fused merge failed on its first candidate (%s); using the reference path from now on", error)
+                self.fused, self.path = None, "reference"
         return merge_into_model(self.model, self.reference, config, seed)
 
-    def _verify(self, validated: ValidatedMerge, seed: int) -> None:
+    def _verify(self, validated: ValidatedMerge, seed: int) -> bool:
         """Compare every fused tensor with the reference path's; switch to it on any difference."""
         method, layout = validated.plan.method, self.fused.layout
         for plan in validated.plan.tensors:
@@ -124,8 +130,8 @@ class CandidateMerger:
                 self.fused = None
                 self.path = "reference"
                 merge_into_model(self.model, self.reference, validated.config, seed)
-                return
-        self.verified = True
+                return False
+        return True
 
 
 def choose_placement(union: MergeConfig, method: str, device: str, headroom_fraction: float = 0.15) -> str:

@@ -65,17 +65,22 @@ def _kept_delta(deltas, ranks, table, row, j, offs, local, valid, total, M: tl.c
 
 
 @triton.jit
+def _block_position(block_segment, segment_start, segment_numel, origin, BLOCK: tl.constexpr):
+    """This program's tensor, element offsets in the buffers and in the tensor, and which are real."""
+    segment = tl.load(block_segment + tl.program_id(0))
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    local = (offs + origin - tl.load(segment_start + segment)).to(tl.int32)
+    return segment, offs, local, local < tl.load(segment_numel + segment)
+
+
+@triton.jit
 def task_vector_merge_kernel(
     base, deltas, ranks, table, ratios, out, block_segment, segment_start, segment_numel, origin, total,
     M: tl.constexpr, P: tl.constexpr, SPARSIFY: tl.constexpr, CONSENSUS: tl.constexpr,
     RESCALE: tl.constexpr, WORK: tl.constexpr, OUT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """out = base + lambda * combine(w_j * trim(delta_j)) for one block of one tensor."""
-    segment = tl.load(block_segment + tl.program_id(0))
-    start = tl.load(segment_start + segment)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    local = (offs + origin - start).to(tl.int32)
-    valid = local < tl.load(segment_numel + segment)
+    segment, offs, local, valid = _block_position(block_segment, segment_start, segment_numel, origin, BLOCK)
     row = segment * P
     mixed = tl.zeros([BLOCK], dtype=tl.float32)
     elected_sum = tl.zeros([BLOCK], dtype=tl.float32)
@@ -124,11 +129,7 @@ def kept_magnitude_kernel(
     M: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Per block and input: the L1 norm of the delta a random (DARE) trim keeps, for its rescale."""
-    segment = tl.load(block_segment + tl.program_id(0))
-    start = tl.load(segment_start + segment)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    local = (offs + origin - start).to(tl.int32)
-    valid = local < tl.load(segment_numel + segment)
+    segment, offs, local, valid = _block_position(block_segment, segment_start, segment_numel, origin, BLOCK)
     row = segment * P
     blocks = tl.num_programs(0)
     for j in tl.static_range(M):

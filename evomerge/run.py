@@ -276,7 +276,7 @@ def _journaled_seeds(events: list[dict]) -> list[tuple[str, np.ndarray]] | None:
 
 
 def _result_fields(result: dict) -> dict:
-    keep = ("trial", "ok", "score", "metrics", "n_docs", "worker", "merge_s", "eval_s", "subset", "reason", "seconds")
+    keep = ("trial", "ok", "score", "metrics", "n_docs", "worker", "merge_s", "prepare_s", "merge_path", "eval_s", "subset", "reason", "seconds")
     return {k: result[k] for k in keep if k in result}
 
 

@@ -204,13 +204,13 @@ def test_a_fused_result_that_differs_switches_the_worker_to_the_reference_path(z
     base, experts = zoo.model("base", "fp32"), [zoo.model(n, "fp32") for n in EXPERTS]
     sources = union(base, experts, "float32")
     merger = fused_merger(base, sources, "ties", torch.float32, "device")
-    real_merge = FusedSources.merge
+    real_launch = FusedSources.launch
 
-    def off_by_an_ulp(self, validated, out, seed=0):
-        real_merge(self, validated, out, seed)
+    def off_by_an_ulp(self, prepared, out):
+        real_launch(self, prepared, out)
         out[5] = torch.nextafter(out[5], torch.tensor(float("inf"), device=out.device))
 
-    monkeypatch.setattr(FusedSources, "merge", off_by_an_ulp)
+    monkeypatch.setattr(FusedSources, "launch", off_by_an_ulp)
     candidate = gradient_candidate(base, experts, "ties", "float32")
     merger.merge(candidate)
     assert merger.path == "reference" and merger.fused is None
@@ -243,10 +243,10 @@ def test_a_kernel_that_fails_on_the_first_candidate_falls_back_to_the_reference_
     sources = union(base, experts, "float32")
     merger = fused_merger(base, sources, "ties", torch.float32, "device")
 
-    def does_not_compile(self, validated, out, seed=0):
+    def does_not_compile(self, prepared, out):
         raise RuntimeError("PTX assembly failed")
 
-    monkeypatch.setattr(FusedSources, "merge", does_not_compile)
+    monkeypatch.setattr(FusedSources, "launch", does_not_compile)
     candidate = gradient_candidate(base, experts, "ties", "float32")
     merger.merge(candidate)
     assert merger.path == "reference"

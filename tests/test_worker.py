@@ -78,3 +78,17 @@ def test_heldout_split_is_scored_whole_unless_heldout_limit_says_otherwise(prepa
     worker = make_worker(with_heldout, "w0")
     fixture_docs = len((FIXTURE_EVALS / "data" / "tiny.jsonl").read_text().splitlines())
     assert {name: len(docs) for name, docs in worker.subset_indices("heldout").items()} == {"tiny_choice": heldout_limit or fixture_docs}
+
+
+def test_concurrent_calls_score_as_if_run_one_after_another(prepared):
+    """A GPU actor takes two calls at once (the next one plans while this one evaluates); the lock
+    around the model must make every score equal the sequential one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    configs = [candidate(prepared, value) for value in (0.1, 0.5, 0.9, 0.3)]
+    sequential = [make_worker(prepared, "s").evaluate(trial, config)["score"] for trial, config in enumerate(configs)]
+    worker = make_worker(prepared, "c")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        concurrent = list(pool.map(lambda args: worker.evaluate(*args), enumerate(configs)))
+    assert [result["score"] for result in concurrent] == sequential
+    assert all(result["prepare_s"] >= 0 and result["merge_path"] == "reference" for result in concurrent)

@@ -16,6 +16,7 @@ takes the reference path, which reads the same flat buffers, so nothing is loade
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -64,6 +65,13 @@ def reference_view(sources: FusedSources) -> ResidentSources:
     return resident
 
 
+@dataclass(frozen=True)
+class PreparedCandidate:
+    validated: ValidatedMerge
+    seed: int
+    fused: tuple | None  # FusedSources.prepare's result, or None for the reference path
+
+
 class CandidateMerger:
     """Merges candidates into one resident model by the fastest path that is known to be right."""
 
@@ -99,24 +107,37 @@ class CandidateMerger:
             return next(name for segment, name in enumerate(layout.names) if not torch.isfinite(layout.view(self.out, segment)).all())
         return next((name for name, parameter in self.model.named_parameters() if not torch.isfinite(parameter).all()), None)
 
-    @torch.no_grad()
-    def merge(self, config: MergeConfig, seed: int = 0) -> ValidatedMerge:
+    def prepare(self, config: MergeConfig, seed: int = 0) -> PreparedCandidate:
+        """Plan the candidate and pack its parameters; touches no weights (may overlap an evaluation)."""
         validated = self.reference.plan_for(config)
-        if self.fused is not None:
+        sources, fused = self.fused, None  # read once: apply() may drop it from another thread
+        if sources is not None:
             try:
-                self.fused.merge(validated, self.out, seed)
+                fused = sources.prepare(validated, seed)
+            except NotFusable as why:
+                log.info("candidate takes the reference path: %s", why)
+        return PreparedCandidate(validated, seed, fused)
+
+    @torch.no_grad()
+    def apply(self, candidate: PreparedCandidate) -> ValidatedMerge:
+        """Write a prepared candidate's weights into the resident model."""
+        validated, seed = candidate.validated, candidate.seed
+        if self.fused is not None and candidate.fused is not None:
+            try:
+                self.fused.launch(candidate.fused, self.out)
                 if not self.verified:
                     # Random trims draw other masks than the reference's: nothing to compare.
                     self.verified = validated.plan.method.is_random or self._verify(validated, seed)
                 return validated
-            except NotFusable as why:
-                log.info("candidate takes the reference path: %s", why)
             except Exception as error:  # noqa: BLE001 - e.g. a kernel that does not compile here
                 if self.verified:
                     raise
                 log.warning("fused merge failed on its first candidate (%s); using the reference path from now on", error)
                 self.fused, self.path = None, "reference"
-        return merge_into_model(self.model, self.reference, config, seed)
+        return merge_into_model(self.model, self.reference, validated.config, seed)
+
+    def merge(self, config: MergeConfig, seed: int = 0) -> ValidatedMerge:
+        return self.apply(self.prepare(config, seed))
 
     def _verify(self, validated: ValidatedMerge, seed: int) -> bool:
         """Compare every fused tensor with the reference path's; switch to it on any difference."""

@@ -129,15 +129,20 @@ class FusedSources:
         self.refs = [_segment_refs(plan, self.experts) for plan in plans]
         self.work_dtype = _uniform(validated.working_dtype.values(), "working dtype")
         self.out_dtype = _uniform(validated.out_dtype.values(), "output dtype")
-        storage = self.device if placement == "device" else torch.device("cpu")
-        pin = placement == "host" and torch.cuda.is_available()
+        self.before_l1 = torch.ones((len(plans), len(self.experts)), dtype=self.work_dtype, device=self.device)
+        self.magnitudes = MagnitudeTables(len(plans), len(self.experts))
+        self.base = self.deltas = self.ranks = None
+        self._stages: list[dict[str, torch.Tensor]] = []
+
+    def _allocate(self) -> None:
+        """The flat buffers: on the device, or pinned in host memory for streaming."""
+        storage = self.device if self.placement == "device" else torch.device("cpu")
+        pin = self.placement == "host" and torch.cuda.is_available()
         experts, total = len(self.experts), self.layout.total
         self.base = _zeros((total,), self.work_dtype, storage, pin)
         self.deltas = _zeros((experts, total), self.work_dtype, storage, pin)
-        self.ranks = _zeros((experts, total), torch.int32, storage, pin) if method.sparsification == "magnitude" else None
-        self.before_l1 = torch.ones((len(plans), experts), dtype=self.work_dtype, device=self.device)
-        self.magnitudes = MagnitudeTables(len(plans), experts)
-        self._stages: list[dict[str, torch.Tensor]] = []
+        if self.method.sparsification == "magnitude":
+            self.ranks = _zeros((experts, total), torch.int32, storage, pin)
 
     @classmethod
     def load(cls, config: MergeConfig, method_name: str, device: str, placement: str = "device", chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> "FusedSources":
@@ -150,10 +155,12 @@ class FusedSources:
         if any(plan.base_index is None for plan in validated.plan.tensors):
             raise NotFusable("every tensor needs a base model")
         sources = cls(validated, method, device, placement)
+        sources._allocate()
         readers = {path: LazyTensorReader(folder) for path, folder in validated.folders.items()}
         for segment in range(len(sources.layout.names)):
             sources._load_segment(segment, readers)
         sources._prepare_launches(chunk_bytes)
+        sources.magnitudes.thresholds(np.zeros(sources.magnitudes.shape, dtype=np.int64))  # builds its index now, once
         return sources
 
     @staticmethod
@@ -280,16 +287,25 @@ class FusedSources:
             table.rescale[segment] = plan.shared["rescale"]
         return table
 
-    def merge(self, validated: ValidatedMerge, out: torch.Tensor, seed: int = 0) -> None:
-        """Write the candidate's merged weights into the flat output buffer `out`."""
-        from evomerge.merge import fused_kernels as kernels
-
+    def prepare(self, validated: ValidatedMerge, seed: int = 0) -> tuple[ParameterTable, np.ndarray]:
+        """Host-side work for one candidate (no device access, so it can overlap another's evaluation)."""
         table = self.parameters(validated, seed)
         thresholds = counts = None
         if self.ranks is not None:
             counts = table.keep_counts(self.layout.numels)
             thresholds = self.magnitudes.thresholds(counts)
-        packed = torch.from_numpy(table.pack(self.work_dtype, thresholds, counts)).to(self.device)
+        return table, table.pack(self.work_dtype, thresholds, counts)
+
+    def merge(self, validated: ValidatedMerge, out: torch.Tensor, seed: int = 0) -> None:
+        """Write the candidate's merged weights into the flat output buffer `out`."""
+        self.launch(self.prepare(validated, seed), out)
+
+    def launch(self, prepared: tuple[ParameterTable, np.ndarray], out: torch.Tensor) -> None:
+        """Run a prepared candidate's kernels, writing into the flat output buffer `out`."""
+        from evomerge.merge import fused_kernels as kernels
+
+        table, packed = prepared
+        packed = torch.from_numpy(packed).to(self.device)
         ratios = torch.ones((len(self.layout.names), len(self.experts)), dtype=torch.float32, device=self.device)
         rescale = self.method.sparsification == "random" and bool(table.rescale.any())
         for chunk, stage in self._staged_chunks():

@@ -9,6 +9,7 @@ embeddings, final norm and head. Planning reads names only, never weights.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
@@ -38,6 +39,7 @@ class MergePlan:
     num_layers: int
 
 
+@functools.lru_cache(maxsize=65536)  # a worker plans the same names for every candidate
 def split_layer_name(name: str) -> Optional[tuple[str, int, str]]:
     match = LAYER_NAME.match(name)
     if not match:
@@ -115,6 +117,7 @@ class Planner:
         self.config = config
         self.method = METHODS[config.merge_method]
         self.tensor_names = tensor_names
+        self.name_sets = {model: set(names) for model, names in tensor_names.items()}
         self.slices = normalized_slices(config, layer_counts)
 
     def build(self) -> MergePlan:
@@ -153,7 +156,7 @@ class Planner:
         return found
 
     def _plan(self, output: str, inputs: list[tuple[str, str]], output_slice: OutputSlice, t: float) -> Optional[TensorPlan]:
-        present = [name in self.tensor_names[model] for model, name in inputs]
+        present = [name in self.name_sets[model] for model, name in inputs]
         if not any(present):
             return None  # e.g. lm_head.weight of models with tied embeddings
         base_model = output_slice.base_model or self.config.base_model

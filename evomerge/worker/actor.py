@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ class MergeWorker:
         self.model = AutoModelForCausalLM.from_pretrained(settings.base_model, dtype=dtype, trust_remote_code=settings.trust_remote_code).to(settings.device)
         self.model.eval()
         union = MergeConfig.model_validate(settings.union_config)
+        self._model_lock = threading.Lock()
         self.merger = CandidateMerger.create(self.model, union, settings.merge_method, settings.device, settings.source_placement)
         self.tokenizer = AutoTokenizer.from_pretrained(settings.base_model, trust_remote_code=settings.trust_remote_code)
         self.evaluators = {
@@ -73,13 +75,19 @@ class MergeWorker:
         """Merge `merge_config` into the resident model and score it; never raises for the candidate."""
         started = time.perf_counter()
         try:
-            self.merger.merge(MergeConfig.model_validate(merge_config), seed=self.settings.merge_seed)
-            _synchronize(self.settings.device)
-            bad = self.merger.first_non_finite()
-            if bad:
-                return self._failure(trial_id, f"merged weights are not finite ({bad})", started)
-            merged = time.perf_counter()
-            result = self.evaluators[eval_set].evaluate()
+            prepared = self.merger.prepare(MergeConfig.model_validate(merge_config), seed=self.settings.merge_seed)
+            planned = time.perf_counter()
+            # A GPU actor runs two calls at once (ray_worker_class): the next candidate is planned
+            # here while this lock holds it back from the weights the current one is evaluating.
+            with self._model_lock:
+                locked = time.perf_counter()
+                self.merger.apply(prepared)
+                _synchronize(self.settings.device)
+                bad = self.merger.first_non_finite()
+                if bad:
+                    return self._failure(trial_id, f"merged weights are not finite ({bad})", started)
+                merged = time.perf_counter()
+                result = self.evaluators[eval_set].evaluate()
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             return self._failure(trial_id, "CUDA out of memory in this candidate", started)
@@ -89,7 +97,7 @@ class MergeWorker:
         return {
             "trial": trial_id, "ok": True, "score": result.score, "metrics": result.metrics,
             "n_docs": result.n_docs, "worker": self.worker_id, "eval_set": eval_set,
-            "merge_s": round(merged - started, 4), "merge_path": self.merger.path, "eval_s": round(result.seconds, 4),
+            "merge_s": round(merged - locked, 4), "prepare_s": round(planned - started, 4), "merge_path": self.merger.path, "eval_s": round(result.seconds, 4),
             "subset": self.subset_digests[eval_set],
         }
 
@@ -110,4 +118,7 @@ def ray_worker_class(num_cpus: float, num_gpus: float):
     """MergeWorker as a Ray actor class with the given resources."""
     import ray
 
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(MergeWorker)
+    # On a GPU, two concurrent calls let the next candidate's host-side planning overlap the
+    # current evaluation (MergeWorker.evaluate serializes everything that touches the model).
+    concurrency = 2 if num_gpus > 0 else 1
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_concurrency=concurrency)(MergeWorker)

@@ -122,7 +122,6 @@ class FusedSources:
         self.device = torch.device(device)
         self.placement = placement
         plans = validated.plan.tensors
-        self.base_model = plans[0].inputs[plans[0].base_index][0]
         self.experts = _expert_models(validated)
         self.layout = FlatLayout.of([p.output for p in plans], [_shape(validated, p) for p in plans])
         self.segment_of = {name: index for index, name in enumerate(self.layout.names)}
@@ -168,7 +167,7 @@ class FusedSources:
         """Bytes `load` will hold for these sources (headers only, nothing read)."""
         validated = validate_merge_config(config)
         plans = validated.plan.tensors
-        elements = sum(-(-int(np.prod(_shape(validated, p), dtype=np.int64)) // BLOCK) * BLOCK for p in plans)
+        elements = FlatLayout.of([p.output for p in plans], [_shape(validated, p) for p in plans]).total
         work = torch.empty((), dtype=_uniform(validated.working_dtype.values(), "working dtype")).element_size()
         per_expert = work + (4 if METHODS[method_name].sparsification == "magnitude" else 0)
         return elements * (work + len(_expert_models(validated)) * per_expert)

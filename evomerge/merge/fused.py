@@ -316,7 +316,7 @@ class FusedSources:
                 chunk.block_segment, self._segment_start, self._segment_numel, chunk.origin, stage["deltas"].stride(0),
                 M=len(self.experts), P=packed.shape[1], SPARSIFY=SPARSIFY_CODES[self.method.sparsification],
                 CONSENSUS=self.method.sign_consensus, RESCALE=rescale, WORK=ROUND_CODES[self.work_dtype],
-                OUT=ROUND_CODES[self.out_dtype], BLOCK=BLOCK,
+                OUT=ROUND_CODES[self.out_dtype], BLOCK=BLOCK, enable_fp_fusion=False,
             )
             self._release_stage(stage)
 
@@ -327,6 +327,7 @@ class FusedSources:
         kernels.kept_magnitude_kernel[(blocks,)](
             stage["deltas"], packed, partial, chunk.block_segment, self._segment_start, self._segment_numel,
             chunk.origin, stage["deltas"].stride(0), M=len(self.experts), P=packed.shape[1], BLOCK=BLOCK,
+            enable_fp_fusion=False,
         )
         running = torch.nn.functional.pad(partial.double().cumsum(dim=1), (1, 0))
         begins, ends = self._chunk_block_bounds[chunk.first]

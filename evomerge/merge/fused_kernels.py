@@ -10,6 +10,9 @@ dtype where torch's eager ops round (compute in float32, round each op's result)
 input order. bfloat16 rounding is done with integer ops (round to nearest even) because Triton's
 interpreter truncates in `.to(tl.bfloat16)`; the integer form is exact on GPUs too.
 
+Launch with `enable_fp_fusion=False`: a multiply fused into the following add (FMA) rounds once
+where torch rounds twice, which would break bit equality in float32.
+
 A magnitude trim keeps element e of input j when rank_j(e) < k_j. Rank order agrees with value
 order, so that is |d| > t_j or (|d| == t_j and rank < k_j), where t_j is the k-th largest magnitude:
 the int32 rank is loaded only for elements tied with the threshold, a tiny share of them.
@@ -107,7 +110,7 @@ def task_vector_merge_kernel(
         divisor = tl.where(tl.abs(divisor) < 1e-8, 1.0, divisor)
     mixed = _round(mixed, WORK)
     if tl.load(table + row + PARAM_FIELDS * M + 1) != 0:
-        mixed = _round(mixed / divisor, WORK)
+        mixed = _round(tl.math.div_rn(mixed, divisor), WORK)  # '/' may be approximate on GPUs
     mixed = _round(mixed * tl.load(table + row + PARAM_FIELDS * M).to(tl.float32, bitcast=True), WORK)
     merged = _round(tl.load(base + offs, mask=valid, other=0.0).to(tl.float32) + mixed, WORK)
     merged = _round(merged, OUT)

@@ -51,13 +51,14 @@ def _param_float(table, row, field, j, M: tl.constexpr):
 @triton.jit
 def _kept_delta(deltas, ranks, table, row, j, offs, local, valid, total, M: tl.constexpr, SPARSIFY: tl.constexpr):
     """Input j's task vector after the trim, in float32 (zero where trimmed)."""
-    delta = tl.load(deltas + j * total + offs, mask=valid, other=0.0).to(tl.float32)
+    row_start = total.to(tl.int64) * j  # past 2**31 elements with three experts at 1.5B
+    delta = tl.load(deltas + row_start + offs, mask=valid, other=0.0).to(tl.float32)
     if SPARSIFY == 1:
         threshold = _param_float(table, row, 1, j, M)
         keep_count = tl.load(table + row + 2 * M + j)
         magnitude = tl.abs(delta)
         tied = valid & (magnitude == threshold)
-        rank = tl.load(ranks + j * total + offs, mask=tied, other=0)
+        rank = tl.load(ranks + row_start + offs, mask=tied, other=0)
         keep = (magnitude > threshold) | (tied & (rank < keep_count))
         delta = tl.where(keep, delta, 0.0)
     elif SPARSIFY == 2:

@@ -258,9 +258,9 @@ def bench_size(size: str, args, bandwidth: float, log) -> list[MethodResult]:
     resident = f", {torch.cuda.memory_allocated() / 1024**3:.1f} GiB allocated" if args.device.startswith("cuda") else ""
     args.notes.append(f"{size}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters; sources + model resident in {time.perf_counter() - started:.1f} s{resident}")
     log(args.notes[-1])
-    results = []
+    results, configs_of = [], {}
     for index, method in enumerate(args.methods):
-        configs = candidate_configs(paths, method, args.repeats + 1, seed=index)
+        configs = configs_of[method] = candidate_configs(paths, method, args.repeats + 1, seed=index)
         row = _guarded(partial(_evomerge_row, model, sources, configs, bandwidth, args.device), log, None)
         if row is None:  # e.g. out of memory: the log says why, the table leaves the method out
             continue
@@ -279,7 +279,7 @@ def bench_size(size: str, args, bandwidth: float, log) -> list[MethodResult]:
     for result in results:
         if result.method in args.fused_methods:
             for placement in args.placements:
-                fused = _guarded(partial(time_fused, model, paths, result.method, placement, args), log, None)
+                fused = _guarded(partial(time_fused, model, paths, configs_of[result.method], result.method, placement, args), log, None)
                 if fused:
                     setattr(result, f"fused_{placement}", fused)
                     log(f"{size} {result.method} fused ({placement}): {fused['median_s']:.4f} s/candidate, {fused['median_s'] / result.bound_s:.2f}x bound")
@@ -290,12 +290,11 @@ def bench_size(size: str, args, bandwidth: float, log) -> list[MethodResult]:
     return results
 
 
-def time_fused(model, paths, method: str, placement: str, args) -> dict:
+def time_fused(model, paths, configs: list, method: str, placement: str, args) -> dict:
     """The fused kernel (`CandidateMerger`) on the same candidates: load time, first, median, peak."""
     from evomerge.merge.candidate import CandidateMerger, reference_view
     from evomerge.merge.fused import FusedSources
 
-    configs = candidate_configs(paths, method, args.repeats + 1, seed=args.methods.index(method))
     reset_peak(args.device)
     started = time.perf_counter()
     sources = FusedSources.load(union_config(paths), method, args.device, placement)

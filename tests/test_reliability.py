@@ -312,7 +312,7 @@ def raising(error: Exception):
 def break_merge(monkeypatch, worker, config):
     from evomerge.merge import candidate
 
-    monkeypatch.setattr(candidate, "merge_into_model", raising(RuntimeError("merge exploded")))
+    monkeypatch.setattr(candidate, "write_merge", raising(RuntimeError("merge exploded")))
     return config, "RuntimeError: merge exploded"
 
 
@@ -325,8 +325,8 @@ def nan_after_merge(monkeypatch, worker, config):
             model.model.norm.weight[0] = float("nan")
         return merged
 
-    real_merge = candidate.merge_into_model
-    monkeypatch.setattr(candidate, "merge_into_model", poisoned)
+    real_merge = candidate.write_merge
+    monkeypatch.setattr(candidate, "write_merge", poisoned)
     return config, "merged weights are not finite (model.norm.weight)"
 
 

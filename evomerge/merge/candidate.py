@@ -4,7 +4,7 @@
 
 * the fused kernel (`fused.FusedSources`) for task arithmetic, TIES and DARE on CUDA with Triton;
   the model's parameters become views of one flat output buffer the kernel writes;
-* the reference path (`engine.ResidentSources` + `engine.merge_into_model`) for everything else,
+* the reference path (`engine.ResidentSources` + `engine.write_merge`) for everything else,
   and on CPU.
 
 The fused path proves itself on its first deterministic candidate: every tensor is compared with
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from evomerge.merge.config import MergeConfig
-from evomerge.merge.engine import ResidentSources, merge_into_model, merge_tensor
+from evomerge.merge.engine import ResidentSources, merge_tensor, write_merge
 from evomerge.merge.fused import FusedSources, NotFusable, fused_unavailable_reason
 from evomerge.merge.methods import METHODS
 from evomerge.merge.validate import ValidatedMerge
@@ -89,8 +89,6 @@ class CandidateMerger:
         reason = fused_unavailable_reason(device, METHODS[method]) if method else "no search method given"
         if reason is None:
             try:
-                if placement == "auto":
-                    placement = choose_placement(union, method, device)
                 fused = FusedSources.load(union, method, device, placement)
                 return cls(model, reference_view(fused), fused)
             except NotFusable as why:
@@ -134,7 +132,7 @@ class CandidateMerger:
                     raise
                 log.warning("fused merge failed on its first candidate (%s); using the reference path from now on", error)
                 self.fused, self.path = None, "reference"
-        return merge_into_model(self.model, self.reference, validated.config, seed)
+        return write_merge(self.model, self.reference, validated, seed)
 
     def merge(self, config: MergeConfig, seed: int = 0) -> ValidatedMerge:
         return self.apply(self.prepare(config, seed))
@@ -150,19 +148,7 @@ class CandidateMerger:
                 log.warning("fused merge differs from the reference on %s; using the reference path from now on", plan.output)
                 self.fused = None
                 self.path = "reference"
-                merge_into_model(self.model, self.reference, validated.config, seed)
+                write_merge(self.model, self.reference, validated, seed)
                 return False
         return True
 
-
-def choose_placement(union: MergeConfig, method: str, device: str, headroom_fraction: float = 0.15) -> str:
-    """"device" when the fused sources fit beside the (already resident) model, else "host".
-
-    Keeps `headroom_fraction` of the GPU (at least 2 GiB) for evaluation activations and the
-    flat output buffer's one-off copy of the model.
-    """
-    if not device.startswith("cuda"):
-        return "device"
-    free, total = torch.cuda.mem_get_info(torch.device(device))
-    needed = FusedSources.estimate_bytes(union, method)
-    return "device" if needed + max(2 * 1024**3, headroom_fraction * total) <= free else "host"

@@ -30,11 +30,15 @@ TOKENIZER_FILES = (
 DTYPE_CONFIG_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
 
 
-def tensor_generator(seed: int, output: str, input_index: int, device: torch.device) -> torch.Generator:
-    """An RNG keyed by (seed, tensor, input) so random trims do not depend on merge order."""
+def tensor_seed(seed: int, output: str, input_index: int) -> int:
+    """A 63-bit seed keyed by (seed, tensor, input), so random trims do not depend on merge order."""
     digest = hashlib.blake2b(f"{seed}|{output}|{input_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def tensor_generator(seed: int, output: str, input_index: int, device: torch.device) -> torch.Generator:
     generator = torch.Generator(device=device)
-    generator.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    generator.manual_seed(tensor_seed(seed, output, input_index))
     return generator
 
 
@@ -178,10 +182,14 @@ class ResidentSources:
         return inputs, deltas, ranks
 
 
-@torch.no_grad()
 def merge_into_model(model: torch.nn.Module, sources: ResidentSources, config: MergeConfig, seed: int = 0) -> ValidatedMerge:
     """Overwrite a resident model's weights with the merge `config` describes; no disk access."""
-    validated = sources.plan_for(config)
+    return write_merge(model, sources, sources.plan_for(config), seed)
+
+
+@torch.no_grad()
+def write_merge(model: torch.nn.Module, sources: ResidentSources, validated: ValidatedMerge, seed: int = 0) -> ValidatedMerge:
+    """Overwrite a resident model's weights with an already planned merge."""
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers(remove_duplicate=False)))
     for plan in validated.plan.tensors:

@@ -11,8 +11,6 @@ count, density and DARE seed; per tensor lambda and normalize. Float fields are 
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 
@@ -43,7 +41,8 @@ class MagnitudeTables:
         self._counts[(segment, expert)] = counts.cpu().numpy().astype(np.int32)
         self._index = None
 
-    def _build_index(self):
+    def build_index(self) -> None:
+        """Concatenate the tables for lookups; `load` calls it once, so concurrent lookups never race."""
         keys = sorted(self._values)
         values = np.concatenate([self._values[k] for k in keys]) if keys else np.zeros(0)
         counts = np.concatenate([self._counts[k] for k in keys]) if keys else np.zeros(0, np.int64)
@@ -58,7 +57,7 @@ class MagnitudeTables:
     def thresholds(self, keep_counts: np.ndarray) -> np.ndarray:
         """The keep_counts[s, e]-th largest magnitude of each delta (only where keep_counts > 0)."""
         if self._index is None:
-            self._build_index()
+            self.build_index()
         values, ends, count_base = self._index
         wanted = keep_counts > 0
         query = (count_base + keep_counts - 1)[wanted]
@@ -112,9 +111,3 @@ class ParameterTable:
 
 def _put(table: np.ndarray, field: int, experts: int, values: np.ndarray) -> None:
     table[:, field * experts:(field + 1) * experts] = values
-
-
-def input_seed(seed: int, output: str, input_index: int) -> int:
-    """DARE's Philox seed for one (tensor, input): independent of merge order, like the CPU path."""
-    digest = hashlib.blake2b(f"{seed}|{output}|{input_index}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF

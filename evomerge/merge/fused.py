@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from evomerge.merge.config import MergeConfig
-from evomerge.merge.flat_tables import MagnitudeTables, ParameterTable, input_seed
+from evomerge.merge.engine import tensor_seed
+from evomerge.merge.flat_tables import MagnitudeTables, ParameterTable
 from evomerge.merge.io import LazyTensorReader
 from evomerge.merge.methods import METHODS, MethodInfo, magnitude_rank
 from evomerge.merge.validate import ValidatedMerge, validate_merge_config
@@ -111,6 +112,8 @@ class Chunk:
     origin: int  # flat offset of the chunk's first element
     elements: int
     block_segment: torch.Tensor
+    block_begins: torch.Tensor  # per segment of the chunk, its first and one-past-last block
+    block_ends: torch.Tensor
 
 
 class FusedSources:
@@ -144,8 +147,12 @@ class FusedSources:
             self.ranks = _zeros((experts, total), torch.int32, storage, pin)
 
     @classmethod
-    def load(cls, config: MergeConfig, method_name: str, device: str, placement: str = "device", chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> "FusedSources":
-        """Read every source once, tensor by tensor, computing deltas, ranks and tables on `device`."""
+    def load(cls, config: MergeConfig, method_name: str, device: str, placement: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> "FusedSources":
+        """Read every source once, tensor by tensor, computing deltas, ranks and tables on `device`.
+
+        `placement` "auto" keeps the buffers on the device when they fit beside the (already
+        resident) model, else in host memory (`fitting_placement`).
+        """
         method = METHODS[method_name]
         reason = fused_unavailable_reason(device, method, interpreter_ok=True)
         if reason:
@@ -154,23 +161,34 @@ class FusedSources:
         if any(plan.base_index is None for plan in validated.plan.tensors):
             raise NotFusable("every tensor needs a base model")
         sources = cls(validated, method, device, placement)
+        if placement == "auto":
+            sources.placement = sources.fitting_placement()
         sources._allocate()
         readers = {path: LazyTensorReader(folder) for path, folder in validated.folders.items()}
         for segment in range(len(sources.layout.names)):
             sources._load_segment(segment, readers)
         sources._prepare_launches(chunk_bytes)
-        sources.magnitudes.thresholds(np.zeros(sources.magnitudes.shape, dtype=np.int64))  # builds its index now, once
+        sources.magnitudes.build_index()
         return sources
 
-    @staticmethod
-    def estimate_bytes(config: MergeConfig, method_name: str) -> int:
+    @classmethod
+    def estimate_bytes(cls, config: MergeConfig, method_name: str) -> int:
         """Bytes `load` will hold for these sources (headers only, nothing read)."""
-        validated = validate_merge_config(config)
-        plans = validated.plan.tensors
-        elements = FlatLayout.of([p.output for p in plans], [_shape(validated, p) for p in plans]).total
-        work = torch.empty((), dtype=_uniform(validated.working_dtype.values(), "working dtype")).element_size()
-        per_expert = work + (4 if METHODS[method_name].sparsification == "magnitude" else 0)
-        return elements * (work + len(_expert_models(validated)) * per_expert)
+        return cls(validate_merge_config(config), METHODS[method_name], "cpu", "device").planned_bytes()
+
+    def planned_bytes(self) -> int:
+        return self.layout.total * self._bytes_per_element()
+
+    def fitting_placement(self, headroom_fraction: float = 0.15) -> str:
+        """"device" when the buffers fit in free GPU memory with headroom, else "host".
+
+        Keeps `headroom_fraction` of the GPU (at least 2 GiB) for evaluation activations and the
+        flat output buffer's one-off copy of the model.
+        """
+        if self.device.type != "cuda":
+            return "device"
+        free, total = torch.cuda.mem_get_info(self.device)
+        return "device" if self.planned_bytes() + max(2 * 1024**3, headroom_fraction * total) <= free else "host"
 
     def _load_segment(self, segment: int, readers: dict) -> None:
         base_ref, expert_refs = self.refs[segment]
@@ -196,21 +214,26 @@ class FusedSources:
             runs = [(0, len(layout.names))]
         else:
             runs = layout.chunks(max(BLOCK, chunk_bytes // self._bytes_per_element()))
-        self._chunks, self._chunk_block_bounds = [], {}
+        self._chunks = []
         for first, last in runs:
             blocks = layout.block_segments(first, last)
             origin = int(layout.starts[first]) if self.placement == "host" else 0
-            self._chunks.append(Chunk(first, last, origin, len(blocks) * BLOCK, torch.from_numpy(blocks).to(device)))
-            counts = -(-layout.numels[first:last] // BLOCK)
-            ends = np.cumsum(counts)
-            self._chunk_block_bounds[first] = (torch.from_numpy(ends - counts).to(device), torch.from_numpy(ends).to(device))
+            ends = np.cumsum(-(-layout.numels[first:last] // BLOCK))
+            begins = np.concatenate([[0], ends[:-1]])
+            self._chunks.append(Chunk(
+                first, last, origin, len(blocks) * BLOCK, torch.from_numpy(blocks).to(device),
+                torch.from_numpy(begins).to(device), torch.from_numpy(ends).to(device),
+            ))
+        # Rows stay 1 where nothing is rescaled; DARE overwrites every row of each chunk it runs.
+        self._ratios = torch.ones((len(layout.names), len(self.experts)), dtype=torch.float32, device=device)
         if self.placement == "host":
             widest = max(chunk.elements for chunk in self._chunks)
             self._stages = [self._stage_buffers(widest) for _ in range(2)]
 
     def _bytes_per_element(self) -> int:
-        per_expert = self.deltas.element_size() + (4 if self.ranks is not None else 0)
-        return self.base.element_size() + len(self.experts) * per_expert
+        """Flat-buffer bytes per element: the base, and per expert its delta and (TIES) its int32 rank."""
+        per_expert = self.work_dtype.itemsize + (4 if self.method.sparsification == "magnitude" else 0)
+        return self.work_dtype.itemsize + len(self.experts) * per_expert
 
     def _stage_buffers(self, elements: int) -> dict:
         experts, device = len(self.experts), self.device
@@ -280,7 +303,7 @@ class FusedSources:
                 expert = expert_index.get(ref[0])
                 if expert is None or expert_refs[expert] != ref:
                     raise NotFusable(f"{plan.output}: input {ref} is not resident")
-                table.set_input(segment, expert, params["weight"], params.get("density", 1.0), input_seed(seed, plan.output, index))
+                table.set_input(segment, expert, params["weight"], params.get("density", 1.0), tensor_seed(seed, plan.output, index) & 0x7FFFFFFF)
             table.lambdas[segment] = plan.shared["lambda"]
             table.normalize[segment] = plan.shared["normalize"]
             table.rescale[segment] = plan.shared["rescale"]
@@ -295,17 +318,13 @@ class FusedSources:
             thresholds = self.magnitudes.thresholds(counts)
         return table, table.pack(self.work_dtype, thresholds, counts)
 
-    def merge(self, validated: ValidatedMerge, out: torch.Tensor, seed: int = 0) -> None:
-        """Write the candidate's merged weights into the flat output buffer `out`."""
-        self.launch(self.prepare(validated, seed), out)
-
     def launch(self, prepared: tuple[ParameterTable, np.ndarray], out: torch.Tensor) -> None:
         """Run a prepared candidate's kernels, writing into the flat output buffer `out`."""
         from evomerge.merge import fused_kernels as kernels
 
         table, packed = prepared
         packed = torch.from_numpy(packed).to(self.device)
-        ratios = torch.ones((len(self.layout.names), len(self.experts)), dtype=torch.float32, device=self.device)
+        ratios = self._ratios
         rescale = self.method.sparsification == "random" and bool(table.rescale.any())
         for chunk, stage in self._staged_chunks():
             if rescale:
@@ -330,8 +349,7 @@ class FusedSources:
             enable_fp_fusion=False,
         )
         running = torch.nn.functional.pad(partial.double().cumsum(dim=1), (1, 0))
-        begins, ends = self._chunk_block_bounds[chunk.first]
-        after = (running[:, ends] - running[:, begins]).T.to(self.work_dtype)
+        after = (running[:, chunk.block_ends] - running[:, chunk.block_begins]).T.to(self.work_dtype)
         before = self.before_l1[chunk.first:chunk.last]
         rows = slice(chunk.first, chunk.last)
         unscaled = torch.from_numpy((table.densities[rows] >= 1) | ~table.rescale[rows, None]).to(self.device)

@@ -93,7 +93,7 @@ def search(
     debug: bool = DebugOption,
 ):
     """Run a search; results go to runs/NAME/."""
-    from evomerge.run import start_search
+    from evomerge.search.loop import start_search
     from evomerge.spec import load_spec
 
     run_dir = start_search(load_spec(spec_path), address, progress=sys.stderr.isatty(), source=str(spec_path))
@@ -109,7 +109,7 @@ def resume(
     debug: bool = DebugOption,
 ):
     """Continue a stopped or crashed search exactly where it was."""
-    from evomerge.run import resume_search
+    from evomerge.search.loop import resume_search
 
     resume_search(run_dir, address, progress=sys.stderr.isatty(), spec_path=spec_path)
     _print_summary(run_dir)
@@ -121,7 +121,7 @@ def status(run_dir: Path = typer.Argument(...), as_json: bool = typer.Option(Fal
     """Completed and failed trials, best score and trial, evaluations per minute."""
     import json
 
-    from evomerge.results import status as run_status
+    from evomerge.rundir.results import status as run_status
 
     figures = run_status(run_dir)
     if as_json:
@@ -144,7 +144,7 @@ def export(
 ):
     """Write a trial as a standard mergekit YAML (the held-out winner by default)."""
     from evomerge.merge.io import write_text_atomic
-    from evomerge.results import describe, export_trial, load_trials, pareto_trials
+    from evomerge.rundir.results import describe, export_trial, load_trials, pareto_trials
 
     if pareto:
         front = pareto_trials(load_trials(run_dir)[1])
@@ -170,7 +170,7 @@ def report(
     debug: bool = DebugOption,
 ):
     """Write report.html with plots: scores over evaluations, per-task metrics, per-layer heatmaps, baselines, Pareto front."""
-    from evomerge.report import write_report
+    from evomerge.rundir.report import write_report
 
     typer.echo(f"wrote {write_report(run_dir, out_dir)}")
 
@@ -179,7 +179,7 @@ def _print_summary(run_dir) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from evomerge.results import heldout_winner, leaderboard, load_trials
+    from evomerge.rundir.results import heldout_winner, leaderboard, load_trials
 
     _, trials = load_trials(run_dir)
     table = Table(title=f"{run_dir}")

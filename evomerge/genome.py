@@ -18,7 +18,7 @@ import numpy as np
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.methods import METHODS, MethodInfo
 from evomerge.spec import DEFAULT_BOUNDS, Spec
-from evomerge.trials import LINEAR_LABEL, parent_label
+from evomerge.rundir.trials import LINEAR_LABEL, parent_label
 
 PER_MODEL = ("weight", "density", "gamma", "epsilon")
 DEFAULT_VALUES = {"density": 0.5, "t": 0.5, "gamma": 0.01, "epsilon": 0.15, "lambda": 1.0}

@@ -18,9 +18,9 @@ from evomerge.merge.config import MergeConfig
 from evomerge.merge.methods import METHODS
 from evomerge.merge.validate import validate_merge_config
 from evomerge.spec import Spec, TaskWeight
-from evomerge.tracking import check_available
-from evomerge.trials import BASE_LABEL, LINEAR_LABEL, parent_label
-from evomerge.worker.tasks import EvalSettings, TaskSpec, resolve_tasks
+from evomerge.search.tracking import check_available
+from evomerge.rundir.trials import BASE_LABEL, LINEAR_LABEL, parent_label
+from evomerge.evaluation.tasks import EvalSettings, TaskSpec, resolve_tasks
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 

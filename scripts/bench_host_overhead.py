@@ -29,7 +29,7 @@ from bench_merge_cpu import machine_description  # noqa: E402
 
 from evomerge.genome import Genome  # noqa: E402
 from evomerge.merge.config import MergeConfig  # noqa: E402
-from evomerge.merge.fused import FusedSources  # noqa: E402
+from evomerge.merge.fused.sources import FusedSources  # noqa: E402
 from evomerge.merge.io import ModelFolder, TensorInfo  # noqa: E402
 from evomerge.merge.methods import METHODS  # noqa: E402
 from evomerge.merge.validate import validate_merge_config  # noqa: E402

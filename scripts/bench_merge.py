@@ -292,8 +292,8 @@ def bench_size(size: str, args, bandwidth: float, log) -> list[MethodResult]:
 
 def time_fused(model, paths, configs: list, method: str, placement: str, args) -> dict:
     """The fused kernel (`CandidateMerger`) on the same candidates: load time, first, median, peak."""
-    from evomerge.merge.candidate import CandidateMerger, reference_view
-    from evomerge.merge.fused import FusedSources
+    from evomerge.merge.fused.candidate import CandidateMerger, reference_view
+    from evomerge.merge.fused.sources import FusedSources
 
     reset_peak(args.device)
     started = time.perf_counter()

@@ -1,6 +1,6 @@
 """Benchmark: scheduler scaling and driver overhead on CPU, through the real search loop.
 
-Both parts run `evomerge.run.Search._search` unchanged, on a real run directory (journal with
+Both parts run `evomerge.search.loop.Search._search` unchanged, on a real run directory (journal with
 fsync, optimizer snapshots) and a real optimizer over a 500-gene genome (TIES, 5 experts, weight
 and density per 25 layer groups, attention and MLP apart); only the workers are fakes.
 
@@ -71,7 +71,7 @@ def new_search(spec):
     """A Search on a fresh run directory; no model folder is read (preflight is skipped)."""
     from evomerge.genome import Genome
     from evomerge.preflight import Prepared
-    from evomerge.run import Search, create_run_dir
+    from evomerge.search.loop import Search, create_run_dir
 
     genome = Genome(spec, GENOME_LAYERS)
     return Search(Prepared(spec, genome, {}, {}, []), create_run_dir(spec), progress=False)
@@ -104,8 +104,8 @@ class SleepingWorker:
 def measure_scaling(workers: int, depth: int, candidates: int, sleep_range: tuple[float, float], seed: int, runs_dir: Path) -> ScalingRow:
     import ray
 
-    from evomerge.progress import SearchProgress
-    from evomerge.scheduler import Scheduler
+    from evomerge.search.progress import SearchProgress
+    from evomerge.search.scheduler import Scheduler
 
     # num_cpus=0: sleeping actors need no core, so W may exceed the machine's cores.
     actor_class = ray.remote(num_cpus=0, max_restarts=0)(SleepingWorker)
@@ -126,7 +126,7 @@ def measure_scaling(workers: int, depth: int, candidates: int, sleep_range: tupl
 
 def instant_scheduler(score_of):
     """The real Scheduler's bookkeeping around one in-process worker that answers at once."""
-    from evomerge.scheduler import Scheduler
+    from evomerge.search.scheduler import Scheduler
 
     class InstantScheduler(Scheduler):
         def submit(self, job) -> None:
@@ -190,7 +190,7 @@ def _synthetic_score(params: dict) -> float:
 
 
 def measure_overhead(optimizer: str, trials: int, runs_dir: Path) -> OverheadRow:
-    from evomerge.progress import SearchProgress
+    from evomerge.search.progress import SearchProgress
 
     search = new_search(bench_spec(runs_dir, f"overhead-{optimizer}", optimizer, trials, 1))
     row = OverheadRow(optimizer, trials, 0.0, collections.defaultdict(float))

@@ -120,8 +120,8 @@ class UtilizationSampler:
 
 
 def make_worker(paths: dict, task_folder: Path, args):
-    from evomerge.worker.actor import MergeWorker, WorkerSettings
-    from evomerge.worker.tasks import EvalSettings, TaskSpec
+    from evomerge.search.worker import MergeWorker, WorkerSettings
+    from evomerge.evaluation.tasks import EvalSettings, TaskSpec
 
     settings = WorkerSettings(
         base_model=str(paths["base"]),

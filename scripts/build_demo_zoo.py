@@ -3,7 +3,7 @@
     python scripts/build_demo_zoo.py [--out .cache/demo_zoo] [--quick] [--write-evals] [--no-check]
 
 The base is pretrained on echo (`tag:input=input` under random tags). Each expert fine-tunes the
-base on one skill from evomerge.demo_data, at full learning rate in its own block of layers and at
+base on one skill from scripts/demo_data.py, at full learning rate in its own block of layers and at
 a fifth of it (a drift) in all the others, with echo replay mixed in. Fixed seeds and deterministic
 torch algorithms make two builds identical; `OUT/zoo_manifest.json` records a hash of the recipe
 and of the code, so a second call with the same recipe returns at once. The check at the end scores
@@ -26,8 +26,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout without `pip install -e .`
+sys.path.insert(0, str(REPO / "scripts"))  # demo_data, the zoo's skills and eval splits
 
-from evomerge import demo_data  # noqa: E402
+import demo_data  # noqa: E402
 from evomerge.merge.io import write_text_atomic  # noqa: E402
 
 DEFAULT_OUT = REPO / ".cache" / "demo_zoo"
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few steps only: same files, untrained models")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 1: float sums, and so the zoo, depend on the thread count)")
     parser.add_argument("--no-check", action="store_true", help="skip the accuracy table at the end")
-    parser.add_argument("--write-evals", action="store_true", help="regenerate evals/demo/ from evomerge.demo_data")
+    parser.add_argument("--write-evals", action="store_true", help="regenerate evals/demo/ from scripts/demo_data.py")
     args = parser.parse_args(argv)
     if args.write_evals:
         written = demo_data.write_eval_suite(REPO / "evals")

@@ -47,9 +47,9 @@ def main() -> int:
     import build_demo_zoo
 
     from evomerge.preflight import preflight
-    from evomerge.results import standard_error
+    from evomerge.rundir.results import standard_error
     from evomerge.spec import load_spec
-    from evomerge.worker.actor import MergeWorker, WorkerSettings
+    from evomerge.search.worker import MergeWorker, WorkerSettings
 
     build_demo_zoo.build_zoo(build_demo_zoo.DEFAULT_OUT)
     prepared = preflight(load_spec(REPO / "search_spaces" / "demo.yaml"))

@@ -24,8 +24,8 @@ def heldout_margins(trials) -> list[str]:
     """The evolved held-out winner against the best parent and the best default merge, in SEs."""
     import math
 
-    from evomerge.results import leaderboard
-    from evomerge.trials import is_default_merge, is_parent
+    from evomerge.rundir.results import leaderboard
+    from evomerge.rundir.trials import is_default_merge, is_parent
 
     rows = [r for r in leaderboard(trials) if r["heldout"] is not None]
     evolved = [r for r in rows if r["kind"] == "optimizer"]
@@ -57,9 +57,9 @@ def main() -> int:
     started = time.time()
     build_demo_zoo.build_zoo(build_demo_zoo.DEFAULT_OUT)  # about 2 minutes the first time, then cached
     from evomerge.cli import _print_summary
-    from evomerge.report import evals_to_reach, write_report
-    from evomerge.results import load_trials
-    from evomerge.run import start_search
+    from evomerge.rundir.report import evals_to_reach, write_report
+    from evomerge.rundir.results import load_trials
+    from evomerge.search.loop import start_search
     from evomerge.spec import load_spec
 
     spec = load_spec(REPO / "search_spaces" / "demo.yaml")

@@ -20,9 +20,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Without a GPU, the fused merge kernel's tests run it in Triton's CPU interpreter, which must be
-# chosen before anything imports triton. Workers never take that path (fused.py).
+# chosen before anything imports triton. Workers never take that path (merge/fused/sources.py).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The demo zoo's generator (demo_data) lives with the scripts that build the demo.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from tiny_models import TinyZoo, build_zoo  # noqa: E402
 

@@ -4,7 +4,7 @@ Each bad spec runs `evomerge search` (or `resume`) and expects exit code 2, exac
 stderr naming the field (with a did-you-mean where a name is close), no traceback, no run directory
 and no Ray. Every model folder here has garbage after its safetensors header, so a command that read
 a weight before rejecting the spec would die of a safetensors error instead. `evomerge merge` config
-errors are covered by tests/test_merge_errors.py. The last tests check what evomerge does with input
+errors are covered by tests/merge/test_merge_errors.py. The last tests check what evomerge does with input
 it accepts: YAML is only safe-loaded, remote model code stays off unless the spec turns it on, and
 paths are resolved against the spec's folder and frozen absolute.
 """
@@ -154,8 +154,8 @@ def test_the_garbage_zoo_is_only_broken_in_its_weights(models, tmp_path):
 
 def frozen_run(models: dict, root: Path) -> tuple[Path, Path]:
     """A run directory as `evomerge search` leaves it once started: frozen spec + run_started."""
-    from evomerge.journal import Journal
-    from evomerge.run import create_run_dir
+    from evomerge.rundir.journal import Journal
+    from evomerge.search.loop import create_run_dir
     from evomerge.spec import load_spec
 
     spec_path = root / "spec.yaml"
@@ -281,7 +281,7 @@ def test_workers_trust_remote_code_only_when_the_spec_says_so(asked, monkeypatch
 
 def test_paths_resolve_against_the_spec_folder_and_are_frozen_absolute(models, tmp_path, monkeypatch):
     from evomerge.preflight import preflight
-    from evomerge.run import create_run_dir
+    from evomerge.search.loop import create_run_dir
     from evomerge.spec import load_spec
 
     folder = tmp_path / "specs"

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from evomerge import demo_data
+import demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 EVALS = REPO / "evals"

@@ -79,7 +79,7 @@ def fake_result(trial_id: int, score: float) -> dict:
 
 def open_search(genome: Genome, run_dir):
     from evomerge.preflight import Prepared, baseline_configs
-    from evomerge.run import Search
+    from evomerge.search.loop import Search
 
     return Search(Prepared(genome.spec, genome, {}, {}, baseline_configs(genome.spec)), run_dir, progress=False)
 
@@ -87,7 +87,7 @@ def open_search(genome: Genome, run_dir):
 def search_with_scored_baselines(zoo, tmp_path, scores: dict[str, float]):
     """(genome, run dir, search) of a new task-arithmetic run whose 8 baselines scored `scores`
     by label (0.1 for the others); checks the optimizer waited for them."""
-    from evomerge.run import create_run_dir
+    from evomerge.search.loop import create_run_dir
 
     genome = make_genome(zoo, "task_arithmetic")
     genome.spec = genome.spec.model_copy(update={"runs_dir": str(tmp_path)})
@@ -101,7 +101,7 @@ def search_with_scored_baselines(zoo, tmp_path, scores: dict[str, float]):
 
 
 def test_baselines_that_beat_every_default_merge_are_seeded_after_x0_and_replayed_on_resume(zoo, tmp_path):
-    from evomerge.journal import read_events
+    from evomerge.rundir.journal import read_events
 
     # ft_b alone beats every default merge; ft_a ties the best one; ft_c and linear do not.
     scores = {"parent:ft_a_fp32": 0.5, "parent:ft_b_fp32": 0.9, "task_arithmetic (lambda=1)": 0.5}
@@ -122,7 +122,7 @@ def test_baselines_that_beat_every_default_merge_are_seeded_after_x0_and_replaye
 
 
 def test_a_run_journaled_before_seeding_existed_resumes_unseeded(zoo, tmp_path):
-    from evomerge.journal import read_events
+    from evomerge.rundir.journal import read_events
 
     # A parent beats every merge, so a new run would seed it.
     genome, run_dir, search = search_with_scored_baselines(zoo, tmp_path, {"parent:ft_a_fp32": 0.9})

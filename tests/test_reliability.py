@@ -7,7 +7,7 @@ intact; snapshots are refused when their journaled hash does not match.
 
 The Ray searches join one head node started here (127.0.0.1, token auth, private temp dir) with
 --address, so a driver start costs seconds rather than a cluster start. Drivers are killed at exact
-points through the test-only EVOMERGE_TEST_KILL_AFTER_EVENT hook in evomerge/journal.py.
+points through the test-only EVOMERGE_TEST_KILL_AFTER_EVENT hook in evomerge/rundir/journal.py.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from evomerge.errors import UserError
-from evomerge.journal import KILL_HOOK_VARIABLE, Journal, read_events
+from evomerge.rundir.journal import KILL_HOOK_VARIABLE, Journal, read_events
 from search_zoo import FIXTURE_EVALS, build_trained_zoo
 
 BIN = Path(sys.executable).parent
@@ -201,7 +201,7 @@ def test_driver_killed_at_five_points_resumes_without_losing_or_repeating_a_tria
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read_events(run_dir / "journal.jsonl")  # every line parses, nothing torn is left
-    from evomerge.results import status
+    from evomerge.rundir.results import status
 
     figures = status(run_dir)
     assert (figures["completed"], figures["failed"], figures["finished"]) == (19, 0, True)
@@ -294,7 +294,7 @@ def worker(zoo, tmp_path_factory):
     """One MergeWorker without Ray, and a good candidate with its score."""
     from evomerge.preflight import preflight
     from evomerge.spec import load_spec
-    from evomerge.worker.actor import MergeWorker, WorkerSettings
+    from evomerge.search.worker import MergeWorker, WorkerSettings
 
     prepared = preflight(load_spec(write_spec(tmp_path_factory.mktemp("worker"), zoo, "worker")))
     worker = MergeWorker(WorkerSettings(prepared.spec.models.base, prepared.union_config, prepared.eval_sets))

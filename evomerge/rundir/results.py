@@ -10,9 +10,9 @@ from pathlib import Path
 import yaml
 
 from evomerge.errors import UserError
-from evomerge.journal import read_events
-from evomerge.pareto import pareto_front
-from evomerge.trials import Trial, replay
+from evomerge.rundir.journal import read_events
+from evomerge.rundir.pareto import pareto_front
+from evomerge.rundir.trials import Trial, replay
 
 
 def load_trials(run_dir: Path) -> tuple[list[dict], dict[int, Trial]]:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evomerge.worker.tasks import (
+from evomerge.evaluation.tasks import (
     EvalSettings,
     ResolvedTasks,
     TaskSpec,

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import yaml
 
-from evomerge.report import evals_to_reach, gene_grids, parse_gene, write_report
+from evomerge.rundir.report import evals_to_reach, gene_grids, parse_gene, write_report
 
 TASKS = ("arc_easy", "hellaswag", "piqa")
 HELDOUT_TASKS = ("mmlu_mini", "winogrande")

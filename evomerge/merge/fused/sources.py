@@ -32,7 +32,7 @@ import torch
 
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.engine import tensor_seed
-from evomerge.merge.flat_tables import MagnitudeTables, ParameterTable
+from evomerge.merge.fused.tables import MagnitudeTables, ParameterTable
 from evomerge.merge.io import LazyTensorReader
 from evomerge.merge.methods import METHODS, MethodInfo, magnitude_rank
 from evomerge.merge.validate import ValidatedMerge, validate_merge_config
@@ -320,7 +320,7 @@ class FusedSources:
 
     def launch(self, prepared: tuple[ParameterTable, np.ndarray], out: torch.Tensor) -> None:
         """Run a prepared candidate's kernels, writing into the flat output buffer `out`."""
-        from evomerge.merge import fused_kernels as kernels
+        from evomerge.merge.fused import kernels
 
         table, packed = prepared
         packed = torch.from_numpy(packed).to(self.device)

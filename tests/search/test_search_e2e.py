@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from search_zoo import FIXTURE_EVALS, build_trained_zoo
-from evomerge.journal import KILL_HOOK_VARIABLE
+from evomerge.rundir.journal import KILL_HOOK_VARIABLE
 
 pytestmark = pytest.mark.slow
 EVOMERGE = str(Path(sys.executable).with_name("evomerge"))
@@ -65,7 +65,7 @@ def rescore(model_dir: Path, spec_path: Path) -> float:
 
     from evomerge.preflight import preflight
     from evomerge.spec import load_spec
-    from evomerge.worker.evaluate import Evaluator
+    from evomerge.evaluation.evaluate import Evaluator
 
     torch.set_num_threads(1)
     settings = preflight(load_spec(spec_path)).eval_sets["search"]
@@ -143,8 +143,8 @@ def test_killed_search_resumes_to_the_uninterrupted_state(tmp_path, trained_zoo)
 
 
 def test_resume_refuses_a_changed_spec(tmp_path, trained_zoo):
-    from evomerge.journal import Journal
-    from evomerge.run import create_run_dir
+    from evomerge.rundir.journal import Journal
+    from evomerge.search.loop import create_run_dir
     from evomerge.spec import load_spec
 
     spec_path = write_spec(tmp_path, trained_zoo, "frozen", {"name": "random", "seed": 0}, max_evals=8)

@@ -12,7 +12,7 @@ import os
 from evomerge.errors import UserError
 from evomerge.preflight import Prepared
 from evomerge.spec import Spec
-from evomerge.worker.actor import WorkerSettings, ray_worker_class
+from evomerge.search.worker import WorkerSettings, ray_worker_class
 
 
 def connect(spec: Spec, address: str | None) -> None:

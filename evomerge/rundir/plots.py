@@ -2,7 +2,7 @@
 
 `matplotlib.figure.Figure` is used directly rather than pyplot so that drawing never touches a
 global backend or window state (safe in a headless driver and in tests). Inputs are the plain
-numbers that `evomerge.report` reduces a journal to.
+numbers that `evomerge.rundir.report` reduces a journal to.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 The page is built from the run directory alone (spec.yaml and journal.jsonl), so it works on a
 finished run, on one still in progress, and on a copy taken to another machine. The figures that
 reduce the journal to numbers (best so far, speed of discovery, the Pareto set, the per-layer gene
-grids) are pure functions here; drawing lives in `evomerge.plots`, and the Pareto set comes from
-`evomerge.results.pareto_trials`.
+grids) are pure functions here; drawing lives in `evomerge.rundir.plots`, and the Pareto set comes from
+`evomerge.rundir.results.pareto_trials`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import yaml
 from jinja2 import Environment, PackageLoader
 
-from evomerge import plots
-from evomerge.results import leaderboard, load_trials, pareto_trials, standard_error, status
-from evomerge.run import Trial
+from evomerge.rundir import plots
+from evomerge.rundir.results import leaderboard, load_trials, pareto_trials, standard_error, status
+from evomerge.rundir.trials import Trial
 
 TOP_K = 4  # trials drawn in the gene heatmap: the best and its runners-up
 REACH_FRACTION = 0.95
@@ -279,7 +279,7 @@ def _pareto_data(spec: dict, trials: dict[int, Trial], history: list[Evaluation]
 
 
 def _template():
-    environment = Environment(loader=PackageLoader("evomerge", "templates"), autoescape=True)
+    environment = Environment(loader=PackageLoader("evomerge.rundir", "templates"), autoescape=True)
     environment.filters["score"] = lambda v, digits=4: "—" if v is None else f"{v:.{digits}f}"
     environment.filters["signed"] = lambda v: "—" if v is None else f"{v:+.4f}"
     return environment.get_template("report.html.j2")

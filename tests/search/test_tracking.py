@@ -11,8 +11,8 @@ import pytest
 
 from evomerge.errors import UserError
 from evomerge.spec import parse_spec
-from evomerge.tracking import Tracker, check_available
-from evomerge.trials import Trial
+from evomerge.search.tracking import Tracker, check_available
+from evomerge.rundir.trials import Trial
 
 BASE = {"name": "t", "models": {"base": "/b", "experts": ["/e"]}, "evaluation": {"tasks": ["x"]}}
 

@@ -199,7 +199,7 @@ def test_search_survives_losing_a_node_of_a_three_node_cluster(tmp_path, zoo):
 LISTENERS_SCRIPT = """
 import json, sys, psutil, ray
 from pathlib import Path
-from evomerge.cluster import connect
+from evomerge.search.cluster import connect
 from evomerge.spec import parse_spec
 spec = parse_spec({"name": "probe", "models": {"base": "b", "experts": ["e"]}, "evaluation": {"tasks": ["t"]}, "workers": {"count": 1}}, "spec", Path("/"))
 connect(spec, None)

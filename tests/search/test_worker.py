@@ -27,7 +27,7 @@ def prepared(tmp_path_factory):
 
 
 def make_worker(prepared, name):
-    from evomerge.worker.actor import MergeWorker, WorkerSettings
+    from evomerge.search.worker import MergeWorker, WorkerSettings
 
     settings = WorkerSettings(base_model=prepared.spec.models.base, union_config=prepared.union_config, eval_sets=prepared.eval_sets)
     return MergeWorker(settings, name)

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from evomerge.errors import UserError
-from evomerge.worker.evaluate import (
+from evomerge.evaluation.evaluate import (
     EvalSettings,
     Evaluator,
     TaskSpec,
@@ -34,7 +34,7 @@ from evomerge.worker.evaluate import (
     weighted_score,
 )
 
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[1]
 FIXTURES = TESTS_DIR / "fixtures" / "evals"
 FIXTURE_DATA = FIXTURES / "data" / "tiny.jsonl"
 FIXTURE_DOCS = 40
@@ -181,7 +181,7 @@ def test_subset_has_limit_sorted_distinct_docs_chosen_by_seed(evaluator):
 
 def test_subset_is_the_same_in_another_process(evaluator, tmp_path):
     script = (
-        f"import json, sys; sys.path.insert(0, {str(TESTS_DIR)!r}); "
+        f"import json, sys; sys.path[:0] = [{str(Path(__file__).resolve().parent)!r}, {str(TESTS_DIR)!r}]; "
         "import torch; torch.set_num_threads(1); "
         "from test_evaluate import build_evaluator; "
         "print(json.dumps(build_evaluator(seed=7).subset_indices()))"

@@ -16,7 +16,7 @@ import yaml
 from test_report import browser, render  # noqa: F401  (browser is a fixture)
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EVOMERGE = str(Path(sys.executable).with_name("evomerge"))
 
 
@@ -69,7 +69,7 @@ def test_two_objective_search_gives_a_pareto_front_that_exports(pareto_run):
 
 
 def test_the_demo_runs_report_renders_in_chromium(pareto_run, browser):  # noqa: F811
-    from evomerge.report import write_report
+    from evomerge.rundir.report import write_report
 
     _, run_dir = pareto_run
     page = render(browser, write_report(run_dir))

@@ -7,7 +7,7 @@ import optuna
 import pytest
 
 from evomerge.optim import Optimizer, make_optimizer
-from evomerge.pareto import dominates, pareto_front
+from evomerge.rundir.pareto import dominates, pareto_front
 
 DIM = 4
 

@@ -22,7 +22,7 @@ import torch
 
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.engine import ResidentSources, merge_tensor, write_merge
-from evomerge.merge.fused import FusedSources, NotFusable, fused_unavailable_reason
+from evomerge.merge.fused.sources import FusedSources, NotFusable, fused_unavailable_reason
 from evomerge.merge.methods import METHODS
 from evomerge.merge.validate import ValidatedMerge
 

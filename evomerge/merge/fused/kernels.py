@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from evomerge.merge import flat_tables
+from evomerge.merge.fused import tables as flat_tables
 
 # The parameter table's layout (flat_tables.ParameterTable). Field numbers below are its WEIGHT=0,
 # THRESHOLD=1, KEEP_COUNT=2, DENSITY=3, SEED=4; a test checks they still agree.

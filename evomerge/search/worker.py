@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from evomerge.merge.config import MergeConfig
-from evomerge.merge.candidate import CandidateMerger
-from evomerge.worker.evaluate import Evaluator
-from evomerge.worker.tasks import EvalSettings
+from evomerge.merge.fused.candidate import CandidateMerger
+from evomerge.evaluation.evaluate import Evaluator
+from evomerge.evaluation.tasks import EvalSettings
 
 
 @dataclass(frozen=True)

@@ -17,16 +17,16 @@ import numpy as np
 import yaml
 
 from evomerge.errors import UserError
-from evomerge.journal import Journal, load_snapshot, read_events
-from evomerge.trials import Tally, Trial, is_default_merge, replay
+from evomerge.rundir.journal import Journal, load_snapshot, read_events
+from evomerge.rundir.trials import Tally, Trial, is_default_merge, replay
 from evomerge.merge.io import write_text_atomic
 from evomerge.optim import make_optimizer
-from evomerge.pareto import objective_values
+from evomerge.rundir.pareto import objective_values
 from evomerge.preflight import Prepared, preflight
-from evomerge.progress import SearchProgress
-from evomerge.scheduler import Job, Scheduler
+from evomerge.search.progress import SearchProgress
+from evomerge.search.scheduler import Job, Scheduler
 from evomerge.spec import Spec, parse_spec
-from evomerge.tracking import Tracker
+from evomerge.search.tracking import Tracker
 
 SPEC_FILE = "spec.yaml"
 
@@ -105,7 +105,7 @@ class Search:
     def run(self) -> dict[int, Trial]:
         import ray
 
-        from evomerge.cluster import connect, make_actor_factory
+        from evomerge.search.cluster import connect, make_actor_factory
 
         # The driver's numpy work (CMA-ES eigendecompositions) is small; extra BLAS threads only
         # fight the workers for cores.

@@ -1,0 +1,1 @@
+"""Scoring a model on lm-eval tasks over local data: task resolution and the evaluator."""

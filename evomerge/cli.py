@@ -10,7 +10,6 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -23,7 +22,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # node shared with search workers): a TIES merge took 25 s instead of 9 s. Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-app = typer.Typer(help="Evolutionary search for LLM merge recipes, exported as mergekit YAML.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Evolutionary search for LLM merge recipes, exported as mergekit YAML.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 DebugOption = typer.Option(False, "--debug", help="Show full tracebacks.")
 
 
@@ -68,7 +72,14 @@ def merge(
     if device.startswith("cuda"):
         _require_cuda()
     merge_config = load_merge_config(config)
-    validated = merge_to_disk(merge_config, out_dir, device=device, seed=seed, progress=sys.stderr.isatty(), max_shard_bytes=int(shard_size_gb * 1024**3))
+    validated = merge_to_disk(
+        merge_config,
+        out_dir,
+        device=device,
+        seed=seed,
+        progress=sys.stderr.isatty(),
+        max_shard_bytes=int(shard_size_gb * 1024**3),
+    )
     typer.echo(f"wrote {len(validated.plan.tensors)} tensors ({validated.plan.num_layers} layers) to {out_dir}")
 
 
@@ -82,14 +93,18 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"), debug: bool 
     spec = load_spec(spec_path)
     prepared = preflight(spec, str(spec_path))
     tasks = ", ".join(t.name for t in spec.evaluation.tasks)
-    typer.echo(f"ok: {spec.merge.method} over {len(spec.models.experts)} experts, {prepared.genome.dim} genes, {spec.optimizer.name}, tasks: {tasks}")
+    typer.echo(
+        f"ok: {spec.merge.method} over {len(spec.models.experts)} experts, {prepared.genome.dim} genes, {spec.optimizer.name}, tasks: {tasks}"
+    )
 
 
 @app.command()
 @user_errors_exit_2
 def search(
     spec_path: Path = typer.Argument(..., metavar="SPEC"),
-    address: Optional[str] = typer.Option(None, help="Join a Ray cluster (auto or HOST:PORT); default starts a local one."),
+    address: str | None = typer.Option(
+        None, help="Join a Ray cluster (auto or HOST:PORT); default starts a local one."
+    ),
     debug: bool = DebugOption,
 ):
     """Run a search; results go to runs/NAME/."""
@@ -104,8 +119,10 @@ def search(
 @user_errors_exit_2
 def resume(
     run_dir: Path = typer.Argument(..., help="runs/NAME"),
-    address: Optional[str] = typer.Option(None),
-    spec_path: Optional[Path] = typer.Option(None, "--spec", help="Refuse to resume if this spec differs from the frozen one."),
+    address: str | None = typer.Option(None),
+    spec_path: Path | None = typer.Option(
+        None, "--spec", help="Refuse to resume if this spec differs from the frozen one."
+    ),
     debug: bool = DebugOption,
 ):
     """Continue a stopped or crashed search exactly where it was."""
@@ -117,7 +134,9 @@ def resume(
 
 @app.command()
 @user_errors_exit_2
-def status(run_dir: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json"), debug: bool = DebugOption):
+def status(
+    run_dir: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json"), debug: bool = DebugOption
+):
     """Completed and failed trials, best score and trial, evaluations per minute."""
     import json
 
@@ -127,19 +146,36 @@ def status(run_dir: Path = typer.Argument(...), as_json: bool = typer.Option(Fal
     if as_json:
         typer.echo(json.dumps(figures, indent=2))
         return
-    for key in ("run", "asked", "completed", "failed", "in_flight", "best_score", "best_trial", "best_label", "evals_per_min", "heldout_winner", "finished"):
+    for key in (
+        "run",
+        "asked",
+        "completed",
+        "failed",
+        "in_flight",
+        "best_score",
+        "best_trial",
+        "best_label",
+        "evals_per_min",
+        "heldout_winner",
+        "finished",
+    ):
         typer.echo(f"{key:>15}: {figures[key]}")
     if figures["pareto_front"]:
-        typer.echo(f"{'pareto front':>15}: " + "; ".join(f"trial {p['trial']} {[round(v, 4) for v in p['objectives']]}" for p in figures["pareto_front"]))
+        typer.echo(
+            f"{'pareto front':>15}: "
+            + "; ".join(f"trial {p['trial']} {[round(v, 4) for v in p['objectives']]}" for p in figures["pareto_front"])
+        )
 
 
 @app.command()
 @user_errors_exit_2
 def export(
     run_dir: Path = typer.Argument(...),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the YAML here instead of stdout."),
-    trial: Optional[int] = typer.Option(None, help="Export this trial instead of the held-out winner."),
-    pareto: bool = typer.Option(False, "--pareto", help="List the Pareto front of a multi-objective run (export one with --trial)."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Write the YAML here instead of stdout."),
+    trial: int | None = typer.Option(None, help="Export this trial instead of the held-out winner."),
+    pareto: bool = typer.Option(
+        False, "--pareto", help="List the Pareto front of a multi-objective run (export one with --trial)."
+    ),
     debug: bool = DebugOption,
 ):
     """Write a trial as a standard mergekit YAML (the held-out winner by default)."""
@@ -149,9 +185,13 @@ def export(
     if pareto:
         front = pareto_trials(load_trials(run_dir)[1])
         if not front:
-            raise UserError(f"--pareto: {run_dir} has no multi-objective trials; declare evaluation.objectives in the spec")
+            raise UserError(
+                f"--pareto: {run_dir} has no multi-objective trials; declare evaluation.objectives in the spec"
+            )
         for point in front:
-            typer.echo(f"trial {point['trial']:>5}  {point['label']:<28} objectives {', '.join(f'{v:.4f}' for v in point['objectives'])}")
+            typer.echo(
+                f"trial {point['trial']:>5}  {point['label']:<28} objectives {', '.join(f'{v:.4f}' for v in point['objectives'])}"
+            )
         return
 
     chosen, text = export_trial(run_dir, trial)
@@ -166,7 +206,9 @@ def export(
 @user_errors_exit_2
 def report(
     run_dir: Path = typer.Argument(...),
-    out_dir: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder for report.html and its PNGs (default RUN_DIR/report)."),
+    out_dir: Path | None = typer.Option(
+        None, "-o", "--out", help="Folder for report.html and its PNGs (default RUN_DIR/report)."
+    ),
     debug: bool = DebugOption,
 ):
     """Write report.html with plots: scores over evaluations, per-task metrics, per-layer heatmaps, baselines, Pareto front."""
@@ -191,8 +233,11 @@ def _print_summary(run_dir) -> None:
         label = "evolved" if row["kind"] == "optimizer" else row["label"]
         is_winner = winner is not None and row["trial"] == winner.trial_id
         table.add_row(
-            str(row["trial"]), label + (" (held-out winner)" if is_winner else ""),
-            f"{row['search']:.4f} ± {row['search_se']:.4f}", held, style="bold" if is_winner else None,
+            str(row["trial"]),
+            label + (" (held-out winner)" if is_winner else ""),
+            f"{row['search']:.4f} ± {row['search_se']:.4f}",
+            held,
+            style="bold" if is_winner else None,
         )
     Console().print(table)
 

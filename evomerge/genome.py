@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.methods import METHODS, MethodInfo
-from evomerge.spec import DEFAULT_BOUNDS, Spec
 from evomerge.rundir.trials import LINEAR_LABEL, parent_label
+from evomerge.spec import DEFAULT_BOUNDS, Spec
 
 PER_MODEL = ("weight", "density", "gamma", "epsilon")
 DEFAULT_VALUES = {"density": 0.5, "t": 0.5, "gamma": 0.01, "epsilon": 0.15, "lambda": 1.0}
@@ -28,9 +27,9 @@ DEFAULT_VALUES = {"density": 0.5, "t": 0.5, "gamma": 0.01, "epsilon": 0.15, "lam
 class Gene:
     name: str
     param: str
-    model: Optional[int]  # expert index, None for parameters shared by all models
+    model: int | None  # expert index, None for parameters shared by all models
     group: str  # layer group index as text, "embed" or "head"
-    part: Optional[str]  # "attn" (everything but the MLP), "mlp", or None
+    part: str | None  # "attn" (everything but the MLP), "mlp", or None
     low: float
     high: float
 
@@ -57,7 +56,7 @@ def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
     """Contiguous [start, end) layer ranges, as even as possible."""
     groups = min(groups, num_layers)
     edges = np.linspace(0, num_layers, groups + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=False)]
 
 
 class Genome:
@@ -95,7 +94,11 @@ class Genome:
             for model in owners:
                 for group in group_names:
                     for part in parts if group.isdigit() else (None,):
-                        label = "/".join(str(s) for s in (param, f"m{model}" if model is not None else "all", f"g{group}", part) if s is not None)
+                        label = "/".join(
+                            str(s)
+                            for s in (param, f"m{model}" if model is not None else "all", f"g{group}", part)
+                            if s is not None
+                        )
                         genes.append(Gene(label, param, model, group, part, *self._bounds(param)))
         return genes
 
@@ -146,7 +149,7 @@ class Genome:
         x = np.asarray(x, dtype=float)
         if x.shape != (self.dim,):
             raise ValueError(f"expected a vector of {self.dim} genes, got shape {x.shape}")
-        return {gene.name: round(gene.value(u), 6) for gene, u in zip(self.genes, x)}
+        return {gene.name: round(gene.value(u), 6) for gene, u in zip(self.genes, x, strict=False)}
 
     def to_merge_config(self, x) -> MergeConfig:
         return MergeConfig.model_validate(self.merge_config_dict(x))
@@ -217,7 +220,9 @@ class Genome:
 
 def _sparsification_off_at_density_one(method: MethodInfo) -> bool:
     """Linear, plain task arithmetic, TIES trims and DARE drops keep every delta at density 1."""
-    return method.family == "linear" or (method.family == "task_vector" and method.sparsification in (None, "magnitude", "random"))
+    return method.family == "linear" or (
+        method.family == "task_vector" and method.sparsification in (None, "magnitude", "random")
+    )
 
 
 def _present(**fields) -> dict:

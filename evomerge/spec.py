@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Optional, get_args
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -19,7 +19,14 @@ from evomerge.merge.config import load_yaml_file
 from evomerge.merge.methods import METHODS
 
 SEARCHABLE = ("weight", "density", "t", "gamma", "epsilon", "lambda")
-DEFAULT_BOUNDS = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 0.1), "epsilon": (0.01, 0.2), "lambda": (0.5, 1.5)}
+DEFAULT_BOUNDS = {
+    "weight": (0.0, 1.0),
+    "density": (0.1, 1.0),
+    "t": (0.0, 1.0),
+    "gamma": (0.0, 0.1),
+    "epsilon": (0.01, 0.2),
+    "lambda": (0.5, 1.5),
+}
 
 
 class _Strict(BaseModel):
@@ -40,20 +47,26 @@ class ModelsSpec(_Strict):
 
 class MergeSpec(_Strict):
     method: str = "ties"
-    fixed: dict[str, float | bool] = Field(default_factory=dict, description="Shared parameters held constant, e.g. normalize, lambda.")
+    fixed: dict[str, float | bool] = Field(
+        default_factory=dict, description="Shared parameters held constant, e.g. normalize, lambda."
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, method):
         if method not in METHODS:
-            raise ValueError(f"unknown method '{method}'{did_you_mean(method, METHODS)}; choose one of {', '.join(METHODS)}")
+            raise ValueError(
+                f"unknown method '{method}'{did_you_mean(method, METHODS)}; choose one of {', '.join(METHODS)}"
+            )
         return method
 
 
 class GenomeSpec(_Strict):
-    params: Optional[list[str]] = Field(None, description="Parameters to evolve; default: the method's weight/density/t.")
-    layer_groups: int = Field(4, ge=1, description="Contiguous layer groups, each with its own genes (1 = one value per model).")
+    params: list[str] | None = Field(None, description="Parameters to evolve; default: the method's weight/density/t.")
+    layer_groups: int = Field(
+        4, ge=1, description="Contiguous layer groups, each with its own genes (1 = one value per model)."
+    )
     split_attn_mlp: bool = False
     embeddings: bool = Field(False, description="Separate genes for embed_tokens, final norm and lm_head.")
     bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
@@ -63,7 +76,9 @@ class GenomeSpec(_Strict):
     def _searchable(cls, params):
         for name in params or []:
             if name not in SEARCHABLE:
-                raise ValueError(f"'{name}' cannot be searched{did_you_mean(name, SEARCHABLE)}; choose from {', '.join(SEARCHABLE)}")
+                raise ValueError(
+                    f"'{name}' cannot be searched{did_you_mean(name, SEARCHABLE)}; choose from {', '.join(SEARCHABLE)}"
+                )
         return params
 
     @field_validator("bounds")
@@ -74,7 +89,7 @@ class GenomeSpec(_Strict):
                 raise ValueError(f"no parameter '{name}'{did_you_mean(name, SEARCHABLE)}")
             if not low < high:
                 raise ValueError(f"{name}: lower bound {low} must be below upper bound {high}")
-            if name == "density" and not (0 < low and high <= 1):
+            if name == "density" and not (low > 0 and high <= 1):
                 raise ValueError(f"density bounds must lie in (0, 1], got [{low}, {high}]")
         return bounds
 
@@ -82,7 +97,7 @@ class GenomeSpec(_Strict):
 class OptimizerSpec(_Strict):
     name: Literal["cmaes", "tpe", "random", "nsga2"] = "cmaes"
     seed: int = 0
-    popsize: Optional[int] = Field(None, ge=2)
+    popsize: int | None = Field(None, ge=2)
     sigma0: float = Field(0.25, gt=0, le=1)
     n_startup_trials: int = Field(10, ge=0)
 
@@ -91,7 +106,7 @@ class TaskWeight(_Strict):
     name: str
     weight: float = Field(1.0, gt=0)
     metric: str = "acc"
-    num_fewshot: Optional[int] = Field(None, ge=0)
+    num_fewshot: int | None = Field(None, ge=0)
 
 
 class ObjectiveSpec(_Strict):
@@ -101,14 +116,16 @@ class ObjectiveSpec(_Strict):
 
 class EvaluationSpec(_Strict):
     tasks: list[TaskWeight] = Field(min_length=1)
-    objectives: list[ObjectiveSpec] = Field(default_factory=list, description="Two or more for a multi-objective (Pareto) search.")
+    objectives: list[ObjectiveSpec] = Field(
+        default_factory=list, description="Two or more for a multi-objective (Pareto) search."
+    )
     heldout_tasks: list[TaskWeight] = Field(default_factory=list, description="Disjoint split for the final report.")
     include: list[str] = Field(default_factory=lambda: ["evals"])
-    limit: Optional[int] = Field(None, ge=1, description="Docs per search task: a fixed seeded subset.")
-    heldout_limit: Optional[int] = Field(None, ge=1, description="Docs per held-out task; default: the whole split.")
+    limit: int | None = Field(None, ge=1, description="Docs per search task: a fixed seeded subset.")
+    heldout_limit: int | None = Field(None, ge=1, description="Docs per held-out task; default: the whole split.")
     seed: int = 0
     batch_size: int = Field(32, ge=1)
-    max_length: Optional[int] = Field(None, ge=8)
+    max_length: int | None = Field(None, ge=8)
     top_k: int = Field(5, ge=0, description="Trials re-scored on the held-out tasks at the end.")
 
     @model_validator(mode="after")
@@ -117,7 +134,9 @@ class EvaluationSpec(_Strict):
         for objective in self.objectives:
             for task in objective.tasks:
                 if task not in names:
-                    raise ValueError(f"objective '{objective.name}' uses '{task}', which is not in evaluation.tasks{did_you_mean(task, names)}")
+                    raise ValueError(
+                        f"objective '{objective.name}' uses '{task}', which is not in evaluation.tasks{did_you_mean(task, names)}"
+                    )
         if len(self.objectives) == 1:
             raise ValueError("objectives: give two or more for a Pareto search, or none for a single weighted score")
         return self
@@ -129,9 +148,12 @@ class EvaluationSpec(_Strict):
 
 
 class BudgetSpec(_Strict):
-    max_evals: Optional[int] = Field(100, ge=1)
-    time_limit_min: Optional[float] = Field(None, gt=0)
-    baselines: bool = Field(True, description="Score the parents and the default merges first, and seed the optimizer with those the genome can express.")
+    max_evals: int | None = Field(100, ge=1)
+    time_limit_min: float | None = Field(None, gt=0)
+    baselines: bool = Field(
+        True,
+        description="Score the parents and the default merges first, and seed the optimizer with those the genome can express.",
+    )
 
     @model_validator(mode="after")
     def _bounded(self):
@@ -141,7 +163,7 @@ class BudgetSpec(_Strict):
 
 
 class WorkersSpec(_Strict):
-    count: Optional[int] = Field(None, ge=1, description="Default: one per GPU, else 2 CPU workers.")
+    count: int | None = Field(None, ge=1, description="Default: one per GPU, else 2 CPU workers.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     gpus_per_worker: float = Field(1.0, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -176,7 +198,9 @@ class Spec(_Strict):
         if self.multi_objective and self.optimizer.name == "cmaes":
             raise ValueError("optimizer.name: cmaes optimizes one score; use nsga2 or tpe for several objectives")
         if not self.multi_objective and self.optimizer.name == "nsga2":
-            raise ValueError("optimizer.name: nsga2 needs two or more evaluation.objectives; use cmaes or tpe for one score")
+            raise ValueError(
+                "optimizer.name: nsga2 needs two or more evaluation.objectives; use cmaes or tpe for one score"
+            )
         return self
 
     def fingerprint(self) -> str:
@@ -224,7 +248,15 @@ def _keys_at(location: tuple) -> list[str]:
         if isinstance(part, int):
             continue
         field = model.model_fields.get(part)
-        nested = [t for t in (field.annotation, *get_args(field.annotation)) if isinstance(t, type) and issubclass(t, BaseModel)] if field else []
+        nested = (
+            [
+                t
+                for t in (field.annotation, *get_args(field.annotation))
+                if isinstance(t, type) and issubclass(t, BaseModel)
+            ]
+            if field
+            else []
+        )
         if not nested:
             return []
         model = nested[0]

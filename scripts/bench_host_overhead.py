@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge import FINETUNE_SCALES, GENOME, SHAPES, llama_config  # noqa: E402
+from bench_merge import FINETUNE_SCALES, GENOME, llama_config  # noqa: E402
 from bench_merge_cpu import machine_description  # noqa: E402
 
 from evomerge.genome import Genome  # noqa: E402
@@ -56,10 +56,14 @@ def in_memory_folders(size: str) -> dict[str, ModelFolder]:
 def synthetic_sources(folders: dict[str, ModelFolder], method: str) -> FusedSources:
     """FusedSources' host-side state for the layout, without allocating or reading any weights."""
     base, *experts = folders
-    union = MergeConfig.model_validate({
-        "merge_method": "task_arithmetic", "base_model": base, "dtype": "bfloat16",
-        "models": [{"model": path, "parameters": {"weight": 1.0}} for path in experts],
-    })
+    union = MergeConfig.model_validate(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "dtype": "bfloat16",
+            "models": [{"model": path, "parameters": {"weight": 1.0}} for path in experts],
+        }
+    )
     sources = FusedSources(validate_merge_config(union, folders=folders), METHODS[method], "cpu", "device")
     rng = np.random.default_rng(0)
     for segment, numel in enumerate(sources.layout.numels):
@@ -74,18 +78,31 @@ def synthetic_sources(folders: dict[str, ModelFolder], method: str) -> FusedSour
 def candidate_dicts(folders: dict[str, ModelFolder], method: str, count: int) -> list[dict]:
     """Candidates as the driver sends them to a worker: plain dicts of a genome point."""
     base, *experts = folders
-    spec = Spec.model_validate({
-        "name": "bench", "models": {"base": base, "experts": experts}, "merge": {"method": method, "dtype": "bfloat16"},
-        "genome": GENOME, "evaluation": {"tasks": ["none"]},
-    })
+    spec = Spec.model_validate(
+        {
+            "name": "bench",
+            "models": {"base": base, "experts": experts},
+            "merge": {"method": method, "dtype": "bfloat16"},
+            "genome": GENOME,
+            "evaluation": {"tasks": ["none"]},
+        }
+    )
     genome = Genome(spec, folders[base].num_layers)
     rng = np.random.default_rng(1)
-    return [genome.to_merge_config(rng.uniform(0.05, 0.95, genome.dim)).model_dump(mode="json", exclude_none=True) for _ in range(count)]
+    return [
+        genome.to_merge_config(rng.uniform(0.05, 0.95, genome.dim)).model_dump(mode="json", exclude_none=True)
+        for _ in range(count)
+    ]
 
 
 def time_stages(sources: FusedSources, folders, candidates: list[dict]) -> dict[str, float]:
     """Median ms per candidate of each host-side stage, in the order a worker runs them."""
-    stages: dict[str, list[float]] = {"config validation": [], "plan": [], "parameter table": [], "thresholds + pack": []}
+    stages: dict[str, list[float]] = {
+        "config validation": [],
+        "plan": [],
+        "parameter table": [],
+        "thresholds + pack": [],
+    }
     for candidate in candidates:
         marks = [time.perf_counter()]
         config = MergeConfig.model_validate(candidate)
@@ -97,7 +114,7 @@ def time_stages(sources: FusedSources, folders, candidates: list[dict]) -> dict[
         counts = table.keep_counts(sources.layout.numels)
         table.pack(sources.work_dtype, sources.magnitudes.thresholds(counts), counts)
         marks.append(time.perf_counter())
-        for name, begin, end in zip(stages, marks, marks[1:]):
+        for name, begin, end in zip(stages, marks, marks[1:], strict=False):
             stages[name].append(1000 * (end - begin))
     medians = {name: statistics.median(values) for name, values in stages.items()}
     medians["total"] = sum(medians.values())
@@ -117,7 +134,9 @@ def main() -> None:
         candidates = candidate_dicts(folders, args.method, args.candidates + 1)
         time_stages(sources, folders, candidates[:1])  # first call builds the threshold index
         rows.append((size, len(sources.layout.names), time_stages(sources, folders, candidates[1:])))
-    print(f"Host: {machine_description()}; method {args.method}; median of {args.candidates} candidates; ms per candidate\n")
+    print(
+        f"Host: {machine_description()}; method {args.method}; median of {args.candidates} candidates; ms per candidate\n"
+    )
     names = list(rows[0][2])
     print("| model | tensors | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))

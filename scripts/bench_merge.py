@@ -38,9 +38,30 @@ from bench_merge_cpu import build_tokenizer, machine_description  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SHAPES = {
-    "1.5b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, vocab_size=32000),
-    "3.6b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=34, num_attention_heads=24, num_key_value_heads=8, vocab_size=32000),
-    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
+    "1.5b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    ),
+    "3.6b": dict(
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=34,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    ),
+    "smoke": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    ),
 }
 FINETUNE_SCALES = {"ft_a": 0.004, "ft_b": 0.01}
 METHODS = ("linear", "ties", "dare_ties")
@@ -82,8 +103,13 @@ def llama_config(size: str):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        **SHAPES[size], max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16",
-        bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"],
+        **SHAPES[size],
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+        bos_token_id=1,
+        eos_token_id=2,
+        architectures=["LlamaForCausalLM"],
     )
 
 
@@ -94,7 +120,10 @@ def build_checkpoints(size: str, root: Path, device: str) -> dict[str, Path]:
 
     folder = root / size
     paths = {name: folder / name for name in ("base", *FINETUNE_SCALES)}
-    stamp, spec = folder / "spec.json", json.dumps({"shape": SHAPES[size], "scales": FINETUNE_SCALES, "format": 2}, sort_keys=True)
+    stamp, spec = (
+        folder / "spec.json",
+        json.dumps({"shape": SHAPES[size], "scales": FINETUNE_SCALES, "format": 2}, sort_keys=True),
+    )
     if stamp.exists() and stamp.read_text() == spec:
         return paths
     config = llama_config(size)
@@ -105,7 +134,10 @@ def build_checkpoints(size: str, root: Path, device: str) -> dict[str, Path]:
     tokenizer = build_tokenizer(config.vocab_size)
     for name, path in paths.items():
         scale = FINETUNE_SCALES.get(name, 0.0)
-        tensors = {key: (t + scale * torch.randn(t.shape, generator=generator, device=device, dtype=t.dtype)).cpu() for key, t in base.items()}
+        tensors = {
+            key: (t + scale * torch.randn(t.shape, generator=generator, device=device, dtype=t.dtype)).cpu()
+            for key, t in base.items()
+        }
         path.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(path)
@@ -125,10 +157,15 @@ def candidate_configs(paths: dict[str, Path], method: str, count: int, seed: int
     from evomerge.genome import Genome
     from evomerge.spec import Spec
 
-    spec = Spec.model_validate({
-        "name": "bench", "models": {"base": str(paths["base"]), "experts": [str(paths[n]) for n in FINETUNE_SCALES]},
-        "merge": {"method": method, "dtype": "bfloat16"}, "genome": GENOME, "evaluation": {"tasks": ["none"]},
-    })
+    spec = Spec.model_validate(
+        {
+            "name": "bench",
+            "models": {"base": str(paths["base"]), "experts": [str(paths[n]) for n in FINETUNE_SCALES]},
+            "merge": {"method": method, "dtype": "bfloat16"},
+            "genome": GENOME,
+            "evaluation": {"tasks": ["none"]},
+        }
+    )
     genome = Genome(spec, llama_config_layers(paths["base"]))
     rng = np.random.default_rng(seed)
     return [genome.to_merge_config(rng.uniform(0.05, 0.95, genome.dim)) for _ in range(count)]
@@ -142,10 +179,14 @@ def union_config(paths: dict[str, Path]):
     """Every tensor of every model, as a search worker keeps resident (cf. preflight)."""
     from evomerge.merge.config import MergeConfig
 
-    return MergeConfig.model_validate({
-        "merge_method": "task_arithmetic", "base_model": str(paths["base"]), "dtype": "bfloat16",
-        "models": [{"model": str(paths[n]), "parameters": {"weight": 1.0}} for n in FINETUNE_SCALES],
-    })
+    return MergeConfig.model_validate(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(paths["base"]),
+            "dtype": "bfloat16",
+            "models": [{"model": str(paths[n]), "parameters": {"weight": 1.0}} for n in FINETUNE_SCALES],
+        }
+    )
 
 
 def copy_bandwidth(device: str, megabytes: int, repeats: int = 10) -> float:
@@ -198,12 +239,20 @@ def mergekit_api_inputs(sources, config):
         for model, name in plan.inputs:
             state_dicts[model][plan.output] = sources.tensors[(model, name)]
         for name in values:
-            values[name].append({model: params[name] for (model, _), params in zip(plan.inputs, plan.per_input) if name in params})
+            values[name].append(
+                {
+                    model: params[name]
+                    for (model, _), params in zip(plan.inputs, plan.per_input, strict=False)
+                    if name in params
+                }
+            )
     parameters = {name: PerGroupValues(per_tensor) for name, per_tensor in values.items()}
     return state_dicts, parameters, validated.config.base_model
 
 
-def time_mergekit_api(model, sources, configs: list, method: str, device: str) -> tuple[float, float | None, float | None]:
+def time_mergekit_api(
+    model, sources, configs: list, method: str, device: str
+) -> tuple[float, float | None, float | None]:
     """(median s, peak GiB, max relative difference to evomerge on the last candidate)."""
     from mergekit.merge_methods import merge_state_dicts
 
@@ -229,7 +278,10 @@ def time_mergekit_api(model, sources, configs: list, method: str, device: str) -
     with torch.no_grad():
         merge_into_model(model, sources, configs[-1])
         theirs = merge_state_dicts(state_dicts, method, parameters=parameters, base=base)
-        difference = max(float((targets[n].float() - t.float()).abs().max() / t.float().abs().max().clamp_min(1e-30)) for n, t in theirs.items())
+        difference = max(
+            float((targets[n].float() - t.float()).abs().max() / t.float().abs().max().clamp_min(1e-30))
+            for n, t in theirs.items()
+        )
     return statistics.median(seconds[1:]), peak, difference
 
 
@@ -255,8 +307,12 @@ def bench_size(size: str, args, bandwidth: float, log) -> list[MethodResult]:
     started = time.perf_counter()
     sources = ResidentSources.load(union_config(paths), device=args.device)
     model = AutoModelForCausalLM.from_pretrained(str(paths["base"]), dtype=torch.bfloat16).to(args.device).eval()
-    resident = f", {torch.cuda.memory_allocated() / 1024**3:.1f} GiB allocated" if args.device.startswith("cuda") else ""
-    args.notes.append(f"{size}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters; sources + model resident in {time.perf_counter() - started:.1f} s{resident}")
+    resident = (
+        f", {torch.cuda.memory_allocated() / 1024**3:.1f} GiB allocated" if args.device.startswith("cuda") else ""
+    )
+    args.notes.append(
+        f"{size}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters; sources + model resident in {time.perf_counter() - started:.1f} s{resident}"
+    )
     log(args.notes[-1])
     results, configs_of = [], {}
     for index, method in enumerate(args.methods):
@@ -279,10 +335,16 @@ def bench_size(size: str, args, bandwidth: float, log) -> list[MethodResult]:
     for result in results:
         if result.method in args.fused_methods:
             for placement in args.placements:
-                fused = _guarded(partial(time_fused, model, paths, configs_of[result.method], result.method, placement, args), log, None)
+                fused = _guarded(
+                    partial(time_fused, model, paths, configs_of[result.method], result.method, placement, args),
+                    log,
+                    None,
+                )
                 if fused:
                     setattr(result, f"fused_{placement}", fused)
-                    log(f"{size} {result.method} fused ({placement}): {fused['median_s']:.4f} s/candidate, {fused['median_s'] / result.bound_s:.2f}x bound")
+                    log(
+                        f"{size} {result.method} fused ({placement}): {fused['median_s']:.4f} s/candidate, {fused['median_s'] / result.bound_s:.2f}x bound"
+                    )
             args.on_result(result)
     del model
     if args.device.startswith("cuda"):
@@ -307,8 +369,14 @@ def time_fused(model, paths, configs: list, method: str, placement: str, args) -
         merger.merge(config)
         synchronize(args.device)
         seconds.append(time.perf_counter() - began)
-    result = {"median_s": statistics.median(seconds[1:]), "first_s": seconds[0], "load_s": loaded,
-              "peak_gib": peak_gib(args.device), "path": merger.path, "verified": merger.verified}
+    result = {
+        "median_s": statistics.median(seconds[1:]),
+        "first_s": seconds[0],
+        "load_s": loaded,
+        "peak_gib": peak_gib(args.device),
+        "path": merger.path,
+        "verified": merger.verified,
+    }
     del merger, sources
     return result
 
@@ -347,30 +415,80 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def markdown_table(results: list[MethodResult]) -> str:
-    header = ["model", "method", "evomerge ms/candidate", "bound ms", "evomerge / bound", "first candidate ms", "peak GiB",
-              "mergekit API ms", "API / evomerge", "API peak GiB", "API max rel. diff", "mergekit-yaml s", "yaml / evomerge"]
-    rows = [[
-        r.size, r.method, _ms(r.evomerge_s), _ms(r.bound_s), _ratio(r.evomerge_s, r.bound_s), _ms(r.first_s), _gib(r.peak_gib),
-        _ms(r.api_s), _ratio(r.api_s, r.evomerge_s), _gib(r.api_peak_gib),
-        "-" if r.api_max_rel_diff is None else f"{r.api_max_rel_diff:.1e}",
-        "-" if r.yaml_s is None else f"{r.yaml_s:.1f}", _ratio(r.yaml_s, r.evomerge_s),
-    ] for r in results]
+    header = [
+        "model",
+        "method",
+        "evomerge ms/candidate",
+        "bound ms",
+        "evomerge / bound",
+        "first candidate ms",
+        "peak GiB",
+        "mergekit API ms",
+        "API / evomerge",
+        "API peak GiB",
+        "API max rel. diff",
+        "mergekit-yaml s",
+        "yaml / evomerge",
+    ]
+    rows = [
+        [
+            r.size,
+            r.method,
+            _ms(r.evomerge_s),
+            _ms(r.bound_s),
+            _ratio(r.evomerge_s, r.bound_s),
+            _ms(r.first_s),
+            _gib(r.peak_gib),
+            _ms(r.api_s),
+            _ratio(r.api_s, r.evomerge_s),
+            _gib(r.api_peak_gib),
+            "-" if r.api_max_rel_diff is None else f"{r.api_max_rel_diff:.1e}",
+            "-" if r.yaml_s is None else f"{r.yaml_s:.1f}",
+            _ratio(r.yaml_s, r.evomerge_s),
+        ]
+        for r in results
+    ]
     return _markdown(header, rows)
 
 
 def fused_table(results: list[MethodResult]) -> str:
-    header = ["model", "method", "sources on", "fused ms/candidate", "bound ms", "fused / bound", "reference ms", "reference / fused",
-              "mergekit API / fused", "first candidate ms (with self-check)", "load s", "peak GiB", "path"]
+    header = [
+        "model",
+        "method",
+        "sources on",
+        "fused ms/candidate",
+        "bound ms",
+        "fused / bound",
+        "reference ms",
+        "reference / fused",
+        "mergekit API / fused",
+        "first candidate ms (with self-check)",
+        "load s",
+        "peak GiB",
+        "path",
+    ]
     rows = []
     for r in results:
         for placement in ("device", "host"):
             f = getattr(r, f"fused_{placement}")
             if f:
-                rows.append([
-                    r.size, r.method, placement, _ms(f["median_s"]), _ms(r.bound_s), _ratio(f["median_s"], r.bound_s),
-                    _ms(r.evomerge_s), _ratio(r.evomerge_s, f["median_s"]), _ratio(r.api_s, f["median_s"]),
-                    _ms(f["first_s"]), f"{f['load_s']:.1f}", _gib(f["peak_gib"]), f["path"],
-                ])
+                rows.append(
+                    [
+                        r.size,
+                        r.method,
+                        placement,
+                        _ms(f["median_s"]),
+                        _ms(r.bound_s),
+                        _ratio(f["median_s"], r.bound_s),
+                        _ms(r.evomerge_s),
+                        _ratio(r.evomerge_s, f["median_s"]),
+                        _ratio(r.api_s, f["median_s"]),
+                        _ms(f["first_s"]),
+                        f"{f['load_s']:.1f}",
+                        _gib(f["peak_gib"]),
+                        f["path"],
+                    ]
+                )
     return _markdown(header, rows)
 
 
@@ -380,13 +498,29 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sizes", default="1.5b,3.6b", help=f"comma-separated, from: {', '.join(SHAPES)}")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=5, help="timed candidates per method, after the first")
-    parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench_merge", help="where the random checkpoints are kept")
-    parser.add_argument("--yaml-methods", default=",".join(METHODS), help="methods also timed with mergekit-yaml ('' for none)")
-    parser.add_argument("--results", type=Path, help="also append each row as a JSON line here (kept if the run is cut short)")
-    parser.add_argument("--placements", default="device,host", help="fused-kernel rows: sources on the GPU, in pinned host memory ('' for none)")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, 2 repeats: checks the script runs (CPU, seconds)")
+    parser.add_argument(
+        "--cache", type=Path, default=REPO / ".cache" / "bench_merge", help="where the random checkpoints are kept"
+    )
+    parser.add_argument(
+        "--yaml-methods", default=",".join(METHODS), help="methods also timed with mergekit-yaml ('' for none)"
+    )
+    parser.add_argument(
+        "--results", type=Path, help="also append each row as a JSON line here (kept if the run is cut short)"
+    )
+    parser.add_argument(
+        "--placements",
+        default="device,host",
+        help="fused-kernel rows: sources on the GPU, in pinned host memory ('' for none)",
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny model, 2 repeats: checks the script runs (CPU, seconds)"
+    )
     args = parser.parse_args()
-    args.sizes, args.methods, args.yaml_methods = args.sizes.split(","), args.methods.split(","), args.yaml_methods.split(",")
+    args.sizes, args.methods, args.yaml_methods = (
+        args.sizes.split(","),
+        args.methods.split(","),
+        args.yaml_methods.split(","),
+    )
     args.placements = [p for p in args.placements.split(",") if p]
     args.fused_methods = FUSED_METHODS
     if args.smoke:
@@ -420,7 +554,9 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     log(f"{device_name}: copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
     results = [row for size in args.sizes for row in bench_size(size, args, bandwidth, log)]
-    print(f"Device: {device_name}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); host: {machine_description()}")
+    print(
+        f"Device: {device_name}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); host: {machine_description()}"
+    )
     print("\n".join(args.notes) + "\n")
     print(markdown_table(results))
     if any(r.fused_device or r.fused_host for r in results):

@@ -32,8 +32,14 @@ CACHE = REPO / ".cache" / "bench"
 BENCHMARKS_MD = REPO / "docs" / "BENCHMARKS.md"
 SECTION_TITLE = "## CPU: evomerge merge vs mergekit-yaml"
 MODEL_SHAPE = dict(
-    vocab_size=16000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-    num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
+    vocab_size=16000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=8,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
 )
 FINETUNE_SCALES = {"ft_a": 0.004, "ft_b": 0.01}
 BIN = Path(sys.executable).parent
@@ -86,11 +92,14 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
 
 def write_configs(root: Path, models: dict[str, Path]) -> dict[str, Path]:
     """The two merges timed: TIES (sparsify + sign election) and plain linear averaging."""
-    fine_tunes = [{"model": str(models[name]), "parameters": {"weight": 0.5, "density": 0.5}} for name in FINETUNE_SCALES]
+    fine_tunes = [
+        {"model": str(models[name]), "parameters": {"weight": 0.5, "density": 0.5}} for name in FINETUNE_SCALES
+    ]
     configs = {
         "ties": {"merge_method": "ties", "base_model": str(models["base"]), "dtype": "float32", "models": fine_tunes},
         "linear": {
-            "merge_method": "linear", "dtype": "float32",
+            "merge_method": "linear",
+            "dtype": "float32",
             "models": [{"model": str(models[name]), "parameters": {"weight": 1.0}} for name in models],
         },
     }
@@ -114,6 +123,7 @@ def timed_run(command: list[str]) -> Timing:
     wall = time.perf_counter() - started
     if finished.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{finished.stderr[-3000:]}")
+
     def reported(label: str) -> float:
         return float(re.search(rf"{re.escape(label)}: ([\d.]+)", finished.stderr).group(1))
 
@@ -150,9 +160,14 @@ def bench_method(config: Path, repeats: int, scratch: Path) -> dict:
             timings[tool].append(timed_run(tool_command(tool, config, out_dir)))
     return {
         "difference": max_relative_difference(scratch / "evomerge", scratch / "mergekit"),
-        **{tool: Timing(statistics.median(t.wall_s for t in runs), statistics.median(t.cpu_s for t in runs),
-                        max(t.peak_rss_gib for t in runs))
-           for tool, runs in timings.items()},
+        **{
+            tool: Timing(
+                statistics.median(t.wall_s for t in runs),
+                statistics.median(t.cpu_s for t in runs),
+                max(t.peak_rss_gib for t in runs),
+            )
+            for tool, runs in timings.items()
+        },
     }
 
 
@@ -193,29 +208,33 @@ def parameter_count() -> int:
 
 def report(results: dict[str, dict], repeats: int, load: tuple[float, float]) -> str:
     millions = parameter_count() / 1e6
-    return "\n".join([
-        SECTION_TITLE, "",
-        f"Whole-process wall time (median of {repeats}, tools alternated) and peak RSS (max over runs,",
-        "`/usr/bin/time -v`) for the same YAML. Inputs: a Llama-shaped fp32 base and two fine-tunes,",
-        f"{millions:.0f}M parameters each ({MODEL_SHAPE['num_hidden_layers']} layers, hidden "
-        f"{MODEL_SHAPE['hidden_size']}, vocab {MODEL_SHAPE['vocab_size']}); TIES at density 0.5 over the two",
-        "fine-tunes, linear over all three. Speed-up = mergekit / evomerge; CPU = user + system seconds.",
-        "Both include ~3-4 s of imports.", "",
-        f"Command: `python scripts/bench_merge_cpu.py --repeats {repeats}`", "",
-        f"Machine: {machine_description()}; run {time.strftime('%Y-%m-%d')}; 1-minute load average "
-        f"{load[0]:.1f} before and {load[1]:.1f} after (other work on the machine inflates wall time most).", "",
-        markdown_table(results), "",
-    ])
+    return "\n".join(
+        [
+            SECTION_TITLE,
+            "",
+            f"Whole-process wall time (median of {repeats}, tools alternated) and peak RSS (max over runs,",
+            "`/usr/bin/time -v`) for the same YAML. Inputs: a Llama-shaped fp32 base and two fine-tunes,",
+            f"{millions:.0f}M parameters each ({MODEL_SHAPE['num_hidden_layers']} layers, hidden "
+            f"{MODEL_SHAPE['hidden_size']}, vocab {MODEL_SHAPE['vocab_size']}); TIES at density 0.5 over the two",
+            "fine-tunes, linear over all three. Speed-up = mergekit / evomerge; CPU = user + system seconds.",
+            "Both include ~3-4 s of imports.",
+            "",
+            f"Command: `python scripts/bench_merge_cpu.py --repeats {repeats}`",
+            "",
+            f"Machine: {machine_description()}; run {time.strftime('%Y-%m-%d')}; 1-minute load average "
+            f"{load[0]:.1f} before and {load[1]:.1f} after (other work on the machine inflates wall time most).",
+            "",
+            markdown_table(results),
+            "",
+        ]
+    )
 
 
 def update_benchmarks_md(section: str) -> None:
     """Replace this section (up to the next '## ' heading) or append it."""
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
     pattern = re.compile(rf"^{re.escape(SECTION_TITLE)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
     BENCHMARKS_MD.parent.mkdir(parents=True, exist_ok=True)
     BENCHMARKS_MD.write_text(text.rstrip("\n") + "\n")
 

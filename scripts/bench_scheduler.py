@@ -56,15 +56,19 @@ class OverheadRow:
 def bench_spec(runs_dir: Path, name: str, optimizer: str, max_evals: int, queue_depth: int = 2):
     from evomerge.spec import Spec
 
-    return Spec.model_validate({
-        "name": name, "runs_dir": str(runs_dir),
-        "models": {"base": "/bench/base", "experts": [f"/bench/expert{i}" for i in range(EXPERTS)]},
-        "merge": {"method": "ties"}, "genome": GENOME_SPEC,
-        "optimizer": {"name": optimizer, "seed": 0},
-        "evaluation": {"tasks": ["synthetic"]},
-        "budget": {"max_evals": max_evals, "baselines": False},
-        "workers": {"queue_depth": queue_depth},
-    })
+    return Spec.model_validate(
+        {
+            "name": name,
+            "runs_dir": str(runs_dir),
+            "models": {"base": "/bench/base", "experts": [f"/bench/expert{i}" for i in range(EXPERTS)]},
+            "merge": {"method": "ties"},
+            "genome": GENOME_SPEC,
+            "optimizer": {"name": optimizer, "seed": 0},
+            "evaluation": {"tasks": ["synthetic"]},
+            "budget": {"max_evals": max_evals, "baselines": False},
+            "workers": {"queue_depth": queue_depth},
+        }
+    )
 
 
 def new_search(spec):
@@ -95,13 +99,21 @@ class SleepingWorker:
         seconds = sleep_seconds(self.seed, trial_id, self.low, self.high)
         time.sleep(seconds)
         return {
-            "trial": trial_id, "ok": True, "score": -seconds, "metrics": {"synthetic": -seconds},
-            "n_docs": {"synthetic": 1}, "worker": self.worker_id, "eval_set": eval_set,
-            "merge_s": 0.0, "eval_s": round(seconds, 4),
+            "trial": trial_id,
+            "ok": True,
+            "score": -seconds,
+            "metrics": {"synthetic": -seconds},
+            "n_docs": {"synthetic": 1},
+            "worker": self.worker_id,
+            "eval_set": eval_set,
+            "merge_s": 0.0,
+            "eval_s": round(seconds, 4),
         }
 
 
-def measure_scaling(workers: int, depth: int, candidates: int, sleep_range: tuple[float, float], seed: int, runs_dir: Path) -> ScalingRow:
+def measure_scaling(
+    workers: int, depth: int, candidates: int, sleep_range: tuple[float, float], seed: int, runs_dir: Path
+) -> ScalingRow:
     import ray
 
     from evomerge.search.progress import SearchProgress
@@ -135,7 +147,10 @@ def instant_scheduler(score_of):
         def poll(self, timeout: float) -> list:
             done = list(self.slots[0].in_flight.values())
             self.slots[0].in_flight.clear()
-            return [(job, {"trial": job.trial_id, "ok": True, "score": score_of(job.trial_id), "eval_s": 0.0}) for job in done]
+            return [
+                (job, {"trial": job.trial_id, "ok": True, "score": score_of(job.trial_id), "eval_s": 0.0})
+                for job in done
+            ]
 
     return InstantScheduler(lambda index: None, num_workers=1, queue_depth=1)
 
@@ -215,14 +230,18 @@ def scaling_table(rows: list[ScalingRow]) -> str:
     ]
     for r in rows:
         efficiency = f"{r.throughput / (r.workers * single[r.queue_depth]):.2f}" if r.queue_depth in single else "-"
-        lines.append(f"| {r.workers} | {r.queue_depth} | {r.candidates} | {r.wall_s:.2f} | {r.throughput:.2f} | {efficiency} | {r.busy_share:.2f} |")
+        lines.append(
+            f"| {r.workers} | {r.queue_depth} | {r.candidates} | {r.wall_s:.2f} | {r.throughput:.2f} | {efficiency} | {r.busy_share:.2f} |"
+        )
     return "\n".join(lines)
 
 
 def overhead_table(rows: list[OverheadRow]) -> str:
     parts = ("ask", "tell", "snapshot", "journal", "snapshot file")
     lines = [
-        "| optimizer | trials | ms/trial (mean) | ms/trial (last 10%) | " + " | ".join(f"{p} ms" for p in parts) + " | rest ms |",
+        "| optimizer | trials | ms/trial (mean) | ms/trial (last 10%) | "
+        + " | ".join(f"{p} ms" for p in parts)
+        + " | rest ms |",
         "|---" * (5 + len(parts)) + "|",
     ]
     for r in rows:
@@ -232,7 +251,8 @@ def overhead_table(rows: list[OverheadRow]) -> str:
         last = 1000 * (r.finished_at[-1] - r.finished_at[-1 - tail]) / tail
         lines.append(
             f"| {r.optimizer} | {r.trials} | {1000 * r.wall_s / r.trials:.2f} | {last:.2f} | "
-            + " | ".join(f"{per_trial[p]:.2f}" for p in parts) + f" | {rest:.2f} |"
+            + " | ".join(f"{per_trial[p]:.2f}" for p in parts)
+            + f" | {rest:.2f} |"
         )
     return "\n".join(lines)
 
@@ -273,9 +293,19 @@ def main() -> None:
         if not args.skip_scaling:
             import ray
 
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 1), include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+            ray.init(
+                address="local",
+                num_cpus=max(os.cpu_count() or 1, 1),
+                include_dashboard=False,
+                log_to_driver=False,
+                _node_ip_address="127.0.0.1",
+            )
             try:
-                rows = [measure_scaling(w, d, w * args.per_worker, tuple(args.sleep), args.seed, runs_dir) for d in args.depths for w in args.workers]
+                rows = [
+                    measure_scaling(w, d, w * args.per_worker, tuple(args.sleep), args.seed, runs_dir)
+                    for d in args.depths
+                    for w in args.workers
+                ]
             finally:
                 ray.shutdown()
             print(f"\nScheduler scaling (fake workers sleeping {args.sleep[0]}-{args.sleep[1]} s):\n")

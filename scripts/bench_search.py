@@ -68,7 +68,7 @@ def plain_forward_seconds(model, sequences: list[list[int]], batch_size: int, pa
     ordered = sorted(sequences, key=len, reverse=True)
     batches = []
     for start in range(0, len(ordered), batch_size):
-        chunk = ordered[start:start + batch_size]
+        chunk = ordered[start : start + batch_size]
         width = len(chunk[0])
         ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in chunk], device=device)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
@@ -120,14 +120,21 @@ class UtilizationSampler:
 
 
 def make_worker(paths: dict, task_folder: Path, args):
-    from evomerge.search.worker import MergeWorker, WorkerSettings
     from evomerge.evaluation.tasks import EvalSettings, TaskSpec
+    from evomerge.search.worker import MergeWorker, WorkerSettings
 
     settings = WorkerSettings(
         base_model=str(paths["base"]),
         union_config=union_config(paths).model_dump(mode="json", exclude_none=True),
-        eval_sets={"search": EvalSettings(tasks=(TaskSpec(TASK),), include_paths=(str(task_folder),), batch_size=args.batch_size)},
-        device=args.device, dtype="bfloat16", cpu_threads=os.cpu_count() or 1, merge_method="ties",
+        eval_sets={
+            "search": EvalSettings(
+                tasks=(TaskSpec(TASK),), include_paths=(str(task_folder),), batch_size=args.batch_size
+            )
+        },
+        device=args.device,
+        dtype="bfloat16",
+        cpu_threads=os.cpu_count() or 1,
+        merge_method="ties",
     )
     return MergeWorker(settings)
 
@@ -147,7 +154,7 @@ def run_candidates(worker, configs: list, device: str) -> tuple[list[dict], list
 
 
 def report(results: list[dict], walls: list[float], tokens: int, plain_s: float, sampled_busy: float | None) -> str:
-    timed = list(zip(results[1:], walls[1:]))
+    timed = list(zip(results[1:], walls[1:], strict=False))
     wall = statistics.median(w for _, w in timed)
     merge = statistics.median(r["merge_s"] for r, _ in timed)
     evaluation = statistics.median(r["eval_s"] for r, _ in timed)
@@ -171,11 +178,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", default="1.5b", choices=sorted(SHAPES))
     parser.add_argument("--docs", type=int, default=1000)
-    parser.add_argument("--words", type=int, nargs=2, default=(32, 256), metavar=("MIN", "MAX"), help="prompt length range in tokens")
-    parser.add_argument("--candidates", type=int, default=5, help="timed candidates, after a first one that fills caches")
+    parser.add_argument(
+        "--words", type=int, nargs=2, default=(32, 256), metavar=("MIN", "MAX"), help="prompt length range in tokens"
+    )
+    parser.add_argument(
+        "--candidates", type=int, default=5, help="timed candidates, after a first one that fills caches"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench_merge")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, few docs, CPU-friendly: checks the script runs")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny model, few docs, CPU-friendly: checks the script runs"
+    )
     args = parser.parse_args()
     if args.smoke:
         args.size, args.docs, args.words, args.candidates, args.batch_size = "smoke", 24, (4, 12), 2, 8
@@ -184,7 +197,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    os.environ.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+    )
     args.cache.mkdir(parents=True, exist_ok=True)
     paths = build_checkpoints(args.size, args.cache, args.device)
     with tempfile.TemporaryDirectory(prefix="bench_search_") as scratch:
@@ -193,12 +208,16 @@ def main() -> None:
         configs = candidate_configs(paths, "ties", args.candidates + 1, seed=0)
         results, walls, sampled_busy = run_candidates(worker, configs, args.device)
         sequences = token_sequences(task_folder, worker.tokenizer)
-    pad_id = worker.tokenizer.pad_token_id if worker.tokenizer.pad_token_id is not None else worker.tokenizer.eos_token_id
+    pad_id = (
+        worker.tokenizer.pad_token_id if worker.tokenizer.pad_token_id is not None else worker.tokenizer.eos_token_id
+    )
     plain_s = plain_forward_seconds(worker.model, sequences, args.batch_size, pad_id, args.device)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"Device: {device_name}; host: {machine_description()}")
-    print(f"Model: {args.size} ({sum(p.numel() for p in worker.model.parameters()) / 1e9:.2f}B, bf16), TIES candidates, {worker.merger.path} merge path; "
-          f"task: {args.docs} loglikelihood docs, {sum(map(len, sequences)):,} tokens, batch size {args.batch_size}\n")
+    print(
+        f"Model: {args.size} ({sum(p.numel() for p in worker.model.parameters()) / 1e9:.2f}B, bf16), TIES candidates, {worker.merger.path} merge path; "
+        f"task: {args.docs} loglikelihood docs, {sum(map(len, sequences)):,} tokens, batch size {args.batch_size}\n"
+    )
     print(report(results, walls, sum(map(len, sequences)), plain_s, sampled_busy))
 
 

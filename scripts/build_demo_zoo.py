@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))  # runnable from a checkout without `pip install -
 sys.path.insert(0, str(REPO / "scripts"))  # demo_data, the zoo's skills and eval splits
 
 import demo_data  # noqa: E402
+
 from evomerge.merge.io import write_text_atomic  # noqa: E402
 
 DEFAULT_OUT = REPO / ".cache" / "demo_zoo"
@@ -143,9 +144,14 @@ def build_base(tokenizer, recipe: dict, exclude: frozenset[str]):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), num_key_value_heads=recipe["model"]["num_attention_heads"],
-        max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **recipe["model"],
+        vocab_size=len(tokenizer),
+        num_key_value_heads=recipe["model"]["num_attention_heads"],
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **recipe["model"],
     )
     torch.manual_seed(recipe["base"]["seed"])
     model = LlamaForCausalLM(config)
@@ -181,12 +187,15 @@ def greedy_accuracy(model, tokenizer, docs: list[dict]) -> float:
     """Share of docs whose whole target is the greedy continuation: lm-eval's loglikelihood acc."""
     prompts = [tokenizer(d["prompt"])["input_ids"] for d in docs]
     targets = [tokenizer(d["target"], add_special_tokens=False)["input_ids"] for d in docs]
-    width = max(len(p) + len(t) for p, t in zip(prompts, targets))
+    width = max(len(p) + len(t) for p, t in zip(prompts, targets, strict=False))
     input_ids = torch.full((len(docs), width), tokenizer.pad_token_id)
-    for row, (prompt, target) in enumerate(zip(prompts, targets)):
+    for row, (prompt, target) in enumerate(zip(prompts, targets, strict=False)):
         input_ids[row, : len(prompt) + len(target)] = torch.tensor(prompt + target)
     predicted = model(input_ids=input_ids).logits.argmax(-1)
-    hits = [predicted[row, len(p) - 1 : len(p) - 1 + len(t)].tolist() == t for row, (p, t) in enumerate(zip(prompts, targets))]
+    hits = [
+        predicted[row, len(p) - 1 : len(p) - 1 + len(t)].tolist() == t
+        for row, (p, t) in enumerate(zip(prompts, targets, strict=False))
+    ]
     return sum(hits) / len(hits)
 
 
@@ -243,8 +252,12 @@ def build_zoo(out: Path, quick: bool = False, threads: int = 1, check: bool = Tr
         models = {"base": base} | {f"expert_{name}": expert for name, expert in experts.items()}
         table = parent_table(models, tokenizer) if check else None
     manifest = {
-        "recipe_hash": expected, "build_version": BUILD_VERSION, "quick": quick, "recipe": recipe,
-        "models": ["base"] + [f"expert_{name}" for name in experts], "build_seconds": build_seconds,
+        "recipe_hash": expected,
+        "build_version": BUILD_VERSION,
+        "quick": quick,
+        "recipe": recipe,
+        "models": ["base"] + [f"expert_{name}" for name in experts],
+        "build_seconds": build_seconds,
         "sanity_table": table,
     }
     write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
@@ -260,7 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.add_argument("--quick", action="store_true", help="a few steps only: same files, untrained models")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 1: float sums, and so the zoo, depend on the thread count)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch CPU threads (default 1: float sums, and so the zoo, depend on the thread count)",
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the accuracy table at the end")
     parser.add_argument("--write-evals", action="store_true", help="regenerate evals/demo/ from scripts/demo_data.py")
     args = parser.parse_args(argv)

@@ -35,7 +35,9 @@ def per_layer_config(genome, weight_of) -> dict:
 
 
 def hand_tuned_configs(genome, expert_layers: dict[str, list[int]]) -> dict[str, dict]:
-    configs = {f"task arithmetic, lambda {lam}": per_layer_config(genome, lambda i, layer, lam=lam: lam) for lam in LAMBDA_GRID}
+    configs = {
+        f"task arithmetic, lambda {lam}": per_layer_config(genome, lambda i, layer, lam=lam: lam) for lam in LAMBDA_GRID
+    }
     blocks = [expert_layers[Path(path).name.removeprefix("expert_")] for path in genome.spec.models.experts]
     configs["per layer by hand: 1 in own block, 0 elsewhere"] = per_layer_config(
         genome, lambda i, layer: 1.0 if layer in blocks[i] else 0.0
@@ -48,8 +50,8 @@ def main() -> int:
 
     from evomerge.preflight import preflight
     from evomerge.rundir.results import standard_error
-    from evomerge.spec import load_spec
     from evomerge.search.worker import MergeWorker, WorkerSettings
+    from evomerge.spec import load_spec
 
     build_demo_zoo.build_zoo(build_demo_zoo.DEFAULT_OUT)
     prepared = preflight(load_spec(REPO / "search_spaces" / "demo.yaml"))

@@ -70,7 +70,11 @@ def main() -> int:
     run_dir = start_search(spec, progress=sys.stderr.isatty())
     _print_summary(run_dir)
     _, trials = load_trials(run_dir)
-    searched = [t for t in sorted(trials.values(), key=lambda t: t.trial_id) if t.kind == "optimizer" and t.status in ("completed", "failed")]
+    searched = [
+        t
+        for t in sorted(trials.values(), key=lambda t: t.trial_id)
+        if t.kind == "optimizer" and t.status in ("completed", "failed")
+    ]
     reach = evals_to_reach([t.result.get("score") if t.status == "completed" else None for t in searched])
     print(f"evaluations to reach 95% of the final best: {reach} of {len(searched)} searched")
     for line in heldout_margins(trials):

@@ -66,7 +66,9 @@ def run_mergekit(config_path: Path, out_dir: Path, seed: int | None = None) -> P
     source = Path(config_path).read_text()
     options = MergeOptions(write_model_card=False, quiet=True, random_seed=seed)
     options.apply_global_options()
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(source)), str(out_dir), options=options, config_source=source)
+    run_merge(
+        MergeConfiguration.model_validate(yaml.safe_load(source)), str(out_dir), options=options, config_source=source
+    )
     return Path(out_dir)
 
 

@@ -22,11 +22,15 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", "<pad>"] + CHARS)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
 
 
 def _examples() -> list[tuple[str, str]]:
-    rows = [json.loads(line) for line in (FIXTURE_EVALS / "data" / "tiny.jsonl").read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line) for line in (FIXTURE_EVALS / "data" / "tiny.jsonl").read_text().splitlines() if line.strip()
+    ]
     return [(row["prompt"], row["target"]) for row in rows]
 
 
@@ -49,9 +53,19 @@ def _train(model, tokenizer, examples, steps: int, seed: int) -> None:
 def build_trained_zoo(root: Path) -> dict[str, str]:
     torch.set_num_threads(1)
     tokenizer = char_tokenizer()
-    config = LlamaConfig(vocab_size=len(CHARS) + 4, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    config = LlamaConfig(
+        vocab_size=len(CHARS) + 4,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
     examples = _examples()

@@ -22,17 +22,22 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from typer.testing import CliRunner
-
 from search_zoo import FIXTURE_EVALS
 from tiny_models import write_corrupt_checkpoint
+from typer.testing import CliRunner
 
 
 @pytest.fixture(scope="module")
 def models(zoo, tmp_path_factory) -> dict[str, str]:
     """Garbage-weight copies of the tiny zoo, plus folders broken in one way each."""
     root = tmp_path_factory.mktemp("garbage_weights")
-    for name, good in {"base": zoo.model("base"), "ft_a": zoo.model("ft_a"), "ft_b": zoo.model("ft_b"), "wide": zoo.wide, "big_vocab": zoo.big_vocab}.items():
+    for name, good in {
+        "base": zoo.model("base"),
+        "ft_a": zoo.model("ft_a"),
+        "ft_b": zoo.model("ft_b"),
+        "wide": zoo.wide,
+        "big_vocab": zoo.big_vocab,
+    }.items():
         write_corrupt_checkpoint(Path(good), root / name)
     shutil.copytree(root / "ft_b", root / "no_config")
     (root / "no_config" / "config.json").unlink()
@@ -48,7 +53,12 @@ def models(zoo, tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def broken_task_folder(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("broken_task")
-    text = (FIXTURE_EVALS / "tiny_add.yaml").read_text().replace("task: tiny_add", "task: lost_data").replace("data/tiny.jsonl", "data/missing.jsonl")
+    text = (
+        (FIXTURE_EVALS / "tiny_add.yaml")
+        .read_text()
+        .replace("task: tiny_add", "task: lost_data")
+        .replace("data/tiny.jsonl", "data/missing.jsonl")
+    )
     (folder / "lost_data.yaml").write_text(text)
     return str(folder)
 
@@ -75,32 +85,98 @@ def put(spec: dict, dotted: str, value) -> None:
 
 # name -> (change to the good spec (or raw file text), words the one stderr line must contain)
 CASES = {
-    "unknown-top-level-key": (lambda s, m, x: put(s, "budgets", {"max_evals": 5}), ["budgets", "unknown key", "did you mean 'budget'"]),
-    "typo-in-a-key": (lambda s, m, x: put(s, "genome.layer_group", 2), ["genome.layer_group", "did you mean 'layer_groups'"]),
+    "unknown-top-level-key": (
+        lambda s, m, x: put(s, "budgets", {"max_evals": 5}),
+        ["budgets", "unknown key", "did you mean 'budget'"],
+    ),
+    "typo-in-a-key": (
+        lambda s, m, x: put(s, "genome.layer_group", 2),
+        ["genome.layer_group", "did you mean 'layer_groups'"],
+    ),
     "typo-in-method": (lambda s, m, x: put(s, "merge.method", "tie"), ["merge.method", "did you mean 'ties'"]),
-    "typo-in-task-name": (lambda s, m, x: put(s, "evaluation.tasks", ["tiny_ad"]), ["evaluation.tasks[0]", "did you mean 'tiny_add'"]),
-    "unknown-lm-eval-task": (lambda s, m, x: put(s, "evaluation.tasks", ["no_such_benchmark_qqq"]), ["evaluation.tasks[0]", "unknown lm-eval task"]),
-    "task-data-file-missing": (lambda s, m, x: put(s, "evaluation", {"include": [x], "tasks": ["lost_data"]}), ["evaluation.tasks[0]", "missing.jsonl", "does not exist"]),
-    "unknown-metric": (lambda s, m, x: put(s, "evaluation.tasks", [{"name": "tiny_add", "metric": "accuracy"}]), ["evaluation.tasks[0].metric", "did you mean 'acc'"]),
+    "typo-in-task-name": (
+        lambda s, m, x: put(s, "evaluation.tasks", ["tiny_ad"]),
+        ["evaluation.tasks[0]", "did you mean 'tiny_add'"],
+    ),
+    "unknown-lm-eval-task": (
+        lambda s, m, x: put(s, "evaluation.tasks", ["no_such_benchmark_qqq"]),
+        ["evaluation.tasks[0]", "unknown lm-eval task"],
+    ),
+    "task-data-file-missing": (
+        lambda s, m, x: put(s, "evaluation", {"include": [x], "tasks": ["lost_data"]}),
+        ["evaluation.tasks[0]", "missing.jsonl", "does not exist"],
+    ),
+    "unknown-metric": (
+        lambda s, m, x: put(s, "evaluation.tasks", [{"name": "tiny_add", "metric": "accuracy"}]),
+        ["evaluation.tasks[0].metric", "did you mean 'acc'"],
+    ),
     "empty-task-list": (lambda s, m, x: put(s, "evaluation.tasks", []), ["evaluation.tasks"]),
-    "heldout-overlaps-search": (lambda s, m, x: put(s, "evaluation.heldout_tasks", ["tiny_add"]), ["evaluation.heldout_tasks", "disjoint"]),
-    "inverted-bounds": (lambda s, m, x: put(s, "genome.bounds", {"weight": [1.0, 0.5]}), ["genome.bounds", "lower bound 1.0 must be below upper bound 0.5"]),
-    "negative-density-bound": (lambda s, m, x: put(s, "genome.bounds", {"density": [-0.1, 0.5]}), ["genome.bounds", "density", "(0, 1]"]),
-    "density-bound-above-one": (lambda s, m, x: put(s, "genome.bounds", {"density": [0.5, 1.5]}), ["genome.bounds", "density", "(0, 1]"]),
-    "unknown-searchable-parameter": (lambda s, m, x: put(s, "genome.params", ["weights"]), ["genome.params", "did you mean 'weight'"]),
-    "layer-groups-zero": (lambda s, m, x: put(s, "genome.layer_groups", 0), ["genome.layer_groups", "greater than or equal to 1"]),
-    "missing-base-folder": (lambda s, m, x: put(s, "models.base", "/nonexistent/evomerge-base"), ["models.base", "/nonexistent/evomerge-base", "does not exist"]),
-    "missing-expert-folder": (lambda s, m, x: put(s, "models.experts", [m["ft_a"], "/nonexistent/evomerge-expert"]), ["models.experts[1]", "does not exist"]),
-    "expert-without-config": (lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["no_config"]]), ["models.experts[1]", "no config.json"]),
-    "duplicated-expert": (lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["ft_a"]]), ["models.experts", "listed twice"]),
-    "differing-tokenizers": (lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["other_tokenizer"]]), ["models.experts[1]", "tokenizer differs"]),
-    "differing-vocab-sizes": (lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["big_vocab"]]), ["models.experts[1]", "vocab_size"]),
-    "mismatched-hidden-size": (lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["wide"]]), ["models.experts[1]", "shape"]),
-    "slerp-with-two-experts": (lambda s, m, x: put(s, "merge.method", "slerp"), ["models.experts", "slerp", "exactly one expert"]),
-    "no-budget": (lambda s, m, x: put(s, "budget.max_evals", None), ["spec.yaml: budget: set max_evals or time_limit_min"]),
+    "heldout-overlaps-search": (
+        lambda s, m, x: put(s, "evaluation.heldout_tasks", ["tiny_add"]),
+        ["evaluation.heldout_tasks", "disjoint"],
+    ),
+    "inverted-bounds": (
+        lambda s, m, x: put(s, "genome.bounds", {"weight": [1.0, 0.5]}),
+        ["genome.bounds", "lower bound 1.0 must be below upper bound 0.5"],
+    ),
+    "negative-density-bound": (
+        lambda s, m, x: put(s, "genome.bounds", {"density": [-0.1, 0.5]}),
+        ["genome.bounds", "density", "(0, 1]"],
+    ),
+    "density-bound-above-one": (
+        lambda s, m, x: put(s, "genome.bounds", {"density": [0.5, 1.5]}),
+        ["genome.bounds", "density", "(0, 1]"],
+    ),
+    "unknown-searchable-parameter": (
+        lambda s, m, x: put(s, "genome.params", ["weights"]),
+        ["genome.params", "did you mean 'weight'"],
+    ),
+    "layer-groups-zero": (
+        lambda s, m, x: put(s, "genome.layer_groups", 0),
+        ["genome.layer_groups", "greater than or equal to 1"],
+    ),
+    "missing-base-folder": (
+        lambda s, m, x: put(s, "models.base", "/nonexistent/evomerge-base"),
+        ["models.base", "/nonexistent/evomerge-base", "does not exist"],
+    ),
+    "missing-expert-folder": (
+        lambda s, m, x: put(s, "models.experts", [m["ft_a"], "/nonexistent/evomerge-expert"]),
+        ["models.experts[1]", "does not exist"],
+    ),
+    "expert-without-config": (
+        lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["no_config"]]),
+        ["models.experts[1]", "no config.json"],
+    ),
+    "duplicated-expert": (
+        lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["ft_a"]]),
+        ["models.experts", "listed twice"],
+    ),
+    "differing-tokenizers": (
+        lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["other_tokenizer"]]),
+        ["models.experts[1]", "tokenizer differs"],
+    ),
+    "differing-vocab-sizes": (
+        lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["big_vocab"]]),
+        ["models.experts[1]", "vocab_size"],
+    ),
+    "mismatched-hidden-size": (
+        lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["wide"]]),
+        ["models.experts[1]", "shape"],
+    ),
+    "slerp-with-two-experts": (
+        lambda s, m, x: put(s, "merge.method", "slerp"),
+        ["models.experts", "slerp", "exactly one expert"],
+    ),
+    "no-budget": (
+        lambda s, m, x: put(s, "budget.max_evals", None),
+        ["spec.yaml: budget: set max_evals or time_limit_min"],
+    ),
     "unknown-optimizer": (lambda s, m, x: put(s, "optimizer.name", "cma-es"), ["optimizer.name", "'cmaes'"]),
     "run-name-with-slash": (lambda s, m, x: put(s, "name", "team/run1"), ["name", "pattern"]),
-    "unwritable-runs-dir": (lambda s, m, x: put(s, "runs_dir", str(Path(m["base"]) / "config.json" / "runs")), ["runs_dir", "cannot write", "choose a writable runs_dir"]),
+    "unwritable-runs-dir": (
+        lambda s, m, x: put(s, "runs_dir", str(Path(m["base"]) / "config.json" / "runs")),
+        ["runs_dir", "cannot write", "choose a writable runs_dir"],
+    ),
     "malformed-yaml": (lambda s, m, x: "name: bad\nmodels:\n  base: a\n\texperts: [b]\n", ["malformed yaml", "line 4"]),
     "spec-not-a-mapping": (lambda s, m, x: "- just\n- a list\n", ["expected a mapping at the top level", "list"]),
 }
@@ -148,7 +224,7 @@ def test_the_garbage_zoo_is_only_broken_in_its_weights(models, tmp_path):
     spec_path.write_text(yaml.safe_dump(good_spec(models, tmp_path)))
     code, _ = run_in_process("validate", spec_path)
     assert code == 0
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - any read error proves the premise
         load_file(Path(models["ft_a"]) / "model.safetensors")
 
 
@@ -172,7 +248,9 @@ def test_resuming_after_the_frozen_spec_was_edited_is_refused(models, tmp_path):
     frozen = yaml.safe_load((run_dir / "spec.yaml").read_text())
     frozen["optimizer"] = {"seed": 5}
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(frozen))
-    assert_one_clean_line(*run_in_process("resume", run_dir), ["spec.yaml", "the spec was changed after the run started"])
+    assert_one_clean_line(
+        *run_in_process("resume", run_dir), ["spec.yaml", "the spec was changed after the run started"]
+    )
 
 
 def test_resuming_with_a_different_spec_is_refused(models, tmp_path):
@@ -206,8 +284,10 @@ def test_the_installed_command_prints_only_the_line(models, broken_task_folder, 
         paths.append(write_case(case, models, broken_task_folder, tmp_path / case))
     with ThreadPoolExecutor(max_workers=2) as pool:
         finished = list(pool.map(lambda p: evomerge_cli("search", p), paths))
-    for case, result in zip(cases, finished):
-        assert_one_clean_line(result.returncode, [line for line in result.stderr.splitlines() if line.strip()], CASES[case][1])
+    for case, result in zip(cases, finished, strict=False):
+        assert_one_clean_line(
+            result.returncode, [line for line in result.stderr.splitlines() if line.strip()], CASES[case][1]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +321,9 @@ def test_cuda_workers_without_a_gpu_leave_no_run_behind(cuda_refusal):
 
 
 PACKAGE = Path(__file__).resolve().parents[1] / "evomerge"
-UNSAFE_YAML = re.compile(r"yaml\.(load|load_all|full_load|full_load_all|unsafe_load|unsafe_load_all)\(|Loader\s*=|yaml\.(Unsafe|Full)?Loader\b")
+UNSAFE_YAML = re.compile(
+    r"yaml\.(load|load_all|full_load|full_load_all|unsafe_load|unsafe_load_all)\(|Loader\s*=|yaml\.(Unsafe|Full)?Loader\b"
+)
 
 
 def test_yaml_is_only_ever_safe_loaded():
@@ -266,12 +348,16 @@ def test_every_from_pretrained_call_passes_the_spec_s_trust_remote_code():
 def test_workers_trust_remote_code_only_when_the_spec_says_so(asked, monkeypatch):
     import ray
 
-    from evomerge import cluster
+    from evomerge.search import cluster
     from evomerge.spec import parse_spec
 
     built = []
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    monkeypatch.setattr(cluster, "ray_worker_class", lambda cpus, gpus: SimpleNamespace(remote=lambda settings, name: built.append(settings)))
+    monkeypatch.setattr(
+        cluster,
+        "ray_worker_class",
+        lambda cpus, gpus: SimpleNamespace(remote=lambda settings, name: built.append(settings)),
+    )
     data = {"name": "t", "models": {"base": "b", "experts": ["e"]}, "evaluation": {"tasks": ["t"]}}
     spec = parse_spec({**data, "trust_remote_code": True} if asked else data, "spec", Path("/"))
     make_actor, _ = cluster.make_actor_factory(SimpleNamespace(union_config={}, eval_sets={}), spec)

@@ -24,7 +24,9 @@ def cache(tmp_path_factory) -> Path:
 
 def run_script(name: str, *args: str) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    finished = subprocess.run([sys.executable, str(SCRIPTS / name), "--smoke", *args], capture_output=True, text=True, timeout=300, env=env)
+    finished = subprocess.run(
+        [sys.executable, str(SCRIPTS / name), "--smoke", *args], capture_output=True, text=True, timeout=300, env=env
+    )
     assert finished.returncode == 0, f"{name} failed:\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}"
     return finished.stdout
 
@@ -34,7 +36,7 @@ def table_rows(output: str, header_start: str) -> list[list[str]]:
     lines = output.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         rows.append([cell.strip() for cell in line.strip("|").split("|")])

@@ -6,11 +6,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+import demo_data
 import pytest
 import torch
 import yaml
-
-import demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 EVALS = REPO / "evals"

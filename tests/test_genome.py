@@ -6,24 +6,27 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import load_checkpoint_tensors
 
 from evomerge.genome import Genome, num_layers_of
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.engine import merge_to_disk
 from evomerge.spec import Spec
-from tiny_models import load_checkpoint_tensors
 
 EXPERTS = ("ft_a", "ft_b", "ft_c")
 
 
 def make_genome(zoo, method: str, **genome) -> Genome:
-    spec = Spec.model_validate({
-        "name": "seeds", "runs_dir": "/tmp",
-        "models": {"base": zoo.model("base"), "experts": [zoo.model(name) for name in EXPERTS]},
-        "merge": {"method": method},
-        "genome": {"layer_groups": 2, "split_attn_mlp": True, "embeddings": True, **genome},
-        "evaluation": {"tasks": ["unused"]},
-    })
+    spec = Spec.model_validate(
+        {
+            "name": "seeds",
+            "runs_dir": "/tmp",
+            "models": {"base": zoo.model("base"), "experts": [zoo.model(name) for name in EXPERTS]},
+            "merge": {"method": method},
+            "genome": {"layer_groups": 2, "split_attn_mlp": True, "embeddings": True, **genome},
+            "evaluation": {"tasks": ["unused"]},
+        }
+    )
     return Genome(spec, num_layers_of(zoo.model("base")))
 
 
@@ -57,19 +60,24 @@ def test_task_arithmetic_also_seeds_linears_equal_weights(zoo, tmp_path):
         torch.testing.assert_close(tensor, average, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method, genome_settings", [
-    ("breadcrumbs", {}),  # its outlier cut removes deltas even at density 1
-    ("della", {}),
-    ("slerp", {}),
-    ("ties", {"params": ["density"]}),  # no weight gene to isolate an expert
-    ("task_arithmetic", {"bounds": {"weight": [0.4, 2.0]}}),  # weights 0 and 1/3 are out of bounds
-])
+@pytest.mark.parametrize(
+    "method, genome_settings",
+    [
+        ("breadcrumbs", {}),  # its outlier cut removes deltas even at density 1
+        ("della", {}),
+        ("slerp", {}),
+        ("ties", {"params": ["density"]}),  # no weight gene to isolate an expert
+        ("task_arithmetic", {"bounds": {"weight": [0.4, 2.0]}}),  # weights 0 and 1/3 are out of bounds
+    ],
+)
 def test_no_seed_where_the_genome_cannot_express_the_baseline(zoo, method, genome_settings):
     assert make_genome(zoo, method, **genome_settings).baseline_points() == []
 
 
 def test_a_seed_is_dropped_alone_when_its_own_values_leave_the_bounds(zoo):
-    labels = [label for label, _ in make_genome(zoo, "task_arithmetic", bounds={"weight": [0.2, 2.0]}).baseline_points()]
+    labels = [
+        label for label, _ in make_genome(zoo, "task_arithmetic", bounds={"weight": [0.2, 2.0]}).baseline_points()
+    ]
     assert labels == ["linear (equal weights)"]  # 1/3 is inside, a parent's 0 is not
 
 

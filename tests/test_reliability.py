@@ -12,6 +12,7 @@ points through the test-only EVOMERGE_TEST_KILL_AFTER_EVENT hook in evomerge/run
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import inspect
@@ -32,10 +33,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from search_zoo import FIXTURE_EVALS, build_trained_zoo
 
 from evomerge.errors import UserError
 from evomerge.rundir.journal import KILL_HOOK_VARIABLE, Journal, read_events
-from search_zoo import FIXTURE_EVALS, build_trained_zoo
 
 BIN = Path(sys.executable).parent
 SEARCH_EVAL = {"include": [str(FIXTURE_EVALS)], "tasks": ["tiny_add"], "limit": 32, "seed": 3, "batch_size": 16}
@@ -48,10 +49,8 @@ def zoo(tmp_path_factory):
 
 
 def kill_group(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +62,28 @@ def ray_head(tmp_path_factory):
         port = probe.getsockname()[1]
     # Without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 Ray rewrites 127.0.0.1 to the machine's routable
     # IP and listens on every interface; the token keeps the test cluster private to this test.
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     log = tmp_path_factory.mktemp("ray_head") / "head.log"
-    command = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-               "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    command = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+    ]
     head = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -84,8 +100,14 @@ def ray_head(tmp_path_factory):
 def evomerge(env: dict, *args, kill_after: str | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
     """Run the evomerge command in its own process group; nothing of it outlives the call."""
     run_env = {**env, KILL_HOOK_VARIABLE: kill_after} if kill_after else env
-    process = subprocess.Popen([str(BIN / "evomerge"), *map(str, args)], env=run_env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [str(BIN / "evomerge"), *map(str, args)],
+        env=run_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = process.communicate(timeout=timeout)
     finally:
@@ -95,11 +117,15 @@ def evomerge(env: dict, *args, kill_after: str | None = None, timeout: float = 4
 
 def write_spec(folder: Path, zoo: dict, name: str, **sections) -> Path:
     spec = {
-        "name": name, "runs_dir": str(folder / "runs"),
+        "name": name,
+        "runs_dir": str(folder / "runs"),
         "models": {"base": zoo["base"], "experts": [zoo["even"], zoo["odd"]]},
-        "merge": {"method": "ties"}, "genome": {"layer_groups": 2},
+        "merge": {"method": "ties"},
+        "genome": {"layer_groups": 2},
         "optimizer": {"name": "cmaes", "seed": 7, "popsize": 4},
-        "evaluation": SEARCH_EVAL, "budget": {"max_evals": 19}, "workers": {"count": 1},
+        "evaluation": SEARCH_EVAL,
+        "budget": {"max_evals": 19},
+        "workers": {"count": 1},
         **sections,
     }
     path = folder / f"{name}.yaml"
@@ -137,7 +163,9 @@ def reference_run(zoo, ray_head, tmp_path_factory) -> Path:
     """The uninterrupted search every killed one must reproduce."""
     address, env = ray_head
     folder = tmp_path_factory.mktemp("reference")
-    finished = evomerge(env, "search", write_spec(folder, zoo, "reference", evaluation=HELDOUT_EVAL), "--address", address)
+    finished = evomerge(
+        env, "search", write_spec(folder, zoo, "reference", evaluation=HELDOUT_EVAL), "--address", address
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
     return folder / "runs" / "reference"
 
@@ -241,7 +269,13 @@ def test_cmaes_snapshot_restored_by_another_process_continues_identically(tmp_pa
     # A fixed hash seed differs from this process's random one (or from its fixed one, + 1).
     seed = str(int(os.environ["PYTHONHASHSEED"]) + 1) if os.environ.get("PYTHONHASHSEED", "").isdigit() else "1"
     code = f"from pathlib import Path\n{inspect.getsource(cma_generation_1)}\nprint(cma_generation_1({snapshot!r}, 'restore'))"
-    restored = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True, timeout=120)
+    restored = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONHASHSEED": seed},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert restored.returncode == 0, restored.stderr[-2000:]
     assert restored.stdout.strip() == str(cma_generation_1(snapshot, "straight"))
 
@@ -253,7 +287,12 @@ def slow_evals(tmp_path_factory) -> Path:
     (folder / "data").mkdir()
     rows = (FIXTURE_EVALS / "data" / "tiny.jsonl").read_text().strip() + "\n"
     (folder / "data" / "slow.jsonl").write_text(rows * 25)
-    task = (FIXTURE_EVALS / "tiny_add.yaml").read_text().replace("task: tiny_add", "task: slow_add").replace("tiny.jsonl", "slow.jsonl")
+    task = (
+        (FIXTURE_EVALS / "tiny_add.yaml")
+        .read_text()
+        .replace("task: tiny_add", "task: slow_add")
+        .replace("tiny.jsonl", "slow.jsonl")
+    )
     (folder / "slow_add.yaml").write_text(task)
     return folder
 
@@ -262,12 +301,24 @@ def slow_evals(tmp_path_factory) -> Path:
 def test_worker_killed_mid_evaluation_is_replaced_and_its_candidates_requeued(tmp_path, zoo, ray_head, slow_evals):
     address, env = ray_head
     evaluation = {"include": [str(slow_evals)], "tasks": ["slow_add"], "limit": 150, "batch_size": 64}
-    spec_path = write_spec(tmp_path, zoo, "worker-killed", evaluation=evaluation, optimizer={"name": "random", "seed": 0},
-                           budget={"max_evals": 10}, workers={"count": 2})
+    spec_path = write_spec(
+        tmp_path,
+        zoo,
+        "worker-killed",
+        evaluation=evaluation,
+        optimizer={"name": "random", "seed": 0},
+        budget={"max_evals": 10},
+        workers={"count": 2},
+    )
     run_dir = tmp_path / "runs" / "worker-killed"
     with (tmp_path / "driver.log").open("w") as log:
-        driver = subprocess.Popen([str(BIN / "evomerge"), "search", str(spec_path), "--address", address], env=env,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        driver = subprocess.Popen(
+            [str(BIN / "evomerge"), "search", str(spec_path), "--address", address],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 300
         while not (done := [e for e in journal(run_dir) if e["event"] == "completed"]):
@@ -286,15 +337,17 @@ def test_worker_killed_mid_evaluation_is_replaced_and_its_candidates_requeued(tm
     assert set(completed) == {e["trial"] for e in events if e["event"] == "asked"} and len(completed) == 10
     assert not any(e["event"] == "failed" for e in events), "a killed worker is not a failed candidate"
     slot = first.partition("@")[0] + "@"
-    assert {e["worker"] for e in events if e["event"] == "completed" and e["worker"].startswith(slot)} - {first}, "the replacement took candidates"
+    assert {e["worker"] for e in events if e["event"] == "completed" and e["worker"].startswith(slot)} - {first}, (
+        "the replacement took candidates"
+    )
 
 
 @pytest.fixture(scope="module")
 def worker(zoo, tmp_path_factory):
     """One MergeWorker without Ray, and a good candidate with its score."""
     from evomerge.preflight import preflight
-    from evomerge.spec import load_spec
     from evomerge.search.worker import MergeWorker, WorkerSettings
+    from evomerge.spec import load_spec
 
     prepared = preflight(load_spec(write_spec(tmp_path_factory.mktemp("worker"), zoo, "worker")))
     worker = MergeWorker(WorkerSettings(prepared.spec.models.base, prepared.union_config, prepared.eval_sets))
@@ -331,7 +384,10 @@ def nan_after_merge(monkeypatch, worker, config):
 
 
 def overflowing_weights(monkeypatch, worker, config):
-    return {**config, "parameters": {**(config.get("parameters") or {}), "lambda": 1e45}}, "merged weights are not finite"
+    return {
+        **config,
+        "parameters": {**(config.get("parameters") or {}), "lambda": 1e45},
+    }, "merged weights are not finite"
 
 
 def break_evaluation(monkeypatch, worker, config):
@@ -340,11 +396,19 @@ def break_evaluation(monkeypatch, worker, config):
 
 
 def cuda_out_of_memory(monkeypatch, worker, config):
-    monkeypatch.setattr(worker.evaluators["search"], "evaluate", raising(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")))
+    monkeypatch.setattr(
+        worker.evaluators["search"],
+        "evaluate",
+        raising(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")),
+    )
     return config, "CUDA out of memory in this candidate"
 
 
-@pytest.mark.parametrize("fault", [break_merge, nan_after_merge, overflowing_weights, break_evaluation, cuda_out_of_memory], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "fault",
+    [break_merge, nan_after_merge, overflowing_weights, break_evaluation, cuda_out_of_memory],
+    ids=lambda f: f.__name__,
+)
 def test_a_failing_candidate_is_a_failed_result_and_the_worker_serves_on(worker, monkeypatch, fault):
     merge_worker, good, good_score = worker
     config, reason = fault(monkeypatch, merge_worker, good)
@@ -358,12 +422,19 @@ def test_a_failing_candidate_is_a_failed_result_and_the_worker_serves_on(worker,
 @pytest.mark.slow
 def test_failing_candidates_in_a_real_search_are_counted_and_told_to_the_optimizer(tmp_path, zoo, ray_head):
     """Weights up to 1e45 overflow float32, so CMA-ES's candidates fail; baselines do not."""
-    from evomerge.cli import app
     from typer.testing import CliRunner
 
+    from evomerge.cli import app
+
     address, env = ray_head
-    spec_path = write_spec(tmp_path, zoo, "overflow", merge={"method": "task_arithmetic"}, genome={"layer_groups": 2, "bounds": {"weight": [0.0, 1e45]}},
-                           budget={"max_evals": 15})
+    spec_path = write_spec(
+        tmp_path,
+        zoo,
+        "overflow",
+        merge={"method": "task_arithmetic"},
+        genome={"layer_groups": 2, "bounds": {"weight": [0.0, 1e45]}},
+        budget={"max_evals": 15},
+    )
     finished = evomerge(env, "search", spec_path, "--address", address)
     assert finished.returncode == 0, finished.stderr[-3000:]
     run_dir = tmp_path / "runs" / "overflow"
@@ -421,8 +492,11 @@ def test_snapshot_write_on_a_full_disk_fails_cleanly(tmp_path, monkeypatch):
     journal_.close()
 
 
-@pytest.mark.parametrize("tail", [b'{"event":"completed","tri', b'{"event":"completed","tri\n', b"\x00\x00\x00\x00"],
-                         ids=["partial-line", "partial-line-with-newline", "zero-filled"])
+@pytest.mark.parametrize(
+    "tail",
+    [b'{"event":"completed","tri', b'{"event":"completed","tri\n', b"\x00\x00\x00\x00"],
+    ids=["partial-line", "partial-line-with-newline", "zero-filled"],
+)
 def test_a_torn_last_line_is_dropped_with_a_warning_and_never_poisons_the_journal(tmp_path, tail):
     journal_ = Journal(tmp_path)
     journal_.append("asked", trial=0)

@@ -189,7 +189,7 @@ def build_zoo(root: Path) -> TinyZoo:
     deltas = [finetune_deltas(base, seed, scale) for _, seed, scale in FINETUNES]
     mirror_regions(base, deltas)
     members = {"base": base}
-    members.update({name: with_deltas(base, delta) for (name, _, _), delta in zip(FINETUNES, deltas)})
+    members.update({name: with_deltas(base, delta) for (name, _, _), delta in zip(FINETUNES, deltas, strict=False)})
     for name, model in members.items():
         save_checkpoint(model, tokenizer, root / f"{name}_fp32", torch.float32)
         save_checkpoint(model, tokenizer, root / f"{name}_bf16", torch.bfloat16)

@@ -89,9 +89,7 @@ class Evaluator:
         }
         # lm-eval scores every doc of a task that `samples` leaves out.
         self._samples = {
-            name: indices
-            for name, indices in self._subsets.items()
-            if len(indices) < len(self._tasks[name].eval_docs)
+            name: indices for name, indices in self._subsets.items() if len(indices) < len(self._tasks[name].eval_docs)
         }
 
     def subset_indices(self) -> dict[str, list[int]]:

@@ -176,8 +176,7 @@ def _check_single_task(entry, field: str) -> None:
     kind = entry.kind.name  # lm-eval's Kind enum: TASK, PY_TASK, GROUP, TAG
     if kind not in ("TASK", "PY_TASK"):
         raise UserError(
-            f"{field}.name: '{entry.name}' is an lm-eval {kind.lower()}, not a single task; "
-            "list its tasks one by one"
+            f"{field}.name: '{entry.name}' is an lm-eval {kind.lower()}, not a single task; list its tasks one by one"
         )
 
 

@@ -8,15 +8,14 @@ live in `validate.py`; this module only knows the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from evomerge.errors import UserError, describe_validation_error
 
-Scalar = Union[bool, int, float, str]
-ScalarOrGradient = Union[Scalar, list[Scalar]]
+Scalar = bool | int | float | str
+ScalarOrGradient = Scalar | list[Scalar]
 
 
 class _Strict(BaseModel):
@@ -27,11 +26,11 @@ class ConditionalParameter(_Strict):
     """`{filter: self_attn, value: 0.5}`: applies to tensors whose name contains `filter`."""
 
     value: ScalarOrGradient
-    filter: Optional[str] = None
+    filter: str | None = None
 
 
-ParameterSetting = Union[ConditionalParameter, list[ConditionalParameter], ScalarOrGradient]
-Parameters = Optional[dict[str, ParameterSetting]]
+ParameterSetting = ConditionalParameter | list[ConditionalParameter] | ScalarOrGradient
+Parameters = dict[str, ParameterSetting] | None
 
 
 class SourceSlice(_Strict):
@@ -47,7 +46,7 @@ class ModelEntry(_Strict):
 
 class OutputSlice(_Strict):
     sources: list[SourceSlice]
-    base_model: Optional[str] = None
+    base_model: str | None = None
     parameters: Parameters = None
 
 
@@ -55,14 +54,14 @@ class MergeConfig(_Strict):
     """One mergekit merge: the method, the inputs (`models:` or `slices:`) and their parameters."""
 
     merge_method: str
-    base_model: Optional[str] = None
-    models: Optional[list[ModelEntry]] = None
-    slices: Optional[list[OutputSlice]] = None
+    base_model: str | None = None
+    models: list[ModelEntry] | None = None
+    slices: list[OutputSlice] | None = None
     parameters: Parameters = None
-    dtype: Optional[str] = None
-    out_dtype: Optional[str] = None
-    tokenizer_source: Optional[str] = None
-    chat_template: Optional[str] = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
 
     @model_validator(mode="after")
     def _one_input_form(self):

@@ -18,16 +18,36 @@ from rich.progress import Progress
 
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.io import LazyTensorReader, StreamingShardWriter, write_text_atomic
-from evomerge.merge.methods import MethodInfo, linear_merge, magnitude_rank, slerp, sparsify, task_vector_merge, top_k_masks
+from evomerge.merge.methods import (
+    MethodInfo,
+    linear_merge,
+    magnitude_rank,
+    slerp,
+    sparsify,
+    task_vector_merge,
+    top_k_masks,
+)
 from evomerge.merge.plan import TensorPlan
 from evomerge.merge.validate import ValidatedMerge, validate_merge_config
 
 TOKENIZER_FILES = (
-    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "merges.txt",
+    "vocab.json",
+    "chat_template.jinja",
+    "chat_template.json",
     "generation_config.json",
 )
-DTYPE_CONFIG_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
+DTYPE_CONFIG_NAMES = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float64: "float64",
+}
 
 
 def tensor_seed(seed: int, output: str, input_index: int) -> int:
@@ -64,26 +84,42 @@ def merge_tensor(
     if method.sparsification == "magnitude" and not ranks:
         trimming = [i for i in others if plan.per_input[i]["density"] < 1]
         found = top_k_masks([task_vectors[i] for i in trimming], [plan.per_input[i]["density"] for i in trimming])
-        masks = dict(zip(trimming, found))
+        masks = dict(zip(trimming, found, strict=False))
     trimmed, weights = [], []
     for index in others:
         params, delta = plan.per_input[index], task_vectors[index]
         if method.sparsification:
             delta = sparsify(
-                delta, params["density"], method.sparsification, rescale=plan.shared["rescale"],
-                gamma=params.get("gamma", 0.01), epsilon=params.get("epsilon", 0.15),
+                delta,
+                params["density"],
+                method.sparsification,
+                rescale=plan.shared["rescale"],
+                gamma=params.get("gamma", 0.01),
+                epsilon=params.get("epsilon", 0.15),
                 generator=tensor_generator(seed, plan.output, index, base.device) if method.is_random else None,
-                rank=ranks.get(index) if ranks else None, mask=masks.get(index),
+                rank=ranks.get(index) if ranks else None,
+                mask=masks.get(index),
             )
         trimmed.append(delta)
         weights.append(params["weight"])
     return task_vector_merge(
-        base, trimmed, weights, sign_consensus=method.sign_consensus,
-        normalize=plan.shared["normalize"], lam=plan.shared["lambda"],
+        base,
+        trimmed,
+        weights,
+        sign_consensus=method.sign_consensus,
+        normalize=plan.shared["normalize"],
+        lam=plan.shared["lambda"],
     )
 
 
-def merge_to_disk(config: MergeConfig, out_dir: str | Path, device: str = "cpu", seed: int = 0, progress: bool = True, max_shard_bytes: int = 2 * 1024**3) -> ValidatedMerge:
+def merge_to_disk(
+    config: MergeConfig,
+    out_dir: str | Path,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> ValidatedMerge:
     """Write the merged model folder, streaming tensor by tensor."""
     validated = validate_merge_config(config)
     out_dir = Path(out_dir)
@@ -140,7 +176,7 @@ class ResidentSources:
         self.ranks: dict[tuple[tuple[str, str], tuple[str, str]], torch.Tensor] = {}
 
     @classmethod
-    def load(cls, config: MergeConfig, device: str = "cpu", cache_ranks: bool = True) -> "ResidentSources":
+    def load(cls, config: MergeConfig, device: str = "cpu", cache_ranks: bool = True) -> ResidentSources:
         sources = cls(validate_merge_config(config), device, cache_ranks)
         readers = {path: LazyTensorReader(folder) for path, folder in sources.validated.folders.items()}
         for plan in sources.validated.plan.tensors:
@@ -159,7 +195,7 @@ class ResidentSources:
         # merge needs no other input tensor.
         inputs = [self.tensors.get(ref) for ref in plan.inputs]
         if method.family != "task_vector":
-            missing = [ref for ref, tensor in zip(plan.inputs, inputs) if tensor is None]
+            missing = [ref for ref, tensor in zip(plan.inputs, inputs, strict=False) if tensor is None]
             if missing:
                 raise KeyError(f"{missing[0]} is not resident: these sources were prepared for task-vector merges")
             return inputs, None, None
@@ -171,7 +207,9 @@ class ResidentSources:
             key = (base_ref, ref)
             if key not in self.deltas:
                 if inputs[index] is None or inputs[plan.base_index] is None:
-                    raise KeyError(f"{ref} minus {base_ref} is not resident: these sources were prepared for another base model")
+                    raise KeyError(
+                        f"{ref} minus {base_ref} is not resident: these sources were prepared for another base model"
+                    )
                 self.deltas[key] = self.tensors[ref] - self.tensors[base_ref]
             deltas[index] = self.deltas[key]
             if self.cache_ranks and method.sparsification in ("magnitude", "magnitude_outliers"):
@@ -182,13 +220,17 @@ class ResidentSources:
         return inputs, deltas, ranks
 
 
-def merge_into_model(model: torch.nn.Module, sources: ResidentSources, config: MergeConfig, seed: int = 0) -> ValidatedMerge:
+def merge_into_model(
+    model: torch.nn.Module, sources: ResidentSources, config: MergeConfig, seed: int = 0
+) -> ValidatedMerge:
     """Overwrite a resident model's weights with the merge `config` describes; no disk access."""
     return write_merge(model, sources, sources.plan_for(config), seed)
 
 
 @torch.no_grad()
-def write_merge(model: torch.nn.Module, sources: ResidentSources, validated: ValidatedMerge, seed: int = 0) -> ValidatedMerge:
+def write_merge(
+    model: torch.nn.Module, sources: ResidentSources, validated: ValidatedMerge, seed: int = 0
+) -> ValidatedMerge:
     """Overwrite a resident model's weights with an already planned merge."""
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers(remove_duplicate=False)))

@@ -20,14 +20,26 @@ from safetensors import safe_open
 from evomerge.errors import UserError
 
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 DTYPE_NAMES = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "float64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
 }
 
 
@@ -83,7 +95,9 @@ def inspect_model_folder(path: str | Path, field: str) -> ModelFolder:
     """Read config.json and safetensors headers (no weights); a bad folder is a UserError."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise UserError(f"{field}: model folder '{path}' does not exist; give a local folder with config.json and *.safetensors")
+        raise UserError(
+            f"{field}: model folder '{path}' does not exist; give a local folder with config.json and *.safetensors"
+        )
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise UserError(f"{field}: '{path}' has no config.json; give a Hugging Face model folder")
@@ -93,7 +107,9 @@ def inspect_model_folder(path: str | Path, field: str) -> ModelFolder:
         raise UserError(f"{field}: '{config_file}' is not valid JSON; re-save the model") from None
     shard_files = sorted(folder.glob("*.safetensors"))
     if not shard_files:
-        raise UserError(f"{field}: '{path}' has no .safetensors weights; convert it with save_pretrained(safe_serialization=True)")
+        raise UserError(
+            f"{field}: '{path}' has no .safetensors weights; convert it with save_pretrained(safe_serialization=True)"
+        )
     tensors: dict[str, TensorInfo] = {}
     for shard in shard_files:
         tensors.update(read_safetensors_header(shard))
@@ -144,7 +160,8 @@ class StreamingShardWriter:
         self.shards = _shard_plan(outputs, max_shard_bytes)
         count = len(self.shards)
         self.file_names = (
-            ["model.safetensors"] if count == 1
+            ["model.safetensors"]
+            if count == 1
             else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
         )
         self._order = [entry for shard in self.shards for entry in shard]
@@ -156,7 +173,9 @@ class StreamingShardWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected_name, shape, dtype, size = self._order[self._position]
         if name != expected_name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise RuntimeError(f"writer expected {expected_name} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+            raise RuntimeError(
+                f"writer expected {expected_name} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
+            )
         if self._left_in_shard == 0:
             self._open_next_shard()
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -176,7 +195,7 @@ class StreamingShardWriter:
         header["__metadata__"] = {"format": "pt"}
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
-        self._handle = open(self.out_dir / self.file_names[self._shard_index], "wb")
+        self._handle = open(self.out_dir / self.file_names[self._shard_index], "wb")  # noqa: SIM115 - open across calls, closed by _close_shard
         self._handle.write(struct.pack("<Q", len(encoded)) + encoded)
         self._left_in_shard = len(shard)
 

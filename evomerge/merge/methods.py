@@ -13,8 +13,9 @@ precomputed rank (`magnitude_rank`), because a source's delta never changes betw
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -70,8 +71,11 @@ METHODS: dict[str, MethodInfo] = {
     m.name: m
     for m in (
         MethodInfo(
-            "linear", "linear", needs_base=False,
-            input_params={"weight": None}, shared_params={"normalize": True},
+            "linear",
+            "linear",
+            needs_base=False,
+            input_params={"weight": None},
+            shared_params={"normalize": True},
         ),
         MethodInfo("slerp", "slerp", input_params={}, shared_params={"t": None}),
         _task_vector_method("task_arithmetic", None, False, False, False),
@@ -122,14 +126,14 @@ def top_k_masks(deltas: Sequence[torch.Tensor], densities: Sequence[float]) -> l
     One batched selection when every input keeps the same count (the common case: it runs on
     all cores). None where equal magnitudes straddle the cut: those need the full sort.
     """
-    counts = [max(1, int(d * t.numel())) for t, d in zip(deltas, densities)]
+    counts = [max(1, int(d * t.numel())) for t, d in zip(deltas, densities, strict=False)]
     if len(deltas) < 2 or len(set(counts)) != 1 or counts[0] >= deltas[0].numel():
-        return [_select_top_k_without_sorting(t, k) for t, k in zip(deltas, counts)]
+        return [_select_top_k_without_sorting(t, k) for t, k in zip(deltas, counts, strict=False)]
     k, n = counts[0], deltas[0].numel()
     magnitudes = torch.stack([t.detach().abs().reshape(-1).float() for t in deltas])
     thresholds = torch.kthvalue(magnitudes, n - k + 1, dim=1).values
     masks = []
-    for row, threshold, delta in zip(magnitudes, thresholds, deltas):
+    for row, threshold, delta in zip(magnitudes, thresholds, deltas, strict=False):
         at_least = row >= threshold
         masks.append(at_least.reshape(delta.shape) if threshold == 0 or int(at_least.sum()) == k else None)
     return masks
@@ -173,9 +177,7 @@ def bernoulli_mask(delta: torch.Tensor, density: float, generator: torch.Generat
     return torch.bernoulli(probs, generator=generator).bool()
 
 
-def della_mask(
-    delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator
-) -> torch.Tensor:
+def della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
     """DELLA MagPrune: keep probability grows linearly with the row-wise magnitude rank."""
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError("epsilon must keep density ± epsilon inside (0, 1)")
@@ -266,14 +268,16 @@ def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], norm
     first = tensors[0]
     work = torch.float64 if first.dtype == torch.float64 else torch.float32
     total = torch.zeros_like(first, dtype=work)
-    for tensor, weight in zip(tensors, weights):
+    for tensor, weight in zip(tensors, weights, strict=False):
         total.add_(tensor.to(work), alpha=float(weight))
     if normalize:
         total.div_(float(sum(weights)))
     return total.to(first.dtype)
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
+def slerp(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> torch.Tensor:
     """Spherical interpolation of whole tensors; near-collinear pairs fall back to lerp."""
     work = torch.float64 if v0.dtype == torch.float64 else torch.float32
     a = v0.reshape(-1).to(work)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from evomerge.merge.config import ConditionalParameter, MergeConfig, OutputSlice, SourceSlice
 from evomerge.merge.methods import METHODS, MethodInfo
@@ -27,7 +28,7 @@ class TensorPlan:
 
     output: str
     inputs: tuple[tuple[str, str], ...]
-    base_index: Optional[int]
+    base_index: int | None
     shared: dict[str, Any]
     per_input: tuple[dict[str, Any], ...]
 
@@ -40,7 +41,7 @@ class MergePlan:
 
 
 @functools.lru_cache(maxsize=65536)  # a worker plans the same names for every candidate
-def split_layer_name(name: str) -> Optional[tuple[str, int, str]]:
+def split_layer_name(name: str) -> tuple[str, int, str] | None:
     match = LAYER_NAME.match(name)
     if not match:
         return None
@@ -82,7 +83,7 @@ def interpolate_gradient(name: str, values: list, t: float) -> Any:
     return coerce(name, (1 - fraction) * values[low] + fraction * values[high])
 
 
-def resolve(name: str, scopes: Iterable[Optional[dict]], tensor_name: str, t: float, default: Any) -> Any:
+def resolve(name: str, scopes: Iterable[dict | None], tensor_name: str, t: float, default: Any) -> Any:
     for scope in scopes:
         if scope is not None and name in scope:
             value = evaluate_setting(name, scope[name], tensor_name, t)
@@ -104,7 +105,10 @@ def normalized_slices(config: MergeConfig, layer_counts: dict[str, int]) -> list
     """The `models:` form as one slice over all layers, with the base added last if unlisted."""
     if config.slices:
         return list(config.slices)
-    sources = [SourceSlice(model=m.model, layer_range=(0, layer_counts[m.model]), parameters=m.parameters) for m in config.models]
+    sources = [
+        SourceSlice(model=m.model, layer_range=(0, layer_counts[m.model]), parameters=m.parameters)
+        for m in config.models
+    ]
     if config.base_model and config.base_model not in {s.model for s in sources}:
         sources.append(SourceSlice(model=config.base_model, layer_range=(0, layer_counts[config.base_model])))
     return [OutputSlice(sources=sources)]
@@ -155,7 +159,9 @@ class Planner:
                 found.append((parts[0], parts[2]))
         return found
 
-    def _plan(self, output: str, inputs: list[tuple[str, str]], output_slice: OutputSlice, t: float) -> Optional[TensorPlan]:
+    def _plan(
+        self, output: str, inputs: list[tuple[str, str]], output_slice: OutputSlice, t: float
+    ) -> TensorPlan | None:
         present = [name in self.name_sets[model] for model, name in inputs]
         if not any(present):
             return None  # e.g. lm_head.weight of models with tied embeddings
@@ -163,12 +169,20 @@ class Planner:
         models = [model for model, _ in inputs]
         base_index = models.index(base_model) if base_model in models else None
         shared_scopes = (output_slice.parameters, self.config.parameters)
-        shared = {name: resolve(name, shared_scopes, output, t, default) for name, default in self.method.shared_params.items()}
+        shared = {
+            name: resolve(name, shared_scopes, output, t, default)
+            for name, default in self.method.shared_params.items()
+        }
         per_input = []
         for index, (model, input_name) in enumerate(inputs):
             scopes = [s.parameters for s in output_slice.sources if s.model == model] + list(shared_scopes)
             skip_base = index == base_index and self.method.family == "task_vector"
-            per_input.append({} if skip_base else {
-                name: resolve(name, scopes, input_name, t, default) for name, default in self.method.input_params.items()
-            })
+            per_input.append(
+                {}
+                if skip_base
+                else {
+                    name: resolve(name, scopes, input_name, t, default)
+                    for name, default in self.method.input_params.items()
+                }
+            )
         return TensorPlan(output, tuple(inputs), base_index, shared, tuple(per_input))

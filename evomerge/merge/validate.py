@@ -33,7 +33,10 @@ class ValidatedMerge:
 
 
 def validate_merge_config(
-    config: MergeConfig, source: str = "config", folders: dict[str, ModelFolder] | None = None, field_names: dict[str, str] | None = None
+    config: MergeConfig,
+    source: str = "config",
+    folders: dict[str, ModelFolder] | None = None,
+    field_names: dict[str, str] | None = None,
 ) -> ValidatedMerge:
     """Check everything and plan the merge.
 
@@ -42,9 +45,13 @@ def validate_merge_config(
     """
     method = METHODS.get(config.merge_method)
     if method is None:
-        raise UserError(f"{source}: merge_method: unknown method '{config.merge_method}'{did_you_mean(config.merge_method, METHODS)}; choose one of {', '.join(METHODS)}")
+        raise UserError(
+            f"{source}: merge_method: unknown method '{config.merge_method}'{did_you_mean(config.merge_method, METHODS)}; choose one of {', '.join(METHODS)}"
+        )
     if method.needs_base and not config.base_model and not any(s.base_model for s in config.slices or []):
-        raise UserError(f"{source}: base_model: method '{method.name}' needs a base_model; add 'base_model: PATH' (the model the fine-tunes started from)")
+        raise UserError(
+            f"{source}: base_model: method '{method.name}' needs a base_model; add 'base_model: PATH' (the model the fine-tunes started from)"
+        )
     parse_dtype(config.dtype, f"{source}: dtype")
     parse_dtype(config.out_dtype, f"{source}: out_dtype")
     _check_parameter_values(config, source)
@@ -86,10 +93,14 @@ def _tokenizer_donor(config: MergeConfig, source: str) -> str:
     if choice in (None, "base"):
         return fallback
     if choice == "union":
-        raise UserError(f"{source}: tokenizer_source: 'union' is not supported yet; use 'base' (all models must share one vocabulary)")
+        raise UserError(
+            f"{source}: tokenizer_source: 'union' is not supported yet; use 'base' (all models must share one vocabulary)"
+        )
     if Path(choice).expanduser().is_dir():
         return choice
-    raise UserError(f"{source}: tokenizer_source: '{choice}' is not supported yet; use 'base' or the path of a local model folder")
+    raise UserError(
+        f"{source}: tokenizer_source: '{choice}' is not supported yet; use 'base' or the path of a local model folder"
+    )
 
 
 def _all_parameter_scopes(config: MergeConfig):
@@ -107,7 +118,9 @@ def _check_parameter_values(config: MergeConfig, source: str) -> None:
         for name, setting in (scope or {}).items():
             field = f"{source}: {where}.{name}"
             if name not in KNOWN_PARAMETERS:
-                raise UserError(f"{field}: unknown parameter{did_you_mean(name, KNOWN_PARAMETERS)}; known: {', '.join(sorted(KNOWN_PARAMETERS))}")
+                raise UserError(
+                    f"{field}: unknown parameter{did_you_mean(name, KNOWN_PARAMETERS)}; known: {', '.join(sorted(KNOWN_PARAMETERS))}"
+                )
             for value in _literal_values(name, setting, field):
                 _check_range(name, value, field)
 
@@ -136,20 +149,28 @@ def _check_range(name: str, value: float, field: str) -> None:
         raise UserError(f"{field}: {value} is outside {UNIT_INTERVAL_PARAMETERS[name]}; use a value in that range")
 
 
-def _check_same_family(folders: dict[str, ModelFolder], source: str, config: MergeConfig, names: dict[str, str]) -> None:
+def _check_same_family(
+    folders: dict[str, ModelFolder], source: str, config: MergeConfig, names: dict[str, str]
+) -> None:
     paths = list(folders)
     reference = folders[paths[0]]
     for path in paths[1:]:
         other = folders[path]
         field = f"{source}: {names.get(path) or _field_of(config, path)}"
         if other.config.get("architectures") != reference.config.get("architectures"):
-            raise UserError(f"{field}: architecture {other.config.get('architectures')} differs from {reference.config.get('architectures')} of '{paths[0]}'; merge only fine-tunes of one base model")
+            raise UserError(
+                f"{field}: architecture {other.config.get('architectures')} differs from {reference.config.get('architectures')} of '{paths[0]}'; merge only fine-tunes of one base model"
+            )
         if other.config.get("vocab_size") != reference.config.get("vocab_size"):
-            raise UserError(f"{field}: vocab_size {other.config.get('vocab_size')} differs from {reference.config.get('vocab_size')} of '{paths[0]}'; vocabularies must match (tokenizer surgery is not supported)")
+            raise UserError(
+                f"{field}: vocab_size {other.config.get('vocab_size')} differs from {reference.config.get('vocab_size')} of '{paths[0]}'; vocabularies must match (tokenizer surgery is not supported)"
+            )
         for name, info in other.tensors.items():
             ref = reference.tensors.get(name)
             if ref is not None and ref.shape != info.shape:
-                raise UserError(f"{field}: tensor {name} has shape {list(info.shape)} but {list(ref.shape)} in '{paths[0]}'; the models are not the same architecture")
+                raise UserError(
+                    f"{field}: tensor {name} has shape {list(info.shape)} but {list(ref.shape)} in '{paths[0]}'; the models are not the same architecture"
+                )
 
 
 def _check_layer_ranges(config: MergeConfig, folders: dict[str, ModelFolder], source: str) -> None:
@@ -160,13 +181,19 @@ def _check_layer_ranges(config: MergeConfig, folders: dict[str, ModelFolder], so
             available = folders[src.model].num_layers
             field = f"{source}: slices[{i}].sources[{j}].layer_range"
             if not 0 <= start < end <= available:
-                raise UserError(f"{field}: [{start}, {end}] is out of bounds for a model with {available} layers; use 0 <= start < end <= {available}")
+                raise UserError(
+                    f"{field}: [{start}, {end}] is out of bounds for a model with {available} layers; use 0 <= start < end <= {available}"
+                )
             lengths.add(end - start)
         if len(lengths) > 1:
-            raise UserError(f"{source}: slices[{i}]: every source of a slice must span the same number of layers, got {sorted(lengths)}")
+            raise UserError(
+                f"{source}: slices[{i}]: every source of a slice must span the same number of layers, got {sorted(lengths)}"
+            )
         base = output_slice.base_model or config.base_model
         if METHODS[config.merge_method].needs_base and base not in {s.model for s in output_slice.sources}:
-            raise UserError(f"{source}: slices[{i}]: base model '{base}' must be one of the slice's sources; add it with the same layer_range")
+            raise UserError(
+                f"{source}: slices[{i}]: base model '{base}' must be one of the slice's sources; add it with the same layer_range"
+            )
 
 
 def _build_plan(config: MergeConfig, folders: dict[str, ModelFolder], source: str) -> MergePlan:
@@ -176,17 +203,23 @@ def _build_plan(config: MergeConfig, folders: dict[str, ModelFolder], source: st
     if method.family == "slerp":
         for i, output_slice in enumerate(normalized_slices(config, counts)):
             if len(output_slice.sources) != 2:
-                raise UserError(f"{source}: slices[{i}]: slerp merges exactly two models (the base and one other), got {len(output_slice.sources)}")
+                raise UserError(
+                    f"{source}: slices[{i}]: slerp merges exactly two models (the base and one other), got {len(output_slice.sources)}"
+                )
     try:
         plan = Planner(config, names, counts).build()
     except MissingParameter as missing:
-        raise UserError(f"{source}: parameters.{missing.name}: not set for tensor {missing.tensor_name}; set it globally or for every model") from None
+        raise UserError(
+            f"{source}: parameters.{missing.name}: not set for tensor {missing.tensor_name}; set it globally or for every model"
+        ) from None
     except ValueError as error:
         raise UserError(f"{source}: parameters: {error}") from None
     for tensor in plan.tensors:
         missing = [model for model, name in tensor.inputs if name not in folders[model].tensors]
         if missing:
-            raise UserError(f"{source}: tensor {tensor.output} is missing from '{missing[0]}'; the models are not the same architecture")
+            raise UserError(
+                f"{source}: tensor {tensor.output} is missing from '{missing[0]}'; the models are not the same architecture"
+            )
     if method.sparsification == "della_magprune":
         _check_della_epsilon(plan, source)
     return plan
@@ -196,8 +229,10 @@ def _check_della_epsilon(plan: MergePlan, source: str) -> None:
     for tensor in plan.tensors:
         for params in tensor.per_input:
             density, epsilon = params.get("density", 1.0), params.get("epsilon", 0.15)
-            if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
-                raise UserError(f"{source}: parameters.epsilon: density {density:g} ± epsilon {epsilon:g} leaves (0, 1) for {tensor.output}; lower epsilon")
+            if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+                raise UserError(
+                    f"{source}: parameters.epsilon: density {density:g} ± epsilon {epsilon:g} leaves (0, 1) for {tensor.output}; lower epsilon"
+                )
 
 
 def _dtypes(config: MergeConfig, plan: MergePlan, folders: dict[str, ModelFolder]):

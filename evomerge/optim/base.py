@@ -123,7 +123,7 @@ class Optimizer(ABC):
         optimizer._reattach()
         return optimizer
 
-    def _reattach(self) -> None:
+    def _reattach(self) -> None:  # noqa: B027 - optional hook, most optimizers hold nothing external
         """Reopen external resources left out of the snapshot (files, connections)."""
 
     @abstractmethod

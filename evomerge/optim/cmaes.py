@@ -133,7 +133,7 @@ class CMAESOptimizer(Optimizer):
         self._unit_solutions = self._es.ask()
         # Seeded points are handed out verbatim rather than round-tripped through the
         # unit box, so a recipe the user wrote is evaluated bit-for-bit as written.
-        sampled = [self._from_unit(u) for u in self._unit_solutions[len(seeded):]]
+        sampled = [self._from_unit(u) for u in self._unit_solutions[len(seeded) :]]
         self._points = seeded + sampled
         self._scores = [None] * len(self._points)
         self._handed_out = 0
@@ -143,7 +143,9 @@ class CMAESOptimizer(Optimizer):
         finite = [-s for s in self._scores if s is not None]
         if finite:
             worst_now = max(finite)
-            self._worst_cma_value = worst_now if self._worst_cma_value is None else max(self._worst_cma_value, worst_now)
+            self._worst_cma_value = (
+                worst_now if self._worst_cma_value is None else max(self._worst_cma_value, worst_now)
+            )
         penalty = _failure_penalty(self._worst_cma_value)
         values = [penalty if s is None else -s for s in self._scores]
         # The exact arrays cma handed out, so it finds their unrepaired genotypes.

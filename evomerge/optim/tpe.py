@@ -58,7 +58,7 @@ class TPEOptimizer(Optimizer):
         self._names = param_names(self.dim)
         self._distributions = {
             name: FloatDistribution(float(lo), float(hi))
-            for name, lo, hi in zip(self._names, self.lower, self.upper)
+            for name, lo, hi in zip(self._names, self.lower, self.upper, strict=False)
         }
         self._study = optuna.create_study(
             storage=InMemoryStorage(),
@@ -97,7 +97,7 @@ class TPEOptimizer(Optimizer):
             self._mirror.record(trial_id, self._params(x), self._distributions, score)
 
     def _params(self, x: np.ndarray) -> dict[str, float]:
-        return {name: float(value) for name, value in zip(self._names, x)}
+        return {name: float(value) for name, value in zip(self._names, x, strict=False)}
 
     def _open_mirror(self) -> _JournalMirror | None:
         path = self.settings["storage_path"]

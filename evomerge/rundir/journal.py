@@ -16,6 +16,7 @@ the driver at exact points of a search. Nothing else reads that variable.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -28,7 +29,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from evomerge.errors import UserError
-
 
 KILL_HOOK_VARIABLE = "EVOMERGE_TEST_KILL_AFTER_EVENT"
 
@@ -55,9 +55,13 @@ def read_events(path: Path) -> list[dict]:
             events.append(json.loads(raw))
         except ValueError:
             if number >= len(lines) - 1:
-                warnings.warn(f"{path}: dropping a torn last line (the driver was killed while writing it)", stacklevel=2)
+                warnings.warn(
+                    f"{path}: dropping a torn last line (the driver was killed while writing it)", stacklevel=2
+                )
                 break
-            raise UserError(f"{path}: line {number} is not valid JSON; the journal was edited or damaged, restore it from a backup") from None
+            raise UserError(
+                f"{path}: line {number} is not valid JSON; the journal was edited or damaged, restore it from a backup"
+            ) from None
     return events
 
 
@@ -68,14 +72,18 @@ class Journal:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "journal.jsonl"
         self.snapshot_dir = self.run_dir / "optimizer"
-        self._lock = open(self.run_dir / ".lock", "a")
+        self._lock = open(self.run_dir / ".lock", "a")  # noqa: SIM115 - held (and locked) until close()
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunLocked(f"{self.run_dir}: another evomerge process is using this run; wait for it or stop it first") from None
+            raise RunLocked(
+                f"{self.run_dir}: another evomerge process is using this run; wait for it or stop it first"
+            ) from None
         if self._repair_torn_tail():
-            warnings.warn(f"{self.path}: dropped a torn last line (the driver was killed while writing it)", stacklevel=2)
-        self._handle = open(self.path, "ab")
+            warnings.warn(
+                f"{self.path}: dropped a torn last line (the driver was killed while writing it)", stacklevel=2
+            )
+        self._handle = open(self.path, "ab")  # noqa: SIM115 - the append handle lives until close()
         self._syncer = BackgroundFsync(lambda: self._handle.fileno())
         self._write_lock = threading.Lock()
         self._snapshot_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-snapshot")
@@ -113,19 +121,19 @@ class Journal:
                     self._syncer.request()
             except OSError as error:
                 self._reopen_after_failed_write()
-                raise UserError(f"{self.path}: cannot write the journal ({error.strerror}); free disk space or fix permissions, then 'evomerge resume {self.run_dir}'") from None
+                raise UserError(
+                    f"{self.path}: cannot write the journal ({error.strerror}); free disk space or fix permissions, then 'evomerge resume {self.run_dir}'"
+                ) from None
             self.count += 1
             self._kill_if_asked(event)
         return record
 
     def _reopen_after_failed_write(self) -> None:
         self._syncer.wait(raise_failure=False)
-        try:
+        with contextlib.suppress(OSError):
             self._handle.close()  # flushes what is still buffered, and fails again on a full disk
-        except OSError:
-            pass
         self._repair_torn_tail()
-        self._handle = open(self.path, "ab")
+        self._handle = open(self.path, "ab")  # noqa: SIM115 - the append handle lives until close()
 
     def _kill_if_asked(self, event: str) -> None:
         if self._kill_after is None or event != self._kill_after[0]:
@@ -163,7 +171,9 @@ class Journal:
             os.replace(temporary, final)
         except OSError as error:
             temporary.unlink(missing_ok=True)
-            raise UserError(f"{final}: cannot write the optimizer snapshot ({error.strerror}); free disk space or fix permissions, then 'evomerge resume {self.run_dir}'") from None
+            raise UserError(
+                f"{final}: cannot write the optimizer snapshot ({error.strerror}); free disk space or fix permissions, then 'evomerge resume {self.run_dir}'"
+            ) from None
         return self.append("snapshot", file=final.name, sha256=digest, after_events=after_events)
 
     def close(self) -> None:
@@ -173,7 +183,9 @@ class Journal:
             self._syncer.request()  # covers trailing 'asked' lines, which asked for no fsync
             self._syncer.close()
         except OSError as error:
-            raise UserError(f"{self.path}: cannot write the journal ({error.strerror}); free disk space or fix permissions, then 'evomerge resume {self.run_dir}'") from None
+            raise UserError(
+                f"{self.path}: cannot write the journal ({error.strerror}); free disk space or fix permissions, then 'evomerge resume {self.run_dir}'"
+            ) from None
         finally:
             self._handle.close()
             fcntl.flock(self._lock, fcntl.LOCK_UN)
@@ -260,5 +272,7 @@ def load_snapshot(run_dir: Path, event: dict) -> bytes:
         raise UserError(f"{path}: optimizer snapshot named in the journal is missing")
     blob = path.read_bytes()
     if hashlib.sha256(blob).hexdigest() != event["sha256"]:
-        raise UserError(f"{path}: optimizer snapshot does not match the hash in the journal; it was modified, refusing to load it")
+        raise UserError(
+            f"{path}: optimizer snapshot does not match the hash in the journal; it was modified, refusing to load it"
+        )
     return blob

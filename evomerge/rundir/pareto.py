@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def objective_values(metrics: dict[str, float], objectives: Sequence, weights: dict[str, float]) -> list[float]:
@@ -15,7 +15,7 @@ def objective_values(metrics: dict[str, float], objectives: Sequence, weights: d
 
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+    return all(x >= y for x, y in zip(a, b, strict=False)) and any(x > y for x, y in zip(a, b, strict=False))
 
 
 def pareto_front(points: dict[int, Sequence[float]]) -> list[int]:

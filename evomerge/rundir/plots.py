@@ -49,21 +49,63 @@ def score_over_evaluations(history, reach: tuple[int, int] | None, path: Path) -
     done = [e for e in evolved if e.score is not None]
     failed = [e for e in history if e.score is None]
     if done:
-        ax.scatter([e.number for e in done], [e.score for e in done], s=26, color=EVOLVED, alpha=0.7, label="evolved merge", zorder=3)
+        ax.scatter(
+            [e.number for e in done],
+            [e.score for e in done],
+            s=26,
+            color=EVOLVED,
+            alpha=0.7,
+            label="evolved merge",
+            zorder=3,
+        )
     if baselines:
-        ax.scatter([e.number for e in baselines], [e.score for e in baselines], s=60, marker="D", color=BASELINE, edgecolor="white", label="baseline", zorder=3)
+        ax.scatter(
+            [e.number for e in baselines],
+            [e.score for e in baselines],
+            s=60,
+            marker="D",
+            color=BASELINE,
+            edgecolor="white",
+            label="baseline",
+            zorder=3,
+        )
     if failed:
-        ax.scatter([e.number for e in failed], [0.03] * len(failed), transform=ax.get_xaxis_transform(), marker="x", s=40, color=FAILED, label=f"failed ({len(failed)})", zorder=4)
+        ax.scatter(
+            [e.number for e in failed],
+            [0.03] * len(failed),
+            transform=ax.get_xaxis_transform(),
+            marker="x",
+            s=40,
+            color=FAILED,
+            label=f"failed ({len(failed)})",
+            zorder=4,
+        )
     if done:
         _best_line(ax, evolved, history[-1].number)
     if baselines:
         top = max(baselines, key=lambda e: e.score)
         ax.axhline(top.score, color=BASELINE, linestyle="--", linewidth=1.2, zorder=2)
-        ax.annotate(f"best baseline: {top.label}", (0.99, top.score), xycoords=("axes fraction", "data"), xytext=(0, 4), textcoords="offset points", ha="right", color=BASELINE, fontsize=8.5)
+        ax.annotate(
+            f"best baseline: {top.label}",
+            (0.99, top.score),
+            xycoords=("axes fraction", "data"),
+            xytext=(0, 4),
+            textcoords="offset points",
+            ha="right",
+            color=BASELINE,
+            fontsize=8.5,
+        )
     if reach is not None:
         searched, number = reach
         ax.axvline(number, color=MUTED, linestyle=":", linewidth=1.4, zorder=1)
-        ax.annotate(f" 95% of best after {searched} search evals", (number, 0.08), xycoords=("data", "axes fraction"), color="#475569", fontsize=8.5, va="bottom")
+        ax.annotate(
+            f" 95% of best after {searched} search evals",
+            (number, 0.08),
+            xycoords=("data", "axes fraction"),
+            color="#475569",
+            fontsize=8.5,
+            va="bottom",
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("evaluation (in order finished)")
     ax.set_ylabel("search score")
@@ -80,7 +122,15 @@ def _best_line(ax, evolved, last_number: int) -> None:
     ax.step(xs, ys, where="post", color=BEST, linewidth=2, label="best evolved so far", zorder=4)
     best = max((e for e in evolved if e.score is not None), key=lambda e: e.score)
     ax.scatter([best.number], [best.score], s=120, facecolor="none", edgecolor=BEST, linewidth=1.8, zorder=5)
-    ax.annotate(f"{best.label}: {best.score:.4f}", (best.number, best.score), xytext=(6, 6), textcoords="offset points", color=BEST, fontsize=9, fontweight="bold")
+    ax.annotate(
+        f"{best.label}: {best.score:.4f}",
+        (best.number, best.score),
+        xytext=(6, 6),
+        textcoords="offset points",
+        color=BEST,
+        fontsize=9,
+        fontweight="bold",
+    )
 
 
 def task_bars(panels: list[dict], path: Path) -> None:
@@ -94,13 +144,22 @@ def task_bars(panels: list[dict], path: Path) -> None:
         tasks, entries = _tasks(panel), panel["entries"]
         width = 0.8 / len(entries)
         colors = _entry_colors(entries)
-        for offset, (entry, color) in enumerate(zip(entries, colors)):
+        for offset, (entry, color) in enumerate(zip(entries, colors, strict=False)):
             xs = np.arange(len(tasks)) - 0.4 + width * (offset + 0.5)
             values = [entry["values"].get(t, np.nan) for t in tasks]
             errors = [entry["errors"].get(t, 0.0) for t in tasks]
             evolved = entry["kind"] == "optimizer"
-            ax.bar(xs, values, width * 0.92, yerr=errors, color=color, edgecolor=BEST if evolved else "white",
-                   linewidth=1.2 if evolved else 0.5, error_kw={"elinewidth": 0.9, "ecolor": "#334155", "capsize": 2}, label=entry["label"])
+            ax.bar(
+                xs,
+                values,
+                width * 0.92,
+                yerr=errors,
+                color=color,
+                edgecolor=BEST if evolved else "white",
+                linewidth=1.2 if evolved else 0.5,
+                error_kw={"elinewidth": 0.9, "ecolor": "#334155", "capsize": 2},
+                label=entry["label"],
+            )
         ax.set_xticks(np.arange(len(tasks)), tasks)
         ax.set_ylabel("metric")
         ax.set_title(panel["title"], loc="left", fontsize=10, color="#334155")
@@ -133,8 +192,10 @@ def gene_heatmaps(trials: list[tuple[str, list]], ranges: dict[str, tuple[float,
     cell_rows = max(len(grid.rows) for grid in sample)
     panel_width = max(1.4, 0.38 * max(len(grid.columns) for grid in sample) + 0.3)
     frame_width = max(len(row) for grid in sample for row in grid.rows) * 0.075 + 1.3  # row labels and colour bar
-    trials = trials[:max(1, int((MAX_FIGURE_WIDTH - frame_width) // panel_width))]
-    fig = Figure(figsize=(frame_width + len(trials) * panel_width, len(params) * (0.36 * cell_rows + 0.8)), layout="constrained")
+    trials = trials[: max(1, int((MAX_FIGURE_WIDTH - frame_width) // panel_width))]
+    fig = Figure(
+        figsize=(frame_width + len(trials) * panel_width, len(params) * (0.36 * cell_rows + 0.8)), layout="constrained"
+    )
     axes = fig.subplots(len(params), len(trials), squeeze=False)
     for row, param in enumerate(params):
         image = None
@@ -146,7 +207,12 @@ def gene_heatmaps(trials: list[tuple[str, list]], ranges: dict[str, tuple[float,
                 continue
             image = _heatmap(ax, grid, ranges.get(param), show_rows=col == 0)
             if row == 0:
-                ax.set_title(title, fontsize=9.5, color=BEST if col == 0 else "#334155", fontweight="bold" if col == 0 else "normal")
+                ax.set_title(
+                    title,
+                    fontsize=9.5,
+                    color=BEST if col == 0 else "#334155",
+                    fontweight="bold" if col == 0 else "normal",
+                )
         if image is not None:
             fig.colorbar(image, ax=list(axes[row]), label=param, shrink=0.9, pad=0.01)
     _save(fig, path)
@@ -184,21 +250,53 @@ def pareto_front(points: np.ndarray, on_front: np.ndarray, names: list[str], eva
     fig = Figure(figsize=(4.6 * columns + 1.0, 4.0 * rows), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
     baseline = np.array([e.kind != "optimizer" for e in evaluations])
-    for ax, (i, j) in zip(axes, pairs):
+    for ax, (i, j) in zip(axes, pairs, strict=False):
         _style(ax)
         rest = ~on_front
-        ax.scatter(points[rest & ~baseline, i], points[rest & ~baseline, j], s=22, color=MUTED, alpha=0.7, label="dominated")
-        ax.scatter(points[rest & baseline, i], points[rest & baseline, j], s=50, marker="D", color=BASELINE, alpha=0.8, label="baseline")
-        ax.scatter(points[on_front, i], points[on_front, j], s=60, color=FRONT, edgecolor="white", zorder=3, label=f"Pareto front ({int(on_front.sum())})")
+        ax.scatter(
+            points[rest & ~baseline, i], points[rest & ~baseline, j], s=22, color=MUTED, alpha=0.7, label="dominated"
+        )
+        ax.scatter(
+            points[rest & baseline, i],
+            points[rest & baseline, j],
+            s=50,
+            marker="D",
+            color=BASELINE,
+            alpha=0.8,
+            label="baseline",
+        )
+        ax.scatter(
+            points[on_front, i],
+            points[on_front, j],
+            s=60,
+            color=FRONT,
+            edgecolor="white",
+            zorder=3,
+            label=f"Pareto front ({int(on_front.sum())})",
+        )
         if points.shape[1] == 2:
             order = np.argsort(points[on_front, i])
-            ax.step(points[on_front, i][order], points[on_front, j][order], where="pre", color=FRONT, linewidth=1.3, zorder=2)
+            ax.step(
+                points[on_front, i][order],
+                points[on_front, j][order],
+                where="pre",
+                color=FRONT,
+                linewidth=1.3,
+                zorder=2,
+            )
         if on_front.sum() <= 8:
             for k in np.flatnonzero(on_front):
-                ax.annotate(evaluations[k].label, (points[k, i], points[k, j]), xytext=(5, 4), textcoords="offset points", fontsize=8, color="#334155")
+                ax.annotate(
+                    evaluations[k].label,
+                    (points[k, i], points[k, j]),
+                    xytext=(5, 4),
+                    textcoords="offset points",
+                    fontsize=8,
+                    color="#334155",
+                )
         ax.set_xlabel(f"{names[i]} →")
         ax.set_ylabel(f"{names[j]} →")
-    for ax in axes[len(pairs):]:
+    for ax in axes[len(pairs) :]:
         ax.set_axis_off()
     axes[0].legend(loc="best", frameon=False, fontsize=8.5)
     _save(fig, path)

@@ -47,12 +47,17 @@ def evaluation_history(events: list[dict], trials: dict[int, Trial]) -> list[Eva
         trial = trials[event["trial"]]
         failed = event["event"] == "failed"
         objectives = event.get("objectives")
-        history.append(Evaluation(
-            number=len(history) + 1, trial=trial.trial_id, kind=trial.kind, label=trial.label,
-            score=None if failed else float(event["score"]),
-            objectives=None if failed or objectives is None else tuple(float(v) for v in objectives),
-            reason=event.get("reason") if failed else None,
-        ))
+        history.append(
+            Evaluation(
+                number=len(history) + 1,
+                trial=trial.trial_id,
+                kind=trial.kind,
+                label=trial.label,
+                score=None if failed else float(event["score"]),
+                objectives=None if failed or objectives is None else tuple(float(v) for v in objectives),
+                reason=event.get("reason") if failed else None,
+            )
+        )
     return history
 
 
@@ -174,11 +179,16 @@ def _summary(run_dir: Path, spec: dict, history: list[Evaluation]) -> dict:
     return {
         "method": (spec.get("merge") or {}).get("method", "?"),
         "optimizer": (spec.get("optimizer") or {}).get("name", "?"),
-        "evals": len(history), "budget": budget, "failed": figures["failed"], "in_flight": figures["in_flight"],
-        "best_score": figures["best_score"], "best_label": figures["best_label"],
+        "evals": len(history),
+        "budget": budget,
+        "failed": figures["failed"],
+        "in_flight": figures["in_flight"],
+        "best_score": figures["best_score"],
+        "best_label": figures["best_label"],
         "best_evolved": max(evolved, default=None),
         "evals_per_min": figures["evals_per_min"],
-        "reach": evals_to_reach(searched), "searched": len(searched),
+        "reach": evals_to_reach(searched),
+        "searched": len(searched),
         "finished": figures["finished"],
         "pareto": len(figures["pareto_front"]) if figures.get("pareto_front") else None,
     }
@@ -192,10 +202,20 @@ def _table_rows(trials: dict[int, Trial]) -> list[dict]:
         if evolved:
             best = max(evolved, key=lambda t: t.result["score"])
             result = best.result
-            rows.append({"trial": best.trial_id, "label": best.label, "kind": "optimizer", "search": result["score"],
-                         "search_se": standard_error(result.get("metrics", {}), result.get("n_docs", {})),
-                         "heldout": None, "heldout_se": None})
-    baseline_scores = [r["heldout"] if r["heldout"] is not None else r["search"] for r in rows if r["kind"] == "baseline"]
+            rows.append(
+                {
+                    "trial": best.trial_id,
+                    "label": best.label,
+                    "kind": "optimizer",
+                    "search": result["score"],
+                    "search_se": standard_error(result.get("metrics", {}), result.get("n_docs", {})),
+                    "heldout": None,
+                    "heldout_se": None,
+                }
+            )
+    baseline_scores = [
+        r["heldout"] if r["heldout"] is not None else r["search"] for r in rows if r["kind"] == "baseline"
+    ]
     reference = max(baseline_scores, default=None)
     for row in rows:
         score = row["heldout"] if row["heldout"] is not None else row["search"]
@@ -203,32 +223,54 @@ def _table_rows(trials: dict[int, Trial]) -> list[dict]:
     return rows
 
 
-def _draw_figures(out_dir: Path, spec: dict, trials: dict[int, Trial], history: list[Evaluation], reach: int | None) -> list[dict]:
+def _draw_figures(
+    out_dir: Path, spec: dict, trials: dict[int, Trial], history: list[Evaluation], reach: int | None
+) -> list[dict]:
     """Draw every figure the run has data for; returns [{file, title, caption}] in page order."""
     figures = []
     if history:
         numbers = [e.number for e in history if e.kind == "optimizer"]
         reach_at = numbers[reach - 1] if reach else None
         plots.score_over_evaluations(history, (reach, reach_at) if reach else None, out_dir / "scores.png")
-        figures.append({"file": "scores.png", "title": "Score over evaluations",
-                        "caption": "Each dot is one evaluation in the order it finished; the line is the best evolved merge so far."})
+        figures.append(
+            {
+                "file": "scores.png",
+                "title": "Score over evaluations",
+                "caption": "Each dot is one evaluation in the order it finished; the line is the best evolved merge so far.",
+            }
+        )
     task_panels = _task_panels(trials)
     if task_panels:
         plots.task_bars(task_panels, out_dir / "tasks.png")
-        figures.append({"file": "tasks.png", "title": "Per-task metrics",
-                        "caption": "The best evolved merge (on held-out tasks: the best re-scored one) against every baseline, per task, with ±1 standard error."})
+        figures.append(
+            {
+                "file": "tasks.png",
+                "title": "Per-task metrics",
+                "caption": "The best evolved merge (on held-out tasks: the best re-scored one) against every baseline, per task, with ±1 standard error.",
+            }
+        )
     ranked = _top_evolved(trials, TOP_K)
     if ranked:
         models = [Path(p).name for p in (spec.get("models") or {}).get("experts", [])]
         grids = [(f"{t.label}: {t.result['score']:.4f}", gene_grids(t.params, models)) for t in ranked]
         drawn = plots.gene_heatmaps(grids, _param_ranges(trials), out_dir / "genes.png")
-        figures.append({"file": "genes.png", "title": "Merge recipe per layer group",
-                        "caption": f"Decoded genes of the top {drawn} evolved merges (best on the left); colour scales span each parameter's range over the whole search."})
+        figures.append(
+            {
+                "file": "genes.png",
+                "title": "Merge recipe per layer group",
+                "caption": f"Decoded genes of the top {drawn} evolved merges (best on the left); colour scales span each parameter's range over the whole search.",
+            }
+        )
     pareto = _pareto_data(spec, trials, history)
     if pareto:
         plots.pareto_front(*pareto, out_dir / "pareto.png")
-        figures.append({"file": "pareto.png", "title": "Pareto front",
-                        "caption": "Every objective is maximized; the highlighted evaluations are the ones no other evaluation beats on all objectives at once."})
+        figures.append(
+            {
+                "file": "pareto.png",
+                "title": "Pareto front",
+                "caption": "Every objective is maximized; the highlighted evaluations are the ones no other evaluation beats on all objectives at once.",
+            }
+        )
     return figures
 
 
@@ -238,9 +280,16 @@ def _task_panels(trials: dict[int, Trial]) -> list[dict]:
     baselines = [t for t in done if t.kind == "baseline"]
     evolved = sorted((t for t in done if t.kind == "optimizer"), key=lambda t: -t.result["score"])
     panels = []
-    rescored = sorted((t for t in evolved if t.heldout and t.heldout.get("ok", True)), key=lambda t: -t.heldout["score"])
-    for title, result_of, pool in (("search tasks", lambda t: t.result, evolved[:1]), ("held-out tasks", lambda t: t.heldout, rescored[:1])):
-        entries = [_bar_entry(t, result_of(t)) for t in baselines + pool if result_of(t) and result_of(t).get("metrics")]
+    rescored = sorted(
+        (t for t in evolved if t.heldout and t.heldout.get("ok", True)), key=lambda t: -t.heldout["score"]
+    )
+    for title, result_of, pool in (
+        ("search tasks", lambda t: t.result, evolved[:1]),
+        ("held-out tasks", lambda t: t.heldout, rescored[:1]),
+    ):
+        entries = [
+            _bar_entry(t, result_of(t)) for t in baselines + pool if result_of(t) and result_of(t).get("metrics")
+        ]
         if entries:
             panels.append({"title": title, "entries": entries})
     return panels

@@ -63,7 +63,11 @@ def status(run_dir: Path) -> dict:
 
 def pareto_trials(trials: dict[int, Trial]) -> list[dict]:
     """The non-dominated completed trials of a multi-objective run (empty otherwise)."""
-    points = {t.trial_id: t.result["objectives"] for t in trials.values() if t.status == "completed" and t.result.get("objectives")}
+    points = {
+        t.trial_id: t.result["objectives"]
+        for t in trials.values()
+        if t.status == "completed" and t.result.get("objectives")
+    }
     return [{"trial": i, "label": trials[i].label, "objectives": points[i]} for i in pareto_front(points)]
 
 
@@ -79,17 +83,25 @@ def leaderboard(trials: dict[int, Trial]) -> list[dict]:
         if trial.status != "completed" or (trial.kind == "optimizer" and not trial.heldout):
             continue
         result, held = trial.result, trial.heldout or {}
-        rows.append({
-            "trial": trial.trial_id, "label": trial.label, "kind": trial.kind,
-            "search": result["score"], "search_se": standard_error(result.get("metrics", {}), result.get("n_docs", {})),
-            "heldout": held.get("score"), "heldout_se": standard_error(held.get("metrics", {}), held.get("n_docs", {})) if held else None,
-        })
+        rows.append(
+            {
+                "trial": trial.trial_id,
+                "label": trial.label,
+                "kind": trial.kind,
+                "search": result["score"],
+                "search_se": standard_error(result.get("metrics", {}), result.get("n_docs", {})),
+                "heldout": held.get("score"),
+                "heldout_se": standard_error(held.get("metrics", {}), held.get("n_docs", {})) if held else None,
+            }
+        )
     return sorted(rows, key=lambda r: -(r["heldout"] if r["heldout"] is not None else r["search"]))
 
 
 def describe(trial: Trial) -> str:
     """'trial 12', 'trial 3 (seeded: parent:x)' or 'parent:x (trial -2)': the label, with the id when it lacks it."""
-    return trial.label if trial.label.startswith(f"trial {trial.trial_id}") else f"{trial.label} (trial {trial.trial_id})"
+    return (
+        trial.label if trial.label.startswith(f"trial {trial.trial_id}") else f"{trial.label} (trial {trial.trial_id})"
+    )
 
 
 def export_trial(run_dir: Path, trial_id: int | None = None) -> tuple[Trial, str]:
@@ -100,11 +112,15 @@ def export_trial(run_dir: Path, trial_id: int | None = None) -> tuple[Trial, str
         if chosen is None:
             completed = [t for t in trials.values() if t.status == "completed"]
             if not completed:
-                raise UserError(f"{run_dir}: no completed trial to export yet; wait for the search or check 'evomerge status'")
+                raise UserError(
+                    f"{run_dir}: no completed trial to export yet; wait for the search or check 'evomerge status'"
+                )
             chosen = max(completed, key=lambda t: t.result["score"])
     else:
         chosen = trials.get(trial_id)
         if chosen is None or chosen.status != "completed":
-            raise UserError(f"--trial: trial {trial_id} is not a completed trial of {run_dir}; see 'evomerge status {run_dir}'")
+            raise UserError(
+                f"--trial: trial {trial_id} is not a completed trial of {run_dir}; see 'evomerge status {run_dir}'"
+            )
     header = f"# evomerge export: {describe(chosen)}, search score {chosen.result['score']:.6f}\n"
     return chosen, header + yaml.safe_dump(chosen.merge_config, sort_keys=False, default_flow_style=None)

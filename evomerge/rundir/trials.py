@@ -43,7 +43,9 @@ def replay(events: list[dict]) -> dict[int, Trial]:
     for event in events:
         kind = event["event"]
         if kind == "asked":
-            trials[event["trial"]] = Trial(event["trial"], event["kind"], event["label"], event["merge_config"], event.get("params", {}))
+            trials[event["trial"]] = Trial(
+                event["trial"], event["kind"], event["label"], event["merge_config"], event.get("params", {})
+            )
         elif kind in ("completed", "failed") and event["trial"] in trials:
             trial = trials[event["trial"]]
             trial.status, trial.result = kind, event
@@ -64,7 +66,7 @@ class Tally:
     last_failure: str | None = None
 
     @classmethod
-    def of(cls, trials: dict[int, Trial]) -> "Tally":
+    def of(cls, trials: dict[int, Trial]) -> Tally:
         tally = cls()
         for trial in trials.values():
             tally.add_asked(trial)

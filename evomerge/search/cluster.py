@@ -11,8 +11,8 @@ import os
 
 from evomerge.errors import UserError
 from evomerge.preflight import Prepared
-from evomerge.spec import Spec
 from evomerge.search.worker import WorkerSettings, ray_worker_class
+from evomerge.spec import Spec
 
 
 def connect(spec: Spec, address: str | None) -> None:
@@ -20,7 +20,15 @@ def connect(spec: Spec, address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "OMP_WAIT_POLICY": "PASSIVE"}}
+    env = {
+        "env_vars": {
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "TQDM_DISABLE": "1",
+            "OMP_WAIT_POLICY": "PASSIVE",
+        }
+    }
     try:
         if address:
             ray.init(address=address, runtime_env=env, log_to_driver=False)
@@ -28,7 +36,9 @@ def connect(spec: Spec, address: str | None) -> None:
             cpus = max(os.cpu_count() or 1, int(_worker_count(spec, gpus=_local_gpus()) * spec.workers.cpus_per_worker))
             _start_loopback_cluster(num_cpus=cpus, runtime_env=env)
     except ConnectionError as error:
-        raise UserError(f"--address: cannot reach a Ray cluster at {address} ({error}); start one with 'ray start --head' or drop --address") from None
+        raise UserError(
+            f"--address: cannot reach a Ray cluster at {address} ({error}); start one with 'ray start --head' or drop --address"
+        ) from None
 
 
 def _start_loopback_cluster(**options) -> None:
@@ -85,7 +95,9 @@ def make_actor_factory(prepared: Prepared, spec: Spec):
         merge_seed=spec.optimizer.seed,
         merge_method=spec.merge.method,
     )
-    actor_class = ray_worker_class(spec.workers.cpus_per_worker, spec.workers.gpus_per_worker if device == "cuda" else 0)
+    actor_class = ray_worker_class(
+        spec.workers.cpus_per_worker, spec.workers.gpus_per_worker if device == "cuda" else 0
+    )
 
     def make_actor(index: int):
         return actor_class.remote(settings, f"w{index}")

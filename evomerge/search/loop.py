@@ -17,16 +17,16 @@ import numpy as np
 import yaml
 
 from evomerge.errors import UserError
-from evomerge.rundir.journal import Journal, load_snapshot, read_events
-from evomerge.rundir.trials import Tally, Trial, is_default_merge, replay
 from evomerge.merge.io import write_text_atomic
 from evomerge.optim import make_optimizer
-from evomerge.rundir.pareto import objective_values
 from evomerge.preflight import Prepared, preflight
+from evomerge.rundir.journal import Journal, load_snapshot, read_events
+from evomerge.rundir.pareto import objective_values
+from evomerge.rundir.trials import Tally, Trial, is_default_merge, replay
 from evomerge.search.progress import SearchProgress
 from evomerge.search.scheduler import Job, Scheduler
-from evomerge.spec import Spec, parse_spec
 from evomerge.search.tracking import Tracker
+from evomerge.spec import Spec, parse_spec
 
 SPEC_FILE = "spec.yaml"
 
@@ -39,7 +39,9 @@ def create_run_dir(spec: Spec) -> Path:
     """A new run directory with a frozen spec; refuses to reuse an existing run."""
     run_dir = run_dir_of(spec)
     if (run_dir / "journal.jsonl").exists():
-        raise UserError(f"name: run '{spec.name}' already exists in {run_dir.parent}; use 'evomerge resume {run_dir}' or pick another name")
+        raise UserError(
+            f"name: run '{spec.name}' already exists in {run_dir.parent}; use 'evomerge resume {run_dir}' or pick another name"
+        )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         # Frozen with absolute paths, so the run does not depend on where it is resumed from.
@@ -82,7 +84,10 @@ class Search:
         settings = self.spec.optimizer
         extra = {"popsize": settings.popsize, "sigma0": settings.sigma0} if settings.name == "cmaes" else {}
         if settings.name in ("tpe", "nsga2"):
-            extra = {"storage_path": str(self.run_dir / "optuna.log"), "objectives": max(1, len(self.spec.evaluation.objectives))}
+            extra = {
+                "storage_path": str(self.run_dir / "optuna.log"),
+                "objectives": max(1, len(self.spec.evaluation.objectives)),
+            }
             if settings.name == "tpe":
                 extra["n_startup_trials"] = settings.n_startup_trials
             if settings.popsize and settings.name == "nsga2":
@@ -105,11 +110,11 @@ class Search:
     def run(self) -> dict[int, Trial]:
         import ray
 
-        from evomerge.search.cluster import connect, make_actor_factory
-
         # The driver's numpy work (CMA-ES eigendecompositions) is small; extra BLAS threads only
         # fight the workers for cores.
         from threadpoolctl import threadpool_limits
+
+        from evomerge.search.cluster import connect, make_actor_factory
 
         threadpool_limits(1)
         connect(self.spec, self.address)
@@ -134,7 +139,11 @@ class Search:
     def _search(self, scheduler: Scheduler, progress: SearchProgress) -> None:
         started = time.monotonic()
         time_limit = (self.spec.budget.time_limit_min or math.inf) * 60
-        pending = [Job(t.trial_id, t.merge_config) for t in self.trials.values() if t.status == "asked" and t.kind in ("optimizer", "baseline")]
+        pending = [
+            Job(t.trial_id, t.merge_config)
+            for t in self.trials.values()
+            if t.status == "asked" and t.kind in ("optimizer", "baseline")
+        ]
         scheduler.requeued.extend(pending)
         while True:
             out_of_time = time.monotonic() - started > time_limit
@@ -154,7 +163,9 @@ class Search:
         """Every evaluation so far failed: the setup is broken, not the candidates; say why and stop."""
         tally = self.tally
         if tally.completed == 0 and tally.failed >= max(6, 3 * len(scheduler.slots)):
-            raise UserError(f"the first {tally.failed} evaluations all failed (last: {tally.last_failure}); fix the cause and run 'evomerge resume {self.run_dir}'")
+            raise UserError(
+                f"the first {tally.failed} evaluations all failed (last: {tally.last_failure}); fix the cause and run 'evomerge resume {self.run_dir}'"
+            )
 
     def _next_job(self) -> Job | None:
         for label, config in self.prepared.baselines:
@@ -197,7 +208,15 @@ class Search:
     def _ask(self, trial: Trial, x: list | None = None) -> Job:
         self.trials[trial.trial_id] = trial
         self.tally.add_asked(trial)
-        self.journal.append("asked", trial=trial.trial_id, kind=trial.kind, label=trial.label, x=x, params=trial.params, merge_config=trial.merge_config)
+        self.journal.append(
+            "asked",
+            trial=trial.trial_id,
+            kind=trial.kind,
+            label=trial.label,
+            x=x,
+            params=trial.params,
+            merge_config=trial.merge_config,
+        )
         return Job(trial.trial_id, trial.merge_config)
 
     def _record(self, job: Job, result: dict) -> None:
@@ -276,14 +295,30 @@ def _journaled_seeds(events: list[dict]) -> list[tuple[str, np.ndarray]] | None:
 
 
 def _result_fields(result: dict) -> dict:
-    keep = ("trial", "ok", "score", "metrics", "n_docs", "worker", "merge_s", "prepare_s", "merge_path", "eval_s", "subset", "reason", "seconds")
+    keep = (
+        "trial",
+        "ok",
+        "score",
+        "metrics",
+        "n_docs",
+        "worker",
+        "merge_s",
+        "prepare_s",
+        "merge_path",
+        "eval_s",
+        "subset",
+        "reason",
+        "seconds",
+    )
     return {k: result[k] for k in keep if k in result}
 
 
 def _refuse_changed_spec(events: list[dict], spec: Spec, run_dir: Path) -> None:
     started = [e for e in events if e["event"] == "run_started"]
     if started and started[0]["spec_fingerprint"] != spec.fingerprint():
-        raise UserError(f"{run_dir / SPEC_FILE}: the spec was changed after the run started; restore it, or start a new run for the new spec")
+        raise UserError(
+            f"{run_dir / SPEC_FILE}: the spec was changed after the run started; restore it, or start a new run for the new spec"
+        )
 
 
 def _replay_event(optimizer, event: dict, trials: dict[int, Trial]) -> None:
@@ -291,7 +326,9 @@ def _replay_event(optimizer, event: dict, trials: dict[int, Trial]) -> None:
     if kind == "asked" and event["kind"] == "optimizer":
         ask = optimizer.ask()
         if ask is None or ask.trial_id != event["trial"] or not np.allclose(ask.x, event["x"], rtol=0, atol=1e-12):
-            raise UserError(f"journal: the optimizer no longer proposes trial {event['trial']} as journaled; the spec or the optimizer code changed, start a new run")
+            raise UserError(
+                f"journal: the optimizer no longer proposes trial {event['trial']} as journaled; the spec or the optimizer code changed, start a new run"
+            )
     elif kind == "seeded":
         for seed in event["seeds"]:
             optimizer.enqueue(np.asarray(seed["x"], dtype=float))
@@ -313,10 +350,14 @@ def _check_local_devices(spec: Spec, address: str | None, source: str) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise UserError(f"{source}: workers.device: cuda was asked for but this machine has no GPU; use device: cpu or auto, or --address a GPU cluster")
+            raise UserError(
+                f"{source}: workers.device: cuda was asked for but this machine has no GPU; use device: cpu or auto, or --address a GPU cluster"
+            )
 
 
-def resume_search(run_dir: Path, address: str | None = None, progress: bool = True, spec_path: Path | None = None) -> Path:
+def resume_search(
+    run_dir: Path, address: str | None = None, progress: bool = True, spec_path: Path | None = None
+) -> Path:
     run_dir = Path(run_dir).resolve()
     frozen = load_run_spec(run_dir)
     if spec_path is not None:
@@ -324,6 +365,8 @@ def resume_search(run_dir: Path, address: str | None = None, progress: bool = Tr
 
         current = load_spec(spec_path)
         if current.fingerprint() != frozen.fingerprint():
-            raise UserError(f"{spec_path}: differs from the spec frozen in {run_dir}; resume continues the original search, start a new run for a changed spec")
+            raise UserError(
+                f"{spec_path}: differs from the spec frozen in {run_dir}; resume continues the original search, start a new run for a changed spec"
+            )
     Search(preflight(frozen, str(run_dir / SPEC_FILE)), run_dir, address, progress).run()
     return run_dir

@@ -12,7 +12,11 @@ class SearchProgress:
         self.total = total
         self.started = time.monotonic()
         self.progress = Progress(
-            TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[summary]}"), TimeElapsedColumn(),
+            TextColumn("[bold]search"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[summary]}"),
+            TimeElapsedColumn(),
             disable=not enabled,
         )
         self.task = self.progress.add_task("search", total=total, summary="")
@@ -33,4 +37,6 @@ class SearchProgress:
         minutes = max((time.monotonic() - self.started) / 60, 1e-9)
         rate = (finished - self._done_at_start) / minutes
         best = "-" if tally.best_score is None else f"{tally.best_score:.4f}"
-        self.progress.update(self.task, completed=finished, summary=f"best {best} | {rate:.1f} evals/min | {tally.failed} failed")
+        self.progress.update(
+            self.task, completed=finished, summary=f"best {best} | {rate:.1f} evals/min | {tally.failed} failed"
+        )

@@ -10,9 +10,10 @@ loop.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
@@ -39,7 +40,9 @@ class WorkersExhausted(RuntimeError):
 
 
 class Scheduler:
-    def __init__(self, make_actor: Callable[[int], object], num_workers: int, queue_depth: int = 2, max_replacements: int = 20):
+    def __init__(
+        self, make_actor: Callable[[int], object], num_workers: int, queue_depth: int = 2, max_replacements: int = 20
+    ):
         self.make_actor = make_actor
         self.queue_depth = queue_depth
         self.max_replacements = max_replacements
@@ -96,12 +99,14 @@ class Scheduler:
         slot.in_flight.clear()
         self.replacements += 1
         if self.replacements > self.max_replacements:
-            raise WorkersExhausted(f"workers died {self.replacements} times (last: {type(error).__name__}: {error}); giving up") from error
-        LOG.warning("worker died (%s); re-queueing %d candidate(s) and starting a replacement", type(error).__name__, len(lost))
-        try:
+            raise WorkersExhausted(
+                f"workers died {self.replacements} times (last: {type(error).__name__}: {error}); giving up"
+            ) from error
+        LOG.warning(
+            "worker died (%s); re-queueing %d candidate(s) and starting a replacement", type(error).__name__, len(lost)
+        )
+        with contextlib.suppress(Exception):  # it is already gone
             ray.kill(slot.actor, no_restart=True)
-        except Exception:  # noqa: BLE001 - it is already gone
-            pass
         slot.actor = self.make_actor(self.slots.index(slot))
         for lost_job in lost:
             lost_job.attempts += 1
@@ -109,7 +114,5 @@ class Scheduler:
 
     def shutdown(self) -> None:
         for slot in self.slots:
-            try:
+            with contextlib.suppress(Exception):  # an actor that already died
                 ray.kill(slot.actor, no_restart=True)
-            except Exception:  # noqa: BLE001
-                pass

@@ -6,22 +6,7 @@ before the search starts. Logging never decides anything: the journal stays the 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-
-from evomerge.errors import UserError
-
-INSTALL_HINT = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
-
-
-def check_available(spec, source: str = "spec") -> None:
-    for name in requested(spec):
-        if importlib.util.find_spec(name) is None:
-            raise UserError(f"{source}: logging.{name}: {name} is not installed; {INSTALL_HINT[name]} or set it to false")
-
-
-def requested(spec) -> list[str]:
-    return [name for name in ("tensorboard", "wandb") if getattr(spec.logging, name)]
 
 
 class Tracker:
@@ -36,7 +21,16 @@ class Tracker:
         if spec.logging.wandb:
             import wandb
 
-            self.backends.append(_Wandb(wandb.init(project=spec.logging.wandb_project, name=spec.name, dir=str(run_dir), config=spec.model_dump(mode="json"))))
+            self.backends.append(
+                _Wandb(
+                    wandb.init(
+                        project=spec.logging.wandb_project,
+                        name=spec.name,
+                        dir=str(run_dir),
+                        config=spec.model_dump(mode="json"),
+                    )
+                )
+            )
         self.step = 0
 
     def log_trial(self, trial, best: float | None) -> None:

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from evomerge.evaluation.evaluate import Evaluator
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.fused.candidate import CandidateMerger
-from evomerge.evaluation.evaluate import Evaluator
-from evomerge.evaluation.tasks import EvalSettings
 
 
 @dataclass(frozen=True)
@@ -52,12 +51,18 @@ class MergeWorker:
         self.settings = settings
         self.worker_id = f"{worker_id}@{socket.gethostname()}:{os.getpid()}"
         dtype = getattr(torch, settings.dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(settings.base_model, dtype=dtype, trust_remote_code=settings.trust_remote_code).to(settings.device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            settings.base_model, dtype=dtype, trust_remote_code=settings.trust_remote_code
+        ).to(settings.device)
         self.model.eval()
         union = MergeConfig.model_validate(settings.union_config)
         self._model_lock = threading.Lock()
-        self.merger = CandidateMerger.create(self.model, union, settings.merge_method, settings.device, settings.source_placement)
-        self.tokenizer = AutoTokenizer.from_pretrained(settings.base_model, trust_remote_code=settings.trust_remote_code)
+        self.merger = CandidateMerger.create(
+            self.model, union, settings.merge_method, settings.device, settings.source_placement
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            settings.base_model, trust_remote_code=settings.trust_remote_code
+        )
         self.evaluators = {
             name: Evaluator(self.model, self.tokenizer, eval_settings, device=settings.device)
             for name, eval_settings in settings.eval_sets.items()
@@ -95,14 +100,28 @@ class MergeWorker:
             detail = traceback.format_exception_only(type(error), error)[-1].strip()
             return self._failure(trial_id, detail, started)
         return {
-            "trial": trial_id, "ok": True, "score": result.score, "metrics": result.metrics,
-            "n_docs": result.n_docs, "worker": self.worker_id, "eval_set": eval_set,
-            "merge_s": round(merged - locked, 4), "prepare_s": round(planned - started, 4), "merge_path": self.merger.path, "eval_s": round(result.seconds, 4),
+            "trial": trial_id,
+            "ok": True,
+            "score": result.score,
+            "metrics": result.metrics,
+            "n_docs": result.n_docs,
+            "worker": self.worker_id,
+            "eval_set": eval_set,
+            "merge_s": round(merged - locked, 4),
+            "prepare_s": round(planned - started, 4),
+            "merge_path": self.merger.path,
+            "eval_s": round(result.seconds, 4),
             "subset": self.subset_digests[eval_set],
         }
 
     def _failure(self, trial_id: int, reason: str, started: float) -> dict:
-        return {"trial": trial_id, "ok": False, "reason": reason, "worker": self.worker_id, "seconds": round(time.perf_counter() - started, 4)}
+        return {
+            "trial": trial_id,
+            "ok": False,
+            "reason": reason,
+            "worker": self.worker_id,
+            "seconds": round(time.perf_counter() - started, 4),
+        }
 
 
 def subset_digest(indices: dict[str, list[int]]) -> str:

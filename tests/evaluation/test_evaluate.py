@@ -114,9 +114,7 @@ def test_unknown_task_names_the_closest_task():
         resolve_tasks(settings)
 
     message = str(caught.value)
-    assert message.startswith(
-        "evaluation.tasks[1].name: unknown lm-eval task 'tiny_ad' (did you mean 'tiny_add'?); "
-    )
+    assert message.startswith("evaluation.tasks[1].name: unknown lm-eval task 'tiny_ad' (did you mean 'tiny_add'?); ")
     assert "evaluation.include" in message
     assert "\n" not in message
 

@@ -18,9 +18,9 @@ from tiny_models import build_base, build_tokenizer, save_checkpoint, tiny_llama
 pytest.importorskip("triton")
 
 from evomerge.genome import Genome  # noqa: E402
-from evomerge.merge.fused.candidate import CandidateMerger, reference_view  # noqa: E402
 from evomerge.merge.config import MergeConfig  # noqa: E402
 from evomerge.merge.engine import ResidentSources, merge_into_model  # noqa: E402
+from evomerge.merge.fused.candidate import CandidateMerger, reference_view  # noqa: E402
 from evomerge.merge.fused.sources import FlatLayout, FusedSources  # noqa: E402
 from evomerge.spec import Spec  # noqa: E402
 
@@ -35,19 +35,27 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
 
 
 def union(base: str, experts: list[str], dtype: str) -> MergeConfig:
-    return MergeConfig.model_validate({
-        "merge_method": "task_arithmetic", "base_model": base, "dtype": dtype,
-        "models": [{"model": path, "parameters": {"weight": 1.0}} for path in experts],
-    })
+    return MergeConfig.model_validate(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "dtype": dtype,
+            "models": [{"model": path, "parameters": {"weight": 1.0}} for path in experts],
+        }
+    )
 
 
 def genome_candidate(base: str, experts: list[str], method: str, dtype: str, seed: int) -> MergeConfig:
     """A candidate as a search writes it: per layer group and attention/MLP, as `slices:`."""
-    spec = Spec.model_validate({
-        "name": "fused", "models": {"base": base, "experts": experts},
-        "merge": {"method": method, "dtype": dtype}, "genome": {"layer_groups": 2, "split_attn_mlp": True},
-        "evaluation": {"tasks": ["none"]},
-    })
+    spec = Spec.model_validate(
+        {
+            "name": "fused",
+            "models": {"base": base, "experts": experts},
+            "merge": {"method": method, "dtype": dtype},
+            "genome": {"layer_groups": 2, "split_attn_mlp": True},
+            "evaluation": {"tasks": ["none"]},
+        }
+    )
     genome = Genome(spec, 4)
     x = np.random.default_rng(seed).uniform(-0.2, 1.0, genome.dim)
     return MergeConfig.model_validate(genome.to_merge_config(np.clip(x, genome.lower, genome.upper)))
@@ -55,18 +63,24 @@ def genome_candidate(base: str, experts: list[str], method: str, dtype: str, see
 
 def gradient_candidate(base: str, experts: list[str], method: str, dtype: str) -> MergeConfig:
     """Gradients, a negative weight, lambda and normalize off: the parameters most likely to go wrong."""
-    return MergeConfig.model_validate({
-        "merge_method": method, "base_model": base, "dtype": dtype,
-        "parameters": {"lambda": 0.9, "normalize": False},
-        "models": [
-            {"model": experts[0], "parameters": {"weight": [0.3, 1.2, 0.7], "density": [0.2, 0.9, 0.5]}},
-            {"model": experts[1], "parameters": {"weight": 0.8, "density": 0.35}},
-            {"model": experts[2], "parameters": {"weight": -0.4, "density": 1.0}},
-        ],
-    })
+    return MergeConfig.model_validate(
+        {
+            "merge_method": method,
+            "base_model": base,
+            "dtype": dtype,
+            "parameters": {"lambda": 0.9, "normalize": False},
+            "models": [
+                {"model": experts[0], "parameters": {"weight": [0.3, 1.2, 0.7], "density": [0.2, 0.9, 0.5]}},
+                {"model": experts[1], "parameters": {"weight": 0.8, "density": 0.35}},
+                {"model": experts[2], "parameters": {"weight": -0.4, "density": 1.0}},
+            ],
+        }
+    )
 
 
-def merged_by_reference(base: str, union_config: MergeConfig, candidate: MergeConfig, dtype: torch.dtype, seed: int = 0):
+def merged_by_reference(
+    base: str, union_config: MergeConfig, candidate: MergeConfig, dtype: torch.dtype, seed: int = 0
+):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(DEVICE)
@@ -74,7 +88,9 @@ def merged_by_reference(base: str, union_config: MergeConfig, candidate: MergeCo
     return dict(model.named_parameters())
 
 
-def fused_merger(base: str, union_config: MergeConfig, method: str, dtype: torch.dtype, placement: str, chunk_bytes: int = 1 << 20):
+def fused_merger(
+    base: str, union_config: MergeConfig, method: str, dtype: torch.dtype, placement: str, chunk_bytes: int = 1 << 20
+):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(DEVICE)
@@ -98,7 +114,10 @@ def test_fused_equals_reference_bit_for_bit(zoo, dtype_name, method, placement):
     merger = fused_merger(base, sources, method, dtype, placement, chunk_bytes=60_000)
     if placement == "host":
         assert len(merger.fused._chunks) > 2, "the test must stream several chunks"
-    for candidate in (gradient_candidate(base, experts, method, config_dtype), genome_candidate(base, experts, method, config_dtype, 1)):
+    for candidate in (
+        gradient_candidate(base, experts, method, config_dtype),
+        genome_candidate(base, experts, method, config_dtype, 1),
+    ):
         merger.merge(candidate)
         assert merger.path == "fused" and merger.verified
         assert_same_weights(merger, merged_by_reference(base, sources, candidate, dtype))
@@ -113,7 +132,10 @@ def tied_zoo(tmp_path_factory):
     save_checkpoint(base, tokenizer, root / "base", torch.float32)
     for index, name in enumerate(("x", "y")):
         generator = torch.Generator().manual_seed(10 + index)
-        deltas = {key: torch.randint(-3, 4, value.shape, generator=generator).float() / 64 for key, value in base.state_dict().items()}
+        deltas = {
+            key: torch.randint(-3, 4, value.shape, generator=generator).float() / 64
+            for key, value in base.state_dict().items()
+        }
         save_checkpoint(with_deltas(base, deltas), tokenizer, root / name, torch.float32)
     return root
 
@@ -122,10 +144,16 @@ def tied_zoo(tmp_path_factory):
 def test_fused_trim_breaks_ties_like_the_reference(tied_zoo, density):
     base, experts = str(tied_zoo / "base"), [str(tied_zoo / "x"), str(tied_zoo / "y")]
     sources = union(base, experts, "float32")
-    candidate = MergeConfig.model_validate({
-        "merge_method": "ties", "base_model": base, "dtype": "float32",
-        "models": [{"model": path, "parameters": {"weight": 0.5 + i, "density": density}} for i, path in enumerate(experts)],
-    })
+    candidate = MergeConfig.model_validate(
+        {
+            "merge_method": "ties",
+            "base_model": base,
+            "dtype": "float32",
+            "models": [
+                {"model": path, "parameters": {"weight": 0.5 + i, "density": density}} for i, path in enumerate(experts)
+            ],
+        }
+    )
     merger = fused_merger(base, sources, "ties", torch.float32, "device")
     merger.merge(candidate)
     assert merger.path == "fused"
@@ -133,10 +161,17 @@ def test_fused_trim_breaks_ties_like_the_reference(tied_zoo, density):
 
 
 def dare_candidate(base: str, experts: list[str], method: str, density: float, dtype: str = "float32") -> MergeConfig:
-    return MergeConfig.model_validate({
-        "merge_method": method, "base_model": base, "dtype": dtype,
-        "models": [{"model": path, "parameters": {"weight": 1.0 if i == 0 else 0.0, "density": density}} for i, path in enumerate(experts)],
-    })
+    return MergeConfig.model_validate(
+        {
+            "merge_method": method,
+            "base_model": base,
+            "dtype": dtype,
+            "models": [
+                {"model": path, "parameters": {"weight": 1.0 if i == 0 else 0.0, "density": density}}
+                for i, path in enumerate(experts)
+            ],
+        }
+    )
 
 
 def test_fused_dare_without_trim_equals_the_reference(zoo):
@@ -156,12 +191,17 @@ def test_fused_dare_without_trim_equals_the_reference(zoo):
 def test_fused_dare_keeps_density_and_restores_l1(tied_zoo, density, placement):
     """One expert at weight 1: merged - base is exactly its rescaled, trimmed delta."""
     base, experts = str(tied_zoo / "base"), [str(tied_zoo / "x"), str(tied_zoo / "y")]
-    merger = fused_merger(base, union(base, experts, "float32"), "dare_linear", torch.float32, placement, chunk_bytes=60_000)
+    merger = fused_merger(
+        base, union(base, experts, "float32"), "dare_linear", torch.float32, placement, chunk_bytes=60_000
+    )
     merger.merge(dare_candidate(base, experts, "dare_linear", density), seed=5)
     resident = ResidentSources.load(union(base, experts, "float32"), device=DEVICE)
     kept_total = delta_total = 0
     for name, merged in merger.model.named_parameters():
-        base_tensor, delta = resident.tensors[(base, name)], resident.tensors[(experts[0], name)] - resident.tensors[(base, name)]
+        base_tensor, delta = (
+            resident.tensors[(base, name)],
+            resident.tensors[(experts[0], name)] - resident.tensors[(base, name)],
+        )
         kept = merged.detach() - base_tensor
         nonzero = delta != 0
         kept_total += int((kept[nonzero] != 0).sum())
@@ -188,10 +228,14 @@ def test_candidate_the_fused_sources_cannot_express_takes_the_reference_path(zoo
     base, experts = zoo.model("base", "fp32"), [zoo.model(n, "fp32") for n in EXPERTS]
     sources = union(base, experts, "float32")
     merger = fused_merger(base, sources, "ties", torch.float32, "device")
-    other_base = MergeConfig.model_validate({
-        "merge_method": "ties", "base_model": experts[0], "dtype": "float32",
-        "models": [{"model": experts[1], "parameters": {"weight": 0.7, "density": 0.5}}],
-    })
+    other_base = MergeConfig.model_validate(
+        {
+            "merge_method": "ties",
+            "base_model": experts[0],
+            "dtype": "float32",
+            "models": [{"model": experts[1], "parameters": {"weight": 0.7, "density": 0.5}}],
+        }
+    )
     with pytest.raises(KeyError, match="not resident"):
         merger.merge(other_base)  # only base and deltas are resident: a clear error, no wrong weights
     candidate = gradient_candidate(base, experts, "ties", "float32")
@@ -235,7 +279,7 @@ def test_size_estimate_and_layout(zoo):
     layout = FlatLayout.of(["a", "b", "c"], [(3, 700), (5,), (2048,)])
     assert layout.total == 3072 + 1024 + 2048  # 2100 elements take three 1024-element blocks
     runs = layout.chunks(3072)
-    assert runs[0][0] == 0 and runs[-1][1] == 3 and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+    assert runs[0][0] == 0 and runs[-1][1] == 3 and all(a[1] == b[0] for a, b in zip(runs, runs[1:], strict=False))
 
 
 def test_a_kernel_that_fails_on_the_first_candidate_falls_back_to_the_reference_path(zoo, monkeypatch):

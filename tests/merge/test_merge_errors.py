@@ -30,8 +30,14 @@ def ties_config(zoo: TinyZoo, density=0.5, **overrides) -> dict:
 def sliced_config(zoo: TinyZoo, start: int, stop: int) -> dict:
     return {
         "merge_method": "linear",
-        "slices": [{"sources": [{"model": m, "layer_range": [start, stop], "parameters": {"weight": 0.5}}
-                                for m in (zoo.corrupt, zoo.model("ft_a"))]}],
+        "slices": [
+            {
+                "sources": [
+                    {"model": m, "layer_range": [start, stop], "parameters": {"weight": 0.5}}
+                    for m in (zoo.corrupt, zoo.model("ft_a"))
+                ]
+            }
+        ],
     }
 
 
@@ -45,8 +51,10 @@ MALFORMED_YAML = "merge_method: linear\nmodels:\n  - model: {path}\n\tparameters
 ERROR_CASES = {
     "unknown-method": (lambda z: ties_config(z, merge_method="tie"), ["merge_method", "did you mean 'ties'"]),
     "unknown-method-swapped": (lambda z: ties_config(z, merge_method="ties_dare"), ["merge_method", "did you mean"]),
-    "missing-model-path": (lambda z: linear_config(z.corrupt, "/nonexistent/evomerge-model"),
-                           ["models[1]", "/nonexistent/evomerge-model"]),
+    "missing-model-path": (
+        lambda z: linear_config(z.corrupt, "/nonexistent/evomerge-model"),
+        ["models[1]", "/nonexistent/evomerge-model"],
+    ),
     "shape-mismatch": (lambda z: linear_config(z.model("base"), z.wide), ["models[1]", "shape"]),
     "vocab-mismatch": (lambda z: linear_config(z.model("base"), z.big_vocab), ["models[1]", "vocab"]),
     "ties-without-base": (lambda z: {**ties_config(z), "base_model": None}, ["base_model"]),
@@ -76,7 +84,7 @@ def error_runs(zoo, tmp_path_factory, evomerge_cli):
         return evomerge_cli("merge", config_path, root / f"{name}-out"), root / f"{name}-out"
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(zip(ERROR_CASES, pool.map(run, ERROR_CASES)))
+        return dict(zip(ERROR_CASES, pool.map(run, ERROR_CASES), strict=False))
 
 
 @pytest.mark.parametrize("case", list(ERROR_CASES))
@@ -101,7 +109,7 @@ def test_debug_flag_shows_traceback(zoo, write_config, evomerge_cli, tmp_path):
 
 def test_corrupt_checkpoint_really_is_unreadable(zoo):
     """Guards the premise of the tests above: reading a weight of the corrupt model fails."""
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - any read error proves the premise
         safetensors.torch.load_file(f"{zoo.corrupt}/model.safetensors")
 
 
@@ -126,7 +134,9 @@ def weights_unreadable(monkeypatch):
                     monkeypatch.setattr(module, attribute, refuse)
 
 
-@pytest.mark.parametrize("case", ["ties-without-base", "density-above-one", "shape-mismatch", "layer-range-out-of-bounds"])
+@pytest.mark.parametrize(
+    "case", ["ties-without-base", "density-above-one", "shape-mismatch", "layer-range-out-of-bounds"]
+)
 def test_validation_reads_no_weights(case, zoo, write_config, weights_unreadable):
     from evomerge.merge.config import load_merge_config
     from evomerge.merge.validate import validate_merge_config

@@ -46,8 +46,9 @@ def test_dare_keeps_density_fraction_unscaled(density):
 @pytest.mark.parametrize("family", ["dare", "della"])
 def test_rescale_restores_l1_norm(family):
     delta = dense_delta(128, 96, seed=3)
-    kept = sparsify(delta, 0.3, SPARSIFICATION_OF[family], rescale=True, epsilon=0.1,
-                    generator=torch.Generator().manual_seed(4))
+    kept = sparsify(
+        delta, 0.3, SPARSIFICATION_OF[family], rescale=True, epsilon=0.1, generator=torch.Generator().manual_seed(4)
+    )
     assert (kept != 0).float().mean().item() < 0.5, "nothing was trimmed"
     assert math.isclose(kept.abs().sum().item(), delta.abs().sum().item(), rel_tol=1e-5)
 
@@ -56,8 +57,9 @@ def test_rescale_restores_l1_norm(family):
 def test_rescale_matches_mergekit_definition(family):
     mergekit_sparsify = pytest.importorskip("mergekit.sparsify")
     delta = dense_delta(64, 64, seed=5)
-    kept = sparsify(delta, 0.4, SPARSIFICATION_OF[family], rescale=True, epsilon=0.2,
-                    generator=torch.Generator().manual_seed(6))
+    kept = sparsify(
+        delta, 0.4, SPARSIFICATION_OF[family], rescale=True, epsilon=0.2, generator=torch.Generator().manual_seed(6)
+    )
     expected = mergekit_sparsify.rescaled_masked_tensor(delta, (kept != 0).float(), mergekit_sparsify.RescaleNorm.l1)
     torch.testing.assert_close(kept, expected, rtol=1e-6, atol=0)
 
@@ -65,14 +67,17 @@ def test_rescale_matches_mergekit_definition(family):
 def test_della_keep_probability_rises_linearly_with_magnitude_rank():
     density, epsilon, rows, cols = 0.5, 0.2, 4000, 32
     delta = dense_delta(rows, cols, seed=7)
-    kept = sparsify(delta, density, "della_magprune", rescale=False, epsilon=epsilon,
-                    generator=torch.Generator().manual_seed(8))
+    kept = sparsify(
+        delta, density, "della_magprune", rescale=False, epsilon=epsilon, generator=torch.Generator().manual_seed(8)
+    )
     # Column r of the gathered mask is "was the r-th smallest |delta| of its row kept".
     by_rank = (kept != 0).gather(1, delta.abs().argsort(dim=1)).float().mean(dim=0)
     expected = (density - epsilon) + torch.arange(cols) / (cols - 1) * 2 * epsilon
     for rank in range(cols):
         p = expected[rank].item()
-        assert abs(by_rank[rank].item() - p) <= bernoulli_tolerance(p, rows), f"rank {rank}: {by_rank[rank]:.3f} vs {p:.3f}"
+        assert abs(by_rank[rank].item() - p) <= bernoulli_tolerance(p, rows), (
+            f"rank {rank}: {by_rank[rank]:.3f} vs {p:.3f}"
+        )
 
 
 @pytest.mark.parametrize("family", ["dare", "della"])
@@ -80,8 +85,14 @@ def test_same_generator_seed_same_trim(family):
     delta = dense_delta(64, 64, seed=9)
 
     def trim(seed):
-        return sparsify(delta, 0.5, SPARSIFICATION_OF[family], rescale=True, epsilon=0.1,
-                        generator=torch.Generator().manual_seed(seed))
+        return sparsify(
+            delta,
+            0.5,
+            SPARSIFICATION_OF[family],
+            rescale=True,
+            epsilon=0.1,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     assert torch.equal(trim(10), trim(10))
     assert not torch.equal(trim(10), trim(11))
@@ -90,9 +101,13 @@ def test_same_generator_seed_same_trim(family):
 def random_config(zoo: TinyZoo, method: str) -> dict:
     """Two fine-tunes with low, unequal densities: keeping 1-density instead would show at once."""
     return {
-        "merge_method": method, "base_model": zoo.model("base"), "dtype": "float32",
-        "models": [{"model": zoo.model("ft_a"), "parameters": {"weight": 0.6, "density": 0.3}},
-                   {"model": zoo.model("ft_b"), "parameters": {"weight": 0.4, "density": 0.2}}],
+        "merge_method": method,
+        "base_model": zoo.model("base"),
+        "dtype": "float32",
+        "models": [
+            {"model": zoo.model("ft_a"), "parameters": {"weight": 0.6, "density": 0.3}},
+            {"model": zoo.model("ft_b"), "parameters": {"weight": 0.4, "density": 0.2}},
+        ],
     }
 
 
@@ -145,7 +160,7 @@ def change_statistics(merged: dict, base: dict) -> dict[str, tuple[int, float, i
 
 def whole_model(stats: dict[str, tuple[int, float, int]]) -> tuple[int, float, int]:
     """Per-tensor statistics summed over the model."""
-    changed, l1, count = zip(*stats.values())
+    changed, l1, count = zip(*stats.values(), strict=False)
     return sum(changed), sum(l1), sum(count)
 
 
@@ -166,7 +181,8 @@ def test_random_merge_statistics_match_mergekit(method, zoo, write_config, merge
             continue
         our_changed, our_l1, _ = ours[name]
         assert abs(our_changed - changed) / count <= CHANGED_FRACTION_TOLERANCE, (
-            f"{name}: changed fraction {our_changed / count:.3f} vs mergekit {changed / count:.3f}")
+            f"{name}: changed fraction {our_changed / count:.3f} vs mergekit {changed / count:.3f}"
+        )
         assert abs(our_l1 / l1 - 1) <= L1_RELATIVE_TOLERANCE, f"{name}: L1 of change {our_l1:.4g} vs mergekit {l1:.4g}"
     (our_changed, our_l1, count), (changed, l1, _) = whole_model(ours), whole_model(theirs)
     assert abs(our_changed - changed) / count <= WHOLE_MODEL_TOLERANCE, f"{our_changed} vs {changed} of {count}"

@@ -269,8 +269,9 @@ def test_tpe_mirrors_finished_trials_to_a_loadable_journal(tmp_path):
         optimizer.tell(ask.trial_id, told[ask.trial_id])
     optimizer.ask()  # a running trial is not mirrored
 
-    study = optuna.load_study(study_name="mirror", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(path)))
+    study = optuna.load_study(
+        study_name="mirror", storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+    )
     trials = study.get_trials()
     assert len(trials) == 8
     by_id = {t.user_attrs["evomerge_trial_id"]: t for t in trials}

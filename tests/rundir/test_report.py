@@ -9,6 +9,7 @@ terminated JSON on fds 3 and 4), which needs no websocket package.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import itertools
 import json
@@ -43,51 +44,131 @@ def _genes(groups: int) -> list[str]:
 def _result(rng, score: float, tasks, n_docs: int = 200, tilt: float = 0.0) -> dict:
     """Per-task accuracies around `score`; `tilt` trades the first tasks against the last one."""
     shifts = [tilt if index < len(tasks) - 1 else -tilt for index in range(len(tasks))]
-    metrics = {task: float(np.clip(score + shift + rng.normal(0, 0.03), 0, 1)) for task, shift in zip(tasks, shifts)}
-    return {"ok": True, "score": float(np.mean(list(metrics.values()))), "metrics": metrics, "n_docs": dict.fromkeys(tasks, n_docs)}
+    metrics = {
+        task: float(np.clip(score + shift + rng.normal(0, 0.03), 0, 1))
+        for task, shift in zip(tasks, shifts, strict=False)
+    }
+    return {
+        "ok": True,
+        "score": float(np.mean(list(metrics.values()))),
+        "metrics": metrics,
+        "n_docs": dict.fromkeys(tasks, n_docs),
+    }
 
 
-def make_run(root: Path, *, trials: int = 36, failures=(5, 17), objectives: bool = False, heldout: bool = True, seed: int = 0) -> Path:
+def make_run(
+    root: Path, *, trials: int = 36, failures=(5, 17), objectives: bool = False, heldout: bool = True, seed: int = 0
+) -> Path:
     """A finished CMA-ES run directory: baselines, improving evolved trials, failures, held-out re-scores."""
     rng = np.random.default_rng(seed)
     run_dir = root / "runs" / "demo-ties"
     run_dir.mkdir(parents=True)
-    spec = {"name": "demo-ties", "models": {"base": "/models/base", "experts": list(EXPERTS)}, "merge": {"method": "ties"},
-            "genome": {"layer_groups": 4, "split_attn_mlp": True, "embeddings": True}, "optimizer": {"name": "cmaes", "popsize": 6},
-            "evaluation": {"tasks": [{"name": t} for t in TASKS], "heldout_tasks": [{"name": t} for t in HELDOUT_TASKS] if heldout else []},
-            "budget": {"max_evals": trials + len(BASELINES)}}
+    spec = {
+        "name": "demo-ties",
+        "models": {"base": "/models/base", "experts": list(EXPERTS)},
+        "merge": {"method": "ties"},
+        "genome": {"layer_groups": 4, "split_attn_mlp": True, "embeddings": True},
+        "optimizer": {"name": "cmaes", "popsize": 6},
+        "evaluation": {
+            "tasks": [{"name": t} for t in TASKS],
+            "heldout_tasks": [{"name": t} for t in HELDOUT_TASKS] if heldout else [],
+        },
+        "budget": {"max_evals": trials + len(BASELINES)},
+    }
     if objectives:
-        spec["evaluation"]["objectives"] = [{"name": "reasoning", "tasks": list(TASKS[:-1])}, {"name": "commonsense", "tasks": [TASKS[-1]]}]
+        spec["evaluation"]["objectives"] = [
+            {"name": "reasoning", "tasks": list(TASKS[:-1])},
+            {"name": "commonsense", "tasks": [TASKS[-1]]},
+        ]
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     clock = itertools.count(1_700_000_000, 17)
     events = [{"event": "run_started", "time": next(clock), "spec_fingerprint": "0" * 16, "workers": 2}]
 
     def finish(trial: int, score: float, kind: str):
         if kind == "failed":
-            events.append({"event": "failed", "time": next(clock), "trial": trial, "ok": False, "reason": "CUDA out of memory while merging"})
+            events.append(
+                {
+                    "event": "failed",
+                    "time": next(clock),
+                    "trial": trial,
+                    "ok": False,
+                    "reason": "CUDA out of memory while merging",
+                }
+            )
             return
         result = _result(rng, score, TASKS, tilt=float(rng.uniform(-0.08, 0.08)) if objectives else 0.0)
         metrics = result["metrics"]
-        extra = {"objectives": [float(np.mean([metrics[t] for t in TASKS[:-1]])), metrics[TASKS[-1]]]} if objectives else {}
-        events.append({"event": "completed", "time": next(clock), "trial": trial, **result, "worker": "w0", "merge_s": 1.0, "eval_s": 9.0, **extra})
+        extra = (
+            {"objectives": [float(np.mean([metrics[t] for t in TASKS[:-1]])), metrics[TASKS[-1]]]} if objectives else {}
+        )
+        events.append(
+            {
+                "event": "completed",
+                "time": next(clock),
+                "trial": trial,
+                **result,
+                "worker": "w0",
+                "merge_s": 1.0,
+                "eval_s": 9.0,
+                **extra,
+            }
+        )
 
     for index, label in enumerate(BASELINES):
-        events.append({"event": "asked", "time": next(clock), "trial": -1 - index, "kind": "baseline", "label": label, "x": None, "params": {}, "merge_config": {}})
+        events.append(
+            {
+                "event": "asked",
+                "time": next(clock),
+                "trial": -1 - index,
+                "kind": "baseline",
+                "label": label,
+                "x": None,
+                "params": {},
+                "merge_config": {},
+            }
+        )
         finish(-1 - index, 0.42 + 0.04 * index, "completed")
     for trial in range(trials):
         params = {name: round(float(rng.uniform(0.1, 1.0)), 6) for name in _genes(4)}
-        events.append({"event": "asked", "time": next(clock), "trial": trial, "kind": "optimizer", "label": f"trial {trial}", "x": [], "params": params, "merge_config": {}})
-        finish(trial, 0.45 + 0.18 * (1 - np.exp(-trial / 10)) + rng.normal(0, 0.02), "failed" if trial in failures else "completed")
+        events.append(
+            {
+                "event": "asked",
+                "time": next(clock),
+                "trial": trial,
+                "kind": "optimizer",
+                "label": f"trial {trial}",
+                "x": [],
+                "params": params,
+                "merge_config": {},
+            }
+        )
+        finish(
+            trial,
+            0.45 + 0.18 * (1 - np.exp(-trial / 10)) + rng.normal(0, 0.02),
+            "failed" if trial in failures else "completed",
+        )
     if heldout:
         completed = [e for e in events if e["event"] == "completed"]
-        for event in [e for e in completed if e["trial"] < 0] + sorted((e for e in completed if e["trial"] >= 0), key=lambda e: -e["score"])[:3]:
-            events.append({"event": "heldout", "time": next(clock), "trial": event["trial"], **_result(rng, event["score"] - 0.02, HELDOUT_TASKS)})
-    events.append({"event": "run_finished", "time": next(clock), "completed": sum(e["event"] == "completed" for e in events)})
+        for event in [e for e in completed if e["trial"] < 0] + sorted(
+            (e for e in completed if e["trial"] >= 0), key=lambda e: -e["score"]
+        )[:3]:
+            events.append(
+                {
+                    "event": "heldout",
+                    "time": next(clock),
+                    "trial": event["trial"],
+                    **_result(rng, event["score"] - 0.02, HELDOUT_TASKS),
+                }
+            )
+    events.append(
+        {"event": "run_finished", "time": next(clock), "completed": sum(e["event"] == "completed" for e in events)}
+    )
     (run_dir / "journal.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     return run_dir
 
 
 # --- journal-to-numbers -----------------------------------------------------------------------
+
 
 def test_evals_to_reach_counts_failures_and_stops_at_first_crossing():
     assert evals_to_reach([0.1, None, 0.5, 0.96, 1.0]) == 4
@@ -107,11 +188,23 @@ def test_evals_to_reach_is_none_without_a_success():
 
 
 def test_gene_grids_lay_out_models_parts_and_embed_head_columns():
-    params = {"weight/m0/g0/attn": 0.1, "weight/m0/g0/mlp": 0.2, "weight/m0/g1/attn": 0.3, "weight/m0/g1/mlp": 0.4,
-              "weight/m0/gembed": 0.5, "weight/m0/ghead": 0.6, "t/all/g0": 0.7, "t/all/g1": 0.8}
+    params = {
+        "weight/m0/g0/attn": 0.1,
+        "weight/m0/g0/mlp": 0.2,
+        "weight/m0/g1/attn": 0.3,
+        "weight/m0/g1/mlp": 0.4,
+        "weight/m0/gembed": 0.5,
+        "weight/m0/ghead": 0.6,
+        "t/all/g0": 0.7,
+        "t/all/g1": 0.8,
+    }
     weight, shared = gene_grids(params, ["math"])
     assert parse_gene("density/m1/g10/mlp") == ("density", "m1", "10", "mlp")
-    assert (weight.param, weight.columns, weight.rows) == ("weight", ["0", "1", "embed", "head"], ["math · attn", "math · mlp"])
+    assert (weight.param, weight.columns, weight.rows) == (
+        "weight",
+        ["0", "1", "embed", "head"],
+        ["math · attn", "math · mlp"],
+    )
     # embed/head genes have no part: one value fills the model's attn and mlp rows, labelled once between them.
     np.testing.assert_array_equal(weight.values, [[0.1, 0.3, 0.5, 0.6], [0.2, 0.4, 0.5, 0.6]])
     assert sorted(weight.labels) == [(0, 0, 0.1), (0, 1, 0.3), (0.5, 2, 0.5), (0.5, 3, 0.6), (1, 0, 0.2), (1, 1, 0.4)]
@@ -126,6 +219,7 @@ def test_gene_grids_separate_models():
 
 
 # --- the files written ------------------------------------------------------------------------
+
 
 def _image_sources(html: str) -> list[str]:
     return re.findall(r'<img src="([^"]+)"', html)
@@ -164,15 +258,29 @@ def test_report_escapes_labels(tmp_path):
 def test_report_of_a_run_without_results_yet(tmp_path):
     run_dir = tmp_path / "fresh"
     run_dir.mkdir()
-    (run_dir / "spec.yaml").write_text(yaml.safe_dump({"name": "fresh", "merge": {"method": "dare_ties"}, "optimizer": {"name": "tpe"}}))
-    asked = {"event": "asked", "time": 2.0, "trial": -1, "kind": "baseline", "label": "base", "x": None, "params": {}, "merge_config": {}}
-    (run_dir / "journal.jsonl").write_text(json.dumps({"event": "run_started", "time": 1.0, "workers": 1}) + "\n" + json.dumps(asked) + "\n")
+    (run_dir / "spec.yaml").write_text(
+        yaml.safe_dump({"name": "fresh", "merge": {"method": "dare_ties"}, "optimizer": {"name": "tpe"}})
+    )
+    asked = {
+        "event": "asked",
+        "time": 2.0,
+        "trial": -1,
+        "kind": "baseline",
+        "label": "base",
+        "x": None,
+        "params": {},
+        "merge_config": {},
+    }
+    (run_dir / "journal.jsonl").write_text(
+        json.dumps({"event": "run_started", "time": 1.0, "workers": 1}) + "\n" + json.dumps(asked) + "\n"
+    )
     html = write_report(run_dir).read_text()
     assert _image_sources(html) == []
     assert "in progress" in html and "No evaluation has finished yet" in html
 
 
 # --- the page in a real browser ---------------------------------------------------------------
+
 
 class DevTools:
     """A headless Chromium driven over the DevTools protocol on --remote-debugging-pipe."""
@@ -184,13 +292,37 @@ class DevTools:
         child_ends = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (to_browser, from_browser)]
         for fd in (to_browser, from_browser):
             os.close(fd)
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--remote-debugging-pipe",
-                 f"--user-data-dir={profile}", "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-extensions", "--hide-scrollbars", "--mute-audio"]
-        actions = [(os.POSIX_SPAWN_DUP2, child_ends[0], 3), (os.POSIX_SPAWN_DUP2, child_ends[1], 4),
-                   (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-                   (os.POSIX_SPAWN_OPEN, 2, str(profile.parent / "chromium.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)]
-        self.pid = os.posix_spawn(binary, [binary, *flags, "about:blank"], os.environ, file_actions=actions, setsid=True)
+        flags = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--remote-debugging-pipe",
+            f"--user-data-dir={profile}",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-extensions",
+            "--hide-scrollbars",
+            "--mute-audio",
+        ]
+        actions = [
+            (os.POSIX_SPAWN_DUP2, child_ends[0], 3),
+            (os.POSIX_SPAWN_DUP2, child_ends[1], 4),
+            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+            (
+                os.POSIX_SPAWN_OPEN,
+                2,
+                str(profile.parent / "chromium.log"),
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                0o644,
+            ),
+        ]
+        self.pid = os.posix_spawn(
+            binary, [binary, *flags, "about:blank"], os.environ, file_actions=actions, setsid=True
+        )
         for fd in child_ends:
             os.close(fd)
         self._ids = itertools.count(1)
@@ -199,7 +331,12 @@ class DevTools:
 
     def call(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 30.0) -> dict:
         message_id = next(self._ids)
-        message = {"id": message_id, "method": method, "params": params or {}, **({"sessionId": session} if session else {})}
+        message = {
+            "id": message_id,
+            "method": method,
+            "params": params or {},
+            **({"sessionId": session} if session else {}),
+        }
         os.write(self._writer, json.dumps(message).encode() + b"\0")
         reply = self._receive(lambda m: m.get("id") == message_id, timeout, method)
         if "error" in reply:
@@ -208,7 +345,9 @@ class DevTools:
 
     def wait_for(self, method: str, session: str, timeout: float = 30.0) -> dict:
         seen = next((e for e in self.events if e["method"] == method and e.get("sessionId") == session), None)
-        return seen or self._receive(lambda m: m.get("method") == method and m.get("sessionId") == session, timeout, method)
+        return seen or self._receive(
+            lambda m: m.get("method") == method and m.get("sessionId") == session, timeout, method
+        )
 
     def _receive(self, wanted, timeout: float, what: str) -> dict:
         deadline = time.monotonic() + timeout
@@ -229,10 +368,8 @@ class DevTools:
             self._buffer += chunk
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError, RuntimeError, TimeoutError):
             self.call("Browser.close", timeout=5)
-        except (OSError, RuntimeError, TimeoutError):
-            pass
         deadline = time.monotonic() + 10
         while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
             if time.monotonic() > deadline:
@@ -245,14 +382,18 @@ class DevTools:
 
 
 def _find_chromium() -> str | None:
-    return next((path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None)
+    return next(
+        (path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None
+    )
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     binary = _find_chromium()
     if binary is None:
-        pytest.skip("no chromium on PATH; run scripts/install_chromium.sh (apt-get install chromium) to check the report in a browser")
+        pytest.skip(
+            "no chromium on PATH; run scripts/install_chromium.sh (apt-get install chromium) to check the report in a browser"
+        )
     devtools = DevTools(binary, tmp_path_factory.mktemp("chromium") / "profile")
     yield devtools
     devtools.close()
@@ -264,18 +405,32 @@ def render(browser: DevTools, html_path: Path, width: int = 1200) -> dict:
     session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
     for domain in ("Page", "Runtime", "Log"):
         browser.call(f"{domain}.enable", session=session)
-    browser.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session)
+    browser.call(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+        session,
+    )
     browser.call("Page.navigate", {"url": html_path.resolve().as_uri()}, session)
     browser.wait_for("Page.loadEventFired", session)
-    check = "({count: document.images.length, loaded: Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)," \
-            " height: document.documentElement.scrollHeight})"
+    check = (
+        "({count: document.images.length, loaded: Array.from(document.images).every(i => i.complete && i.naturalWidth > 0),"
+        " height: document.documentElement.scrollHeight})"
+    )
     page = browser.call("Runtime.evaluate", {"expression": check, "returnByValue": True}, session)["result"]["value"]
-    browser.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": page["height"], "deviceScaleFactor": 1, "mobile": False}, session)
+    browser.call(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": page["height"], "deviceScaleFactor": 1, "mobile": False},
+        session,
+    )
     shot = browser.call("Page.captureScreenshot", {"format": "png"}, session)["data"]
     mine = [e for e in browser.events if e.get("sessionId") == session]
-    errors = [e["params"] for e in mine if e["method"] == "Runtime.exceptionThrown"
-              or (e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
-              or (e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+    errors = [
+        e["params"]
+        for e in mine
+        if e["method"] == "Runtime.exceptionThrown"
+        or (e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
+        or (e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
+    ]
     browser.call("Target.closeTarget", {"targetId": target})
     return {**page, "errors": errors, "screenshot": base64.b64decode(shot)}
 

@@ -11,6 +11,7 @@ start`'s own entry point with that rewrite turned off (RAY_START below).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -26,13 +27,14 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
 from search_zoo import FIXTURE_EVALS
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 BIN = Path(sys.executable).parent
-RAY_START = ("import ray._private.services as services; services.resolve_ip_for_localhost = lambda host: host; "
-             "from ray.scripts.scripts import main; main()")
+RAY_START = (
+    "import ray._private.services as services; services.resolve_ip_for_localhost = lambda host: host; "
+    "from ray.scripts.scripts import main; main()"
+)
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 
 
@@ -43,10 +45,8 @@ def free_port() -> int:
 
 
 def kill_group(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 class LoopbackCluster:
@@ -56,8 +56,14 @@ class LoopbackCluster:
         self.root = root
         self.temp_dir = tempfile.mkdtemp(prefix="evc", dir="/tmp")  # Ray's socket paths must stay short
         self.address = f"127.0.0.1:{free_port()}"
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-                    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
         self.driver_env = {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
         self.nodes: dict[str, subprocess.Popen] = {}
         self.seen: dict[int, str] = {}  # pid -> node, for every process seen on a node
@@ -65,21 +71,33 @@ class LoopbackCluster:
     def start(self, name: str, command: list[str], env: dict) -> None:
         options = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={self.temp_dir}"]
         log = (self.root / f"{name}.log").open("w")
-        self.nodes[name] = subprocess.Popen([*command, *options], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.nodes[name] = subprocess.Popen(
+            [*command, *options], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def wait_until_started(self, name: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while "Ray runtime started" not in (self.root / f"{name}.log").read_text():
             alive = self.nodes[name].poll() is None
-            assert alive and time.monotonic() < deadline, f"{name} did not start:\n{(self.root / f'{name}.log').read_text()[-3000:]}"
+            assert alive and time.monotonic() < deadline, (
+                f"{name} did not start:\n{(self.root / f'{name}.log').read_text()[-3000:]}"
+            )
             time.sleep(0.5)
 
     def start_all(self, workers: dict[str, int]) -> None:
         port = self.address.rsplit(":", 1)[1]
-        self.start("head", [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false"], self.driver_env)
+        self.start(
+            "head",
+            [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false"],
+            self.driver_env,
+        )
         self.wait_until_started("head")
         for name, cpus in workers.items():  # one at a time: nodes joining together can time out on a busy machine
-            self.start(name, [sys.executable, "-c", RAY_START, "start", f"--address={self.address}", f"--num-cpus={cpus}"], self.env)
+            self.start(
+                name,
+                [sys.executable, "-c", RAY_START, "start", f"--address={self.address}", f"--num-cpus={cpus}"],
+                self.env,
+            )
             self.wait_until_started(name)
 
     def record_workers(self) -> None:
@@ -96,10 +114,8 @@ class LoopbackCluster:
         members = [pid for pid, node in self.seen.items() if node == name]
         kill_group(self.nodes[name].pid)
         for pid in members:  # workers run in process groups of their own
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.nodes[name].wait(timeout=60)
 
     def stop(self) -> None:
@@ -137,14 +153,25 @@ def write_spec(folder: Path, zoo) -> Path:
     """Two CPU workers scoring tiny_add repeated 25 times: seconds per candidate."""
     evals = folder / "evals"
     (evals / "data").mkdir(parents=True)
-    (evals / "data" / "slow.jsonl").write_text(((FIXTURE_EVALS / "data" / "tiny.jsonl").read_text().strip() + "\n") * 25)
-    (evals / "slow_add.yaml").write_text((FIXTURE_EVALS / "tiny_add.yaml").read_text().replace("task: tiny_add", "task: slow_add").replace("tiny.jsonl", "slow.jsonl"))
+    (evals / "data" / "slow.jsonl").write_text(
+        ((FIXTURE_EVALS / "data" / "tiny.jsonl").read_text().strip() + "\n") * 25
+    )
+    (evals / "slow_add.yaml").write_text(
+        (FIXTURE_EVALS / "tiny_add.yaml")
+        .read_text()
+        .replace("task: tiny_add", "task: slow_add")
+        .replace("tiny.jsonl", "slow.jsonl")
+    )
     spec = {
-        "name": "three-nodes", "runs_dir": str(folder / "runs"),
+        "name": "three-nodes",
+        "runs_dir": str(folder / "runs"),
         "models": {"base": zoo.model("base"), "experts": [zoo.model("ft_a"), zoo.model("ft_b")]},
-        "merge": {"method": "ties"}, "genome": {"layer_groups": 2}, "optimizer": {"name": "random", "seed": 0},
+        "merge": {"method": "ties"},
+        "genome": {"layer_groups": 2},
+        "optimizer": {"name": "random", "seed": 0},
         "evaluation": {"include": [str(evals)], "tasks": ["slow_add"], "limit": 150, "batch_size": 64},
-        "budget": {"max_evals": 12}, "workers": {"count": 2, "cpus_per_worker": 1},
+        "budget": {"max_evals": 12},
+        "workers": {"count": 2, "cpus_per_worker": 1},
     }
     (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
     return folder / "spec.yaml"
@@ -153,8 +180,13 @@ def write_spec(folder: Path, zoo) -> Path:
 def search_losing_a_node(cluster: LoopbackCluster, spec_path: Path, run_dir: Path) -> tuple[int, str, float]:
     """Run the search; lose the node that produced the first result. (exit code, lost node, when)."""
     with (run_dir.parent.parent / "driver.log").open("w") as log:
-        driver = subprocess.Popen([str(BIN / "evomerge"), "search", str(spec_path), "--address", cluster.address],
-                                  env=cluster.driver_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        driver = subprocess.Popen(
+            [str(BIN / "evomerge"), "search", str(spec_path), "--address", cluster.address],
+            env=cluster.driver_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 300
         while not (done := [e for e in journal(run_dir) if e["event"] == "completed"]):
@@ -193,7 +225,9 @@ def test_search_survives_losing_a_node_of_a_three_node_cluster(tmp_path, zoo):
     assert not any(e["event"] == "failed" for e in events), "a lost node is not a failed candidate"
     after = [e for e in events if e["event"] == "completed" and e["time"] > lost_at + 1]
     survivor = "node_b" if lost == "node_a" else "node_a"
-    assert after and {cluster.seen.get(pid_of(e["worker"])) for e in after} == {survivor}, "work goes on on the surviving node"
+    assert after and {cluster.seen.get(pid_of(e["worker"])) for e in after} == {survivor}, (
+        "work goes on on the surviving node"
+    )
 
 
 LISTENERS_SCRIPT = """
@@ -217,7 +251,9 @@ ray.shutdown()
 
 def test_local_cluster_listens_on_loopback_only_without_a_dashboard():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    probe = subprocess.run([sys.executable, "-c", LISTENERS_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    probe = subprocess.run(
+        [sys.executable, "-c", LISTENERS_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
     assert probe.returncode == 0, probe.stderr[-3000:]
     listeners = json.loads(probe.stdout.strip().splitlines()[-1])
     assert {name for name, _, _ in listeners} >= {"gcs_server", "raylet"}

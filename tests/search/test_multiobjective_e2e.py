@@ -12,7 +12,6 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-
 from test_report import browser, render  # noqa: F401  (browser is a fixture)
 
 pytestmark = pytest.mark.slow
@@ -39,12 +38,18 @@ def pareto_run(tmp_path_factory, demo_zoo):
     tmp_path = tmp_path_factory.mktemp("pareto")
     spec = yaml.safe_load((REPO / "search_spaces" / "demo.yaml").read_text())
     spec.update(name="pareto", runs_dir=str(tmp_path / "runs"))
-    spec["models"] = {"base": str(demo_zoo / "base"), "experts": [str(demo_zoo / f"expert_{s}") for s in ("reverse", "increment", "rotate")]}
+    spec["models"] = {
+        "base": str(demo_zoo / "base"),
+        "experts": [str(demo_zoo / f"expert_{s}") for s in ("reverse", "increment", "rotate")],
+    }
     spec["genome"] = {"params": ["weight"], "layer_groups": 2}
     spec["optimizer"] = {"name": "nsga2", "seed": 0, "popsize": 8}
     evaluation = spec["evaluation"]
     evaluation.update(include=[str(REPO / "evals" / "demo")], limit=60, heldout_tasks=[])
-    evaluation["objectives"] = [{"name": "reverse", "tasks": ["demo_reverse_search"]}, {"name": "increment", "tasks": ["demo_increment_search"]}]
+    evaluation["objectives"] = [
+        {"name": "reverse", "tasks": ["demo_reverse_search"]},
+        {"name": "increment", "tasks": ["demo_increment_search"]},
+    ]
     spec["budget"] = {"max_evals": 40, "baselines": False}
     spec_path = tmp_path / "pareto.yaml"
     spec_path.write_text(yaml.safe_dump(spec))

@@ -4,6 +4,7 @@ export, merge with both tools, re-scoring; TPE; and a SIGKILLed search resumed t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from search_zoo import FIXTURE_EVALS, build_trained_zoo
+
 from evomerge.rundir.journal import KILL_HOOK_VARIABLE
 
 pytestmark = pytest.mark.slow
@@ -35,7 +36,13 @@ def write_spec(folder: Path, zoo: dict, name: str, optimizer: dict, max_evals: i
         "merge": {"method": "ties"},
         "genome": {"layer_groups": 2},
         "optimizer": optimizer,
-        "evaluation": {"include": [str(FIXTURE_EVALS)], "tasks": ["tiny_add"], "limit": 32, "seed": 3, "batch_size": 16},
+        "evaluation": {
+            "include": [str(FIXTURE_EVALS)],
+            "tasks": ["tiny_add"],
+            "limit": 32,
+            "seed": 3,
+            "batch_size": 16,
+        },
         "budget": {"max_evals": max_evals},
         "workers": {"count": 2},
     }
@@ -47,7 +54,9 @@ def write_spec(folder: Path, zoo: dict, name: str, optimizer: dict, max_evals: i
 def cli(*args, check=True, timeout=600) -> subprocess.CompletedProcess:
     result = subprocess.run([EVOMERGE, *map(str, args)], capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"evomerge {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"evomerge {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr[-3000:]}"
+        )
     return result
 
 
@@ -63,9 +72,9 @@ def best_optimizer_trial(run_dir: Path) -> dict:
 def rescore(model_dir: Path, spec_path: Path) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from evomerge.evaluation.evaluate import Evaluator
     from evomerge.preflight import preflight
     from evomerge.spec import load_spec
-    from evomerge.evaluation.evaluate import Evaluator
 
     torch.set_num_threads(1)
     settings = preflight(load_spec(spec_path)).eval_sets["search"]
@@ -90,7 +99,11 @@ def check_export_round_trip(tmp_path: Path, run_dir: Path, spec_path: Path, merg
     assert rescore(ours, spec_path) == best["score"]
 
 
-@pytest.mark.parametrize("optimizer", [{"name": "cmaes", "seed": 1, "popsize": 4}, {"name": "tpe", "seed": 1, "n_startup_trials": 3}], ids=["cmaes", "tpe"])
+@pytest.mark.parametrize(
+    "optimizer",
+    [{"name": "cmaes", "seed": 1, "popsize": 4}, {"name": "tpe", "seed": 1, "n_startup_trials": 3}],
+    ids=["cmaes", "tpe"],
+)
 def test_search_status_export_merge_rescore(tmp_path, trained_zoo, optimizer, mergekit_merge):
     spec_path = write_spec(tmp_path, trained_zoo, f"e2e-{optimizer['name']}", optimizer, max_evals=15)
     cli("validate", spec_path)
@@ -124,14 +137,18 @@ def test_killed_search_resumes_to_the_uninterrupted_state(tmp_path, trained_zoo)
     # The driver SIGKILLs itself right after its 12th result (baselines done, the optimizer mid-
     # generation): polling the journal from here raced a driver that finishes 7 trials in 0.2 s.
     env = {**os.environ, KILL_HOOK_VARIABLE: "completed:12"}
-    driver = subprocess.Popen([EVOMERGE, "search", str(spec_path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = subprocess.Popen(
+        [EVOMERGE, "search", str(spec_path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         assert driver.wait(timeout=300) == -signal.SIGKILL
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)  # the local Ray cluster it started
-        except ProcessLookupError:
-            pass
     assert len([e for e in journal(run_dir) if e["event"] == "completed"]) == 12
     assert not any(e["event"] == "run_finished" for e in journal(run_dir))
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from evomerge.errors import UserError
-from evomerge.spec import parse_spec
-from evomerge.search.tracking import Tracker, check_available
+from evomerge.preflight import check_available
 from evomerge.rundir.trials import Trial
+from evomerge.search.tracking import Tracker
+from evomerge.spec import parse_spec
 
 BASE = {"name": "t", "models": {"base": "/b", "experts": ["/e"]}, "evaluation": {"tasks": ["x"]}}
 
@@ -36,7 +37,11 @@ def test_a_missing_backend_is_a_spec_error(monkeypatch):
 
 def test_trials_reach_the_backend(monkeypatch, tmp_path):
     logged = []
-    fake = types.SimpleNamespace(init=lambda **kwargs: types.SimpleNamespace(log=lambda values, step: logged.append((step, values)), finish=lambda: None))
+    fake = types.SimpleNamespace(
+        init=lambda **kwargs: types.SimpleNamespace(
+            log=lambda values, step: logged.append((step, values)), finish=lambda: None
+        )
+    )
     monkeypatch.setitem(sys.modules, "wandb", fake)
     tracker = Tracker(spec_with(wandb=True), tmp_path)
     trial = Trial(0, "optimizer", "trial 0", {}, status="completed", result={"score": 0.5, "metrics": {"x": 0.5}})

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from search_zoo import FIXTURE_EVALS, build_trained_zoo
 
 
@@ -17,7 +16,8 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("worker")
     zoo = build_trained_zoo(root / "zoo")
     spec = {
-        "name": "worker-test", "runs_dir": str(root / "runs"),
+        "name": "worker-test",
+        "runs_dir": str(root / "runs"),
         "models": {"base": zoo["base"], "experts": [zoo["even"], zoo["odd"]]},
         "genome": {"layer_groups": 2},
         "evaluation": {"include": [str(FIXTURE_EVALS)], "tasks": ["tiny_add"], "limit": 24, "seed": 5, "batch_size": 8},
@@ -29,7 +29,9 @@ def prepared(tmp_path_factory):
 def make_worker(prepared, name):
     from evomerge.search.worker import MergeWorker, WorkerSettings
 
-    settings = WorkerSettings(base_model=prepared.spec.models.base, union_config=prepared.union_config, eval_sets=prepared.eval_sets)
+    settings = WorkerSettings(
+        base_model=prepared.spec.models.base, union_config=prepared.union_config, eval_sets=prepared.eval_sets
+    )
     return MergeWorker(settings, name)
 
 
@@ -41,7 +43,11 @@ def candidate(prepared, unit_value):
 def test_every_worker_and_candidate_scores_the_same_documents(prepared):
     first, second = make_worker(prepared, "w0"), make_worker(prepared, "w1")
     before = first.subset_indices()
-    results = [first.evaluate(0, candidate(prepared, 0.2)), second.evaluate(1, candidate(prepared, 0.9)), first.evaluate(2, candidate(prepared, 0.6))]
+    results = [
+        first.evaluate(0, candidate(prepared, 0.2)),
+        second.evaluate(1, candidate(prepared, 0.9)),
+        first.evaluate(2, candidate(prepared, 0.6)),
+    ]
     assert all(r["ok"] for r in results)
     assert first.subset_indices() == second.subset_indices() == before
     assert len(before["tiny_add"]) == 24
@@ -50,7 +56,10 @@ def test_every_worker_and_candidate_scores_the_same_documents(prepared):
 
 def test_same_candidate_gives_the_same_score_on_another_worker(prepared):
     config = candidate(prepared, 0.4)
-    assert make_worker(prepared, "a").evaluate(0, config)["score"] == make_worker(prepared, "b").evaluate(0, config)["score"]
+    assert (
+        make_worker(prepared, "a").evaluate(0, config)["score"]
+        == make_worker(prepared, "b").evaluate(0, config)["score"]
+    )
 
 
 def test_failures_stay_inside_one_candidate(prepared, monkeypatch):
@@ -70,14 +79,19 @@ def test_failures_stay_inside_one_candidate(prepared, monkeypatch):
 def test_heldout_split_is_scored_whole_unless_heldout_limit_says_otherwise(prepared, heldout_limit):
     from evomerge.preflight import preflight
 
-    evaluation = prepared.spec.evaluation.model_dump() | {"heldout_tasks": ["tiny_choice"], "heldout_limit": heldout_limit}
+    evaluation = prepared.spec.evaluation.model_dump() | {
+        "heldout_tasks": ["tiny_choice"],
+        "heldout_limit": heldout_limit,
+    }
     spec = prepared.spec.model_copy(update={"evaluation": type(prepared.spec.evaluation).model_validate(evaluation)})
     with_heldout = preflight(spec)
     assert with_heldout.eval_sets["search"].limit == 24
     assert with_heldout.eval_sets["heldout"].limit == heldout_limit
     worker = make_worker(with_heldout, "w0")
     fixture_docs = len((FIXTURE_EVALS / "data" / "tiny.jsonl").read_text().splitlines())
-    assert {name: len(docs) for name, docs in worker.subset_indices("heldout").items()} == {"tiny_choice": heldout_limit or fixture_docs}
+    assert {name: len(docs) for name, docs in worker.subset_indices("heldout").items()} == {
+        "tiny_choice": heldout_limit or fixture_docs
+    }
 
 
 def test_concurrent_calls_score_as_if_run_one_after_another(prepared):

@@ -84,7 +84,9 @@ class CandidateMerger:
         self.path = "fused" if fused is not None else "reference"
 
     @classmethod
-    def create(cls, model: torch.nn.Module, union: MergeConfig, method: str | None, device: str, placement: str = "auto") -> "CandidateMerger":
+    def create(
+        cls, model: torch.nn.Module, union: MergeConfig, method: str | None, device: str, placement: str = "auto"
+    ) -> CandidateMerger:
         """Load the sources for `method` on `device`: fused when it can run, else the reference path."""
         reason = fused_unavailable_reason(device, METHODS[method]) if method else "no search method given"
         if reason is None:
@@ -102,8 +104,14 @@ class CandidateMerger:
             if bool(torch.isfinite(self.out).all()):
                 return None
             layout = self.fused.layout
-            return next(name for segment, name in enumerate(layout.names) if not torch.isfinite(layout.view(self.out, segment)).all())
-        return next((name for name, parameter in self.model.named_parameters() if not torch.isfinite(parameter).all()), None)
+            return next(
+                name
+                for segment, name in enumerate(layout.names)
+                if not torch.isfinite(layout.view(self.out, segment)).all()
+            )
+        return next(
+            (name for name, parameter in self.model.named_parameters() if not torch.isfinite(parameter).all()), None
+        )
 
     def prepare(self, config: MergeConfig, seed: int = 0) -> PreparedCandidate:
         """Plan the candidate and pack its parameters; touches no weights (may overlap an evaluation)."""
@@ -130,7 +138,9 @@ class CandidateMerger:
             except Exception as error:  # noqa: BLE001 - e.g. a kernel that does not compile here
                 if self.verified:
                     raise
-                log.warning("fused merge failed on its first candidate (%s); using the reference path from now on", error)
+                log.warning(
+                    "fused merge failed on its first candidate (%s); using the reference path from now on", error
+                )
                 self.fused, self.path = None, "reference"
         return write_merge(self.model, self.reference, validated, seed)
 
@@ -145,10 +155,11 @@ class CandidateMerger:
             expected = merge_tensor(plan, method, inputs, seed, deltas, ranks).to(validated.out_dtype[plan.output])
             got = layout.view(self.out, self.fused.segment_of[plan.output])
             if not torch.equal(expected.to(got.device), got):
-                log.warning("fused merge differs from the reference on %s; using the reference path from now on", plan.output)
+                log.warning(
+                    "fused merge differs from the reference on %s; using the reference path from now on", plan.output
+                )
                 self.fused = None
                 self.path = "reference"
                 write_merge(self.model, self.reference, validated, seed)
                 return False
         return True
-

@@ -79,9 +79,25 @@ def _block_position(block_segment, segment_start, segment_numel, origin, BLOCK: 
 
 @triton.jit
 def task_vector_merge_kernel(
-    base, deltas, ranks, table, ratios, out, block_segment, segment_start, segment_numel, origin, total,
-    M: tl.constexpr, P: tl.constexpr, SPARSIFY: tl.constexpr, CONSENSUS: tl.constexpr,
-    RESCALE: tl.constexpr, WORK: tl.constexpr, OUT: tl.constexpr, BLOCK: tl.constexpr,
+    base,
+    deltas,
+    ranks,
+    table,
+    ratios,
+    out,
+    block_segment,
+    segment_start,
+    segment_numel,
+    origin,
+    total,
+    M: tl.constexpr,
+    P: tl.constexpr,
+    SPARSIFY: tl.constexpr,
+    CONSENSUS: tl.constexpr,
+    RESCALE: tl.constexpr,
+    WORK: tl.constexpr,
+    OUT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """out = base + lambda * combine(w_j * trim(delta_j)) for one block of one tensor."""
     segment, offs, local, valid = _block_position(block_segment, segment_start, segment_numel, origin, BLOCK)
@@ -92,14 +108,18 @@ def task_vector_merge_kernel(
     # The weighted, trimmed deltas are needed twice with sign consensus (elect, then sum those
     # that agree); recomputing them from the same loads is cheaper than keeping M blocks live.
     for j in tl.static_range(M):
-        weighted = _weighted(deltas, ranks, table, ratios, row, segment, j, offs, local, valid, total, M, SPARSIFY, RESCALE, WORK)
+        weighted = _weighted(
+            deltas, ranks, table, ratios, row, segment, j, offs, local, valid, total, M, SPARSIFY, RESCALE, WORK
+        )
         elected_sum += weighted
         weight_sum += _param_float(table, row, 0, j, M)
     if CONSENSUS:
         positive = _round(elected_sum, WORK) >= 0
         weight_sum = tl.zeros([BLOCK], dtype=tl.float32)
         for j in tl.static_range(M):
-            weighted = _weighted(deltas, ranks, table, ratios, row, segment, j, offs, local, valid, total, M, SPARSIFY, RESCALE, WORK)
+            weighted = _weighted(
+                deltas, ranks, table, ratios, row, segment, j, offs, local, valid, total, M, SPARSIFY, RESCALE, WORK
+            )
             agrees = tl.where(positive, weighted > 0, weighted < 0)
             mixed += tl.where(agrees, weighted, 0.0)
             weight_sum += tl.where(agrees, _param_float(table, row, 0, j, M), 0.0)
@@ -119,8 +139,23 @@ def task_vector_merge_kernel(
 
 
 @triton.jit
-def _weighted(deltas, ranks, table, ratios, row, segment, j, offs, local, valid, total,
-              M: tl.constexpr, SPARSIFY: tl.constexpr, RESCALE: tl.constexpr, WORK: tl.constexpr):
+def _weighted(
+    deltas,
+    ranks,
+    table,
+    ratios,
+    row,
+    segment,
+    j,
+    offs,
+    local,
+    valid,
+    total,
+    M: tl.constexpr,
+    SPARSIFY: tl.constexpr,
+    RESCALE: tl.constexpr,
+    WORK: tl.constexpr,
+):
     kept = _kept_delta(deltas, ranks, table, row, j, offs, local, valid, total, M, SPARSIFY)
     if RESCALE:
         kept = _round(kept * tl.load(ratios + segment * M + j), WORK)
@@ -129,8 +164,17 @@ def _weighted(deltas, ranks, table, ratios, row, segment, j, offs, local, valid,
 
 @triton.jit
 def kept_magnitude_kernel(
-    deltas, table, partial, block_segment, segment_start, segment_numel, origin, total,
-    M: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr,
+    deltas,
+    table,
+    partial,
+    block_segment,
+    segment_start,
+    segment_numel,
+    origin,
+    total,
+    M: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Per block and input: the L1 norm of the delta a random (DARE) trim keeps, for its rescale."""
     segment, offs, local, valid = _block_position(block_segment, segment_start, segment_numel, origin, BLOCK)

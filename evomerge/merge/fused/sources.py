@@ -77,7 +77,7 @@ class FlatLayout:
     total: int
 
     @classmethod
-    def of(cls, names: list[str], shapes: list[tuple[int, ...]]) -> "FlatLayout":
+    def of(cls, names: list[str], shapes: list[tuple[int, ...]]) -> FlatLayout:
         numels = np.array([int(np.prod(shape, dtype=np.int64)) for shape in shapes], dtype=np.int64)
         padded = -(-numels // BLOCK) * BLOCK
         starts = np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64)
@@ -85,7 +85,7 @@ class FlatLayout:
 
     def view(self, flat: torch.Tensor, segment: int) -> torch.Tensor:
         start = int(self.starts[segment])
-        return flat[..., start:start + int(self.numels[segment])].view(*flat.shape[:-1], *self.shapes[segment])
+        return flat[..., start : start + int(self.numels[segment])].view(*flat.shape[:-1], *self.shapes[segment])
 
     def block_segments(self, first: int, last: int) -> np.ndarray:
         """Segment index of every block of segments first..last-1."""
@@ -147,7 +147,14 @@ class FusedSources:
             self.ranks = _zeros((experts, total), torch.int32, storage, pin)
 
     @classmethod
-    def load(cls, config: MergeConfig, method_name: str, device: str, placement: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> "FusedSources":
+    def load(
+        cls,
+        config: MergeConfig,
+        method_name: str,
+        device: str,
+        placement: str = "auto",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> FusedSources:
         """Read every source once, tensor by tensor, computing deltas, ranks and tables on `device`.
 
         `placement` "auto" keeps the buffers on the device when they fit beside the (already
@@ -180,7 +187,7 @@ class FusedSources:
         return self.layout.total * self._bytes_per_element()
 
     def fitting_placement(self, headroom_fraction: float = 0.15) -> str:
-        """"device" when the buffers fit in free GPU memory with headroom, else "host".
+        """ "device" when the buffers fit in free GPU memory with headroom, else "host".
 
         Keeps `headroom_fraction` of the GPU (at least 2 GiB) for evaluation activations and the
         flat output buffer's one-off copy of the model.
@@ -220,10 +227,17 @@ class FusedSources:
             origin = int(layout.starts[first]) if self.placement == "host" else 0
             ends = np.cumsum(-(-layout.numels[first:last] // BLOCK))
             begins = np.concatenate([[0], ends[:-1]])
-            self._chunks.append(Chunk(
-                first, last, origin, len(blocks) * BLOCK, torch.from_numpy(blocks).to(device),
-                torch.from_numpy(begins).to(device), torch.from_numpy(ends).to(device),
-            ))
+            self._chunks.append(
+                Chunk(
+                    first,
+                    last,
+                    origin,
+                    len(blocks) * BLOCK,
+                    torch.from_numpy(blocks).to(device),
+                    torch.from_numpy(begins).to(device),
+                    torch.from_numpy(ends).to(device),
+                )
+            )
         # Rows stay 1 where nothing is rescaled; DARE overwrites every row of each chunk it runs.
         self._ratios = torch.ones((len(layout.names), len(self.experts)), dtype=torch.float32, device=device)
         if self.placement == "host":
@@ -241,7 +255,11 @@ class FusedSources:
             "base": torch.empty(elements, dtype=self.work_dtype, device=device),
             "deltas": torch.empty((experts, elements), dtype=self.work_dtype, device=device),
         }
-        stage["ranks"] = torch.empty((experts, elements), dtype=torch.int32, device=device) if self.ranks is not None else stage["deltas"]
+        stage["ranks"] = (
+            torch.empty((experts, elements), dtype=torch.int32, device=device)
+            if self.ranks is not None
+            else stage["deltas"]
+        )
         if device.type == "cuda":
             stage["ready"], stage["free"] = torch.cuda.Event(), torch.cuda.Event()
         return stage
@@ -260,9 +278,12 @@ class FusedSources:
 
     def _copy_in(self, stage: dict, chunk: Chunk, copy_stream) -> None:
         window = slice(chunk.origin, chunk.origin + chunk.elements)
-        pairs = [(stage["base"][:chunk.elements], self.base[window]), (stage["deltas"][:, :chunk.elements], self.deltas[:, window])]
+        pairs = [
+            (stage["base"][: chunk.elements], self.base[window]),
+            (stage["deltas"][:, : chunk.elements], self.deltas[:, window]),
+        ]
         if self.ranks is not None:
-            pairs.append((stage["ranks"][:, :chunk.elements], self.ranks[:, window]))
+            pairs.append((stage["ranks"][:, : chunk.elements], self.ranks[:, window]))
         if copy_stream is None:
             for target, source in pairs:
                 target.copy_(source)
@@ -297,13 +318,19 @@ class FusedSources:
             base_ref, expert_refs = self.refs[segment]
             if plan.base_index is None or plan.inputs[plan.base_index] != base_ref:
                 raise NotFusable(f"{plan.output}: a different base tensor")
-            for index, (ref, params) in enumerate(zip(plan.inputs, plan.per_input)):
+            for index, (ref, params) in enumerate(zip(plan.inputs, plan.per_input, strict=False)):
                 if index == plan.base_index:
                     continue
                 expert = expert_index.get(ref[0])
                 if expert is None or expert_refs[expert] != ref:
                     raise NotFusable(f"{plan.output}: input {ref} is not resident")
-                table.set_input(segment, expert, params["weight"], params.get("density", 1.0), tensor_seed(seed, plan.output, index) & 0x7FFFFFFF)
+                table.set_input(
+                    segment,
+                    expert,
+                    params["weight"],
+                    params.get("density", 1.0),
+                    tensor_seed(seed, plan.output, index) & 0x7FFFFFFF,
+                )
             table.lambdas[segment] = plan.shared["lambda"]
             table.normalize[segment] = plan.shared["normalize"]
             table.rescale[segment] = plan.shared["rescale"]
@@ -331,11 +358,26 @@ class FusedSources:
                 self._fill_ratios(ratios, chunk, stage, packed, table, kernels)
             grid = (chunk.block_segment.numel(),)
             kernels.task_vector_merge_kernel[grid](
-                stage["base"], stage["deltas"], stage["ranks"], packed, ratios, out[chunk.origin:],
-                chunk.block_segment, self._segment_start, self._segment_numel, chunk.origin, stage["deltas"].stride(0),
-                M=len(self.experts), P=packed.shape[1], SPARSIFY=SPARSIFY_CODES[self.method.sparsification],
-                CONSENSUS=self.method.sign_consensus, RESCALE=rescale, WORK=ROUND_CODES[self.work_dtype],
-                OUT=ROUND_CODES[self.out_dtype], BLOCK=BLOCK, enable_fp_fusion=False,
+                stage["base"],
+                stage["deltas"],
+                stage["ranks"],
+                packed,
+                ratios,
+                out[chunk.origin :],
+                chunk.block_segment,
+                self._segment_start,
+                self._segment_numel,
+                chunk.origin,
+                stage["deltas"].stride(0),
+                M=len(self.experts),
+                P=packed.shape[1],
+                SPARSIFY=SPARSIFY_CODES[self.method.sparsification],
+                CONSENSUS=self.method.sign_consensus,
+                RESCALE=rescale,
+                WORK=ROUND_CODES[self.work_dtype],
+                OUT=ROUND_CODES[self.out_dtype],
+                BLOCK=BLOCK,
+                enable_fp_fusion=False,
             )
             self._release_stage(stage)
 
@@ -344,13 +386,22 @@ class FusedSources:
         blocks = chunk.block_segment.numel()
         partial = torch.empty((len(self.experts), blocks), dtype=torch.float32, device=self.device)
         kernels.kept_magnitude_kernel[(blocks,)](
-            stage["deltas"], packed, partial, chunk.block_segment, self._segment_start, self._segment_numel,
-            chunk.origin, stage["deltas"].stride(0), M=len(self.experts), P=packed.shape[1], BLOCK=BLOCK,
+            stage["deltas"],
+            packed,
+            partial,
+            chunk.block_segment,
+            self._segment_start,
+            self._segment_numel,
+            chunk.origin,
+            stage["deltas"].stride(0),
+            M=len(self.experts),
+            P=packed.shape[1],
+            BLOCK=BLOCK,
             enable_fp_fusion=False,
         )
         running = torch.nn.functional.pad(partial.double().cumsum(dim=1), (1, 0))
         after = (running[:, chunk.block_ends] - running[:, chunk.block_begins]).T.to(self.work_dtype)
-        before = self.before_l1[chunk.first:chunk.last]
+        before = self.before_l1[chunk.first : chunk.last]
         rows = slice(chunk.first, chunk.last)
         unscaled = torch.from_numpy((table.densities[rows] >= 1) | ~table.rescale[rows, None]).to(self.device)
         unscaled = unscaled | (before < 1e-7) | (after < 1e-7)

@@ -91,7 +91,9 @@ class ParameterTable:
         counts = np.where(self.densities >= 1, numels[:, None], counts)
         return np.where(self.present & (self.densities > 0), counts, 0)
 
-    def pack(self, work_dtype: torch.dtype, thresholds: np.ndarray | None, keep_counts: np.ndarray | None) -> np.ndarray:
+    def pack(
+        self, work_dtype: torch.dtype, thresholds: np.ndarray | None, keep_counts: np.ndarray | None
+    ) -> np.ndarray:
         segments, experts = self.weights.shape
         table = np.zeros((segments, PARAM_FIELDS * experts + 2), dtype=np.int32)
         rounded = torch.tensor(self.weights.reshape(-1).tolist(), dtype=work_dtype).float().numpy()
@@ -110,4 +112,4 @@ class ParameterTable:
 
 
 def _put(table: np.ndarray, field: int, experts: int, values: np.ndarray) -> None:
-    table[:, field * experts:(field + 1) * experts] = values
+    table[:, field * experts : (field + 1) * experts] = values

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "scripts"))  # demo_data, the zoo's skills and eva
 
 import demo_data  # noqa: E402
 
-from evomerge.merge.io import write_text_atomic  # noqa: E402
+from evomerge.files import write_text_atomic  # noqa: E402
 
 DEFAULT_OUT = REPO / ".cache" / "demo_zoo"
 BUILD_VERSION = 1

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
+from evomerge.files import write_text_atomic
 from evomerge.merge.config import MergeConfig
-from evomerge.merge.io import LazyTensorReader, StreamingShardWriter, write_text_atomic
+from evomerge.merge.io import LazyTensorReader, StreamingShardWriter
 from evomerge.merge.methods import (
     MethodInfo,
     linear_merge,
@@ -42,6 +43,9 @@ TOKENIZER_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
+TensorRef = tuple[str, str]  # (model path, tensor name)
+DeltaKey = tuple[TensorRef, TensorRef]  # (base tensor, fine-tuned tensor): one task vector
+
 DTYPE_CONFIG_NAMES = {
     torch.float32: "float32",
     torch.bfloat16: "bfloat16",
@@ -74,11 +78,12 @@ def merge_tensor(
     if method.family == "linear":
         weights = [params["weight"] for params in plan.per_input]
         return linear_merge(inputs, weights, plan.shared["normalize"])
-    base = inputs[plan.base_index]
+    base_index = _base_index(plan)
+    base = inputs[base_index]
     if method.family == "slerp":
-        other = inputs[1 - plan.base_index]
+        other = inputs[1 - base_index]
         return slerp(plan.shared["t"], base, other)
-    others = [i for i in range(len(plan.per_input)) if i != plan.base_index]
+    others = [i for i in range(len(plan.per_input)) if i != base_index]
     task_vectors = {i: deltas[i] if deltas and i in deltas else inputs[i] - base for i in others}
     masks = {}
     if method.sparsification == "magnitude" and not ranks:
@@ -110,6 +115,19 @@ def merge_tensor(
         normalize=plan.shared["normalize"],
         lam=plan.shared["lambda"],
     )
+
+
+def _base_index(plan: TensorPlan) -> int:
+    if plan.base_index is None:  # validate_merge_config rejects such plans for methods that need a base
+        raise ValueError(f"{plan.output}: this merge method needs a base model among its inputs")
+    return plan.base_index
+
+
+def named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of a model by name, tied names included."""
+    targets: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    targets.update(model.named_buffers(remove_duplicate=False))
+    return targets
 
 
 def merge_to_disk(
@@ -171,9 +189,9 @@ class ResidentSources:
         self.validated = validated
         self.device = torch.device(device)
         self.cache_ranks = cache_ranks
-        self.tensors: dict[tuple[str, str], torch.Tensor] = {}
-        self.deltas: dict[tuple[tuple[str, str], tuple[str, str]], torch.Tensor] = {}
-        self.ranks: dict[tuple[tuple[str, str], tuple[str, str]], torch.Tensor] = {}
+        self.tensors: dict[TensorRef, torch.Tensor] = {}
+        self.deltas: dict[DeltaKey, torch.Tensor] = {}
+        self.ranks: dict[tuple[DeltaKey, bool], torch.Tensor] = {}  # keyed by (delta, descending)
 
     @classmethod
     def load(cls, config: MergeConfig, device: str = "cpu", cache_ranks: bool = True) -> ResidentSources:
@@ -199,14 +217,15 @@ class ResidentSources:
             if missing:
                 raise KeyError(f"{missing[0]} is not resident: these sources were prepared for task-vector merges")
             return inputs, None, None
-        base_ref = plan.inputs[plan.base_index]
+        base_index = _base_index(plan)
+        base_ref = plan.inputs[base_index]
         deltas, ranks = {}, {}
         for index, ref in enumerate(plan.inputs):
-            if index == plan.base_index:
+            if index == base_index:
                 continue
             key = (base_ref, ref)
             if key not in self.deltas:
-                if inputs[index] is None or inputs[plan.base_index] is None:
+                if inputs[index] is None or inputs[base_index] is None:
                     raise KeyError(
                         f"{ref} minus {base_ref} is not resident: these sources were prepared for another base model"
                     )
@@ -232,8 +251,7 @@ def write_merge(
     model: torch.nn.Module, sources: ResidentSources, validated: ValidatedMerge, seed: int = 0
 ) -> ValidatedMerge:
     """Overwrite a resident model's weights with an already planned merge."""
-    targets = dict(model.named_parameters(remove_duplicate=False))
-    targets.update(dict(model.named_buffers(remove_duplicate=False)))
+    targets = named_tensors(model)
     for plan in validated.plan.tensors:
         if plan.output not in targets:
             raise KeyError(f"the resident model has no tensor named {plan.output}")

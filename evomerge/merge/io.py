@@ -13,11 +13,13 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
 
 from evomerge.errors import UserError
+from evomerge.files import write_text_atomic
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -121,7 +123,7 @@ class LazyTensorReader:
 
     def __init__(self, folder: ModelFolder):
         self.folder = folder
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, safe_open] = {}
 
     def read(self, name: str, device: str = "cpu") -> torch.Tensor:
         file = self.folder.tensors[name].file
@@ -131,8 +133,15 @@ class LazyTensorReader:
         return tensor.to(device) if device != "cpu" else tensor
 
 
-def _shard_plan(outputs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int):
-    shards, current, current_bytes = [], [], 0
+ShardEntry = tuple[str, tuple[int, ...], torch.dtype, int]  # name, shape, dtype, bytes
+
+
+def _shard_plan(
+    outputs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int
+) -> list[list[ShardEntry]]:
+    shards: list[list[ShardEntry]] = []
+    current: list[ShardEntry] = []
+    current_bytes = 0
     for name, shape, dtype in outputs:
         size = _numel(shape) * torch.empty((), dtype=dtype).element_size()
         if current and current_bytes + size > max_shard_bytes:
@@ -145,7 +154,7 @@ def _shard_plan(outputs: list[tuple[str, tuple[int, ...], torch.dtype]], max_sha
     return shards
 
 
-def _numel(shape) -> int:
+def _numel(shape: tuple[int, ...]) -> int:
     count = 1
     for dim in shape:
         count *= dim
@@ -155,7 +164,9 @@ def _numel(shape) -> int:
 class StreamingShardWriter:
     """Writes a known list of tensors as sharded safetensors, one tensor at a time, in order."""
 
-    def __init__(self, out_dir: Path, outputs, max_shard_bytes: int = 2 * 1024**3):
+    def __init__(
+        self, out_dir: Path, outputs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int = 2 * 1024**3
+    ):
         self.out_dir = Path(out_dir)
         self.shards = _shard_plan(outputs, max_shard_bytes)
         count = len(self.shards)
@@ -167,7 +178,7 @@ class StreamingShardWriter:
         self._order = [entry for shard in self.shards for entry in shard]
         self._position = 0
         self._shard_index = -1
-        self._handle = None
+        self._handle: BinaryIO | None = None
         self._left_in_shard = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -176,50 +187,53 @@ class StreamingShardWriter:
             raise RuntimeError(
                 f"writer expected {expected_name} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
             )
-        if self._left_in_shard == 0:
-            self._open_next_shard()
+        if self._handle is None or self._left_in_shard == 0:
+            self._handle = self._open_next_shard()
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._handle.write(data.tobytes())
         self._left_in_shard -= 1
         self._position += 1
 
-    def _open_next_shard(self) -> None:
-        if self._handle:
-            self._handle.close()
+    def _open_next_shard(self) -> BinaryIO:
+        self._close_shard()
         self._shard_index += 1
         shard = self.shards[self._shard_index]
-        header, offset = {}, 0
+        header: dict[str, object] = {}
+        offset = 0
         for name, shape, dtype, size in shard:
             header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         header["__metadata__"] = {"format": "pt"}
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
-        self._handle = open(self.out_dir / self.file_names[self._shard_index], "wb")  # noqa: SIM115 - open across calls, closed by _close_shard
-        self._handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        handle = open(self.out_dir / self.file_names[self._shard_index], "wb")  # noqa: SIM115 - open across calls, closed by _close_shard
+        handle.write(struct.pack("<Q", len(encoded)) + encoded)
         self._left_in_shard = len(shard)
+        return handle
+
+    def _close_shard(self) -> None:
+        # fsync before the folder is renamed into place: a published folder must survive a power cut.
+        if self._handle is not None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            self._handle = None
 
     def close(self) -> None:
-        if self._handle:
-            self._handle.close()
+        self._close_shard()
         if self._position != len(self._order):
             raise RuntimeError(f"writer closed after {self._position} of {len(self._order)} tensors")
         if len(self.shards) > 1:
             self._write_index()
+
+    def abort(self) -> None:
+        """Close the open shard without checks (the caller discards the folder)."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
     def _write_index(self) -> None:
         weight_map = {name: self.file_names[i] for i, shard in enumerate(self.shards) for name, *_ in shard}
         total = sum(entry[3] for shard in self.shards for entry in shard)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         write_text_atomic(self.out_dir / "model.safetensors.index.json", json.dumps(index, indent=2))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and os.replace, so readers never see a half-written file."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)

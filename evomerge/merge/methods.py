@@ -171,13 +171,13 @@ def magnitude_outliers_mask(
     return (ascending_rank >= n_bottom) & (ascending_rank < n_bottom + target)
 
 
-def bernoulli_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+def bernoulli_mask(delta: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
     """DARE: keep each element independently with probability density."""
     probs = torch.full(delta.shape, density, dtype=torch.float32, device=delta.device)
     return torch.bernoulli(probs, generator=generator).bool()
 
 
-def della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+def della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator | None) -> torch.Tensor:
     """DELLA MagPrune: keep probability grows linearly with the row-wise magnitude rank."""
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError("epsilon must keep density ± epsilon inside (0, 1)")

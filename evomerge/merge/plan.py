@@ -107,7 +107,7 @@ def normalized_slices(config: MergeConfig, layer_counts: dict[str, int]) -> list
         return list(config.slices)
     sources = [
         SourceSlice(model=m.model, layer_range=(0, layer_counts[m.model]), parameters=m.parameters)
-        for m in config.models
+        for m in config.models or []
     ]
     if config.base_model and config.base_model not in {s.model for s in sources}:
         sources.append(SourceSlice(model=config.base_model, layer_range=(0, layer_counts[config.base_model])))

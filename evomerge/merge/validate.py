@@ -208,9 +208,9 @@ def _build_plan(config: MergeConfig, folders: dict[str, ModelFolder], source: st
                 )
     try:
         plan = Planner(config, names, counts).build()
-    except MissingParameter as missing:
+    except MissingParameter as unset:
         raise UserError(
-            f"{source}: parameters.{missing.name}: not set for tensor {missing.tensor_name}; set it globally or for every model"
+            f"{source}: parameters.{unset.name}: not set for tensor {unset.tensor_name}; set it globally or for every model"
         ) from None
     except ValueError as error:
         raise UserError(f"{source}: parameters: {error}") from None

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import optuna
-from optuna.distributions import FloatDistribution
+from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.storages import InMemoryStorage, JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -56,7 +56,7 @@ class TPEOptimizer(Optimizer):
     def __init__(self, lower, upper, x0, seed: int, **settings):
         super().__init__(lower, upper, x0, seed, **settings)
         self._names = param_names(self.dim)
-        self._distributions = {
+        self._distributions: dict[str, BaseDistribution] = {
             name: FloatDistribution(float(lo), float(hi))
             for name, lo, hi in zip(self._names, self.lower, self.upper, strict=False)
         }

@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 from evomerge.errors import UserError
-from evomerge.merge.io import write_text_atomic
+from evomerge.files import write_text_atomic
 from evomerge.optim import make_optimizer
 from evomerge.preflight import Prepared, preflight
 from evomerge.rundir.journal import Journal, load_snapshot, read_events

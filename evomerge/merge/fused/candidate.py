@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from evomerge.merge.config import MergeConfig
-from evomerge.merge.engine import ResidentSources, merge_tensor, write_merge
+from evomerge.merge.engine import ResidentSources, merge_tensor, named_tensors, write_merge
 from evomerge.merge.fused.sources import FusedSources, NotFusable, fused_unavailable_reason
 from evomerge.merge.methods import METHODS
 from evomerge.merge.validate import ValidatedMerge
@@ -32,9 +32,8 @@ log = logging.getLogger(__name__)
 def adopt_model(model: torch.nn.Module, sources: FusedSources) -> torch.Tensor:
     """Make the model's merged parameters views of one flat buffer laid out as the sources are."""
     layout = sources.layout
-    targets = dict(model.named_parameters(remove_duplicate=False))
-    targets.update(dict(model.named_buffers(remove_duplicate=False)))
-    chosen = []
+    targets = named_tensors(model)
+    chosen: list[torch.Tensor] = []
     for segment, name in enumerate(layout.names):
         tensor = targets.get(name)
         if tensor is None or tensor.dtype != sources.out_dtype or tuple(tensor.shape) != layout.shapes[segment]:
@@ -89,7 +88,7 @@ class CandidateMerger:
     ) -> CandidateMerger:
         """Load the sources for `method` on `device`: fused when it can run, else the reference path."""
         reason = fused_unavailable_reason(device, METHODS[method]) if method else "no search method given"
-        if reason is None:
+        if method is not None and reason is None:
             try:
                 fused = FusedSources.load(union, method, device, placement)
                 return cls(model, reference_view(fused), fused)
@@ -100,14 +99,13 @@ class CandidateMerger:
 
     def first_non_finite(self) -> str | None:
         """Name of the first merged tensor holding a NaN or inf, if any (one check when fused)."""
-        if self.fused is not None:
-            if bool(torch.isfinite(self.out).all()):
+        sources, out = self.fused, self.out
+        if sources is not None and out is not None:
+            if bool(torch.isfinite(out).all()):
                 return None
-            layout = self.fused.layout
+            layout = sources.layout
             return next(
-                name
-                for segment, name in enumerate(layout.names)
-                if not torch.isfinite(layout.view(self.out, segment)).all()
+                name for segment, name in enumerate(layout.names) if not torch.isfinite(layout.view(out, segment)).all()
             )
         return next(
             (name for name, parameter in self.model.named_parameters() if not torch.isfinite(parameter).all()), None
@@ -128,12 +126,13 @@ class CandidateMerger:
     def apply(self, candidate: PreparedCandidate) -> ValidatedMerge:
         """Write a prepared candidate's weights into the resident model."""
         validated, seed = candidate.validated, candidate.seed
-        if self.fused is not None and candidate.fused is not None:
+        sources, out = self.fused, self.out
+        if sources is not None and out is not None and candidate.fused is not None:
             try:
-                self.fused.launch(candidate.fused, self.out)
+                sources.launch(candidate.fused, out)
                 if not self.verified:
                     # Random trims draw other masks than the reference's: nothing to compare.
-                    self.verified = validated.plan.method.is_random or self._verify(validated, seed)
+                    self.verified = validated.plan.method.is_random or self._verify(validated, seed, sources, out)
                 return validated
             except Exception as error:  # noqa: BLE001 - e.g. a kernel that does not compile here
                 if self.verified:
@@ -147,13 +146,13 @@ class CandidateMerger:
     def merge(self, config: MergeConfig, seed: int = 0) -> ValidatedMerge:
         return self.apply(self.prepare(config, seed))
 
-    def _verify(self, validated: ValidatedMerge, seed: int) -> bool:
+    def _verify(self, validated: ValidatedMerge, seed: int, sources: FusedSources, out: torch.Tensor) -> bool:
         """Compare every fused tensor with the reference path's; switch to it on any difference."""
-        method, layout = validated.plan.method, self.fused.layout
+        method, layout = validated.plan.method, sources.layout
         for plan in validated.plan.tensors:
             inputs, deltas, ranks = self.reference.cached_inputs(plan, method)
             expected = merge_tensor(plan, method, inputs, seed, deltas, ranks).to(validated.out_dtype[plan.output])
-            got = layout.view(self.out, self.fused.segment_of[plan.output])
+            got = layout.view(out, sources.segment_of[plan.output])
             if not torch.equal(expected.to(got.device), got):
                 log.warning(
                     "fused merge differs from the reference on %s; using the reference path from now on", plan.output

@@ -25,6 +25,7 @@ CPU and CUDA generators.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,6 +117,17 @@ class Chunk:
     block_ends: torch.Tensor
 
 
+@dataclass
+class Stage:
+    """The buffers a launch reads: the flat sources themselves, or a device copy of one chunk of them."""
+
+    base: torch.Tensor
+    deltas: torch.Tensor
+    ranks: torch.Tensor  # the deltas again when nothing is ranked: the kernel then never reads it
+    ready: torch.cuda.Event | None = None  # the chunk's copy has landed (host placement on CUDA)
+    free: torch.cuda.Event | None = None  # the last launch reading this stage has finished
+
+
 class FusedSources:
     """The sources of a task-vector search as flat buffers, merged by the fused kernel."""
 
@@ -133,8 +145,11 @@ class FusedSources:
         self.out_dtype = _uniform(validated.out_dtype.values(), "output dtype")
         self.before_l1 = torch.ones((len(plans), len(self.experts)), dtype=self.work_dtype, device=self.device)
         self.magnitudes = MagnitudeTables(len(plans), len(self.experts))
-        self.base = self.deltas = self.ranks = None
-        self._stages: list[dict[str, torch.Tensor]] = []
+        # Empty until `_allocate`: `estimate_bytes` builds sources without ever holding them.
+        self.base = torch.empty(0, dtype=self.work_dtype)
+        self.deltas = torch.empty(0, dtype=self.work_dtype)
+        self.ranks: torch.Tensor | None = None
+        self._stages: list[Stage] = []
 
     def _allocate(self) -> None:
         """The flat buffers: on the device, or pinned in host memory for streaming."""
@@ -249,26 +264,25 @@ class FusedSources:
         per_expert = self.work_dtype.itemsize + (4 if self.method.sparsification == "magnitude" else 0)
         return self.work_dtype.itemsize + len(self.experts) * per_expert
 
-    def _stage_buffers(self, elements: int) -> dict:
+    def _stage_buffers(self, elements: int) -> Stage:
         experts, device = len(self.experts), self.device
-        stage = {
-            "base": torch.empty(elements, dtype=self.work_dtype, device=device),
-            "deltas": torch.empty((experts, elements), dtype=self.work_dtype, device=device),
-        }
-        stage["ranks"] = (
-            torch.empty((experts, elements), dtype=torch.int32, device=device)
+        deltas = torch.empty((experts, elements), dtype=self.work_dtype, device=device)
+        stage = Stage(
+            base=torch.empty(elements, dtype=self.work_dtype, device=device),
+            deltas=deltas,
+            ranks=torch.empty((experts, elements), dtype=torch.int32, device=device)
             if self.ranks is not None
-            else stage["deltas"]
+            else deltas,
         )
         if device.type == "cuda":
-            stage["ready"], stage["free"] = torch.cuda.Event(), torch.cuda.Event()
+            stage.ready, stage.free = torch.cuda.Event(), torch.cuda.Event()
         return stage
 
-    def _staged_chunks(self):
+    def _staged_chunks(self) -> Iterator[tuple[Chunk, Stage]]:
         """(chunk, buffers) per launch; host placement copies each chunk in, overlapping the last launch."""
         if self.placement == "device":
             ranks = self.ranks if self.ranks is not None else self.deltas
-            yield self._chunks[0], {"base": self.base, "deltas": self.deltas, "ranks": ranks}
+            yield self._chunks[0], Stage(self.base, self.deltas, ranks)
             return
         copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         for index, chunk in enumerate(self._chunks):
@@ -276,28 +290,28 @@ class FusedSources:
             self._copy_in(stage, chunk, copy_stream)
             yield chunk, stage
 
-    def _copy_in(self, stage: dict, chunk: Chunk, copy_stream) -> None:
+    def _copy_in(self, stage: Stage, chunk: Chunk, copy_stream: torch.cuda.Stream | None) -> None:
         window = slice(chunk.origin, chunk.origin + chunk.elements)
         pairs = [
-            (stage["base"][: chunk.elements], self.base[window]),
-            (stage["deltas"][:, : chunk.elements], self.deltas[:, window]),
+            (stage.base[: chunk.elements], self.base[window]),
+            (stage.deltas[:, : chunk.elements], self.deltas[:, window]),
         ]
         if self.ranks is not None:
-            pairs.append((stage["ranks"][:, : chunk.elements], self.ranks[:, window]))
-        if copy_stream is None:
+            pairs.append((stage.ranks[:, : chunk.elements], self.ranks[:, window]))
+        if copy_stream is None or stage.ready is None or stage.free is None:
             for target, source in pairs:
                 target.copy_(source)
             return
-        copy_stream.wait_event(stage["free"])
+        copy_stream.wait_event(stage.free)
         with torch.cuda.stream(copy_stream):
             for target, source in pairs:
                 target.copy_(source, non_blocking=True)
-            stage["ready"].record(copy_stream)
-        torch.cuda.current_stream(self.device).wait_event(stage["ready"])
+            stage.ready.record(copy_stream)
+        torch.cuda.current_stream(self.device).wait_event(stage.ready)
 
-    def _release_stage(self, stage: dict) -> None:
-        if "free" in stage:
-            stage["free"].record(torch.cuda.current_stream(self.device))
+    def _release_stage(self, stage: Stage) -> None:
+        if stage.free is not None:
+            stage.free.record(torch.cuda.current_stream(self.device))
 
     def byte_size(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.base, self.deltas, self.ranks) if t is not None)
@@ -339,7 +353,8 @@ class FusedSources:
     def prepare(self, validated: ValidatedMerge, seed: int = 0) -> tuple[ParameterTable, np.ndarray]:
         """Host-side work for one candidate (no device access, so it can overlap another's evaluation)."""
         table = self.parameters(validated, seed)
-        thresholds = counts = None
+        thresholds: np.ndarray | None = None
+        counts: np.ndarray | None = None
         if self.ranks is not None:
             counts = table.keep_counts(self.layout.numels)
             thresholds = self.magnitudes.thresholds(counts)
@@ -349,8 +364,8 @@ class FusedSources:
         """Run a prepared candidate's kernels, writing into the flat output buffer `out`."""
         from evomerge.merge.fused import kernels
 
-        table, packed = prepared
-        packed = torch.from_numpy(packed).to(self.device)
+        table, host_table = prepared
+        packed = torch.from_numpy(host_table).to(self.device)
         ratios = self._ratios
         rescale = self.method.sparsification == "random" and bool(table.rescale.any())
         for chunk, stage in self._staged_chunks():
@@ -358,9 +373,9 @@ class FusedSources:
                 self._fill_ratios(ratios, chunk, stage, packed, table, kernels)
             grid = (chunk.block_segment.numel(),)
             kernels.task_vector_merge_kernel[grid](
-                stage["base"],
-                stage["deltas"],
-                stage["ranks"],
+                stage.base,
+                stage.deltas,
+                stage.ranks,
                 packed,
                 ratios,
                 out[chunk.origin :],
@@ -368,7 +383,7 @@ class FusedSources:
                 self._segment_start,
                 self._segment_numel,
                 chunk.origin,
-                stage["deltas"].stride(0),
+                stage.deltas.stride(0),
                 M=len(self.experts),
                 P=packed.shape[1],
                 SPARSIFY=SPARSIFY_CODES[self.method.sparsification],
@@ -381,19 +396,19 @@ class FusedSources:
             )
             self._release_stage(stage)
 
-    def _fill_ratios(self, ratios, chunk: Chunk, stage, packed, table: ParameterTable, kernels) -> None:
+    def _fill_ratios(self, ratios, chunk: Chunk, stage: Stage, packed, table: ParameterTable, kernels) -> None:
         """DARE's L1 rescale factors for the chunk's tensors, computed as `l1_rescaled` does."""
         blocks = chunk.block_segment.numel()
         partial = torch.empty((len(self.experts), blocks), dtype=torch.float32, device=self.device)
         kernels.kept_magnitude_kernel[(blocks,)](
-            stage["deltas"],
+            stage.deltas,
             packed,
             partial,
             chunk.block_segment,
             self._segment_start,
             self._segment_numel,
             chunk.origin,
-            stage["deltas"].stride(0),
+            stage.deltas.stride(0),
             M=len(self.experts),
             P=packed.shape[1],
             BLOCK=BLOCK,

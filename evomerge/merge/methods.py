@@ -19,6 +19,11 @@ from typing import Literal
 
 import torch
 
+from evomerge.merge.parameters import SEARCHABLE, default_of
+
+DEFAULT_GAMMA = default_of("gamma")
+DEFAULT_EPSILON = default_of("epsilon")
+
 Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
 
 
@@ -45,16 +50,15 @@ class MethodInfo:
     @property
     def tunable(self) -> tuple[str, ...]:
         """Parameters a search may evolve."""
-        names = [p for p in ("weight", "density", "gamma", "epsilon") if p in self.input_params]
-        return tuple(names + [p for p in ("t", "lambda") if p in self.shared_params])
+        return tuple(p for p in SEARCHABLE if p in self.input_params or p in self.shared_params)
 
 
 def _task_vector_method(name, sparsification, consensus, normalize, rescale) -> MethodInfo:
-    input_params: dict[str, float | None] = {"weight": None, "density": 1.0}
+    input_params: dict[str, float | None] = {"weight": None, "density": default_of("density")}
     if sparsification == "magnitude_outliers":
-        input_params["gamma"] = 0.01
+        input_params["gamma"] = default_of("gamma")
     if sparsification == "della_magprune":
-        input_params["epsilon"] = 0.15
+        input_params["epsilon"] = default_of("epsilon")
     return MethodInfo(
         name=name,
         family="task_vector",
@@ -63,7 +67,7 @@ def _task_vector_method(name, sparsification, consensus, normalize, rescale) -> 
         default_normalize=normalize,
         default_rescale=rescale,
         input_params=input_params,
-        shared_params={"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False},
+        shared_params={"normalize": normalize, "rescale": rescale, "lambda": default_of("lambda"), "int8_mask": False},
     )
 
 
@@ -194,8 +198,8 @@ def sparsify(
     method: Sparsification,
     *,
     rescale: bool,
-    gamma: float = 0.01,
-    epsilon: float = 0.15,
+    gamma: float = DEFAULT_GAMMA,
+    epsilon: float = DEFAULT_EPSILON,
     generator: torch.Generator | None = None,
     rank: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,

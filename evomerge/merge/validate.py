@@ -15,11 +15,11 @@ from evomerge.errors import UserError, did_you_mean
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.io import ModelFolder, inspect_model_folder, parse_dtype
 from evomerge.merge.methods import METHODS
+from evomerge.merge.parameters import PARAMETERS, default_of
 from evomerge.merge.plan import MergePlan, MissingParameter, Planner, evaluate_setting, normalized_slices
 
 SUPPORTED_TOKENIZER_SOURCES = ("base",)
 KNOWN_PARAMETERS = {p for m in METHODS.values() for p in (*m.input_params, *m.shared_params)}
-UNIT_INTERVAL_PARAMETERS = {"density": "(0, 1]", "t": "[0, 1]", "gamma": "[0, 1)", "epsilon": "[0, 1)"}
 
 
 @dataclass(frozen=True)
@@ -140,13 +140,10 @@ def _literal_values(name, setting, field):
 
 
 def _check_range(name: str, value: float, field: str) -> None:
-    bad = (
-        (name == "density" and not 0 < value <= 1)
-        or (name == "t" and not 0 <= value <= 1)
-        or (name in ("gamma", "epsilon") and not 0 <= value < 1)
-    )
-    if bad:
-        raise UserError(f"{field}: {value} is outside {UNIT_INTERVAL_PARAMETERS[name]}; use a value in that range")
+    # Scales (weight, lambda) have no range here: a non-finite merge is caught on its output.
+    valid = PARAMETERS[name].valid
+    if valid is not None and value not in valid:
+        raise UserError(f"{field}: {value} is outside {valid}; use a value in that range")
 
 
 def _check_same_family(
@@ -228,7 +225,10 @@ def _build_plan(config: MergeConfig, folders: dict[str, ModelFolder], source: st
 def _check_della_epsilon(plan: MergePlan, source: str) -> None:
     for tensor in plan.tensors:
         for params in tensor.per_input:
-            density, epsilon = params.get("density", 1.0), params.get("epsilon", 0.15)
+            density, epsilon = (
+                params.get("density", default_of("density")),
+                params.get("epsilon", default_of("epsilon")),
+            )
             if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
                 raise UserError(
                     f"{source}: parameters.epsilon: density {density:g} ± epsilon {epsilon:g} leaves (0, 1) for {tensor.output}; lower epsilon"

@@ -25,9 +25,15 @@ import triton.language as tl
 
 from evomerge.merge.fused import tables as flat_tables
 
-# The parameter table's layout (flat_tables.ParameterTable). Field numbers below are its WEIGHT=0,
-# THRESHOLD=1, KEEP_COUNT=2, DENSITY=3, SEED=4; a test checks they still agree.
+# The parameter table's layout, by the names `tables.ParameterTable` writes it with.
 PARAM_FIELDS: tl.constexpr = tl.constexpr(flat_tables.PARAM_FIELDS)
+WEIGHT: tl.constexpr = tl.constexpr(flat_tables.WEIGHT)
+THRESHOLD: tl.constexpr = tl.constexpr(flat_tables.THRESHOLD)
+KEEP_COUNT: tl.constexpr = tl.constexpr(flat_tables.KEEP_COUNT)
+DENSITY: tl.constexpr = tl.constexpr(flat_tables.DENSITY)
+SEED: tl.constexpr = tl.constexpr(flat_tables.SEED)
+LAMBDA: tl.constexpr = tl.constexpr(flat_tables.LAMBDA)
+NORMALIZE: tl.constexpr = tl.constexpr(flat_tables.NORMALIZE)
 
 
 @triton.jit
@@ -54,16 +60,16 @@ def _kept_delta(deltas, ranks, table, row, j, offs, local, valid, total, M: tl.c
     row_start = total.to(tl.int64) * j  # past 2**31 elements with three experts at 1.5B
     delta = tl.load(deltas + row_start + offs, mask=valid, other=0.0).to(tl.float32)
     if SPARSIFY == 1:
-        threshold = _param_float(table, row, 1, j, M)
-        keep_count = tl.load(table + row + 2 * M + j)
+        threshold = _param_float(table, row, THRESHOLD, j, M)
+        keep_count = tl.load(table + row + KEEP_COUNT * M + j)
         magnitude = tl.abs(delta)
         tied = valid & (magnitude == threshold)
         rank = tl.load(ranks + row_start + offs, mask=tied, other=0)
         keep = (magnitude > threshold) | (tied & (rank < keep_count))
         delta = tl.where(keep, delta, 0.0)
     elif SPARSIFY == 2:
-        density = _param_float(table, row, 3, j, M)
-        seed = tl.load(table + row + 4 * M + j)
+        density = _param_float(table, row, DENSITY, j, M)
+        seed = tl.load(table + row + SEED * M + j)
         delta = tl.where(tl.rand(seed, local) < density, delta, 0.0)
     return delta
 
@@ -112,7 +118,7 @@ def task_vector_merge_kernel(
             deltas, ranks, table, ratios, row, segment, j, offs, local, valid, total, M, SPARSIFY, RESCALE, WORK
         )
         elected_sum += weighted
-        weight_sum += _param_float(table, row, 0, j, M)
+        weight_sum += _param_float(table, row, WEIGHT, j, M)
     if CONSENSUS:
         positive = _round(elected_sum, WORK) >= 0
         weight_sum = tl.zeros([BLOCK], dtype=tl.float32)
@@ -122,7 +128,7 @@ def task_vector_merge_kernel(
             )
             agrees = tl.where(positive, weighted > 0, weighted < 0)
             mixed += tl.where(agrees, weighted, 0.0)
-            weight_sum += tl.where(agrees, _param_float(table, row, 0, j, M), 0.0)
+            weight_sum += tl.where(agrees, _param_float(table, row, WEIGHT, j, M), 0.0)
         divisor = _round(weight_sum, WORK)
         divisor = tl.where(divisor == 0, 1.0, divisor)
     else:
@@ -130,9 +136,9 @@ def task_vector_merge_kernel(
         divisor = _round(weight_sum, WORK)
         divisor = tl.where(tl.abs(divisor) < 1e-8, 1.0, divisor)
     mixed = _round(mixed, WORK)
-    if tl.load(table + row + PARAM_FIELDS * M + 1) != 0:
+    if tl.load(table + row + PARAM_FIELDS * M + NORMALIZE) != 0:
         mixed = _round(tl.math.div_rn(mixed, divisor), WORK)  # '/' may be approximate on GPUs
-    mixed = _round(mixed * tl.load(table + row + PARAM_FIELDS * M).to(tl.float32, bitcast=True), WORK)
+    mixed = _round(mixed * tl.load(table + row + PARAM_FIELDS * M + LAMBDA).to(tl.float32, bitcast=True), WORK)
     merged = _round(tl.load(base + offs, mask=valid, other=0.0).to(tl.float32) + mixed, WORK)
     merged = _round(merged, OUT)
     tl.store(out + offs, merged.to(out.dtype.element_ty), mask=valid)
@@ -159,7 +165,7 @@ def _weighted(
     kept = _kept_delta(deltas, ranks, table, row, j, offs, local, valid, total, M, SPARSIFY)
     if RESCALE:
         kept = _round(kept * tl.load(ratios + segment * M + j), WORK)
-    return _round(kept * _param_float(table, row, 0, j, M), WORK)
+    return _round(kept * _param_float(table, row, WEIGHT, j, M), WORK)
 
 
 @triton.jit

@@ -14,10 +14,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# Field order in the parameter table: each field holds one entry per expert; lambda and normalize
-# follow, one each.
+# Field order in the parameter table (the kernel reads these names): each field holds one entry per
+# expert; after the PARAM_FIELDS * experts of them come lambda and normalize, one each.
 WEIGHT, THRESHOLD, KEEP_COUNT, DENSITY, SEED = range(5)
 PARAM_FIELDS = 5
+LAMBDA, NORMALIZE = range(2)
 
 
 class MagnitudeTables:
@@ -106,8 +107,8 @@ class ParameterTable:
             _put(table, KEEP_COUNT, experts, keep_counts.astype(np.int32))
         _put(table, DENSITY, experts, np.where(self.present, self.densities, 0).astype(np.float32).view(np.int32))
         _put(table, SEED, experts, self.seeds.astype(np.int32))
-        table[:, PARAM_FIELDS * experts] = self.lambdas.astype(np.float32).view(np.int32)
-        table[:, PARAM_FIELDS * experts + 1] = self.normalize.astype(np.int32)
+        table[:, PARAM_FIELDS * experts + LAMBDA] = self.lambdas.astype(np.float32).view(np.int32)
+        table[:, PARAM_FIELDS * experts + NORMALIZE] = self.normalize.astype(np.int32)
         return table
 
 

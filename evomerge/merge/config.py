@@ -104,19 +104,72 @@ def parse_merge_config(data, source: str) -> MergeConfig:
         raise UserError(describe_validation_error(error, source)) from None
 
 
-def load_yaml_file(path: str | Path) -> object:
-    """yaml.safe_load a file; a missing file or a syntax error becomes a one-line UserError."""
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key, mark):
+        super().__init__(f"key '{key}' appears twice")
+        self.key = key
+        self.problem_mark = mark
+
+
+class UniqueKeySafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping holding one key twice (the last would win silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<:` may repeat keys on purpose
+            key = self.construct_object(key_node, deep=True)
+            try:
+                repeated = key in seen
+            except TypeError:
+                continue  # an unhashable key: SafeLoader itself refuses it below
+            if repeated:
+                raise DuplicateKeyError(key, key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_file(path: str | Path, what: str = "YAML file") -> object:
+    """Safe-load a UTF-8 YAML file; every way it can be unreadable is a one-line UserError.
+
+    `what` names the expected file in the message for a folder ("spec file", "merge YAML").
+    """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give the {what}")
     if not path.is_file():
         raise UserError(f"{path}: file not found; check the path")
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); save it as UTF-8"
+        ) from None
+    except OSError as error:
+        raise UserError(f"{path}: cannot read it ({error.strerror}); check its permissions") from None
+    return _parse_yaml(text, path)
+
+
+def _parse_yaml(text: str, path: Path) -> object:
+    loader = UniqueKeySafeLoader(text)
+    try:
+        return loader.get_single_data()
+    except DuplicateKeyError as error:
+        line = error.problem_mark.line + 1
+        raise UserError(f"{path}: key '{error.key}' appears twice (second time at line {line}); keep one") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise UserError(f"{path}: malformed YAML{where}: {problem}; fix the indentation or quoting there") from None
+    except RecursionError:
+        raise UserError(
+            f"{path}: nested too deeply to read; a config is only a few levels deep, fix the file"
+        ) from None
+    finally:
+        loader.dispose()
 
 
 def load_merge_config(path: str | Path) -> MergeConfig:
-    return parse_merge_config(load_yaml_file(path), str(path))
+    return parse_merge_config(load_yaml_file(path, what="merge YAML"), str(path))

@@ -58,29 +58,75 @@ def user_errors_exit_2(command):
 @app.command()
 @user_errors_exit_2
 def merge(
-    config: Path = typer.Argument(..., help="A mergekit merge YAML."),
-    out_dir: Path = typer.Argument(..., help="Folder to write the merged model into."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="A mergekit merge YAML."),
+    out_dir: Path = typer.Argument(
+        ..., metavar="OUT", help="Folder for the merged model: new or empty, outside every input model."
+    ),
     device: str = typer.Option("cpu", help="cpu or cuda: where the merge math runs."),
     seed: int = typer.Option(0, help="Seed for random methods (dare_*, della*)."),
     shard_size_gb: float = typer.Option(2.0, help="Largest safetensors shard, in GB."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT whole (never mixed with old files)."),
+    allow_non_finite: bool = typer.Option(
+        False, "--allow-non-finite", help="Write the model even if a merged tensor holds NaN or inf."
+    ),
+    no_model_card: bool = typer.Option(False, "--no-model-card", help="Do not write OUT/README.md."),
     debug: bool = DebugOption,
 ):
-    """Materialize a mergekit YAML as a model folder (same tensors as mergekit-yaml)."""
+    """Materialize a mergekit YAML as a model folder (same tensors as mergekit-yaml), with a model card."""
     from evomerge.merge.config import load_merge_config
-    from evomerge.merge.engine import merge_to_disk
+    from evomerge.merge.engine import NonFiniteOutput, merge_to_disk
 
     if device.startswith("cuda"):
         _require_cuda()
     merge_config = load_merge_config(config)
-    validated = merge_to_disk(
-        merge_config,
-        out_dir,
-        device=device,
-        seed=seed,
-        progress=sys.stderr.isatty(),
-        max_shard_bytes=int(shard_size_gb * 1024**3),
-    )
+    card = None if no_model_card else _model_card(config, merge_config, out_dir, seed)
+    try:
+        validated = merge_to_disk(
+            merge_config,
+            out_dir,
+            device=device,
+            seed=seed,
+            progress=sys.stderr.isatty(),
+            max_shard_bytes=int(shard_size_gb * 1024**3),
+            config_file=config,
+            force=force,
+            allow_non_finite=allow_non_finite,
+            model_card=card,
+        )
+    except NonFiniteOutput as error:
+        raise UserError(
+            f"{config}: {error} (a NaN, inf or huge weight or lambda?); fix the parameters, or pass --allow-non-finite to write it anyway"
+        ) from None
     typer.echo(f"wrote {len(validated.plan.tensors)} tensors ({validated.plan.num_layers} layers) to {out_dir}")
+
+
+def _model_card(config_path: Path, merge_config, out_dir: Path, seed: int) -> str:
+    from evomerge.merge.card import render_model_card
+
+    text = config_path.read_text(encoding="utf-8", errors="replace")
+    title = out_dir.resolve().name or "merged model"
+    return render_model_card(title, merge_config, text, seed, _search_origin(text))
+
+
+def _search_origin(config_text: str):
+    """The run an exported config came from, with its scores if the run directory is still readable."""
+    from evomerge.merge.card import ScoreRow, SearchOrigin, parse_origin
+    from evomerge.rundir.results import leaderboard, load_trials
+
+    found = parse_origin(config_text)
+    if found is None:
+        return None
+    run_dir, trial = found
+    try:
+        rows = leaderboard(load_trials(Path(run_dir))[1])
+    except (UserError, OSError, ValueError) as error:  # a card must not fail a merge
+        return SearchOrigin(run_dir, trial, unreadable=str(error))
+    scores = {
+        row["trial"]: ScoreRow(row["label"], row["search"], row["search_se"], row["heldout"], row["heldout_se"])
+        for row in rows
+    }
+    baselines = tuple(scores[row["trial"]] for row in rows if row["kind"] != "optimizer" and row["trial"] != trial)
+    return SearchOrigin(run_dir, trial, scores.get(trial), baselines)
 
 
 @app.command()
@@ -179,7 +225,7 @@ def export(
     debug: bool = DebugOption,
 ):
     """Write a trial as a standard mergekit YAML (the held-out winner by default)."""
-    from evomerge.merge.io import write_text_atomic
+    from evomerge.merge.card import origin_comment
     from evomerge.rundir.results import describe, export_trial, load_trials, pareto_trials
 
     if pareto:
@@ -195,11 +241,28 @@ def export(
         return
 
     chosen, text = export_trial(run_dir, trial)
+    header, _, body = text.partition("\n")
+    text = f"{header}\n{origin_comment(str(Path(run_dir).resolve()), chosen.trial_id)}{body}"
     if output is None:
         typer.echo(text)
     else:
-        write_text_atomic(output, text)
+        _write_export(output, text)
         typer.echo(f"wrote {describe(chosen)} to {output}", err=True)
+
+
+def _write_export(output: Path, text: str) -> None:
+    from evomerge.files import write_text_atomic
+
+    if output.is_dir():
+        raise UserError(f"-o: '{output}' is a folder; give a file path such as '{output / 'best.yaml'}'")
+    if not output.parent.is_dir():
+        raise UserError(f"-o: folder '{output.parent}' does not exist; create it first or choose another path")
+    try:
+        write_text_atomic(output, text)
+    except OSError as error:
+        raise UserError(
+            f"-o: cannot write '{output}' ({error.strerror or error}); choose a writable location"
+        ) from None
 
 
 @app.command()

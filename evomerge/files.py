@@ -25,7 +25,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _fsync_folder(path.parent)
+    fsync_folder(path.parent)
     return path
 
 
@@ -34,7 +34,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
+    """Make a folder's entries (a file renamed into it) durable; a no-op where the filesystem refuses."""
     # The rename itself lives in the folder's entry table; without this a power cut can undo it.
     try:
         descriptor = os.open(folder, os.O_RDONLY)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from rich.progress import Progress
 
-from evomerge.files import write_text_atomic
+from evomerge.errors import UserError
+from evomerge.files import write_bytes_atomic, write_text_atomic
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.io import LazyTensorReader, StreamingShardWriter
 from evomerge.merge.methods import (
@@ -28,6 +28,7 @@ from evomerge.merge.methods import (
     task_vector_merge,
     top_k_masks,
 )
+from evomerge.merge.output import StagedFolder, check_output_folder
 from evomerge.merge.plan import TensorPlan
 from evomerge.merge.validate import ValidatedMerge, validate_merge_config
 
@@ -130,6 +131,14 @@ def named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return targets
 
 
+class NonFiniteOutput(ValueError):
+    """A merged tensor holds NaN or inf (typically a non-finite or huge weight in the config)."""
+
+    def __init__(self, tensor: str):
+        super().__init__(f"merged tensor {tensor} holds NaN or inf values")
+        self.tensor = tensor
+
+
 def merge_to_disk(
     config: MergeConfig,
     out_dir: str | Path,
@@ -137,26 +146,77 @@ def merge_to_disk(
     seed: int = 0,
     progress: bool = True,
     max_shard_bytes: int = 2 * 1024**3,
+    *,
+    config_file: Path | None = None,
+    force: bool = False,
+    allow_non_finite: bool = False,
+    model_card: str | None = None,
 ) -> ValidatedMerge:
-    """Write the merged model folder, streaming tensor by tensor."""
-    validated = validate_merge_config(config)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write the merged model folder, streaming tensor by tensor, and publish it whole.
+
+    Everything is checked before a weight is read; the folder is written beside `out_dir` and
+    renamed into place complete (see output.py). `force` replaces a non-empty `out_dir`;
+    `config_file` names the config in errors and is protected like the inputs; `model_card` is
+    written as README.md. A non-finite merged tensor raises NonFiniteOutput unless allowed.
+    """
+    source = str(config_file) if config_file is not None else "config"
+    validated = validate_merge_config(config, source)
+    target = check_output_folder(out_dir, _protected_inputs(validated, config_file), force)
+    with StagedFolder(target, shown=str(out_dir)) as staged:
+        try:
+            _write_tensors(validated, staged.path, device, seed, progress, max_shard_bytes, allow_non_finite)
+            _write_model_metadata(validated, staged.path)
+            if model_card is not None:
+                write_text_atomic(staged.path / "README.md", model_card)
+            staged.publish()
+        except OSError as error:  # disk full, a folder made read-only meanwhile, an input deleted mid-merge
+            where = f": {error.filename}" if error.filename else ""
+            raise UserError(
+                f"{out_dir}: the merge failed ({error.strerror or error}{where}); nothing was written there, fix that and rerun"
+            ) from None
+    return validated
+
+
+def _protected_inputs(validated: ValidatedMerge, config_file: Path | None) -> dict[str | Path, str]:
+    roles: dict[str | Path, str] = {path: "the input model" for path in validated.folders}
+    if validated.config.base_model:
+        roles[validated.config.base_model] = "the base model"
+    if validated.donor not in validated.config.referenced_models():
+        roles[validated.donor] = "the tokenizer source"
+    if config_file is not None:
+        roles[config_file] = "the merge config"
+    return roles
+
+
+def _write_tensors(
+    validated: ValidatedMerge,
+    out_dir: Path,
+    device: str,
+    seed: int,
+    progress: bool,
+    max_shard_bytes: int,
+    allow_non_finite: bool,
+) -> None:
     readers = {path: LazyTensorReader(folder) for path, folder in validated.folders.items()}
     plans = validated.plan.tensors
     outputs = [(p.output, _shape_of(validated, p), validated.out_dtype[p.output]) for p in plans]
     writer = StreamingShardWriter(out_dir, outputs, max_shard_bytes)
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("merging", total=len(plans))
-        for plan in plans:
-            working = validated.working_dtype[plan.output]
-            inputs = [readers[model].read(name, device).to(working) for model, name in plan.inputs]
-            merged = merge_tensor(plan, validated.plan.method, inputs, seed)
-            writer.write(plan.output, merged.to(validated.out_dtype[plan.output]))
-            bar.advance(task)
+    try:
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("merging", total=len(plans))
+            for plan in plans:
+                working = validated.working_dtype[plan.output]
+                inputs = [readers[model].read(name, device).to(working) for model, name in plan.inputs]
+                merged = merge_tensor(plan, validated.plan.method, inputs, seed).to(validated.out_dtype[plan.output])
+                # Checked in the output dtype: a finite float32 result can still overflow bfloat16.
+                if not allow_non_finite and not bool(torch.isfinite(merged).all()):
+                    raise NonFiniteOutput(plan.output)
+                writer.write(plan.output, merged)
+                bar.advance(task)
+    except BaseException:
+        writer.abort()
+        raise
     writer.close()
-    _write_model_metadata(validated, out_dir)
-    return validated
 
 
 def _shape_of(validated: ValidatedMerge, plan: TensorPlan) -> tuple[int, ...]:
@@ -178,7 +238,7 @@ def _write_model_metadata(validated: ValidatedMerge, out_dir: Path) -> None:
     tokenizer_folder = validated.folders[validated.donor].path
     for file_name in TOKENIZER_FILES:
         if (tokenizer_folder / file_name).exists():
-            shutil.copy(tokenizer_folder / file_name, out_dir / file_name)
+            write_bytes_atomic(out_dir / file_name, (tokenizer_folder / file_name).read_bytes())
     write_text_atomic(out_dir / "mergekit_config.yml", validated.config.to_yaml())
 
 

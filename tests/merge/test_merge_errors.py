@@ -1,20 +1,35 @@
-"""Bad merge configs fail fast: exit code 2, one line naming the field, and no weight read.
+"""Refused merges and exports: exit code 2, one line naming the file and the fix, nothing changed.
 
-Most cases reference the zoo's corrupt checkpoint (intact header, truncated data): had evomerge
-read a weight before rejecting the config, it would die with a safetensors error instead.
+Three tables, each case asserting exit 2, one line, no traceback, and its folder (inputs, OUT and
+whatever lies beside OUT) byte-identical afterwards:
+
+* ERROR_CASES: bad configs, named by the config file. Most reference the zoo's corrupt checkpoint
+  (intact header, truncated data): had evomerge read a weight first, it would die another way.
+* OUTPUT_CASES: where `merge` would write (OUT an input, not empty, a file, no parent) and merges
+  whose output is not finite; a read-only filesystem is its own test (it needs a mount).
+* EXPORT_CASES: where `export -o` would write.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import safetensors
 import safetensors.torch
 import yaml
+from cli_runner import run_cli_in_process, snapshot
 from tiny_models import TinyZoo
 
 from evomerge.errors import UserError
+
+EVOMERGE_BIN = Path(sys.executable).with_name("evomerge")
 
 
 def ties_config(zoo: TinyZoo, density=0.5, **overrides) -> dict:
@@ -72,31 +87,256 @@ def drop_none(config: dict) -> dict:
     return {key: value for key, value in config.items() if value is not None}
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """One refused command: what it printed, the one-line message's expected prefix, and its folder before/after."""
+
+    finished: subprocess.CompletedProcess
+    prefix: str
+    before: dict[str, str]
+    after: dict[str, str]
+
+
+def assert_refused(refusal: Refusal, expected: list[str]) -> None:
+    """Exit 2, one line naming the file, no traceback, and the case's folder byte-identical afterwards."""
+    finished = refusal.finished
+    lines = [line for line in finished.stderr.splitlines() if line.strip()]
+    assert finished.returncode == 2, f"exit {finished.returncode}; stderr:\n{finished.stderr}"
+    assert "Traceback" not in finished.stderr
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{finished.stderr}"
+    assert lines[0].startswith(f"error: {refusal.prefix}"), f"{lines[0]!r} does not start with the file's name"
+    for expected_text in expected:
+        assert expected_text.lower() in lines[0].lower(), f"{expected_text!r} not in: {lines[0]}"
+    assert refusal.after == refusal.before, "files were written, changed or left behind (inputs, OUT or beside it)"
+
+
 @pytest.fixture(scope="module")
 def error_runs(zoo, tmp_path_factory, evomerge_cli):
     """Run every error case through the CLI once, concurrently (each run pays ~3 s of imports)."""
     root = tmp_path_factory.mktemp("error_cases")
 
-    def run(name: str):
+    def run(name: str) -> Refusal:
         built = ERROR_CASES[name][0](zoo)
-        config_path = root / f"{name}.yml"
+        case = root / name
+        case.mkdir()
+        config_path = case / "merge.yml"
         config_path.write_text(built if isinstance(built, str) else yaml.safe_dump(drop_none(built)))
-        return evomerge_cli("merge", config_path, root / f"{name}-out"), root / f"{name}-out"
+        before = snapshot(case)
+        finished = evomerge_cli("merge", config_path, case / "out")
+        return Refusal(finished, str(config_path), before, snapshot(case))
 
+    zoo_before = snapshot(zoo.root)
     with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(zip(ERROR_CASES, pool.map(run, ERROR_CASES), strict=False))
+        runs = dict(zip(ERROR_CASES, pool.map(run, ERROR_CASES), strict=False))
+    assert snapshot(zoo.root) == zoo_before, "a bad config changed the input models"
+    return runs
 
 
 @pytest.mark.parametrize("case", list(ERROR_CASES))
 def test_bad_config_exits_2_with_one_line(case, error_runs):
-    finished, out_dir = error_runs[case]
+    """Named by the config file (not 'config:'), nothing written: no OUT, no staging folder."""
+    assert_refused(error_runs[case], ERROR_CASES[case][1])
+
+
+# ---- where a merge writes: OUT must not be an input, half written, mixed, or unwritable -----------
+
+
+def copied_models(zoo: TinyZoo, into: Path, *names: str) -> list[str]:
+    """Private copies of zoo checkpoints, so a case that went wrong could not damage the shared zoo."""
+    into.mkdir(parents=True, exist_ok=True)
+    return [str(shutil.copytree(zoo.model(name), into / name)) for name in names]
+
+
+def with_old_merge(folder: Path) -> Path:
+    """A folder holding an earlier merge's files (what --force must replace whole, or keep on error)."""
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"an earlier merge")
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+@dataclass(frozen=True)
+class Arranged:
+    config: dict
+    out: Path
+    args: tuple[str, ...] = ()
+    config_path: Path | None = None  # default: case/merge.yml
+
+
+def out_is_an_input(zoo, case):
+    a, b = copied_models(zoo, case, "ft_a", "ft_b")
+    return Arranged(linear_config(a, b), Path(b))
+
+
+def out_is_the_base(zoo, case):
+    base, a = copied_models(zoo, case, "base", "ft_a")
+    return Arranged(ties_config(zoo, base_model=base, models=[{"model": a, "parameters": {"weight": 1.0}}]), Path(base))
+
+
+def out_inside_an_input(zoo, case):
+    a, b = copied_models(zoo, case, "ft_a", "ft_b")
+    return Arranged(linear_config(a, b), Path(a) / "merged")
+
+
+def out_holds_the_inputs_forced(zoo, case):
+    a, b = copied_models(zoo, case / "models", "ft_a", "ft_b")
+    return Arranged(linear_config(a, b), case / "models", ("--force",))
+
+
+def out_is_the_tokenizer_source(zoo, case):
+    a, b, tokenizer = copied_models(zoo, case, "ft_a", "ft_b", "base")
+    return Arranged({**linear_config(a, b), "tokenizer_source": tokenizer}, Path(tokenizer))
+
+
+def out_holds_the_config_forced(zoo, case):
+    out = case / "out"
+    out.mkdir()
+    return Arranged(linear_config(zoo.model("ft_a")), out, ("--force",), out / "merge.yml")
+
+
+def out_not_empty(zoo, case):
+    return Arranged(linear_config(zoo.model("ft_a")), with_old_merge(case / "out"))
+
+
+def out_is_a_file(zoo, case):
+    (case / "out").write_text("not a folder")
+    return Arranged(linear_config(zoo.model("ft_a")), case / "out", ("--force",))
+
+
+def out_parent_missing(zoo, case):
+    return Arranged(linear_config(zoo.model("ft_a")), case / "missing" / "out")
+
+
+def weighted(zoo: TinyZoo, weight: float) -> dict:
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": zoo.model("base"),
+        "models": [{"model": zoo.model(name), "parameters": {"weight": weight}} for name in ("ft_a", "ft_b")],
+    }
+
+
+def nan_weight(zoo, case):
+    return Arranged(weighted(zoo, float("nan")), case / "out")
+
+
+def huge_weight(zoo, case):
+    return Arranged(weighted(zoo, 1e300), case / "out")
+
+
+def nan_weight_forced_over_an_old_merge(zoo, case):
+    return Arranged(weighted(zoo, float("nan")), with_old_merge(case / "out"), ("--force",))
+
+
+# name -> (arrangement, substrings of the one-line message, whose name starts it: "out" or "config")
+OUTPUT_CASES = {
+    "out-is-an-input": (out_is_an_input, ["is the input model", "outside every input"], "out"),
+    "out-is-the-base": (out_is_the_base, ["is the base model"], "out"),
+    "out-inside-an-input": (out_inside_an_input, ["is inside the input model"], "out"),
+    "out-holds-the-inputs-forced": (out_holds_the_inputs_forced, ["contains the input model"], "out"),
+    "out-is-the-tokenizer-source": (out_is_the_tokenizer_source, ["is the tokenizer source"], "out"),
+    "out-holds-the-config-forced": (out_holds_the_config_forced, ["contains the merge config"], "out"),
+    "out-not-empty": (out_not_empty, ["not empty", "--force"], "out"),
+    "out-is-a-file": (out_is_a_file, ["not a folder"], "out"),
+    "out-parent-missing": (out_parent_missing, ["parent folder", "does not exist"], "out"),
+    "nan-weight": (nan_weight, ["model.embed_tokens.weight", "nan or inf", "--allow-non-finite"], "config"),
+    "huge-weight": (huge_weight, ["model.embed_tokens.weight", "nan or inf"], "config"),
+    "nan-weight-forced-over-an-old-merge": (nan_weight_forced_over_an_old_merge, ["nan or inf"], "config"),
+}
+
+
+@pytest.fixture(scope="module")
+def output_runs(zoo, tmp_path_factory):
+    """Every output case once, in process and in turn (the CLI runner swaps sys.stdout, so no threads)."""
+    root = tmp_path_factory.mktemp("output_cases")
+
+    def run(name: str) -> Refusal:
+        case = root / name
+        case.mkdir()
+        arranged = OUTPUT_CASES[name][0](zoo, case)
+        config_path = arranged.config_path or case / "merge.yml"
+        config_path.write_text(yaml.safe_dump(drop_none(arranged.config)))
+        before = snapshot(case)
+        finished = run_cli_in_process("merge", config_path, arranged.out, *arranged.args)
+        prefix = arranged.out if OUTPUT_CASES[name][2] == "out" else config_path
+        return Refusal(finished, str(prefix), before, snapshot(case))
+
+    zoo_before = snapshot(zoo.root)
+    runs = {name: run(name) for name in OUTPUT_CASES}
+    assert snapshot(zoo.root) == zoo_before, "a refused merge changed the input models"
+    return runs
+
+
+@pytest.mark.parametrize("case", list(OUTPUT_CASES))
+def test_refused_output_exits_2_and_changes_nothing(case, output_runs):
+    """Inputs byte-identical, OUT as it was (absent, or the old merge), no staging folder beside it."""
+    assert_refused(output_runs[case], OUTPUT_CASES[case][1])
+
+
+def read_only_runner():
+    """Runs a command with a read-only filesystem mounted at a folder (a user namespace), or skips."""
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -rm (user namespaces) to mount a read-only filesystem")
+
+    def run(mount_point: Path, *command: str | Path) -> subprocess.CompletedProcess:
+        # Mounts a read-only tmpfs at mount_point, runs the command, then lists what it left there.
+        script = 'mount -t tmpfs -o ro none "$1" || exit 99; shift; "$@"; status=$?; ls -A "$MOUNT"; exit $status'
+        return subprocess.run(
+            [unshare, "-rm", "sh", "-c", script, "sh", str(mount_point), *map(str, command)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "MOUNT": str(mount_point)},
+            timeout=300,
+        )
+
+    return run
+
+
+def test_merge_into_read_only_filesystem_exits_2(zoo, write_config, tmp_path):
+    run_read_only = read_only_runner()
+    config_path = write_config(linear_config(zoo.model("ft_a")))
+    mount_point = tmp_path / "read_only"
+    mount_point.mkdir()
+    finished = run_read_only(mount_point, EVOMERGE_BIN, "merge", config_path, mount_point / "out")
+    assert finished.returncode == 2, finished.stderr
     lines = [line for line in finished.stderr.splitlines() if line.strip()]
-    assert finished.returncode == 2, f"exit {finished.returncode}; stderr:\n{finished.stderr}"
-    assert "Traceback" not in finished.stderr
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{finished.stderr}"
-    for expected in ERROR_CASES[case][1]:
-        assert expected.lower() in lines[0].lower(), f"{expected!r} not in: {lines[0]}"
-    assert not list(out_dir.glob("*.safetensors")), "weights were written despite the error"
+    assert len(lines) == 1 and "Traceback" not in finished.stderr, finished.stderr
+    assert lines[0].startswith(f"error: {mount_point / 'out'}: cannot write")
+    assert "read-only file system" in lines[0].lower()
+    assert finished.stdout == "", f"left behind on the read-only filesystem: {finished.stdout}"
+
+
+# ---- evomerge export -o: where the YAML goes ---------------------------------------------------
+
+FROZEN_RUN = Path(__file__).resolve().parents[1] / "fixtures" / "runs" / "v0-cmaes"
+
+# name -> (output path under the case folder, substrings of the one-line message)
+EXPORT_CASES = {
+    "export-to-a-folder": (lambda case: case / "existing_folder", ["-o", "is a folder", "best.yaml"]),
+    "export-parent-missing": (lambda case: case / "missing" / "best.yaml", ["-o", "does not exist"]),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_bad_export_output_exits_2_and_leaves_nothing(case, tmp_path):
+    (tmp_path / "existing_folder").mkdir()
+    output = EXPORT_CASES[case][0](tmp_path)
+    before, run_before = snapshot(tmp_path), snapshot(FROZEN_RUN)
+    finished = run_cli_in_process("export", FROZEN_RUN, "-o", output)
+    assert_refused(Refusal(finished, "-o", before, snapshot(tmp_path)), EXPORT_CASES[case][1])
+    assert snapshot(FROZEN_RUN) == run_before
+
+
+def test_export_to_read_only_filesystem_exits_2(tmp_path):
+    run_read_only = read_only_runner()
+    mount_point = tmp_path / "read_only"
+    mount_point.mkdir()
+    finished = run_read_only(mount_point, EVOMERGE_BIN, "export", FROZEN_RUN, "-o", mount_point / "best.yaml")
+    assert finished.returncode == 2, finished.stderr
+    lines = [line for line in finished.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in finished.stderr, finished.stderr
+    assert lines[0].startswith("error: -o: cannot write") and "read-only file system" in lines[0].lower()
+    assert finished.stdout == "", f"left behind on the read-only filesystem: {finished.stdout}"
 
 
 def test_debug_flag_shows_traceback(zoo, write_config, evomerge_cli, tmp_path):

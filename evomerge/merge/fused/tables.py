@@ -28,7 +28,7 @@ class MagnitudeTables:
         self._values: dict[tuple[int, int], np.ndarray] = {}
         self._counts: dict[tuple[int, int], np.ndarray] = {}
         self.shape = (segments, experts)
-        self._index = None
+        self._index: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # values, ends, count_base
 
     def add(self, segment: int, expert: int, delta: torch.Tensor, rank: torch.Tensor) -> None:
         """Record the table of one delta, given its descending magnitude rank."""
@@ -42,7 +42,7 @@ class MagnitudeTables:
         self._counts[(segment, expert)] = counts.cpu().numpy().astype(np.int32)
         self._index = None
 
-    def build_index(self) -> None:
+    def build_index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Concatenate the tables for lookups; `load` calls it once, so concurrent lookups never race."""
         keys = sorted(self._values)
         values = np.concatenate([self._values[k] for k in keys]) if keys else np.zeros(0)
@@ -54,12 +54,11 @@ class MagnitudeTables:
             count_base[key] = position
             position += int(self._counts[key].sum())
         self._index = (values, ends, count_base)
+        return self._index
 
     def thresholds(self, keep_counts: np.ndarray) -> np.ndarray:
         """The keep_counts[s, e]-th largest magnitude of each delta (only where keep_counts > 0)."""
-        if self._index is None:
-            self.build_index()
-        values, ends, count_base = self._index
+        values, ends, count_base = self._index if self._index is not None else self.build_index()
         wanted = keep_counts > 0
         query = (count_base + keep_counts - 1)[wanted]
         result = np.full(self.shape, np.inf, dtype=np.float64)
@@ -100,7 +99,7 @@ class ParameterTable:
         rounded = torch.tensor(self.weights.reshape(-1).tolist(), dtype=work_dtype).float().numpy()
         rounded = np.where(self.present.reshape(-1), rounded, 0).astype(np.float32).reshape(segments, experts)
         _put(table, WEIGHT, experts, rounded.view(np.int32))
-        if thresholds is not None:
+        if thresholds is not None and keep_counts is not None:
             keep_all = self.densities >= 1
             threshold = np.where(keep_all, -1.0, thresholds).astype(np.float32)
             _put(table, THRESHOLD, experts, threshold.view(np.int32))

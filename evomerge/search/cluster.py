@@ -3,42 +3,117 @@
 A local cluster is always a fresh one (never a `ray start` cluster that happens to run on the
 machine) and listens on 127.0.0.1 only, with the dashboard off. Without GPUs the search runs N CPU
 workers, each with its own torch threads.
+
+`--address` is probed before `ray.init`: Ray itself retries an unreachable address for minutes (a
+port with nothing behind it hung `search` for over 200 s), so a TCP connect and a GCS request, each
+with a timeout, answer within seconds in one line. `ClusterSession` owns the connection for one
+command: it stops a local cluster it started on every way out (an exception, Ctrl-C, SIGTERM) and
+then kills what `ray.shutdown()` leaves behind: Ray's agents, children of the raylet, otherwise
+outlive the driver by minutes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+import signal
+import socket
+import threading
+from pathlib import Path
 
 from evomerge.errors import UserError
 from evomerge.preflight import Prepared
+from evomerge.search.liveness import ClusterWatch, WatchedRayCalls, ray_liveness
 from evomerge.search.worker import WorkerSettings, ray_worker_class
 from evomerge.spec import Spec
 
+TCP_TIMEOUT_S = 5.0
+GCS_TIMEOUT_S = 5.0
+REAP_TIMEOUT_S = 5.0
+RUNTIME_ENV = {
+    "env_vars": {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TQDM_DISABLE": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+}
+
 
 def connect(spec: Spec, address: str | None) -> None:
+    """Join the cluster at `address` (probed first) or start a local one; nothing if Ray is up."""
     import ray
 
     if ray.is_initialized():
         return
-    env = {
-        "env_vars": {
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "TQDM_DISABLE": "1",
-            "OMP_WAIT_POLICY": "PASSIVE",
-        }
-    }
+    if address:
+        gcs_address = probe_address(address)
+        try:
+            ray.init(address=gcs_address, runtime_env=RUNTIME_ENV, log_to_driver=False)
+        except ConnectionError as error:
+            raise UserError(
+                f"--address: cannot join the Ray cluster at {address} ({error}); start one with 'ray start --head' or drop --address"
+            ) from None
+    else:
+        cpus = max(os.cpu_count() or 1, int(_worker_count(spec, gpus=_local_gpus()) * spec.workers.cpus_per_worker))
+        _start_loopback_cluster(num_cpus=cpus, runtime_env=RUNTIME_ENV)
+
+
+def probe_address(address: str) -> str:
+    """The GCS address `ray.init` would use for `address`, checked to answer; UserError otherwise."""
+    from ray._private import services
+
     try:
-        if address:
-            ray.init(address=address, runtime_env=env, log_to_driver=False)
-        else:
-            cpus = max(os.cpu_count() or 1, int(_worker_count(spec, gpus=_local_gpus()) * spec.workers.cpus_per_worker))
-            _start_loopback_cluster(num_cpus=cpus, runtime_env=env)
-    except ConnectionError as error:
+        # Ray's own reading of "auto" (the last `ray start` on this machine) and of host:port.
+        gcs_address = services.canonicalize_bootstrap_address_or_die(address)
+    except (ConnectionError, ValueError) as error:
+        raise UserError(f"--address: {error}; start a cluster with 'ray start --head' or drop --address") from None
+    host, _, port = gcs_address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=TCP_TIMEOUT_S):
+            pass
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        where = address if gcs_address == address else f"{address} ({gcs_address})"
         raise UserError(
-            f"--address: cannot reach a Ray cluster at {address} ({error}); start one with 'ray start --head' or drop --address"
+            f"--address: nothing answers at {where}: {reason}; start the head with 'ray start --head --port={port}', fix the address, or drop --address for a local cluster"
         ) from None
+    _check_gcs_answers(address, gcs_address)
+    return gcs_address
+
+
+def _check_gcs_answers(address: str, gcs_address: str) -> None:
+    """A TCP port that is open is not yet a Ray head (the dashboard's 8265 is a common mix-up)."""
+    from ray._raylet import InnerGcsClient
+
+    try:
+        with _native_stderr_silenced():  # Ray's C++ client logs each retry to fd 2
+            client = InnerGcsClient.standalone(gcs_address, None, int(GCS_TIMEOUT_S * 1000))
+            client.check_alive([], timeout=GCS_TIMEOUT_S)
+    except Exception as error:  # noqa: BLE001 - whatever fails, it is not a usable Ray head
+        detail = (str(error).strip() or type(error).__name__).splitlines()[0]
+        if "InvalidAuthToken" in detail:
+            raise UserError(
+                f"--address: the Ray cluster at {address} wants an authentication token this driver does not have; set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token"
+            ) from None
+        raise UserError(
+            f"--address: {address} does not answer as a Ray cluster's head (GCS) within {GCS_TIMEOUT_S:.0f} s ({detail[:200]}); give the head's GCS port (6379 unless 'ray start --head --port' said otherwise)"
+        ) from None
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    stderr_fd = 2
+    saved = os.dup(stderr_fd)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), stderr_fd)
+        yield
+    finally:
+        os.dup2(saved, stderr_fd)
+        os.close(saved)
 
 
 def _start_loopback_cluster(**options) -> None:
@@ -54,6 +129,111 @@ def _start_loopback_cluster(**options) -> None:
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, **options)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = multi_node
+
+
+class ClusterSession:
+    """Ray for one command: connects on `open()`, and on `close()` stops what it started.
+
+    Re-entrant: a session opened while Ray is already up (a caller's session) leaves Ray to it.
+    """
+
+    def __init__(self, spec: Spec, address: str | None):
+        self.spec = spec
+        self.address = address
+        self.connected = False  # this session called ray.init
+        self.local_processes: list = []  # psutil.Process of a local cluster this session started
+        self._previous_handlers: dict[int, object] = {}
+
+    def __enter__(self) -> ClusterSession:
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        before = _own_processes()
+        connect(self.spec, self.address)
+        self.connected = True
+        if self.address is None:
+            self.local_processes = [p for key, p in _own_processes().items() if key not in before]
+        self._interrupt_on_termination()
+
+    def watched_calls(self, run_dir: Path) -> WatchedRayCalls:
+        """Scheduler calls that end the search with ClusterLost once the cluster is gone."""
+        return WatchedRayCalls(ClusterWatch(run_dir, ray_liveness))
+
+    def close(self) -> None:
+        if not self.connected:
+            return
+        import ray
+
+        self.connected = False
+        self._restore_handlers()
+        started = _with_descendants(self.local_processes)
+        ray.shutdown()
+        _kill_leftovers(started)
+
+    def _interrupt_on_termination(self) -> None:
+        """SIGTERM (a batch system's stop, `kill`) unwinds like Ctrl-C, so every cleanup runs."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            previous = signal.getsignal(signum)
+            if previous is signal.SIG_IGN:  # nohup: a hang-up is meant to be ignored
+                continue
+            self._previous_handlers[signum] = previous
+            signal.signal(signum, _raise_keyboard_interrupt)
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def _psutil():
+    """Ray's bundled psutil: importing ray puts it on sys.path (evomerge does not depend on psutil)."""
+    import ray  # noqa: F401
+
+    return importlib.import_module("psutil")
+
+
+def _own_processes() -> dict:
+    """This process's descendants, keyed by (pid, start time) so a reused pid is not mistaken."""
+    psutil = _psutil()
+    processes = {}
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            processes[(process.pid, process.create_time())] = process
+    return processes
+
+
+def _with_descendants(processes: list) -> list:
+    psutil = _psutil()
+    found = list(processes)
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            found += process.children(recursive=True)
+    return found
+
+
+def _kill_leftovers(processes: list) -> None:
+    """SIGKILL what survived ray.shutdown(): a graceful stop is what left them hanging."""
+    psutil = _psutil()
+    alive = []
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.kill()  # psutil refuses a pid that now belongs to another process
+            alive.append(process)
+    psutil.wait_procs(alive, timeout=REAP_TIMEOUT_S)
 
 
 def _local_gpus() -> int:

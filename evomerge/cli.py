@@ -169,12 +169,23 @@ def resume(
     spec_path: Path | None = typer.Option(
         None, "--spec", help="Refuse to resume if this spec differs from the frozen one."
     ),
+    accept_changed_inputs: bool = typer.Option(
+        False,
+        "--accept-changed-inputs",
+        help="Resume although a model or evaluation file changed since the run started (its scores then mix old and new inputs).",
+    ),
     debug: bool = DebugOption,
 ):
     """Continue a stopped or crashed search exactly where it was."""
     from evomerge.search.loop import resume_search
 
-    resume_search(run_dir, address, progress=sys.stderr.isatty(), spec_path=spec_path)
+    resume_search(
+        run_dir,
+        address,
+        progress=sys.stderr.isatty(),
+        spec_path=spec_path,
+        accept_changed_inputs=accept_changed_inputs,
+    )
     _print_summary(run_dir)
 
 

@@ -95,20 +95,21 @@ class SleepingWorker:
     def ping(self) -> str:
         return self.worker_id
 
-    def evaluate(self, trial_id: int, merge_config: dict, eval_set: str = "search") -> dict:
+    def evaluate(self, trial_id: int, merge_config: dict, eval_set: str = "search"):
+        from evomerge.rundir.events import TrialResult
+
         seconds = sleep_seconds(self.seed, trial_id, self.low, self.high)
         time.sleep(seconds)
-        return {
-            "trial": trial_id,
-            "ok": True,
-            "score": -seconds,
-            "metrics": {"synthetic": -seconds},
-            "n_docs": {"synthetic": 1},
-            "worker": self.worker_id,
-            "eval_set": eval_set,
-            "merge_s": 0.0,
-            "eval_s": round(seconds, 4),
-        }
+        return TrialResult(
+            trial=trial_id,
+            ok=True,
+            score=-seconds,
+            metrics={"synthetic": -seconds},
+            n_docs={"synthetic": 1},
+            worker=self.worker_id,
+            merge_s=0.0,
+            eval_s=round(seconds, 4),
+        )
 
 
 def measure_scaling(
@@ -138,6 +139,7 @@ def measure_scaling(
 
 def instant_scheduler(score_of):
     """The real Scheduler's bookkeeping around one in-process worker that answers at once."""
+    from evomerge.rundir.events import TrialResult
     from evomerge.search.scheduler import Scheduler
 
     class InstantScheduler(Scheduler):
@@ -148,7 +150,7 @@ def instant_scheduler(score_of):
             done = list(self.slots[0].in_flight.values())
             self.slots[0].in_flight.clear()
             return [
-                (job, {"trial": job.trial_id, "ok": True, "score": score_of(job.trial_id), "eval_s": 0.0})
+                (job, TrialResult(trial=job.trial_id, ok=True, score=score_of(job.trial_id), eval_s=0.0))
                 for job in done
             ]
 

@@ -147,18 +147,18 @@ def run_candidates(worker, configs: list, device: str) -> tuple[list[dict], list
             started = time.perf_counter()
             result = worker.evaluate(trial, config.model_dump(mode="json", exclude_none=True))
             walls.append(time.perf_counter() - started)
-            if not result["ok"]:
-                raise RuntimeError(f"candidate {trial} failed: {result['reason']}")
+            if not result.ok:
+                raise RuntimeError(f"candidate {trial} failed: {result.reason}")
             results.append(result)
     return results, walls, sampler.busy
 
 
-def report(results: list[dict], walls: list[float], tokens: int, plain_s: float, sampled_busy: float | None) -> str:
+def report(results: list, walls: list[float], tokens: int, plain_s: float, sampled_busy: float | None) -> str:
     timed = list(zip(results[1:], walls[1:], strict=False))
     wall = statistics.median(w for _, w in timed)
-    merge = statistics.median(r["merge_s"] for r, _ in timed)
-    evaluation = statistics.median(r["eval_s"] for r, _ in timed)
-    prepare = statistics.median(r["prepare_s"] for r, _ in timed)
+    merge = statistics.median(r.merge_s for r, _ in timed)
+    evaluation = statistics.median(r.eval_s for r, _ in timed)
+    prepare = statistics.median(r.prepare_s for r, _ in timed)
     derived_busy = (merge + plain_s) / wall  # the kernels of a plain forward over the same tokens, plus the merge
     # Here calls run one after another; a GPU Ray actor plans the next candidate during this one's
     # evaluation, so its share outside evaluation is the second figure.

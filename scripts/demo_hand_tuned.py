@@ -62,8 +62,8 @@ def main() -> int:
         cells = []
         for eval_set in ("search", "heldout"):
             result = worker.evaluate(0, config, eval_set)
-            se = standard_error(result["metrics"], result["n_docs"])
-            cells.append(f"{result['score']:.3f} ± {se:.3f}")
+            se = standard_error(result.metrics, result.n_docs)
+            cells.append(f"{result.score:.3f} ± {se:.3f}")
         print(f"{label:52s} {cells[0]:>16s} {cells[1]:>16s}")
     return 0
 

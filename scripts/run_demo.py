@@ -75,7 +75,7 @@ def main() -> int:
         for t in sorted(trials.values(), key=lambda t: t.trial_id)
         if t.kind == "optimizer" and t.status in ("completed", "failed")
     ]
-    reach = evals_to_reach([t.result.get("score") if t.status == "completed" else None for t in searched])
+    reach = evals_to_reach([t.score for t in searched])
     print(f"evaluations to reach 95% of the final best: {reach} of {len(searched)} searched")
     for line in heldout_margins(trials):
         print(line)

@@ -81,8 +81,10 @@ def test_a_seed_is_dropped_alone_when_its_own_values_leave_the_bounds(zoo):
     assert labels == ["linear (equal weights)"]  # 1/3 is inside, a parent's 0 is not
 
 
-def fake_result(trial_id: int, score: float) -> dict:
-    return {"trial": trial_id, "ok": True, "score": score, "metrics": {"unused": score}, "n_docs": {"unused": 10}}
+def fake_result(trial_id: int, score: float):
+    from evomerge.rundir.events import TrialResult
+
+    return TrialResult(trial=trial_id, ok=True, score=score, metrics={"unused": score}, n_docs={"unused": 10})
 
 
 def open_search(genome: Genome, run_dir):

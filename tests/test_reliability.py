@@ -3,7 +3,8 @@
 A driver SIGKILLed at five points of a search, with torn journal lines on top, resumes to exactly
 the uninterrupted run; a worker killed mid-evaluation is replaced and its candidates re-queued; a
 failing candidate becomes a failed trial and the search goes on; a full disk leaves the journal
-intact; snapshots are refused when their journaled hash does not match.
+intact; a snapshot whose journaled hash does not match is never unpickled (tests/search/test_resume.py
+shows the run then resumes exactly by replaying the whole journal).
 
 The Ray searches join one head node started here (127.0.0.1, token auth, private temp dir) with
 --address, so a driver start costs seconds rather than a cluster start. Drivers are killed at exact
@@ -18,6 +19,7 @@ import hashlib
 import inspect
 import io
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -27,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -134,10 +135,8 @@ def write_spec(folder: Path, zoo: dict, name: str, **sections) -> Path:
 
 
 def journal(run_dir: Path) -> list[dict]:
-    """The journal's events; a torn last line (made on purpose below) is left out."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return read_events(run_dir / "journal.jsonl")
+    """The journal's events; a torn last line (made on purpose below) is left out, with a logged warning."""
+    return read_events(run_dir / "journal.jsonl")
 
 
 def results_by_trial(events: list[dict], kind: str = "completed") -> dict[int, float]:
@@ -168,6 +167,11 @@ def reference_run(zoo, ray_head, tmp_path_factory) -> Path:
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
     return folder / "runs" / "reference"
+
+
+def asked(**fields) -> dict:
+    """The fields an 'asked' event needs besides its trial (read_events skips one without them)."""
+    return {"kind": "baseline", "label": "base", "merge_config": {}, **fields}
 
 
 def tear_last_line(path: Path) -> None:
@@ -219,16 +223,16 @@ def killed_run(tmp_path_factory, zoo, ray_head) -> tuple[Path, dict[int, float]]
 
 
 @pytest.mark.slow
-def test_driver_killed_at_five_points_resumes_without_losing_or_repeating_a_trial(killed_run, reference_run):
+def test_driver_killed_at_five_points_resumes_without_losing_or_repeating_a_trial(killed_run, reference_run, caplog):
     run_dir, kept = killed_run
     final = results_by_trial(journal(run_dir))  # also asserts no trial completed twice
     assert {t: final.get(t) for t in kept} == kept, "a completed trial was lost or rescored"
     assert set(final) == {e["trial"] for e in journal(run_dir) if e["event"] == "asked"}
     results_by_trial(journal(run_dir), "heldout")  # each held-out re-score once
     assert search_state(run_dir)["baselines"] == search_state(reference_run)["baselines"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        read_events(run_dir / "journal.jsonl")  # every line parses, nothing torn is left
+    with caplog.at_level(logging.WARNING):
+        read_events(run_dir / "journal.jsonl")
+    assert not caplog.records, "every line parses, nothing torn or skipped is left"
     from evomerge.rundir.results import status
 
     figures = status(run_dir)
@@ -352,7 +356,7 @@ def worker(zoo, tmp_path_factory):
     prepared = preflight(load_spec(write_spec(tmp_path_factory.mktemp("worker"), zoo, "worker")))
     worker = MergeWorker(WorkerSettings(prepared.spec.models.base, prepared.union_config, prepared.eval_sets))
     config = prepared.genome.to_merge_config(prepared.genome.x0()).model_dump(mode="json", exclude_none=True)
-    return worker, config, worker.evaluate(0, config)["score"]
+    return worker, config, worker.evaluate(0, config).score
 
 
 def raising(error: Exception):
@@ -363,14 +367,14 @@ def raising(error: Exception):
 
 
 def break_merge(monkeypatch, worker, config):
-    from evomerge.merge import candidate
+    from evomerge.merge.fused import candidate
 
     monkeypatch.setattr(candidate, "write_merge", raising(RuntimeError("merge exploded")))
     return config, "RuntimeError: merge exploded"
 
 
 def nan_after_merge(monkeypatch, worker, config):
-    from evomerge.merge import candidate
+    from evomerge.merge.fused import candidate
 
     def poisoned(model, *args, **kwargs):
         merged = real_merge(model, *args, **kwargs)
@@ -413,10 +417,10 @@ def test_a_failing_candidate_is_a_failed_result_and_the_worker_serves_on(worker,
     merge_worker, good, good_score = worker
     config, reason = fault(monkeypatch, merge_worker, good)
     failed = merge_worker.evaluate(7, config)
-    assert (failed["trial"], failed["ok"], failed["worker"]) == (7, False, merge_worker.worker_id)
-    assert reason in failed["reason"]
+    assert (failed.trial, failed.ok, failed.worker) == (7, False, merge_worker.worker_id)
+    assert reason in failed.reason
     monkeypatch.undo()
-    assert merge_worker.evaluate(8, good)["score"] == good_score, "the failure leaked into the next candidate"
+    assert merge_worker.evaluate(8, good).score == good_score, "the failure leaked into the next candidate"
 
 
 @pytest.mark.slow
@@ -462,7 +466,7 @@ def test_journal_write_on_a_full_disk_fails_cleanly_and_leaves_the_journal_intac
             return super().write(data)
 
     journal_ = Journal(tmp_path)
-    before = [journal_.append("asked", trial=t, merge_config={"merge_method": "ties"}) for t in range(3)]
+    before = [journal_.append("asked", trial=t, **asked(merge_config={"merge_method": "ties"})) for t in range(3)]
     journal_._syncer.wait()  # the background fsync of those lines is done before the disk "fills"
     journal_._handle.close()
     journal_._handle = io.BufferedWriter(DiskFull(journal_.path, room=25))
@@ -477,7 +481,7 @@ def test_journal_write_on_a_full_disk_fails_cleanly_and_leaves_the_journal_intac
 
 def test_snapshot_write_on_a_full_disk_fails_cleanly(tmp_path, monkeypatch):
     journal_ = Journal(tmp_path)
-    journal_.append("asked", trial=0)
+    journal_.append("asked", trial=0, **asked())
     journal_._syncer.wait()  # only the snapshot's own fsync meets the full disk
 
     def no_space(_descriptor):
@@ -497,37 +501,20 @@ def test_snapshot_write_on_a_full_disk_fails_cleanly(tmp_path, monkeypatch):
     [b'{"event":"completed","tri', b'{"event":"completed","tri\n', b"\x00\x00\x00\x00"],
     ids=["partial-line", "partial-line-with-newline", "zero-filled"],
 )
-def test_a_torn_last_line_is_dropped_with_a_warning_and_never_poisons_the_journal(tmp_path, tail):
+def test_a_torn_last_line_is_dropped_with_a_warning_and_never_poisons_the_journal(tmp_path, tail, caplog):
     journal_ = Journal(tmp_path)
-    journal_.append("asked", trial=0)
+    journal_.append("asked", trial=0, **asked())
     journal_.close()
     with journal_.path.open("ab") as handle:
         handle.write(tail)
-    with pytest.warns(UserWarning, match="torn last line"):
+    with caplog.at_level(logging.WARNING):
         journal_ = Journal(tmp_path)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{journal_.path}: dropped a torn last line (the driver was killed while writing it)"
+    ]
     journal_.append("completed", trial=0, score=1.0)
     journal_.close()
     assert [e["event"] for e in read_events(journal_.path)] == ["asked", "completed"]
-
-
-@pytest.mark.slow
-def test_resume_refuses_a_snapshot_that_does_not_match_its_hash(tmp_path, reference_run, ray_head):
-    from typer.testing import CliRunner
-
-    from evomerge.cli import app
-
-    address, env = ray_head
-    run_dir = tmp_path / "tampered"
-    shutil.copytree(reference_run, run_dir)
-    last = [e for e in journal(run_dir) if e["event"] == "snapshot"][-1]
-    blob = run_dir / "optimizer" / last["file"]
-    data = bytearray(blob.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    blob.write_bytes(bytes(data))
-    refused = CliRunner(env=env).invoke(app, ["resume", str(run_dir), "--address", address])
-    lines = [line for line in refused.stderr.splitlines() if line.strip()]
-    assert refused.exit_code == 2 and len(lines) == 1, refused.stderr[-3000:]
-    assert "does not match the hash in the journal" in lines[0] and last["file"] in lines[0]
 
 
 @pytest.mark.slow
@@ -567,7 +554,7 @@ def test_journal_fsyncs_in_the_background_and_close_waits_for_the_last_one(tmp_p
 
 def test_a_failed_background_fsync_is_reported_on_the_next_append(tmp_path, monkeypatch):
     journal_ = Journal(tmp_path)
-    journal_.append("asked", trial=0)
+    journal_.append("asked", trial=0, **asked())
     journal_._syncer.wait()
 
     def failing_fsync(_descriptor):

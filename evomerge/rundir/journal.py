@@ -7,7 +7,10 @@ it; an 'asked' line asks for none and rides on the next result's), so the search
 on the disk; power loss can cost only the last few events, which a resume re-runs. `close` fsyncs
 whatever is left and waits for it.
 Optimizer state is the only pickle, written atomically under `optimizer/` and referenced from the
-journal by its SHA-256, so a resume refuses a blob that does not match.
+journal by its SHA-256; a blob that is missing or does not match is never unpickled (the search
+replays the whole journal instead).
+Lines that parse but are no event (`{}`, `123`) and a second result for one trial are skipped with
+a one-line warning naming the line, so a hand-edited journal still reads; the first result stands.
 
 Test-only hook: with EVOMERGE_TEST_KILL_AFTER_EVENT=EVENT:N in the environment, the process
 SIGKILLs itself right after its N-th EVENT line is flushed; the reliability tests use it to kill
@@ -20,59 +23,107 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import signal
 import threading
 import time
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from evomerge.errors import UserError
+from evomerge.rundir.events import RESULT_EVENTS, EventName
+from evomerge.rundir.layout import RunDir
 
 KILL_HOOK_VARIABLE = "EVOMERGE_TEST_KILL_AFTER_EVENT"
-
+# Warnings go through logging, one line each: warnings.warn would print a line of our source too.
+LOG = logging.getLogger(__name__)
 
 # Events that only announce work (an 'asked' is re-derived by replay) wake no fsync of their own:
 # the next result's fsync covers them.
-UNSYNCED_EVENTS = frozenset({"asked"})
+UNSYNCED_EVENTS = frozenset({EventName.ASKED})
+# Fields without which an event cannot be replayed; such a line is skipped as junk.
+REQUIRED_FIELDS = {
+    EventName.ASKED: ("trial", "kind", "label", "merge_config"),
+    EventName.COMPLETED: ("trial",),
+    EventName.FAILED: ("trial",),
+    EventName.HELDOUT: ("trial",),
+    EventName.SNAPSHOT: ("file", "sha256", "after_events"),
+    EventName.SEEDED: ("seeds",),
+}
 
 
 class RunLocked(UserError):
     pass
 
 
+class SnapshotUnusable(Exception):
+    """A journaled optimizer snapshot that is missing or does not match its hash."""
+
+
 def read_events(path: Path) -> list[dict]:
-    """Every complete event; a torn final line is dropped with a warning, earlier damage is an error."""
+    """Every complete event; a torn final line is dropped with a warning, earlier damage is an error.
+
+    JSON-valid junk and a repeated result for a trial are skipped with a warning; the first stands.
+    """
     if not path.exists():
         return []
     lines = path.read_bytes().split(b"\n")
-    events = []
+    events: list[dict] = []
+    seen_results: set[tuple[str, int]] = set()
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
         try:
-            events.append(json.loads(raw))
+            event = json.loads(raw)
         except ValueError:
             if number >= len(lines) - 1:
-                warnings.warn(
-                    f"{path}: dropping a torn last line (the driver was killed while writing it)", stacklevel=2
-                )
+                LOG.warning("%s: dropping a torn last line (the driver was killed while writing it)", path)
                 break
             raise UserError(
                 f"{path}: line {number} is not valid JSON; the journal was edited or damaged, restore it from a backup"
             ) from None
+        problem = _junk(event) or _repeated(event, seen_results)
+        if problem:
+            LOG.warning("%s: skipping line %d (%s)", path, number, problem)
+            continue
+        events.append(event)
     return events
+
+
+def _junk(event) -> str | None:
+    """Why a parsed line is no event the journal could have written, else None."""
+    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+        return f"not a journal event: {json.dumps(event)[:60]}"
+    missing = [key for key in REQUIRED_FIELDS.get(event["event"], ()) if key not in event]
+    if missing:
+        return f"a '{event['event']}' event without {', '.join(missing)}"
+    if "trial" in event and (isinstance(event["trial"], bool) or not isinstance(event["trial"], int)):
+        return f"a '{event['event']}' event whose trial is not a number"
+    return None
+
+
+def _repeated(event: dict, seen: set[tuple[str, int]]) -> str | None:
+    """A second result (or held-out result) for one trial: a journal only ever holds one."""
+    kind = event["event"]
+    if kind not in (*RESULT_EVENTS, EventName.HELDOUT):
+        return None
+    key = ("heldout" if kind == EventName.HELDOUT else "result", event["trial"])
+    if key in seen:
+        return f"a second result for trial {event['trial']}; the first one is kept"
+    seen.add(key)
+    return None
 
 
 class Journal:
     """Appends events to runs/NAME/journal.jsonl; holds an exclusive lock while open."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "journal.jsonl"
-        self.snapshot_dir = self.run_dir / "optimizer"
-        self._lock = open(self.run_dir / ".lock", "a")  # noqa: SIM115 - held (and locked) until close()
+    def __init__(self, run_dir: Path | RunDir):
+        self.run = RunDir.of(run_dir)
+        self.run_dir = self.run.root
+        self.path = self.run.journal
+        self.snapshot_dir = self.run.snapshots
+        self._lock = open(self.run.lock, "a")  # noqa: SIM115 - held (and locked) until close()
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -80,9 +131,7 @@ class Journal:
                 f"{self.run_dir}: another evomerge process is using this run; wait for it or stop it first"
             ) from None
         if self._repair_torn_tail():
-            warnings.warn(
-                f"{self.path}: dropped a torn last line (the driver was killed while writing it)", stacklevel=2
-            )
+            LOG.warning("%s: dropped a torn last line (the driver was killed while writing it)", self.path)
         self._handle = open(self.path, "ab")  # noqa: SIM115 - the append handle lives until close()
         self._syncer = BackgroundFsync(lambda: self._handle.fileno())
         self._write_lock = threading.Lock()
@@ -109,7 +158,7 @@ class Journal:
             os.fsync(handle.fileno())
         return True
 
-    def append(self, event: str, **fields) -> dict:
+    def append(self, event: EventName, **fields) -> dict:
         record = {"event": event, "time": round(time.time(), 3), **fields}
         line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
         with self._write_lock:  # the snapshot thread appends too
@@ -135,7 +184,7 @@ class Journal:
         self._repair_torn_tail()
         self._handle = open(self.path, "ab")  # noqa: SIM115 - the append handle lives until close()
 
-    def _kill_if_asked(self, event: str) -> None:
+    def _kill_if_asked(self, event: EventName) -> None:
         if self._kill_after is None or event != self._kill_after[0]:
             return
         self._kill_countdown -= 1
@@ -174,7 +223,7 @@ class Journal:
             raise UserError(
                 f"{final}: cannot write the optimizer snapshot ({error.strerror}); free disk space or fix permissions, then 'evomerge resume {self.run_dir}'"
             ) from None
-        return self.append("snapshot", file=final.name, sha256=digest, after_events=after_events)
+        return self.append(EventName.SNAPSHOT, file=final.name, sha256=digest, after_events=after_events)
 
     def close(self) -> None:
         try:
@@ -265,14 +314,15 @@ def _kill_hook() -> tuple[str, int] | None:
     return event, int(count or 1)
 
 
-def load_snapshot(run_dir: Path, event: dict) -> bytes:
-    """The blob a snapshot event names, refused when its hash does not match the journal."""
-    path = Path(run_dir) / "optimizer" / event["file"]
-    if not path.exists():
-        raise UserError(f"{path}: optimizer snapshot named in the journal is missing")
-    blob = path.read_bytes()
+def load_snapshot(run_dir: Path | RunDir, event: dict) -> bytes:
+    """The blob a snapshot event names; SnapshotUnusable when it is missing or its hash does not match."""
+    path = RunDir.of(run_dir).snapshot(str(event["file"]))
+    try:
+        blob = path.read_bytes()
+    except OSError as error:
+        raise SnapshotUnusable(
+            f"{path}: optimizer snapshot named in the journal cannot be read ({error.strerror})"
+        ) from None
     if hashlib.sha256(blob).hexdigest() != event["sha256"]:
-        raise UserError(
-            f"{path}: optimizer snapshot does not match the hash in the journal; it was modified, refusing to load it"
-        )
+        raise SnapshotUnusable(f"{path}: optimizer snapshot does not match the hash in the journal")
     return blob

@@ -18,12 +18,15 @@ import yaml
 from jinja2 import Environment, PackageLoader
 
 from evomerge.rundir import plots
-from evomerge.rundir.results import leaderboard, load_trials, pareto_trials, standard_error, status
+from evomerge.rundir.events import RESULT_EVENTS, EventName, TrialResult
+from evomerge.rundir.genes import EMBED, HEAD, GeneRow, rows_from_names
+from evomerge.rundir.layout import RunDir
+from evomerge.rundir.results import leaderboard, load_trials, pareto_trials, result_se, standard_error, status
 from evomerge.rundir.trials import Trial
 
 TOP_K = 4  # trials drawn in the gene heatmap: the best and its runners-up
 REACH_FRACTION = 0.95
-SPECIAL_GROUPS = ("embed", "head")
+SPECIAL_GROUPS = (EMBED, HEAD)
 
 
 @dataclass(frozen=True)
@@ -42,20 +45,20 @@ class Evaluation:
 def evaluation_history(events: list[dict], trials: dict[int, Trial]) -> list[Evaluation]:
     history = []
     for event in events:
-        if event["event"] not in ("completed", "failed") or event["trial"] not in trials:
+        if event["event"] not in RESULT_EVENTS or event["trial"] not in trials:
             continue
         trial = trials[event["trial"]]
-        failed = event["event"] == "failed"
-        objectives = event.get("objectives")
+        result = TrialResult.from_event(event)
+        failed = event["event"] == EventName.FAILED or result.score is None
         history.append(
             Evaluation(
                 number=len(history) + 1,
                 trial=trial.trial_id,
                 kind=trial.kind,
                 label=trial.label,
-                score=None if failed else float(event["score"]),
-                objectives=None if failed or objectives is None else tuple(float(v) for v in objectives),
-                reason=event.get("reason") if failed else None,
+                score=None if failed else float(result.score),
+                objectives=None if failed or result.objectives is None else tuple(map(float, result.objectives)),
+                reason=result.reason if failed else None,
             )
         )
     return history
@@ -82,12 +85,6 @@ def evals_to_reach(scores, fraction: float = REACH_FRACTION) -> int | None:
     return int(reached[0]) + 1
 
 
-def parse_gene(name: str) -> tuple[str, str, str, str | None]:
-    """'density/m1/g0/mlp' -> ('density', 'm1', '0', 'mlp'); see `evomerge.genome.Gene` for the scheme."""
-    param, owner, group, *part = name.split("/")
-    return param, owner, group.removeprefix("g"), part[0] if part else None
-
-
 @dataclass(frozen=True)
 class GeneGrid:
     """One parameter of one trial: rows are models (x attn/mlp part), columns layer groups then
@@ -95,43 +92,57 @@ class GeneGrid:
 
     param: str
     rows: list[str]
-    columns: list[str]
+    columns: list[str]  # labels: the layer range ("L0-7"), or "g3" for runs journaled without one
     values: np.ndarray
     labels: list[tuple[float, int, float]]  # (row position, column, value), one per gene, centred on its block
     model_starts: list[int]  # first row of every model but the first, where a separator goes
+    layer_columns: int  # how many columns are layer groups (embed/head follow)
 
 
-def gene_grids(params: dict[str, float], model_names: list[str]) -> list[GeneGrid]:
-    genes: dict[str, dict[tuple[str, str | None, str], float]] = {}
+def journaled_gene_table(events: list[dict]) -> list[GeneRow] | None:
+    """The gene table the search journaled on run_started; None for runs journaled before it existed."""
+    for event in events:
+        if event["event"] == "run_started" and event.get("genes"):
+            return [GeneRow.from_json(row) for row in event["genes"]]
+    return None
+
+
+def gene_grids(params: dict[str, float], model_names: list[str], table: list[GeneRow] | None = None) -> list[GeneGrid]:
+    """The heatmap grids of one trial's genes; `table` is the run's gene table (else read from names)."""
+    rows = {row.name: row for row in table or rows_from_names(params)}
+    genes: dict[str, list[tuple[GeneRow, float]]] = {}
     for name, value in params.items():
-        param, owner, group, part = parse_gene(name)
-        genes.setdefault(param, {})[(owner, part, group)] = float(value)
+        row = rows.get(name) or rows_from_names([name])[0]
+        genes.setdefault(row.param, []).append((row, float(value)))
     return [_gene_grid(param, values, model_names) for param, values in genes.items()]
 
 
-def _gene_grid(param: str, genes: dict[tuple[str, str | None, str], float], model_names: list[str]) -> GeneGrid:
-    groups = {group for _, _, group in genes}
-    columns = sorted((g for g in groups if g.isdigit()), key=int) + [g for g in SPECIAL_GROUPS if g in groups]
+def _gene_grid(param: str, genes: list[tuple[GeneRow, float]], model_names: list[str]) -> GeneGrid:
+    label_of = {row.group: row.column_label for row, _ in genes}
+    layer_groups = sorted(group for group in label_of if isinstance(group, int))
+    keys = layer_groups + [group for group in SPECIAL_GROUPS if group in label_of]
     rows, blocks, labels, starts = [], [], [], []
-    for owner in dict.fromkeys(owner for owner, _, _ in genes):
-        parts = [p for p in dict.fromkeys(part for o, part, _ in genes if o == owner) if p is not None] or [None]
+    for model in dict.fromkeys(row.model for row, _ in genes):
+        parts = [p for p in dict.fromkeys(row.part for row, _ in genes if row.model == model) if p is not None] or [
+            None
+        ]
         if rows:
             starts.append(len(rows))
-        block = np.full((len(parts), len(columns)), np.nan)
-        for (gene_owner, part, group), value in genes.items():
-            if gene_owner != owner:
+        block = np.full((len(parts), len(keys)), np.nan)
+        for row, value in genes:
+            if row.model != model:
                 continue
-            span = list(range(len(parts))) if part is None else [parts.index(part)]
-            block[span, columns.index(group)] = value
-            labels.append((len(rows) + (span[0] + span[-1]) / 2, columns.index(group), value))
-        rows += [_row_label(owner, part, model_names) for part in parts]
+            span = list(range(len(parts))) if row.part is None else [parts.index(row.part)]
+            block[span, keys.index(row.group)] = value
+            labels.append((len(rows) + (span[0] + span[-1]) / 2, keys.index(row.group), value))
+        rows += [_row_label(model, part, model_names) for part in parts]
         blocks.append(block)
-    return GeneGrid(param, rows, columns, np.vstack(blocks), labels, starts)
+    columns = [label_of[key] for key in keys]
+    return GeneGrid(param, rows, columns, np.vstack(blocks), labels, starts, len(layer_groups))
 
 
-def _row_label(owner: str, part: str | None, model_names: list[str]) -> str:
-    index = owner.removeprefix("m")
-    name = model_names[int(index)] if index.isdigit() and int(index) < len(model_names) else owner
+def _row_label(model: int | None, part: str | None, model_names: list[str]) -> str:
+    name = "all" if model is None else model_names[model] if model < len(model_names) else f"m{model}"
     return f"{name} · {part}" if part else name
 
 
@@ -145,7 +156,7 @@ def objective_names(spec: dict, count: int) -> list[str]:
 def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     """Write report.html and its PNGs into out_dir (default run_dir/report); returns the HTML path."""
     run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
+    out_dir = Path(out_dir) if out_dir is not None else RunDir(run_dir).report
     events, trials = load_trials(run_dir)
     spec = _read_spec(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +167,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
         "summary": summary,
         "table": _table_rows(trials),
         "failures": [e for e in history if e.score is None],
-        "figures": _draw_figures(out_dir, spec, trials, history, summary["reach"]),
+        "figures": _draw_figures(out_dir, spec, trials, history, summary["reach"], journaled_gene_table(events)),
     }
     html_path = out_dir / "report.html"
     html_path.write_text(_template().render(**context), encoding="utf-8")
@@ -166,7 +177,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
 def _read_spec(run_dir: Path) -> dict:
     # The raw mapping rather than the Spec model: a report should still open for a run whose spec
     # an older or newer evomerge would not validate.
-    path = run_dir / "spec.yaml"
+    path = RunDir(run_dir).spec
     data = yaml.safe_load(path.read_text()) if path.exists() else None
     return data if isinstance(data, dict) else {}
 
@@ -198,17 +209,16 @@ def _table_rows(trials: dict[int, Trial]) -> list[dict]:
     """results.leaderboard, plus the best evolved trial when none of them was re-scored held-out."""
     rows = leaderboard(trials)
     if not any(row["kind"] == "optimizer" for row in rows):
-        evolved = [t for t in trials.values() if t.kind == "optimizer" and t.status == "completed"]
+        evolved = [t for t in trials.values() if t.kind == "optimizer" and t.status == EventName.COMPLETED]
         if evolved:
-            best = max(evolved, key=lambda t: t.result["score"])
-            result = best.result
+            best = max(evolved, key=lambda t: t.score)
             rows.append(
                 {
                     "trial": best.trial_id,
                     "label": best.label,
                     "kind": "optimizer",
-                    "search": result["score"],
-                    "search_se": standard_error(result.get("metrics", {}), result.get("n_docs", {})),
+                    "search": best.score,
+                    "search_se": result_se(best.result),
                     "heldout": None,
                     "heldout_se": None,
                 }
@@ -224,7 +234,12 @@ def _table_rows(trials: dict[int, Trial]) -> list[dict]:
 
 
 def _draw_figures(
-    out_dir: Path, spec: dict, trials: dict[int, Trial], history: list[Evaluation], reach: int | None
+    out_dir: Path,
+    spec: dict,
+    trials: dict[int, Trial],
+    history: list[Evaluation],
+    reach: int | None,
+    gene_table: list[GeneRow] | None,
 ) -> list[dict]:
     """Draw every figure the run has data for; returns [{file, title, caption}] in page order."""
     figures = []
@@ -252,8 +267,8 @@ def _draw_figures(
     ranked = _top_evolved(trials, TOP_K)
     if ranked:
         models = [Path(p).name for p in (spec.get("models") or {}).get("experts", [])]
-        grids = [(f"{t.label}: {t.result['score']:.4f}", gene_grids(t.params, models)) for t in ranked]
-        drawn = plots.gene_heatmaps(grids, _param_ranges(trials), out_dir / "genes.png")
+        grids = [(f"{t.label}: {t.score:.4f}", gene_grids(t.params, models, gene_table)) for t in ranked]
+        drawn = plots.gene_heatmaps(grids, _param_ranges(trials, gene_table), out_dir / "genes.png")
         figures.append(
             {
                 "file": "genes.png",
@@ -276,43 +291,40 @@ def _draw_figures(
 
 def _task_panels(trials: dict[int, Trial]) -> list[dict]:
     """Bar groups for the search tasks and, when re-scored, the held-out tasks."""
-    done = [t for t in trials.values() if t.status == "completed"]
+    done = [t for t in trials.values() if t.status == EventName.COMPLETED]
     baselines = [t for t in done if t.kind == "baseline"]
-    evolved = sorted((t for t in done if t.kind == "optimizer"), key=lambda t: -t.result["score"])
+    evolved = sorted((t for t in done if t.kind == "optimizer"), key=lambda t: -t.score)
     panels = []
-    rescored = sorted(
-        (t for t in evolved if t.heldout and t.heldout.get("ok", True)), key=lambda t: -t.heldout["score"]
-    )
+    rescored = sorted((t for t in evolved if t.heldout_score is not None), key=lambda t: -t.heldout_score)
     for title, result_of, pool in (
         ("search tasks", lambda t: t.result, evolved[:1]),
         ("held-out tasks", lambda t: t.heldout, rescored[:1]),
     ):
-        entries = [
-            _bar_entry(t, result_of(t)) for t in baselines + pool if result_of(t) and result_of(t).get("metrics")
-        ]
+        entries = [_bar_entry(t, result_of(t)) for t in baselines + pool if result_of(t) and result_of(t).metrics]
         if entries:
             panels.append({"title": title, "entries": entries})
     return panels
 
 
-def _bar_entry(trial: Trial, result: dict) -> dict:
-    metrics, n_docs = result["metrics"], result.get("n_docs", {})
+def _bar_entry(trial: Trial, result: TrialResult) -> dict:
+    metrics, n_docs = result.metrics or {}, result.n_docs or {}
     errors = {task: standard_error({task: value}, n_docs) for task, value in metrics.items()}
     label = f"{trial.label} (best evolved)" if trial.kind == "optimizer" else trial.label
     return {"label": label, "kind": trial.kind, "values": metrics, "errors": errors}
 
 
 def _top_evolved(trials: dict[int, Trial], k: int) -> list[Trial]:
-    evolved = [t for t in trials.values() if t.kind == "optimizer" and t.status == "completed" and t.params]
-    return sorted(evolved, key=lambda t: -t.result["score"])[:k]
+    evolved = [t for t in trials.values() if t.kind == "optimizer" and t.status == EventName.COMPLETED and t.params]
+    return sorted(evolved, key=lambda t: -t.score)[:k]
 
 
-def _param_ranges(trials: dict[int, Trial]) -> dict[str, tuple[float, float]]:
+def _param_ranges(trials: dict[int, Trial], gene_table: list[GeneRow] | None) -> dict[str, tuple[float, float]]:
     """Per parameter, the span of values the search tried: a shared scale for every heatmap."""
+    param_of = {row.name: row.param for row in gene_table or []}
     ranges: dict[str, tuple[float, float]] = {}
     for trial in trials.values():
         for name, value in trial.params.items():
-            param = parse_gene(name)[0]
+            param = param_of.get(name) or rows_from_names([name])[0].param
             low, high = ranges.get(param, (value, value))
             ranges[param] = (min(low, value), max(high, value))
     return ranges

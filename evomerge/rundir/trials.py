@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evomerge.rundir.events import RESULT_EVENTS, EventName, TrialResult
+
 # Baseline labels: written by preflight (scored) and genome (seeded), read by the seeding rule
 # and the demo's margins, so they are defined once here.
 BASE_LABEL = "base"
@@ -32,9 +34,19 @@ class Trial:
     label: str
     merge_config: dict
     params: dict = field(default_factory=dict)
-    status: str = "asked"  # asked | completed | failed
-    result: dict = field(default_factory=dict)
-    heldout: dict | None = None
+    status: str = EventName.ASKED  # asked | completed | failed
+    result: TrialResult | None = None  # the search result, once there is one
+    heldout: TrialResult | None = None
+
+    @property
+    def score(self) -> float | None:
+        """The search score of a completed trial, None otherwise."""
+        return self.result.score if self.status == EventName.COMPLETED and self.result else None
+
+    @property
+    def heldout_score(self) -> float | None:
+        """The held-out score of a trial re-scored successfully, None otherwise."""
+        return self.heldout.score if self.heldout and self.heldout.ok else None
 
 
 def replay(events: list[dict]) -> dict[int, Trial]:
@@ -42,16 +54,22 @@ def replay(events: list[dict]) -> dict[int, Trial]:
     trials: dict[int, Trial] = {}
     for event in events:
         kind = event["event"]
-        if kind == "asked":
+        if kind == EventName.ASKED:
             trials[event["trial"]] = Trial(
-                event["trial"], event["kind"], event["label"], event["merge_config"], event.get("params", {})
+                event["trial"], event["kind"], event["label"], event["merge_config"], event.get("params") or {}
             )
-        elif kind in ("completed", "failed") and event["trial"] in trials:
+        elif kind in RESULT_EVENTS and event["trial"] in trials:
             trial = trials[event["trial"]]
-            trial.status, trial.result = kind, event
-        elif kind == "heldout" and event["trial"] in trials:
-            trials[event["trial"]].heldout = event
+            trial.status, trial.result = kind, TrialResult.from_event(event)
+        elif kind == EventName.HELDOUT and event["trial"] in trials:
+            trials[event["trial"]].heldout = TrialResult.from_event(event)
     return trials
+
+
+def search_seconds(events: list[dict]) -> float:
+    """The search's wall time so far, over every start and resume: each result journals it."""
+    journaled = (e.get("search_s") for e in events if e["event"] in RESULT_EVENTS)
+    return max((float(s) for s in journaled if isinstance(s, (int, float))), default=0.0)
 
 
 @dataclass
@@ -70,7 +88,7 @@ class Tally:
         tally = cls()
         for trial in trials.values():
             tally.add_asked(trial)
-            if trial.status != "asked":
+            if trial.status != EventName.ASKED:
                 tally.add_finished(trial)
         return tally
 
@@ -80,10 +98,9 @@ class Tally:
             self.baseline_labels.add(trial.label)
 
     def add_finished(self, trial: Trial) -> None:
-        if trial.status == "completed":
+        if trial.score is not None:
             self.completed += 1
-            score = trial.result["score"]
-            self.best_score = score if self.best_score is None else max(self.best_score, score)
+            self.best_score = trial.score if self.best_score is None else max(self.best_score, trial.score)
         else:
             self.failed += 1
-            self.last_failure = trial.result.get("reason", "unknown")
+            self.last_failure = (trial.result.reason if trial.result else None) or "unknown"

@@ -1,83 +1,85 @@
-"""The search loop and its run directory: start, resume (= replay the journal), finish.
+"""The search loop: start, resume (= replay the journal), finish.
 
-`runs/NAME/` holds a frozen copy of the spec, the append-only journal and optimizer snapshots.
-Resume restores the last snapshot whose hash the journal vouches for, replays the ask/tell events
-after it (checking the optimizer proposes exactly what was journaled), re-queues candidates that
-were in flight, and carries on; so a resumed search reaches the state an uninterrupted one would.
+`runs/NAME/` (see `evomerge.rundir.layout`) holds a frozen copy of the spec, the append-only
+journal and optimizer snapshots. Resume rebuilds the optimizer from the journal (`replay.py`: the
+last good snapshot plus the ask/tell events after it, or the whole journal), re-queues candidates
+that were in flight, and carries on; so a resumed search reaches the state an uninterrupted one
+would.
+
+Before any worker starts, the models and evaluation files are fingerprinted (`inputs.py`) and
+compared with the fingerprints of the last start; the time limit counts the search time of every
+earlier start too (each result journals the search time so far as `search_s`).
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import math
+import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from evomerge.errors import UserError
-from evomerge.files import write_text_atomic
 from evomerge.optim import make_optimizer
 from evomerge.preflight import Prepared, preflight
-from evomerge.rundir.journal import Journal, load_snapshot, read_events
+from evomerge.rundir.events import EventName, TrialResult
+from evomerge.rundir.journal import Journal, read_events
+from evomerge.rundir.layout import RunDir
 from evomerge.rundir.pareto import objective_values
-from evomerge.rundir.trials import Tally, Trial, is_default_merge, replay
-from evomerge.search.progress import SearchProgress
+from evomerge.rundir.trials import Tally, Trial, is_default_merge, replay, search_seconds
+from evomerge.search.inputs import first_change, input_fingerprints
+from evomerge.search.progress import ProgressSettings, SearchProgress
+from evomerge.search.replay import journaled_seeds, restore_optimizer
+from evomerge.search.runs import create_run_dir, load_run_spec, open_run, run_dir_of
 from evomerge.search.scheduler import Job, Scheduler
 from evomerge.search.tracking import Tracker
-from evomerge.spec import Spec, parse_spec
+from evomerge.spec import Spec
 
-SPEC_FILE = "spec.yaml"
-
-
-def run_dir_of(spec: Spec) -> Path:
-    return Path(spec.runs_dir).expanduser().resolve() / spec.name
-
-
-def create_run_dir(spec: Spec) -> Path:
-    """A new run directory with a frozen spec; refuses to reuse an existing run."""
-    run_dir = run_dir_of(spec)
-    if (run_dir / "journal.jsonl").exists():
-        raise UserError(
-            f"name: run '{spec.name}' already exists in {run_dir.parent}; use 'evomerge resume {run_dir}' or pick another name"
-        )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # Frozen with absolute paths, so the run does not depend on where it is resumed from.
-        write_text_atomic(run_dir / SPEC_FILE, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-    except OSError as error:
-        raise UserError(f"runs_dir: cannot write {run_dir} ({error.strerror}); choose a writable runs_dir") from None
-    return run_dir
-
-
-def load_run_spec(run_dir: Path) -> Spec:
-    path = Path(run_dir) / SPEC_FILE
-    if not path.exists():
-        raise UserError(f"{run_dir}: not a run directory (no {SPEC_FILE}); give runs/NAME")
-    return parse_spec(yaml.safe_load(path.read_text()), str(path), path.parent)
+__all__ = ["Search", "create_run_dir", "load_run_spec", "resume_search", "run_dir_of", "start_search"]
+LOG = logging.getLogger(__name__)
 
 
 class Search:
     """One driver process working on one run directory."""
 
-    def __init__(self, prepared: Prepared, run_dir: Path, address: str | None = None, progress: bool = True):
+    clock = staticmethod(time.monotonic)  # the search's wall clock; a test gives it a fake one
+
+    def __init__(
+        self,
+        prepared: Prepared,
+        run_dir: Path | RunDir,
+        address: str | None = None,
+        progress: bool | ProgressSettings = True,
+        accept_changed_inputs: bool = False,
+    ):
         self.prepared = prepared
         self.spec = prepared.spec
-        self.run_dir = run_dir
+        self.rundir = RunDir.of(run_dir)
+        self.run_dir = self.rundir.root
         self.address = address
         self.show_progress = progress
-        self.journal = Journal(run_dir)
-        self.events = read_events(self.journal.path)
-        self.journal.count = len(self.events)
-        _refuse_changed_spec(self.events, self.spec, run_dir)
-        self.trials = replay(self.events)
-        # (label, x) of the baselines handed to the optimizer; None until chosen (_seed_optimizer).
-        self.seeds = _journaled_seeds(self.events) if self.spec.budget.baselines else []
-        self.tally = Tally.of(self.trials)
-        self.optimizer = self._restore_optimizer()
-        self.tracker = Tracker(self.spec, self.run_dir)
+        self.accept_changed_inputs = accept_changed_inputs
+        self.journal = Journal(self.rundir)
+        try:
+            self.events = read_events(self.journal.path)
+            self.journal.count = len(self.events)
+            self.trials = replay(self.events)
+            # (label, x) of the baselines handed to the optimizer; None until chosen (_seed_optimizer).
+            self.seeds = journaled_seeds(self.events) if self.spec.budget.baselines else []
+            self.tally = Tally.of(self.trials)
+            self.optimizer = self._restore_optimizer()
+            self.tracker = Tracker(self.spec, self.run_dir)
+        except BaseException:
+            self.journal.close()  # frees the run's lock for another attempt in this process
+            raise
         self.tells_since_snapshot = 0
+        self.deaths_in_a_row = 0  # candidates failed one after another because their workers died
+        self.searched_before = search_seconds(self.events)
+        self._search_started: float | None = None
 
     def _new_optimizer(self):
         genome = self.prepared.genome
@@ -85,7 +87,7 @@ class Search:
         extra = {"popsize": settings.popsize, "sigma0": settings.sigma0} if settings.name == "cmaes" else {}
         if settings.name in ("tpe", "nsga2"):
             extra = {
-                "storage_path": str(self.run_dir / "optuna.log"),
+                "storage_path": str(self.rundir.optuna_log),
                 "objectives": max(1, len(self.spec.evaluation.objectives)),
             }
             if settings.name == "tpe":
@@ -96,57 +98,95 @@ class Search:
         return make_optimizer(settings.name, genome.lower, genome.upper, genome.x0(), settings.seed, **extra)
 
     def _restore_optimizer(self):
-        snapshots = [i for i, e in enumerate(self.events) if e["event"] == "snapshot"]
-        if snapshots:
-            event = self.events[snapshots[-1]]
-            optimizer = type(self._new_optimizer()).restore(load_snapshot(self.run_dir, event))
-            start = event["after_events"]
-        else:
-            optimizer, start = self._new_optimizer(), 0
-        for event in self.events[start:]:
-            _replay_event(optimizer, event, self.trials)
-        return optimizer
+        return restore_optimizer(self.rundir, self.events, self.trials, self._new_optimizer)
 
     def run(self) -> dict[int, Trial]:
-        import ray
-
+        """Check the inputs, start Ray (a local cluster unless `address`) and the workers, search."""
         # The driver's numpy work (CMA-ES eigendecompositions) is small; extra BLAS threads only
         # fight the workers for cores.
         from threadpoolctl import threadpool_limits
 
-        from evomerge.search.cluster import connect, make_actor_factory
+        from evomerge.search.cluster import ClusterSession, make_actor_factory
 
-        threadpool_limits(1)
-        connect(self.spec, self.address)
-        factory, count = make_actor_factory(self.prepared, self.spec)
-        scheduler = Scheduler(factory, count, self.spec.workers.queue_depth)
-        self.journal.append("run_started", spec_fingerprint=self.spec.fingerprint(), workers=count)
+        session = ClusterSession(self.spec, self.address)
         try:
-            with SearchProgress(self.spec.budget.max_evals, enabled=self.show_progress) as progress:
+            inputs = self._checked_inputs()
+            threadpool_limits(1)
+            session.open()
+            factory, count = make_actor_factory(self.prepared, self.spec)
+            calls = session.watched_calls(self.run_dir)  # a lost cluster ends the search in one line
+            self._search_and_finish(Scheduler(factory, count, self.spec.workers.queue_depth, calls=calls), inputs)
+        finally:
+            self.close()
+            session.close()
+        return self.trials
+
+    def run_with(self, scheduler: Scheduler) -> dict[int, Trial]:
+        """The same search on workers the caller started (tests and benchmarks: in-process ones)."""
+        try:
+            self._search_and_finish(scheduler, self._checked_inputs())
+        finally:
+            self.close()
+        return self.trials
+
+    def close(self) -> None:
+        self.tracker.close()
+        self.journal.close()
+
+    def _search_and_finish(self, scheduler: Scheduler, inputs: dict[str, str]) -> None:
+        try:
+            genes = [row.to_json() for row in self.prepared.genome.gene_table()]  # what the report's heatmaps read
+            self.journal.append(
+                EventName.RUN_STARTED,
+                spec_fingerprint=self.spec.fingerprint(),
+                workers=len(scheduler.slots),
+                genes=genes,
+                inputs=inputs,
+            )
+            with SearchProgress(self.spec.budget.max_evals, self.show_progress, self.trials.values()) as progress:
                 progress.update(self.tally)
                 self._search(scheduler, progress)
                 self._rescore_heldout(scheduler)
             self._snapshot(wait=True)
-            self.journal.append("run_finished", completed=self.tally.completed)
+            self.journal.append(EventName.RUN_FINISHED, completed=self.tally.completed)
         finally:
-            self.tracker.close()
             scheduler.shutdown()
-            self.journal.close()
-            if self.address is None:
-                ray.shutdown()
-        return self.trials
+
+    def current_inputs(self) -> dict[str, str]:
+        """Fingerprints of the model folders and the evaluation files as they are on disk now."""
+        models = [self.spec.models.base, *self.spec.models.experts]
+        return input_fingerprints(models, self.prepared.eval_sets.values())
+
+    def _checked_inputs(self) -> dict[str, str]:
+        """The inputs now; refused (one line naming the file) when they differ from the last start's."""
+        current = self.current_inputs()
+        started = [e for e in self.events if e["event"] == EventName.RUN_STARTED and isinstance(e.get("inputs"), dict)]
+        # A run journaled before input fingerprints existed has nothing to compare with.
+        change = first_change(started[-1]["inputs"], current) if started else None
+        if change and not self.accept_changed_inputs:
+            raise UserError(
+                f"{change}; restore it, or run 'evomerge resume {self.rundir} --accept-changed-inputs' to go on with the changed inputs"
+            )
+        if change:
+            LOG.warning("%s; going on with the changed inputs (--accept-changed-inputs)", change)
+        return current
+
+    def _searched(self) -> float:
+        """Seconds this run has searched: this start's so far plus every earlier start's."""
+        now = 0.0 if self._search_started is None else self.clock() - self._search_started
+        return self.searched_before + now
 
     def _search(self, scheduler: Scheduler, progress: SearchProgress) -> None:
-        started = time.monotonic()
+        self._search_started = self.clock()
         time_limit = (self.spec.budget.time_limit_min or math.inf) * 60
         pending = [
             Job(t.trial_id, t.merge_config)
             for t in self.trials.values()
-            if t.status == "asked" and t.kind in ("optimizer", "baseline")
+            if t.status == EventName.ASKED and t.kind in ("optimizer", "baseline")
         ]
         scheduler.requeued.extend(pending)
         while True:
-            out_of_time = time.monotonic() - started > time_limit
+            out_of_time = self._searched() > time_limit
             while scheduler.free_slots and not out_of_time:
                 job = scheduler.requeued.popleft() if scheduler.requeued else self._next_job()
                 if job is None:
@@ -156,15 +196,21 @@ class Search:
                 return
             for job, result in scheduler.poll(timeout=1.0):
                 self._record(job, result)
-                progress.update(self.tally)
+                progress.update(self.tally, self.trials[job.trial_id])
+            progress.update(self.tally)  # a status line per minute even when no result came
             self._stop_if_nothing_works(scheduler)
 
     def _stop_if_nothing_works(self, scheduler: Scheduler) -> None:
-        """Every evaluation so far failed: the setup is broken, not the candidates; say why and stop."""
-        tally = self.tally
-        if tally.completed == 0 and tally.failed >= max(6, 3 * len(scheduler.slots)):
+        """Every evaluation so far failed, or workers died on every recent candidate: the setup is
+        broken, not the candidates; say why and stop."""
+        tally, enough = self.tally, max(6, 3 * len(scheduler.slots))
+        if tally.completed == 0 and tally.failed >= enough:
             raise UserError(
                 f"the first {tally.failed} evaluations all failed (last: {tally.last_failure}); fix the cause and run 'evomerge resume {self.run_dir}'"
+            )
+        if self.deaths_in_a_row >= enough:
+            raise UserError(
+                f"workers died on each of the last {self.deaths_in_a_row} candidates (last: {tally.last_failure}); fix what kills them (memory, a model or task file), then run 'evomerge resume {self.run_dir}'"
             )
 
     def _next_job(self) -> Job | None:
@@ -197,10 +243,11 @@ class Search:
             self.seeds = []  # a run journaled before seeding existed: resume it as it was
             return True
         baselines = [t for t in self.trials.values() if t.kind == "baseline"]
-        if any(t.status == "asked" for t in baselines):
+        if any(t.status == EventName.ASKED for t in baselines):
             return False
         self.seeds = seeds_worth_trying(self.prepared.genome.baseline_points(), baselines)
-        self.journal.append("seeded", seeds=[{"label": label, "x": [float(v) for v in x]} for label, x in self.seeds])
+        seeds = [{"label": label, "x": [float(v) for v in x]} for label, x in self.seeds]
+        self.journal.append(EventName.SEEDED, seeds=seeds)
         for _, x in self.seeds:
             self.optimizer.enqueue(x)
         return True
@@ -209,7 +256,7 @@ class Search:
         self.trials[trial.trial_id] = trial
         self.tally.add_asked(trial)
         self.journal.append(
-            "asked",
+            EventName.ASKED,
             trial=trial.trial_id,
             kind=trial.kind,
             label=trial.label,
@@ -219,32 +266,31 @@ class Search:
         )
         return Job(trial.trial_id, trial.merge_config)
 
-    def _record(self, job: Job, result: dict) -> None:
+    def _record(self, job: Job, result: TrialResult) -> None:
         trial = self.trials[job.trial_id]
         if job.eval_set == "heldout":
-            trial.heldout = self.journal.append("heldout", **_result_fields(result))
+            trial.heldout = _finite(result)
+            self.journal.append(EventName.HELDOUT, **trial.heldout.to_journal())
             return
-        ok = result["ok"] and math.isfinite(result.get("score", math.nan))
-        trial.status = "completed" if ok else "failed"
-        if not ok:
-            result = {**result, "ok": False, "reason": result.get("reason", "score is not finite")}
-        objectives = self._objectives(result) if ok else None
-        extra = {"objectives": objectives} if objectives is not None else {}
-        trial.result = self.journal.append(trial.status, **_result_fields(result), **extra)
+        result = _finite(self._with_objectives(result))
+        trial.status = EventName.COMPLETED if result.ok else EventName.FAILED
+        trial.result = result
+        self.journal.append(trial.status, **result.to_journal(), search_s=round(self._searched(), 3))
         self.tally.add_finished(trial)
-        if ok:
+        self.deaths_in_a_row = self.deaths_in_a_row + 1 if job.gave_up else 0
+        if result.ok:
             self.tracker.log_trial(trial, self.tally.best_score)
         if trial.kind == "optimizer":
-            self.optimizer.tell(trial.trial_id, (objectives or result["score"]) if ok else None)
+            self.optimizer.tell(trial.trial_id, (result.objectives or result.score) if result.ok else None)
             self.tells_since_snapshot += 1
             if self.tells_since_snapshot >= (self.spec.optimizer.popsize or 10):
                 self._snapshot()
 
-    def _objectives(self, result: dict) -> list[float] | None:
-        if not self.spec.multi_objective:
-            return None
+    def _with_objectives(self, result: TrialResult) -> TrialResult:
+        if not (result.ok and self.spec.multi_objective and result.metrics is not None):
+            return result
         weights = {t.name: t.weight for t in self.spec.evaluation.tasks}
-        return objective_values(result["metrics"], self.spec.evaluation.objectives, weights)
+        return replace(result, objectives=objective_values(result.metrics, self.spec.evaluation.objectives, weights))
 
     def _snapshot(self, wait: bool = False) -> None:
         """Pickle the optimizer now; hashing, writing and fsyncing it overlap the search unless `wait`."""
@@ -276,72 +322,50 @@ class Search:
 
 def heldout_candidates(trials: dict[int, Trial], top_k: int) -> list[Trial]:
     """Every completed baseline plus the top-k completed optimizer trials by search score."""
-    done = [t for t in trials.values() if t.status == "completed"]
-    searched = sorted((t for t in done if t.kind == "optimizer"), key=lambda t: -t.result["score"])
+    done = [t for t in trials.values() if t.status == EventName.COMPLETED]
+    searched = sorted((t for t in done if t.kind == "optimizer"), key=lambda t: -t.score)
     return [t for t in done if t.kind == "baseline"] + searched[:top_k]
 
 
 def seeds_worth_trying(points: list[tuple[str, np.ndarray]], baselines: list[Trial]) -> list[tuple[str, np.ndarray]]:
     """The expressible baselines that scored at least as well as every default merge."""
-    scores = {t.label: t.result["score"] for t in baselines if t.status == "completed"}
+    scores = {t.label: t.score for t in baselines if t.status == EventName.COMPLETED}
     merges = [score for label, score in scores.items() if is_default_merge(label)]
     bar = max(merges, default=-math.inf)
     return [(label, x) for label, x in points if label in scores and scores[label] >= bar]
 
 
-def _journaled_seeds(events: list[dict]) -> list[tuple[str, np.ndarray]] | None:
-    seeded = [e for e in events if e["event"] == "seeded"]
-    return [(s["label"], np.asarray(s["x"], dtype=float)) for s in seeded[-1]["seeds"]] if seeded else None
+def _finite(result: TrialResult) -> TrialResult:
+    """A result holding a NaN or an infinity becomes a failure that names it: the journal never holds NaN."""
+    reason = result.non_finite()
+    return result.as_failure(reason) if reason else result
 
 
-def _result_fields(result: dict) -> dict:
-    keep = (
-        "trial",
-        "ok",
-        "score",
-        "metrics",
-        "n_docs",
-        "worker",
-        "merge_s",
-        "prepare_s",
-        "merge_path",
-        "eval_s",
-        "subset",
-        "reason",
-        "seconds",
-    )
-    return {k: result[k] for k in keep if k in result}
+def start_search(
+    spec: Spec, address: str | None = None, progress: bool | ProgressSettings = True, source: str = "spec"
+) -> Path:
+    from evomerge.search.cluster import ClusterSession
 
-
-def _refuse_changed_spec(events: list[dict], spec: Spec, run_dir: Path) -> None:
-    started = [e for e in events if e["event"] == "run_started"]
-    if started and started[0]["spec_fingerprint"] != spec.fingerprint():
-        raise UserError(
-            f"{run_dir / SPEC_FILE}: the spec was changed after the run started; restore it, or start a new run for the new spec"
-        )
-
-
-def _replay_event(optimizer, event: dict, trials: dict[int, Trial]) -> None:
-    kind = event["event"]
-    if kind == "asked" and event["kind"] == "optimizer":
-        ask = optimizer.ask()
-        if ask is None or ask.trial_id != event["trial"] or not np.allclose(ask.x, event["x"], rtol=0, atol=1e-12):
-            raise UserError(
-                f"journal: the optimizer no longer proposes trial {event['trial']} as journaled; the spec or the optimizer code changed, start a new run"
-            )
-    elif kind == "seeded":
-        for seed in event["seeds"]:
-            optimizer.enqueue(np.asarray(seed["x"], dtype=float))
-    elif kind in ("completed", "failed") and event["trial"] in trials and trials[event["trial"]].kind == "optimizer":
-        optimizer.tell(event["trial"], (event.get("objectives") or event.get("score")) if kind == "completed" else None)
-
-
-def start_search(spec: Spec, address: str | None = None, progress: bool = True, source: str = "spec") -> Path:
     prepared = preflight(spec, source)
     _check_local_devices(spec, address, source)
-    run_dir = create_run_dir(spec)
-    Search(prepared, run_dir, address, progress).run()
+    _refuse_unusable_run_dir(spec)
+    # Ray before the run directory: a failed connect leaves no empty run blocking the name.
+    with ClusterSession(spec, address):
+        run_dir = create_run_dir(spec)
+        Search(prepared, run_dir, address, progress).run()
     return run_dir
+
+
+def _refuse_unusable_run_dir(spec: Spec) -> None:
+    """What create_run_dir would refuse, found before Ray takes its seconds to start."""
+    run = RunDir.inside(spec.runs_dir, spec.name)
+    if run.journal.exists():
+        create_run_dir(spec)  # refuses an existing run with its own line, before writing anything
+    existing = next(folder for folder in (run.root, *run.root.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(
+            f"runs_dir: cannot write {run.root} ({existing} is not a writable folder); choose a writable runs_dir"
+        )
 
 
 def _check_local_devices(spec: Spec, address: str | None, source: str) -> None:
@@ -356,17 +380,22 @@ def _check_local_devices(spec: Spec, address: str | None, source: str) -> None:
 
 
 def resume_search(
-    run_dir: Path, address: str | None = None, progress: bool = True, spec_path: Path | None = None
+    run_dir: Path,
+    address: str | None = None,
+    progress: bool | ProgressSettings = True,
+    spec_path: Path | None = None,
+    accept_changed_inputs: bool = False,
 ) -> Path:
-    run_dir = Path(run_dir).resolve()
-    frozen = load_run_spec(run_dir)
+    """Continue a run; refused when its frozen spec, or (unless accepted) its inputs, changed."""
+    run, frozen, _ = open_run(Path(run_dir).resolve())
     if spec_path is not None:
         from evomerge.spec import load_spec
 
         current = load_spec(spec_path)
         if current.fingerprint() != frozen.fingerprint():
             raise UserError(
-                f"{spec_path}: differs from the spec frozen in {run_dir}; resume continues the original search, start a new run for a changed spec"
+                f"{spec_path}: differs from the spec frozen in {run}; resume continues the original search, start a new run for a changed spec"
             )
-    Search(preflight(frozen, str(run_dir / SPEC_FILE)), run_dir, address, progress).run()
-    return run_dir
+    prepared = preflight(frozen, str(run.spec))
+    Search(prepared, run, address, progress, accept_changed_inputs=accept_changed_inputs).run()
+    return run.root

@@ -35,8 +35,8 @@ class Tracker:
 
     def log_trial(self, trial, best: float | None) -> None:
         self.step += 1
-        values = {"score": trial.result.get("score"), "best_so_far": best}
-        values.update({f"task/{name}": value for name, value in trial.result.get("metrics", {}).items()})
+        values = {"score": trial.score, "best_so_far": best}
+        values.update({f"task/{name}": value for name, value in (trial.result.metrics or {}).items()})
         values = {k: v for k, v in values.items() if v is not None}
         for backend in self.backends:
             backend.log(values, self.step)

@@ -22,6 +22,7 @@ import torch
 from evomerge.evaluation.evaluate import Evaluator
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.fused.candidate import CandidateMerger
+from evomerge.rundir.events import TrialResult
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class MergeWorker:
     def subset_indices(self, eval_set: str = "search") -> dict[str, list[int]]:
         return self.evaluators[eval_set].subset_indices()
 
-    def evaluate(self, trial_id: int, merge_config: dict, eval_set: str = "search") -> dict:
+    def evaluate(self, trial_id: int, merge_config: dict, eval_set: str = "search") -> TrialResult:
         """Merge `merge_config` into the resident model and score it; never raises for the candidate."""
         started = time.perf_counter()
         try:
@@ -99,29 +100,24 @@ class MergeWorker:
         except Exception as error:  # noqa: BLE001 - one bad candidate must not kill the worker
             detail = traceback.format_exception_only(type(error), error)[-1].strip()
             return self._failure(trial_id, detail, started)
-        return {
-            "trial": trial_id,
-            "ok": True,
-            "score": result.score,
-            "metrics": result.metrics,
-            "n_docs": result.n_docs,
-            "worker": self.worker_id,
-            "eval_set": eval_set,
-            "merge_s": round(merged - locked, 4),
-            "prepare_s": round(planned - started, 4),
-            "merge_path": self.merger.path,
-            "eval_s": round(result.seconds, 4),
-            "subset": self.subset_digests[eval_set],
-        }
+        return TrialResult(
+            trial=trial_id,
+            ok=True,
+            score=result.score,
+            metrics=result.metrics,
+            n_docs=result.n_docs,
+            worker=self.worker_id,
+            merge_s=round(merged - locked, 4),
+            prepare_s=round(planned - started, 4),
+            merge_path=self.merger.path,
+            eval_s=round(result.seconds, 4),
+            subset=self.subset_digests[eval_set],
+        )
 
-    def _failure(self, trial_id: int, reason: str, started: float) -> dict:
-        return {
-            "trial": trial_id,
-            "ok": False,
-            "reason": reason,
-            "worker": self.worker_id,
-            "seconds": round(time.perf_counter() - started, 4),
-        }
+    def _failure(self, trial_id: int, reason: str, started: float) -> TrialResult:
+        return TrialResult.failure(
+            trial_id, reason, worker=self.worker_id, seconds=round(time.perf_counter() - started, 4)
+        )
 
 
 def subset_digest(indices: dict[str, list[int]]) -> str:

@@ -11,6 +11,7 @@ import pytest
 
 from evomerge.errors import UserError
 from evomerge.preflight import check_available
+from evomerge.rundir.events import TrialResult
 from evomerge.rundir.trials import Trial
 from evomerge.search.tracking import Tracker
 from evomerge.spec import parse_spec
@@ -44,7 +45,8 @@ def test_trials_reach_the_backend(monkeypatch, tmp_path):
     )
     monkeypatch.setitem(sys.modules, "wandb", fake)
     tracker = Tracker(spec_with(wandb=True), tmp_path)
-    trial = Trial(0, "optimizer", "trial 0", {}, status="completed", result={"score": 0.5, "metrics": {"x": 0.5}})
+    result = TrialResult(trial=0, ok=True, score=0.5, metrics={"x": 0.5})
+    trial = Trial(0, "optimizer", "trial 0", {}, status="completed", result=result)
     tracker.log_trial(trial, best=0.5)
     tracker.close()
     assert logged == [(1, {"score": 0.5, "best_so_far": 0.5, "task/x": 0.5})]

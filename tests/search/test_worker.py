@@ -48,18 +48,15 @@ def test_every_worker_and_candidate_scores_the_same_documents(prepared):
         second.evaluate(1, candidate(prepared, 0.9)),
         first.evaluate(2, candidate(prepared, 0.6)),
     ]
-    assert all(r["ok"] for r in results)
+    assert all(r.ok for r in results)
     assert first.subset_indices() == second.subset_indices() == before
     assert len(before["tiny_add"]) == 24
-    assert len({r["subset"] for r in results}) == 1
+    assert len({r.subset for r in results}) == 1
 
 
 def test_same_candidate_gives_the_same_score_on_another_worker(prepared):
     config = candidate(prepared, 0.4)
-    assert (
-        make_worker(prepared, "a").evaluate(0, config)["score"]
-        == make_worker(prepared, "b").evaluate(0, config)["score"]
-    )
+    assert make_worker(prepared, "a").evaluate(0, config).score == make_worker(prepared, "b").evaluate(0, config).score
 
 
 def test_failures_stay_inside_one_candidate(prepared, monkeypatch):
@@ -67,12 +64,12 @@ def test_failures_stay_inside_one_candidate(prepared, monkeypatch):
     broken = candidate(prepared, 0.5)
     broken["merge_method"] = "no_such_method"
     failed = worker.evaluate(0, broken)
-    assert not failed["ok"] and "no_such_method" in failed["reason"]
+    assert not failed.ok and "no_such_method" in failed.reason
     overflow = candidate(prepared, 0.5)
     overflow["parameters"] = {"lambda": 1e39}
     failed = worker.evaluate(1, overflow)
-    assert not failed["ok"] and "not finite" in failed["reason"]
-    assert worker.evaluate(2, candidate(prepared, 0.5))["ok"], "the worker still serves the next candidate"
+    assert not failed.ok and "not finite" in failed.reason
+    assert worker.evaluate(2, candidate(prepared, 0.5)).ok, "the worker still serves the next candidate"
 
 
 @pytest.mark.parametrize("heldout_limit", [None, 10])
@@ -100,9 +97,9 @@ def test_concurrent_calls_score_as_if_run_one_after_another(prepared):
     from concurrent.futures import ThreadPoolExecutor
 
     configs = [candidate(prepared, value) for value in (0.1, 0.5, 0.9, 0.3)]
-    sequential = [make_worker(prepared, "s").evaluate(trial, config)["score"] for trial, config in enumerate(configs)]
+    sequential = [make_worker(prepared, "s").evaluate(trial, config).score for trial, config in enumerate(configs)]
     worker = make_worker(prepared, "c")
     with ThreadPoolExecutor(max_workers=2) as pool:
         concurrent = list(pool.map(lambda args: worker.evaluate(*args), enumerate(configs)))
-    assert [result["score"] for result in concurrent] == sequential
-    assert all(result["prepare_s"] >= 0 and result["merge_path"] == "reference" for result in concurrent)
+    assert [result.score for result in concurrent] == sequential
+    assert all(result.prepare_s >= 0 and result.merge_path == "reference" for result in concurrent)

@@ -1,0 +1,79 @@
+"""`RunDir`: the one place that knows what a run directory holds and what its files are called.
+
+runs/NAME/spec.yaml       the frozen spec (written first, before anything else)
+runs/NAME/journal.jsonl   the append-only journal, the run's source of truth
+runs/NAME/optimizer/      optimizer snapshots, each named in the journal with its SHA-256
+runs/NAME/optuna.log      TPE and NSGA-II runs: Optuna's journal storage (for optuna-dashboard)
+runs/NAME/report/         `evomerge report` output
+runs/NAME/.lock           held by the one process working on the run
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from evomerge.errors import UserError
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @classmethod
+    def of(cls, run_dir: str | os.PathLike | RunDir) -> RunDir:
+        return run_dir if isinstance(run_dir, RunDir) else cls(Path(run_dir))
+
+    @classmethod
+    def inside(cls, runs_dir: str | os.PathLike, name: str) -> RunDir:
+        """runs_dir/name, refused unless `name` is one plain path component that stays inside runs_dir.
+
+        The spec checks the name too; this is the check at the place that writes, so a name that
+        slipped past it (or a symlink planted at runs_dir/name) never lets a run overwrite files
+        elsewhere.
+        """
+        parent = Path(runs_dir).expanduser().resolve()
+        if name in ("", ".", "..") or Path(name).name != name or "/" in name or os.sep in name:
+            raise UserError(
+                f"name: '{name}' is not a plain folder name; give the run a name such as my-merge (letters, digits, '.', '_', '-')"
+            )
+        root = parent / name
+        if root.resolve().parent != parent:
+            raise UserError(
+                f"name: {root} resolves to {root.resolve()}, outside runs_dir {parent}; remove that link or pick another name"
+            )
+        return cls(root)
+
+    @property
+    def spec(self) -> Path:
+        return self.root / "spec.yaml"
+
+    @property
+    def journal(self) -> Path:
+        return self.root / "journal.jsonl"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.root / "optimizer"
+
+    def snapshot(self, file_name: str) -> Path:
+        return self.snapshots / file_name
+
+    @property
+    def optuna_log(self) -> Path:
+        return self.root / "optuna.log"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def __fspath__(self) -> str:
+        return str(self.root)

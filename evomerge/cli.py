@@ -6,8 +6,10 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -81,23 +83,42 @@ def merge(
     merge_config = load_merge_config(config)
     card = None if no_model_card else _model_card(config, merge_config, out_dir, seed)
     try:
-        validated = merge_to_disk(
-            merge_config,
-            out_dir,
-            device=device,
-            seed=seed,
-            progress=sys.stderr.isatty(),
-            max_shard_bytes=int(shard_size_gb * 1024**3),
-            config_file=config,
-            force=force,
-            allow_non_finite=allow_non_finite,
-            model_card=card,
-        )
+        with _sigterm_as_interrupt():  # a plain `kill` or a job's time limit: the staging folder is removed
+            validated = merge_to_disk(
+                merge_config,
+                out_dir,
+                device=device,
+                seed=seed,
+                progress=sys.stderr.isatty(),
+                max_shard_bytes=int(shard_size_gb * 1024**3),
+                config_file=config,
+                force=force,
+                allow_non_finite=allow_non_finite,
+                model_card=card,
+            )
     except NonFiniteOutput as error:
         raise UserError(
             f"{config}: {error} (a NaN, inf or huge weight or lambda?); fix the parameters, or pass --allow-non-finite to write it anyway"
         ) from None
     typer.echo(f"wrote {len(validated.plan.tensors)} tensors ({validated.plan.num_layers} layers) to {out_dir}")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt while the block runs, so cleanup code runs as on Ctrl-C."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _model_card(config_path: Path, merge_config, out_dir: Path, seed: int) -> str:

@@ -6,7 +6,9 @@ these are the cases that succeed, or fail after the merge has started.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,13 @@ def test_force_replaces_an_earlier_merge_whole(zoo, write_config, tmp_path):
     assert all(torch.equal(loaded[name], tensor) for name, tensor in expected.items())
 
 
+def test_an_existing_empty_out_needs_no_force(zoo, write_config, tmp_path):
+    (tmp_path / "out").mkdir()
+    merged(run_cli_in_process("merge", write_config(linear(zoo, "ft_a")), tmp_path / "out"))
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yml", "out"]
+
+
 class Killed(BaseException):
     """Stands for a kill: not an Exception, so nothing on the way may swallow it."""
 
@@ -97,6 +106,35 @@ def test_interrupted_merge_leaves_out_as_it_was(moment, zoo, tmp_path, monkeypat
         merge_to_disk(MergeConfig.model_validate(task_arithmetic(zoo)), out, progress=False, force=True)
     assert snapshot(tmp_path) == before
     assert seen == ([] if moment == "mid-stream" else [old_merge])
+
+
+def test_sigterm_during_a_merge_removes_the_staging_folder(zoo, write_config, tmp_path, monkeypatch):
+    """`kill` (or a job's time limit) mid-merge: exit 130, OUT as it was, no hidden staging folder left."""
+    out = tmp_path / "out"
+    config = write_config(task_arithmetic(zoo))
+    merge_to_disk(MergeConfig.model_validate(linear(zoo, "ft_a")), out, progress=False)
+    before, stray_terms = snapshot(tmp_path), []
+
+    # Had the command not caught SIGTERM, this handler (not the default: death of the test run) gets it.
+    def record(*_):
+        stray_terms.append(1)
+
+    previous = signal.signal(signal.SIGTERM, record)
+    try:
+        write = StreamingShardWriter.write
+
+        def write_then_terminate(self, name, tensor):
+            write(self, name, tensor)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        monkeypatch.setattr(StreamingShardWriter, "write", write_then_terminate)
+        result = run_cli_in_process("merge", config, out, "--force")
+        restored = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.returncode == 130 and "interrupted" in result.stderr, result.stderr
+    assert not stray_terms and restored is record  # the command put the caller's handler back
+    assert snapshot(tmp_path) == before
 
 
 def test_allow_non_finite_writes_the_merge(zoo, write_config, tmp_path):

@@ -20,20 +20,30 @@ def did_you_mean(name: str, choices) -> str:
 
 def describe_validation_error(error, source: str) -> str:
     """One line for the first problem in a pydantic ValidationError: 'SOURCE: a.b[0].c: message'."""
-    first = error.errors()[0]
+    return f"{source}: {describe_problem(error.errors()[0])}"
+
+
+def problem_path(item: dict) -> str:
+    """'a.b[0].c' for one pydantic error item, union branch labels left out."""
     path = ""
-    for part in first.get("loc", ()):
+    for part in item.get("loc", ()):
         if isinstance(part, int):
             path += f"[{part}]"
         elif not _is_union_branch_label(part):
             path += f".{part}" if path else str(part)
-    message = first.get("msg", "invalid value").removeprefix("Value error, ")
-    if first.get("type") == "extra_forbidden":
-        known = first.get("ctx", {}).get("known_fields", ())
+    return path
+
+
+def describe_problem(item: dict) -> str:
+    """'a.b[0].c: message' for one pydantic error item; a whole-model check names its own fields."""
+    path = problem_path(item)
+    message = item.get("msg", "invalid value").removeprefix("Value error, ")
+    if item.get("type") == "extra_forbidden":
+        known = item.get("ctx", {}).get("known_fields", ())
         message = "unknown key; remove it or fix the spelling" + did_you_mean(path.rsplit(".", 1)[-1], known)
-    elif first.get("type") == "missing":
+    elif item.get("type") == "missing":
         message = "required key is missing; add it"
-    return f"{source}: {path or '(top level)'}: {message}"
+    return f"{path}: {message}" if path else message
 
 
 def _is_union_branch_label(part) -> bool:

@@ -9,29 +9,49 @@ contains it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.methods import METHODS, MethodInfo
+from evomerge.merge.parameters import PARAMETERS, PER_MODEL, SEARCHABLE
+from evomerge.rundir.genes import EMBED, HEAD, GeneRow, gene_name
 from evomerge.rundir.trials import LINEAR_LABEL, parent_label
 from evomerge.spec import DEFAULT_BOUNDS, Spec
 
-PER_MODEL = ("weight", "density", "gamma", "epsilon")
-DEFAULT_VALUES = {"density": 0.5, "t": 0.5, "gamma": 0.01, "epsilon": 0.15, "lambda": 1.0}
+# The first candidate's values (weight's depends on normalization, see Genome.default_values).
+DEFAULT_VALUES = {p: PARAMETERS[p].search_start for p in SEARCHABLE if PARAMETERS[p].search_start is not None}
+
+
+class Region(Enum):
+    """Where a gene acts: one layer group, or the embeddings / the final norm and head."""
+
+    LAYERS = "layers"
+    EMBED = EMBED
+    HEAD = HEAD
 
 
 @dataclass(frozen=True)
 class Gene:
-    name: str
     param: str
     model: int | None  # expert index, None for parameters shared by all models
-    group: str  # layer group index as text, "embed" or "head"
+    group: int | None  # layer-group index; None for the embeddings and head genes
+    region: Region
     part: str | None  # "attn" (everything but the MLP), "mlp", or None
     low: float
     high: float
+    name: str = field(init=False, compare=False)  # derived from the fields, for display and journal keys
+
+    def __post_init__(self):
+        object.__setattr__(self, "name", gene_name(self.param, self.model, self.site, self.part))
+
+    @property
+    def site(self) -> int | str:
+        """The layer-group index, or 'embed' / 'head'."""
+        return self.group if self.region is Region.LAYERS and self.group is not None else self.region.value
 
     def value(self, unit: float) -> float:
         return self.low + float(unit) * (self.high - self.low)
@@ -40,23 +60,16 @@ class Gene:
         return float(np.clip((value - self.low) / (self.high - self.low), 0.0, 1.0))
 
 
-def default_parameters(method: MethodInfo, fixed: dict) -> list[str]:
-    """What a search evolves when the spec does not say."""
-    wanted = [p for p in ("weight", "density", "t") if p in method.tunable]
-    if method.family == "task_vector" and method.sparsification is None:
-        wanted = ["weight"]
-    return [p for p in wanted if p not in fixed]
-
-
 def is_normalized(method: MethodInfo, fixed: dict) -> bool:
     return bool(fixed.get("normalize", method.shared_params.get("normalize", False)))
 
 
 def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) layer ranges, as even as possible."""
-    groups = min(groups, num_layers)
+    """Contiguous [start, end) layer ranges, as even as possible; needs groups <= num_layers."""
+    if not 1 <= groups <= num_layers:
+        raise ValueError(f"{groups} layer groups cannot split {num_layers} layers")
     edges = np.linspace(0, num_layers, groups + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=False)]
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
 class Genome:
@@ -66,7 +79,7 @@ class Genome:
         self.spec = spec
         self.method = METHODS[spec.merge.method]
         self.fixed = dict(spec.merge.fixed)
-        self.params = spec.genome.params or default_parameters(self.method, self.fixed)
+        self.params = spec.searched_params
         self.groups = layer_groups(num_layers, spec.genome.layer_groups)
         self.genes = self._make_genes()
         self._branches = self._branch_templates()
@@ -83,24 +96,33 @@ class Genome:
         return DEFAULT_BOUNDS[param]
 
     def _make_genes(self) -> list[Gene]:
-        group_names = [str(i) for i in range(len(self.groups))]
+        sites = [(Region.LAYERS, index) for index in range(len(self.groups))]
         if self.spec.genome.embeddings:
-            group_names += ["embed", "head"]
+            sites += [(Region.EMBED, None), (Region.HEAD, None)]
         parts = ("attn", "mlp") if self.spec.genome.split_attn_mlp else (None,)
         models = range(len(self.spec.models.experts))
         genes = []
         for param in self.params:
             owners = models if param in PER_MODEL else [None]
             for model in owners:
-                for group in group_names:
-                    for part in parts if group.isdigit() else (None,):
-                        label = "/".join(
-                            str(s)
-                            for s in (param, f"m{model}" if model is not None else "all", f"g{group}", part)
-                            if s is not None
-                        )
-                        genes.append(Gene(label, param, model, group, part, *self._bounds(param)))
+                for region, group in sites:
+                    for part in parts if region is Region.LAYERS else (None,):
+                        genes.append(Gene(param, model, group, region, part, *self._bounds(param)))
         return genes
+
+    def gene_table(self) -> list[GeneRow]:
+        """What every gene means, for the journal and the report (nothing parses gene names)."""
+        return [
+            GeneRow(
+                gene.name,
+                gene.param,
+                gene.model,
+                gene.site,
+                gene.part,
+                self.groups[gene.group] if gene.group is not None else None,
+            )
+            for gene in self.genes
+        ]
 
     def default_values(self) -> dict[str, float]:
         normalized = is_normalized(self.method, self.fixed) or self.method.family == "linear"
@@ -194,7 +216,7 @@ class Genome:
 
         Worked out once per genome, so building a candidate's config is only lookups.
         """
-        name_of = {(g.param, g.model, g.group, g.part): g.name for g in self.genes}
+        name_of = {(g.param, g.model, g.site, g.part): g.name for g in self.genes}
         owners = {p: list(range(len(self.spec.models.experts))) if p in PER_MODEL else [None] for p in self.params}
         templates = {}
         for param in self.params:
@@ -204,16 +226,15 @@ class Genome:
         return templates
 
     def _branches_of(self, name_of: dict, param: str, model: int | None, index: int) -> list[tuple[str | None, str]]:
-        group = str(index)
         if self.spec.genome.split_attn_mlp:
-            branches = [("mlp", name_of[(param, model, group, "mlp")]), (None, name_of[(param, model, group, "attn")])]
+            branches = [("mlp", name_of[(param, model, index, "mlp")]), (None, name_of[(param, model, index, "attn")])]
         else:
-            branches = [(None, name_of[(param, model, group, None)])]
+            branches = [(None, name_of[(param, model, index, None)])]
         if self.spec.genome.embeddings:
             if index == 0:
-                branches.insert(0, ("embed_tokens", name_of[(param, model, "embed", None)]))
+                branches.insert(0, ("embed_tokens", name_of[(param, model, EMBED, None)]))
             if index == len(self.groups) - 1:
-                head = name_of[(param, model, "head", None)]
+                head = name_of[(param, model, HEAD, None)]
                 branches[:0] = [("lm_head", head), ("model.norm.", head)]
         return branches
 

@@ -1,28 +1,29 @@
 """Everything checked before a search starts, without reading a weight.
 
-`preflight(spec)` checks the model folders (existence, architecture, vocabulary, tokenizer), plans
-the default merge, resolves every lm-eval task, and returns what the search needs: the genome, the
-merge that keeps every tensor resident, the evaluation settings and the baseline merges.
+`preflight(spec)` checks the model folders (existence, architecture, vocabulary, tokenizer, no
+model listed twice under another name), plans the default merge, resolves every lm-eval task, and
+returns what the search needs: the genome, the merge that keeps every tensor resident, the eval
+sets and the baseline merges.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge.errors import UserError
-from evomerge.evaluation.tasks import EvalSettings, TaskSpec, resolve_tasks
-from evomerge.genome import Genome, num_layers_of
+from evomerge.evaluation.config import EvalSet
+from evomerge.evaluation.dry_run import rehearse_eval_set
+from evomerge.evaluation.tasks import resolve_tasks
+from evomerge.genome import Genome
 from evomerge.merge.config import MergeConfig
+from evomerge.merge.fingerprint import weights_fingerprint
 from evomerge.merge.methods import METHODS
+from evomerge.merge.tokenizers import VOCABULARY_FILES, read_tokenizer, tokenizer_difference
 from evomerge.merge.validate import validate_merge_config
 from evomerge.rundir.trials import BASE_LABEL, LINEAR_LABEL, parent_label
-from evomerge.spec import Spec, TaskWeight
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+from evomerge.spec import Spec
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Prepared:
     spec: Spec
     genome: Genome
     union_config: dict
-    eval_sets: dict[str, EvalSettings]
+    eval_sets: dict[str, EvalSet]  # "search" and, with held-out tasks, "heldout"
     baselines: list[tuple[str, dict]]  # (label, merge config)
 
 
@@ -41,23 +42,30 @@ def preflight(spec: Spec, source: str = "spec") -> Prepared:
             f"{source}: models.experts: slerp merges the base with exactly one expert, got {len(spec.models.experts)}; use ties or task_arithmetic for more"
         )
     union = _union_config(spec)
-    field_names = {
-        spec.models.base: "models.base",
-        **{p: f"models.experts[{i}]" for i, p in enumerate(spec.models.experts)},
-    }
-    validated = validate_merge_config(union, source, field_names=field_names)
-    _check_tokenizers(spec, source)
-    genome = Genome(spec, num_layers_of(spec.models.base))
+    fields = model_fields(spec)
+    validated = validate_merge_config(union, source, field_names=fields)
+    _check_tokenizers(fields, source)
+    _check_distinct_weights(fields, source)
+    num_layers = validated.folders[spec.models.base].num_layers
+    _check_layer_groups(spec, num_layers, source)
+    genome = Genome(spec, num_layers)
     validate_merge_config(genome.to_merge_config(genome.x0()), source, folders=validated.folders)
-    eval_sets = {"search": _eval_settings(spec, spec.evaluation.tasks, spec.evaluation.limit)}
-    if spec.evaluation.heldout_tasks:
-        eval_sets["heldout"] = _eval_settings(spec, spec.evaluation.heldout_tasks, spec.evaluation.heldout_limit)
-        _check_disjoint(spec, source)
-    for _name, settings in eval_sets.items():
-        resolve_tasks(settings)
+    eval_sets = spec.evaluation.eval_sets()
+    resolved = {name: resolve_tasks(eval_set) for name, eval_set in eval_sets.items()}
     check_available(spec, source)
     baselines = baseline_configs(spec) if spec.budget.baselines else []
+    _check_budget_after_baselines(spec, len(baselines), source)
+    for name, eval_set in eval_sets.items():  # the slowest check last: it builds every task's docs
+        rehearse_eval_set(eval_set, resolved[name])
     return Prepared(spec, genome, union.model_dump(mode="json", exclude_none=True), eval_sets, baselines)
+
+
+def model_fields(spec: Spec) -> dict[str, str]:
+    """Model path -> the spec field that names it, base first."""
+    return {
+        spec.models.base: "models.base",
+        **{path: f"models.experts[{i}]" for i, path in enumerate(spec.models.experts)},
+    }
 
 
 def _union_config(spec: Spec) -> MergeConfig:
@@ -72,42 +80,56 @@ def _union_config(spec: Spec) -> MergeConfig:
     )
 
 
-def _check_tokenizers(spec: Spec, source: str) -> None:
-    reference = _tokenizer_fingerprint(Path(spec.models.base))
-    for index, path in enumerate(spec.models.experts):
-        if _tokenizer_fingerprint(Path(path)) != reference:
+def _check_tokenizers(fields: dict[str, str], source: str) -> None:
+    """Every expert has the base's tokenizer: whole tokenizer.json, added and special tokens."""
+    reference = None
+    for path, field in fields.items():
+        facts = read_tokenizer(Path(path), f"{source}: {field}")
+        if facts is None:
             raise UserError(
-                f"{source}: models.experts[{index}]: its tokenizer differs from the base model's; every model must share the base tokenizer"
+                f"{source}: {field}: no tokenizer files ({', '.join(VOCABULARY_FILES)}) in {path}; copy the base model's tokenizer there"
             )
+        difference = None if reference is None else tokenizer_difference(reference, facts)
+        if difference:
+            raise UserError(
+                f"{source}: {field}: its tokenizer differs from the base model's ({difference}); every model must share the base tokenizer"
+            )
+        reference = reference or facts
 
 
-def _tokenizer_fingerprint(folder: Path) -> str | None:
-    for name in ("tokenizer.json", "vocab.json", "tokenizer.model"):
-        if (folder / name).exists():
-            data = (folder / name).read_bytes()
-            if name == "tokenizer.json":
-                data = json.dumps(json.loads(data).get("model", {}), sort_keys=True).encode()
-            return f"{name}:{hashlib.sha256(data).hexdigest()}"
-    return None
+def _check_distinct_weights(fields: dict[str, str], source: str) -> None:
+    """No expert is the base, or another expert, under a second name (a copied folder)."""
+    seen: dict[str, str] = {}
+    for path, field in fields.items():
+        fingerprint = weights_fingerprint(Path(path))
+        if fingerprint in seen:
+            first = seen[fingerprint]
+            raise UserError(
+                f"{source}: {field}: '{path}' holds the same weights as {first} ('{_path_of(fields, first)}'); "
+                f"list each model once and give {field} a real fine-tune"
+            )
+        seen[fingerprint] = field
 
 
-def _eval_settings(spec: Spec, tasks: list[TaskWeight], limit: int | None) -> EvalSettings:
-    evaluation = spec.evaluation
-    return EvalSettings(
-        tasks=tuple(TaskSpec(name=t.name, weight=t.weight, metric=t.metric, num_fewshot=t.num_fewshot) for t in tasks),
-        include_paths=tuple(evaluation.include),
-        limit=limit,
-        subset_seed=evaluation.seed,
-        batch_size=evaluation.batch_size,
-        max_length=evaluation.max_length,
-    )
+def _path_of(fields: dict[str, str], field: str) -> str:
+    return next(path for path, name in fields.items() if name == field)
 
 
-def _check_disjoint(spec: Spec, source: str) -> None:
-    overlap = {t.name for t in spec.evaluation.tasks} & {t.name for t in spec.evaluation.heldout_tasks}
-    if overlap:
+def _check_layer_groups(spec: Spec, num_layers: int, source: str) -> None:
+    groups = spec.genome.layer_groups
+    if groups > num_layers:
         raise UserError(
-            f"{source}: evaluation.heldout_tasks: {sorted(overlap)[0]} is also a search task; held-out tasks must be a disjoint split"
+            f"{source}: genome.layer_groups: {groups} is more than the base model's {num_layers} layers; "
+            f"use at most {num_layers} (one gene set per layer)"
+        )
+
+
+def _check_budget_after_baselines(spec: Spec, baselines: int, source: str) -> None:
+    max_evals = spec.budget.max_evals
+    if max_evals is not None and baselines and max_evals <= baselines:
+        raise UserError(
+            f"{source}: budget.max_evals: {max_evals} leaves no evaluation for the search after the {baselines} "
+            f"baselines; raise it above {baselines} or set budget.baselines: false"
         )
 
 

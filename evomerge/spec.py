@@ -1,36 +1,36 @@
 """spec.yaml as frozen pydantic models: what to merge, how, what to search, how to judge it.
 
-`load_spec` returns a validated Spec or raises a one-line UserError with the field path. Paths in
-the spec are resolved against the spec file's folder. Checks that need the model folders or the
-task files live in `validation.py`; this module only knows the file.
+`load_spec` returns a validated Spec or raises a UserError naming every field at fault (one line,
+problems joined by "; "). Paths in the spec are resolved against the spec file's folder. Numbers
+are finite and bounded (the limits below are documented in the field descriptions); parameter
+ranges come from `merge.parameters`. Checks that need the model folders or the task files live in
+`preflight.py`; this module only knows the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from evomerge.errors import UserError, describe_validation_error, did_you_mean
+from evomerge.errors import UserError, describe_problem, did_you_mean, problem_path
+from evomerge.evaluation.config import DEFAULT_INCLUDE, EvaluationSpec
+from evomerge.evaluation.config import Strict as _Strict
 from evomerge.merge.config import load_yaml_file
-from evomerge.merge.methods import METHODS
+from evomerge.merge.methods import METHODS, MethodInfo
+from evomerge.merge.parameters import PARAMETERS, SCALE_LIMITS, SEARCHABLE, SWITCHES, bounds_limits
 
-SEARCHABLE = ("weight", "density", "t", "gamma", "epsilon", "lambda")
-DEFAULT_BOUNDS = {
-    "weight": (0.0, 1.0),
-    "density": (0.1, 1.0),
-    "t": (0.0, 1.0),
-    "gamma": (0.0, 0.1),
-    "epsilon": (0.01, 0.2),
-    "lambda": (0.5, 1.5),
-}
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+DEFAULT_BOUNDS = {name: PARAMETERS[name].search_bounds for name in SEARCHABLE}
+LAYER_GROUPS_LIMIT = 1024
+POPSIZE_LIMIT = 10_000
+WORKERS_LIMIT = 4096
+QUEUE_DEPTH_LIMIT = 1024
+MAX_EVALS_LIMIT = 10_000_000
+RUN_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"
 
 
 class ModelsSpec(_Strict):
@@ -52,6 +52,22 @@ class MergeSpec(_Strict):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
+    @field_validator("fixed", mode="before")
+    @classmethod
+    def _known_values(cls, fixed):
+        # Before the float | bool union parses it, which would report one failure per branch.
+        for name, value in (fixed if isinstance(fixed, dict) else {}).items():
+            if name not in PARAMETERS:
+                raise ValueError(
+                    f"no parameter '{name}'{did_you_mean(name, PARAMETERS)}; known: {', '.join(PARAMETERS)}"
+                )
+            if name in SWITCHES and not isinstance(value, bool):
+                raise ValueError(f"{name}: {value!r} is not true or false; give true or false")
+            limits = PARAMETERS[name].valid or SCALE_LIMITS
+            if name not in SWITCHES and value not in limits:
+                raise ValueError(f"{name}: {value!r} is not a number in {limits}; use a value in that range")
+        return fixed
+
     @field_validator("method")
     @classmethod
     def _known_method(cls, method):
@@ -65,11 +81,17 @@ class MergeSpec(_Strict):
 class GenomeSpec(_Strict):
     params: list[str] | None = Field(None, description="Parameters to evolve; default: the method's weight/density/t.")
     layer_groups: int = Field(
-        4, ge=1, description="Contiguous layer groups, each with its own genes (1 = one value per model)."
+        4,
+        ge=1,
+        le=LAYER_GROUPS_LIMIT,
+        strict=True,
+        description=f"Contiguous layer groups, each with its own genes (1 = one value per model); at most {LAYER_GROUPS_LIMIT} and the model's layer count.",
     )
     split_attn_mlp: bool = False
     embeddings: bool = Field(False, description="Separate genes for embed_tokens, final norm and lm_head.")
-    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    bounds: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="Finite [low, high] per searched parameter, inside its valid range."
+    )
 
     @field_validator("params")
     @classmethod
@@ -79,6 +101,8 @@ class GenomeSpec(_Strict):
                 raise ValueError(
                     f"'{name}' cannot be searched{did_you_mean(name, SEARCHABLE)}; choose from {', '.join(SEARCHABLE)}"
                 )
+        if params is not None and len(set(params)) != len(params):
+            raise ValueError("a parameter is listed twice; list each once")
         return params
 
     @field_validator("bounds")
@@ -89,67 +113,23 @@ class GenomeSpec(_Strict):
                 raise ValueError(f"no parameter '{name}'{did_you_mean(name, SEARCHABLE)}")
             if not low < high:
                 raise ValueError(f"{name}: lower bound {low} must be below upper bound {high}")
-            if name == "density" and not (low > 0 and high <= 1):
-                raise ValueError(f"density bounds must lie in (0, 1], got [{low}, {high}]")
+            limits = bounds_limits(name)
+            if low not in limits or high not in limits:
+                raise ValueError(f"{name} bounds must lie in {limits}, got [{low}, {high}]")
         return bounds
 
 
 class OptimizerSpec(_Strict):
     name: Literal["cmaes", "tpe", "random", "nsga2"] = "cmaes"
-    seed: int = 0
-    popsize: int | None = Field(None, ge=2)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    popsize: int | None = Field(None, ge=2, le=POPSIZE_LIMIT, description=f"At most {POPSIZE_LIMIT}.")
     sigma0: float = Field(0.25, gt=0, le=1)
-    n_startup_trials: int = Field(10, ge=0)
-
-
-class TaskWeight(_Strict):
-    name: str
-    weight: float = Field(1.0, gt=0)
-    metric: str = "acc"
-    num_fewshot: int | None = Field(None, ge=0)
-
-
-class ObjectiveSpec(_Strict):
-    name: str
-    tasks: list[str] = Field(min_length=1, description="Search tasks whose weighted mean is this objective.")
-
-
-class EvaluationSpec(_Strict):
-    tasks: list[TaskWeight] = Field(min_length=1)
-    objectives: list[ObjectiveSpec] = Field(
-        default_factory=list, description="Two or more for a multi-objective (Pareto) search."
-    )
-    heldout_tasks: list[TaskWeight] = Field(default_factory=list, description="Disjoint split for the final report.")
-    include: list[str] = Field(default_factory=lambda: ["evals"])
-    limit: int | None = Field(None, ge=1, description="Docs per search task: a fixed seeded subset.")
-    heldout_limit: int | None = Field(None, ge=1, description="Docs per held-out task; default: the whole split.")
-    seed: int = 0
-    batch_size: int = Field(32, ge=1)
-    max_length: int | None = Field(None, ge=8)
-    top_k: int = Field(5, ge=0, description="Trials re-scored on the held-out tasks at the end.")
-
-    @model_validator(mode="after")
-    def _objectives_use_search_tasks(self):
-        names = [t.name for t in self.tasks]
-        for objective in self.objectives:
-            for task in objective.tasks:
-                if task not in names:
-                    raise ValueError(
-                        f"objective '{objective.name}' uses '{task}', which is not in evaluation.tasks{did_you_mean(task, names)}"
-                    )
-        if len(self.objectives) == 1:
-            raise ValueError("objectives: give two or more for a Pareto search, or none for a single weighted score")
-        return self
-
-    @field_validator("tasks", "heldout_tasks", mode="before")
-    @classmethod
-    def _names_as_tasks(cls, tasks):
-        return [{"name": t} if isinstance(t, str) else t for t in tasks or []]
+    n_startup_trials: int = Field(10, ge=0, le=MAX_EVALS_LIMIT)
 
 
 class BudgetSpec(_Strict):
-    max_evals: int | None = Field(100, ge=1)
-    time_limit_min: float | None = Field(None, gt=0)
+    max_evals: int | None = Field(100, ge=1, le=MAX_EVALS_LIMIT, description=f"At most {MAX_EVALS_LIMIT:,}.")
+    time_limit_min: float | None = Field(None, gt=0, le=10 * 525_600, description="At most ten years.")
     baselines: bool = Field(
         True,
         description="Score the parents and the default merges first, and seed the optimizer with those the genome can express.",
@@ -163,11 +143,18 @@ class BudgetSpec(_Strict):
 
 
 class WorkersSpec(_Strict):
-    count: int | None = Field(None, ge=1, description="Default: one per GPU, else 2 CPU workers.")
+    count: int | None = Field(
+        None, ge=1, le=WORKERS_LIMIT, description=f"Default: one per GPU, else 2 CPU workers; at most {WORKERS_LIMIT}."
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    gpus_per_worker: float = Field(1.0, gt=0)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    queue_depth: int = Field(2, ge=1, description="Candidates queued per worker so it never waits for the driver.")
+    gpus_per_worker: float = Field(1.0, ge=0.01, le=64)
+    cpus_per_worker: float = Field(1.0, ge=0.01, le=1024)
+    queue_depth: int = Field(
+        2,
+        ge=1,
+        le=QUEUE_DEPTH_LIMIT,
+        description=f"Candidates queued per worker so it never waits for the driver; at most {QUEUE_DEPTH_LIMIT}.",
+    )
 
 
 class LoggingSpec(_Strict):
@@ -177,7 +164,7 @@ class LoggingSpec(_Strict):
 
 
 class Spec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field(description="The run's folder under runs_dir: one folder name, not starting with '.'.")
     models: ModelsSpec
     merge: MergeSpec = MergeSpec()
     genome: GenomeSpec = GenomeSpec()
@@ -189,9 +176,39 @@ class Spec(_Strict):
     logging: LoggingSpec = LoggingSpec()
     trust_remote_code: bool = False
 
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, name: str) -> str:
+        if not re.match(RUN_NAME, name):
+            raise ValueError(
+                f"'{name}' must be one folder name of letters, digits, '.', '_' and '-' (at most 200, not starting with '.'); rename the run"
+            )
+        return name
+
     @property
     def multi_objective(self) -> bool:
         return len(self.evaluation.objectives) >= 2
+
+    @property
+    def searched_params(self) -> list[str]:
+        """The parameters the genome evolves: the spec's list, or the method's defaults."""
+        return self.genome.params or default_parameters(METHODS[self.merge.method], self.merge.fixed)
+
+    @model_validator(mode="after")
+    def _genes_fit_the_method(self):
+        method = METHODS[self.merge.method]
+        for name in self.genome.params or []:
+            if name not in method.tunable:
+                raise ValueError(
+                    f"genome.params: {self.merge.method} does not take '{name}'; it takes {', '.join(method.tunable)}"
+                )
+        searched = self.searched_params
+        for name in self.genome.bounds:
+            if name not in searched:
+                raise ValueError(
+                    f"genome.bounds: '{name}' is not searched (searched: {', '.join(searched)}); remove its bounds or add it to genome.params"
+                )
+        return self
 
     @model_validator(mode="after")
     def _optimizer_fits_objectives(self):
@@ -209,6 +226,14 @@ class Spec(_Strict):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def default_parameters(method: MethodInfo, fixed: dict) -> list[str]:
+    """What a search evolves when the spec does not say."""
+    wanted = [p for p in ("weight", "density", "t") if p in method.tunable]
+    if method.family == "task_vector" and method.sparsification is None:
+        wanted = ["weight"]
+    return [p for p in wanted if p not in fixed]
+
+
 def _resolve_paths(data: dict, folder: Path) -> dict:
     def resolve(path):
         return str((folder / Path(path).expanduser()).resolve()) if isinstance(path, str) else path
@@ -223,9 +248,9 @@ def _resolve_paths(data: dict, folder: Path) -> dict:
     if isinstance(data.get("runs_dir"), str):
         data["runs_dir"] = resolve(data["runs_dir"])
     evaluation = data.get("evaluation")
-    if isinstance(evaluation, dict) and isinstance(evaluation.get("include", ["evals"]), list):
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("include", []), list):
         evaluation = dict(evaluation)
-        evaluation["include"] = [resolve(p) for p in evaluation.get("include", ["evals"])]
+        evaluation["include"] = [resolve(p) for p in evaluation.get("include", DEFAULT_INCLUDE)]
         data["evaluation"] = evaluation
     return data
 
@@ -236,9 +261,22 @@ def parse_spec(data, source: str, folder: Path) -> Spec:
     try:
         return Spec.model_validate(_resolve_paths(dict(data), folder))
     except ValidationError as error:
-        first = error.errors()[0]
-        hint = did_you_mean(first["loc"][-1], _keys_at(first["loc"][:-1])) if first["type"] == "extra_forbidden" else ""
-        raise UserError(describe_validation_error(error, source) + hint) from None
+        raise UserError(_describe_all(error, source)) from None
+
+
+def _describe_all(error: ValidationError, source: str) -> str:
+    """'SOURCE: path: problem' for one problem; 'SOURCE: N problems: a: ...; b: ...' for several.
+
+    One problem per field path: a value that fails every branch of a union is one mistake.
+    """
+    problems: dict[str, str] = {}
+    for item in error.errors():
+        path = problem_path(item)
+        hint = did_you_mean(item["loc"][-1], _keys_at(item["loc"][:-1])) if item["type"] == "extra_forbidden" else ""
+        problems.setdefault(path, describe_problem(item) + hint)
+    if len(problems) == 1:
+        return f"{source}: {next(iter(problems.values()))}"
+    return f"{source}: {len(problems)} problems: " + "; ".join(problems.values())
 
 
 def _keys_at(location: tuple) -> list[str]:
@@ -265,4 +303,4 @@ def _keys_at(location: tuple) -> list[str]:
 
 def load_spec(path: str | Path) -> Spec:
     path = Path(path)
-    return parse_spec(load_yaml_file(path), str(path), path.resolve().parent)
+    return parse_spec(load_yaml_file(path, what="spec file"), str(path), path.resolve().parent)

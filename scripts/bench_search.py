@@ -120,17 +120,13 @@ class UtilizationSampler:
 
 
 def make_worker(paths: dict, task_folder: Path, args):
-    from evomerge.evaluation.tasks import EvalSettings, TaskSpec
+    from evomerge.evaluation.config import EvaluationSpec
     from evomerge.search.worker import MergeWorker, WorkerSettings
 
     settings = WorkerSettings(
         base_model=str(paths["base"]),
         union_config=union_config(paths).model_dump(mode="json", exclude_none=True),
-        eval_sets={
-            "search": EvalSettings(
-                tasks=(TaskSpec(TASK),), include_paths=(str(task_folder),), batch_size=args.batch_size
-            )
-        },
+        eval_sets=EvaluationSpec(tasks=[TASK], include=[str(task_folder)], batch_size=args.batch_size).eval_sets(),
         device=args.device,
         dtype="bfloat16",
         cpu_threads=os.cpu_count() or 1,

@@ -30,7 +30,7 @@ def per_layer_config(genome, weight_of) -> dict:
     The demo spec has one weight gene per expert per layer, so this is exactly the family the
     search explores, built by the same code.
     """
-    values = {gene.name: weight_of(gene.model, genome.groups[int(gene.group)][0]) for gene in genome.genes}
+    values = {gene.name: weight_of(gene.model, genome.groups[gene.group][0]) for gene in genome.genes}
     return genome.merge_config_dict(genome.encode(values))
 
 

@@ -39,15 +39,44 @@ def models(zoo, tmp_path_factory) -> dict[str, str]:
         "big_vocab": zoo.big_vocab,
     }.items():
         write_corrupt_checkpoint(Path(good), root / name)
+        with open(root / name / "model.safetensors", "ab") as weights:
+            weights.write(name.encode())  # distinct garbage: distinct models, as far as sampled bytes tell
     shutil.copytree(root / "ft_b", root / "no_config")
     (root / "no_config" / "config.json").unlink()
-    shutil.copytree(root / "ft_b", root / "other_tokenizer")
-    tokenizer_file = root / "other_tokenizer" / "tokenizer.json"
-    tokenizer = json.loads(tokenizer_file.read_text())
+    shutil.copytree(root / "ft_b", root / "config_not_object")
+    (root / "config_not_object" / "config.json").write_text("[1, 2]")
+    shutil.copytree(root / "base", root / "base_copy")
+    shutil.copytree(root / "ft_a", root / "ft_a_copy")
+    shutil.copytree(root / "base", root / "base_without_tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (root / "base_without_tokenizer" / name).unlink(missing_ok=True)
+    edit_json(root, "ft_b", "other_tokenizer", "tokenizer.json", swap_vocabulary_ids)
+    edit_json(root, "ft_b", "swapped_bos_eos", "tokenizer_config.json", swap_bos_and_eos)
+    edit_json(root, "ft_b", "extra_added_token", "tokenizer.json", add_a_token)
+    return {path.name: str(path) for path in root.iterdir()}
+
+
+def edit_json(root: Path, source: str, name: str, file: str, change) -> None:
+    """A copy of model folder `source` named `name` whose JSON `file` went through `change`."""
+    shutil.copytree(root / source, root / name)
+    with open(root / name / "model.safetensors", "ab") as weights:
+        weights.write(name.encode())
+    data = json.loads((root / name / file).read_text())
+    change(data)
+    (root / name / file).write_text(json.dumps(data))
+
+
+def swap_vocabulary_ids(tokenizer: dict) -> None:
     vocab = tokenizer["model"]["vocab"]
     vocab["w0"], vocab["w1"] = vocab["w1"], vocab["w0"]  # same size, different token ids
-    tokenizer_file.write_text(json.dumps(tokenizer))
-    return {path.name: str(path) for path in root.iterdir()}
+
+
+def swap_bos_and_eos(config: dict) -> None:
+    config["bos_token"], config["eos_token"] = config["eos_token"], config["bos_token"]
+
+
+def add_a_token(tokenizer: dict) -> None:
+    tokenizer["added_tokens"].append({"id": 64, "content": "<extra>", "special": True})
 
 
 @pytest.fixture(scope="module")
@@ -172,13 +201,115 @@ CASES = {
         ["spec.yaml: budget: set max_evals or time_limit_min"],
     ),
     "unknown-optimizer": (lambda s, m, x: put(s, "optimizer.name", "cma-es"), ["optimizer.name", "'cmaes'"]),
-    "run-name-with-slash": (lambda s, m, x: put(s, "name", "team/run1"), ["name", "pattern"]),
+    "run-name-with-slash": (lambda s, m, x: put(s, "name", "team/run1"), ["name", "one folder name"]),
     "unwritable-runs-dir": (
         lambda s, m, x: put(s, "runs_dir", str(Path(m["base"]) / "config.json" / "runs")),
         ["runs_dir", "cannot write", "choose a writable runs_dir"],
     ),
     "malformed-yaml": (lambda s, m, x: "name: bad\nmodels:\n  base: a\n\texperts: [b]\n", ["malformed yaml", "line 4"]),
     "spec-not-a-mapping": (lambda s, m, x: "- just\n- a list\n", ["expected a mapping at the top level", "list"]),
+    # --- issue 13: numbers are sane
+    "layer-groups-above-layer-count": (
+        lambda s, m, x: put(s, "genome.layer_groups", 100),
+        ["genome.layer_groups", "100", "4 layers", "use at most 4"],
+    ),
+    "layer-groups-huge": (lambda s, m, x: put(s, "genome.layer_groups", 10**20), ["genome.layer_groups", "1024"]),
+    "layer-groups-float": (lambda s, m, x: put(s, "genome.layer_groups", 1e20), ["genome.layer_groups", "integer"]),
+    "layer-groups-true": (lambda s, m, x: put(s, "genome.layer_groups", True), ["genome.layer_groups", "integer"]),
+    "t-bounds-outside-its-range": (
+        lambda s, m, x: put(s, "genome.bounds", {"t": [0.0, 2.0]}),
+        ["genome.bounds", "t bounds must lie in [0, 1]"],
+    ),
+    "gamma-bounds-reach-one": (
+        lambda s, m, x: put(s, "genome.bounds", {"gamma": [0.0, 1.0]}),
+        ["genome.bounds", "gamma bounds must lie in [0, 1)"],
+    ),
+    "infinite-bound": (
+        lambda s, m, x: put(s, "genome.bounds", {"weight": [0.0, float("inf")]}),
+        ["genome.bounds.weight[1]", "finite"],
+    ),
+    "overflowing-bounds": (
+        lambda s, m, x: put(s, "genome.bounds", {"weight": [-1e308, 1e308]}),
+        ["genome.bounds", "weight bounds must lie in [-100, 100]"],
+    ),
+    "bounds-for-an-unsearched-parameter": (
+        lambda s, m, x: put(s, "genome.bounds", {"lambda": [0.5, 1.5]}),
+        ["genome.bounds", "'lambda' is not searched", "genome.params"],
+    ),
+    "gene-the-method-does-not-take": (
+        lambda s, m, x: (put(s, "merge.method", "task_arithmetic"), put(s, "genome.params", ["weight", "t"])),
+        ["genome.params", "task_arithmetic does not take 't'"],
+    ),
+    "fixed-parameter-not-finite": (
+        lambda s, m, x: put(s, "merge.fixed", {"lambda": float("nan")}),
+        ["merge.fixed", "lambda", "not a number in"],
+    ),
+    "negative-optimizer-seed": (lambda s, m, x: put(s, "optimizer.seed", -5), ["optimizer.seed", "greater than"]),
+    "huge-popsize": (lambda s, m, x: put(s, "optimizer.popsize", 10**12), ["optimizer.popsize", "10000"]),
+    "huge-worker-count": (lambda s, m, x: put(s, "workers.count", 100_000), ["workers.count", "4096"]),
+    "huge-queue-depth": (lambda s, m, x: put(s, "workers.queue_depth", 10**6), ["workers.queue_depth", "1024"]),
+    "huge-batch-size": (lambda s, m, x: put(s, "evaluation.batch_size", 10**6), ["evaluation.batch_size", "4096"]),
+    "huge-max-evals": (lambda s, m, x: put(s, "budget.max_evals", 10**12), ["budget.max_evals", "10000000"]),
+    "tiny-cpus-per-worker": (
+        lambda s, m, x: put(s, "workers.cpus_per_worker", 1e-9),
+        ["workers.cpus_per_worker", "0.01"],
+    ),
+    "infinite-task-weight": (
+        lambda s, m, x: put(s, "evaluation.tasks", [{"name": "tiny_add", "weight": float("inf")}]),
+        ["evaluation.tasks[0].weight", "finite"],
+    ),
+    "max-evals-below-the-baselines": (
+        lambda s, m, x: put(s, "budget.max_evals", 5),
+        ["budget.max_evals", "7 baselines", "budget.baselines: false"],
+    ),
+    "several-problems-at-once": (
+        lambda s, m, x: (put(s, "optimizer.seed", -1), put(s, "workers.queue_depth", 0)),
+        ["spec.yaml: 2 problems: ", "optimizer.seed", "workers.queue_depth"],
+    ),
+    "task-listed-twice": (
+        lambda s, m, x: put(s, "evaluation.tasks", ["tiny_add", "tiny_add"]),
+        ["evaluation.tasks", "listed twice"],
+    ),
+    "run-name-dot-dot": (lambda s, m, x: put(s, "name", ".."), ["name", "one folder name", "not starting with '.'"]),
+    "run-name-dot": (lambda s, m, x: put(s, "name", "."), ["name", "one folder name"]),
+    "run-name-hidden": (lambda s, m, x: put(s, "name", ".cache"), ["name", "not starting with '.'"]),
+    # --- issue 13: files that are not what they claim
+    "duplicate-yaml-key": (
+        lambda s, m, x: yaml.safe_dump(s) + "budget: {max_evals: 100000}\n",
+        ["spec.yaml", "key 'budget' appears twice", "line"],
+    ),
+    "spec-in-latin-1": (lambda s, m, x: "name: caf\xe9\n".encode("latin-1"), ["spec.yaml", "save it as UTF-8"]),
+    "spec-in-utf-16": (lambda s, m, x: yaml.safe_dump(s).encode("utf-16"), ["spec.yaml", "save it as UTF-8"]),
+    "yaml-nested-20000-deep": (lambda s, m, x: "a: " + "[" * 20_000 + "]" * 20_000 + "\n", ["nested too deeply"]),
+    "config-json-not-an-object": (
+        lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["config_not_object"]]),
+        ["models.experts[1]", "config.json", "not an object"],
+    ),
+    "held-out-task-unknown": (
+        lambda s, m, x: put(s, "evaluation.heldout_tasks", ["tiny_choice", "tiny_ad"]),
+        ["evaluation.heldout_tasks[1].name", "did you mean 'tiny_add'"],
+    ),
+    # --- issue 13: models that are not distinct fine-tunes of one base with one tokenizer
+    "expert-identical-to-the-base": (
+        lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["base_copy"]]),
+        ["models.experts[1]", "base_copy", "same weights as models.base", "list each model once"],
+    ),
+    "expert-copied-from-another": (
+        lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["ft_a_copy"]]),
+        ["models.experts[1]", "same weights as models.experts[0]"],
+    ),
+    "swapped-bos-and-eos": (
+        lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["swapped_bos_eos"]]),
+        ["models.experts[1]", "tokenizer differs", "bos_token '</s>' where the base has '<s>'"],
+    ),
+    "an-added-token-differs": (
+        lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["extra_added_token"]]),
+        ["models.experts[1]", "tokenizer differs", "added token 64 '<extra>'"],
+    ),
+    "base-without-a-tokenizer": (
+        lambda s, m, x: put(s, "models.base", m["base_without_tokenizer"]),
+        ["models.base: no tokenizer files (tokenizer.json", "copy the base model's tokenizer there"],
+    ),
 }
 
 
@@ -186,7 +317,10 @@ def write_case(case: str, models: dict, task_folder: str, root: Path) -> Path:
     spec = good_spec(models, root)
     text = CASES[case][0](spec, models, task_folder)
     path = root / "spec.yaml"
-    path.write_text(text if isinstance(text, str) else yaml.safe_dump(spec))
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text if isinstance(text, str) else yaml.safe_dump(spec))
     return path
 
 
@@ -272,6 +406,22 @@ def test_starting_a_run_whose_name_exists_is_refused(models, tmp_path):
 
 def test_missing_spec_file_is_refused(tmp_path):
     assert_one_clean_line(*run_in_process("validate", tmp_path / "nope.yaml"), ["nope.yaml", "file not found"])
+
+
+def test_a_folder_given_as_the_spec_is_refused(tmp_path):
+    assert_one_clean_line(*run_in_process("search", tmp_path), [str(tmp_path), "is a folder; give the spec file"])
+
+
+def test_the_unique_key_loader_is_still_a_safe_loader(tmp_path):
+    from evomerge.errors import UserError
+    from evomerge.merge.config import UniqueKeySafeLoader, load_yaml_file
+
+    assert issubclass(UniqueKeySafeLoader, yaml.SafeLoader)
+    (tmp_path / "evil.yaml").write_text("!!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(UserError, match="could not determine a constructor"):
+        load_yaml_file(tmp_path / "evil.yaml")
+    (tmp_path / "anchors.yaml").write_text("base: &b {x: 1}\nmore:\n  <<: *b\n  x: 2\n")
+    assert load_yaml_file(tmp_path / "anchors.yaml") == {"base": {"x": 1}, "more": {"x": 2}}
 
 
 @pytest.mark.slow

@@ -3,14 +3,18 @@ points merge to exactly those baselines (each parent bit for bit, linear to floa
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from tiny_models import load_checkpoint_tensors
 
-from evomerge.genome import Genome, num_layers_of
+from evomerge.genome import Genome, Region, layer_groups, num_layers_of
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.engine import merge_to_disk
+from evomerge.merge.parameters import PARAMETERS
+from evomerge.rundir.genes import GeneRow
 from evomerge.spec import Spec
 
 EXPERTS = ("ft_a", "ft_b", "ft_c")
@@ -146,3 +150,63 @@ def test_a_run_journaled_before_seeding_existed_resumes_unseeded(zoo, tmp_path):
         resumed.journal.close()
     assert labels == ["trial 1", "trial 2", "trial 3"]
     assert not [e for e in read_events(run_dir / "journal.jsonl") if e["event"] == "seeded"]
+
+
+# ---------------------------------------------------------------- genes as typed fields
+
+
+def spec_only_genome(num_layers: int = 8, **genome) -> Genome:
+    """A genome over made-up model paths: building genes reads no model folder."""
+    spec = Spec.model_validate(
+        {
+            "name": "genes",
+            "models": {"base": "/m/base", "experts": ["/m/a", "/m/b"]},
+            "merge": {"method": "ties"},
+            "genome": {"layer_groups": 3, "split_attn_mlp": True, "embeddings": True, **genome},
+            "evaluation": {"tasks": ["unused"]},
+        }
+    )
+    return Genome(spec, num_layers)
+
+
+def test_gene_groups_are_integers_and_names_are_derived_from_the_fields():
+    genome = spec_only_genome()
+    layer_genes = [g for g in genome.genes if g.region is Region.LAYERS]
+    assert {g.group for g in layer_genes} == {0, 1, 2}
+    assert all(g.group is None for g in genome.genes if g.region is not Region.LAYERS)
+    first = genome.genes[0]
+    assert (first.param, first.model, first.group, first.part, first.name) == (
+        "weight",
+        0,
+        0,
+        "attn",
+        "weight/m0/g0/attn",
+    )
+    assert genome.genes[6].name == "weight/m0/gembed" and genome.genes[7].name == "weight/m0/ghead"
+
+
+def test_the_gene_table_says_what_every_gene_means_and_survives_json():
+    genome = spec_only_genome()
+    table = genome.gene_table()
+    assert [row.name for row in table] == [gene.name for gene in genome.genes]
+    assert genome.groups == [(0, 3), (3, 5), (5, 8)]
+    by_name = {row.name: row for row in table}
+    assert by_name["density/m1/g2/mlp"] == GeneRow("density/m1/g2/mlp", "density", 1, 2, "mlp", (5, 8))
+    assert by_name["weight/m0/ghead"] == GeneRow("weight/m0/ghead", "weight", 0, "head", None, None)
+    assert [GeneRow.from_json(json.loads(json.dumps(row.to_json()))) for row in table] == table
+    assert [row.column_label for row in table[:6:2]] == ["L0-2", "L3-4", "L5-7"]
+
+
+def test_defaults_and_per_model_genes_come_from_the_parameter_table():
+    genome = spec_only_genome(params=["weight", "density"])
+    owners = {(g.param, g.model) for g in genome.genes}
+    assert owners == {(p, m) for p in ("weight", "density") for m in (0, 1)}  # both per model (the table says so)
+    defaults = genome.default_values()
+    assert {defaults[g.name] for g in genome.genes if g.param == "density"} == {PARAMETERS["density"].search_start}
+    assert all((g.low, g.high) == PARAMETERS["density"].search_bounds for g in genome.genes if g.param == "density")
+
+
+def test_more_layer_groups_than_layers_is_not_clamped_silently():
+    with pytest.raises(ValueError, match="9 layer groups cannot split 8 layers"):
+        layer_groups(8, 9)
+    assert layer_groups(8, 8) == [(i, i + 1) for i in range(8)]

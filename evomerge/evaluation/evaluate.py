@@ -19,16 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from evomerge.evaluation.tasks import (
-    EvalSettings,
-    ResolvedTasks,
-    TaskSpec,
-    build_tasks,
-    quiet_lm_eval,
-    resolve_tasks,
-)
+from evomerge.evaluation.config import EvalSet
+from evomerge.evaluation.tasks import ResolvedTasks, build_tasks, quiet_lm_eval, resolve_tasks
 
-__all__ = ["EvalResult", "EvalSettings", "Evaluator", "TaskSpec", "resolve_tasks", "seeded_subset", "weighted_score"]
+__all__ = ["EvalResult", "EvalSet", "Evaluator", "resolve_tasks", "seeded_subset", "weighted_score"]
 
 # The seeds lm-eval's simple_evaluate uses by default, so scores match a plain lm-eval run.
 PYTHON_SEED = 0
@@ -64,12 +58,13 @@ def weighted_score(metrics: Mapping[str, float], weights: Mapping[str, float]) -
 class Evaluator:
     """Scores the weights `model` holds at each `evaluate()` call on the configured tasks."""
 
-    def __init__(self, model, tokenizer, settings: EvalSettings, device: str | None = None):
+    def __init__(self, model, tokenizer, eval_set: EvalSet, device: str | None = None):
         from lm_eval.models.huggingface import HFLM
 
         _check_device(model, device)
-        self.settings = settings
-        self._resolved: ResolvedTasks = resolve_tasks(settings)
+        self.eval_set = eval_set
+        settings = eval_set.evaluation
+        self._resolved: ResolvedTasks = resolve_tasks(eval_set)
         with quiet_lm_eval():
             # batch_size and max_length belong here: lm-eval ignores them once it gets an
             # LM object.  No use_cache: that cache is keyed by prompt, blind to the weights.
@@ -84,7 +79,7 @@ class Evaluator:
         for task in self._tasks.values():
             _process_docs_once(task)
         self._subsets = {
-            name: seeded_subset(len(task.eval_docs), settings.limit, settings.subset_seed, name)
+            name: seeded_subset(len(task.eval_docs), eval_set.limit, settings.seed, name)
             for name, task in self._tasks.items()
         }
         # lm-eval scores every doc of a task that `samples` leaves out.

@@ -23,33 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import UserError, did_you_mean
+from evomerge.evaluation.config import EvalSet, EvalTask
 
-FIELD = "evaluation"
-DEFAULT_INCLUDE_PATHS = (str(Path(__file__).resolve().parents[2] / "evals"),)
+INCLUDE_FIELD = "evaluation.include"
 # lm-eval names the result of a metric without a filter_list "<metric>,none".
 NO_FILTER = "none"
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One lm-eval task of the combined score."""
-
-    name: str
-    weight: float = 1.0
-    metric: str = "acc"  # "acc", or "exact_match,strict-match" to pick a filter
-    num_fewshot: int | None = None
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """How a worker scores a candidate; identical for every worker of a run."""
-
-    tasks: tuple[TaskSpec, ...]
-    include_paths: tuple[str, ...] = DEFAULT_INCLUDE_PATHS
-    limit: int | None = None  # docs scored per task: a fixed seeded subset
-    subset_seed: int = 0  # chooses WHICH docs; shared by every worker and candidate
-    batch_size: int | str = 32
-    max_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -66,7 +44,7 @@ class ResolvedTask:
 
 @dataclass(frozen=True)
 class ResolvedTasks:
-    """All tasks of one evaluation, in the order the settings list them."""
+    """All tasks of one eval set, in the order it lists them."""
 
     tasks: tuple[ResolvedTask, ...]
 
@@ -87,15 +65,16 @@ def quiet_lm_eval(level: int = logging.WARNING) -> Iterator[None]:
         logger.setLevel(previous)
 
 
-def resolve_tasks(settings: EvalSettings) -> ResolvedTasks:
-    """Check every task of `settings` without a model; raise UserError on the first problem."""
-    _check_settings(settings)
-    local_index = _local_index(settings.include_paths)
+def resolve_tasks(eval_set: EvalSet) -> ResolvedTasks:
+    """Check every task of `eval_set` without a model; raise UserError on the first problem."""
+    include = eval_set.evaluation.include
+    _check_include_folders(include)
+    local_index = _local_index(include)
     resolved = []
-    for position, spec in enumerate(settings.tasks):
-        field = f"{FIELD}.tasks[{position}]"
-        entry = local_index.get(spec.name) or _builtin_entry(spec.name, field, local_index, settings)
-        resolved.append(_resolve_one(spec, entry, field))
+    for position, task in enumerate(eval_set.tasks):
+        field = f"{eval_set.field}[{position}]"
+        entry = local_index.get(task.name) or _builtin_entry(task.name, field, local_index, include)
+        resolved.append(_resolve_one(task, entry, field))
     return ResolvedTasks(tuple(resolved))
 
 
@@ -112,31 +91,17 @@ def build_tasks(resolved: ResolvedTasks) -> dict[str, Any]:
     return {name: loaded["tasks"][name] for name in resolved.names}
 
 
-def _check_settings(settings: EvalSettings) -> None:
-    if not settings.tasks:
-        raise UserError(f"{FIELD}.tasks: list at least one lm-eval task")
-    if settings.limit is not None and settings.limit < 1:
-        raise UserError(f"{FIELD}.limit: must be a positive number of docs, got {settings.limit}")
-    for folder in settings.include_paths:
+def _check_include_folders(include: list[str]) -> None:
+    for folder in include:
         if not Path(folder).is_dir():
-            raise UserError(f"{FIELD}.include: folder '{folder}' does not exist; fix or remove it")
-    seen: set[str] = set()
-    for position, spec in enumerate(settings.tasks):
-        field = f"{FIELD}.tasks[{position}]"
-        if spec.name in seen:
-            raise UserError(f"{field}.name: task '{spec.name}' is listed twice; keep one entry")
-        seen.add(spec.name)
-        if not spec.weight > 0:
-            raise UserError(f"{field}.weight: must be > 0, got {spec.weight}")
-        if spec.num_fewshot is not None and spec.num_fewshot < 0:
-            raise UserError(f"{field}.num_fewshot: must be >= 0, got {spec.num_fewshot}")
+            raise UserError(f"{INCLUDE_FIELD}: folder '{folder}' does not exist; fix or remove it")
 
 
-def _local_index(include_paths: tuple[str, ...]) -> dict[str, Any]:
+def _local_index(include: list[str]) -> dict[str, Any]:
     from lm_eval.tasks import TaskManager
 
     with quiet_lm_eval():
-        return TaskManager(include_path=list(include_paths), include_defaults=False).task_index
+        return TaskManager(include_path=list(include), include_defaults=False).task_index
 
 
 @functools.lru_cache(maxsize=1)
@@ -150,7 +115,7 @@ def _builtin_index() -> dict[str, Any]:
         return TaskManager().task_index
 
 
-def _builtin_entry(name: str, field: str, local_index: dict, settings: EvalSettings):
+def _builtin_entry(name: str, field: str, local_index: dict, include: list[str]):
     """The bundled lm-eval task `name`, allowed only when its data is on local disk."""
     builtin = _builtin_index()
     entry = builtin.get(name)
@@ -158,7 +123,7 @@ def _builtin_entry(name: str, field: str, local_index: dict, settings: EvalSetti
         hint = did_you_mean(name, sorted(set(local_index) | set(builtin)))
         raise UserError(
             f"{field}.name: unknown lm-eval task '{name}'{hint}; put its YAML under "
-            f"{settings.include_paths[0]} or add its folder to {FIELD}.include"
+            f"{include[0] if include else 'an include folder'} or add its folder to {INCLUDE_FIELD}"
         )
     _check_single_task(entry, field)
     config = entry.cfg or {}
@@ -166,7 +131,7 @@ def _builtin_entry(name: str, field: str, local_index: dict, settings: EvalSetti
         raise UserError(
             f"{field}.name: lm-eval task '{name}' downloads "
             f"'{config.get('dataset_path') or 'its dataset'}' from the Hugging Face hub, which "
-            f"evomerge never contacts; copy its YAML into {FIELD}.include with local "
+            f"evomerge never contacts; copy its YAML into {INCLUDE_FIELD} with local "
             "dataset_kwargs.data_files"
         )
     return entry
@@ -187,7 +152,7 @@ def _reads_local_data(config: dict, yaml_dir: Path) -> bool:
     return bool(dataset_path) and Path(dataset_path).is_absolute() and Path(dataset_path).exists()
 
 
-def _resolve_one(spec: TaskSpec, entry, field: str) -> ResolvedTask:
+def _resolve_one(spec: EvalTask, entry, field: str) -> ResolvedTask:
     _check_single_task(entry, field)
     config = entry.cfg or {}
     overrides = _absolute_paths(config, entry.yaml_path.parent)
@@ -256,7 +221,7 @@ def _check_data_files_exist(overrides: dict, name: str, yaml_path: Path, field: 
                 )
 
 
-def _result_key(spec: TaskSpec, config: dict, field: str) -> str:
+def _result_key(spec: EvalTask, config: dict, field: str) -> str:
     """lm-eval's results key "<metric>,<filter>" for the metric the spec asks for."""
     metric, _, wanted_filter = spec.metric.partition(",")
     metrics = _metric_names(config)

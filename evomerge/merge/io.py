@@ -107,6 +107,10 @@ def inspect_model_folder(path: str | Path, field: str) -> ModelFolder:
         config = json.loads(config_file.read_text())
     except ValueError:
         raise UserError(f"{field}: '{config_file}' is not valid JSON; re-save the model") from None
+    if not isinstance(config, dict):
+        raise UserError(
+            f"{field}: '{config_file}' holds a JSON {type(config).__name__}, not an object; re-save the model"
+        )
     shard_files = sorted(folder.glob("*.safetensors"))
     if not shard_files:
         raise UserError(

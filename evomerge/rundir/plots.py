@@ -225,14 +225,14 @@ def _heatmap(ax, grid, value_range, show_rows: bool):
     if high <= low:
         low, high = low - 0.5, high + 0.5
     image = ax.imshow(np.ma.masked_invalid(grid.values), cmap=colormap, vmin=low, vmax=high, aspect="auto")
-    ax.set_xticks(range(len(grid.columns)), [c if not c.isdigit() else f"g{c}" for c in grid.columns], fontsize=8)
+    ax.set_xticks(range(len(grid.columns)), grid.columns, fontsize=8, rotation=90 if len(grid.columns) > 8 else 0)
     ax.set_yticks(range(len(grid.rows)), grid.rows if show_rows else [], fontsize=8)
     ax.tick_params(length=0)
     ax.spines[:].set_visible(False)
     for start in grid.model_starts:
         ax.axhline(start - 0.5, color="white", linewidth=2.5)
-    if any(not c.isdigit() for c in grid.columns) and grid.columns[0].isdigit():
-        ax.axvline(sum(c.isdigit() for c in grid.columns) - 0.5, color="white", linewidth=2.5)
+    if 0 < grid.layer_columns < len(grid.columns):  # between the layer groups and embed/head
+        ax.axvline(grid.layer_columns - 0.5, color="white", linewidth=2.5)
     if len(grid.labels) <= MAX_ANNOTATED_CELLS:
         for y, x, value in grid.labels:
             shade = colormap((value - low) / (high - low))

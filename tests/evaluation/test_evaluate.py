@@ -8,7 +8,6 @@ reached through `include:` and built with a `!function` process_docs).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -25,14 +24,8 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from evomerge.errors import UserError
-from evomerge.evaluation.evaluate import (
-    EvalSettings,
-    Evaluator,
-    TaskSpec,
-    resolve_tasks,
-    seeded_subset,
-    weighted_score,
-)
+from evomerge.evaluation.config import EvalSet, EvaluationSpec
+from evomerge.evaluation.evaluate import Evaluator, resolve_tasks, seeded_subset, weighted_score
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 FIXTURES = TESTS_DIR / "fixtures" / "evals"
@@ -54,18 +47,19 @@ def build_model(seed: int):
     return build_base(tiny_llama_config(vocab_size=len(SPECIAL_TOKENS) + len(CHARACTERS)), seed=seed)
 
 
-def fixture_settings(**changes) -> EvalSettings:
-    settings = EvalSettings(
-        tasks=(
-            # perplexity varies continuously with the weights; fewshot exercises the fewshot seed.
-            TaskSpec("tiny_add", metric="perplexity", num_fewshot=2),
-            TaskSpec("tiny_choice", weight=3.0),
-        ),
-        include_paths=(str(FIXTURES),),
-        limit=12,
-        batch_size=8,
-    )
-    return dataclasses.replace(settings, **changes)
+def fixture_settings(**changes) -> EvalSet:
+    """The search set of an evaluation section: the fixture tasks, overridden by `changes`."""
+    evaluation = {
+        # perplexity varies continuously with the weights; fewshot exercises the fewshot seed.
+        "tasks": [
+            {"name": "tiny_add", "metric": "perplexity", "num_fewshot": 2},
+            {"name": "tiny_choice", "weight": 3.0},
+        ],
+        "include": [str(FIXTURES)],
+        "limit": 12,
+        "batch_size": 8,
+    }
+    return EvaluationSpec.model_validate(evaluation | changes).eval_sets()["search"]
 
 
 def build_evaluator(seed: int = 0, **changes) -> Evaluator:
@@ -99,7 +93,7 @@ def test_relative_data_files_are_anchored_at_the_yaml_folder(tmp_path, monkeypat
     shutil.copytree(FIXTURES, clone)
     monkeypatch.chdir(tmp_path)
 
-    resolved = resolve_tasks(fixture_settings(include_paths=(str(clone),)))
+    resolved = resolve_tasks(fixture_settings(include=[str(clone)]))
 
     expected = str((clone / "data" / "tiny.jsonl").resolve())
     assert data_file_of(resolved, "tiny_add") == expected
@@ -108,7 +102,7 @@ def test_relative_data_files_are_anchored_at_the_yaml_folder(tmp_path, monkeypat
 
 
 def test_unknown_task_names_the_closest_task():
-    settings = fixture_settings(tasks=(TaskSpec("tiny_add"), TaskSpec("tiny_ad")))
+    settings = fixture_settings(tasks=["tiny_add", "tiny_ad"])
 
     with pytest.raises(UserError) as caught:
         resolve_tasks(settings)
@@ -119,21 +113,36 @@ def test_unknown_task_names_the_closest_task():
     assert "\n" not in message
 
 
+def test_a_held_out_task_error_names_the_held_out_field():
+    evaluation = EvaluationSpec.model_validate(
+        {"tasks": ["tiny_add"], "heldout_tasks": ["tiny_choice", "tiny_chioce"], "include": [str(FIXTURES)]}
+    )
+    with pytest.raises(UserError, match=r"^evaluation\.heldout_tasks\[1\]\.name: unknown lm-eval task 'tiny_chioce'"):
+        resolve_tasks(evaluation.eval_sets()["heldout"])
+
+
+def test_the_worker_gets_the_spec_s_own_task_models():
+    evaluation = EvaluationSpec.model_validate({"tasks": ["tiny_add"], "heldout_tasks": ["tiny_choice"], "limit": 3})
+    search, heldout = evaluation.eval_sets().values()
+    assert search.tasks[0] is evaluation.tasks[0] and heldout.tasks[0] is evaluation.heldout_tasks[0]
+    assert (search.limit, heldout.limit, search.evaluation) == (3, None, evaluation)
+
+
 def test_builtin_task_that_needs_the_hub_is_refused():
     with pytest.raises(UserError, match=r"evaluation.tasks\[0\].name: .*'arc_easy'.*Hugging Face hub"):
-        resolve_tasks(fixture_settings(tasks=(TaskSpec("arc_easy"),)))
+        resolve_tasks(fixture_settings(tasks=["arc_easy"]))
 
 
 def test_group_or_tag_is_refused():
     with pytest.raises(UserError, match=r"'ai2_arc' is an lm-eval tag, not a single task"):
-        resolve_tasks(fixture_settings(tasks=(TaskSpec("ai2_arc"),)))
+        resolve_tasks(fixture_settings(tasks=["ai2_arc"]))
 
 
 def test_missing_data_file_names_the_yaml_and_the_path(tmp_path):
     (tmp_path / "broken.yaml").write_text(
         (FIXTURES / "tiny_add.yaml").read_text().replace("data/tiny.jsonl", "data/nope.jsonl")
     )
-    settings = fixture_settings(tasks=(TaskSpec("tiny_add"),), include_paths=(str(tmp_path),))
+    settings = fixture_settings(tasks=["tiny_add"], include=[str(tmp_path)])
 
     with pytest.raises(UserError) as caught:
         resolve_tasks(settings)
@@ -146,7 +155,7 @@ def test_missing_data_file_names_the_yaml_and_the_path(tmp_path):
 
 def test_unknown_metric_lists_the_task_metrics():
     with pytest.raises(UserError) as caught:
-        resolve_tasks(fixture_settings(tasks=(TaskSpec("tiny_choice", metric="accuracy"),)))
+        resolve_tasks(fixture_settings(tasks=[{"name": "tiny_choice", "metric": "accuracy"}]))
 
     message = str(caught.value)
     assert message.startswith("evaluation.tasks[0].metric: task 'tiny_choice' has no metric 'accuracy'")
@@ -154,11 +163,11 @@ def test_unknown_metric_lists_the_task_metrics():
 
 
 def test_metric_may_name_its_filter():
-    resolved = resolve_tasks(fixture_settings(tasks=(TaskSpec("tiny_add", metric="acc,none"),)))
+    resolved = resolve_tasks(fixture_settings(tasks=[{"name": "tiny_add", "metric": "acc,none"}]))
     assert resolved.tasks[0].result_key == "acc,none"
 
     with pytest.raises(UserError, match="has no filter 'strict-match'; choose one of: none"):
-        resolve_tasks(fixture_settings(tasks=(TaskSpec("tiny_add", metric="acc,strict-match"),)))
+        resolve_tasks(fixture_settings(tasks=[{"name": "tiny_add", "metric": "acc,strict-match"}]))
 
 
 # ---------------------------------------------------------------- doc subset

@@ -1,0 +1,135 @@
+"""The `evaluation:` section of spec.yaml, and the eval sets a worker scores, as frozen pydantic models.
+
+`spec.py` embeds `EvaluationSpec`; a worker receives these same frozen models inside an `EvalSet`
+(which task list, which doc limit, which spec field to name in errors), never a copy of their
+fields. Pydantic checks what the values alone decide; the checks that need the disk (include
+folders, task YAMLs, data files, metrics, filters) are in `evaluation.tasks`.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from evomerge.errors import did_you_mean
+
+# Where task YAMLs are looked for when the spec names no `include`: relative to the spec's folder.
+DEFAULT_INCLUDE = ("evals",)
+BATCH_SIZE_LIMIT = 4096
+FEWSHOT_LIMIT = 1000
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors, instances are immutable, and no float field takes NaN or an infinity."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class EvalTask(Strict):
+    """One lm-eval task of a weighted score."""
+
+    name: str = Field(min_length=1)
+    weight: float = Field(1.0, gt=0, le=1e6, description="Its share of the weighted mean.")
+    metric: str = Field("acc", description="'acc', or 'exact_match,strict-match' to pick a filter.")
+    num_fewshot: int | None = Field(None, ge=0, le=FEWSHOT_LIMIT)
+
+
+class ObjectiveSpec(Strict):
+    name: str
+    tasks: list[str] = Field(min_length=1, description="Search tasks whose weighted mean is this objective.")
+
+
+class EvalSetName(str, Enum):
+    """The two task lists of a spec; the value is the worker's and the journal's name for it."""
+
+    SEARCH = "search"
+    HELDOUT = "heldout"
+
+
+class EvalSet(Strict):
+    """What one worker evaluator scores: a task list of the spec with its doc limit.
+
+    `field` is where the tasks sit in the spec, so that errors name `evaluation.heldout_tasks[1]`
+    for a held-out task; `evaluation` carries the settings both lists share (include, seed,
+    batch size, max length).
+    """
+
+    field: str
+    tasks: tuple[EvalTask, ...]
+    limit: int | None
+    evaluation: EvaluationSpec
+
+
+class EvaluationSpec(Strict):
+    tasks: list[EvalTask] = Field(min_length=1)
+    objectives: list[ObjectiveSpec] = Field(
+        default_factory=list, description="Two or more for a multi-objective (Pareto) search."
+    )
+    heldout_tasks: list[EvalTask] = Field(default_factory=list, description="Disjoint split for the final report.")
+    include: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_INCLUDE), description="Folders of task YAMLs, relative to the spec."
+    )
+    limit: int | None = Field(None, ge=1, description="Docs per search task: a fixed seeded subset.")
+    heldout_limit: int | None = Field(None, ge=1, description="Docs per held-out task; default: the whole split.")
+    seed: int = Field(0, ge=0)
+    batch_size: int = Field(32, ge=1, le=BATCH_SIZE_LIMIT)
+    max_length: int | None = Field(None, ge=8)
+    top_k: int = Field(5, ge=0, description="Trials re-scored on the held-out tasks at the end.")
+
+    @field_validator("tasks", "heldout_tasks", mode="before")
+    @classmethod
+    def _names_as_tasks(cls, tasks):
+        return [{"name": t} if isinstance(t, str) else t for t in tasks or []]
+
+    @field_validator("tasks", "heldout_tasks")
+    @classmethod
+    def _listed_once(cls, tasks: list[EvalTask]) -> list[EvalTask]:
+        names = [task.name for task in tasks]
+        for position, name in enumerate(names):
+            if name in names[:position]:
+                raise ValueError(
+                    f"task '{name}' is listed twice (entries {names.index(name)} and {position}); keep one"
+                )
+        return tasks
+
+    @field_validator("heldout_tasks")
+    @classmethod
+    def _disjoint(cls, heldout: list[EvalTask], info: ValidationInfo) -> list[EvalTask]:
+        search = {task.name for task in info.data.get("tasks", [])}
+        overlap = [task.name for task in heldout if task.name in search]
+        if overlap:
+            raise ValueError(f"{overlap[0]} is also a search task; held-out tasks must be a disjoint split")
+        return heldout
+
+    @model_validator(mode="after")
+    def _objectives_use_search_tasks(self):
+        names = [t.name for t in self.tasks]
+        for objective in self.objectives:
+            for task in objective.tasks:
+                if task not in names:
+                    raise ValueError(
+                        f"objective '{objective.name}' uses '{task}', which is not in evaluation.tasks{did_you_mean(task, names)}"
+                    )
+        if len(self.objectives) == 1:
+            raise ValueError("objectives: give two or more for a Pareto search, or none for a single weighted score")
+        return self
+
+    def eval_sets(self) -> dict[str, EvalSet]:
+        """The search set, and the held-out set when the spec has held-out tasks."""
+        sets = {
+            EvalSetName.SEARCH.value: EvalSet(
+                field="evaluation.tasks", tasks=tuple(self.tasks), limit=self.limit, evaluation=self
+            )
+        }
+        if self.heldout_tasks:
+            sets[EvalSetName.HELDOUT.value] = EvalSet(
+                field="evaluation.heldout_tasks",
+                tasks=tuple(self.heldout_tasks),
+                limit=self.heldout_limit,
+                evaluation=self,
+            )
+        return sets
+
+
+EvalSet.model_rebuild()

@@ -259,3 +259,125 @@ def test_local_cluster_listens_on_loopback_only_without_a_dashboard():
     assert {name for name, _, _ in listeners} >= {"gcs_server", "raylet"}
     assert {ip for _, ip, _ in listeners} <= LOOPBACK, f"listening beyond loopback: {listeners}"
     assert 8265 not in {port for _, _, port in listeners}, "the dashboard is up"
+
+
+MANY = 2000
+
+
+class LocalSearch:
+    """`evomerge search` on its own local cluster, in a session of its own, with every process it
+    starts recorded (Ray's workers and agents run in process groups of their own)."""
+
+    def __init__(self, folder: Path, zoo):
+        self.spec_path = write_spec(folder, zoo)
+        spec = yaml.safe_load(self.spec_path.read_text())
+        spec["budget"]["max_evals"] = MANY  # still searching when the test strikes
+        self.spec_path.write_text(yaml.safe_dump(spec))
+        self.run_dir = folder / "runs" / "three-nodes"
+        self.log_path = folder / "driver.log"
+        self.seen: dict[tuple[int, float], psutil.Process] = {}
+        with self.log_path.open("w") as log:
+            self.driver = subprocess.Popen(
+                [str(BIN / "evomerge"), "search", str(self.spec_path)],
+                env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def record(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            for process in psutil.Process(self.driver.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    self.seen.setdefault((process.pid, process.create_time()), process)
+
+    def wait_for_a_result(self) -> None:
+        deadline = time.monotonic() + 300
+        while not any(e["event"] == "completed" for e in journal(self.run_dir)):
+            assert self.driver.poll() is None and time.monotonic() < deadline, self.log_path.read_text()[-3000:]
+            self.record()
+            time.sleep(0.2)
+        self.record()
+
+    def process_named(self, name: str) -> psutil.Process:
+        return next(p for p in self.seen.values() if _name(p) == name)
+
+    def wait_for_exit(self, limit: float) -> float:
+        """Seconds the driver took to exit; it is killed (and the test fails) after `limit` + 30."""
+        started = time.monotonic()
+        try:
+            self.driver.wait(timeout=limit + 30)
+        except subprocess.TimeoutExpired:
+            kill_group(self.driver.pid)
+            pytest.fail(f"the driver hung:\n{self.log_path.read_text()[-3000:]}")
+        return time.monotonic() - started
+
+    def leftovers(self) -> list[str]:
+        """Processes of its cluster still running 10 s after the driver exited (the agents lingered minutes)."""
+        deadline = time.monotonic() + 10
+        while alive := [f"{_name(p)}:{p.pid}" for p in self.seen.values() if _running(p)]:
+            if time.monotonic() > deadline:
+                for process in self.seen.values():
+                    with contextlib.suppress(psutil.Error):
+                        process.kill()
+                return alive
+            time.sleep(0.5)
+        return []
+
+    def stderr_lines(self) -> list[str]:
+        return [line for line in self.log_path.read_text().splitlines() if line.strip()]
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.Error:
+        return "?"
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@pytest.mark.parametrize("server", ["raylet", "gcs_server"])
+def test_a_killed_raylet_or_gcs_ends_the_search_within_a_minute_telling_to_resume(server, tmp_path, zoo):
+    search = LocalSearch(tmp_path, zoo)
+    try:
+        search.wait_for_a_result()
+        search.process_named(server).kill()
+        seconds = search.wait_for_exit(limit=60)
+    finally:
+        kill_group(search.driver.pid)
+    lines = search.stderr_lines()
+    assert search.driver.returncode == 2, lines[-20:]
+    assert seconds < 60, f"took {seconds:.0f} s"
+    assert lines[-1].startswith("error: ") and f"evomerge resume {search.run_dir}" in lines[-1], lines[-5:]
+    assert "Traceback" not in search.log_path.read_text()
+    assert not search.leftovers(), "Ray processes outlived the driver"
+    assert journal(search.run_dir)[-1]["event"] != "run_finished"
+
+
+def test_sigterm_stops_the_search_and_its_whole_local_cluster(tmp_path, zoo):
+    search = LocalSearch(tmp_path, zoo)
+    try:
+        search.wait_for_a_result()
+        agents = [p for p in search.seen.values() if "Agent" in _name(p) or "agent" in " ".join(_cmdline(p))]
+        search.driver.send_signal(signal.SIGTERM)
+        search.wait_for_exit(limit=60)
+    finally:
+        kill_group(search.driver.pid)
+    lines = search.stderr_lines()
+    assert search.driver.returncode == 130 and lines[-1] == "interrupted", lines[-5:]
+    assert agents, "the test saw no Ray agent to check"
+    assert not search.leftovers(), "Ray processes outlived the driver"
+    assert any(f"] search started: 0/{MANY} evaluations" in line for line in lines), "no status line without a terminal"
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []

@@ -31,6 +31,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 DebugOption = typer.Option(False, "--debug", help="Show full tracebacks.")
+QuietOption = typer.Option(False, "--quiet", "-q", help="Print nothing but errors and the final table.")
+LogEveryOption = typer.Option(
+    None,
+    "--log-every",
+    metavar="N",
+    help="Without a terminal (nohup, SLURM, a pipe): a status line every N evaluations, and at least once a minute [default: 25].",
+)
 
 
 @app.callback()
@@ -172,13 +179,16 @@ def search(
     address: str | None = typer.Option(
         None, help="Join a Ray cluster (auto or HOST:PORT); default starts a local one."
     ),
+    quiet: bool = QuietOption,
+    log_every: int | None = LogEveryOption,
     debug: bool = DebugOption,
 ):
     """Run a search; results go to runs/NAME/."""
     from evomerge.search.loop import start_search
     from evomerge.spec import load_spec
 
-    run_dir = start_search(load_spec(spec_path), address, progress=sys.stderr.isatty(), source=str(spec_path))
+    progress = _progress_settings(quiet, log_every)
+    run_dir = start_search(load_spec(spec_path), address, progress=progress, source=str(spec_path))
     _print_summary(run_dir)
 
 
@@ -195,6 +205,8 @@ def resume(
         "--accept-changed-inputs",
         help="Resume although a model or evaluation file changed since the run started (its scores then mix old and new inputs).",
     ),
+    quiet: bool = QuietOption,
+    log_every: int | None = LogEveryOption,
     debug: bool = DebugOption,
 ):
     """Continue a stopped or crashed search exactly where it was."""
@@ -203,7 +215,7 @@ def resume(
     resume_search(
         run_dir,
         address,
-        progress=sys.stderr.isatty(),
+        progress=_progress_settings(quiet, log_every),
         spec_path=spec_path,
         accept_changed_inputs=accept_changed_inputs,
     )
@@ -310,6 +322,15 @@ def report(
     from evomerge.rundir.report import write_report
 
     typer.echo(f"wrote {write_report(run_dir, out_dir)}")
+
+
+def _progress_settings(quiet: bool, log_every: int | None):
+    """The live bar on a terminal, status lines in a log (nohup, SLURM, a pipe), nothing with --quiet."""
+    from evomerge.search.progress import DEFAULT_LOG_EVERY, ProgressSettings
+
+    if log_every is not None and log_every < 1:
+        raise UserError(f"--log-every: must be at least 1 evaluation, got {log_every}")
+    return ProgressSettings.for_stream(sys.stderr, quiet=quiet, log_every=log_every or DEFAULT_LOG_EVERY)
 
 
 def _print_summary(run_dir) -> None:

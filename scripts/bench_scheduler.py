@@ -127,7 +127,7 @@ def measure_scaling(
     try:
         ray.get([slot.actor.ping.remote() for slot in scheduler.slots])  # actor start-up is not timed
         started = time.perf_counter()
-        with SearchProgress(candidates, enabled=False) as progress:
+        with SearchProgress(candidates, False) as progress:
             search._search(scheduler, progress)
         wall = time.perf_counter() - started
     finally:
@@ -215,7 +215,7 @@ def measure_overhead(optimizer: str, trials: int, runs_dir: Path) -> OverheadRow
     _time_journal(search.journal, row)
     try:
         started = time.perf_counter()
-        with SearchProgress(trials, enabled=False) as progress:
+        with SearchProgress(trials, False) as progress:
             search._search(instant_scheduler(lambda trial: _synthetic_score(search.trials[trial].params)), progress)
         row.wall_s = time.perf_counter() - started
         row.finished_at.insert(0, started)

@@ -146,6 +146,8 @@ class Search:
             with SearchProgress(self.spec.budget.max_evals, self.show_progress, self.trials.values()) as progress:
                 progress.update(self.tally)
                 self._search(scheduler, progress)
+                if "heldout" in self.prepared.eval_sets:
+                    progress.say("re-scoring the top trials and the baselines on the held-out tasks")
                 self._rescore_heldout(scheduler)
             self._snapshot(wait=True)
             self.journal.append(EventName.RUN_FINISHED, completed=self.tally.completed)

@@ -104,7 +104,7 @@ class SearchProgress:
 
     def __exit__(self, error_type, *rest):
         if self.settings.mode == ProgressMode.LINES and self._tally is not None and error_type is None:
-            self._log_status("search phase done:")
+            self._log_status("search done:")
         return self.progress.__exit__(error_type, *rest)
 
     def update(self, tally: Tally, finished: Trial | None = None) -> None:
@@ -162,9 +162,9 @@ class SearchProgress:
         return (done - (self._done_at_start or 0)) / minutes
 
     def _eta(self, done: int, rate: float) -> str | None:
-        if not self.total or rate <= 0:
+        if not self.total or rate <= 0 or done >= self.total:
             return None
-        return _duration(max(0, self.total - done) / rate * 60)
+        return _duration((self.total - done) / rate * 60)
 
     def _since_logged(self) -> float:
         return self.clock() - self._logged_at

@@ -56,10 +56,6 @@ def lines_progress(total=100, log_every=10, trials=()):
     return progress, clock, printed
 
 
-def status_lines(printed: list[str]) -> list[str]:
-    return [line for line in printed if re.search(r"\] search:? \d", line) or "search phase done" in line]
-
-
 def test_a_status_line_every_n_evaluations_with_counts_best_rate_failures_and_eta():
     progress, clock, printed = lines_progress(total=100, log_every=10)
     with progress:
@@ -74,7 +70,7 @@ def test_a_status_line_every_n_evaluations_with_counts_best_rate_failures_and_et
     assert "best 0.1700 (trial 7)" in last and "10.0 evals/min" in last and "4 failed" in last, last
     assert "ETA 8m00s" in last, last
     assert printed[0].endswith("search started: 0/100 evaluations, best -, 0.0 evals/min, 0 failed")
-    assert "search phase done: 25/100 evaluations" in printed[-1] and "5 failed" in printed[-1]
+    assert "search done: 25/100 evaluations" in printed[-1] and "5 failed" in printed[-1]
 
 
 def test_one_line_per_new_best_and_none_for_a_tie_or_a_worse_score():
@@ -131,6 +127,18 @@ def test_a_resumed_search_starts_from_the_journaled_best_and_counts_only_its_own
     assert any("new best 0.8000 (trial 4)" in line for line in printed)
     status = next(line for line in printed if "] search: 5/10" in line)
     assert "2.0 evals/min" in status and "ETA 2m30s" in status, status
+
+
+def test_a_phase_line_is_printed_and_the_last_line_says_where_the_search_ended():
+    progress, clock, printed = lines_progress(total=2, log_every=1000)
+    with progress:
+        search = FakeSearch(progress, clock)
+        progress.update(search.tally)
+        search.finish(0.1)
+        search.finish(0.2)
+        progress.say("re-scoring on the held-out tasks")
+    assert printed[-2].endswith("] re-scoring on the held-out tasks")
+    assert printed[-1].endswith("search done: 2/2 evaluations, best 0.2000 (trial 1), 10.0 evals/min, 0 failed")
 
 
 def test_quiet_prints_nothing():

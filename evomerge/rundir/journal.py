@@ -61,10 +61,11 @@ class SnapshotUnusable(Exception):
     """A journaled optimizer snapshot that is missing or does not match its hash."""
 
 
-def read_events(path: Path) -> list[dict]:
+def read_events(path: Path, warn: bool = True) -> list[dict]:
     """Every complete event; a torn final line is dropped with a warning, earlier damage is an error.
 
     JSON-valid junk and a repeated result for a trial are skipped with a warning; the first stands.
+    `warn=False` is for a second reading of the same lines, so each problem is told once.
     """
     if not path.exists():
         return []
@@ -78,14 +79,16 @@ def read_events(path: Path) -> list[dict]:
             event = json.loads(raw)
         except ValueError:
             if number >= len(lines) - 1:
-                LOG.warning("%s: dropping a torn last line (the driver was killed while writing it)", path)
+                if warn:
+                    LOG.warning("%s: dropping a torn last line (the driver was killed while writing it)", path)
                 break
             raise UserError(
                 f"{path}: line {number} is not valid JSON; the journal was edited or damaged, restore it from a backup"
             ) from None
         problem = _junk(event) or _repeated(event, seen_results)
         if problem:
-            LOG.warning("%s: skipping line %d (%s)", path, number, problem)
+            if warn:
+                LOG.warning("%s: skipping line %d (%s)", path, number, problem)
             continue
         events.append(event)
     return events
@@ -137,7 +140,7 @@ class Journal:
         self._write_lock = threading.Lock()
         self._snapshot_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-snapshot")
         self._pending_snapshot: Future | None = None
-        self.count = len(read_events(self.path))
+        self.count = len(read_events(self.path, warn=False))  # whoever replays the journal warns
         self._kill_after = _kill_hook()
         self._kill_countdown = self._kill_after[1] if self._kill_after else 0
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from evomerge.evaluation.tasks import resolve_tasks
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 MODEL_FILES = (
     "config.json",
@@ -102,8 +104,6 @@ def content_digest(path: Path) -> str:
 
 def eval_files(eval_set) -> list[Path]:
     """Every file the tasks of one eval set read: YAMLs, included YAMLs, `!function` code, data."""
-    from evomerge.evaluation.tasks import resolve_tasks
-
     files: set[Path] = set()
     for task in resolve_tasks(eval_set).tasks:
         files.update(_yaml_and_code(Path(task.yaml_path)))

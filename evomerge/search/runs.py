@@ -52,7 +52,7 @@ def open_run(run_dir: Path | RunDir) -> tuple[RunDir, Spec, list[dict]]:
     run = RunDir.of(run_dir)
     if not run.spec.is_file():
         raise UserError(f"{run}: not a run directory (no {run.spec.name}); give runs/NAME")
-    events = read_events(run.journal)
+    events = read_events(run.journal, warn=False)  # the search that replays them warns
     frozen = run.spec.read_bytes()
     created = next((e for e in events if e["event"] == EventName.CREATED and "spec_sha256" in e), None)
     if created is not None and _sha256(frozen) != created["spec_sha256"]:

@@ -172,7 +172,10 @@ def test_junk_lines_and_a_repeated_result_are_skipped_with_one_warning_each(tmp_
     assert all(any(f"skipping line {n} " in m for m in messages) for n in skipped), messages
     assert "a second result for trial -1; the first one is kept" in caplog.text
     assert figures["completed"] + figures["failed"] == len(search_state(run_dir)["asked"]) - figures["in_flight"]
-    resume(run_dir)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        resume(run_dir)
+    assert sorted(r.getMessage() for r in caplog.records) == sorted(messages), "resume warns once per line too"
     assert search_state(run_dir) == search_state(reference), "the first of the repeated results stands"
 
 

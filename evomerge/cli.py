@@ -36,7 +36,7 @@ LogEveryOption = typer.Option(
     None,
     "--log-every",
     metavar="N",
-    help="Without a terminal (nohup, SLURM, a pipe): a status line every N evaluations, and at least once a minute [default: 25].",
+    help="Without a terminal (nohup, SLURM, a pipe): a status line every N evaluations (default 25), and at least once a minute.",
 )
 
 

@@ -5,6 +5,7 @@ runs/NAME/journal.jsonl   the append-only journal, the run's source of truth
 runs/NAME/optimizer/      optimizer snapshots, each named in the journal with its SHA-256
 runs/NAME/optuna.log      TPE and NSGA-II runs: Optuna's journal storage (for optuna-dashboard)
 runs/NAME/report/         `evomerge report` output
+runs/NAME/tensorboard/    with `logging: {tensorboard: true}`: TensorBoard's event files
 runs/NAME/.lock           held by the one process working on the run
 """
 
@@ -67,6 +68,10 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
 
     @property
     def lock(self) -> Path:

@@ -34,12 +34,12 @@ from evomerge.rundir.trials import Tally, Trial, is_default_merge, replay, searc
 from evomerge.search.inputs import first_change, input_fingerprints
 from evomerge.search.progress import ProgressSettings, SearchProgress
 from evomerge.search.replay import journaled_seeds, restore_optimizer
-from evomerge.search.runs import create_run_dir, load_run_spec, open_run, run_dir_of
+from evomerge.search.runs import create_run_dir, open_run
 from evomerge.search.scheduler import Job, Scheduler
 from evomerge.search.tracking import Tracker
 from evomerge.spec import Spec
 
-__all__ = ["Search", "create_run_dir", "load_run_spec", "resume_search", "run_dir_of", "start_search"]
+__all__ = ["Search", "create_run_dir", "resume_search", "start_search"]
 LOG = logging.getLogger(__name__)
 
 

@@ -21,10 +21,6 @@ from evomerge.rundir.layout import RunDir
 from evomerge.spec import Spec, parse_spec
 
 
-def run_dir_of(spec: Spec) -> Path:
-    return RunDir.inside(spec.runs_dir, spec.name).root
-
-
 def create_run_dir(spec: Spec) -> Path:
     """A new run directory with a frozen spec; refuses to reuse an existing run."""
     run = RunDir.inside(spec.runs_dir, spec.name)
@@ -62,10 +58,6 @@ def open_run(run_dir: Path | RunDir) -> tuple[RunDir, Spec, list[dict]]:
     if created is None and started is not None and started.get("spec_fingerprint") != spec.fingerprint():
         raise _changed(run)
     return run, spec, events
-
-
-def load_run_spec(run_dir: Path | RunDir) -> Spec:
-    return open_run(run_dir)[1]
 
 
 def _parse_frozen(run: RunDir, frozen: bytes) -> Spec:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from evomerge.rundir.layout import RunDir
+
 
 class Tracker:
     """Sends each finished trial to every requested backend."""
@@ -17,7 +19,7 @@ class Tracker:
         if spec.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.backends.append(_TensorBoard(SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))))
+            self.backends.append(_TensorBoard(SummaryWriter(log_dir=str(RunDir.of(run_dir).tensorboard))))
         if spec.logging.wandb:
             import wandb
 

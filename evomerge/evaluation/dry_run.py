@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import UserError
+from evomerge.evaluation.config import EvalSet
 from evomerge.evaluation.evaluate import seeded_subset
 from evomerge.evaluation.tasks import ResolvedTask, ResolvedTasks, build_tasks, quiet_lm_eval
 
@@ -44,8 +45,8 @@ class TaskUnderTest:
         return UserError(f"{self.field}: task '{self.task.name}' ({self.task.yaml_path}): {problem}; {fix}")
 
 
-def rehearse_eval_set(eval_set, resolved: ResolvedTasks) -> None:
-    """Build and render every task of `eval_set` (an evaluation.config.EvalSet) as a worker would."""
+def rehearse_eval_set(eval_set: EvalSet, resolved: ResolvedTasks) -> None:
+    """Build and render every task of `eval_set` as a worker would; `resolved` is its resolve_tasks."""
     for position, task in enumerate(resolved.tasks):
         under_test = TaskUnderTest(task, f"{eval_set.field}[{position}]", eval_set.limit, eval_set.evaluation.seed)
         check_data_files(under_test)

@@ -102,7 +102,7 @@ class GeneGrid:
 def journaled_gene_table(events: list[dict]) -> list[GeneRow] | None:
     """The gene table the search journaled on run_started; None for runs journaled before it existed."""
     for event in events:
-        if event["event"] == "run_started" and event.get("genes"):
+        if event["event"] == EventName.RUN_STARTED and event.get("genes"):
             return [GeneRow.from_json(row) for row in event["genes"]]
     return None
 

@@ -425,25 +425,34 @@ def test_a_failing_candidate_is_a_failed_result_and_the_worker_serves_on(worker,
 
 @pytest.mark.slow
 def test_failing_candidates_in_a_real_search_are_counted_and_told_to_the_optimizer(tmp_path, zoo, ray_head):
-    """Weights up to 1e45 overflow float32, so CMA-ES's candidates fail; baselines do not."""
+    """An expert whose final norm is 3e37 overflows float32 once its weight passes ~11, so CMA-ES's
+    candidates (weights up to 100, the sane limit) fail; baselines that score it alone may fail too."""
+    from safetensors.torch import load_file, save_file
     from typer.testing import CliRunner
 
     from evomerge.cli import app
 
     address, env = ray_head
+    loud = tmp_path / "loud"
+    shutil.copytree(zoo["odd"], loud)
+    tensors = load_file(loud / "model.safetensors")
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], 3e37)
+    save_file(tensors, loud / "model.safetensors", metadata={"format": "pt"})
     spec_path = write_spec(
         tmp_path,
         zoo,
         "overflow",
+        models={"base": zoo["base"], "experts": [zoo["even"], str(loud)]},
         merge={"method": "task_arithmetic"},
-        genome={"layer_groups": 2, "bounds": {"weight": [0.0, 1e45]}},
+        genome={"layer_groups": 2, "bounds": {"weight": [0.0, 100.0]}},
         budget={"max_evals": 15},
     )
     finished = evomerge(env, "search", spec_path, "--address", address)
     assert finished.returncode == 0, finished.stderr[-3000:]
     run_dir = tmp_path / "runs" / "overflow"
     failed = [e for e in journal(run_dir) if e["event"] == "failed"]
-    assert failed and all("merged weights are not finite" in e["reason"] for e in failed)
+    overflowed = [e for e in failed if e["trial"] >= 0 and "merged weights are not finite" in e["reason"]]
+    assert overflowed, [(e["trial"], e["reason"]) for e in failed]
     asked = {e["trial"] for e in journal(run_dir) if e["event"] == "asked"}
     assert {4, 5, 6, 7} <= asked, "CMA-ES reached generation 1, so generation 0's failures were told"
     shown = CliRunner().invoke(app, ["status", str(run_dir)]).stdout

@@ -16,7 +16,7 @@ from scoring_fixtures import char_model, char_tokenizer
 
 from evomerge.evaluation.backend import GenerationRequest, TokenPair
 from evomerge.evaluation.batching import token_budget_batches
-from evomerge.evaluation.generation import RowStopStrings
+from evomerge.evaluation.generation import GreedyGenerator, RowStopStrings, StopTest
 from evomerge.evaluation.native import TorchBackend
 from evomerge.evaluation.requests import _generation_request, _rolling_windows, _tokenize_pair
 
@@ -156,31 +156,33 @@ def generation_cases() -> list[tuple[str, dict]]:
     return [(prompt, settings[index % len(settings)]) for index, prompt in enumerate(prompts)]
 
 
-def test_generate_until_equals_hflm(model, lm):
+@pytest.mark.parametrize("loop", ["compact", "generate"])
+def test_generate_until_equals_hflm(model, lm, loop):
     cases = generation_cases()
-    tokenizer = char_tokenizer()
+    generator = GreedyGenerator(model, char_tokenizer(), token_budget=40, loop=loop)
 
     expected = lm.generate_until([FakeInstance(prompt, dict(kwargs)) for prompt, kwargs in cases], disable_tqdm=True)
     requests = [_generation_request(lm, FakeInstance(prompt, dict(kwargs))) for prompt, kwargs in cases]
-    found = TorchBackend(model, tokenizer, MAX_LENGTH, token_budget=40).generate_until(requests)
+    found = generator.generate(requests)
 
     assert found == expected
     # The cases exercise both ends: some stop early, some run to max_gen_toks.
     assert {len(text) for text in found} & {0, 1, 2, 3} and 8 in {len(text) for text in found}
 
 
-def test_generation_config_eos_ends_rows_as_in_hflm(model, lm):
+@pytest.mark.parametrize("loop", ["compact", "generate"])
+def test_generation_config_eos_ends_rows_as_in_hflm(model, lm, loop):
     prompts = [prompt for prompt, _ in generation_cases()]
     settings = {"until": ["zz"], "max_gen_toks": 9}
-    backend = TorchBackend(model, char_tokenizer(), MAX_LENGTH)
+    backend = GreedyGenerator(model, char_tokenizer(), token_budget=64, loop=loop)
     requests = [_generation_request(lm, FakeInstance(prompt, dict(settings))) for prompt in prompts]
-    without_extra_eos = backend.generate_until(requests)
+    without_extra_eos = backend.generate(requests)
     previous = model.generation_config.eos_token_id
     # "v" ends generation too, as a model's second end-of-turn token would; HF generate stops there.
     model.generation_config.eos_token_id = [previous, char_tokenizer().convert_tokens_to_ids("v")]
     try:
         expected = lm.generate_until([FakeInstance(prompt, dict(settings)) for prompt in prompts], disable_tqdm=True)
-        found = backend.generate_until(requests)
+        found = backend.generate(requests)
     finally:
         model.generation_config.eos_token_id = previous
     assert found == expected
@@ -196,11 +198,23 @@ def test_sampling_request_is_refused(lm):
 
 def test_row_stops_once_its_own_text_holds_a_stop_string():
     tokenizer = char_tokenizer()
-    stops = RowStopStrings(tokenizer, ["ab"], prompt_width=1, rows=3)
+    stops = RowStopStrings(StopTest(tokenizer, ["ab"]), prompt_width=1, rows=3)
     ids = torch.tensor([tokenizer.convert_tokens_to_ids(list(text)) for text in ("xqab", "xaaa", "xbab")])
 
     assert stops(ids, scores=None).tolist() == [True, False, True]
     assert stops(ids[:, :3], scores=None).tolist() == [True, False, True]  # a finished row stays finished
+    assert StopTest(tokenizer, []).finished([[5, 6]]) == [False]
+
+
+def test_a_repetition_penalty_leaves_the_compact_loop_for_generate(model, lm):
+    prompts = [prompt for prompt, _ in generation_cases()]
+    settings = {"until": ["zz"], "max_gen_toks": 8, "repetition_penalty": 1.5}
+    requests = [_generation_request(lm, FakeInstance(prompt, dict(settings))) for prompt in prompts]
+    generator = GreedyGenerator(model, char_tokenizer(), token_budget=64, loop="compact")
+
+    assert not generator._plain_greedy(dict(requests[0].generate_kwargs))
+    expected = lm.generate_until([FakeInstance(prompt, dict(settings)) for prompt in prompts], disable_tqdm=True)
+    assert generator.generate(requests) == expected
 
 
 def test_generation_request_carries_lm_eval_settings(lm):

@@ -8,6 +8,10 @@ a fifth of it (a drift) in all the others, with echo replay mixed in. Fixed seed
 torch algorithms make two builds identical; `OUT/zoo_manifest.json` records a hash of the recipe
 and of the code, so a second call with the same recipe returns at once. The check at the end scores
 every parent on every skill and warns if the zoo is not as designed (docs/RESULTS.md explains it).
+
+A full build always runs with processor-independent numerics (scripts/pinned_numerics.py; in a
+subprocess when the caller already loaded torch without them), and its weights are checked against
+scripts/demo_zoo_reference.json: the zoo every x86-64 machine builds, and the one the README's numbers are from.
 """
 
 from __future__ import annotations
@@ -17,18 +21,24 @@ import contextlib
 import copy
 import hashlib
 import json
+import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout without `pip install -e .`
 sys.path.insert(0, str(REPO / "scripts"))  # demo_data, the zoo's skills and eval splits
 
+import pinned_numerics  # noqa: E402
+
+if __name__ == "__main__":
+    pinned_numerics.pin()  # before torch loads
+
 import demo_data  # noqa: E402
+import torch  # noqa: E402
 
 from evomerge.files import write_text_atomic  # noqa: E402
 
@@ -42,6 +52,10 @@ RECIPE = {
     "expert_layers": {"reverse": [0, 1, 2], "increment": [3, 4, 5], "rotate": [6, 7]},
 }
 QUICK_STEPS = {"base": 8, "expert": 4}
+# sha256 over the four model.safetensors (base, then the experts in SKILLS order) of a full build
+# with pinned numerics and one thread; kept beside this script, not in it, so recording it does not
+# change the recipe hash. Update it, and the README's table, when the recipe changes.
+REFERENCE_FILE = Path(__file__).with_name("demo_zoo_reference.json")
 
 
 def make_recipe(quick: bool) -> dict:
@@ -52,9 +66,10 @@ def make_recipe(quick: bool) -> dict:
     return recipe
 
 
-def recipe_hash(recipe: dict) -> str:
-    """Changes whenever the recipe or the code that turns it into weights changes."""
-    digest = hashlib.sha256(json.dumps({"version": BUILD_VERSION, "recipe": recipe}, sort_keys=True).encode())
+def recipe_hash(recipe: dict, threads: int = 1) -> str:
+    """Changes whenever the recipe, the thread count or the code that turns them into weights changes."""
+    settings = {"version": BUILD_VERSION, "recipe": recipe, "threads": threads}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for source in (Path(__file__), Path(demo_data.__file__)):
         digest.update(source.read_bytes())
     return digest.hexdigest()[:16]
@@ -235,10 +250,12 @@ def build_zoo(out: Path, quick: bool = False, threads: int = 1, check: bool = Tr
     out = Path(out)
     recipe = make_recipe(quick)
     manifest_path = out / "zoo_manifest.json"
-    expected = recipe_hash(recipe)
+    expected = recipe_hash(recipe, threads)
     if manifest_path.exists() and json.loads(manifest_path.read_text()).get("recipe_hash") == expected:
         print(f"demo zoo is up to date in {out}")
         return out
+    if not quick and not pinned_numerics.is_pinned():
+        return _build_in_pinned_subprocess(out, threads, check)
     started = time.time()
     with deterministic_torch(threads):
         tokenizer = demo_data.build_char_tokenizer()
@@ -251,8 +268,11 @@ def build_zoo(out: Path, quick: bool = False, threads: int = 1, check: bool = Tr
         build_seconds = round(time.time() - started, 1)
         models = {"base": base} | {f"expert_{name}": expert for name, expert in experts.items()}
         table = parent_table(models, tokenizer) if check else None
+    zoo_sha256 = weights_sha256(out)
     manifest = {
         "recipe_hash": expected,
+        "zoo_sha256": zoo_sha256,
+        "numerics": "pinned" if pinned_numerics.is_pinned() else "native",
         "build_version": BUILD_VERSION,
         "quick": quick,
         "recipe": recipe,
@@ -266,6 +286,38 @@ def build_zoo(out: Path, quick: bool = False, threads: int = 1, check: bool = Tr
         print_table(table)
         for problem in check_design(table):
             print(f"warning: {problem}; the zoo is not as designed (docs/RESULTS.md)", file=sys.stderr)
+    if not quick:
+        report_reference_match(zoo_sha256)
+    return out
+
+
+def weights_sha256(out: Path) -> str:
+    digest = hashlib.sha256()
+    for name in ["base"] + [f"expert_{skill}" for skill in demo_data.SKILLS]:
+        digest.update((out / name / "model.safetensors").read_bytes())
+    return digest.hexdigest()
+
+
+def reference_sha256() -> str:
+    return json.loads(REFERENCE_FILE.read_text())["zoo_sha256"]
+
+
+def report_reference_match(zoo_sha256: str) -> None:
+    reference = reference_sha256()
+    if zoo_sha256 == reference:
+        print(f"zoo weights match the reference build (sha256 {zoo_sha256[:16]}): the README's numbers apply")
+    else:
+        print(
+            f"warning: zoo weights (sha256 {zoo_sha256[:16]}) differ from the reference build "
+            f"({reference[:16]}); the demo's numbers will differ from the README's",
+            file=sys.stderr,
+        )
+
+
+def _build_in_pinned_subprocess(out: Path, threads: int, check: bool) -> Path:
+    """This process loaded torch with the CPU's own kernels; build where the numerics are pinned."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--threads", str(threads)]
+    subprocess.run(command + ([] if check else ["--no-check"]), check=True, env=os.environ | pinned_numerics.PINNED)
     return out
 
 
@@ -276,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads",
         type=int,
-        default=2,
+        default=1,
         help="torch CPU threads (default 1: float sums, and so the zoo, depend on the thread count)",
     )
     parser.add_argument("--no-check", action="store_true", help="skip the accuracy table at the end")

@@ -16,6 +16,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
+import pinned_numerics  # noqa: E402
+
+# Processor-independent numerics for the zoo build and the local cluster's workers, which inherit
+# this environment: the demo's table is then the same on every x86-64 machine.
+pinned_numerics.pin()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

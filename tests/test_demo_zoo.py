@@ -146,3 +146,12 @@ def test_every_eval_yaml_loads_and_its_data_exists(spec):
         assert set(config["task"]) <= {sibling["task"] for sibling in siblings if "group" not in sibling}
     else:
         assert config["output_type"] == "loglikelihood" and data_files
+
+
+@pytest.mark.slow
+def test_the_full_zoo_is_bit_identical_to_the_reference_build(build_script):
+    """The README's demo numbers come from this zoo; any x86-64 machine must build the same bytes."""
+    zoo = build_script.build_zoo(build_script.DEFAULT_OUT)  # cached; else built with pinned numerics
+    manifest = json.loads((zoo / "zoo_manifest.json").read_text())
+    assert manifest["numerics"] == "pinned"
+    assert build_script.weights_sha256(zoo) == manifest["zoo_sha256"] == build_script.reference_sha256()

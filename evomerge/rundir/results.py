@@ -44,12 +44,14 @@ def result_se(result: TrialResult | None) -> float | None:
 
 def status(run_dir: Path | RunDir) -> dict:
     events, trials = load_trials(run_dir)
+    return status_of(run_dir, events, trials)
+
+
+def status_of(run_dir: Path | RunDir, events: list[dict], trials: dict[int, Trial]) -> dict:
+    """The figures `evomerge status` shows, from a journal already read."""
     completed = [t for t in trials.values() if t.status == EventName.COMPLETED]
     failed = [t for t in trials.values() if t.status == EventName.FAILED]
     best = max(completed, key=lambda t: t.score, default=None)
-    finished_times = [e["time"] for e in events if e["event"] in RESULT_EVENTS and "time" in e]
-    started = [e["time"] for e in events if e["event"] == EventName.RUN_STARTED and "time" in e]
-    minutes = (max(finished_times) - min(started)) / 60 if finished_times and started else 0.0
     heldout = heldout_winner(trials)
     return {
         "run": str(run_dir),
@@ -60,12 +62,33 @@ def status(run_dir: Path | RunDir) -> dict:
         "best_score": best.score if best else None,
         "best_trial": best.trial_id if best else None,
         "best_label": best.label if best else None,
-        "evals_per_min": round((len(completed) + len(failed)) / minutes, 2) if minutes > 0 else None,
+        "evals_per_min": search_rate(events, trials),
         "heldout_winner": heldout.trial_id if heldout else None,
         "pareto_front": pareto_trials(trials),
         "failures": [{"trial": t.trial_id, "reason": t.result.reason if t.result else None} for t in failed],
         "finished": any(e["event"] == EventName.RUN_FINISHED for e in events),
     }
+
+
+def search_rate(events: list[dict], trials: dict[int, Trial]) -> float | None:
+    """Evolved-candidate evaluations per minute of search time; the baseline phase is left out.
+
+    Time is the search time journaled with each result (`search_s`, summed over every start and
+    resume), so the hours a stopped run sat idle do not count; journals without it use clock time.
+    """
+    results = [e for e in events if e["event"] in RESULT_EVENTS and e["trial"] in trials]
+    evolved = [e for e in results if trials[e["trial"]].kind == "optimizer"]
+    baselines = [e for e in results if trials[e["trial"]].kind != "optimizer"]
+    if not evolved:
+        return None
+    clock = "search_s" if all(isinstance(e.get("search_s"), (int, float)) for e in results) else "time"
+    if clock == "search_s":
+        start = max((e[clock] for e in baselines), default=0.0)
+    else:
+        asked = [e["time"] for e in events if e["event"] == EventName.ASKED and e.get("kind") == "optimizer"]
+        start = min(asked, default=evolved[0].get("time", 0.0))
+    minutes = (max(e.get(clock, 0.0) for e in evolved) - start) / 60
+    return round(len(evolved) / minutes, 2) if minutes > 0 else None
 
 
 def pareto_trials(trials: dict[int, Trial]) -> list[dict]:
@@ -81,6 +104,15 @@ def pareto_trials(trials: dict[int, Trial]) -> list[dict]:
 def heldout_winner(trials: dict[int, Trial]) -> Trial | None:
     scored = [t for t in trials.values() if t.heldout_score is not None]
     return max(scored, key=lambda t: t.heldout_score, default=None)
+
+
+def default_export(trials: dict[int, Trial]) -> Trial | None:
+    """What `export` writes without --trial: the held-out winner, else the best search score."""
+    chosen = heldout_winner(trials)
+    if chosen is None:
+        completed = [t for t in trials.values() if t.status == EventName.COMPLETED]
+        chosen = max(completed, key=lambda t: t.score, default=None)
+    return chosen
 
 
 def leaderboard(trials: dict[int, Trial]) -> list[dict]:
@@ -114,14 +146,11 @@ def export_trial(run_dir: Path | RunDir, trial_id: int | None = None) -> tuple[T
     """The mergekit YAML of a trial: the held-out winner, else the best search score, by default."""
     _, trials = load_trials(run_dir)
     if trial_id is None:
-        chosen = heldout_winner(trials)
+        chosen = default_export(trials)
         if chosen is None:
-            completed = [t for t in trials.values() if t.status == EventName.COMPLETED]
-            if not completed:
-                raise UserError(
-                    f"{run_dir}: no completed trial to export yet; wait for the search or check 'evomerge status'"
-                )
-            chosen = max(completed, key=lambda t: t.score)
+            raise UserError(
+                f"{run_dir}: no completed trial to export yet; wait for the search or check 'evomerge status'"
+            )
     else:
         chosen = trials.get(trial_id)
         if chosen is None or chosen.status != EventName.COMPLETED:

@@ -31,16 +31,19 @@ from evomerge.rundir.journal import Journal, read_events
 from evomerge.rundir.layout import RunDir
 from evomerge.rundir.pareto import objective_values
 from evomerge.rundir.trials import Tally, Trial, is_default_merge, replay, search_seconds
+from evomerge.rundir.verdict import TIES_FIELD
 from evomerge.search.inputs import first_change, input_fingerprints
 from evomerge.search.progress import ProgressSettings, SearchProgress
 from evomerge.search.replay import journaled_seeds, restore_optimizer
 from evomerge.search.runs import create_run_dir, open_run
 from evomerge.search.scheduler import Job, Scheduler
+from evomerge.search.study_log import StudyLog, study_shape
 from evomerge.search.tracking import Tracker
 from evomerge.spec import Spec
 
 __all__ = ["Search", "create_run_dir", "resume_search", "start_search"]
 LOG = logging.getLogger(__name__)
+TIE_CAP_FACTOR = 2  # trials tied at the top-k cut are re-scored up to 2 x top_k trials in all
 
 
 class Search:
@@ -73,6 +76,7 @@ class Search:
             self.tally = Tally.of(self.trials)
             self.optimizer = self._restore_optimizer()
             self.tracker = Tracker(self.spec, self.run_dir)
+            self.study_log = StudyLog(self.rundir.optuna_log, study_shape(prepared, self.rundir))
         except BaseException:
             self.journal.close()  # frees the run's lock for another attempt in this process
             raise
@@ -86,10 +90,7 @@ class Search:
         settings = self.spec.optimizer
         extra = {"popsize": settings.popsize, "sigma0": settings.sigma0} if settings.name == "cmaes" else {}
         if settings.name in ("tpe", "nsga2"):
-            extra = {
-                "storage_path": str(self.rundir.optuna_log),
-                "objectives": max(1, len(self.spec.evaluation.objectives)),
-            }
+            extra = {"objectives": max(1, len(self.spec.evaluation.objectives))}
             if settings.name == "tpe":
                 extra["n_startup_trials"] = settings.n_startup_trials
             if settings.popsize and settings.name == "nsga2":
@@ -143,14 +144,18 @@ class Search:
                 genes=genes,
                 inputs=inputs,
             )
+            self.study_log.rebuild(self.events, self.trials)  # every optimizer's optuna.log, never duplicated
             with SearchProgress(self.spec.budget.max_evals, self.show_progress, self.trials.values()) as progress:
                 progress.update(self.tally)
                 self._search(scheduler, progress)
                 if "heldout" in self.prepared.eval_sets:
                     progress.say("re-scoring the top trials and the baselines on the held-out tasks")
-                self._rescore_heldout(scheduler)
+                ties = self._rescore_heldout(scheduler)
             self._snapshot(wait=True)
-            self.journal.append(EventName.RUN_FINISHED, completed=self.tally.completed)
+            self.study_log.rebuild(read_events(self.journal.path, warn=False), self.trials)  # with held-out scores
+            self.journal.append(
+                EventName.RUN_FINISHED, completed=self.tally.completed, **({TIES_FIELD: ties} if ties else {})
+            )
         finally:
             scheduler.shutdown()
 
@@ -257,7 +262,7 @@ class Search:
     def _ask(self, trial: Trial, x: list | None = None) -> Job:
         self.trials[trial.trial_id] = trial
         self.tally.add_asked(trial)
-        self.journal.append(
+        record = self.journal.append(
             EventName.ASKED,
             trial=trial.trial_id,
             kind=trial.kind,
@@ -266,6 +271,7 @@ class Search:
             params=trial.params,
             merge_config=trial.merge_config,
         )
+        self.study_log.asked(trial.trial_id, record["time"])
         return Job(trial.trial_id, trial.merge_config)
 
     def _record(self, job: Job, result: TrialResult) -> None:
@@ -277,7 +283,8 @@ class Search:
         result = _finite(self._with_objectives(result))
         trial.status = EventName.COMPLETED if result.ok else EventName.FAILED
         trial.result = result
-        self.journal.append(trial.status, **result.to_journal(), search_s=round(self._searched(), 3))
+        record = self.journal.append(trial.status, **result.to_journal(), search_s=round(self._searched(), 3))
+        self.study_log.finished(trial, record["time"])
         self.tally.add_finished(trial)
         self.deaths_in_a_row = self.deaths_in_a_row + 1 if job.gave_up else 0
         if result.ok:
@@ -308,10 +315,11 @@ class Search:
             self.journal.write_snapshot_in_background(blob, after_events)
         self.tells_since_snapshot = 0
 
-    def _rescore_heldout(self, scheduler: Scheduler) -> None:
+    def _rescore_heldout(self, scheduler: Scheduler) -> dict | None:
+        """Re-score the baselines and the top-k on the held-out tasks; returns the tie report, if any."""
         if "heldout" not in self.prepared.eval_sets:
-            return
-        chosen = heldout_candidates(self.trials, self.spec.evaluation.top_k)
+            return None
+        chosen, ties = heldout_candidates(self.trials, self.spec.evaluation.top_k)
         jobs = [Job(t.trial_id, t.merge_config, "heldout") for t in chosen if t.heldout is None]
         while jobs or scheduler.in_flight or scheduler.requeued:
             jobs.extend(scheduler.requeued)
@@ -320,13 +328,28 @@ class Search:
                 scheduler.submit(jobs.pop(0))
             for job, result in scheduler.poll(timeout=1.0):
                 self._record(job, result)
+        return ties
 
 
-def heldout_candidates(trials: dict[int, Trial], top_k: int) -> list[Trial]:
-    """Every completed baseline plus the top-k completed optimizer trials by search score."""
+def heldout_candidates(trials: dict[int, Trial], top_k: int) -> tuple[list[Trial], dict | None]:
+    """Every completed baseline plus the top-k completed optimizer trials by search score.
+
+    Trials tied with the k-th on the search score are all re-scored too, up to TIE_CAP_FACTOR x
+    top_k trials in all (lowest trial ids first): cutting a tie by trial id would pick by age,
+    not merit. The second value reports the tie ({score, tied, rescored, skipped}) for the journal
+    and the verdict; None when nothing tied across the cut.
+    """
     done = [t for t in trials.values() if t.status == EventName.COMPLETED]
-    searched = sorted((t for t in done if t.kind == "optimizer"), key=lambda t: -t.score)
-    return [t for t in done if t.kind == "baseline"] + searched[:top_k]
+    searched = sorted((t for t in done if t.kind == "optimizer"), key=lambda t: (-t.score, t.trial_id))
+    chosen, ties = searched[:top_k], None
+    if 0 < top_k < len(searched) and searched[top_k].score == searched[top_k - 1].score:
+        cut = searched[top_k - 1].score
+        above = [t for t in searched if t.score > cut]
+        tied = [t for t in searched if t.score == cut]
+        rescored = tied[: max(0, TIE_CAP_FACTOR * top_k - len(above))]
+        chosen = above + rescored
+        ties = {"score": cut, "tied": len(tied), "rescored": len(rescored), "skipped": len(tied) - len(rescored)}
+    return [t for t in done if t.kind == "baseline"] + chosen, ties
 
 
 def seeds_worth_trying(points: list[tuple[str, np.ndarray]], baselines: list[Trial]) -> list[tuple[str, np.ndarray]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import optuna
 import pytest
 
 from evomerge.errors import UserError
@@ -257,48 +256,3 @@ def test_cmaes_points_enqueued_mid_generation_lead_the_next_generation():
 @pytest.mark.parametrize("worst", [-3.0, 0.0, 0.4, 1e12, -1e12])
 def test_cmaes_failure_penalty_is_worse_than_any_seen_value(worst):
     assert _failure_penalty(worst) > worst
-
-
-def test_tpe_mirrors_finished_trials_to_a_loadable_journal(tmp_path):
-    path = str(tmp_path / "study.log")
-    optimizer = build("tpe", storage_path=path, study_name="mirror")
-    told = {}
-    for i in range(8):
-        ask = optimizer.ask()
-        told[ask.trial_id] = None if i == 2 else concave(ask.x)
-        optimizer.tell(ask.trial_id, told[ask.trial_id])
-    optimizer.ask()  # a running trial is not mirrored
-
-    study = optuna.load_study(
-        study_name="mirror", storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
-    )
-    trials = study.get_trials()
-    assert len(trials) == 8
-    by_id = {t.user_attrs["evomerge_trial_id"]: t for t in trials}
-    assert by_id[2].state == optuna.trial.TrialState.FAIL
-    assert {i: t.value for i, t in by_id.items() if i != 2} == {i: v for i, v in told.items() if i != 2}
-    np.testing.assert_array_equal([by_id[0].params[f"x{i:04d}"] for i in range(6)], X0)
-
-
-@pytest.mark.parametrize("resume_from", ["snapshot", "scratch"])
-def test_tpe_mirror_is_not_duplicated_by_resume_replay(tmp_path, resume_from):
-    """Trials mirrored before a "crash" are replayed on resume and must not be added twice."""
-    path = str(tmp_path / "study.log")
-    optimizer = build("tpe", storage_path=path)
-    head = run_rounds(optimizer, 2)
-    blob = optimizer.snapshot()
-    tail = run_rounds(optimizer, 2)
-
-    if resume_from == "snapshot":
-        resumed, replayed = Optimizer.restore(blob), tail
-    else:
-        resumed, replayed = build("tpe", storage_path=path), head + tail
-    for wave_start in range(0, len(replayed), 4):  # run_rounds asks 4, then tells newest first
-        wave = replayed[wave_start : wave_start + 4]
-        assert [resumed.ask().trial_id for _ in wave] == [a.trial_id for a in wave]
-        for ask in reversed(wave):
-            resumed.tell(ask.trial_id, concave(ask.x))
-    run_rounds(resumed, 1)
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
-    ids = [t.user_attrs["evomerge_trial_id"] for t in optuna.load_study(study_name="evomerge", storage=storage).trials]
-    assert sorted(ids) == list(range(20))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import optuna
 import pytest
 
 from evomerge.optim import Optimizer, make_optimizer
@@ -40,16 +39,6 @@ def test_seeded_reproducible_and_restorable(name):
     )
     restored = Optimizer.restore(first.snapshot())
     assert np.array_equal(restored.ask().x, first.ask().x)
-
-
-@pytest.mark.parametrize("name", ["nsga2", "tpe"])
-def test_mirror_is_a_multi_objective_optuna_study(name, tmp_path):
-    optimizer = build(name, seed=1, storage_path=str(tmp_path / "optuna.log"))
-    drive(optimizer, 12)
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.log")))
-    study = optuna.load_study(study_name="evomerge", storage=storage)
-    assert len(study.trials) == 12 and len(study.directions) == 2
-    assert len(study.best_trials) >= 1
 
 
 def test_pareto_front_is_exactly_the_non_dominated_set():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from evomerge.errors import UserError
 from evomerge.evaluation.config import EvalSet
+from evomerge.evaluation.checks import check_chat_template
 from evomerge.evaluation.dry_run import rehearse_eval_set
 from evomerge.evaluation.tasks import resolve_tasks
 from evomerge.genome import Genome
@@ -45,6 +46,7 @@ def preflight(spec: Spec, source: str = "spec") -> Prepared:
     fields = model_fields(spec)
     validated = validate_merge_config(union, source, field_names=fields)
     _check_tokenizers(fields, source)
+    check_chat_template(spec.evaluation, spec.models.base, "models.base")
     _check_distinct_weights(fields, source)
     num_layers = validated.folders[spec.models.base].num_layers
     _check_layer_groups(spec, num_layers, source)

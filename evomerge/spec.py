@@ -18,7 +18,7 @@ from typing import Literal, get_args
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import UserError, describe_problem, did_you_mean, problem_path
-from evomerge.evaluation.config import DEFAULT_INCLUDE, EvaluationSpec
+from evomerge.evaluation.config import DEFAULT_INCLUDE, EvaluationSpec, without_later_defaults
 from evomerge.evaluation.config import Strict as _Strict
 from evomerge.merge.config import load_yaml_file
 from evomerge.merge.methods import METHODS, MethodInfo
@@ -223,6 +223,7 @@ class Spec(_Strict):
     def fingerprint(self) -> str:
         """Hash of everything that changes what the search does (the run name excluded)."""
         payload = self.model_dump(mode="json", exclude={"name", "runs_dir", "logging"})
+        payload["evaluation"] = without_later_defaults(payload["evaluation"])
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

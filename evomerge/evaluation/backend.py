@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+# The output types whose requests a ScoringBackend answers (multiple_choice asks loglikelihood).
+SCORED_OUTPUT_TYPES = ("loglikelihood", "multiple_choice", "loglikelihood_rolling", "generate_until")
+
 
 class BackendName(str, Enum):
     """`evaluation.backend`: who does the model work."""

@@ -9,15 +9,18 @@ folders, task YAMLs, data files, metrics, filters) are in `evaluation.tasks`.
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from evomerge.errors import did_you_mean
+from evomerge.evaluation.backend import BackendName
 
 # Where task YAMLs are looked for when the spec names no `include`: relative to the spec's folder.
 DEFAULT_INCLUDE = ("evals",)
 BATCH_SIZE_LIMIT = 4096
 FEWSHOT_LIMIT = 1000
+TOKEN_BUDGET_LIMIT = 1 << 22
 
 
 class Strict(BaseModel):
@@ -33,6 +36,9 @@ class EvalTask(Strict):
     weight: float = Field(1.0, gt=0, le=1e6, description="Its share of the weighted mean.")
     metric: str = Field("acc", description="'acc', or 'exact_match,strict-match' to pick a filter.")
     num_fewshot: int | None = Field(None, ge=0, le=FEWSHOT_LIMIT)
+    gen_kwargs: dict[str, Any] | None = Field(
+        None, description="generate_until tasks: merged over the task YAML's generation_kwargs."
+    )
 
 
 class ObjectiveSpec(Strict):
@@ -76,6 +82,18 @@ class EvaluationSpec(Strict):
     batch_size: int = Field(32, ge=1, le=BATCH_SIZE_LIMIT)
     max_length: int | None = Field(None, ge=8)
     top_k: int = Field(5, ge=0, description="Trials re-scored on the held-out tasks at the end.")
+    backend: BackendName = Field(BackendName.NATIVE, description="native: evomerge's batched scorer; lm_eval: HFLM.")
+    token_budget: int = Field(16384, ge=64, le=TOKEN_BUDGET_LIMIT, description="native: tokens per forward batch.")
+    apply_chat_template: bool = Field(False, description="Render prompts with the tokenizer's chat template.")
+    system_instruction: str | None = Field(None, description="A system message before every prompt.")
+    fewshot_as_multiturn: bool | None = Field(
+        None, description="Few-shot examples as chat turns; default: on with a chat template."
+    )
+
+    @property
+    def multiturn_fewshot(self) -> bool:
+        """lm-eval's fewshot_as_multiturn: on by default whenever a chat template is applied."""
+        return self.apply_chat_template if self.fewshot_as_multiturn is None else self.fewshot_as_multiturn
 
     @field_validator("tasks", "heldout_tasks", mode="before")
     @classmethod
@@ -111,6 +129,10 @@ class EvaluationSpec(Strict):
                     raise ValueError(
                         f"objective '{objective.name}' uses '{task}', which is not in evaluation.tasks{did_you_mean(task, names)}"
                     )
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError(
+                "fewshot_as_multiturn needs apply_chat_template: true; set both or drop fewshot_as_multiturn"
+            )
         if len(self.objectives) == 1:
             raise ValueError("objectives: give two or more for a Pareto search, or none for a single weighted score")
         return self
@@ -133,3 +155,26 @@ class EvaluationSpec(Strict):
 
 
 EvalSet.model_rebuild()
+
+# Settings added after runs were first journaled, at their defaults. A run's fingerprint leaves
+# them out while they hold these values, so runs started before they existed still resume.
+LATER_EVALUATION_DEFAULTS = {
+    "backend": BackendName.NATIVE.value,
+    "token_budget": 16384,
+    "apply_chat_template": False,
+    "system_instruction": None,
+    "fewshot_as_multiturn": None,
+}
+LATER_TASK_DEFAULTS = {"gen_kwargs": None}
+
+
+def without_later_defaults(evaluation: dict) -> dict:
+    """A dumped `evaluation:` section minus the later settings that still hold their defaults."""
+
+    def trimmed(section: dict, defaults: dict) -> dict:
+        return {key: value for key, value in section.items() if key not in defaults or value != defaults[key]}
+
+    result = trimmed(evaluation, LATER_EVALUATION_DEFAULTS)
+    for key in ("tasks", "heldout_tasks"):
+        result[key] = [trimmed(task, LATER_TASK_DEFAULTS) for task in evaluation.get(key, [])]
+    return result

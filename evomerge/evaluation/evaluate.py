@@ -1,34 +1,34 @@
 """Score a search worker's resident model on a fixed, seeded set of lm-eval docs.
 
-A worker builds one `Evaluator` (wraps the model in lm-eval's HFLM, loads and
-processes every dataset, picks the doc subset) and calls `evaluate()` after each
-in-place weight update.  Nothing model-dependent is kept between calls: lm-eval
-rebuilds its requests and runs every forward pass again, so the score is always
-that of the weights the model holds right now.
+A worker builds one `Evaluator` per eval set and calls `evaluate()` after each in-place weight
+update; the score is always that of the weights the model holds right now. Two backends
+(`evaluation.backend`):
+
+* `native` (default): lm-eval's requests are built and tokenized once, here; per call only the
+  forward passes run (`evaluation/native.py`), and lm-eval's filters, `process_results` and
+  aggregation turn the answers into metrics (`evaluation/requests.py`).
+* `lm_eval`: lm-eval's own `evaluate` with its HFLM, which rebuilds every request and runs every
+  forward pass again on each call. The reference the native backend is tested against.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
+from evomerge.evaluation.backend import BackendName
 from evomerge.evaluation.config import EvalSet
+from evomerge.evaluation.native import TorchBackend
+from evomerge.evaluation.requests import PreparedRequests, PromptOptions, TaskMetrics
+from evomerge.evaluation.seeding import FEWSHOT_SEED, seeded_global_rngs
 from evomerge.evaluation.tasks import ResolvedTasks, build_tasks, quiet_lm_eval, resolve_tasks
 
 __all__ = ["EvalResult", "EvalSet", "Evaluator", "resolve_tasks", "seeded_subset", "weighted_score"]
-
-# The seeds lm-eval's simple_evaluate uses by default, so scores match a plain lm-eval run.
-PYTHON_SEED = 0
-NUMPY_SEED = 1234
-TORCH_SEED = 1234
-FEWSHOT_SEED = 1234
 
 
 @dataclass(frozen=True)
@@ -58,13 +58,20 @@ def weighted_score(metrics: Mapping[str, float], weights: Mapping[str, float]) -
 class Evaluator:
     """Scores the weights `model` holds at each `evaluate()` call on the configured tasks."""
 
-    def __init__(self, model, tokenizer, eval_set: EvalSet, device: str | None = None):
+    def __init__(self, model, tokenizer, eval_set: EvalSet, device: str | None = None, backend: str | None = None):
+        """`backend` overrides the eval set's `evaluation.backend` (benchmarks, `evomerge eval --backend`)."""
         from lm_eval.models.huggingface import HFLM
 
         _check_device(model, device)
         self.eval_set = eval_set
         settings = eval_set.evaluation
+        self.backend = BackendName(backend or settings.backend)
         self._resolved: ResolvedTasks = resolve_tasks(eval_set)
+        self._prompts = PromptOptions(
+            apply_chat_template=settings.apply_chat_template,
+            system_instruction=settings.system_instruction,
+            fewshot_as_multiturn=settings.multiturn_fewshot,
+        )
         with quiet_lm_eval():
             # batch_size and max_length belong here: lm-eval ignores them once it gets an
             # LM object.  No use_cache: that cache is keyed by prompt, blind to the weights.
@@ -86,6 +93,11 @@ class Evaluator:
         self._samples = {
             name: indices for name, indices in self._subsets.items() if len(indices) < len(self._tasks[name].eval_docs)
         }
+        self.requests: PreparedRequests | None = None
+        if self.backend is BackendName.NATIVE:
+            with quiet_lm_eval():
+                self.requests = PreparedRequests(self._tasks, self._lm, self._samples, self._prompts)
+            self._native = TorchBackend(model, self._lm.tokenizer, self._lm.max_length, settings.token_budget)
 
     def subset_indices(self) -> dict[str, list[int]]:
         """The exact doc indices (into each task's eval split) that `evaluate()` scores."""
@@ -93,12 +105,29 @@ class Evaluator:
 
     def evaluate(self) -> EvalResult:
         """Score the model's current weights; the same weights always give the same result."""
+        start = time.perf_counter()
+        if self.requests is not None:
+            found = self.requests.score(self._native, self._lm.device)
+        else:
+            found = self._lm_eval_metrics()
+        return self._to_result(found, time.perf_counter() - start)
+
+    def responses(self) -> dict[str, list[list[Any]]]:
+        """The last call's answers per task, per doc, per request (lm-eval's `Instance.resps[0]`)."""
+        answers = {}
+        for name, task in self._tasks.items():
+            by_doc: dict[int, list] = {}
+            for instance in sorted(task.instances, key=lambda instance: (instance.doc_id, instance.idx)):
+                by_doc.setdefault(instance.doc_id, []).append(instance.resps[0])
+            answers[name] = [by_doc[doc_id] for doc_id in sorted(by_doc)]
+        return answers
+
+    def _lm_eval_metrics(self) -> dict[str, TaskMetrics]:
         from lm_eval.evaluator import evaluate
 
-        start = time.perf_counter()
         # Not simple_evaluate: on every call it also collects torch's environment report
         # (several subprocesses) and the git hash.  Its seeding is repeated here instead.
-        with quiet_lm_eval(), _seeded_global_rngs(self._lm.device):
+        with quiet_lm_eval(), seeded_global_rngs(self._lm.device):
             for task in self._tasks.values():
                 task.set_fewshot_seed(FEWSHOT_SEED)
             results = evaluate(
@@ -107,21 +136,30 @@ class Evaluator:
                 samples=self._samples or None,
                 bootstrap_iters=0,
                 log_samples=False,
+                apply_chat_template=self._prompts.apply_chat_template,
+                system_instruction=self._prompts.system_instruction,
+                fewshot_as_multiturn=self._prompts.fewshot_as_multiturn,
             )
-        return self._to_result(results, time.perf_counter() - start)
+        return {
+            name: TaskMetrics(
+                values={key: value for key, value in results["results"][name].items() if "," in key},
+                n_docs=int(results["n-samples"][name]["effective"]),
+            )
+            for name in self._tasks
+        }
 
-    def _to_result(self, results: dict[str, Any], seconds: float) -> EvalResult:
+    def _to_result(self, found: dict[str, TaskMetrics], seconds: float) -> EvalResult:
         metrics = {}
         for task in self._resolved.tasks:
-            task_results = results["results"][task.name]
-            if task.result_key not in task_results:
+            values = found[task.name].values
+            if task.result_key not in values:
                 raise RuntimeError(
                     f"lm-eval reported no '{task.result_key}' for task '{task.name}'; "
-                    f"it reported: {', '.join(sorted(task_results))}"
+                    f"it reported: {', '.join(sorted(values))}"
                 )
-            metrics[task.name] = float(task_results[task.result_key])
+            metrics[task.name] = float(values[task.result_key])
         weights = {task.name: task.weight for task in self._resolved.tasks}
-        n_docs = {name: int(counts["effective"]) for name, counts in results["n-samples"].items()}
+        n_docs = {name: task_metrics.n_docs for name, task_metrics in found.items()}
         return EvalResult(weighted_score(metrics, weights), metrics, n_docs, seconds)
 
 
@@ -142,24 +180,3 @@ def _process_docs_once(task) -> None:
         return
     task.dataset = {split: process_docs(docs) for split, docs in task.dataset.items()}
     task.config.process_docs = None
-
-
-@contextmanager
-def _seeded_global_rngs(device: torch.device) -> Iterator[None]:
-    """Seed Python, NumPy and torch as simple_evaluate does, then restore their states.
-
-    Restoring matters when an optimizer shares the process: cma draws from NumPy's
-    global RNG, and reseeding it every call would repeat its samples.
-    """
-    python_state = random.getstate()
-    numpy_state = np.random.get_state()
-    cuda_devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=cuda_devices):
-            random.seed(PYTHON_SEED)
-            np.random.seed(NUMPY_SEED)
-            torch.manual_seed(TORCH_SEED)
-            yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)

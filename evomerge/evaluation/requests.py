@@ -15,11 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evomerge.errors import UserError
-from evomerge.evaluation.backend import GenerationRequest, ScoringBackend, TokenPair
+from evomerge.evaluation.backend import SCORED_OUTPUT_TYPES, GenerationRequest, ScoringBackend, TokenPair
 from evomerge.evaluation.seeding import FEWSHOT_SEED, seeded_global_rngs
-
-# The output types whose requests the native backend answers (multiple_choice asks loglikelihood).
-NATIVE_OUTPUT_TYPES = ("loglikelihood", "multiple_choice", "loglikelihood_rolling", "generate_until")
 
 
 @dataclass(frozen=True)
@@ -94,7 +91,7 @@ class PreparedRequests:
 
 def _build_task(name: str, task, lm, samples: list[int] | None, options: PromptOptions) -> PreparedTask:
     output_type = task.OUTPUT_TYPE
-    if output_type not in NATIVE_OUTPUT_TYPES:
+    if output_type not in SCORED_OUTPUT_TYPES:
         raise UserError(
             f"task '{name}': output_type '{output_type}' is not supported by evaluation.backend native; "
             "set evaluation.backend: lm_eval"

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import UserError, did_you_mean
-from evomerge.evaluation.config import EvalSet, EvalTask
+from evomerge.evaluation.checks import scoring_overrides
+from evomerge.evaluation.config import EvalSet, EvalTask, EvaluationSpec
 
 INCLUDE_FIELD = "evaluation.include"
 # lm-eval names the result of a metric without a filter_list "<metric>,none".
@@ -74,7 +75,7 @@ def resolve_tasks(eval_set: EvalSet) -> ResolvedTasks:
     for position, task in enumerate(eval_set.tasks):
         field = f"{eval_set.field}[{position}]"
         entry = local_index.get(task.name) or _builtin_entry(task.name, field, local_index, include)
-        resolved.append(_resolve_one(task, entry, field))
+        resolved.append(_resolve_one(task, entry, field, eval_set.evaluation))
     return ResolvedTasks(tuple(resolved))
 
 
@@ -152,13 +153,14 @@ def _reads_local_data(config: dict, yaml_dir: Path) -> bool:
     return bool(dataset_path) and Path(dataset_path).is_absolute() and Path(dataset_path).exists()
 
 
-def _resolve_one(spec: EvalTask, entry, field: str) -> ResolvedTask:
+def _resolve_one(spec: EvalTask, entry, field: str, evaluation: EvaluationSpec) -> ResolvedTask:
     _check_single_task(entry, field)
     config = entry.cfg or {}
     overrides = _absolute_paths(config, entry.yaml_path.parent)
     _check_data_files_exist(overrides, spec.name, entry.yaml_path, field)
     if spec.num_fewshot is not None:
         overrides["num_fewshot"] = spec.num_fewshot
+    overrides |= scoring_overrides(spec, config, evaluation, field)
     return ResolvedTask(
         name=spec.name,
         weight=float(spec.weight),

@@ -89,6 +89,13 @@ def broken_task_folder(tmp_path_factory) -> str:
         .replace("data/tiny.jsonl", "data/missing.jsonl")
     )
     (folder / "lost_data.yaml").write_text(text)
+    (folder / "odd_output.yaml").write_text(
+        (FIXTURE_EVALS / "tiny_add.yaml")
+        .read_text()
+        .replace("task: tiny_add", "task: odd_output")
+        .replace("output_type: loglikelihood", "output_type: generate_untill")
+        .replace("data/tiny.jsonl", str(FIXTURE_EVALS / "data" / "tiny.jsonl"))
+    )
     return str(folder)
 
 
@@ -309,6 +316,35 @@ CASES = {
     "base-without-a-tokenizer": (
         lambda s, m, x: put(s, "models.base", m["base_without_tokenizer"]),
         ["models.base: no tokenizer files (tokenizer.json", "copy the base model's tokenizer there"],
+    ),
+    # --- issue 14: the scoring backend and lm-eval's prompt and generation options
+    "unknown-backend": (
+        lambda s, m, x: put(s, "evaluation.backend", "vllm"),
+        ["evaluation.backend", "'native' or 'lm_eval'"],
+    ),
+    "output-type-no-scorer-knows": (
+        lambda s, m, x: put(s, "evaluation", {"include": [x], "tasks": ["odd_output"]}),
+        ["evaluation.tasks[0].name", "output_type 'generate_untill'", "did you mean 'generate_until'"],
+    ),
+    "sampling-in-a-scored-task": (
+        lambda s, m, x: put(
+            s,
+            "evaluation.tasks",
+            [{"name": "tiny_generate", "metric": "exact_match,whole", "gen_kwargs": {"do_sample": True}}],
+        ),
+        ["evaluation.tasks[0].gen_kwargs", "tiny_generate", "samples", "do_sample: false"],
+    ),
+    "gen-kwargs-on-a-loglikelihood-task": (
+        lambda s, m, x: put(s, "evaluation.tasks", [{"name": "tiny_add", "gen_kwargs": {"until": ["."]}}]),
+        ["evaluation.tasks[0].gen_kwargs", "loglikelihood task", "remove gen_kwargs"],
+    ),
+    "chat-template-without-one": (
+        lambda s, m, x: put(s, "evaluation.apply_chat_template", True),
+        ["evaluation.apply_chat_template", "models.base", "no chat template"],
+    ),
+    "multiturn-few-shot-without-chat": (
+        lambda s, m, x: put(s, "evaluation.fewshot_as_multiturn", True),
+        ["evaluation", "fewshot_as_multiturn needs apply_chat_template: true"],
     ),
 }
 

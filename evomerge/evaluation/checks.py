@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from evomerge.errors import UserError
-from evomerge.evaluation.backend import SCORED_OUTPUT_TYPES, BackendName
+from evomerge.errors import UserError, did_you_mean
+from evomerge.evaluation.backend import SCORED_OUTPUT_TYPES
 from evomerge.evaluation.config import EvalTask, EvaluationSpec
 
 GENERATE_UNTIL = "generate_until"  # lm-eval's output_type when a task YAML names none
@@ -25,10 +25,16 @@ def scoring_overrides(task: EvalTask, config: dict, evaluation: EvaluationSpec, 
     `config` is the task's YAML with its includes merged (lm-eval's task index entry).
     """
     output_type = config.get("output_type", GENERATE_UNTIL)
-    if evaluation.backend is BackendName.NATIVE and output_type not in SCORED_OUTPUT_TYPES:
+    if output_type not in SCORED_OUTPUT_TYPES:
         raise UserError(
-            f"{field}.name: task '{task.name}' has output_type '{output_type}', which evaluation.backend native "
-            f"does not score ({', '.join(SCORED_OUTPUT_TYPES)}); set evaluation.backend: lm_eval"
+            f"{field}.name: task '{task.name}' has output_type '{output_type}'"
+            f"{did_you_mean(str(output_type), SCORED_OUTPUT_TYPES)}, which evaluation.backend {evaluation.backend.value} "
+            f"does not score; set output_type in its YAML to one of {', '.join(SCORED_OUTPUT_TYPES)}"
+        )
+    if config.get("doc_to_image") or config.get("doc_to_audio"):
+        raise UserError(
+            f"{field}.name: task '{task.name}' is multimodal (doc_to_image or doc_to_audio), which evaluation.backend "
+            f"{evaluation.backend.value} does not score; evomerge scores text-only tasks, remove it"
         )
     if task.gen_kwargs is not None and output_type != GENERATE_UNTIL:
         raise UserError(

@@ -5,6 +5,12 @@ and has no flat regions for the optimizer to get lost in. A candidate is written
 `slices:` config with one slice per layer group, so the very config a worker merges is the one
 `evomerge export` hands to mergekit. x0 is the method's default recipe, so the first generation
 contains it.
+
+From search version 2 (`Spec.version`) the default space contains every baseline: the base (all
+weights 0; for linear the base is a weighted source too; for slerp t = 0), each parent (its weight
+1, the others 0, density 1, lambda 1) and the method's default merge (x0: weights 1, mergekit's
+defaults), and normalizing methods also evolve lambda in [0, 2] so the merged task vector can
+shrink. Version 1 keeps the old space so old runs replay unchanged.
 """
 
 from __future__ import annotations
@@ -19,8 +25,26 @@ from evomerge.merge.config import MergeConfig
 from evomerge.merge.methods import METHODS, MethodInfo
 from evomerge.merge.parameters import PARAMETERS, PER_MODEL, SEARCHABLE
 from evomerge.rundir.genes import EMBED, HEAD, GeneRow, gene_name
-from evomerge.rundir.trials import LINEAR_LABEL, parent_label
+from evomerge.rundir.trials import BASE_LABEL, LINEAR_LABEL, parent_label
 from evomerge.spec import DEFAULT_BOUNDS, Spec
+
+# Version 2 bounds where the parameter table's differ: lambda reaches 0 (the base) and 2.
+SCALE_BOUNDS_V2 = {"lambda": (0.0, 2.0)}
+# The label of each method's default merge among the baselines (preflight scores it).
+STANDARD_DEFAULT_LABELS = {
+    "linear": LINEAR_LABEL,
+    "task_arithmetic": "task_arithmetic (lambda=1)",
+    "ties": "ties (density=0.5)",
+    "dare_ties": "dare_ties (density=0.5)",
+}
+
+
+def default_merge_label(method: str) -> str:
+    """The baseline label of `method` with its default settings (weights 1, density 0.5, t 0.5)."""
+    if method in STANDARD_DEFAULT_LABELS:
+        return STANDARD_DEFAULT_LABELS[method]
+    return f"{method} (t=0.5)" if method == "slerp" else f"{method} (density=0.5)"
+
 
 # The first candidate's values (weight's depends on normalization, see Genome.default_values).
 DEFAULT_VALUES = {p: PARAMETERS[p].search_start for p in SEARCHABLE if PARAMETERS[p].search_start is not None}
@@ -80,6 +104,12 @@ class Genome:
         self.method = METHODS[spec.merge.method]
         self.fixed = dict(spec.merge.fixed)
         self.params = spec.searched_params
+        self.version = spec.version
+        # Whose per-model genes exist: the experts, and from version 2 the base for linear (which
+        # otherwise cannot express the base model).
+        self.weighted_models = list(spec.models.experts)
+        if self.version >= 2 and self.method.family == "linear":
+            self.weighted_models.append(spec.models.base)
         self.groups = layer_groups(num_layers, spec.genome.layer_groups)
         self.genes = self._make_genes()
         self._branches = self._branch_templates()
@@ -91,6 +121,8 @@ class Genome:
     def _bounds(self, param: str) -> tuple[float, float]:
         if param in self.spec.genome.bounds:
             return tuple(self.spec.genome.bounds[param])
+        if self.version >= 2 and param in SCALE_BOUNDS_V2:
+            return SCALE_BOUNDS_V2[param]
         if param == "weight" and not is_normalized(self.method, self.fixed) and self.method.family != "linear":
             return (0.0, 2.0)  # unnormalized weights are scales; 1.0 (plain task arithmetic) sits mid-box
         return DEFAULT_BOUNDS[param]
@@ -100,7 +132,7 @@ class Genome:
         if self.spec.genome.embeddings:
             sites += [(Region.EMBED, None), (Region.HEAD, None)]
         parts = ("attn", "mlp") if self.spec.genome.split_attn_mlp else (None,)
-        models = range(len(self.spec.models.experts))
+        models = range(len(self.weighted_models))
         genes = []
         for param in self.params:
             owners = models if param in PER_MODEL else [None]
@@ -125,9 +157,23 @@ class Genome:
         ]
 
     def default_values(self) -> dict[str, float]:
+        """x0: version 2 puts every weight at 1, which is exactly the method's default merge."""
         normalized = is_normalized(self.method, self.fixed) or self.method.family == "linear"
-        defaults = dict(DEFAULT_VALUES, weight=0.5 if normalized else 1.0)
-        return {gene.name: defaults[gene.param] for gene in self.genes}
+        weight = 1.0 if self.version >= 2 or not normalized else 0.5
+        defaults = dict(DEFAULT_VALUES, weight=weight)
+        values = {gene.name: defaults[gene.param] for gene in self.genes}
+        for gene in self._base_weight_genes():
+            values[gene.name] = 0.0
+        return {
+            name: min(max(value, gene.low), gene.high)
+            for (name, value), gene in zip(values.items(), self.genes, strict=True)
+        }
+
+    def _base_weight_genes(self) -> list[Gene]:
+        """The genes that weight the base as a source (linear, version 2)."""
+        if len(self.weighted_models) == len(self.spec.models.experts):
+            return []
+        return [g for g in self.genes if g.param == "weight" and g.model == len(self.spec.models.experts)]
 
     def x0(self) -> np.ndarray:
         return self.encode(self.default_values())
@@ -135,11 +181,13 @@ class Genome:
     def baseline_points(self) -> list[tuple[str, np.ndarray]]:
         """The baselines this genome can express, as (baseline label, point) to seed the optimizer.
 
-        Each expert alone (its weights 1, the others' 0, density 1, where that sparsification is
-        then a no-op), and for task arithmetic the equal-weight average, which is linear's recipe.
-        The method's own default (x0) is seeded already. A baseline outside the spec's bounds or
-        fixed parameters is left out.
+        Version 1: each expert alone (its weights 1, the others' 0, density 1, where that
+        sparsification is then a no-op), and for task arithmetic the equal-weight average. Version
+        2 adds the base and the method's default merge (x0). A baseline outside the spec's bounds
+        or fixed parameters is left out.
         """
+        if self.version >= 2:
+            return self._baseline_points_v2()
         if "weight" not in self.params or not _sparsification_off_at_density_one(self.method):
             return []
         experts = list(self.spec.models.experts)
@@ -151,9 +199,52 @@ class Genome:
             points.append((LINEAR_LABEL, self._point_with(lambda gene: 1.0 / len(experts))))
         return [(label, point) for label, point in points if point is not None]
 
-    def _point_with(self, weight_of) -> np.ndarray | None:
-        """Defaults, weights from weight_of(gene), density 1; None when a value is out of bounds."""
-        if any(self.fixed.get(p, 1.0) != 1.0 for p in ("density", "lambda")):
+    def _baseline_points_v2(self) -> list[tuple[str, np.ndarray]]:
+        experts = list(self.spec.models.experts)
+        base_index = len(experts)  # the base's genes (linear) or none
+        points = [(BASE_LABEL, self._alone(base_index))]
+        points += [(parent_label(path), self._alone(index)) for index, path in enumerate(experts)]
+        if not self.fixed:  # fixed settings make x0 another merge than the default one
+            points.append((default_merge_label(self.method.name), self._exact(self.default_values())))
+        if self.method.name == "task_arithmetic" and len(experts) > 1:
+            points.append((LINEAR_LABEL, self._point_with(lambda gene: 1.0 / len(experts))))
+        return [(label, point) for label, point in points if point is not None]
+
+    def _alone(self, model: int) -> np.ndarray | None:
+        """The point that merges to one model alone (model == number of experts: the base)."""
+        if self.method.family == "slerp":  # t = 0 is the base, t = 1 the expert
+            if "t" not in self.params:
+                return None
+            return self._with_values({"t": 0.0 if model == len(self.spec.models.experts) else 1.0})
+        if "weight" not in self.params:
+            return None
+        if model == len(self.spec.models.experts) and self.method.family != "linear":
+            # All weights 0: nothing is added to the base, whatever the trims.
+            return self._point_with(lambda gene: 0.0, sparsified=False)
+        return self._point_with(lambda gene: 1.0 if gene.model == model else 0.0)
+
+    def _with_values(self, wanted: dict[str, float]) -> np.ndarray | None:
+        values = self.default_values()
+        if any(p in self.fixed and self.fixed[p] != v for p, v in wanted.items()):
+            return None
+        for gene in self.genes:
+            if gene.param in wanted:
+                values[gene.name] = wanted[gene.param]
+        return self._exact(values)
+
+    def _exact(self, values: dict[str, float]) -> np.ndarray | None:
+        """The point for `values`, or None when a value lies outside its gene's bounds."""
+        if any(not gene.low <= values[gene.name] <= gene.high for gene in self.genes):
+            return None
+        point = self.encode(values)
+        return point if self.decode(point) == {k: round(v, 6) for k, v in values.items()} else None
+
+    def _point_with(self, weight_of, sparsified: bool = True) -> np.ndarray | None:
+        """Defaults, weights from weight_of(gene), density 1; None when a value is out of bounds.
+
+        `sparsified` False: the weights alone decide (all 0), so fixed trims do not matter.
+        """
+        if sparsified and any(self.fixed.get(p, 1.0) != 1.0 for p in ("density", "lambda")):
             return None
         values = self.default_values()
         for gene in self.genes:
@@ -162,7 +253,7 @@ class Genome:
                 if not gene.low <= wanted <= gene.high:
                     return None
                 values[gene.name] = wanted
-        return self.encode(values)
+        return self._exact(values) if self.version >= 2 else self.encode(values)
 
     def encode(self, values: dict[str, float]) -> np.ndarray:
         return np.array([gene.unit(values[gene.name]) for gene in self.genes])
@@ -186,7 +277,7 @@ class Genome:
         slices = []
         for index, (start, end) in enumerate(self.groups):
             sources = []
-            for model_index, path in enumerate(spec.models.experts):
+            for model_index, path in enumerate(self.weighted_models):
                 params = {p: self._setting(values, p, model_index, index) for p in self.params if p in PER_MODEL}
                 sources.append(_present(model=path, layer_range=[start, end], parameters=params or None))
             if self.method.needs_base:
@@ -217,7 +308,7 @@ class Genome:
         Worked out once per genome, so building a candidate's config is only lookups.
         """
         name_of = {(g.param, g.model, g.site, g.part): g.name for g in self.genes}
-        owners = {p: list(range(len(self.spec.models.experts))) if p in PER_MODEL else [None] for p in self.params}
+        owners = {p: list(range(len(self.weighted_models))) if p in PER_MODEL else [None] for p in self.params}
         templates = {}
         for param in self.params:
             for model in owners[param]:

@@ -17,7 +17,7 @@ from evomerge.evaluation.config import EvalSet
 from evomerge.evaluation.checks import check_chat_template
 from evomerge.evaluation.dry_run import rehearse_eval_set
 from evomerge.evaluation.tasks import resolve_tasks
-from evomerge.genome import Genome
+from evomerge.genome import Genome, default_merge_label
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.fingerprint import weights_fingerprint
 from evomerge.merge.methods import METHODS
@@ -159,7 +159,28 @@ def baseline_configs(spec: Spec) -> list[tuple[str, dict]]:
         ("ties (density=0.5)", merge("ties", 1.0, density=0.5)),
         ("dare_ties (density=0.5)", merge("dare_ties", 1.0, density=0.5)),
     ]
+    own = default_merge_label(spec.merge.method)
+    if spec.version >= 2 and own not in dict(configs):
+        configs.append((own, method_default_config(spec)))
     return configs
+
+
+def method_default_config(spec: Spec) -> dict:
+    """The spec's method with weights 1, density 0.5 and t 0.5 (else mergekit's defaults): version 2's x0."""
+    method = METHODS[spec.merge.method]
+    base, dtype = spec.models.base, spec.merge.dtype
+    if method.family == "slerp":
+        models = [{"model": p} for p in spec.models.experts]
+        return {
+            "merge_method": method.name,
+            "base_model": base,
+            "models": models,
+            "parameters": {"t": 0.5},
+            "dtype": dtype,
+        }
+    extra = {"density": 0.5} if "density" in method.input_params else {}
+    models = [{"model": p, "parameters": {"weight": 1.0, **extra}} for p in spec.models.experts]
+    return {"merge_method": method.name, "base_model": base, "models": models, "dtype": dtype}
 
 
 def _single(path: str, dtype: str) -> dict:

@@ -31,6 +31,11 @@ WORKERS_LIMIT = 4096
 QUEUE_DEPTH_LIMIT = 1024
 MAX_EVALS_LIMIT = 10_000_000
 RUN_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"
+# Which search defaults a run uses (genome parameters and bounds, seeding, CMA-ES without a
+# generation barrier). A new run freezes the latest; a frozen spec without one was written before
+# versions existed and keeps version 1's behaviour, so an old run replays exactly as it ran.
+SEARCH_VERSION = 2
+LEGACY_SEARCH_VERSION = 1
 
 
 class ModelsSpec(_Strict):
@@ -175,6 +180,13 @@ class Spec(_Strict):
     runs_dir: str = Field("runs", description="Where runs/NAME/ goes, relative to the spec file.")
     logging: LoggingSpec = LoggingSpec()
     trust_remote_code: bool = False
+    version: int = Field(
+        SEARCH_VERSION,
+        ge=LEGACY_SEARCH_VERSION,
+        le=SEARCH_VERSION,
+        strict=True,
+        description="The search defaults a run was created with; leave it out (a new run takes the latest).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -192,7 +204,7 @@ class Spec(_Strict):
     @property
     def searched_params(self) -> list[str]:
         """The parameters the genome evolves: the spec's list, or the method's defaults."""
-        return self.genome.params or default_parameters(METHODS[self.merge.method], self.merge.fixed)
+        return self.genome.params or default_parameters(METHODS[self.merge.method], self.merge.fixed, self.version)
 
     @model_validator(mode="after")
     def _genes_fit_the_method(self):
@@ -223,15 +235,25 @@ class Spec(_Strict):
     def fingerprint(self) -> str:
         """Hash of everything that changes what the search does (the run name excluded)."""
         payload = self.model_dump(mode="json", exclude={"name", "runs_dir", "logging"})
+        if payload["version"] == LEGACY_SEARCH_VERSION:
+            del payload["version"]  # runs fingerprinted before versions existed
         payload["evaluation"] = without_later_defaults(payload["evaluation"])
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def default_parameters(method: MethodInfo, fixed: dict) -> list[str]:
-    """What a search evolves when the spec does not say."""
+def default_parameters(method: MethodInfo, fixed: dict, version: int = SEARCH_VERSION) -> list[str]:
+    """What a search evolves when the spec does not say.
+
+    From version 2 a method that normalizes by the sum of the weights (TIES, DELLA) also evolves
+    lambda: normalized weights cannot scale the merged task vector down, so without it the base
+    and every shrunk merge lie outside the space.
+    """
     wanted = [p for p in ("weight", "density", "t") if p in method.tunable]
     if method.family == "task_vector" and method.sparsification is None:
         wanted = ["weight"]
+    normalized = bool(fixed.get("normalize", method.shared_params.get("normalize", False)))
+    if version >= 2 and method.family == "task_vector" and normalized:
+        wanted.append("lambda")
     return [p for p in wanted if p not in fixed]
 
 
@@ -300,6 +322,13 @@ def _keys_at(location: tuple) -> list[str]:
             return []
         model = nested[0]
     return list(model.model_fields)
+
+
+def parse_frozen_spec(data, source: str, folder: Path) -> Spec:
+    """A run's frozen spec; one written before search versions existed keeps version 1's defaults."""
+    if isinstance(data, dict) and "version" not in data:
+        data = {**data, "version": LEGACY_SEARCH_VERSION}
+    return parse_spec(data, source, folder)
 
 
 def load_spec(path: str | Path) -> Spec:

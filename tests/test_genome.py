@@ -1,5 +1,8 @@
 """The genome's baseline seeds: which baselines a search space can express, and that the seeded
-points merge to exactly those baselines (each parent bit for bit, linear to float precision)."""
+points merge to exactly those baselines (each parent bit for bit, linear to float precision).
+
+These pin search version 1, the space and seeding rule old runs keep; version 2's spaces are in
+tests/test_genome_baselines.py."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ def make_genome(zoo, method: str, **genome) -> Genome:
             "merge": {"method": method},
             "genome": {"layer_groups": 2, "split_attn_mlp": True, "embeddings": True, **genome},
             "evaluation": {"tasks": ["unused"]},
+            "version": 1,
         }
     )
     return Genome(spec, num_layers_of(zoo.model("base")))

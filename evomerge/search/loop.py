@@ -252,7 +252,11 @@ class Search:
         baselines = [t for t in self.trials.values() if t.kind == "baseline"]
         if any(t.status == EventName.ASKED for t in baselines):
             return False
-        self.seeds = seeds_worth_trying(self.prepared.genome.baseline_points(), baselines)
+        genome = self.prepared.genome
+        if self.spec.version >= 2:
+            self.seeds = best_expressible_baseline(genome.baseline_points(), baselines, genome.x0())
+        else:
+            self.seeds = seeds_worth_trying(genome.baseline_points(), baselines)
         seeds = [{"label": label, "x": [float(v) for v in x]} for label, x in self.seeds]
         self.journal.append(EventName.SEEDED, seeds=seeds)
         for _, x in self.seeds:
@@ -358,6 +362,19 @@ def seeds_worth_trying(points: list[tuple[str, np.ndarray]], baselines: list[Tri
     merges = [score for label, score in scores.items() if is_default_merge(label)]
     bar = max(merges, default=-math.inf)
     return [(label, x) for label, x in points if label in scores and scores[label] >= bar]
+
+
+def best_expressible_baseline(
+    points: list[tuple[str, np.ndarray]], baselines: list[Trial], x0: np.ndarray
+) -> list[tuple[str, np.ndarray]]:
+    """Version 2's seed: the best-scoring baseline the space expresses (the base included), unless
+    it is x0, which the optimizer asks first anyway."""
+    scores = {t.label: t.score for t in baselines if t.status == EventName.COMPLETED}
+    scored = [(label, x) for label, x in points if label in scores]
+    if not scored:
+        return []
+    label, x = max(scored, key=lambda item: scores[item[0]])  # the first of equals, in the genome's order
+    return [] if np.array_equal(x, x0) else [(label, x)]
 
 
 def _finite(result: TrialResult) -> TrialResult:

@@ -18,7 +18,7 @@ from evomerge.files import write_bytes_atomic
 from evomerge.rundir.events import EventName
 from evomerge.rundir.journal import Journal, read_events
 from evomerge.rundir.layout import RunDir
-from evomerge.spec import Spec, parse_spec
+from evomerge.spec import Spec, parse_frozen_spec
 
 
 def create_run_dir(spec: Spec) -> Path:
@@ -68,7 +68,7 @@ def _parse_frozen(run: RunDir, frozen: bytes) -> Spec:
         raise UserError(
             f"{run.spec}: the frozen spec cannot be read ({detail}); restore it from a backup, or start a new run"
         ) from None
-    return parse_spec(data, str(run.spec), run.root)
+    return parse_frozen_spec(data, str(run.spec), run.root)
 
 
 def _changed(run: RunDir) -> UserError:

@@ -172,6 +172,67 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"), debug: bool 
     )
 
 
+@app.command("eval")
+@user_errors_exit_2
+def eval_model(
+    spec_path: Path = typer.Argument(..., metavar="SPEC"),
+    model: Path = typer.Option(..., "--model", help="A model folder, or a mergekit YAML merged in memory."),
+    split: str = typer.Option("search", "--split", help="search (evaluation.tasks) or heldout (heldout_tasks)."),
+    backend: str | None = typer.Option(None, "--backend", help="native or lm_eval; default: the spec's."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    debug: bool = DebugOption,
+):
+    """Score a model on the spec's tasks exactly as the search scores a candidate (same docs, same seeds)."""
+    import json
+
+    from evomerge.evaluation.backend import BackendName
+    from evomerge.evaluation.config import EvalSetName
+    from evomerge.spec import load_spec
+
+    spec = load_spec(spec_path)
+    eval_sets = spec.evaluation.eval_sets()
+    if split not in {name.value for name in EvalSetName}:
+        raise UserError(f"--split: unknown split '{split}'; choose search or heldout")
+    if split not in eval_sets:
+        raise UserError(f"--split {split}: {spec_path} has no evaluation.heldout_tasks; use --split search")
+    if backend is not None and backend not in {name.value for name in BackendName}:
+        raise UserError(f"--backend: unknown backend '{backend}'; choose native or lm_eval")
+    result = _score_as_a_worker(spec, model, eval_sets[split], backend)
+    used = backend or spec.evaluation.backend.value
+    if as_json:
+        figures = {"score": result.score, "metrics": result.metrics, "n_docs": result.n_docs}
+        typer.echo(json.dumps(figures | {"backend": used, "seconds": round(result.seconds, 4)}))
+        return
+    for task, value in result.metrics.items():
+        typer.echo(f"{task:>32}: {value:.4f} ({result.n_docs[task]} docs)")
+    typer.echo(f"{'score':>32}: {result.score:.4f} ({used}, {result.seconds:.2f} s scoring)")
+
+
+def _score_as_a_worker(spec, model: Path, eval_set, backend: str | None):
+    """A worker's device, dtype, threads and merge seed for `evomerge eval`."""
+    import torch
+
+    from evomerge.evaluation.standalone import score_model
+
+    device = spec.workers.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        _require_cuda()
+    else:
+        # CPU reductions depend on the thread count: score with a worker's.
+        torch.set_num_threads(max(1, int(spec.workers.cpus_per_worker)))
+    return score_model(
+        model,
+        eval_set,
+        device=device,
+        dtype=spec.merge.dtype,
+        seed=spec.optimizer.seed,
+        backend=backend,
+        trust_remote_code=spec.trust_remote_code,
+    )
+
+
 @app.command()
 @user_errors_exit_2
 def search(

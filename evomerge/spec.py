@@ -152,7 +152,12 @@ class WorkersSpec(_Strict):
         None, ge=1, le=WORKERS_LIMIT, description=f"Default: one per GPU, else 2 CPU workers; at most {WORKERS_LIMIT}."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    gpus_per_worker: float = Field(1.0, ge=0.01, le=64)
+    gpus_per_worker: float = Field(
+        1.0,
+        ge=0.01,
+        le=64,
+        description="Below 1: workers share a GPU; k > 1 (whole): one worker's layers split over k GPUs.",
+    )
     cpus_per_worker: float = Field(1.0, ge=0.01, le=1024)
     queue_depth: int = Field(
         2,
@@ -160,6 +165,13 @@ class WorkersSpec(_Strict):
         le=QUEUE_DEPTH_LIMIT,
         description=f"Candidates queued per worker so it never waits for the driver; at most {QUEUE_DEPTH_LIMIT}.",
     )
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_above_one(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise ValueError(f"{value} GPUs cannot be split by layers; use a whole number (or below 1 to share a GPU)")
+        return value
 
 
 class LoggingSpec(_Strict):

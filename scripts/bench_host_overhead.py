@@ -112,7 +112,7 @@ def time_stages(sources: FusedSources, folders, candidates: list[dict]) -> dict[
         table = sources.parameters(validated, seed=0)
         marks.append(time.perf_counter())
         counts = table.keep_counts(sources.layout.numels)
-        table.pack(sources.work_dtype, sources.magnitudes.thresholds(counts), counts)
+        table.pack(sources.work_dtype, sources.magnitudes.thresholds(counts))
         marks.append(time.perf_counter())
         for name, begin, end in zip(stages, marks, marks[1:], strict=False):
             stages[name].append(1000 * (end - begin))

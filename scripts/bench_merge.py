@@ -354,13 +354,13 @@ def bench_size(size: str, args, bandwidth: float, log) -> list[MethodResult]:
 
 def time_fused(model, paths, configs: list, method: str, placement: str, args) -> dict:
     """The fused kernel (`CandidateMerger`) on the same candidates: load time, first, median, peak."""
-    from evomerge.merge.fused.candidate import CandidateMerger, reference_view
+    from evomerge.merge.fused.candidate import CandidateMerger
     from evomerge.merge.fused.sources import FusedSources
 
     reset_peak(args.device)
     started = time.perf_counter()
     sources = FusedSources.load(union_config(paths), method, args.device, placement)
-    merger = CandidateMerger(model, reference_view(sources), sources)
+    merger = CandidateMerger.adopting(model, sources)
     loaded = time.perf_counter() - started
     seconds = []
     for config in configs:

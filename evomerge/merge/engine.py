@@ -3,7 +3,7 @@
 Both modes call `merge_tensor` for every output tensor, so they produce identical tensors. The
 in-memory mode is what a search worker runs once per candidate: `ResidentSources` loads every
 input once onto the worker's device and caches what depends only on the sources (task vectors and
-their magnitude ranks), so a candidate costs only the parameter-dependent arithmetic.
+breadcrumbs' magnitude ranks), so a candidate costs only the parameter-dependent arithmetic.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def merge_tensor(
     others = [i for i in range(len(plan.per_input)) if i != base_index]
     task_vectors = {i: deltas[i] if deltas and i in deltas else inputs[i] - base for i in others}
     masks = {}
-    if method.sparsification == "magnitude" and not ranks:
+    if method.sparsification == "magnitude":
         trimming = [i for i in others if plan.per_input[i]["density"] < 1]
         found = top_k_masks([task_vectors[i] for i in trimming], [plan.per_input[i]["density"] for i in trimming])
         masks = dict(zip(trimming, found, strict=False))
@@ -291,11 +291,11 @@ class ResidentSources:
                     )
                 self.deltas[key] = self.tensors[ref] - self.tensors[base_ref]
             deltas[index] = self.deltas[key]
-            if self.cache_ranks and method.sparsification in ("magnitude", "magnitude_outliers"):
-                descending = method.sparsification == "magnitude"
-                if (key, descending) not in self.ranks:
-                    self.ranks[(key, descending)] = magnitude_rank(self.deltas[key], descending)
-                ranks[index] = self.ranks[(key, descending)]
+            # Only breadcrumbs ranks: the TIES trim needs just a threshold (methods.magnitude_mask).
+            if self.cache_ranks and method.sparsification == "magnitude_outliers":
+                if (key, False) not in self.ranks:
+                    self.ranks[(key, False)] = magnitude_rank(self.deltas[key], descending=False)
+                ranks[index] = self.ranks[(key, False)]
         return inputs, deltas, ranks
 
 

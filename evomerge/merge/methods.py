@@ -5,10 +5,13 @@ tensors and numbers and returns a tensor. Task arithmetic, TIES, DARE, breadcrum
 one family (`task_vector_merge`) configured by a sparsification rule, a sign consensus, rescale and
 normalize; `METHODS` lists which setting each named method uses.
 
-Magnitude trims rank |delta| with the same sort calls mergekit makes (a descending argsort for TIES,
-an ascending sort for breadcrumbs), so equal magnitudes, common in bf16, break ties the same way on
-the same torch build. A caller that merges many candidates from the same sources may pass a
-precomputed rank (`magnitude_rank`), because a source's delta never changes between them.
+The TIES trim keeps every element whose magnitude is at least the k-th largest, k = int(density*n):
+exactly mergekit's top-k when that magnitude is unique, and one deterministic rule when equal
+magnitudes (common in bf16) straddle the cut, where mergekit's unstable argsort picks arbitrarily.
+The rule needs only the threshold, so the fused GPU kernel applies the same one from a per-tensor
+number, with no per-element rank (`trim_threshold`). Breadcrumbs ranks |delta| with mergekit's
+ascending sort; a caller merging many candidates from the same sources may pass that rank
+precomputed (`magnitude_rank`), because a source's delta never changes between them.
 """
 
 from __future__ import annotations
@@ -113,50 +116,40 @@ def l1_rescaled(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> t
     return kept * (before / after)
 
 
-def magnitude_mask(delta: torch.Tensor, density: float, rank: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep the int(density*n) largest-magnitude elements (at least one)."""
-    k = max(1, int(density * delta.numel()))
-    if rank is None:
-        selected = _select_top_k_without_sorting(delta, k)
-        if selected is not None:
-            return selected
-        rank = magnitude_rank(delta)
-    return rank < k
+def trim_threshold(delta: torch.Tensor, density: float) -> float:
+    """The magnitude a TIES trim keeps down to: the k-th largest |delta|, k = max(1, int(density*n))."""
+    magnitudes = delta.detach().abs().reshape(-1).float()
+    k = max(1, int(density * magnitudes.numel()))
+    if k >= magnitudes.numel():
+        return float("-inf")
+    return float(torch.kthvalue(magnitudes, magnitudes.numel() - k + 1).values)
 
 
-def top_k_masks(deltas: Sequence[torch.Tensor], densities: Sequence[float]) -> list[torch.Tensor | None]:
-    """Magnitude masks for several task vectors of one tensor, by O(n) selection.
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep every element at least as large in magnitude as the k-th largest (k = int(density*n), at least 1).
 
-    One batched selection when every input keeps the same count (the common case: it runs on
-    all cores). None where equal magnitudes straddle the cut: those need the full sort.
+    Elements tied with the threshold are all kept: at least k survive, exactly k when the
+    threshold is unique. mergekit keeps an arbitrary subset of those ties, so this is where (and
+    only where) a bf16 merge can differ from it.
+    """
+    return delta.detach().abs().float() >= trim_threshold(delta, density)
+
+
+def top_k_masks(deltas: Sequence[torch.Tensor], densities: Sequence[float]) -> list[torch.Tensor]:
+    """`magnitude_mask` for several task vectors of one tensor, batched when they keep the same count.
+
+    One batched O(n) selection (`kthvalue`) runs on all cores, where one per input would not.
     """
     counts = [max(1, int(d * t.numel())) for t, d in zip(deltas, densities, strict=False)]
     if len(deltas) < 2 or len(set(counts)) != 1 or counts[0] >= deltas[0].numel():
-        return [_select_top_k_without_sorting(t, k) for t, k in zip(deltas, counts, strict=False)]
+        return [magnitude_mask(t, d) for t, d in zip(deltas, densities, strict=False)]
     k, n = counts[0], deltas[0].numel()
     magnitudes = torch.stack([t.detach().abs().reshape(-1).float() for t in deltas])
     thresholds = torch.kthvalue(magnitudes, n - k + 1, dim=1).values
-    masks = []
-    for row, threshold, delta in zip(magnitudes, thresholds, deltas, strict=False):
-        at_least = row >= threshold
-        masks.append(at_least.reshape(delta.shape) if threshold == 0 or int(at_least.sum()) == k else None)
-    return masks
-
-
-def _select_top_k_without_sorting(delta: torch.Tensor, k: int) -> torch.Tensor | None:
-    """The top-k mask from one O(n) selection, or None when equal magnitudes straddle the cut.
-
-    Only then does the choice depend on the sort's tie-breaking, so only then is the full sort
-    needed to agree with mergekit. Ties at zero never matter: a kept zero adds nothing.
-    """
-    magnitudes = delta.detach().abs().reshape(-1).float()
-    if k >= magnitudes.numel():
-        return torch.ones_like(delta, dtype=torch.bool)
-    threshold = torch.kthvalue(magnitudes, magnitudes.numel() - k + 1).values
-    at_least = magnitudes >= threshold
-    if threshold == 0 or int(at_least.sum()) == k:
-        return at_least.reshape(delta.shape)
-    return None
+    return [
+        (row >= threshold).reshape(delta.shape)
+        for row, threshold, delta in zip(magnitudes, thresholds, deltas, strict=False)
+    ]
 
 
 def magnitude_outliers_mask(
@@ -206,15 +199,15 @@ def sparsify(
 ) -> torch.Tensor:
     """Trim a task vector to `density` by `method`; optionally restore its L1 norm.
 
-    `rank` is a precomputed descending rank (ascending for magnitude_outliers); `mask` a
-    precomputed magnitude mask (see top_k_masks).
+    `rank` is a precomputed ascending rank for magnitude_outliers; `mask` a precomputed magnitude
+    mask (see top_k_masks).
     """
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     if method == "magnitude":
-        mask = mask if mask is not None else magnitude_mask(delta, density, rank)
+        mask = mask if mask is not None else magnitude_mask(delta, density)
     elif method == "magnitude_outliers":
         mask = magnitude_outliers_mask(delta, density, gamma, rank)
     elif method == "random":

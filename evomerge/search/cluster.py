@@ -274,6 +274,7 @@ def make_actor_factory(prepared: Prepared, spec: Spec):
         trust_remote_code=spec.trust_remote_code,
         merge_seed=spec.optimizer.seed,
         merge_method=spec.merge.method,
+        devices=_worker_devices(spec, device),
     )
     actor_class = ray_worker_class(
         spec.workers.cpus_per_worker, spec.workers.gpus_per_worker if device == "cuda" else 0
@@ -283,3 +284,9 @@ def make_actor_factory(prepared: Prepared, spec: Spec):
         return actor_class.remote(settings, f"w{index}")
 
     return make_actor, count
+
+
+def _worker_devices(spec: Spec, device: str) -> tuple[str, ...]:
+    """k > 1 GPUs per worker: Ray shows the actor its k GPUs as cuda:0..k-1, its layers are split over them."""
+    per_worker = spec.workers.gpus_per_worker
+    return tuple(f"cuda:{index}" for index in range(int(per_worker))) if device == "cuda" and per_worker > 1 else ()

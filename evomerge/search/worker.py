@@ -1,4 +1,4 @@
-"""A search worker: sources resident on one device, one resident model, one evaluator.
+"""A search worker: sources resident on one device (or split by layers over several), one resident model, one evaluator.
 
 `MergeWorker` is a plain class (a GPU benchmark can drive it directly); `ray_worker_class` wraps it
 as a Ray actor. Per candidate it merges in place, checks the weights are finite, and scores with
@@ -20,8 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from evomerge.evaluation.evaluate import Evaluator
+from evomerge.evaluation.native import DEFAULT_TOKEN_BUDGET
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.fused.candidate import CandidateMerger
+from evomerge.merge.memory_plan import scorer_workspace_bytes
+from evomerge.merge.placement import place_model
+from evomerge.merge.validate import validate_merge_config
 from evomerge.rundir.events import TrialResult
 
 
@@ -37,6 +41,9 @@ class WorkerSettings:
     merge_seed: int = 0
     merge_method: str | None = None  # the search's method: picks the fused merge path when it has one
     source_placement: str = "auto"  # fused path: "device", "host" (pinned, streamed) or "auto"
+    # Several devices: one worker's layers and sources split over them (workers.gpus_per_worker: k).
+    # Tests pass "cpu" k times to stand in for k GPUs.
+    devices: tuple[str, ...] = ()
 
 
 class MergeWorker:
@@ -52,20 +59,24 @@ class MergeWorker:
         self.settings = settings
         self.worker_id = f"{worker_id}@{socket.gethostname()}:{os.getpid()}"
         dtype = getattr(torch, settings.dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(
+        self.devices = settings.devices or (settings.device,)
+        model = AutoModelForCausalLM.from_pretrained(
             settings.base_model, dtype=dtype, trust_remote_code=settings.trust_remote_code
-        ).to(settings.device)
-        self.model.eval()
+        )
         union = MergeConfig.model_validate(settings.union_config)
+        self.model, split = place_model(model, validate_merge_config(union), self.devices)
+        self.model.eval()
         self._model_lock = threading.Lock()
+        budget = max((s.evaluation.token_budget for s in settings.eval_sets.values()), default=DEFAULT_TOKEN_BUDGET)
+        workspace = scorer_workspace_bytes(self.model.config.to_dict(), budget, dtype.itemsize, 1 / len(self.devices))
         self.merger = CandidateMerger.create(
-            self.model, union, settings.merge_method, settings.device, settings.source_placement
+            self.model, union, settings.merge_method, self.devices, settings.source_placement, split, True, workspace
         )
         self.tokenizer = AutoTokenizer.from_pretrained(
             settings.base_model, trust_remote_code=settings.trust_remote_code
         )
         self.evaluators = {
-            name: Evaluator(self.model, self.tokenizer, eval_settings, device=settings.device)
+            name: Evaluator(self.model, self.tokenizer, eval_settings, device=self.devices[0])
             for name, eval_settings in settings.eval_sets.items()
         }
         # Journaled with every result, so a run proves all its candidates saw the same documents.
@@ -88,7 +99,7 @@ class MergeWorker:
             with self._model_lock:
                 locked = time.perf_counter()
                 self.merger.apply(prepared)
-                _synchronize(self.settings.device)
+                _synchronize(self.devices)
                 bad = self.merger.first_non_finite()
                 if bad:
                     return self._failure(trial_id, f"merged weights are not finite ({bad})", started)
@@ -124,9 +135,10 @@ def subset_digest(indices: dict[str, list[int]]) -> str:
     return hashlib.sha256(json.dumps(indices, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def _synchronize(devices: tuple[str, ...]) -> None:
+    for device in devices:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
 
 
 def ray_worker_class(num_cpus: float, num_gpus: float):

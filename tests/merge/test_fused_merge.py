@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 from evomerge.genome import Genome  # noqa: E402
 from evomerge.merge.config import MergeConfig  # noqa: E402
 from evomerge.merge.engine import ResidentSources, merge_into_model  # noqa: E402
-from evomerge.merge.fused.candidate import CandidateMerger, reference_view  # noqa: E402
+from evomerge.merge.fused.candidate import CandidateMerger  # noqa: E402
 from evomerge.merge.fused.sources import FlatLayout, FusedSources  # noqa: E402
 from evomerge.spec import Spec  # noqa: E402
 
@@ -95,7 +95,7 @@ def fused_merger(
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(DEVICE)
     fused = FusedSources.load(union_config, method, DEVICE, placement, chunk_bytes=chunk_bytes)
-    return CandidateMerger(model, reference_view(fused), fused)
+    return CandidateMerger.adopting(model, fused)
 
 
 def assert_same_weights(merger: CandidateMerger, expected: dict) -> None:

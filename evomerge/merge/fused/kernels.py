@@ -1,6 +1,6 @@
 """Triton kernels for the fused candidate merge: task arithmetic, TIES and DARE in one pass.
 
-Pure per-element math over flat buffers (`flat.py` builds them and drives these kernels). Each
+Pure per-element math over flat buffers (`sources.py` builds them and drives these kernels). Each
 program handles one BLOCK of one tensor ("segment"); tensors are padded to BLOCK multiples so a
 block never straddles two. Per-segment, per-input parameters come from one int32 table with float
 fields stored as their bits (`PARAM_FIELDS`), so a candidate uploads a single small tensor.
@@ -13,9 +13,9 @@ interpreter truncates in `.to(tl.bfloat16)`; the integer form is exact on GPUs t
 Launch with `enable_fp_fusion=False`: a multiply fused into the following add (FMA) rounds once
 where torch rounds twice, which would break bit equality in float32.
 
-A magnitude trim keeps element e of input j when rank_j(e) < k_j. Rank order agrees with value
-order, so that is |d| > t_j or (|d| == t_j and rank < k_j), where t_j is the k-th largest magnitude:
-the int32 rank is loaded only for elements tied with the threshold, a tiny share of them.
+A magnitude trim keeps element e of input j when |d_j(e)| >= t_j, the k_j-th largest magnitude
+(`methods.magnitude_mask`, the reference's rule): one number per tensor and input, so a TIES merge
+reads nothing per element but the base and the deltas.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from evomerge.merge.fused import tables as flat_tables
 PARAM_FIELDS: tl.constexpr = tl.constexpr(flat_tables.PARAM_FIELDS)
 WEIGHT: tl.constexpr = tl.constexpr(flat_tables.WEIGHT)
 THRESHOLD: tl.constexpr = tl.constexpr(flat_tables.THRESHOLD)
-KEEP_COUNT: tl.constexpr = tl.constexpr(flat_tables.KEEP_COUNT)
 DENSITY: tl.constexpr = tl.constexpr(flat_tables.DENSITY)
 SEED: tl.constexpr = tl.constexpr(flat_tables.SEED)
 LAMBDA: tl.constexpr = tl.constexpr(flat_tables.LAMBDA)
@@ -55,18 +54,12 @@ def _param_float(table, row, field, j, M: tl.constexpr):
 
 
 @triton.jit
-def _kept_delta(deltas, ranks, table, row, j, offs, local, valid, total, M: tl.constexpr, SPARSIFY: tl.constexpr):
+def _kept_delta(deltas, table, row, j, offs, local, valid, total, M: tl.constexpr, SPARSIFY: tl.constexpr):
     """Input j's task vector after the trim, in float32 (zero where trimmed)."""
     row_start = total.to(tl.int64) * j  # past 2**31 elements with three experts at 1.5B
     delta = tl.load(deltas + row_start + offs, mask=valid, other=0.0).to(tl.float32)
     if SPARSIFY == 1:
-        threshold = _param_float(table, row, THRESHOLD, j, M)
-        keep_count = tl.load(table + row + KEEP_COUNT * M + j)
-        magnitude = tl.abs(delta)
-        tied = valid & (magnitude == threshold)
-        rank = tl.load(ranks + row_start + offs, mask=tied, other=0)
-        keep = (magnitude > threshold) | (tied & (rank < keep_count))
-        delta = tl.where(keep, delta, 0.0)
+        delta = tl.where(tl.abs(delta) >= _param_float(table, row, THRESHOLD, j, M), delta, 0.0)
     elif SPARSIFY == 2:
         density = _param_float(table, row, DENSITY, j, M)
         seed = tl.load(table + row + SEED * M + j)
@@ -87,7 +80,6 @@ def _block_position(block_segment, segment_start, segment_numel, origin, BLOCK: 
 def task_vector_merge_kernel(
     base,
     deltas,
-    ranks,
     table,
     ratios,
     out,
@@ -115,7 +107,7 @@ def task_vector_merge_kernel(
     # that agree); recomputing them from the same loads is cheaper than keeping M blocks live.
     for j in tl.static_range(M):
         weighted = _weighted(
-            deltas, ranks, table, ratios, row, segment, j, offs, local, valid, total, M, SPARSIFY, RESCALE, WORK
+            deltas, table, ratios, row, segment, j, offs, local, valid, total, M, SPARSIFY, RESCALE, WORK
         )
         elected_sum += weighted
         weight_sum += _param_float(table, row, WEIGHT, j, M)
@@ -124,7 +116,7 @@ def task_vector_merge_kernel(
         weight_sum = tl.zeros([BLOCK], dtype=tl.float32)
         for j in tl.static_range(M):
             weighted = _weighted(
-                deltas, ranks, table, ratios, row, segment, j, offs, local, valid, total, M, SPARSIFY, RESCALE, WORK
+                deltas, table, ratios, row, segment, j, offs, local, valid, total, M, SPARSIFY, RESCALE, WORK
             )
             agrees = tl.where(positive, weighted > 0, weighted < 0)
             mixed += tl.where(agrees, weighted, 0.0)
@@ -147,7 +139,6 @@ def task_vector_merge_kernel(
 @triton.jit
 def _weighted(
     deltas,
-    ranks,
     table,
     ratios,
     row,
@@ -162,7 +153,7 @@ def _weighted(
     RESCALE: tl.constexpr,
     WORK: tl.constexpr,
 ):
-    kept = _kept_delta(deltas, ranks, table, row, j, offs, local, valid, total, M, SPARSIFY)
+    kept = _kept_delta(deltas, table, row, j, offs, local, valid, total, M, SPARSIFY)
     if RESCALE:
         kept = _round(kept * tl.load(ratios + segment * M + j), WORK)
     return _round(kept * _param_float(table, row, WEIGHT, j, M), WORK)
@@ -187,5 +178,5 @@ def kept_magnitude_kernel(
     row = segment * P
     blocks = tl.num_programs(0)
     for j in tl.static_range(M):
-        kept = _kept_delta(deltas, deltas, table, row, j, offs, local, valid, total, M, 2)
+        kept = _kept_delta(deltas, table, row, j, offs, local, valid, total, M, 2)
         tl.store(partial + j * blocks + tl.program_id(0), tl.sum(tl.abs(kept), axis=0))

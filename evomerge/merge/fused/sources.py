@@ -1,20 +1,23 @@
 """The fused per-candidate merge: task arithmetic, TIES and DARE as one kernel over flat buffers.
 
 A search worker merges the same sources thousands of times with different parameters. Everything
-that depends only on the sources is done once, when `FusedSources.load` reads them:
+that depends only on the sources is done once, when `FusedSources.fill` reads them:
 
-* one flat buffer holds the base tensors, one row per expert holds its task vector (delta);
-* for magnitude trims (TIES) each delta's int32 magnitude rank, and a table of its distinct
-  magnitudes with their counts, so a density's threshold is a host-side binary search;
+* the base tensors and one task vector (delta) per expert, in the records of `layout.py`: 2 + 2E
+  bytes per parameter for bf16 sources, nothing more per element;
+* for magnitude trims (TIES) a host-side table of each delta's distinct magnitudes with their
+  counts, so a density's threshold is a host-side binary search;
 * for DARE's rescale, each delta's L1 norm.
 
 A candidate then costs a small parameter table upload and one kernel launch over the whole model
 (two for DARE: the kept L1 norms first), writing straight into the resident model, whose
-parameters are views of one flat output buffer (`adopt_model`).
+parameters are views of one flat output buffer (`candidate.adopt_model`).
 
-Sources live on the GPU when they fit with the model and evaluation headroom. Otherwise they stay
-in pinned host memory and are streamed in chunks of whole tensors, the next chunk's copy
-overlapping the current chunk's kernel ("host" placement).
+Sources live on the device when they fit beside the model and the scorer's workspace. Otherwise
+they stay in host memory ("host" placement), one copy per node shared by its workers
+(`shared_host.py`), and are streamed chunk by chunk, each chunk one contiguous copy, the next
+chunk's copy overlapping the current chunk's kernel. A worker split over several devices holds
+one `FusedSources` per device, each with the tensors of that device's layers (`only`).
 
 Results equal `engine.merge_tensor` bit for bit for deterministic methods (tests run the kernels
 under Triton's CPU interpreter against it). DARE draws its masks from Triton's Philox stream, keyed
@@ -24,21 +27,29 @@ CPU and CUDA generators.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.engine import tensor_seed
+from evomerge.merge.fingerprint import weights_fingerprint
+from evomerge.merge.fused.layout import BLOCK, Chunk, FlatLayout, Record, records
+from evomerge.merge.fused.shared_host import SharedHostCopy
 from evomerge.merge.fused.tables import MagnitudeTables, ParameterTable
 from evomerge.merge.io import LazyTensorReader
-from evomerge.merge.methods import METHODS, MethodInfo, magnitude_rank
+from evomerge.merge.memory_plan import DEFAULT_WORKSPACE_BYTES, sources_fit_device
+from evomerge.merge.methods import METHODS, MethodInfo
 from evomerge.merge.validate import ValidatedMerge, validate_merge_config
 
-BLOCK = 1024
+__all__ = ["BLOCK", "FlatLayout", "FusedSources", "NotFusable", "fused_unavailable_reason"]
+
 SPARSIFY_CODES = {None: 0, "magnitude": 1, "random": 2}
 ROUND_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 DEFAULT_CHUNK_BYTES = 512 * 1024**2
@@ -67,76 +78,41 @@ def fused_unavailable_reason(device: str, method: MethodInfo, interpreter_ok: bo
     return "the fused kernel needs CUDA (or TRITON_INTERPRET=1, Triton's CPU interpreter)"
 
 
-@dataclass(frozen=True)
-class FlatLayout:
-    """Where each output tensor lives in the flat buffers: segments padded to whole blocks."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    starts: np.ndarray
-    numels: np.ndarray
-    total: int
-
-    @classmethod
-    def of(cls, names: list[str], shapes: list[tuple[int, ...]]) -> FlatLayout:
-        numels = np.array([int(np.prod(shape, dtype=np.int64)) for shape in shapes], dtype=np.int64)
-        padded = -(-numels // BLOCK) * BLOCK
-        starts = np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64)
-        return cls(tuple(names), tuple(tuple(s) for s in shapes), starts, numels, int(padded.sum()))
-
-    def view(self, flat: torch.Tensor, segment: int) -> torch.Tensor:
-        start = int(self.starts[segment])
-        return flat[..., start : start + int(self.numels[segment])].view(*flat.shape[:-1], *self.shapes[segment])
-
-    def block_segments(self, first: int, last: int) -> np.ndarray:
-        """Segment index of every block of segments first..last-1."""
-        blocks = -(-self.numels[first:last] // BLOCK)
-        return np.repeat(np.arange(first, last, dtype=np.int32), blocks)
-
-    def chunks(self, max_elements: int) -> list[tuple[int, int]]:
-        """Runs of whole segments of at most max_elements each (or one segment, if bigger)."""
-        runs, first = [], 0
-        ends = self.starts + -(-self.numels // BLOCK) * BLOCK
-        for segment in range(1, len(self.names) + 1):
-            if segment == len(self.names) or ends[segment] - self.starts[first] > max_elements:
-                runs.append((first, segment))
-                first = segment
-        return runs
-
-
-@dataclass
-class Chunk:
-    """One launch's worth of segments, with its buffers where the kernel can read them."""
-
-    first: int
-    last: int
-    origin: int  # flat offset of the chunk's first element
-    elements: int
-    block_segment: torch.Tensor
-    block_begins: torch.Tensor  # per segment of the chunk, its first and one-past-last block
-    block_ends: torch.Tensor
-
-
 @dataclass
 class Stage:
-    """The buffers a launch reads: the flat sources themselves, or a device copy of one chunk of them."""
+    """What a launch reads: one record, in the storage itself or copied to the device."""
 
-    base: torch.Tensor
-    deltas: torch.Tensor
-    ranks: torch.Tensor  # the deltas again when nothing is ranked: the kernel then never reads it
+    buffer: torch.Tensor  # [base | delta 0 | ...] of one record, `elements` each
+    elements: int
+    experts: int
     ready: torch.cuda.Event | None = None  # the chunk's copy has landed (host placement on CUDA)
     free: torch.cuda.Event | None = None  # the last launch reading this stage has finished
 
+    @property
+    def base(self) -> torch.Tensor:
+        return self.buffer[: self.elements]
+
+    @property
+    def deltas(self) -> torch.Tensor:
+        return self.buffer[self.elements : (1 + self.experts) * self.elements].view(self.experts, self.elements)
+
 
 class FusedSources:
-    """The sources of a task-vector search as flat buffers, merged by the fused kernel."""
+    """The sources of a task-vector search as flat records, merged by the fused kernel."""
 
-    def __init__(self, validated: ValidatedMerge, method: MethodInfo, device: str, placement: str):
+    def __init__(
+        self,
+        validated: ValidatedMerge,
+        method: MethodInfo,
+        device: str,
+        placement: str,
+        only: frozenset[str] | None = None,
+    ):
         self.validated = validated
         self.method = method
         self.device = torch.device(device)
         self.placement = placement
-        plans = validated.plan.tensors
+        plans = [plan for plan in validated.plan.tensors if only is None or plan.output in only]
         self.experts = _expert_models(validated)
         self.layout = FlatLayout.of([p.output for p in plans], [_shape(validated, p) for p in plans])
         self.segment_of = {name: index for index, name in enumerate(self.layout.names)}
@@ -145,21 +121,30 @@ class FusedSources:
         self.out_dtype = _uniform(validated.out_dtype.values(), "output dtype")
         self.before_l1 = torch.ones((len(plans), len(self.experts)), dtype=self.work_dtype, device=self.device)
         self.magnitudes = MagnitudeTables(len(plans), len(self.experts))
-        # Empty until `_allocate`: `estimate_bytes` builds sources without ever holding them.
-        self.base = torch.empty(0, dtype=self.work_dtype)
-        self.deltas = torch.empty(0, dtype=self.work_dtype)
-        self.ranks: torch.Tensor | None = None
+        # Empty until `fill`: `estimate_bytes` and the memory plan build sources without holding them.
+        self.storage = torch.empty(0, dtype=self.work_dtype)
+        self.records: list[Record] = []
+        self.shared: SharedHostCopy | None = None
         self._stages: list[Stage] = []
 
-    def _allocate(self) -> None:
-        """The flat buffers: on the device, or pinned in host memory for streaming."""
-        storage = self.device if self.placement == "device" else torch.device("cpu")
-        pin = self.placement == "host" and torch.cuda.is_available()
-        experts, total = len(self.experts), self.layout.total
-        self.base = _zeros((total,), self.work_dtype, storage, pin)
-        self.deltas = _zeros((experts, total), self.work_dtype, storage, pin)
-        if self.method.sparsification == "magnitude":
-            self.ranks = _zeros((experts, total), torch.int32, storage, pin)
+    @classmethod
+    def plan(
+        cls,
+        config: MergeConfig,
+        method_name: str,
+        device: str,
+        placement: str = "auto",
+        only: frozenset[str] | None = None,
+    ) -> FusedSources:
+        """Check that the merge can take the fused path; nothing is read or allocated yet."""
+        method = METHODS[method_name]
+        reason = fused_unavailable_reason(device, method, interpreter_ok=True)
+        if reason:
+            raise NotFusable(reason)
+        validated = validate_merge_config(config)
+        if any(plan.base_index is None for plan in validated.plan.tensors):
+            raise NotFusable("every tensor needs a base model")
+        return cls(validated, method, device, placement, only)
 
     @classmethod
     def load(
@@ -169,161 +154,186 @@ class FusedSources:
         device: str,
         placement: str = "auto",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        only: frozenset[str] | None = None,
+        shared: bool = False,
     ) -> FusedSources:
-        """Read every source once, tensor by tensor, computing deltas, ranks and tables on `device`.
-
-        `placement` "auto" keeps the buffers on the device when they fit beside the (already
-        resident) model, else in host memory (`fitting_placement`).
-        """
-        method = METHODS[method_name]
-        reason = fused_unavailable_reason(device, method, interpreter_ok=True)
-        if reason:
-            raise NotFusable(reason)
-        validated = validate_merge_config(config)
-        if any(plan.base_index is None for plan in validated.plan.tensors):
-            raise NotFusable("every tensor needs a base model")
-        sources = cls(validated, method, device, placement)
-        if placement == "auto":
-            sources.placement = sources.fitting_placement()
-        sources._allocate()
-        readers = {path: LazyTensorReader(folder) for path, folder in validated.folders.items()}
-        for segment in range(len(sources.layout.names)):
-            sources._load_segment(segment, readers)
-        sources._prepare_launches(chunk_bytes)
-        sources.magnitudes.build_index()
+        """`plan` and `fill` in one call (a worker adopts its model in between: candidate.py)."""
+        sources = cls.plan(config, method_name, device, placement, only)
+        sources.fill(chunk_bytes, shared=shared)
         return sources
+
+    def fill(
+        self,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        shared: bool = False,
+        workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    ) -> None:
+        """Read every source once, tensor by tensor, into the records; then the tables.
+
+        "auto" placement keeps the records on the device when they fit beside what the device
+        already holds (the model) and `workspace_bytes` for scoring, else in host memory. `shared`
+        puts a host copy in node-wide shared memory, filled by the first worker that gets there.
+        """
+        if self.placement == "auto":
+            self.placement = self.fitting_placement(workspace_bytes)
+        runs = [(0, len(self.layout.names))]
+        if self.placement == "host":
+            runs = self.layout.chunks(max(BLOCK, chunk_bytes // self.bytes_per_element()))
+        self.records = records(self.layout, runs, len(self.experts))
+        size = (1 + len(self.experts)) * self.layout.total
+        if self.placement == "host" and shared:
+            pin = self.device.type == "cuda"
+            self.shared = SharedHostCopy.open(self._shared_key(), size, self.work_dtype, self._read_into, pin)
+            self.storage = self.shared.tensor
+        else:
+            storage = self.device if self.placement == "device" else torch.device("cpu")
+            pin = self.placement == "host" and torch.cuda.is_available()
+            self.storage = torch.zeros(size, dtype=self.work_dtype, device=storage, pin_memory=pin)
+            self._read_into(self.storage)
+        self._index()
+        self._prepare_launches()
 
     @classmethod
     def estimate_bytes(cls, config: MergeConfig, method_name: str) -> int:
         """Bytes `load` will hold for these sources (headers only, nothing read)."""
         return cls(validate_merge_config(config), METHODS[method_name], "cpu", "device").planned_bytes()
 
+    def bytes_per_element(self) -> int:
+        """Record bytes per element: the base and one delta per expert, nothing else."""
+        return (1 + len(self.experts)) * self.work_dtype.itemsize
+
     def planned_bytes(self) -> int:
-        return self.layout.total * self._bytes_per_element()
+        return self.layout.total * self.bytes_per_element()
 
-    def fitting_placement(self, headroom_fraction: float = 0.15) -> str:
-        """ "device" when the buffers fit in free GPU memory with headroom, else "host".
-
-        Keeps `headroom_fraction` of the GPU (at least 2 GiB) for evaluation activations and the
-        flat output buffer's one-off copy of the model.
-        """
+    def fitting_placement(self, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> str:
+        """ "device" when the records fit in the device's free memory beside the scorer's workspace, else "host"."""
         if self.device.type != "cuda":
             return "device"
-        free, total = torch.cuda.mem_get_info(self.device)
-        return "device" if self.planned_bytes() + max(2 * 1024**3, headroom_fraction * total) <= free else "host"
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return (
+            "device" if sources_fit_device(self.planned_bytes(), self.layout.total, free, workspace_bytes) else "host"
+        )
 
-    def _load_segment(self, segment: int, readers: dict) -> None:
-        base_ref, expert_refs = self.refs[segment]
-        base = readers[base_ref[0]].read(base_ref[1], str(self.device)).to(self.work_dtype)
-        self.layout.view(self.base, segment).copy_(base)
-        for expert, ref in enumerate(expert_refs):
-            if ref is None:
-                continue
-            delta = readers[ref[0]].read(ref[1], str(self.device)).to(self.work_dtype) - base
-            self.layout.view(self.deltas[expert], segment).copy_(delta)
-            self.before_l1[segment, expert] = delta.abs().sum()
-            if self.ranks is not None:
-                rank = magnitude_rank(delta)
-                self.layout.view(self.ranks[expert], segment).copy_(rank)
-                self.magnitudes.add(segment, expert, delta, rank)
+    def base_view(self, segment: int) -> torch.Tensor:
+        return self._segment_view(segment, 0)
 
-    def _prepare_launches(self, chunk_bytes: int) -> None:
+    def delta_view(self, expert: int, segment: int) -> torch.Tensor:
+        return self._segment_view(segment, 1 + expert)
+
+    def _segment_view(self, segment: int, part: int) -> torch.Tensor:
+        record = next(r for r in self.records if r.first <= segment < r.last)
+        start = record.part(part) + int(self.layout.starts[segment]) - record.origin
+        return self.storage[start : start + int(self.layout.numels[segment])].view(self.layout.shapes[segment])
+
+    def _read_into(self, storage: torch.Tensor) -> None:
+        """Each segment's base and deltas, computed on the device, written into `storage`'s records."""
+        folders = self.validated.folders
+        readers = {path: LazyTensorReader(folder) for path, folder in folders.items()}
+        work = str(self.device)
+        for record in self.records:
+            for segment in range(record.first, record.last):
+                start = int(self.layout.starts[segment]) - record.origin
+                numel = int(self.layout.numels[segment])
+                base_ref, expert_refs = self.refs[segment]
+                base = readers[base_ref[0]].read(base_ref[1], work).to(self.work_dtype).reshape(-1)
+                storage[record.part(0) + start :][:numel].copy_(base)
+                for expert, ref in enumerate(expert_refs):
+                    if ref is not None:
+                        delta = readers[ref[0]].read(ref[1], work).to(self.work_dtype).reshape(-1) - base
+                        storage[record.part(1 + expert) + start :][:numel].copy_(delta)
+
+    def _index(self) -> None:
+        """What depends on the deltas only: L1 norms (DARE) and magnitude tables (TIES), from the records."""
+        for segment, (_, expert_refs) in enumerate(self.refs):
+            for expert, ref in enumerate(expert_refs):
+                if ref is None:
+                    continue
+                delta = self.delta_view(expert, segment).to(self.device)
+                self.before_l1[segment, expert] = delta.abs().sum()
+                if self.method.sparsification == "magnitude":
+                    self.magnitudes.add(segment, expert, delta)
+        self.magnitudes.build_index()
+
+    def _shared_key(self) -> str:
+        """A digest of everything the shared bytes depend on, so a copy is reused only when identical."""
+        models = sorted({ref[0] for base_ref, expert_refs in self.refs for ref in (base_ref, *expert_refs) if ref})
+        facts = {
+            "models": {path: weights_fingerprint(Path(path)) for path in models},
+            "refs": self.refs,
+            "shapes": self.layout.shapes,
+            "dtype": str(self.work_dtype),
+            "records": [(r.first, r.last, r.elements) for r in self.records],
+            "format": 1,
+        }
+        return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:32]
+
+    def _prepare_launches(self) -> None:
         """Per-chunk block tables, and for host placement two device staging buffers."""
         layout, device = self.layout, self.device
         self._segment_start = torch.from_numpy(layout.starts).to(device)
         self._segment_numel = torch.from_numpy(layout.numels).to(device)
-        if self.placement == "device":
-            runs = [(0, len(layout.names))]
-        else:
-            runs = layout.chunks(max(BLOCK, chunk_bytes // self._bytes_per_element()))
-        self._chunks = []
-        for first, last in runs:
-            blocks = layout.block_segments(first, last)
-            origin = int(layout.starts[first]) if self.placement == "host" else 0
-            ends = np.cumsum(-(-layout.numels[first:last] // BLOCK))
-            begins = np.concatenate([[0], ends[:-1]])
-            self._chunks.append(
-                Chunk(
-                    first,
-                    last,
-                    origin,
-                    len(blocks) * BLOCK,
-                    torch.from_numpy(blocks).to(device),
-                    torch.from_numpy(begins).to(device),
-                    torch.from_numpy(ends).to(device),
-                )
-            )
+        self._chunks = [Chunk.of(layout, record, device) for record in self.records]
         # Rows stay 1 where nothing is rescaled; DARE overwrites every row of each chunk it runs.
         self._ratios = torch.ones((len(layout.names), len(self.experts)), dtype=torch.float32, device=device)
         if self.placement == "host":
-            widest = max(chunk.elements for chunk in self._chunks)
+            widest = max(record.elements for record in self.records)
             self._stages = [self._stage_buffers(widest) for _ in range(2)]
 
-    def _bytes_per_element(self) -> int:
-        """Flat-buffer bytes per element: the base, and per expert its delta and (TIES) its int32 rank."""
-        per_expert = self.work_dtype.itemsize + (4 if self.method.sparsification == "magnitude" else 0)
-        return self.work_dtype.itemsize + len(self.experts) * per_expert
-
     def _stage_buffers(self, elements: int) -> Stage:
-        experts, device = len(self.experts), self.device
-        deltas = torch.empty((experts, elements), dtype=self.work_dtype, device=device)
-        stage = Stage(
-            base=torch.empty(elements, dtype=self.work_dtype, device=device),
-            deltas=deltas,
-            ranks=torch.empty((experts, elements), dtype=torch.int32, device=device)
-            if self.ranks is not None
-            else deltas,
-        )
-        if device.type == "cuda":
+        experts = len(self.experts)
+        buffer = torch.empty((1 + experts) * elements, dtype=self.work_dtype, device=self.device)
+        stage = Stage(buffer, elements, experts)
+        if self.device.type == "cuda":
             stage.ready, stage.free = torch.cuda.Event(), torch.cuda.Event()
         return stage
 
     def _staged_chunks(self) -> Iterator[tuple[Chunk, Stage]]:
         """(chunk, buffers) per launch; host placement copies each chunk in, overlapping the last launch."""
+        experts = len(self.experts)
         if self.placement == "device":
-            ranks = self.ranks if self.ranks is not None else self.deltas
-            yield self._chunks[0], Stage(self.base, self.deltas, ranks)
+            record = self.records[0]
+            yield self._chunks[0], Stage(self.storage, record.elements, experts)
             return
         copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         for index, chunk in enumerate(self._chunks):
             stage = self._stages[index % 2]
-            self._copy_in(stage, chunk, copy_stream)
-            yield chunk, stage
+            yield chunk, self._copy_in(stage, chunk.record, copy_stream)
 
-    def _copy_in(self, stage: Stage, chunk: Chunk, copy_stream: torch.cuda.Stream | None) -> None:
-        window = slice(chunk.origin, chunk.origin + chunk.elements)
-        pairs = [
-            (stage.base[: chunk.elements], self.base[window]),
-            (stage.deltas[:, : chunk.elements], self.deltas[:, window]),
-        ]
-        if self.ranks is not None:
-            pairs.append((stage.ranks[:, : chunk.elements], self.ranks[:, window]))
+    def _copy_in(self, stage: Stage, record: Record, copy_stream: torch.cuda.Stream | None) -> Stage:
+        """The record copied into the stage's buffer: one contiguous copy."""
+        size = (1 + stage.experts) * record.elements
+        view = Stage(stage.buffer[:size], record.elements, stage.experts, stage.ready, stage.free)
+        source = self.storage[record.offset : record.offset + size]
         if copy_stream is None or stage.ready is None or stage.free is None:
-            for target, source in pairs:
-                target.copy_(source)
-            return
+            view.buffer.copy_(source)
+            return view
         copy_stream.wait_event(stage.free)
         with torch.cuda.stream(copy_stream):
-            for target, source in pairs:
-                target.copy_(source, non_blocking=True)
+            view.buffer.copy_(source, non_blocking=True)
             stage.ready.record(copy_stream)
         torch.cuda.current_stream(self.device).wait_event(stage.ready)
+        return view
 
     def _release_stage(self, stage: Stage) -> None:
         if stage.free is not None:
             stage.free.record(torch.cuda.current_stream(self.device))
 
     def byte_size(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.base, self.deltas, self.ranks) if t is not None)
+        return self.storage.numel() * self.storage.element_size()
+
+    def close(self) -> None:
+        """Let go of a shared host copy (the node's last user removes it)."""
+        if self.shared is not None:
+            self.shared.close()
 
     # ---- per candidate -------------------------------------------------------------------------
 
     def parameters(self, validated: ValidatedMerge, seed: int) -> ParameterTable:
         """The candidate's parameters per (tensor, expert); NotFusable if its plan differs in shape."""
-        plans = validated.plan.tensors
         if validated.plan.method.name != self.method.name:
             raise NotFusable(f"sources were prepared for {self.method.name}, not {validated.plan.method.name}")
-        if len(plans) != len(self.layout.names) or any(p.output not in self.segment_of for p in plans):
+        plans = [plan for plan in validated.plan.tensors if plan.output in self.segment_of]
+        if len(plans) != len(self.layout.names):
             raise NotFusable("the candidate writes a different set of tensors")
         table = ParameterTable(len(plans), len(self.experts))
         expert_index = {model: index for index, model in enumerate(self.experts)}
@@ -354,11 +364,9 @@ class FusedSources:
         """Host-side work for one candidate (no device access, so it can overlap another's evaluation)."""
         table = self.parameters(validated, seed)
         thresholds: np.ndarray | None = None
-        counts: np.ndarray | None = None
-        if self.ranks is not None:
-            counts = table.keep_counts(self.layout.numels)
-            thresholds = self.magnitudes.thresholds(counts)
-        return table, table.pack(self.work_dtype, thresholds, counts)
+        if self.method.sparsification == "magnitude":
+            thresholds = self.magnitudes.thresholds(table.keep_counts(self.layout.numels))
+        return table, table.pack(self.work_dtype, thresholds)
 
     def launch(self, prepared: tuple[ParameterTable, np.ndarray], out: torch.Tensor) -> None:
         """Run a prepared candidate's kernels, writing into the flat output buffer `out`."""
@@ -375,15 +383,14 @@ class FusedSources:
             kernels.task_vector_merge_kernel[grid](
                 stage.base,
                 stage.deltas,
-                stage.ranks,
                 packed,
                 ratios,
-                out[chunk.origin :],
+                out[chunk.record.origin :],
                 chunk.block_segment,
                 self._segment_start,
                 self._segment_numel,
-                chunk.origin,
-                stage.deltas.stride(0),
+                chunk.record.origin,
+                stage.elements,
                 M=len(self.experts),
                 P=packed.shape[1],
                 SPARSIFY=SPARSIFY_CODES[self.method.sparsification],
@@ -407,8 +414,8 @@ class FusedSources:
             chunk.block_segment,
             self._segment_start,
             self._segment_numel,
-            chunk.origin,
-            stage.deltas.stride(0),
+            chunk.record.origin,
+            stage.elements,
             M=len(self.experts),
             P=packed.shape[1],
             BLOCK=BLOCK,
@@ -416,8 +423,8 @@ class FusedSources:
         )
         running = torch.nn.functional.pad(partial.double().cumsum(dim=1), (1, 0))
         after = (running[:, chunk.block_ends] - running[:, chunk.block_begins]).T.to(self.work_dtype)
-        before = self.before_l1[chunk.first : chunk.last]
-        rows = slice(chunk.first, chunk.last)
+        rows = slice(chunk.record.first, chunk.record.last)
+        before = self.before_l1[rows]
         unscaled = torch.from_numpy((table.densities[rows] >= 1) | ~table.rescale[rows, None]).to(self.device)
         unscaled = unscaled | (before < 1e-7) | (after < 1e-7)
         ratios[rows] = torch.where(unscaled, torch.ones_like(before), before / after).float()
@@ -448,7 +455,3 @@ def _uniform(dtypes, what: str) -> torch.dtype:
     if len(found) != 1 or next(iter(found)) not in ROUND_CODES:
         raise NotFusable(f"the fused kernel needs one float32/bfloat16/float16 {what}, found {sorted(map(str, found))}")
     return found.pop()
-
-
-def _zeros(shape, dtype: torch.dtype, device: torch.device, pin: bool) -> torch.Tensor:
-    return torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)

@@ -2,11 +2,12 @@
 
 `MagnitudeTables` keeps, for every (tensor, expert) delta, its distinct magnitudes in descending
 order with how many elements share each, so the k-th largest magnitude (the TIES threshold for a
-density) is one vectorized binary search over all tensors, with no device round trip.
+density) is one vectorized binary search over all tensors, with no device round trip. The kernel
+keeps every element at least that large (`methods.magnitude_mask`), so nothing per element is kept.
 
 `ParameterTable` packs one candidate's plan into the int32 table the kernel reads: per tensor and
-expert the weight (rounded to the working dtype, as `task_vector_merge` rounds it), threshold, keep
-count, density and DARE seed; per tensor lambda and normalize. Float fields are stored as bits.
+expert the weight (rounded to the working dtype, as `task_vector_merge` rounds it), threshold,
+density and DARE seed; per tensor lambda and normalize. Float fields are stored as bits.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 
 # Field order in the parameter table (the kernel reads these names): each field holds one entry per
 # expert; after the PARAM_FIELDS * experts of them come lambda and normalize, one each.
-WEIGHT, THRESHOLD, KEEP_COUNT, DENSITY, SEED = range(5)
-PARAM_FIELDS = 5
+WEIGHT, THRESHOLD, DENSITY, SEED = range(4)
+PARAM_FIELDS = 4
 LAMBDA, NORMALIZE = range(2)
 
 
@@ -30,16 +31,13 @@ class MagnitudeTables:
         self.shape = (segments, experts)
         self._index: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # values, ends, count_base
 
-    def add(self, segment: int, expert: int, delta: torch.Tensor, rank: torch.Tensor) -> None:
-        """Record the table of one delta, given its descending magnitude rank."""
-        magnitudes = delta.detach().abs().reshape(-1).float()
-        in_order = torch.empty_like(magnitudes)
-        in_order[rank.reshape(-1).long()] = magnitudes
-        values, counts = torch.unique_consecutive(in_order, return_counts=True)
+    def add(self, segment: int, expert: int, delta: torch.Tensor) -> None:
+        """Record the table of one delta (on any device; only the table comes to the host)."""
+        values, counts = torch.unique(delta.detach().abs().reshape(-1).float(), sorted=True, return_counts=True)
         # float32 holds every bf16/fp16/fp32 magnitude exactly; host memory is 8 bytes per distinct
         # magnitude: negligible in bf16 (at most 32,768 of them), about 8 bytes per element in fp32.
-        self._values[(segment, expert)] = values.cpu().numpy()
-        self._counts[(segment, expert)] = counts.cpu().numpy().astype(np.int32)
+        self._values[(segment, expert)] = values.flip(0).cpu().numpy()
+        self._counts[(segment, expert)] = counts.flip(0).cpu().numpy().astype(np.int32)
         self._index = None
 
     def build_index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,19 +89,16 @@ class ParameterTable:
         counts = np.where(self.densities >= 1, numels[:, None], counts)
         return np.where(self.present & (self.densities > 0), counts, 0)
 
-    def pack(
-        self, work_dtype: torch.dtype, thresholds: np.ndarray | None, keep_counts: np.ndarray | None
-    ) -> np.ndarray:
+    def pack(self, work_dtype: torch.dtype, thresholds: np.ndarray | None) -> np.ndarray:
         segments, experts = self.weights.shape
         table = np.zeros((segments, PARAM_FIELDS * experts + 2), dtype=np.int32)
         rounded = torch.tensor(self.weights.reshape(-1).tolist(), dtype=work_dtype).float().numpy()
         rounded = np.where(self.present.reshape(-1), rounded, 0).astype(np.float32).reshape(segments, experts)
         _put(table, WEIGHT, experts, rounded.view(np.int32))
-        if thresholds is not None and keep_counts is not None:
-            keep_all = self.densities >= 1
-            threshold = np.where(keep_all, -1.0, thresholds).astype(np.float32)
+        if thresholds is not None:
+            # -inf keeps every element (density >= 1); +inf (absent, density <= 0) none.
+            threshold = np.where(self.densities >= 1, -np.inf, thresholds).astype(np.float32)
             _put(table, THRESHOLD, experts, threshold.view(np.int32))
-            _put(table, KEEP_COUNT, experts, keep_counts.astype(np.int32))
         _put(table, DENSITY, experts, np.where(self.present, self.densities, 0).astype(np.float32).view(np.int32))
         _put(table, SEED, experts, self.seeds.astype(np.int32))
         table[:, PARAM_FIELDS * experts + LAMBDA] = self.lambdas.astype(np.float32).view(np.int32)

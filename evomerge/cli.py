@@ -82,6 +82,20 @@ def merge(
     debug: bool = DebugOption,
 ):
     """Materialize a mergekit YAML as a model folder (same tensors as mergekit-yaml), with a model card."""
+    _materialize(config, out_dir, device, seed, shard_size_gb, force, allow_non_finite, no_model_card)
+
+
+def _materialize(
+    config: Path,
+    out_dir: Path,
+    device: str,
+    seed: int,
+    shard_size_gb: float = 2.0,
+    force: bool = False,
+    allow_non_finite: bool = False,
+    no_model_card: bool = False,
+) -> None:
+    """What `merge` does, shared with `export --merge`."""
     from evomerge.merge.config import load_merge_config
     from evomerge.merge.engine import NonFiniteOutput, merge_to_disk
 
@@ -291,31 +305,31 @@ def status(
     """Completed and failed trials, best score and trial, evaluations per minute."""
     import json
 
-    from evomerge.rundir.results import status as run_status
+    from evomerge.rundir.results import load_trials, status_of
+    from evomerge.rundir.verdict import build_verdict
 
-    figures = run_status(run_dir)
+    events, trials = load_trials(run_dir)
+    figures = status_of(run_dir, events, trials)
+    verdict = build_verdict(run_dir, events, trials)
+    figures["export_command"] = verdict.export_command
+    figures["advice"] = verdict.advice
     if as_json:
         typer.echo(json.dumps(figures, indent=2))
         return
-    for key in (
-        "run",
-        "asked",
-        "completed",
-        "failed",
-        "in_flight",
-        "best_score",
-        "best_trial",
-        "best_label",
-        "evals_per_min",
-        "heldout_winner",
-        "finished",
-    ):
+    for key in ("run", "asked", "completed", "failed", "in_flight", "best_score", "best_trial", "best_label"):
+        typer.echo(f"{key:>15}: {figures[key]}")
+    typer.echo(f"{'evals_per_min':>15}: {figures['evals_per_min']} (evolved candidates; the baseline phase excluded)")
+    for key in ("heldout_winner", "finished"):
         typer.echo(f"{key:>15}: {figures[key]}")
     if figures["pareto_front"]:
         typer.echo(
             f"{'pareto front':>15}: "
             + "; ".join(f"trial {p['trial']} {[round(v, 4) for v in p['objectives']]}" for p in figures["pareto_front"])
         )
+    if verdict.export_command:
+        typer.echo(f"{'export':>15}: {verdict.export_command}")
+    if verdict.advice:
+        typer.echo(verdict.advice)
 
 
 @app.command()
@@ -327,9 +341,17 @@ def export(
     pareto: bool = typer.Option(
         False, "--pareto", help="List the Pareto front of a multi-objective run (export one with --trial)."
     ),
+    merge_to: Path | None = typer.Option(
+        None,
+        "--merge",
+        metavar="OUT",
+        help="Also materialize it in OUT, as `evomerge merge` would, with the run's optimizer.seed for dare/della.",
+    ),
+    device: str = typer.Option("cpu", help="With --merge: cpu or cuda, where the merge math runs."),
+    force: bool = typer.Option(False, "--force", help="With --merge: replace a non-empty OUT whole."),
     debug: bool = DebugOption,
 ):
-    """Write a trial as a standard mergekit YAML (the held-out winner by default)."""
+    """Write a trial as a standard mergekit YAML (the held-out winner by default); --merge OUT builds it too."""
     from evomerge.merge.card import origin_comment
     from evomerge.rundir.results import describe, export_trial, load_trials, pareto_trials
 
@@ -348,11 +370,32 @@ def export(
     chosen, text = export_trial(run_dir, trial)
     header, _, body = text.partition("\n")
     text = f"{header}\n{origin_comment(str(Path(run_dir).resolve()), chosen.trial_id)}{body}"
-    if output is None:
+    if merge_to is not None:
+        _export_and_merge(run_dir, chosen.trial_id, text, output, merge_to, device, force)
+    elif output is None:
         typer.echo(text)
     else:
         _write_export(output, text)
         typer.echo(f"wrote {describe(chosen)} to {output}", err=True)
+
+
+def _export_and_merge(
+    run_dir: Path, trial: int, text: str, output: Path | None, out_dir: Path, device: str, force: bool
+) -> None:
+    """Write the exported YAML (to -o, else a temporary file) and materialize it in out_dir."""
+    import tempfile
+
+    from evomerge.rundir.results import run_merge_seed
+
+    seed = run_merge_seed(run_dir)
+    with tempfile.TemporaryDirectory(prefix="evomerge-export-") as folder:
+        config = output if output is not None else Path(folder) / f"{Path(run_dir).resolve().name}-trial-{trial}.yaml"
+        _write_export(config, text)
+        _materialize(config, out_dir, device, seed, force=force)
+    typer.echo(
+        f"exported trial {trial} of {run_dir}" + (f" to {output}" if output else "") + f" and merged it in {out_dir}",
+        err=True,
+    )
 
 
 def _write_export(output: Path, text: str) -> None:
@@ -395,28 +438,35 @@ def _progress_settings(quiet: bool, log_every: int | None):
 
 
 def _print_summary(run_dir) -> None:
+    """The verdict a search or resume ends with: the table, margins in SE, the winner and its export."""
     from rich.console import Console
     from rich.table import Table
 
-    from evomerge.rundir.results import heldout_winner, leaderboard, load_trials
+    from evomerge.rundir.results import load_trials
+    from evomerge.rundir.verdict import build_verdict
 
-    _, trials = load_trials(run_dir)
-    table = Table(title=f"{run_dir}")
-    for column in ("trial", "merge", "search score", "held-out score"):
-        table.add_column(column)
-    winner = heldout_winner(trials)
-    for row in leaderboard(trials):
-        held = "-" if row["heldout"] is None else f"{row['heldout']:.4f} ± {row['heldout_se']:.4f}"
-        label = "evolved" if row["kind"] == "optimizer" else row["label"]
-        is_winner = winner is not None and row["trial"] == winner.trial_id
+    events, trials = load_trials(run_dir)
+    verdict = build_verdict(run_dir, events, trials)
+    tasks = verdict.tasks
+    table = Table(title=f"{run_dir}: baselines and evolved merges; per-task columns: {verdict.basis} scores")
+    for column in ("trial", "merge", "search score", "held-out score", *tasks):
+        table.add_column(column, justify="left" if column == "merge" else "right")
+    for row in verdict.rows:
+        per_task = row.on(verdict.basis)
         table.add_row(
-            str(row["trial"]),
-            label + (" (held-out winner)" if is_winner else ""),
-            f"{row['search']:.4f} ± {row['search_se']:.4f}",
-            held,
-            style="bold" if is_winner else None,
+            str(row.trial),
+            row.name + (" (winner: export gives this)" if row.winner else ""),
+            str(row.search) if row.search else "-",
+            str(row.heldout) if row.heldout else "-",
+            *(f"{per_task.tasks[task]:.4f}" if per_task and task in per_task.tasks else "-" for task in tasks),
+            style="bold" if row.winner else None,
         )
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a log file: no 80-column wrapping of the table
+        console = Console(width=max(120, 60 + 16 * len(tasks)))
+    console.print(table)
+    for line in verdict.lines():
+        typer.echo(line)
 
 
 def _require_cuda() -> None:

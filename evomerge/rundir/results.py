@@ -159,3 +159,15 @@ def export_trial(run_dir: Path | RunDir, trial_id: int | None = None) -> tuple[T
             )
     header = f"# evomerge export: {describe(chosen)}, search score {chosen.score:.6f}\n"
     return chosen, header + yaml.safe_dump(chosen.merge_config, sort_keys=False, default_flow_style=None)
+
+
+def run_merge_seed(run_dir: Path | RunDir) -> int:
+    """The seed the run's workers merged with (its optimizer.seed): dare/della need it to rebuild a
+    scored model exactly. Read from the frozen spec as plain YAML, so no torch or Ray is loaded."""
+    path = RunDir.of(run_dir).spec
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot read the run's frozen spec ({error}); restore it from a backup") from None
+    seed = ((data or {}).get("optimizer") or {}).get("seed", 0) if isinstance(data, dict) else 0
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0

@@ -105,14 +105,19 @@ class TieCut:
     """Trials tied on the search score at the top-k cut: how many were re-scored, how many skipped."""
 
     score: float
+    top_k: int
+    cap: int  # at most this many evolved trials are re-scored in all
     tied: int
     rescored: int
     skipped: int
 
-    def describe(self, top_k: int | None) -> str:
-        cut = f"the top-{top_k} cut" if top_k else "the top-k cut"
-        skipped = f", {self.skipped} not re-scored (cap reached)" if self.skipped else ", all re-scored"
-        return f"{self.tied} trials tied at search score {self.score:.4f} at {cut}{skipped}"
+    def describe(self) -> str:
+        skipped = (
+            f"{self.rescored} re-scored on held-out, {self.skipped} skipped (at most {self.cap} trials are re-scored)"
+            if self.skipped
+            else "all re-scored on held-out"
+        )
+        return f"{self.tied} trials tied at search score {self.score:.4f} at the top-{self.top_k} cut: {skipped}"
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,6 @@ class Verdict:
     reach: int | None
     searched: int
     ties: TieCut | None
-    top_k: int | None
     finished: bool
 
     @property
@@ -176,7 +180,7 @@ class Verdict:
             if margin is not None:
                 lines.append(margin.describe(self.basis, kind))
         if self.ties is not None:
-            lines.append(self.ties.describe(self.top_k))
+            lines.append(self.ties.describe())
         if self.winner is not None:
             what = "held-out winner" if self.winner.heldout is not None else "best search score (no held-out scores)"
             lines.append(f"winner: trial {self.winner.trial} ({self.winner.name}), the {what}; export it with:")
@@ -186,9 +190,7 @@ class Verdict:
         return lines
 
 
-def build_verdict(
-    run_dir: str | Path, events: list[dict], trials: dict[int, Trial], top_k: int | None = None
-) -> Verdict:
+def build_verdict(run_dir: str | Path, events: list[dict], trials: dict[int, Trial]) -> Verdict:
     """The verdict of a run from its journal's events and replayed trials."""
     chosen = default_export(trials)
     rows = [
@@ -226,7 +228,6 @@ def build_verdict(
         reach=evals_to_reach(searched),
         searched=len(searched),
         ties=journaled_ties(events),
-        top_k=top_k,
         finished=any(e["event"] == EventName.RUN_FINISHED for e in events),
     )
 
@@ -245,7 +246,8 @@ def journaled_ties(events: list[dict]) -> TieCut | None:
     for event in reversed(events):
         ties = event.get(TIES_FIELD) if event["event"] == EventName.RUN_FINISHED else None
         if isinstance(ties, dict):
-            return TieCut(float(ties["score"]), int(ties["tied"]), int(ties["rescored"]), int(ties["skipped"]))
+            counts = (int(ties[key]) for key in ("top_k", "cap", "tied", "rescored", "skipped"))
+            return TieCut(float(ties["score"]), *counts)
     return None
 
 

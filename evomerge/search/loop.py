@@ -339,9 +339,9 @@ def heldout_candidates(trials: dict[int, Trial], top_k: int) -> tuple[list[Trial
     """Every completed baseline plus the top-k completed optimizer trials by search score.
 
     Trials tied with the k-th on the search score are all re-scored too, up to TIE_CAP_FACTOR x
-    top_k trials in all (lowest trial ids first): cutting a tie by trial id would pick by age,
-    not merit. The second value reports the tie ({score, tied, rescored, skipped}) for the journal
-    and the verdict; None when nothing tied across the cut.
+    top_k trials in all (past the cap, the lowest trial ids): cutting a tie silently would pick
+    by age, not merit. The second value reports the tie ({score, top_k, cap, tied, rescored,
+    skipped}) for the journal and the verdict; None when nothing tied across the cut.
     """
     done = [t for t in trials.values() if t.status == EventName.COMPLETED]
     searched = sorted((t for t in done if t.kind == "optimizer"), key=lambda t: (-t.score, t.trial_id))
@@ -350,9 +350,11 @@ def heldout_candidates(trials: dict[int, Trial], top_k: int) -> tuple[list[Trial
         cut = searched[top_k - 1].score
         above = [t for t in searched if t.score > cut]
         tied = [t for t in searched if t.score == cut]
-        rescored = tied[: max(0, TIE_CAP_FACTOR * top_k - len(above))]
+        cap = TIE_CAP_FACTOR * top_k
+        rescored = tied[: max(0, cap - len(above))]
         chosen = above + rescored
-        ties = {"score": cut, "tied": len(tied), "rescored": len(rescored), "skipped": len(tied) - len(rescored)}
+        ties = {"score": cut, "top_k": top_k, "cap": cap, "tied": len(tied), "rescored": len(rescored)}
+        ties["skipped"] = len(tied) - len(rescored)
     return [t for t in done if t.kind == "baseline"] + chosen, ties
 
 

@@ -273,18 +273,27 @@ def resume(
     run_dir: Path = typer.Argument(..., help="runs/NAME"),
     address: str | None = typer.Option(None),
     spec_path: Path | None = typer.Option(
-        None, "--spec", help="Refuse to resume if this spec differs from the frozen one."
+        None,
+        "--spec",
+        help="Refuse to resume if this spec differs from the frozen one (a larger budget in it extends the run).",
     ),
     accept_changed_inputs: bool = typer.Option(
         False,
         "--accept-changed-inputs",
         help="Resume although a model or evaluation file changed since the run started (its scores then mix old and new inputs).",
     ),
+    max_evals: int | None = typer.Option(
+        None, "--max-evals", help="Give a stopped or finished run this larger budget.max_evals (journaled)."
+    ),
+    time_limit_min: float | None = typer.Option(
+        None, "--time-limit-min", help="Give the run this larger budget.time_limit_min (journaled)."
+    ),
     quiet: bool = QuietOption,
     log_every: int | None = LogEveryOption,
     debug: bool = DebugOption,
 ):
-    """Continue a stopped or crashed search exactly where it was."""
+    """Continue a stopped or crashed search exactly where it was, with more budget if asked."""
+    from evomerge.search.budget import BudgetRequest
     from evomerge.search.loop import resume_search
 
     resume_search(
@@ -293,6 +302,7 @@ def resume(
         progress=_progress_settings(quiet, log_every),
         spec_path=spec_path,
         accept_changed_inputs=accept_changed_inputs,
+        budget=BudgetRequest(max_evals, time_limit_min),
     )
     _print_summary(run_dir)
 

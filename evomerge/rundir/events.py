@@ -24,6 +24,7 @@ class EventName(str, Enum):
     FAILED = "failed"
     HELDOUT = "heldout"
     SNAPSHOT = "snapshot"
+    BUDGET_EXTENDED = "budget_extended"  # resume --max-evals/--time-limit-min: the budget from here on
     RUN_FINISHED = "run_finished"
 
     # Written into messages and JSON as the bare name, like the string it replaces.

@@ -32,6 +32,7 @@ from evomerge.rundir.layout import RunDir
 from evomerge.rundir.pareto import objective_values
 from evomerge.rundir.trials import Tally, Trial, is_default_merge, replay, search_seconds
 from evomerge.rundir.verdict import TIES_FIELD
+from evomerge.search.budget import BudgetRequest, effective_spec, extended_spec, journal_budget, requested_budget
 from evomerge.search.inputs import first_change, input_fingerprints
 from evomerge.search.progress import ProgressSettings, SearchProgress
 from evomerge.search.replay import journaled_seeds, restore_optimizer
@@ -429,17 +430,21 @@ def resume_search(
     progress: bool | ProgressSettings = True,
     spec_path: Path | None = None,
     accept_changed_inputs: bool = False,
+    budget: BudgetRequest | None = None,
 ) -> Path:
-    """Continue a run; refused when its frozen spec, or (unless accepted) its inputs, changed."""
-    run, frozen, _ = open_run(Path(run_dir).resolve())
+    """Continue a run, with a larger `budget` if asked; refused when its frozen spec, or (unless
+    accepted) its inputs, changed, or when a given spec differs from it beyond the budget."""
+    run, frozen, events = open_run(Path(run_dir).resolve())
+    spec = effective_spec(frozen, events)
+    request = budget or BudgetRequest()
     if spec_path is not None:
         from evomerge.spec import load_spec
 
-        current = load_spec(spec_path)
-        if current.fingerprint() != frozen.fingerprint():
-            raise UserError(
-                f"{spec_path}: differs from the spec frozen in {run}; resume continues the original search, start a new run for a changed spec"
-            )
-    prepared = preflight(frozen, str(run.spec))
+        from_file = requested_budget(load_spec(spec_path), spec, str(spec_path))
+        request = request if not request.empty else from_file  # the flags win over the file
+    asked = sum(1 for e in events if e["event"] == EventName.ASKED)
+    extended = extended_spec(spec, request, asked)
+    prepared = preflight(extended, str(run.spec))
+    journal_budget(run, spec, extended)
     Search(prepared, run, address, progress, accept_changed_inputs=accept_changed_inputs).run()
     return run.root

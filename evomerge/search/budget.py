@@ -1,0 +1,118 @@
+"""Budgets that extend: `evomerge resume RUN --max-evals N --time-limit-min M`.
+
+The frozen spec is never rewritten (its hash is the run's first event). A larger budget is
+journaled as a `budget_extended` event instead, and every later start reads the frozen spec with
+the last such budget applied (`effective_spec`), so the journal stays the whole history. Any other
+difference between a spec given to resume and the frozen one is refused, naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from evomerge.errors import UserError
+from evomerge.rundir.events import EventName
+from evomerge.rundir.journal import Journal
+from evomerge.rundir.layout import RunDir
+from evomerge.spec import BudgetSpec, Spec
+
+EXTENDABLE = ("max_evals", "time_limit_min")
+
+
+@dataclass(frozen=True)
+class BudgetRequest:
+    """The budget a resume asks for; None keeps the run's current value."""
+
+    max_evals: int | None = None
+    time_limit_min: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.max_evals is None and self.time_limit_min is None
+
+
+def effective_spec(frozen: Spec, events: list[dict]) -> Spec:
+    """The frozen spec with the budget of the last `budget_extended` event, if any."""
+    extended = [e for e in events if e["event"] == EventName.BUDGET_EXTENDED]
+    if not extended:
+        return frozen
+    budget = frozen.budget.model_copy(update={key: extended[-1].get(key) for key in EXTENDABLE})
+    return frozen.model_copy(update={"budget": budget})
+
+
+def requested_budget(current: Spec, frozen: Spec, source: str) -> BudgetRequest:
+    """The budget a spec given to resume asks for; refused (naming the field) when anything else differs."""
+    ours, theirs = _comparable(current), _comparable(frozen)
+    differing = first_difference(ours, theirs)
+    if differing is not None:
+        raise UserError(
+            f"{source}: {differing}: differs from the spec frozen in the run; resume changes only budget.max_evals and budget.time_limit_min, start a new run for any other change"
+        )
+    if all(getattr(current.budget, key) == getattr(frozen.budget, key) for key in EXTENDABLE):
+        return BudgetRequest()
+    return BudgetRequest(current.budget.max_evals, current.budget.time_limit_min)
+
+
+def _comparable(spec: Spec) -> dict:
+    """A spec's dump minus what resume may change or what does not change the search."""
+    dump = spec.model_dump(mode="json", exclude={"name", "runs_dir", "version", "logging"})
+    dump["budget"] = {key: value for key, value in dump["budget"].items() if key not in EXTENDABLE}
+    return dump
+
+
+def first_difference(ours, theirs, path: str = "") -> str | None:
+    """The dotted path of the first field where two dumped specs differ, None when equal."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        for key in list(ours) + [k for k in theirs if k not in ours]:
+            found = first_difference(ours.get(key), theirs.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+        for index, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            found = first_difference(a, b, f"{path}[{index}]")
+            if found:
+                return found
+        return None
+    return None if ours == theirs else path
+
+
+def extended_spec(spec: Spec, request: BudgetRequest, asked: int) -> Spec:
+    """`spec` with the requested budget; refused in one line when it is invalid or smaller."""
+    if request.empty:
+        return spec
+    wanted = {key: getattr(request, key) for key in EXTENDABLE if getattr(request, key) is not None}
+    for key, value in wanted.items():
+        flag = "--" + key.replace("_", "-")
+        try:
+            BudgetSpec.model_validate({**spec.budget.model_dump(), key: value})
+        except ValidationError as error:
+            raise UserError(f"{flag}: {error.errors()[0]['msg']}; give a larger value") from None
+        current = getattr(spec.budget, key)
+        if current is not None and value < current:
+            raise UserError(
+                f"{flag}: {value} is below the run's {current}; resume extends a budget, give at least {current}"
+            )
+        if key == "max_evals" and value <= asked:
+            raise UserError(
+                f"{flag}: the run has already asked {asked} evaluations; give more than {asked} to search further"
+            )
+    return spec.model_copy(update={"budget": spec.budget.model_copy(update=wanted)})
+
+
+def journal_budget(run: RunDir, before: Spec, after: Spec) -> None:
+    """Append `budget_extended` when the budget changed (the frozen spec stays as it was)."""
+    if after.budget == before.budget:
+        return
+    journal = Journal(run)
+    try:
+        journal.append(
+            EventName.BUDGET_EXTENDED,
+            max_evals=after.budget.max_evals,
+            time_limit_min=after.budget.time_limit_min,
+            previous={key: getattr(before.budget, key) for key in EXTENDABLE},
+        )
+    finally:
+        journal.close()

@@ -74,3 +74,24 @@ def test_bench_search_smoke_scores_candidates(cache):
     assert 0 <= merge <= wall and 0 <= evaluation <= wall
     assert 0 < float(row[4].rstrip("%")) < 100  # share outside evaluation
     assert "24 loglikelihood docs" in output
+    assert 0 < float(row[11].rstrip("%")) <= 100  # derived GPU busy: a fraction of the wall time
+
+
+def test_bench_eval_smoke_compares_every_contender(cache):
+    output = run_script("bench_eval.py", "--device", "cpu", "--cache", str(cache))
+    rows = table_rows(output, "| work |")
+    contenders = [row[1] for row in rows]
+    assert contenders[:3] == ["native", "lm_eval", "plain forward"]
+    assert contenders[4:6] == ["native", "lm_eval"] and any(c.startswith("HF generate") for c in contenders[6:])
+    assert any("(best HF)" in c for c in contenders)
+    assert all(float(row[2]) > 0 for row in rows if row[2])
+    # Each ratio is against the same run's reference, so the reference's own ratio is exactly 1.
+    assert rows[1][5] == "1.00" and rows[2][4] == "1.00"
+
+
+def test_device_check_script_parses_and_runs_the_three_gpu_steps():
+    script = SCRIPTS / "device_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    for step in ("tests/merge/test_fused_merge.py", "scripts/bench_search.py", "scripts/bench_eval.py"):
+        assert step in text

@@ -124,7 +124,7 @@ class GreedyGenerator:
         # Only compiled decoding (CUDA) gains from fewer distinct widths; elsewhere padding is waste.
         self._width_step = WIDTH_STEP if self.device.type == "cuda" else 1
 
-    @torch.inference_mode()
+    @torch.no_grad()  # as `generate` itself runs: its compiled, CUDA-graphed step is tested that way
     def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
         from lm_eval.models.utils import postprocess_generated_text
 

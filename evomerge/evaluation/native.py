@@ -64,11 +64,15 @@ class TorchBackend(ScoringBackend):
     def loglikelihood(self, requests: Sequence[TokenPair]) -> list[Loglikelihood]:
         if self._planned is None or self._planned[0] is not requests:
             self._planned = (requests, self._plan(requests))
+        batches = self._planned[1]
+        # Results stay on the device until every batch is queued: one transfer, no stall per batch.
+        scored = [self._score(batch) for batch in batches]
+        logprobs = torch.cat([summed for summed, _ in scored]).tolist()
+        greedy = torch.cat([all_greedy for _, all_greedy in scored]).tolist()
+        order = [index for batch in batches for index in batch.request_index]
         results: list[Loglikelihood | None] = [None] * len(requests)
-        for batch in self._planned[1]:
-            logprobs, greedy = self._score(batch)
-            for index, logprob, is_greedy in zip(batch.request_index, logprobs.tolist(), greedy.tolist(), strict=True):
-                results[index] = Loglikelihood(logprob, is_greedy)
+        for index, logprob, is_greedy in zip(order, logprobs, greedy, strict=True):
+            results[index] = Loglikelihood(logprob, is_greedy)
         return results  # type: ignore[return-value]  # every index is filled by exactly one batch
 
     def generate_until(self, requests: Sequence[GenerationRequest]) -> list[str]:
@@ -124,7 +128,7 @@ class TorchBackend(ScoringBackend):
         token_logprobs = logprobs[rows, columns, batch.targets]
         summed = torch.where(batch.mask, token_logprobs, torch.zeros_like(token_logprobs)).sum(-1)
         greedy = ((logprobs.argmax(-1)[batch.request_rows] == batch.targets) | ~batch.mask).all(-1)
-        return summed.cpu(), greedy.cpu()
+        return summed, greedy
 
     def _continuation_logits(self, batch: ForwardBatch) -> torch.Tensor:
         if self._keeps_positions:

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 14 in one run on one GPU, at most ~8 minutes, tables written to a folder:
+#   1. the fused-merge tests (tests/merge/test_fused_merge.py, compiled Triton kernels on the GPU);
+#   2. bench_search.py at 1.5B: a real worker (fused merge + native scorer) per candidate, with the
+#      plain-forward comparator and NVML-sampled GPU busy;
+#   3. bench_eval.py at 1.5B: loglikelihood (native vs lm_eval vs plain token-budget forward) and
+#      generation (native vs lm_eval generate_until vs HF generate at its best batch size).
+#
+#     bash scripts/device_check.sh [OUT_DIR]      # default: $OUT, else device_check_out/
+#
+# Needs the project's environment (bash scripts/setup.sh) with a CUDA build of torch, and for the
+# sampled GPU busy column the optional nvidia-ml-py package. The 1.5B checkpoints (~9 GB) are built
+# once into .cache/bench_merge/. Each step has its own time limit, so a slow step cannot eat the
+# others' time; a step that fails or times out is recorded in summary.txt and the rest still run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[ -f .venv/bin/activate ] && source .venv/bin/activate
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
+OUT_DIR="${1:-${OUT:-device_check_out}}"
+mkdir -p "$OUT_DIR"
+SUMMARY="$OUT_DIR/summary.txt"
+: >"$SUMMARY"
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output, record the outcome
+  local name="$1" limit="$2"
+  shift 2
+  local started=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >"$OUT_DIR/$name.txt" 2>"$OUT_DIR/$name.stderr.txt"
+  local status=$?
+  echo "$name: exit $status after $((SECONDS - started)) s (limit $limit s)" | tee -a "$SUMMARY"
+}
+
+{ nvidia-smi || echo "nvidia-smi not found"; python -c 'import torch; print(torch.__version__, torch.cuda.is_available())'; } \
+  >"$OUT_DIR/machine.txt" 2>&1
+
+step fused_merge_tests 110 python -m pytest -q -x -p no:cacheprovider tests/merge/test_fused_merge.py
+step bench_search 170 python scripts/bench_search.py --device cuda --size 1.5b --candidates 5
+step bench_eval 190 python scripts/bench_eval.py --device cuda --size 1.5b --rounds 1 --out "$OUT_DIR"
+echo "tables: $OUT_DIR/bench_search.txt, $OUT_DIR/bench_eval.md; test log: $OUT_DIR/fused_merge_tests.txt" | tee -a "$SUMMARY"

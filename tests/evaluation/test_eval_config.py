@@ -1,0 +1,77 @@
+"""The evaluation settings issue 14 added to the spec: defaults, the run fingerprint, chat-template files.
+
+Promises: runs started before these settings existed keep their fingerprint (they still resume),
+while setting one away from its default changes it; fewshot_as_multiturn follows lm-eval's default
+(on with a chat template); a chat template is found in any of the files transformers saves it to,
+without building a tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evomerge.evaluation.checks import has_chat_template
+from evomerge.evaluation.config import EvaluationSpec
+from evomerge.spec import Spec
+
+SPEC = {
+    "name": "fingerprint",
+    "models": {"base": "/models/base", "experts": ["/models/a", "/models/b"]},
+    "evaluation": {"tasks": ["tiny_add"]},
+}
+
+
+def spec_with(**evaluation) -> Spec:
+    return Spec.model_validate(SPEC | {"evaluation": SPEC["evaluation"] | evaluation})
+
+
+def test_new_settings_at_their_defaults_leave_the_fingerprint_alone():
+    plain = spec_with()
+    spelled_out = spec_with(
+        backend="native",
+        token_budget=16384,
+        apply_chat_template=False,
+        system_instruction=None,
+        fewshot_as_multiturn=None,
+        tasks=[{"name": "tiny_add", "gen_kwargs": None}],
+    )
+    assert spelled_out.fingerprint() == plain.fingerprint()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"backend": "lm_eval"},
+        {"token_budget": 4096},
+        {"apply_chat_template": True},
+        {"system_instruction": "be brief"},
+        {"tasks": [{"name": "tiny_add", "gen_kwargs": {"until": ["\n"]}}]},
+    ],
+)
+def test_each_new_setting_away_from_its_default_changes_the_fingerprint(change):
+    assert spec_with(**change).fingerprint() != spec_with().fingerprint()
+
+
+def test_multiturn_few_shot_follows_the_chat_template_unless_set():
+    assert EvaluationSpec(tasks=["t"]).multiturn_fewshot is False
+    assert EvaluationSpec(tasks=["t"], apply_chat_template=True).multiturn_fewshot is True
+    assert EvaluationSpec(tasks=["t"], apply_chat_template=True, fewshot_as_multiturn=False).multiturn_fewshot is False
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({}, False),
+        ({"tokenizer_config.json": json.dumps({"eos_token": "</s>"})}, False),
+        ({"tokenizer_config.json": json.dumps({"chat_template": "{{ messages }}"})}, True),
+        ({"chat_template.jinja": "{{ messages }}"}, True),
+        ({"chat_template.json": json.dumps({"chat_template": "{{ messages }}"})}, True),
+        ({"tokenizer_config.json": "{not json"}, False),
+    ],
+)
+def test_chat_template_is_found_in_the_tokenizer_files(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert has_chat_template(tmp_path) is expected

@@ -7,6 +7,7 @@ numbers that `evomerge.rundir.report` reduces a journal to.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
@@ -18,7 +19,13 @@ from matplotlib.ticker import MaxNLocator
 EVOLVED = "#2563eb"
 BEST = "#1e3a8a"
 BASELINE = "#d97706"
+WINNER = "#f59e0b"
 FAILED = "#dc2626"
+# One hue per kind of merge, so parents, default merges and evolved merges read apart at a glance;
+# members of a kind get distinct shades of its hue.
+FAMILY_BASE = "#64748b"
+FAMILY_SHADES = {"parent": "Greens", "default merge": "Oranges"}
+FAMILY_LINES = {"parent": "#15803d", "default merge": "#c2410c"}
 FRONT = "#e11d48"
 MUTED = "#94a3b8"
 PARAM_COLORMAPS = {"weight": "viridis", "density": "cividis"}
@@ -37,11 +44,21 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=DPI, facecolor="white")
 
 
-def score_over_evaluations(history, reach: tuple[int, int] | None, path: Path) -> None:
-    """Dots per evaluation (baselines as diamonds, failures as crosses on the floor), the best
-    evolved score so far as a staircase, and the best baseline as a dashed reference. `reach` is
-    (search evaluations, evaluation number) at which the best came within 95% of its final value."""
-    fig = Figure(figsize=(9, 4.2), layout="constrained")
+@dataclass(frozen=True)
+class ScoreMarks:
+    """What the score plot marks besides the dots: where the search came within 95 % of its final
+    best, as (search evaluations, evaluation number), and the held-out winner's trial id."""
+
+    reach: tuple[int, int] | None = None
+    winner: int | None = None
+
+
+def score_over_evaluations(history, marks: ScoreMarks, path: Path) -> None:
+    """Dots per evaluation (baselines as diamonds coloured by kind, failures as crosses on the
+    floor), the best evolved score so far as a staircase, the best parent and best default merge as
+    dashed references, and the held-out winner as a star. The legend sits outside the axes, so no
+    label covers a dot."""
+    fig = Figure(figsize=(10.5, 4.4), layout="constrained")
     ax = fig.add_subplot()
     _style(ax)
     evolved = [e for e in history if e.kind == "optimizer"]
@@ -52,23 +69,26 @@ def score_over_evaluations(history, reach: tuple[int, int] | None, path: Path) -
         ax.scatter(
             [e.number for e in done],
             [e.score for e in done],
-            s=26,
+            s=22,
             color=EVOLVED,
-            alpha=0.7,
+            alpha=0.55,
             label="evolved merge",
             zorder=3,
         )
-    if baselines:
-        ax.scatter(
-            [e.number for e in baselines],
-            [e.score for e in baselines],
-            s=60,
-            marker="D",
-            color=BASELINE,
-            edgecolor="white",
-            label="baseline",
-            zorder=3,
-        )
+    colors = _family_colors([e.family.value for e in baselines])
+    for family in ("base", "parent", "default merge"):
+        members = [(e, c) for e, c in zip(baselines, colors, strict=True) if e.family.value == family]
+        if members:
+            ax.scatter(
+                [e.number for e, _ in members],
+                [e.score for e, _ in members],
+                s=60,
+                marker="D",
+                color=[c for _, c in members],
+                edgecolor="white",
+                label=family if family == "base" else f"{family}s",
+                zorder=3,
+            )
     if failed:
         ax.scatter(
             [e.number for e in failed],
@@ -82,35 +102,50 @@ def score_over_evaluations(history, reach: tuple[int, int] | None, path: Path) -
         )
     if done:
         _best_line(ax, evolved, history[-1].number)
-    if baselines:
-        top = max(baselines, key=lambda e: e.score)
-        ax.axhline(top.score, color=BASELINE, linestyle="--", linewidth=1.2, zorder=2)
-        ax.annotate(
-            f"best baseline: {top.label}",
-            (0.99, top.score),
-            xycoords=("axes fraction", "data"),
-            xytext=(0, 4),
-            textcoords="offset points",
-            ha="right",
-            color=BASELINE,
-            fontsize=8.5,
+    for family in ("parent", "default merge"):
+        members = [e for e in baselines if e.family.value == family]
+        if members:
+            top = max(members, key=lambda e: e.score)
+            ax.axhline(
+                top.score,
+                color=FAMILY_LINES[family],
+                linestyle="--",
+                linewidth=1.1,
+                zorder=2,
+                label=f"best {family}: {_short(top.label)} ({top.score:.3f})",
+            )
+    winner = next((e for e in history if e.trial == marks.winner and e.score is not None), None)
+    if winner is not None:
+        ax.scatter(
+            [winner.number],
+            [winner.score],
+            s=230,
+            marker="*",
+            color=WINNER,
+            edgecolor=BEST,
+            linewidth=1.0,
+            zorder=6,
+            label=f"held-out winner (export): trial {winner.trial}",
         )
-    if reach is not None:
-        searched, number = reach
-        ax.axvline(number, color=MUTED, linestyle=":", linewidth=1.4, zorder=1)
-        ax.annotate(
-            f" 95% of best after {searched} search evals",
-            (number, 0.08),
-            xycoords=("data", "axes fraction"),
-            color="#475569",
-            fontsize=8.5,
-            va="bottom",
+    if marks.reach is not None:
+        searched, number = marks.reach
+        ax.axvline(
+            number,
+            color=MUTED,
+            linestyle=":",
+            linewidth=1.4,
+            zorder=1,
+            label=f"95% of the best after {searched} evolved evaluations",
         )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("evaluation (in order finished)")
     ax.set_ylabel("search score")
-    ax.legend(loc="best", frameon=False, fontsize=9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8.5)
     _save(fig, path)
+
+
+def _short(label: str, width: int = 28) -> str:
+    return label if len(label) <= width else label[: width - 1] + "…"
 
 
 def _best_line(ax, evolved, last_number: int) -> None:
@@ -123,13 +158,15 @@ def _best_line(ax, evolved, last_number: int) -> None:
     best = max((e for e in evolved if e.score is not None), key=lambda e: e.score)
     ax.scatter([best.number], [best.score], s=120, facecolor="none", edgecolor=BEST, linewidth=1.8, zorder=5)
     ax.annotate(
-        f"{best.label}: {best.score:.4f}",
+        f"best search score: {best.label}",
         (best.number, best.score),
-        xytext=(6, 6),
+        xytext=(0, 9),
         textcoords="offset points",
+        ha="center",
         color=BEST,
-        fontsize=9,
+        fontsize=8.5,
         fontweight="bold",
+        bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none", "alpha": 0.85},
     )
 
 
@@ -143,12 +180,12 @@ def task_bars(panels: list[dict], path: Path) -> None:
         ax.grid(False, axis="x")
         tasks, entries = _tasks(panel), panel["entries"]
         width = 0.8 / len(entries)
-        colors = _entry_colors(entries)
+        colors = _family_colors([entry["family"] for entry in entries])
         for offset, (entry, color) in enumerate(zip(entries, colors, strict=False)):
             xs = np.arange(len(tasks)) - 0.4 + width * (offset + 0.5)
             values = [entry["values"].get(t, np.nan) for t in tasks]
             errors = [entry["errors"].get(t, 0.0) for t in tasks]
-            evolved = entry["kind"] == "optimizer"
+            evolved = entry["family"] == "evolved"
             ax.bar(
                 xs,
                 values,
@@ -171,16 +208,19 @@ def _tasks(panel: dict) -> list[str]:
     return list(dict.fromkeys(task for entry in panel["entries"] for task in entry["values"]))
 
 
-def _entry_colors(entries: list[dict]) -> list:
-    baselines = sum(entry["kind"] != "optimizer" for entry in entries)
-    warm = matplotlib.colormaps["YlOrBr"](np.linspace(0.25, 0.75, max(baselines, 1)))
-    colors, used = [], 0
-    for entry in entries:
-        if entry["kind"] == "optimizer":
-            colors.append(EVOLVED)
+def _family_colors(families: list[str]) -> list:
+    """A colour per entry: grey for the base, shades of green for parents and of orange for
+    default merges (distinct within a kind), blue for evolved merges."""
+    counts = {family: families.count(family) for family in FAMILY_SHADES}
+    seen = dict.fromkeys(FAMILY_SHADES, 0)
+    colors = []
+    for family in families:
+        if family in FAMILY_SHADES:
+            shades = matplotlib.colormaps[FAMILY_SHADES[family]](np.linspace(0.45, 0.9, max(counts[family], 1)))
+            colors.append(shades[seen[family]])
+            seen[family] += 1
         else:
-            colors.append(warm[used])
-            used += 1
+            colors.append(EVOLVED if family == "evolved" else FAMILY_BASE)
     return colors
 
 

@@ -1,15 +1,16 @@
 """`evomerge report`: one self-contained HTML page (plus PNGs beside it) that shows how a run went.
 
 The page is built from the run directory alone (spec.yaml and journal.jsonl), so it works on a
-finished run, on one still in progress, and on a copy taken to another machine. The figures that
-reduce the journal to numbers (best so far, speed of discovery, the Pareto set, the per-layer gene
-grids) are pure functions here; drawing lives in `evomerge.rundir.plots`, and the Pareto set comes from
+finished run, on one still in progress, and on a copy taken to another machine. Its headline is
+the verdict (`evomerge.rundir.verdict`): the trial `export` gives, with its YAML and the margins in
+SE, the same numbers `search` prints. The figures that reduce the journal to numbers (the per-layer
+gene grids, the task bars) are pure functions here; drawing lives in `evomerge.rundir.plots`, the
+run's context in `evomerge.rundir.run_context`, and the Pareto set comes from
 `evomerge.rundir.results.pareto_trials`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +22,14 @@ from evomerge.rundir import plots
 from evomerge.rundir.events import RESULT_EVENTS, EventName, TrialResult
 from evomerge.rundir.genes import EMBED, HEAD, GeneRow, rows_from_names
 from evomerge.rundir.layout import RunDir
-from evomerge.rundir.results import leaderboard, load_trials, pareto_trials, result_se, standard_error, status
+from evomerge.rundir.results import export_yaml, load_trials, pareto_trials, standard_error, status_of
+from evomerge.rundir.run_context import run_context, search_wall_seconds
 from evomerge.rundir.trials import Trial
+from evomerge.rundir.verdict import Margin, RowKind, Verdict, VerdictRow, build_verdict, row_kind
 
-TOP_K = 4  # trials drawn in the gene heatmap: the best and its runners-up
-REACH_FRACTION = 0.95
+TOP_K = 4  # trials drawn in the gene heatmap: the winner and its runners-up
 SPECIAL_GROUPS = (EMBED, HEAD)
+FAMILY_ORDER = (RowKind.BASE, RowKind.PARENT, RowKind.DEFAULT_MERGE, RowKind.EVOLVED)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class Evaluation:
     kind: str
     label: str
     score: float | None  # None when the evaluation failed
+    family: RowKind
     objectives: tuple[float, ...] | None = None
     reason: str | None = None
 
@@ -57,32 +61,12 @@ def evaluation_history(events: list[dict], trials: dict[int, Trial]) -> list[Eva
                 kind=trial.kind,
                 label=trial.label,
                 score=None if failed else float(result.score),
+                family=row_kind(trial),
                 objectives=None if failed or result.objectives is None else tuple(map(float, result.objectives)),
                 reason=result.reason if failed else None,
             )
         )
     return history
-
-
-def best_so_far(scores) -> np.ndarray:
-    """Running maximum that skips failures (NaN); NaN until the first success."""
-    return np.fmax.accumulate(np.asarray(scores, dtype=float))
-
-
-def reach_threshold(final_best: float, fraction: float = REACH_FRACTION) -> float:
-    """`fraction` of the final best, measured as a distance below it so that it also means
-    "within 5 %" for a best at or below zero (0.95 x -2 would lie above -2 and never be reached)."""
-    return final_best - (1.0 - fraction) * abs(final_best)
-
-
-def evals_to_reach(scores, fraction: float = REACH_FRACTION) -> int | None:
-    """How many evaluations (failures counted, None = failed) until the best so far first came
-    within `fraction` of the final best; None when nothing succeeded."""
-    running = best_so_far([math.nan if s is None else s for s in scores])
-    if running.size == 0 or np.isnan(running[-1]):
-        return None
-    reached = np.flatnonzero(running >= reach_threshold(running[-1], fraction))
-    return int(reached[0]) + 1
 
 
 @dataclass(frozen=True)
@@ -161,13 +145,17 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     spec = _read_spec(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     history = evaluation_history(events, trials)
-    summary = _summary(run_dir, spec, history)
+    verdict = build_verdict(run_dir, events, trials)
+    gene_table = journaled_gene_table(events)
     context = {
         "run_name": spec.get("name") or run_dir.name,
-        "summary": summary,
-        "table": _table_rows(trials),
+        "summary": _summary(run_dir, spec, events, trials, verdict),
+        "headline": _headline(verdict, trials),
+        "context_rows": run_context(spec, events, trials, gene_table),
+        "table": _table_rows(verdict),
+        "basis": verdict.basis,
         "failures": [e for e in history if e.score is None],
-        "figures": _draw_figures(out_dir, spec, trials, history, summary["reach"], journaled_gene_table(events)),
+        "figures": _draw_figures(out_dir, spec, trials, history, verdict, gene_table),
     }
     html_path = out_dir / "report.html"
     html_path.write_text(_template().render(**context), encoding="utf-8")
@@ -182,54 +170,62 @@ def _read_spec(run_dir: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _summary(run_dir: Path, spec: dict, history: list[Evaluation]) -> dict:
-    figures = status(run_dir)
-    searched = [e.score for e in history if e.kind == "optimizer"]
-    evolved = [s for s in searched if s is not None]
-    budget = (spec.get("budget") or {}).get("max_evals")
+def _summary(run_dir: Path, spec: dict, events: list[dict], trials: dict[int, Trial], verdict: Verdict) -> dict:
+    figures = status_of(run_dir, events, trials)
+    finished = [t for t in trials.values() if t.status != EventName.ASKED]
     return {
         "method": (spec.get("merge") or {}).get("method", "?"),
         "optimizer": (spec.get("optimizer") or {}).get("name", "?"),
-        "evals": len(history),
-        "budget": budget,
+        "evals": len(finished),
+        "baselines": sum(t.kind == "baseline" for t in finished),
+        "searched": verdict.searched,
+        "budget": (spec.get("budget") or {}).get("max_evals"),
         "failed": figures["failed"],
         "in_flight": figures["in_flight"],
         "best_score": figures["best_score"],
         "best_label": figures["best_label"],
-        "best_evolved": max(evolved, default=None),
         "evals_per_min": figures["evals_per_min"],
-        "reach": evals_to_reach(searched),
-        "searched": len(searched),
+        "reach": verdict.reach,
+        "minutes": None if (seconds := search_wall_seconds(events)) is None else seconds / 60,
         "finished": figures["finished"],
         "pareto": len(figures["pareto_front"]) if figures.get("pareto_front") else None,
     }
 
 
-def _table_rows(trials: dict[int, Trial]) -> list[dict]:
-    """results.leaderboard, plus the best evolved trial when none of them was re-scored held-out."""
-    rows = leaderboard(trials)
-    if not any(row["kind"] == "optimizer" for row in rows):
-        evolved = [t for t in trials.values() if t.kind == "optimizer" and t.status == EventName.COMPLETED]
-        if evolved:
-            best = max(evolved, key=lambda t: t.score)
-            rows.append(
-                {
-                    "trial": best.trial_id,
-                    "label": best.label,
-                    "kind": "optimizer",
-                    "search": best.score,
-                    "search_se": result_se(best.result),
-                    "heldout": None,
-                    "heldout_se": None,
-                }
-            )
-    baseline_scores = [
-        r["heldout"] if r["heldout"] is not None else r["search"] for r in rows if r["kind"] == "baseline"
+def _headline(verdict: Verdict, trials: dict[int, Trial]) -> dict | None:
+    """The trial `export` gives, its YAML and command, the margins in SE, ties and the advice."""
+    winner = verdict.winner
+    if winner is None:
+        return None
+    margins = [
+        (f"best {kind}", margin)
+        for kind, margin in (("parent", verdict.over_parent), ("default merge", verdict.over_default_merge))
+        if margin is not None
     ]
-    reference = max(baseline_scores, default=None)
-    for row in rows:
-        score = row["heldout"] if row["heldout"] is not None else row["search"]
-        row["vs_baseline"] = None if reference is None else score - reference
+    return {
+        "row": winner,
+        "heldout": winner.heldout is not None,
+        "yaml": export_yaml(trials[winner.trial]),
+        "command": verdict.export_command,
+        "margins": [{"name": name, "margin": margin} for name, margin in margins],
+        "best_evolved": verdict.best_evolved,
+        "ties": verdict.ties.describe() if verdict.ties else None,
+        "advice": verdict.advice,
+        "basis": verdict.basis,
+    }
+
+
+def _table_rows(verdict: Verdict) -> list[dict]:
+    """The verdict's rows, each with its margin over the best baseline (± SE, in SE) on the basis."""
+    baselines = [row for row in verdict.rows if row.kind != RowKind.EVOLVED and row.on(verdict.basis)]
+    reference = baselines[0] if baselines else None  # rows come best first
+    rows = []
+    for row in verdict.rows:
+        margin = None
+        if reference is not None and row is not reference and row.on(verdict.basis) is not None:
+            ours, theirs = row.on(verdict.basis), reference.on(verdict.basis)
+            margin = Margin(reference, ours.score - theirs.score, float(np.hypot(ours.se, theirs.se)))
+        rows.append({"row": row, "margin": margin, "reference": row is reference})
     return rows
 
 
@@ -238,42 +234,48 @@ def _draw_figures(
     spec: dict,
     trials: dict[int, Trial],
     history: list[Evaluation],
-    reach: int | None,
+    verdict: Verdict,
     gene_table: list[GeneRow] | None,
 ) -> list[dict]:
     """Draw every figure the run has data for; returns [{file, title, caption}] in page order."""
     figures = []
+    winner = verdict.winner.trial if verdict.winner else None
     if history:
         numbers = [e.number for e in history if e.kind == "optimizer"]
-        reach_at = numbers[reach - 1] if reach else None
-        plots.score_over_evaluations(history, (reach, reach_at) if reach else None, out_dir / "scores.png")
+        reach = verdict.reach
+        marks = plots.ScoreMarks((reach, numbers[reach - 1]) if reach else None, winner)
+        plots.score_over_evaluations(history, marks, out_dir / "scores.png")
         figures.append(
             {
                 "file": "scores.png",
-                "title": "Score over evaluations",
-                "caption": "Each dot is one evaluation in the order it finished; the line is the best evolved merge so far.",
+                "title": "Search score over evaluations",
+                "caption": "Each dot is one evaluation in the order it finished (baselines as diamonds, coloured by kind); "
+                "the line is the best evolved search score so far, the dashed lines the best parent and the best default merge. "
+                "The star is the held-out winner: the best search score is biased upward, so export picks on held-out data.",
             }
         )
-    task_panels = _task_panels(trials)
+    task_panels = _task_panels(trials, winner)
     if task_panels:
         plots.task_bars(task_panels, out_dir / "tasks.png")
         figures.append(
             {
                 "file": "tasks.png",
                 "title": "Per-task metrics",
-                "caption": "The best evolved merge (on held-out tasks: the best re-scored one) against every baseline, per task, with ±1 standard error.",
+                "caption": "The held-out winner (what export gives; on search tasks, the best evolved merge if the winner is a baseline) "
+                "against every baseline, per task, with ±1 standard error. Grey: the base; greens: the parents; oranges: the default merges; blue: evolved.",
             }
         )
-    ranked = _top_evolved(trials, TOP_K)
+    ranked = _heatmap_trials(trials, verdict, TOP_K)
     if ranked:
         models = [Path(p).name for p in (spec.get("models") or {}).get("experts", [])]
-        grids = [(f"{t.label}: {t.score:.4f}", gene_grids(t.params, models, gene_table)) for t in ranked]
+        grids = [(title, gene_grids(t.params, models, gene_table)) for title, t in ranked]
         drawn = plots.gene_heatmaps(grids, _param_ranges(trials, gene_table), out_dir / "genes.png")
         figures.append(
             {
                 "file": "genes.png",
                 "title": "Merge recipe per layer group",
-                "caption": f"Decoded genes of the top {drawn} evolved merges (best on the left); colour scales span each parameter's range over the whole search.",
+                "caption": f"Decoded genes of {drawn} evolved merges: the held-out winner first, then the other re-scored ones by held-out score, "
+                "then the best search scores. Columns are layer ranges (L0-3: decoder layers 0 to 3); colour scales span each parameter's range over the whole search.",
             }
         )
     pareto = _pareto_data(spec, trials, history)
@@ -289,33 +291,57 @@ def _draw_figures(
     return figures
 
 
-def _task_panels(trials: dict[int, Trial]) -> list[dict]:
-    """Bar groups for the search tasks and, when re-scored, the held-out tasks."""
+def _task_panels(trials: dict[int, Trial], winner: int | None) -> list[dict]:
+    """Bar groups for the search tasks and, when re-scored, the held-out tasks: baselines by kind,
+    then the held-out winner (the best evolved merge when a baseline won or nothing was re-scored)."""
     done = [t for t in trials.values() if t.status == EventName.COMPLETED]
-    baselines = [t for t in done if t.kind == "baseline"]
-    evolved = sorted((t for t in done if t.kind == "optimizer"), key=lambda t: -t.score)
+    baselines = sorted(
+        (t for t in done if t.kind == "baseline"), key=lambda t: (FAMILY_ORDER.index(row_kind(t)), -t.trial_id)
+    )
+    evolved = sorted((t for t in done if t.kind == "optimizer"), key=lambda t: (-t.score, t.trial_id))
+    chosen = trials[winner] if winner is not None and trials[winner].kind == "optimizer" else None
+    pick = [chosen] if chosen else evolved[:1]
+    rescored = [chosen] if chosen and chosen.heldout_score is not None else []
     panels = []
-    rescored = sorted((t for t in evolved if t.heldout_score is not None), key=lambda t: -t.heldout_score)
     for title, result_of, pool in (
-        ("search tasks", lambda t: t.result, evolved[:1]),
-        ("held-out tasks", lambda t: t.heldout, rescored[:1]),
+        ("search tasks", lambda t: t.result, pick),
+        ("held-out tasks", lambda t: t.heldout, rescored),
     ):
-        entries = [_bar_entry(t, result_of(t)) for t in baselines + pool if result_of(t) and result_of(t).metrics]
+        entries = [
+            _bar_entry(t, result_of(t), winner) for t in baselines + pool if result_of(t) and result_of(t).metrics
+        ]
         if entries:
             panels.append({"title": title, "entries": entries})
     return panels
 
 
-def _bar_entry(trial: Trial, result: TrialResult) -> dict:
+def _bar_entry(trial: Trial, result: TrialResult, winner: int | None) -> dict:
     metrics, n_docs = result.metrics or {}, result.n_docs or {}
     errors = {task: standard_error({task: value}, n_docs) for task, value in metrics.items()}
-    label = f"{trial.label} (best evolved)" if trial.kind == "optimizer" else trial.label
-    return {"label": label, "kind": trial.kind, "values": metrics, "errors": errors}
+    label = trial.label
+    if trial.kind == "optimizer":
+        label = f"{trial.label} (held-out winner)" if trial.trial_id == winner else f"{trial.label} (best evolved)"
+    return {"label": label, "family": row_kind(trial).value, "values": metrics, "errors": errors}
 
 
-def _top_evolved(trials: dict[int, Trial], k: int) -> list[Trial]:
-    evolved = [t for t in trials.values() if t.kind == "optimizer" and t.status == EventName.COMPLETED and t.params]
-    return sorted(evolved, key=lambda t: -t.score)[:k]
+def _heatmap_trials(trials: dict[int, Trial], verdict: Verdict, k: int) -> list[tuple[str, Trial]]:
+    """(title, trial) of the evolved merges to draw: the winner, the re-scored, then the best searched."""
+    rescored = [row for row in verdict.rows if row.kind == RowKind.EVOLVED and row.heldout is not None]
+    searched = sorted(
+        (t for t in trials.values() if t.kind == "optimizer" and t.status == EventName.COMPLETED and t.params),
+        key=lambda t: (-t.score, t.trial_id),
+    )
+    ranked: dict[int, str] = {}
+    for row in rescored:
+        ranked.setdefault(row.trial, _heatmap_title(row))
+    for trial in searched:
+        ranked.setdefault(trial.trial_id, f"{trial.label}: search {trial.score:.4f}")
+    return [(title, trials[i]) for i, title in list(ranked.items())[:k] if trials[i].params]
+
+
+def _heatmap_title(row: VerdictRow) -> str:
+    score = f"held-out {row.heldout.score:.4f}" if row.heldout else ""
+    return f"trial {row.trial} (winner, export): {score}" if row.winner else f"trial {row.trial}: {score}"
 
 
 def _param_ranges(trials: dict[int, Trial], gene_table: list[GeneRow] | None) -> dict[str, tuple[float, float]]:
@@ -343,4 +369,5 @@ def _template():
     environment = Environment(loader=PackageLoader("evomerge.rundir", "templates"), autoescape=True)
     environment.filters["score"] = lambda v, digits=4: "—" if v is None else f"{v:.{digits}f}"
     environment.filters["signed"] = lambda v: "—" if v is None else f"{v:+.4f}"
+    environment.filters["sigmas"] = lambda v: "—" if v is None else f"{v:.1f}"
     return environment.get_template("report.html.j2")

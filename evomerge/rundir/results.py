@@ -157,8 +157,13 @@ def export_trial(run_dir: Path | RunDir, trial_id: int | None = None) -> tuple[T
             raise UserError(
                 f"--trial: trial {trial_id} is not a completed trial of {run_dir}; see 'evomerge status {run_dir}'"
             )
-    header = f"# evomerge export: {describe(chosen)}, search score {chosen.score:.6f}\n"
-    return chosen, header + yaml.safe_dump(chosen.merge_config, sort_keys=False, default_flow_style=None)
+    return chosen, export_yaml(chosen)
+
+
+def export_yaml(trial: Trial) -> str:
+    """The mergekit YAML `export` writes for a completed trial (the report shows the same text)."""
+    header = f"# evomerge export: {describe(trial)}, search score {trial.score:.6f}\n"
+    return header + yaml.safe_dump(trial.merge_config, sort_keys=False, default_flow_style=None)
 
 
 def run_merge_seed(run_dir: Path | RunDir) -> int:

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 import yaml
 
-from evomerge.rundir.report import evals_to_reach, gene_grids, write_report
+from evomerge.rundir.genes import rows_from_names
+from evomerge.rundir.report import gene_grids, write_report
 
 TASKS = ("arc_easy", "hellaswag", "piqa")
 HELDOUT_TASKS = ("mmlu_mini", "winogrande")
@@ -82,7 +83,11 @@ def make_run(
         ]
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     clock = itertools.count(1_700_000_000, 17)
-    events = [{"event": "run_started", "time": next(clock), "spec_fingerprint": "0" * 16, "workers": 2}]
+    genes = [  # 16 layers in 4 groups of 4, as the genome journals them
+        {**row.to_json(), "layers": [4 * row.group, 4 * row.group + 4] if isinstance(row.group, int) else None}
+        for row in rows_from_names(_genes(4))
+    ]
+    events = [{"event": "run_started", "time": next(clock), "spec_fingerprint": "0" * 16, "workers": 2, "genes": genes}]
 
     def finish(trial: int, score: float, kind: str):
         if kind == "failed":
@@ -170,23 +175,6 @@ def make_run(
 # --- journal-to-numbers -----------------------------------------------------------------------
 
 
-def test_evals_to_reach_counts_failures_and_stops_at_first_crossing():
-    assert evals_to_reach([0.1, None, 0.5, 0.96, 1.0]) == 4
-    assert evals_to_reach([0.2, 0.1, 0.3]) == 3
-
-
-def test_evals_to_reach_measures_five_percent_below_a_negative_or_zero_best():
-    # 0.95 x -2 = -1.9 lies above the final best; the figure must still be reached, at -2.05 (within 0.1).
-    assert evals_to_reach([-5.0, -2.05, -3.0, -2.0]) == 2
-    assert evals_to_reach([-5.0, -2.2, -2.0]) == 3
-    assert evals_to_reach([-1.0, None, 0.0, -0.5]) == 3
-
-
-def test_evals_to_reach_is_none_without_a_success():
-    assert evals_to_reach([]) is None
-    assert evals_to_reach([None, None]) is None
-
-
 def test_gene_grids_lay_out_models_parts_and_embed_head_columns():
     params = {
         "weight/m0/g0/attn": 0.1,
@@ -252,6 +240,81 @@ def test_report_escapes_labels(tmp_path):
     journal.write_text(journal.read_text().replace('"label": "base"', '"label": "<script>alert(1)</script>"'))
     html = write_report(run_dir).read_text()
     assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+def _set_heldout(run_dir: Path, scores: dict[int, float]) -> None:
+    """Give some trials these held-out scores (every task the same), as a re-scoring would have."""
+    journal = run_dir / "journal.jsonl"
+    events = [json.loads(line) for line in journal.read_text().splitlines()]
+    for event in events:
+        if event["event"] == "heldout" and event["trial"] in scores:
+            score = scores[event["trial"]]
+            event.update(score=score, metrics=dict.fromkeys(HELDOUT_TASKS, score))
+    journal.write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+def _headline_trial(html: str) -> int:
+    match = re.search(r'class="headline" data-winner-trial="(-?\d+)"', html)
+    assert match, "the page has a headline"
+    return int(match.group(1))
+
+
+@pytest.mark.parametrize("winner", ["evolved, not the best search score", "a baseline"])
+def test_the_headline_is_the_trial_export_gives_with_its_command_and_yaml(tmp_path, winner):
+    from evomerge.rundir.results import export_trial, load_trials
+
+    run_dir = make_run(tmp_path)
+    _, trials = load_trials(run_dir)
+    rescored = sorted((t for t in trials.values() if t.kind == "optimizer" and t.heldout), key=lambda t: -t.score)
+    chosen = rescored[-1].trial_id if winner.startswith("evolved") else -2  # the weakest re-scored, or a parent
+    _set_heldout(run_dir, {chosen: 0.97})
+    html = write_report(run_dir).read_text()
+    exported, text = export_trial(run_dir)
+    assert _headline_trial(html) == exported.trial_id == chosen
+    headline = html[html.index('class="headline"') : html.index('<div class="stats">')]
+    assert f"evomerge export {run_dir} -o best.yaml" in headline
+    assert html_escape(text.splitlines()[1]) in headline, "the YAML export writes"
+    assert "held-out score 0.9700" in headline
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)
+
+
+def test_the_report_gives_run_context_se_on_every_margin_and_layer_ranges(tmp_path):
+    html = write_report(make_run(tmp_path)).read_text()
+    context = html[html.index("<h2>Run context</h2>") :]
+    for expected in (
+        "/models/base",
+        "m0 = math-expert (/models/math-expert)",
+        "ties, float32",
+        "4 layer groups (L0-3, L4-7, L8-11, L12-15)",
+        "cmaes, seed 0, popsize 6",
+        "arc_easy (acc)",
+        "mmlu_mini (acc)",
+        "max_evals 40",
+        "2 × CUDA out of memory while merging",
+    ):
+        assert expected in context, expected
+    table = html[html.index("<h2>Baselines and evolved merges</h2>") : html.index("<h2>Run context</h2>")]
+    rows = re.findall(r"<tr class=\"[^\"]*\">(.*?)</tr>", table, re.S)
+    margins = [re.search(r"([+-]\d\.\d{4}) <span class=\"pm\">± (\d\.\d{3}) = (-?\d+\.\d) SE", row) for row in rows]
+    assert sum(m is None for m in margins) == 1, "every row but the best baseline has a margin ± SE, in SE"
+    assert "12 baselines" not in html and "4 baselines + 36 evolved candidates searched" in html
+
+
+def test_the_report_says_plainly_when_nothing_beats_the_best_baseline(tmp_path):
+    from evomerge.rundir.results import load_trials
+    from evomerge.rundir.verdict import build_verdict
+
+    run_dir = make_run(tmp_path)
+    events, trials = load_trials(run_dir)
+    _set_heldout(run_dir, {t.trial_id: 0.5 for t in trials.values() if t.heldout})
+    events, trials = load_trials(run_dir)
+    advice = build_verdict(run_dir, events, trials).advice
+    assert advice and html_escape(advice) in write_report(run_dir).read_text()
 
 
 def test_report_of_a_run_without_results_yet(tmp_path):

@@ -1,0 +1,146 @@
+"""What a run was: models, method, genome, tasks, limits, seeds, budget, workers, wall time, failures.
+
+The report's "Run context" table, read from the frozen spec (as plain data, so a spec an older or
+newer evomerge would not validate still reports) and the journal. Pure functions, one row each.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from evomerge.rundir.events import RESULT_EVENTS, EventName
+from evomerge.rundir.genes import GeneRow
+from evomerge.rundir.trials import Trial, search_seconds
+
+
+@dataclass(frozen=True)
+class ContextRow:
+    label: str
+    value: str
+
+
+def run_context(
+    spec: dict, events: list[dict], trials: dict[int, Trial], genes: list[GeneRow] | None
+) -> list[ContextRow]:
+    models, merge = _section(spec, "models"), _section(spec, "merge")
+    evaluation, budget = _section(spec, "evaluation"), _section(spec, "budget")
+    experts = [f"m{i} = {Path(path).name} ({path})" for i, path in enumerate(models.get("experts") or [])]
+    fixed = ", ".join(f"{key}={value}" for key, value in (merge.get("fixed") or {}).items())
+    rows = [
+        ContextRow("base model", str(models.get("base", "?"))),
+        ContextRow("experts", "; ".join(experts) or "?"),
+        ContextRow(
+            "merge",
+            f"{merge.get('method', '?')}, {merge.get('dtype', 'float32')}" + (f", fixed {fixed}" if fixed else ""),
+        ),
+        ContextRow("genome", _genome(_section(spec, "genome"), genes)),
+        ContextRow("optimizer", _optimizer(_section(spec, "optimizer"))),
+        ContextRow("search tasks", _tasks(evaluation.get("tasks"))),
+        ContextRow(
+            "held-out tasks", _tasks(evaluation.get("heldout_tasks")) or "none (the verdict uses search scores)"
+        ),
+        ContextRow("limits", _limits(evaluation)),
+        ContextRow("budget", _budget(budget)),
+        ContextRow("workers", _workers(events, _section(spec, "workers"))),
+        ContextRow("search time", _wall_time(events)),
+        ContextRow("failures", _failures(trials)),
+    ]
+    return rows
+
+
+def _section(spec: dict, name: str) -> dict:
+    value = spec.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def _genome(genome: dict, genes: list[GeneRow] | None) -> str:
+    params = ", ".join(genome.get("params") or []) or "the method's defaults"
+    parts = [f"{len(genes)} genes" if genes else None, f"params {params}"]
+    ranges = sorted({(row.group, row.column_label) for row in genes or [] if isinstance(row.group, int)})
+    groups = f"{genome.get('layer_groups', '?')} layer groups"
+    parts.append(groups + (f" ({', '.join(label for _, label in ranges)})" if ranges else ""))
+    if genome.get("split_attn_mlp"):
+        parts.append("attention and MLP apart")
+    if genome.get("embeddings"):
+        parts.append("embeddings and head genes")
+    bounds = genome.get("bounds") or {}
+    if bounds:
+        parts.append("bounds " + ", ".join(f"{name} {list(span)}" for name, span in bounds.items()))
+    return "; ".join(part for part in parts if part)
+
+
+def _optimizer(optimizer: dict) -> str:
+    extra = [f"{key} {optimizer[key]}" for key in ("popsize", "sigma0") if optimizer.get(key) is not None]
+    return ", ".join([str(optimizer.get("name", "?")), f"seed {optimizer.get('seed', 0)}", *extra])
+
+
+def _tasks(tasks) -> str:
+    described = []
+    for task in tasks or []:
+        if isinstance(task, dict):
+            details = [str(task.get("metric", "acc"))] + (
+                [f"weight {task['weight']}"] if task.get("weight", 1) != 1 else []
+            )
+            described.append(f"{task.get('name', '?')} ({', '.join(details)})")
+        else:
+            described.append(str(task))
+    return ", ".join(described)
+
+
+def _limits(evaluation: dict) -> str:
+    limit = evaluation.get("limit")
+    heldout = evaluation.get("heldout_limit")
+    return "; ".join(
+        [
+            f"{limit} documents per search task" if limit else "every search document",
+            f"{heldout} per held-out task" if heldout else "the whole held-out split",
+            f"evaluation seed {evaluation.get('seed', 0)}",
+            f"top {evaluation.get('top_k', 5)} evolved merges and every baseline re-scored on held-out",
+        ]
+    )
+
+
+def _budget(budget: dict) -> str:
+    parts = [f"max_evals {budget['max_evals']}" if budget.get("max_evals") else None]
+    parts.append(f"time limit {budget['time_limit_min']} min" if budget.get("time_limit_min") else None)
+    parts.append("baselines scored first" if budget.get("baselines", True) else "no baselines")
+    return ", ".join(part for part in parts if part)
+
+
+def _workers(events: list[dict], workers: dict) -> str:
+    counts = [e.get("workers") for e in events if e["event"] == EventName.RUN_STARTED]
+    starts = len(counts)
+    shown = ", ".join(str(c) for c in dict.fromkeys(counts) if c is not None) or "?"
+    return f"{shown} ({workers.get('device', 'auto')}); {starts} start{'s' if starts != 1 else ''} (resumes included)"
+
+
+def _wall_time(events: list[dict]) -> str:
+    seconds = search_wall_seconds(events)
+    if seconds is None:
+        return "no evaluation finished yet"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s of search (every start and resume, idle time between them left out)"
+
+
+def search_wall_seconds(events: list[dict]) -> float | None:
+    """The search time journaled with the results; for journals without it, the clock time from
+    the first start to the last result. None before any result."""
+    journaled = search_seconds(events)
+    if journaled > 0:
+        return journaled
+    results = [e["time"] for e in events if e["event"] in RESULT_EVENTS and "time" in e]
+    starts = [e["time"] for e in events if e["event"] == EventName.RUN_STARTED and "time" in e]
+    return max(results) - min(starts) if results and starts else None
+
+
+def _failures(trials: dict[int, Trial]) -> str:
+    reasons = Counter(
+        (t.result.reason if t.result else None) or "no reason recorded"
+        for t in trials.values()
+        if t.status == EventName.FAILED
+    )
+    if not reasons:
+        return "none"
+    return "; ".join(f"{count} × {reason}" for reason, count in reasons.most_common())

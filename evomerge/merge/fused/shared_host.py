@@ -6,13 +6,15 @@ worker holding its own pinned copy multiplies host memory by the workers per nod
 mapped by every worker and registered with CUDA by each (`cudaHostRegister`), which makes it
 pinned for that worker's copies without a second copy.
 
-Coordination uses `flock` on a lock file beside the data, so a crashed worker never leaves a lock
-held: the first worker to take the exclusive lock fills the data and writes a ready marker
-(atomically, last); the others wait for the lock, see the marker and map the data. Every user then
-holds a shared lock until it closes; the one that closes last (it can take the exclusive lock)
-removes the data. The file name carries a digest of everything the bytes depend on (the models'
-weight fingerprints, the layout, the dtype), so a leftover from a killed run is reused only when
-it holds exactly these bytes.
+Coordination uses `flock` on two lock files beside the data, so a crashed worker never leaves a
+lock held. Every user holds a shared lock on the "users" file while it maps the data. The "fill"
+lock is taken exclusively around the check-and-fill: the first worker there fills the data and
+writes a ready marker (atomically, last); the others see the marker and map the data. A worker
+that closes tries to turn its users lock exclusive without waiting: it succeeds only when it is
+the last user, and then removes the data (a newcomer waits for that, then fills it anew). The
+file name carries a digest of everything the bytes depend on (the models' weight fingerprints, the
+layout, the dtype), so a leftover from a killed run is reused only when it holds exactly these
+bytes.
 """
 
 from __future__ import annotations
@@ -42,16 +44,21 @@ def shared_directory() -> Path:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 
 
+def has_room_for(size_bytes: int, directory: Path | None = None) -> bool:
+    """Whether the shared folder can hold `size_bytes` more (a full tmpfs kills the worker with SIGBUS, not an error)."""
+    folder = directory or shared_directory()
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize >= size_bytes
+
+
 class SharedHostCopy:
     """A flat tensor backed by a node-wide shared-memory file, filled once by whichever worker comes first."""
 
-    def __init__(self, tensor: torch.Tensor, data_path: Path, lock_handle, registered: bool, created: bool):
+    def __init__(self, tensor: torch.Tensor, data_path: Path, users, registered: bool, created: bool):
         self.tensor = tensor
         self.data_path = data_path
         self.created = created  # this process filled it
-        self._lock_handle = lock_handle
-        self._registered = registered
-        self._finalizer = weakref.finalize(self, _release, tensor, data_path, lock_handle, registered)
+        self._finalizer = weakref.finalize(self, _release, tensor, data_path, users, registered)
 
     @classmethod
     def open(
@@ -68,27 +75,27 @@ class SharedHostCopy:
         stem = f"evomerge-{os.getuid()}-{key}"
         data_path, ready_path = folder / f"{stem}.data", folder / f"{stem}.ready"
         marker = json.dumps({"numel": numel, "dtype": str(dtype)})
-        lock_handle = open(folder / f"{stem}.lock", "a+")  # noqa: SIM115 - held for the copy's lifetime
+        users = open(folder / f"{stem}.users", "a+")  # noqa: SIM115 - held for the copy's lifetime
         try:
-            fcntl.flock(lock_handle, fcntl.LOCK_EX)
-            created = not (
-                ready_path.is_file() and ready_path.read_text() == marker and _has_size(data_path, numel, dtype)
-            )
-            if created:
-                with contextlib.suppress(FileNotFoundError):
-                    ready_path.unlink()
-                with open(data_path, "wb") as handle:
-                    handle.truncate(numel * dtype.itemsize)
-            tensor = torch.from_file(str(data_path), shared=True, size=numel, dtype=dtype)
-            if created:
-                fill(tensor)
-                write_text_atomic(ready_path, marker)
-            fcntl.flock(lock_handle, fcntl.LOCK_SH)
+            fcntl.flock(users, fcntl.LOCK_SH)
+            with open(folder / f"{stem}.fill", "a+") as fill_lock:
+                fcntl.flock(fill_lock, fcntl.LOCK_EX)
+                created = not (ready_path.is_file() and ready_path.read_text() == marker)
+                created = created or not _has_size(data_path, numel, dtype)
+                if created:
+                    with contextlib.suppress(FileNotFoundError):
+                        ready_path.unlink()
+                    with open(data_path, "wb") as handle:
+                        handle.truncate(numel * dtype.itemsize)
+                tensor = torch.from_file(str(data_path), shared=True, size=numel, dtype=dtype)
+                if created:
+                    fill(tensor)
+                    write_text_atomic(ready_path, marker)
         except BaseException:
-            lock_handle.close()
+            users.close()
             raise
         registered = pin and _register_with_cuda(tensor)
-        return cls(tensor, data_path, lock_handle, registered, created)
+        return cls(tensor, data_path, users, registered, created)
 
     def close(self) -> None:
         """Stop using the copy; the last user on the node removes it."""
@@ -109,17 +116,17 @@ def _register_with_cuda(tensor: torch.Tensor) -> bool:
     return True
 
 
-def _release(tensor: torch.Tensor, data_path: Path, lock_handle, registered: bool) -> None:
+def _release(tensor: torch.Tensor, data_path: Path, users, registered: bool) -> None:
     if registered:
         torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
     try:
-        fcntl.flock(lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:  # another worker still maps it
-        lock_handle.close()
+        users.close()
         return
-    # The lock file stays: removing it would let a newcomer lock a fresh file while another
-    # still waits on this one, and both would fill the data.
+    # The lock files stay: removing one would let a newcomer lock a fresh file while another
+    # still waits on the old one.
     for path in (data_path.with_suffix(".ready"), data_path):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-    lock_handle.close()
+    users.close()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from evomerge.merge.config import MergeConfig
 from evomerge.merge.engine import tensor_seed
 from evomerge.merge.fingerprint import weights_fingerprint
 from evomerge.merge.fused.layout import BLOCK, Chunk, FlatLayout, Record, records
-from evomerge.merge.fused.shared_host import SharedHostCopy
+from evomerge.merge.fused.shared_host import SharedHostCopy, has_room_for, shared_directory
 from evomerge.merge.fused.tables import MagnitudeTables, ParameterTable
 from evomerge.merge.io import LazyTensorReader
 from evomerge.merge.memory_plan import DEFAULT_WORKSPACE_BYTES, sources_fit_device
@@ -53,6 +54,7 @@ __all__ = ["BLOCK", "FlatLayout", "FusedSources", "NotFusable", "fused_unavailab
 SPARSIFY_CODES = {None: 0, "magnitude": 1, "random": 2}
 ROUND_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 DEFAULT_CHUNK_BYTES = 512 * 1024**2
+log = logging.getLogger(__name__)
 
 
 class NotFusable(Exception):
@@ -181,6 +183,11 @@ class FusedSources:
             runs = self.layout.chunks(max(BLOCK, chunk_bytes // self.bytes_per_element()))
         self.records = records(self.layout, runs, len(self.experts))
         size = (1 + len(self.experts)) * self.layout.total
+        if self.placement == "host" and shared and not has_room_for(size * self.work_dtype.itemsize):
+            log.warning(
+                "shared memory (%s) has no room for the sources: this worker keeps its own copy", shared_directory()
+            )
+            shared = False
         if self.placement == "host" and shared:
             pin = self.device.type == "cuda"
             self.shared = SharedHostCopy.open(self._shared_key(), size, self.work_dtype, self._read_into, pin)

@@ -173,17 +173,94 @@ def _search_origin(config_text: str):
 
 @app.command()
 @user_errors_exit_2
-def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"), debug: bool = DebugOption):
-    """Check a spec (models, method, genome, tasks) without reading any weight."""
+def validate(
+    spec_path: Path = typer.Argument(..., metavar="SPEC"),
+    gpu_memory: str | None = typer.Option(
+        None,
+        "--gpu-memory",
+        metavar="SIZE",
+        help="Plan for GPUs of this size (80GiB, 141GB) instead of this machine's.",
+    ),
+    gpus: int | None = typer.Option(None, "--gpus", help="GPUs per node to plan for [default: this machine's, or 1]."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the checks' summary and the memory plan as one JSON object."
+    ),
+    debug: bool = DebugOption,
+):
+    """Check a spec (models, method, genome, tasks) and plan each worker's memory, without reading any weight."""
+    import json
+
     from evomerge.preflight import preflight
     from evomerge.spec import load_spec
 
     spec = load_spec(spec_path)
+    gpu_bytes, gpu_count = _planned_gpus(spec, gpu_memory, gpus)
     prepared = preflight(spec, str(spec_path))
-    tasks = ", ".join(t.name for t in spec.evaluation.tasks)
-    typer.echo(
-        f"ok: {spec.merge.method} over {len(spec.models.experts)} experts, {prepared.genome.dim} genes, {spec.optimizer.name}, tasks: {tasks}"
+    plan = _memory_plan(spec, gpu_bytes, gpu_count)
+    summary = {
+        "method": spec.merge.method,
+        "experts": len(spec.models.experts),
+        "genes": prepared.genome.dim,
+        "optimizer": spec.optimizer.name,
+        "tasks": [t.name for t in spec.evaluation.tasks],
+    }
+    if as_json:
+        typer.echo(json.dumps({"ok": plan.fits, **summary, **plan.as_json()}, indent=2))
+    else:
+        typer.echo(
+            f"ok: {spec.merge.method} over {len(spec.models.experts)} experts, {prepared.genome.dim} genes, {spec.optimizer.name}, tasks: {', '.join(summary['tasks'])}"
+        )
+        for line in plan.lines():
+            typer.echo(line)
+    if not plan.fits:
+        raise UserError(
+            f"{spec_path}: workers: a worker needs {plan.bytes_per_device / 1e9:.1f} GB per device, more than {plan.capacity / 1e9:.1f} GB; {plan.fix}"
+        )
+
+
+def _planned_gpus(spec, gpu_memory: str | None, gpus: int | None) -> tuple[int | None, int | None]:
+    """(bytes per GPU, GPUs per node) to plan for: the flags, else this machine's GPUs, else (None, None) for CPU workers."""
+    from evomerge.merge.memory_plan import parse_bytes
+
+    if gpus is not None and gpus < 1:
+        raise UserError(f"--gpus: must be at least 1, got {gpus}")
+    if gpu_memory is not None:
+        if spec.workers.device == "cpu":
+            raise UserError(
+                "--gpu-memory: the spec runs CPU workers (workers.device: cpu); drop the flag or set device: cuda"
+            )
+        try:
+            return parse_bytes(gpu_memory, "--gpu-memory"), gpus or 1
+        except ValueError as error:
+            raise UserError(str(error)) from None
+    import torch
+
+    if spec.workers.device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, gpus or torch.cuda.device_count()
+    if gpus is not None:
+        raise UserError("--gpus: this machine has no GPU to measure; add --gpu-memory SIZE (for example 80GiB)")
+    return None, None
+
+
+def _memory_plan(spec, gpu_bytes: int | None, gpus: int | None):
+    from evomerge.merge.io import inspect_model_folder, parse_dtype
+    from evomerge.merge.memory_plan import PlanRequest, plan_memory
+    from evomerge.merge.methods import METHODS
+
+    dtype = parse_dtype(spec.merge.dtype, "merge.dtype")
+    request = PlanRequest(
+        base=inspect_model_folder(spec.models.base, "models.base"),
+        experts=len(spec.models.experts),
+        method=METHODS[spec.merge.method],
+        work_dtype=dtype,
+        model_dtype=dtype,
+        gpus_per_worker=spec.workers.gpus_per_worker,
+        gpu_bytes=gpu_bytes,
+        gpus=gpus,
+        token_budget=spec.evaluation.token_budget,
+        cpu_workers=spec.workers.count or 2,
     )
+    return plan_memory(request)
 
 
 @app.command("eval")

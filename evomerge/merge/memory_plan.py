@@ -32,7 +32,8 @@ from evomerge.merge.placement import split_layers
 DEFAULT_WORKSPACE_BYTES = 2 * 1024**3  # when the scorer's shape is unknown
 CUDA_CONTEXT_BYTES = 1024**3
 DEFAULT_CHUNK_BYTES = 512 * 1024**2  # one host-placement staging chunk (sources.DEFAULT_CHUNK_BYTES)
-TABLE_BYTES_PER_BLOCK = 4  # the kernel's block -> tensor table, per 1,024 elements
+BLOCK = 1024  # the fused kernel's block (fused/layout.py)
+TABLE_BYTES_PER_BLOCK = 4  # the kernel's block -> tensor table, per block
 TABLE_BYTES_PER_TENSOR = 256  # starts, sizes, ratios, norms and the candidate's parameter row
 FUSED_SPARSIFICATIONS = (None, "magnitude", "random")
 GIB = 1024**3
@@ -55,8 +56,13 @@ class DeviceBytes:
     workspace: int
 
     @property
+    def resident(self) -> int:
+        """What stays allocated between candidates: sources, model and tables."""
+        return self.sources + self.model + self.tables
+
+    @property
     def total(self) -> int:
-        return self.sources + self.model + self.tables + self.workspace
+        return self.resident + self.workspace
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,10 @@ class MemoryPlan:
             "workers_per_node": self.workers_per_node,
             "merge_path": self.merge_path,
             "host_bytes_per_node": self.host_bytes_per_node,
-            "devices": [{**asdict(device), "total": device.total} for device in self.devices],
+            "sources_on": "host" if self.host_bytes_per_node else "device",
+            "devices": [
+                {**asdict(device), "resident": device.resident, "total": device.total} for device in self.devices
+            ],
             "fix": self.fix,
         }
 
@@ -146,7 +155,7 @@ def source_bytes_per_element(request: PlanRequest, fused: bool) -> int:
 
 
 def table_bytes(elements: int, tensors: int) -> int:
-    return elements // 1024 * TABLE_BYTES_PER_BLOCK + tensors * TABLE_BYTES_PER_TENSOR
+    return elements // BLOCK * TABLE_BYTES_PER_BLOCK + tensors * TABLE_BYTES_PER_TENSOR
 
 
 def sources_fit_device(source_bytes: int, elements: int, free_bytes: int, workspace_bytes: int) -> bool:
@@ -195,51 +204,56 @@ def plan_memory(request: PlanRequest) -> MemoryPlan:
 
 
 def _gpu_plan(request: PlanRequest, k: int, capacity: int, workers: int) -> MemoryPlan:
+    """Sources on the k devices if they fit, else (fused path only) streamed from host memory."""
     fused = is_fused(request.method, on_gpu=True)
-    names = list(request.base.tensors)
-    split = split_layers(request.base, [f"cuda:{i}" for i in range(k)], names)
-    per_element = source_bytes_per_element(request, fused)
-    model_width = request.model_dtype.itemsize
-    devices, host_devices = [], []
-    for part in range(k):
-        mine = split.tensors_on(part, names)
-        elements = sum(_numel(request.base.tensors[name].shape) for name in mine)
-        workspace = scorer_workspace_bytes(request.base.config, request.token_budget, model_width, 1 / k)
-        tables = table_bytes(elements, len(mine)) if fused else 0
-        model = elements * model_width
-        devices.append(DeviceBytes(f"cuda:{part}", elements * per_element, model, tables, workspace))
-        staging = min(elements * per_element, 2 * request.chunk_bytes)
-        host_devices.append(DeviceBytes(f"cuda:{part}", staging, model, tables, workspace))
     path = "fused" if fused else "reference"
+    devices = _device_shares(request, k, fused)
     placement = Placement.SPLIT if k > 1 else Placement.DEVICE
     on_device = MemoryPlan(placement, k, workers, capacity, tuple(devices), 0, path)
     if on_device.bytes_per_device <= capacity:
         return on_device
-    host_bytes = sum(device.sources for device in devices)
-    notes: tuple[str, ...] = ()
-    if k > 1:
-        notes = ("the sources do not fit the k devices; each device streams its layers' sources from host memory",)
+    staged = tuple(replace(d, sources=min(d.sources, 2 * request.chunk_bytes)) for d in devices)
+    notes = (
+        ("the sources do not fit the k devices; each streams its layers' sources from host memory",) if k > 1 else ()
+    )
+    host_copy = sum(device.sources for device in devices)
     streamed = MemoryPlan(
-        Placement.HOST if k == 1 else Placement.SPLIT,
-        k,
-        workers,
-        capacity,
-        tuple(host_devices),
-        host_bytes,
-        path,
-        None,
-        notes,
+        Placement.HOST if k == 1 else placement, k, workers, capacity, staged, host_copy, path, None, notes
     )
     if fused and streamed.bytes_per_device <= capacity:
         return streamed
     return _with_fix(on_device, "")
 
 
+def _device_shares(request: PlanRequest, k: int, fused: bool) -> list[DeviceBytes]:
+    """Each device's bytes with the model's units cut over k devices as the worker cuts them."""
+    names = list(request.base.tensors)
+    split = split_layers(request.base, [f"cuda:{i}" for i in range(k)], names)
+    per_element = source_bytes_per_element(request, fused)
+    width = request.model_dtype.itemsize
+    workspace = scorer_workspace_bytes(request.base.config, request.token_budget, width, 1 / k)
+    shares = []
+    for part in range(k):
+        mine = split.tensors_on(part, names)
+        numels = [_numel(request.base.tensors[name].shape) for name in mine]
+        # The fused layout pads every tensor to whole kernel blocks (fused/layout.py).
+        elements = sum(_padded(n) for n in numels) if fused else sum(numels)
+        tables = table_bytes(elements, len(mine)) if fused else 0
+        shares.append(DeviceBytes(f"cuda:{part}", elements * per_element, elements * width, tables, workspace))
+    return shares
+
+
 def _fix_for(request: PlanRequest, capacity: int, gpus: int) -> str:
-    """The smallest change that fits: more GPUs per worker, else fewer experts."""
-    for k in range(max(1, round(request.gpus_per_worker)) + 1, gpus + 1):
-        if _gpu_plan(request, k, capacity, gpus // k).fits:
-            return f"set workers.gpus_per_worker: {k} (layers split over {k} GPUs, {gpus // k} worker(s) per node)"
+    """The smallest change that fits: more GPUs per worker (sources on them if possible), else fewer experts."""
+    splits = [
+        (k, _gpu_plan(request, k, capacity, gpus // k))
+        for k in range(max(1, round(request.gpus_per_worker)) + 1, gpus + 1)
+    ]
+    fitting = [(plan.host_bytes_per_node > 0, k, plan) for k, plan in splits if plan.fits]
+    if fitting:  # sources on the GPUs beat fewer GPUs streaming from host memory
+        streamed, k, plan = min(fitting, key=lambda found: found[:2])
+        where = "sources streamed from host memory" if streamed else "sources on the GPUs"
+        return f"set workers.gpus_per_worker: {k} (layers split over {k} GPUs, {where}, {gpus // k} worker(s) per node)"
     for experts in range(request.experts - 1, 0, -1):
         fewer = replace(request, experts=experts)
         if _gpu_plan(fewer, max(1, round(request.gpus_per_worker)), capacity, 1).fits:
@@ -290,6 +304,10 @@ def _numel(shape: tuple[int, ...]) -> int:
     for extent in shape:
         total *= extent
     return total
+
+
+def _padded(numel: int) -> int:
+    return -(-numel // BLOCK) * BLOCK
 
 
 def _host_memory() -> int:

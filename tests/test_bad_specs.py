@@ -257,6 +257,10 @@ CASES = {
     "huge-queue-depth": (lambda s, m, x: put(s, "workers.queue_depth", 10**6), ["workers.queue_depth", "1024"]),
     "huge-batch-size": (lambda s, m, x: put(s, "evaluation.batch_size", 10**6), ["evaluation.batch_size", "4096"]),
     "huge-max-evals": (lambda s, m, x: put(s, "budget.max_evals", 10**12), ["budget.max_evals", "10000000"]),
+    "fractional-gpu-split": (
+        lambda s, m, x: put(s, "workers.gpus_per_worker", 1.5),
+        ["workers.gpus_per_worker", "whole number"],
+    ),
     "tiny-cpus-per-worker": (
         lambda s, m, x: put(s, "workers.cpus_per_worker", 1e-9),
         ["workers.cpus_per_worker", "0.01"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from evomerge.merge.config import MergeConfig
@@ -28,6 +29,11 @@ def anonymous_bytes() -> int:
 
 def load_in_worker(base, experts, shared, barrier, results) -> None:
     """Load host-placed sources, report what this process holds, wait for the others, close."""
+    # Host memory accounting only: no CUDA (its pinned allocations are not anonymous memory), and
+    # Triton's interpreter so the CPU may take the fused path. The shared copy's registration with
+    # CUDA is exercised on a GPU by test_merging_from_the_shared_copy_equals_the_reference.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ["TRITON_INTERPRET"] = "1"
     from evomerge.merge.fused.sources import FusedSources
 
     before = anonymous_bytes()

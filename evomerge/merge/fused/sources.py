@@ -31,7 +31,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +55,10 @@ SPARSIFY_CODES = {None: 0, "magnitude": 1, "random": 2}
 ROUND_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 DEFAULT_CHUNK_BYTES = 512 * 1024**2
 log = logging.getLogger(__name__)
+
+
+# segment -> (its base tensor, each expert's tensor or None): what `fill` reads the sources from.
+SegmentInputs = Callable[[int], tuple[torch.Tensor, list[torch.Tensor | None]]]
 
 
 class NotFusable(Exception):
@@ -169,13 +173,16 @@ class FusedSources:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         shared: bool = False,
         workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+        inputs: SegmentInputs | None = None,
     ) -> None:
         """Read every source once, tensor by tensor, into the records; then the tables.
 
         "auto" placement keeps the records on the device when they fit beside what the device
         already holds (the model) and `workspace_bytes` for scoring, else in host memory. `shared`
         puts a host copy in node-wide shared memory, filled by the first worker that gets there.
+        `inputs` replaces reading the model folders (a benchmark builds its sources on the GPU).
         """
+        self._inputs = inputs or self._read_inputs()
         if self.placement == "auto":
             self.placement = self.fitting_placement(workspace_bytes)
         runs = [(0, len(self.layout.names))]
@@ -232,21 +239,30 @@ class FusedSources:
         start = record.part(part) + int(self.layout.starts[segment]) - record.origin
         return self.storage[start : start + int(self.layout.numels[segment])].view(self.layout.shapes[segment])
 
+    def _read_inputs(self) -> SegmentInputs:
+        """Each segment's base and expert tensors, read from the model folders onto the device."""
+        readers = {path: LazyTensorReader(folder) for path, folder in self.validated.folders.items()}
+        work = str(self.device)
+
+        def read(segment: int) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+            base_ref, expert_refs = self.refs[segment]
+            experts = [readers[ref[0]].read(ref[1], work) if ref else None for ref in expert_refs]
+            return readers[base_ref[0]].read(base_ref[1], work), experts
+
+        return read
+
     def _read_into(self, storage: torch.Tensor) -> None:
         """Each segment's base and deltas, computed on the device, written into `storage`'s records."""
-        folders = self.validated.folders
-        readers = {path: LazyTensorReader(folder) for path, folder in folders.items()}
-        work = str(self.device)
         for record in self.records:
             for segment in range(record.first, record.last):
                 start = int(self.layout.starts[segment]) - record.origin
                 numel = int(self.layout.numels[segment])
-                base_ref, expert_refs = self.refs[segment]
-                base = readers[base_ref[0]].read(base_ref[1], work).to(self.work_dtype).reshape(-1)
+                base, experts = self._inputs(segment)
+                base = base.to(self.device, self.work_dtype).reshape(-1)
                 storage[record.part(0) + start :][:numel].copy_(base)
-                for expert, ref in enumerate(expert_refs):
-                    if ref is not None:
-                        delta = readers[ref[0]].read(ref[1], work).to(self.work_dtype).reshape(-1) - base
+                for expert, tensor in enumerate(experts):
+                    if tensor is not None:
+                        delta = tensor.to(self.device, self.work_dtype).reshape(-1) - base
                         storage[record.part(1 + expert) + start :][:numel].copy_(delta)
 
     def _index(self) -> None:

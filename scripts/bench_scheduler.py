@@ -7,6 +7,12 @@ and density per 25 layer groups, attention and MLP apart); only the workers are 
 * Scaling: W Ray actors with MergeWorker's `evaluate(trial_id, merge_config, eval_set)` signature
   sleep a seeded 0.05-0.4 s per candidate (the same durations for every W). Efficiency is
   throughput(W) / (W x throughput(1)); busy share is the sleep time over W x wall time.
+  `--durations lognormal --sigma 0.5` draws the times from a lognormal (median `--median`) instead,
+  `--scaling-optimizer cmaes --popsize 8` runs the scaling with CMA-ES, and `--search-version 1`
+  with its generation barrier (version 2 asks on while stragglers finish), e.g. issue 16's check:
+
+    python scripts/bench_scheduler.py --workers 1,8 --depths 1 --scaling-optimizer cmaes --popsize 8 \
+        --durations lognormal --sigma 0.5 --skip-overhead [--search-version 1]
 * Driver overhead: the same loop with an in-process scheduler that answers at once, so all the
   time is the driver's: ask, genome -> merge config, journal appends, tell, snapshots.
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import os
 import platform
 import random
@@ -53,8 +60,38 @@ class OverheadRow:
     finished_at: list = field(default_factory=list)  # perf_counter at each completed trial
 
 
-def bench_spec(runs_dir: Path, name: str, optimizer: str, max_evals: int, queue_depth: int = 2):
-    from evomerge.spec import Spec
+@dataclass(frozen=True)
+class Durations:
+    """How long a fake candidate takes: uniform in [low, high], or lognormal around a median."""
+
+    kind: str = "uniform"
+    low: float = 0.05
+    high: float = 0.4
+    median: float = 0.1
+    sigma: float = 0.5
+
+    def of(self, seed: int, trial_id: int) -> float:
+        draw = random.Random(f"{seed}:{trial_id}")
+        if self.kind == "lognormal":
+            return draw.lognormvariate(math.log(self.median), self.sigma)
+        return draw.uniform(self.low, self.high)
+
+    def __str__(self) -> str:
+        if self.kind == "lognormal":
+            return f"lognormal, median {self.median} s, sigma {self.sigma}"
+        return f"uniform {self.low}-{self.high} s"
+
+
+def bench_spec(
+    runs_dir: Path,
+    name: str,
+    optimizer: str,
+    max_evals: int,
+    queue_depth: int = 2,
+    popsize: int | None = None,
+    version: int | None = None,
+):
+    from evomerge.spec import SEARCH_VERSION, Spec
 
     return Spec.model_validate(
         {
@@ -63,10 +100,11 @@ def bench_spec(runs_dir: Path, name: str, optimizer: str, max_evals: int, queue_
             "models": {"base": "/bench/base", "experts": [f"/bench/expert{i}" for i in range(EXPERTS)]},
             "merge": {"method": "ties"},
             "genome": GENOME_SPEC,
-            "optimizer": {"name": optimizer, "seed": 0},
+            "optimizer": {"name": optimizer, "seed": 0, "popsize": popsize},
             "evaluation": {"tasks": ["synthetic"]},
             "budget": {"max_evals": max_evals, "baselines": False},
             "workers": {"queue_depth": queue_depth},
+            "version": version or SEARCH_VERSION,
         }
     )
 
@@ -81,16 +119,16 @@ def new_search(spec):
     return Search(Prepared(spec, genome, {}, {}, []), create_run_dir(spec), progress=False)
 
 
-def sleep_seconds(seed: int, trial_id: int, low: float, high: float) -> float:
+def sleep_seconds(seed: int, trial_id: int, durations: Durations) -> float:
     """A candidate's fake evaluation time: a function of the trial only, not of who runs it."""
-    return random.Random(f"{seed}:{trial_id}").uniform(low, high)
+    return durations.of(seed, trial_id)
 
 
 class SleepingWorker:
     """Stands in for MergeWorker: same `evaluate` signature and result fields, no model."""
 
-    def __init__(self, worker_id: str, seed: int, low: float, high: float):
-        self.worker_id, self.seed, self.low, self.high = worker_id, seed, low, high
+    def __init__(self, worker_id: str, seed: int, durations: Durations):
+        self.worker_id, self.seed, self.durations = worker_id, seed, durations
 
     def ping(self) -> str:
         return self.worker_id
@@ -98,7 +136,7 @@ class SleepingWorker:
     def evaluate(self, trial_id: int, merge_config: dict, eval_set: str = "search"):
         from evomerge.rundir.events import TrialResult
 
-        seconds = sleep_seconds(self.seed, trial_id, self.low, self.high)
+        seconds = sleep_seconds(self.seed, trial_id, self.durations)
         time.sleep(seconds)
         return TrialResult(
             trial=trial_id,
@@ -112,9 +150,18 @@ class SleepingWorker:
         )
 
 
-def measure_scaling(
-    workers: int, depth: int, candidates: int, sleep_range: tuple[float, float], seed: int, runs_dir: Path
-) -> ScalingRow:
+@dataclass(frozen=True)
+class ScalingSetup:
+    """What every scaling run shares: durations, seed, optimizer, popsize, search version."""
+
+    durations: Durations
+    seed: int = 0
+    optimizer: str = "random"
+    popsize: int | None = None
+    version: int | None = None
+
+
+def measure_scaling(workers: int, depth: int, candidates: int, setup: ScalingSetup, runs_dir: Path) -> ScalingRow:
     import ray
 
     from evomerge.search.progress import SearchProgress
@@ -122,8 +169,11 @@ def measure_scaling(
 
     # num_cpus=0: sleeping actors need no core, so W may exceed the machine's cores.
     actor_class = ray.remote(num_cpus=0, max_restarts=0)(SleepingWorker)
-    scheduler = Scheduler(lambda index: actor_class.remote(f"w{index}", seed, *sleep_range), workers, depth)
-    search = new_search(bench_spec(runs_dir, f"scale-w{workers}-d{depth}", "random", candidates, depth))
+    seed = setup.seed
+    scheduler = Scheduler(lambda index: actor_class.remote(f"w{index}", seed, setup.durations), workers, depth)
+    name = f"scale-{setup.optimizer}-p{setup.popsize}-v{setup.version}-w{workers}-d{depth}"
+    spec = bench_spec(runs_dir, name, setup.optimizer, candidates, depth, setup.popsize, setup.version)
+    search = new_search(spec)
     try:
         ray.get([slot.actor.ping.remote() for slot in scheduler.slots])  # actor start-up is not timed
         started = time.perf_counter()
@@ -133,7 +183,7 @@ def measure_scaling(
     finally:
         scheduler.shutdown()
         search.journal.close()
-    slept = sum(sleep_seconds(seed, trial, *sleep_range) for trial in range(candidates))
+    slept = sum(sleep_seconds(seed, trial, setup.durations) for trial in range(candidates))
     return ScalingRow(workers, depth, candidates, wall, slept / (workers * wall))
 
 
@@ -225,15 +275,19 @@ def measure_overhead(optimizer: str, trials: int, runs_dir: Path) -> OverheadRow
 
 
 def scaling_table(rows: list[ScalingRow]) -> str:
-    single = {r.queue_depth: r.throughput for r in rows if r.workers == 1}
+    """Efficiency vs W=1 compares throughputs, so it moves with the mean duration of the candidates
+    each run drew; busy share (evaluating time / W x wall) and its ratio to W=1's do not."""
+    single = {r.queue_depth: r for r in rows if r.workers == 1}
     lines = [
-        "| workers | queue depth | candidates | wall (s) | candidates/s | efficiency vs W=1 | busy share |",
-        "|---|---|---|---|---|---|---|",
+        "| workers | queue depth | candidates | wall (s) | candidates/s | efficiency vs W=1 | busy share | busy share vs W=1 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        efficiency = f"{r.throughput / (r.workers * single[r.queue_depth]):.2f}" if r.queue_depth in single else "-"
+        one = single.get(r.queue_depth)
+        efficiency = f"{r.throughput / (r.workers * one.throughput):.2f}" if one else "-"
+        busy = f"{r.busy_share / one.busy_share:.2f}" if one else "-"
         lines.append(
-            f"| {r.workers} | {r.queue_depth} | {r.candidates} | {r.wall_s:.2f} | {r.throughput:.2f} | {efficiency} | {r.busy_share:.2f} |"
+            f"| {r.workers} | {r.queue_depth} | {r.candidates} | {r.wall_s:.2f} | {r.throughput:.2f} | {efficiency} | {r.busy_share:.2f} | {busy} |"
         )
     return "\n".join(lines)
 
@@ -278,8 +332,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sleep", type=float, nargs=2, default=(0.05, 0.4), metavar=("LOW", "HIGH"))
     parser.add_argument("--optimizers", default="cmaes,tpe,random")
     parser.add_argument("--trials", type=int, default=200, help="trials per optimizer in the driver-overhead runs")
+    parser.add_argument("--durations", choices=("uniform", "lognormal"), default="uniform")
+    parser.add_argument("--median", type=float, default=0.1, help="median seconds of the lognormal durations")
+    parser.add_argument("--sigma", type=float, default=0.5, help="sigma of the lognormal durations")
+    parser.add_argument("--scaling-optimizer", default="random", help="the optimizer of the scaling runs")
+    parser.add_argument("--popsize", type=int, default=None, help="CMA-ES popsize of the scaling runs")
+    parser.add_argument("--search-version", type=int, default=None, help="1: CMA-ES with its generation barrier")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="seconds-long run with tiny counts (for the tests)")
     args = parser.parse_args()
     if args.smoke:
@@ -302,16 +363,23 @@ def main() -> None:
                 log_to_driver=False,
                 _node_ip_address="127.0.0.1",
             )
+            durations = Durations(args.durations, *args.sleep, args.median, args.sigma)
+            setup = ScalingSetup(durations, args.seed, args.scaling_optimizer, args.popsize, args.search_version)
             try:
                 rows = [
-                    measure_scaling(w, d, w * args.per_worker, tuple(args.sleep), args.seed, runs_dir)
+                    measure_scaling(w, d, w * args.per_worker, setup, runs_dir)
                     for d in args.depths
                     for w in args.workers
                 ]
             finally:
                 ray.shutdown()
-            print(f"\nScheduler scaling (fake workers sleeping {args.sleep[0]}-{args.sleep[1]} s):\n")
+            print(
+                f"\nScheduler scaling ({setup.optimizer}, popsize {setup.popsize}, search version "
+                f"{setup.version or 'latest'}; fake workers sleeping {durations}):\n"
+            )
             print(scaling_table(rows))
+        if args.skip_overhead:
+            return
         overhead = [measure_overhead(name, args.trials, runs_dir) for name in args.optimizers.split(",")]
         print("\nDriver overhead per trial, 500-gene genome (ms; parts are means over all trials):\n")
         print(overhead_table(overhead))

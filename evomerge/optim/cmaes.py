@@ -1,4 +1,4 @@
-"""CMA-ES (the ``cma`` package) behind the ask/tell contract, one generation at a time.
+"""CMA-ES (the ``cma`` package) behind the ask/tell contract, with or without a generation barrier.
 
 Design choices:
 
@@ -21,6 +21,14 @@ Design choices:
   sampled the current one.
 * **Failures.** cma minimizes and only ranks, so a failed trial is told as a value worse
   than every finite value seen so far in the whole run.
+* **No idle workers (``overlap``).** With the barrier, workers idle at the end of every
+  generation while its stragglers finish (mergekit-evolve's issue #532). With ``overlap`` on,
+  ``ask`` never waits: it keeps sampling the current distribution, and each generation is told
+  the first ``popsize`` results of points sampled from it, in the order they were told; results
+  of an older generation's stragglers arrive after its update and are not told to cma. The
+  asks are still a pure function of the ask/tell sequence, which the journal records, so resume
+  replays them exactly. Off by default: runs created before it (search version 1) keep the
+  barrier, and a snapshot pickled then has no ``overlap`` setting.
 """
 
 from __future__ import annotations
@@ -46,12 +54,13 @@ class _PrivateNormal:
 
 
 class CMAESOptimizer(Optimizer):
-    """CMA-ES with generation barriers: ``ask`` returns None until the generation is told."""
+    """CMA-ES; with the barrier (the default) ``ask`` returns None until the generation is told."""
 
     name: ClassVar[str] = "cmaes"
     default_settings: ClassVar[dict[str, Any]] = {
         "popsize": None,  # None = cma's default, 4 + floor(3 ln n)
         "sigma0": 0.25,  # initial step size as a fraction of each coordinate's range
+        "overlap": False,  # keep asking while a generation's stragglers finish (see the module notes)
     }
 
     def __init__(self, lower, upper, x0, seed: int, **settings):
@@ -66,6 +75,9 @@ class CMAESOptimizer(Optimizer):
         self._handed_out = 0
         self._worst_cma_value: float | None = None
         self.generation = 0
+        # Overlap mode: trial -> (generation, unit solution), and the current generation's results.
+        self._sampled_in: dict[int, tuple[int, np.ndarray]] = {}
+        self._told: list[tuple[np.ndarray, float | None]] = []
 
     @property
     def popsize(self) -> int:
@@ -90,6 +102,12 @@ class CMAESOptimizer(Optimizer):
             if int(self.settings["popsize"]) < 2:
                 raise UserError(f"optimizer.popsize: {self.settings['popsize']} is too small; CMA-ES needs at least 2")
             options["popsize"] = int(self.settings["popsize"])
+        if self.settings.get("overlap"):
+            # cma's TPA step size (its choice for some dimensions) needs the first two samples of a
+            # generation's first ask told first; told in finishing order they are not, CSA needs nothing.
+            from cma.sigma_adaptation import CMAAdaptSigmaCSA
+
+            options["AdaptSigma"] = CMAAdaptSigmaCSA
         return options
 
     def _to_unit(self, x: np.ndarray) -> np.ndarray:
@@ -101,7 +119,13 @@ class CMAESOptimizer(Optimizer):
     def _enqueue_point(self, x: np.ndarray) -> None:
         self._queue.append(x)
 
+    @property
+    def _overlapping(self) -> bool:
+        return bool(self.settings.get("overlap", False))
+
     def _propose(self, trial_id: int) -> np.ndarray | None:
+        if self._overlapping:
+            return self._propose_without_barrier(trial_id)
         if self._unit_solutions is None:
             self._start_generation()
         slot = self._handed_out
@@ -112,9 +136,32 @@ class CMAESOptimizer(Optimizer):
         return self._points[slot]
 
     def _observe(self, trial_id: int, x: np.ndarray, score: float | None) -> None:
+        if self._overlapping:
+            self._observe_without_barrier(trial_id, score)
+            return
         slot = self._slot_of_trial.pop(trial_id)
         self._scores[slot] = score
         if self._handed_out == len(self._points) and not self._slot_of_trial:
+            self._finish_generation()
+
+    def _propose_without_barrier(self, trial_id: int) -> np.ndarray:
+        if self._unit_solutions is None or self._handed_out == len(self._points):
+            self._start_generation()  # a fresh batch from the current distribution, seeds first
+        slot = self._handed_out
+        self._handed_out += 1
+        assert self._unit_solutions is not None
+        self._sampled_in[trial_id] = (self.generation, self._unit_solutions[slot])
+        return self._points[slot]
+
+    def _observe_without_barrier(self, trial_id: int, score: float | None) -> None:
+        generation, unit = self._sampled_in.pop(trial_id)
+        if generation != self.generation:
+            return  # a straggler of a generation already told: its distribution is gone
+        self._told.append((unit, score))
+        if len(self._told) == self.popsize:
+            self._scores = [s for _, s in self._told]
+            self._unit_solutions = [u for u, _ in self._told]
+            self._told = []
             self._finish_generation()
 
     def _reattach(self) -> None:

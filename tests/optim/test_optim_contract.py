@@ -16,18 +16,20 @@ from evomerge.errors import UserError
 from evomerge.optim import Optimizer, make_optimizer
 from evomerge.optim.cmaes import _failure_penalty
 
-ALL = ["cmaes", "tpe", "random"]
+# cmaes_overlap: CMA-ES without the generation barrier (search version 2's default).
+ALL = ["cmaes", "cmaes_overlap", "tpe", "random"]
 # Unequal widths and offsets, so a bug that ignores the box's scale or origin shows up.
 LOWER = np.array([0.0, 0.0, -1.0, 0.1, 0.0, -3.0])
 UPPER = np.array([1.0, 2.0, 1.0, 0.2, 1.0, 5.0])
 X0 = np.array([0.1, 0.2, -0.8, 0.11, 0.9, -2.0])
 OPTIMUM = np.array([0.7, 1.5, 0.4, 0.18, 0.2, 3.0])
 # Few startup trials so TPE's model (not its random warm-up) is what the tests exercise.
-SETTINGS = {"cmaes": {}, "tpe": {"n_startup_trials": 5}, "random": {}}
+SETTINGS = {"cmaes": {}, "cmaes_overlap": {"overlap": True}, "tpe": {"n_startup_trials": 5}, "random": {}}
 
 
 def build(name: str, seed: int = 0, **settings) -> Optimizer:
-    return make_optimizer(name, LOWER, UPPER, X0, seed, **{**SETTINGS[name], **settings})
+    registered = name.removesuffix("_overlap")
+    return make_optimizer(registered, LOWER, UPPER, X0, seed, **{**SETTINGS[name], **settings})
 
 
 def concave(x: np.ndarray) -> float:
@@ -208,7 +210,7 @@ def test_tell_for_unknown_or_already_told_trial_raises(name):
 def test_500_dim_genome_runs_a_full_generation(name):
     dim = 500
     lower, upper = np.zeros(dim), np.linspace(0.5, 2.0, dim)
-    optimizer = make_optimizer(name, lower, upper, upper / 3, seed=0, **SETTINGS[name])
+    optimizer = make_optimizer(name.removesuffix("_overlap"), lower, upper, upper / 3, seed=0, **SETTINGS[name])
     for _ in range(2):
         wave = []
         while len(wave) < 12 and (ask := optimizer.ask()) is not None:
@@ -256,3 +258,23 @@ def test_cmaes_points_enqueued_mid_generation_lead_the_next_generation():
 @pytest.mark.parametrize("worst", [-3.0, 0.0, 0.4, 1e12, -1e12])
 def test_cmaes_failure_penalty_is_worse_than_any_seen_value(worst):
     assert _failure_penalty(worst) > worst
+
+
+def test_cmaes_overlap_never_waits_and_tells_each_generation_its_first_popsize_results():
+    optimizer = build("cmaes_overlap", popsize=4)
+    asks = [optimizer.ask() for _ in range(6)]  # more than a generation: no barrier
+    assert all(ask is not None for ask in asks) and optimizer.generation == 0
+    for ask in asks[2:]:  # the last four finish first and make generation 0
+        optimizer.tell(ask.trial_id, concave(ask.x))
+    assert optimizer.generation == 1
+    following = optimizer.ask()
+    for ask in asks[:2]:  # stragglers of generation 0: accepted, not told to cma
+        optimizer.tell(ask.trial_id, None)
+    assert optimizer.generation == 1 and optimizer.pending == {following.trial_id}
+
+
+def test_cmaes_overlap_asks_differ_from_the_barrier_only_after_the_first_generation():
+    barrier, overlap = build("cmaes", popsize=4), build("cmaes_overlap", popsize=4)
+    first = [(barrier.ask(), overlap.ask()) for _ in range(4)]
+    assert all(np.array_equal(a.x, b.x) for a, b in first)
+    assert barrier.ask() is None and overlap.ask() is not None

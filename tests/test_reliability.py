@@ -388,8 +388,11 @@ def nan_after_merge(monkeypatch, worker, config):
 
 
 def overflowing_weights(monkeypatch, worker, config):
+    # Slice parameters win over global ones, and the default TIES genome evolves lambda per slice.
+    slices = [{**s, "parameters": {**(s.get("parameters") or {}), "lambda": 1e45}} for s in config.get("slices", [])]
     return {
         **config,
+        **({"slices": slices} if slices else {}),
         "parameters": {**(config.get("parameters") or {}), "lambda": 1e45},
     }, "merged weights are not finite"
 

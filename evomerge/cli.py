@@ -244,7 +244,7 @@ def _planned_gpus(spec, gpu_memory: str | None, gpus: int | None) -> tuple[int |
 
 def _memory_plan(spec, gpu_bytes: int | None, gpus: int | None):
     from evomerge.merge.io import inspect_model_folder, parse_dtype
-    from evomerge.merge.memory_plan import PlanRequest, plan_memory
+    from evomerge.merge.memory_plan import SCORER_TOKEN_BUDGET, PlanRequest, plan_memory
     from evomerge.merge.methods import METHODS
 
     dtype = parse_dtype(spec.merge.dtype, "merge.dtype")
@@ -257,7 +257,7 @@ def _memory_plan(spec, gpu_bytes: int | None, gpus: int | None):
         gpus_per_worker=spec.workers.gpus_per_worker,
         gpu_bytes=gpu_bytes,
         gpus=gpus,
-        token_budget=spec.evaluation.token_budget,
+        token_budget=spec.evaluation.token_budget or SCORER_TOKEN_BUDGET,
         cpu_workers=spec.workers.count or 2,
     )
     return plan_memory(request)

@@ -30,6 +30,7 @@ from evomerge.merge.methods import MethodInfo
 from evomerge.merge.placement import split_layers
 
 DEFAULT_WORKSPACE_BYTES = 2 * 1024**3  # when the scorer's shape is unknown
+SCORER_TOKEN_BUDGET = 16384  # the GPU scorer's tokens per batch when evaluation.token_budget is unset
 CUDA_CONTEXT_BYTES = 1024**3
 DEFAULT_CHUNK_BYTES = 512 * 1024**2  # one host-placement staging chunk (sources.DEFAULT_CHUNK_BYTES)
 BLOCK = 1024  # the fused kernel's block (fused/layout.py)
@@ -135,7 +136,7 @@ class PlanRequest:
     gpus_per_worker: float = 1.0
     gpu_bytes: int | None = None  # None: CPU workers
     gpus: int | None = None  # GPUs per node
-    token_budget: int = 16384
+    token_budget: int = SCORER_TOKEN_BUDGET
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     cpu_workers: int = 2
 

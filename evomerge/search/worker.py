@@ -20,10 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from evomerge.evaluation.evaluate import Evaluator
-from evomerge.evaluation.native import DEFAULT_TOKEN_BUDGET
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.fused.candidate import CandidateMerger
-from evomerge.merge.memory_plan import scorer_workspace_bytes
+from evomerge.merge.memory_plan import SCORER_TOKEN_BUDGET, scorer_workspace_bytes
 from evomerge.merge.placement import place_model
 from evomerge.merge.validate import validate_merge_config
 from evomerge.rundir.events import TrialResult
@@ -67,7 +66,8 @@ class MergeWorker:
         self.model, split = place_model(model, validate_merge_config(union), self.devices)
         self.model.eval()
         self._model_lock = threading.Lock()
-        budget = max((s.evaluation.token_budget for s in settings.eval_sets.values()), default=DEFAULT_TOKEN_BUDGET)
+        budgets = [s.evaluation.token_budget or SCORER_TOKEN_BUDGET for s in settings.eval_sets.values()]
+        budget = max(budgets, default=SCORER_TOKEN_BUDGET)
         workspace = scorer_workspace_bytes(self.model.config.to_dict(), budget, dtype.itemsize, 1 / len(self.devices))
         self.merger = CandidateMerger.create(
             self.model, union, settings.merge_method, self.devices, settings.source_placement, split, True, workspace

@@ -549,8 +549,8 @@ def _print_summary(run_dir) -> None:
             style="bold" if row.winner else None,
         )
     console = Console()
-    if not console.is_terminal:  # a log file: no 80-column wrapping of the table
-        console = Console(width=max(120, 60 + 16 * len(tasks)))
+    if not console.is_terminal:  # a log file: the table at its natural width, not wrapped at 80 columns
+        console = Console(width=1000)
     console.print(table)
     for line in verdict.lines():
         typer.echo(line)

@@ -135,8 +135,9 @@ def score_over_evaluations(history, marks: ScoreMarks, path: Path) -> None:
             linestyle=":",
             linewidth=1.4,
             zorder=1,
-            label=f"95% of the best after {searched} evolved evaluations",
+            label=f"95% of the best after {searched} evolved evaluation{'s' if searched != 1 else ''}",
         )
+    ax.margins(y=0.12)  # room above the best dot for its label
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("evaluation (in order finished)")
     ax.set_ylabel("search score")

@@ -43,6 +43,7 @@ from bench_search import UtilizationSampler, plain_forward, write_task  # noqa: 
 LOGLIKELIHOOD_TASK = "bench_loglikelihood"  # bench_search.write_task's name
 GENERATION_TASK = "bench_generation"
 HF_BATCH_SIZES = (32, 64, 128, 256)
+DEFAULT_BATCH_SIZE = 32  # evaluation.batch_size's default
 
 
 def interleaved(contenders: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
@@ -217,107 +218,112 @@ def model_mode(args) -> list[str]:
         )
 
 
-def with_backend(eval_sets: dict, backend: str) -> dict:
-    """The spec's eval sets with `evaluation.backend` replaced."""
+def with_settings(eval_sets: dict, **changes) -> dict:
+    """The eval sets with some `evaluation:` settings replaced."""
     return {
-        name: eval_set.model_copy(update={"evaluation": eval_set.evaluation.model_copy(update={"backend": backend})})
+        name: eval_set.model_copy(update={"evaluation": eval_set.evaluation.model_copy(update=changes)})
         for name, eval_set in eval_sets.items()
     }
 
 
-def demo_search_rows(prepared, args) -> list[str]:
-    """One demo worker per backend, scoring the same candidates in turn: wall per candidate (merge + score)."""
+def demo_worker_rows(prepared, eval_sets: dict, contenders: dict[str, dict], label: str, args) -> list[str]:
+    """One demo worker per contender (eval-set overrides), the same candidates in turn: wall per candidate."""
     import numpy as np
 
     from evomerge.search.worker import MergeWorker, WorkerSettings
 
     spec = prepared.spec
     workers = {
-        backend: MergeWorker(
-            WorkerSettings(spec.models.base, prepared.union_config, with_backend(prepared.eval_sets, backend)), backend
+        name: MergeWorker(
+            WorkerSettings(spec.models.base, prepared.union_config, with_settings(eval_sets, **changes)), name
         )
-        for backend in ("native", "lm_eval")
+        for name, changes in contenders.items()
     }
     rng = np.random.default_rng(0)
     configs = [
         prepared.genome.merge_config_dict(rng.uniform(0.05, 0.95, prepared.genome.dim))
         for _ in range(args.candidates + 1)
     ]
-    walls: dict[str, list[float]] = {backend: [] for backend in workers}
-    evals: dict[str, list[float]] = {backend: [] for backend in workers}
-    scores: dict[str, list[float]] = {backend: [] for backend in workers}
+    walls: dict[str, list[float]] = {name: [] for name in workers}
+    evals: dict[str, list[float]] = {name: [] for name in workers}
+    scores: dict[str, list[float]] = {name: [] for name in workers}
     for trial, config in enumerate(configs):
-        for backend, worker in workers.items():
+        for name, worker in workers.items():
             started = time.perf_counter()
             result = worker.evaluate(trial, config)
             if not result.ok:
-                raise RuntimeError(f"{backend} candidate {trial} failed: {result.reason}")
-            if trial:  # the first candidate fills caches on both sides
-                walls[backend].append(time.perf_counter() - started)
-                evals[backend].append(result.eval_s)
-            scores[backend].append(result.score)
-    same = sum(a == b for a, b in zip(scores["native"], scores["lm_eval"], strict=True))
-    wall = {backend: statistics.median(values) for backend, values in walls.items()}
-    docs = sum(len(indices) for indices in workers["native"].evaluators["search"].subset_indices().values())
+                raise RuntimeError(f"{name} candidate {trial} failed: {result.reason}")
+            if trial:  # the first candidate fills caches on every side
+                walls[name].append(time.perf_counter() - started)
+                evals[name].append(result.eval_s)
+            scores[name].append(result.score)
+    wall = {name: statistics.median(values) for name, values in walls.items()}
+    reference = "lm_eval"
     rows = [
-        f"| demo search worker, {args.candidates} candidates (merge + score {docs} docs) "
-        f"| {backend} | {wall[backend]:.3f} | {60 / wall[backend]:,.0f} evaluations/min (scoring alone {statistics.median(evals[backend]):.3f} s) "
-        f"| | {wall['lm_eval'] / wall[backend]:.2f} |"
-        for backend in workers
+        f"| {label}, {args.candidates} candidates | {name} | {wall[name]:.3f} "
+        f"| {60 / wall[name]:,.0f} evaluations/min (scoring alone {statistics.median(evals[name]):.3f} s) "
+        f"| | {wall[reference] / wall[name]:.2f} |"
+        for name in workers
     ]
-    return rows + [
-        f"| demo search worker | scores identical native vs lm_eval | | {same} of {len(configs)} candidates | | |"
-    ]
+    for name in workers:
+        if name != "native":
+            same = sum(a == b for a, b in zip(scores["native"], scores[name], strict=True))
+            rows.append(f"| {label} | scores identical, native vs {name} | | {same} of {len(configs)} candidates | | |")
+    return rows
 
 
-def demo_generation_rows(args) -> list[str]:
-    """The reverse expert answering the reverse skill greedily, as a generate_until task."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    expert = REPO / ".cache" / "demo_zoo" / "expert_reverse"
-    model = AutoModelForCausalLM.from_pretrained(expert, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(expert)
-    with tempfile.TemporaryDirectory(prefix="bench_eval_demo_") as scratch:
-        folder = Path(scratch)
-        data = REPO / "evals" / "demo" / "data" / "reverse_search.jsonl"
-        (folder / "demo_reverse_generate.yaml").write_text(
-            "task: demo_reverse_generate\ndataset_path: json\n"
+def write_demo_generation_tasks(folder: Path) -> list[dict]:
+    """The three demo skills' search splits as greedy generation: stop at '.', a regex filter."""
+    tasks = []
+    for skill in ("reverse", "increment", "rotate"):
+        data = REPO / "evals" / "demo" / "data" / f"{skill}_search.jsonl"
+        name = f"demo_{skill}_generate"
+        (folder / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\n"
             f"dataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\noutput_type: generate_until\n"
             "doc_to_text: '{{prompt}}'\ndoc_to_target: '{{target}}'\n"
             "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 16\n  do_sample: false\n"
-            "filter_list:\n  - name: strict-match\n    filter:\n      - function: regex\n        regex_pattern: '([a-z]+)'\n"
-            "      - function: take_first\n"
+            "filter_list:\n  - name: strict-match\n    filter:\n      - function: regex\n"
+            "        regex_pattern: '([a-z0-9]+)'\n      - function: take_first\n"
             "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
         )
-        eval_set = eval_set_for("demo_reverse_generate", folder, args, metric="exact_match", limit=args.demo_docs)
-        contenders = evaluators(model, tokenizer, eval_set, "cpu")
-        results = {backend: evaluator.evaluate() for backend, evaluator in contenders.items()}
-        medians = interleaved({b: lambda b=b: contenders[b].evaluate().seconds for b in contenders}, args.rounds)
-    same = results["native"].metrics == results["lm_eval"].metrics
-    return [
-        f"| demo generate_until (reverse expert, {args.demo_docs} docs, stop '.', regex filter) | {backend} "
-        f"| {seconds:.3f} | {60 / seconds:,.1f} evaluations/min, exact_match {results[backend].score:.4f} | "
-        f"| {medians['lm_eval'] / seconds:.2f} |"
-        for backend, seconds in medians.items()
-    ] + [f"| demo generate_until | metrics identical native vs lm_eval | | {same} | | |"]
+        tasks.append({"name": name, "metric": "exact_match,strict-match"})
+    return tasks
 
 
 def demo_mode(args) -> list[str]:
     import build_demo_zoo
 
+    from evomerge.evaluation.config import EvaluationSpec
     from evomerge.preflight import preflight
     from evomerge.spec import load_spec
 
     build_demo_zoo.build_zoo(build_demo_zoo.DEFAULT_OUT)
     prepared = preflight(load_spec(REPO / "search_spaces" / "demo.yaml"))
-    args.batch_size = prepared.spec.evaluation.batch_size
+    evaluation = prepared.spec.evaluation
+    budget = {"token_budget": args.token_budget} if args.token_budget else {}
+    contenders = {"native": {"backend": "native", **budget}, "lm_eval": {"backend": "lm_eval"}}
+    # lm_eval also at evaluation.batch_size's default, which most generation specs run with.
+    generating = contenders | {
+        f"lm_eval, batch {DEFAULT_BATCH_SIZE}": {"backend": "lm_eval", "batch_size": DEFAULT_BATCH_SIZE}
+    }
     header = [
-        f"Demo zoo (.cache/demo_zoo), spec search_spaces/demo.yaml, {args.threads} torch thread(s), "
-        f"lm_eval batch size {args.batch_size}, native token budget {args.token_budget}\n",
+        f"Demo zoo (.cache/demo_zoo), spec search_spaces/demo.yaml, {args.threads} torch thread(s), lm_eval batch size "
+        f"{evaluation.batch_size}, native token budget {args.token_budget or 'default (512 loglikelihood, 16384 generation)'}\n",
         "| work | contender | seconds | throughput | | vs lm_eval |",
         "|---|---|---|---|---|---|",
     ]
-    return header + demo_search_rows(prepared, args) + demo_generation_rows(args)
+    rows = demo_worker_rows(
+        prepared, prepared.eval_sets, contenders, "demo search worker (loglikelihood, 360 docs)", args
+    )
+    with tempfile.TemporaryDirectory(prefix="bench_eval_demo_") as scratch:
+        tasks = write_demo_generation_tasks(Path(scratch))
+        generation = EvaluationSpec(
+            tasks=tasks, include=[scratch], limit=args.demo_docs // len(tasks), batch_size=evaluation.batch_size, seed=0
+        ).eval_sets()
+        label = f"demo worker, generate_until ({args.demo_docs} docs, stop '.', regex filter)"
+        rows += demo_worker_rows(prepared, generation, generating, label, args)
+    return header + rows
 
 
 def parse_args() -> argparse.Namespace:
@@ -331,7 +337,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-words", type=int, nargs=2, default=(48, 96), metavar=("MIN", "MAX"))
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32, help="lm_eval's batch size")
-    parser.add_argument("--token-budget", type=int, default=16384, help="native's evaluation.token_budget")
+    parser.add_argument("--token-budget", type=int, help="native's evaluation.token_budget (default: the device's)")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds, after an untimed one")
     parser.add_argument("--candidates", type=int, default=12, help="demo: timed candidates per backend")
     parser.add_argument("--demo-docs", type=int, default=120, help="demo: generate_until docs")
@@ -343,6 +349,10 @@ def parse_args() -> argparse.Namespace:
     if args.smoke:
         args.size, args.docs, args.words, args.prompts, args.prompt_words = "smoke", 16, (4, 12), 8, (4, 10)
         args.new_tokens, args.batch_size, args.token_budget, args.rounds = 6, 4, 256, 1
+    if args.token_budget is None and not args.demo:  # the plain forward's batches: the device's default
+        from evomerge.evaluation.native import default_token_budget
+
+        args.token_budget = default_token_budget(torch.device(args.device))
     return args
 
 

@@ -204,7 +204,7 @@ def parse_args() -> argparse.Namespace:
         "--candidates", type=int, default=5, help="timed candidates, after a first one that fills caches"
     )
     parser.add_argument("--batch-size", type=int, default=32, help="evaluation.batch_size (the lm_eval backend's)")
-    parser.add_argument("--token-budget", type=int, default=16384, help="evaluation.token_budget (native's)")
+    parser.add_argument("--token-budget", type=int, help="evaluation.token_budget (default: the device's)")
     parser.add_argument("--backend", default="native", choices=("native", "lm_eval"))
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench_merge")
     parser.add_argument(
@@ -214,6 +214,10 @@ def parse_args() -> argparse.Namespace:
     if args.smoke:
         args.size, args.docs, args.words, args.candidates, args.batch_size = "smoke", 24, (4, 12), 2, 8
         args.token_budget = 256
+    if args.token_budget is None:
+        from evomerge.evaluation.native import default_token_budget
+
+        args.token_budget = default_token_budget(torch.device(args.device))
     return args
 
 

@@ -83,7 +83,12 @@ class EvaluationSpec(Strict):
     max_length: int | None = Field(None, ge=8)
     top_k: int = Field(5, ge=0, description="Trials re-scored on the held-out tasks at the end.")
     backend: BackendName = Field(BackendName.NATIVE, description="native: evomerge's batched scorer; lm_eval: HFLM.")
-    token_budget: int = Field(16384, ge=64, le=TOKEN_BUDGET_LIMIT, description="native: tokens per forward batch.")
+    token_budget: int | None = Field(
+        None,
+        ge=64,
+        le=TOKEN_BUDGET_LIMIT,
+        description="native: tokens per batch; default 16384 (GPU) or 512 (CPU), 16384 when generating.",
+    )
     apply_chat_template: bool = Field(False, description="Render prompts with the tokenizer's chat template.")
     system_instruction: str | None = Field(None, description="A system message before every prompt.")
     fewshot_as_multiturn: bool | None = Field(
@@ -160,7 +165,7 @@ EvalSet.model_rebuild()
 # them out while they hold these values, so runs started before they existed still resume.
 LATER_EVALUATION_DEFAULTS = {
     "backend": BackendName.NATIVE.value,
-    "token_budget": 16384,
+    "token_budget": None,
     "apply_chat_template": False,
     "system_instruction": None,
     "fewshot_as_multiturn": None,

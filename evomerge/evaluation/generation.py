@@ -3,7 +3,7 @@
 lm-eval's HFLM runs `generate` in batches of `batch_size` prompts, and a batch runs until every
 row has met a stop string (its stop test is batch-wide), so rows that finished early keep
 computing. Here prompts are length-sorted into batches sized by a token budget (prompt + new
-tokens per row), and each row stops on its own once its text holds a stop string or it emits an
+tokens per row: the KV cache), and each row stops on its own once its text holds a stop string or it emits an
 end-of-sequence id. The text is decoded and cut exactly as lm-eval does it
 (`skip_special_tokens=True`, then `postprocess_generated_text`), so the extra text lm-eval
 generates past a stop is cut off anyway: the strings are the same.
@@ -137,6 +137,7 @@ class GreedyGenerator:
         # Only requests with the same settings share a batch, as lm-eval groups them.
         for _, group in groupby(sorted(range(len(requests)), key=settings), key=settings):
             members = list(group)
+            # A row holds its prompt and its new tokens in the KV cache: that is what the budget bounds.
             lengths = [len(requests[index].context) + requests[index].max_gen_toks for index in members]
             for batch in token_budget_batches(lengths, self.token_budget, MAX_GENERATION_ROWS):
                 chosen = [members[position] for position in batch]

@@ -18,6 +18,9 @@ from evomerge.errors import UserError
 from evomerge.evaluation.backend import SCORED_OUTPUT_TYPES, GenerationRequest, ScoringBackend, TokenPair
 from evomerge.evaluation.seeding import FEWSHOT_SEED, seeded_global_rngs
 
+# The per-doc renderings lm-eval's process_results asks for.
+DOC_FIELDS = ("doc_to_text", "doc_to_target", "doc_to_choice")
+
 
 @dataclass(frozen=True)
 class PromptOptions:
@@ -107,11 +110,35 @@ def _build_task(name: str, task, lm, samples: list[int] | None, options: PromptO
             tokenizer_name=lm.tokenizer_name if options.apply_chat_template else "",
         )
     prepared = PreparedTask(name, task, list(task.doc_iterator(rank=0, limit=None, world_size=1, samples=samples)))
+    _remember_doc_fields(task, [doc for _, doc in prepared.docs])
     for instance in task.instances:
         prepared.instances_by_doc.setdefault(instance.doc_id, []).append(instance)
     for doc_instances in prepared.instances_by_doc.values():
         doc_instances.sort(key=lambda instance: instance.idx)
     return prepared
+
+
+def _remember_doc_fields(task, docs: list[dict]) -> None:
+    """Render each scored doc's text, target and choices once, not on every candidate.
+
+    `process_results` asks for them again per doc and candidate, and lm-eval compiles their Jinja
+    template on every call: half of a small generate_until task's scoring time. They are pure
+    functions of the doc, so this task object (built for this evaluator alone) answers from a memo
+    for these docs, which are the very dicts `score` passes, and asks lm-eval for anything else.
+    """
+    scored = {id(doc) for doc in docs}
+    for name in DOC_FIELDS:
+        render = getattr(task, name)
+        memo: dict[int, Any] = {}
+
+        def remembered(doc, *args, _render=render, _memo=memo, **kwargs):
+            if args or kwargs or id(doc) not in scored:
+                return _render(doc, *args, **kwargs)
+            if id(doc) not in _memo:
+                _memo[id(doc)] = _render(doc)
+            return _memo[id(doc)]
+
+        setattr(task, name, remembered)
 
 
 def _task_metrics(prepared: PreparedTask) -> TaskMetrics:

@@ -31,7 +31,7 @@ def test_new_settings_at_their_defaults_leave_the_fingerprint_alone():
     plain = spec_with()
     spelled_out = spec_with(
         backend="native",
-        token_budget=16384,
+        token_budget=None,
         apply_chat_template=False,
         system_instruction=None,
         fewshot_as_multiturn=None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import lm_eval.utils
 import pytest
 import torch
 from scoring_fixtures import CHAT_TEMPLATE, char_model, char_tokenizer, eval_set
@@ -144,7 +145,7 @@ def test_demo_tasks(quick_demo_zoo):
     assert native.score == evaluators["lm_eval"].evaluate().score
 
 
-def test_native_builds_requests_once(model, monkeypatch):
+def test_native_builds_requests_and_renders_docs_once(model, monkeypatch):
     settings = eval_set([{"name": "tiny_choice"}, {"name": "tiny_generate", "metric": "exact_match,whole"}], limit=8)
     evaluator = Evaluator(model, char_tokenizer(), settings)
     first = evaluator.evaluate()
@@ -156,6 +157,8 @@ def test_native_builds_requests_once(model, monkeypatch):
         monkeypatch.setattr(task, "build_all_requests", rebuilt)
     monkeypatch.setattr(evaluator._lm, "tok_encode", rebuilt)
     monkeypatch.setattr(evaluator._lm, "tok_batch_encode", rebuilt)
+    # process_results asks for each doc's target and choices again: rendered once, not per candidate.
+    monkeypatch.setattr(lm_eval.utils, "apply_template", rebuilt)
 
     again = evaluator.evaluate()
     assert (again.score, again.metrics, again.n_docs) == (first.score, first.metrics, first.n_docs)

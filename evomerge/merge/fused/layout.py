@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from evomerge.merge.validate import ValidatedMerge
+
 BLOCK = 1024
 
 
@@ -105,3 +107,19 @@ class Chunk:
             torch.from_numpy(begins).to(device),
             torch.from_numpy(ends).to(device),
         )
+
+
+def expert_models(validated: ValidatedMerge) -> list[str]:
+    """Every model that feeds some tensor other than as its base, in first-use order: the deltas' rows."""
+    experts: list[str] = []
+    for plan in validated.plan.tensors:
+        for index, (model, _) in enumerate(plan.inputs):
+            if index != plan.base_index and model not in experts:
+                experts.append(model)
+    return experts
+
+
+def segment_refs(plan, experts: list[str]):
+    """(base ref, one ref or None per expert) for one output tensor."""
+    by_model = {ref[0]: ref for index, ref in enumerate(plan.inputs) if index != plan.base_index}
+    return plan.inputs[plan.base_index], [by_model.get(model) for model in experts]

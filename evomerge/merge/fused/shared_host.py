@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 from evomerge.files import write_text_atomic
+from evomerge.merge.fingerprint import weights_fingerprint
 
 SHARED_DIR_ENV = "EVOMERGE_SHARED_DIR"
 
@@ -42,6 +44,12 @@ def shared_directory() -> Path:
         return Path(chosen)
     shm = Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def content_key(model_paths: list[str], layout: dict) -> str:
+    """A digest of the models' weight fingerprints and the layout: equal keys, equal bytes."""
+    facts = {"models": {path: weights_fingerprint(Path(path)) for path in model_paths}, "layout": layout, "format": 1}
+    return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:32]
 
 
 def has_room_for(size_bytes: int, directory: Path | None = None) -> bool:

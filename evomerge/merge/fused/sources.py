@@ -27,22 +27,18 @@ CPU and CUDA generators.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.engine import tensor_seed
-from evomerge.merge.fingerprint import weights_fingerprint
-from evomerge.merge.fused.layout import BLOCK, Chunk, FlatLayout, Record, records
-from evomerge.merge.fused.shared_host import SharedHostCopy, has_room_for, shared_directory
+from evomerge.merge.fused.layout import BLOCK, Chunk, FlatLayout, Record, expert_models, records, segment_refs
+from evomerge.merge.fused.shared_host import SharedHostCopy, content_key, has_room_for, shared_directory
+from evomerge.merge.fused.streaming import Stage, Stager
 from evomerge.merge.fused.tables import MagnitudeTables, ParameterTable
 from evomerge.merge.io import LazyTensorReader
 from evomerge.merge.memory_plan import DEFAULT_WORKSPACE_BYTES, sources_fit_device
@@ -84,25 +80,6 @@ def fused_unavailable_reason(device: str, method: MethodInfo, interpreter_ok: bo
     return "the fused kernel needs CUDA (or TRITON_INTERPRET=1, Triton's CPU interpreter)"
 
 
-@dataclass
-class Stage:
-    """What a launch reads: one record, in the storage itself or copied to the device."""
-
-    buffer: torch.Tensor  # [base | delta 0 | ...] of one record, `elements` each
-    elements: int
-    experts: int
-    ready: torch.cuda.Event | None = None  # the chunk's copy has landed (host placement on CUDA)
-    free: torch.cuda.Event | None = None  # the last launch reading this stage has finished
-
-    @property
-    def base(self) -> torch.Tensor:
-        return self.buffer[: self.elements]
-
-    @property
-    def deltas(self) -> torch.Tensor:
-        return self.buffer[self.elements : (1 + self.experts) * self.elements].view(self.experts, self.elements)
-
-
 class FusedSources:
     """The sources of a task-vector search as flat records, merged by the fused kernel."""
 
@@ -119,10 +96,10 @@ class FusedSources:
         self.device = torch.device(device)
         self.placement = placement
         plans = [plan for plan in validated.plan.tensors if only is None or plan.output in only]
-        self.experts = _expert_models(validated)
+        self.experts = expert_models(validated)
         self.layout = FlatLayout.of([p.output for p in plans], [_shape(validated, p) for p in plans])
         self.segment_of = {name: index for index, name in enumerate(self.layout.names)}
-        self.refs = [_segment_refs(plan, self.experts) for plan in plans]
+        self.refs = [segment_refs(plan, self.experts) for plan in plans]
         self.work_dtype = _uniform(validated.working_dtype.values(), "working dtype")
         self.out_dtype = _uniform(validated.out_dtype.values(), "output dtype")
         self.before_l1 = torch.ones((len(plans), len(self.experts)), dtype=self.work_dtype, device=self.device)
@@ -131,7 +108,7 @@ class FusedSources:
         self.storage = torch.empty(0, dtype=self.work_dtype)
         self.records: list[Record] = []
         self.shared: SharedHostCopy | None = None
-        self._stages: list[Stage] = []
+        self._stager: Stager | None = None
 
     @classmethod
     def plan(
@@ -278,68 +255,21 @@ class FusedSources:
         self.magnitudes.build_index()
 
     def _shared_key(self) -> str:
-        """A digest of everything the shared bytes depend on, so a copy is reused only when identical."""
+        """Names the shared copy by everything its bytes depend on, so it is reused only when identical."""
         models = sorted({ref[0] for base_ref, expert_refs in self.refs for ref in (base_ref, *expert_refs) if ref})
-        facts = {
-            "models": {path: weights_fingerprint(Path(path)) for path in models},
-            "refs": self.refs,
-            "shapes": self.layout.shapes,
-            "dtype": str(self.work_dtype),
-            "records": [(r.first, r.last, r.elements) for r in self.records],
-            "format": 1,
-        }
-        return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:32]
+        layout = {"refs": self.refs, "shapes": self.layout.shapes, "dtype": str(self.work_dtype)}
+        return content_key(models, layout | {"records": [(r.first, r.last, r.elements) for r in self.records]})
 
     def _prepare_launches(self) -> None:
-        """Per-chunk block tables, and for host placement two device staging buffers."""
+        """Per-chunk block tables, and the stager (two device staging buffers for host placement)."""
         layout, device = self.layout, self.device
         self._segment_start = torch.from_numpy(layout.starts).to(device)
         self._segment_numel = torch.from_numpy(layout.numels).to(device)
         self._chunks = [Chunk.of(layout, record, device) for record in self.records]
         # Rows stay 1 where nothing is rescaled; DARE overwrites every row of each chunk it runs.
         self._ratios = torch.ones((len(layout.names), len(self.experts)), dtype=torch.float32, device=device)
-        if self.placement == "host":
-            widest = max(record.elements for record in self.records)
-            self._stages = [self._stage_buffers(widest) for _ in range(2)]
-
-    def _stage_buffers(self, elements: int) -> Stage:
-        experts = len(self.experts)
-        buffer = torch.empty((1 + experts) * elements, dtype=self.work_dtype, device=self.device)
-        stage = Stage(buffer, elements, experts)
-        if self.device.type == "cuda":
-            stage.ready, stage.free = torch.cuda.Event(), torch.cuda.Event()
-        return stage
-
-    def _staged_chunks(self) -> Iterator[tuple[Chunk, Stage]]:
-        """(chunk, buffers) per launch; host placement copies each chunk in, overlapping the last launch."""
-        experts = len(self.experts)
-        if self.placement == "device":
-            record = self.records[0]
-            yield self._chunks[0], Stage(self.storage, record.elements, experts)
-            return
-        copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        for index, chunk in enumerate(self._chunks):
-            stage = self._stages[index % 2]
-            yield chunk, self._copy_in(stage, chunk.record, copy_stream)
-
-    def _copy_in(self, stage: Stage, record: Record, copy_stream: torch.cuda.Stream | None) -> Stage:
-        """The record copied into the stage's buffer: one contiguous copy."""
-        size = (1 + stage.experts) * record.elements
-        view = Stage(stage.buffer[:size], record.elements, stage.experts, stage.ready, stage.free)
-        source = self.storage[record.offset : record.offset + size]
-        if copy_stream is None or stage.ready is None or stage.free is None:
-            view.buffer.copy_(source)
-            return view
-        copy_stream.wait_event(stage.free)
-        with torch.cuda.stream(copy_stream):
-            view.buffer.copy_(source, non_blocking=True)
-            stage.ready.record(copy_stream)
-        torch.cuda.current_stream(self.device).wait_event(stage.ready)
-        return view
-
-    def _release_stage(self, stage: Stage) -> None:
-        if stage.free is not None:
-            stage.free.record(torch.cuda.current_stream(self.device))
+        streamed = self.placement == "host"
+        self._stager = Stager(self.storage, self.records, len(self.experts), device, streamed)
 
     def byte_size(self) -> int:
         return self.storage.numel() * self.storage.element_size()
@@ -397,11 +327,15 @@ class FusedSources:
 
         table, host_table = prepared
         packed = torch.from_numpy(host_table).to(self.device)
-        ratios = self._ratios
+        ratios, stager = self._ratios, self._stager
+        if stager is None:
+            raise RuntimeError("launch before fill: the sources hold nothing yet")
         rescale = self.method.sparsification == "random" and bool(table.rescale.any())
-        for chunk, stage in self._staged_chunks():
+        # Uploaded once, not per chunk: a pageable upload waits for the queued kernels.
+        unscaled = torch.from_numpy((table.densities >= 1) | ~table.rescale[:, None]).to(self.device)
+        for chunk, stage in zip(self._chunks, stager.stages(), strict=True):
             if rescale:
-                self._fill_ratios(ratios, chunk, stage, packed, table, kernels)
+                self._fill_ratios(ratios, chunk, stage, packed, unscaled, kernels)
             grid = (chunk.block_segment.numel(),)
             kernels.task_vector_merge_kernel[grid](
                 stage.base,
@@ -424,9 +358,9 @@ class FusedSources:
                 BLOCK=BLOCK,
                 enable_fp_fusion=False,
             )
-            self._release_stage(stage)
+            stager.release(stage)
 
-    def _fill_ratios(self, ratios, chunk: Chunk, stage: Stage, packed, table: ParameterTable, kernels) -> None:
+    def _fill_ratios(self, ratios, chunk: Chunk, stage: Stage, packed, unscaled: torch.Tensor, kernels) -> None:
         """DARE's L1 rescale factors for the chunk's tensors, computed as `l1_rescaled` does."""
         blocks = chunk.block_segment.numel()
         partial = torch.empty((len(self.experts), blocks), dtype=torch.float32, device=self.device)
@@ -448,24 +382,8 @@ class FusedSources:
         after = (running[:, chunk.block_ends] - running[:, chunk.block_begins]).T.to(self.work_dtype)
         rows = slice(chunk.record.first, chunk.record.last)
         before = self.before_l1[rows]
-        unscaled = torch.from_numpy((table.densities[rows] >= 1) | ~table.rescale[rows, None]).to(self.device)
-        unscaled = unscaled | (before < 1e-7) | (after < 1e-7)
-        ratios[rows] = torch.where(unscaled, torch.ones_like(before), before / after).float()
-
-
-def _expert_models(validated: ValidatedMerge) -> list[str]:
-    experts: list[str] = []
-    for plan in validated.plan.tensors:
-        for index, (model, _) in enumerate(plan.inputs):
-            if index != plan.base_index and model not in experts:
-                experts.append(model)
-    return experts
-
-
-def _segment_refs(plan, experts: list[str]):
-    """(base ref, one ref or None per expert) for one output tensor."""
-    by_model = {ref[0]: ref for index, ref in enumerate(plan.inputs) if index != plan.base_index}
-    return plan.inputs[plan.base_index], [by_model.get(model) for model in experts]
+        keep = unscaled[rows] | (before < 1e-7) | (after < 1e-7)
+        ratios[rows] = torch.where(keep, torch.ones_like(before), before / after).float()
 
 
 def _shape(validated: ValidatedMerge, plan) -> tuple[int, ...]:

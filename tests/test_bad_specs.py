@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from refusals import record_refusal
 from search_zoo import FIXTURE_EVALS
 from tiny_models import write_corrupt_checkpoint
 from typer.testing import CliRunner
@@ -240,7 +241,11 @@ CASES = {
         ["genome.bounds", "weight bounds must lie in [-100, 100]"],
     ),
     "bounds-for-an-unsearched-parameter": (
-        lambda s, m, x: put(s, "genome.bounds", {"lambda": [0.5, 1.5]}),
+        # TIES searches lambda by default (search version 2); a spec that names its genes leaves it out.
+        lambda s, m, x: (
+            put(s, "genome.params", ["weight", "density"]),
+            put(s, "genome.bounds", {"lambda": [0.5, 1.5]}),
+        ),
         ["genome.bounds", "'lambda' is not searched", "genome.params"],
     ),
     "gene-the-method-does-not-take": (
@@ -374,6 +379,7 @@ def run_in_process(*args) -> tuple[int, list[str]]:
 def assert_one_clean_line(code: int, lines: list[str], expected: list[str]) -> None:
     assert code == 2, f"exit {code}: {lines}"
     assert len(lines) == 1, f"expected one line on stderr, got {lines}"
+    record_refusal(lines[0])
     assert "Traceback" not in lines[0]
     for word in expected:
         assert word.lower() in lines[0].lower(), f"{word!r} not in: {lines[0]}"

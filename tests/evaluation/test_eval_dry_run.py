@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from refusals import record_refusal
 from search_zoo import FIXTURE_EVALS
 from tiny_models import write_corrupt_checkpoint
 from typer.testing import CliRunner
@@ -141,6 +142,7 @@ def run_cli(*args) -> tuple[int, list[str]]:
 def assert_refused_in_one_line(code: int, lines: list[str], expected: list[str]) -> None:
     assert code == 2, f"exit {code}: {lines}"
     assert len(lines) == 1, f"expected one line on stderr, got {lines}"
+    record_refusal(lines[0])
     assert "Traceback" not in lines[0]
     for word in expected:
         assert word.lower() in lines[0].lower(), f"{word!r} not in: {lines[0]}"

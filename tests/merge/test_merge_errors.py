@@ -25,6 +25,7 @@ import safetensors
 import safetensors.torch
 import yaml
 from cli_runner import run_cli_in_process, snapshot
+from refusals import record_refusal
 from tiny_models import TinyZoo
 
 from evomerge.errors import UserError
@@ -104,6 +105,7 @@ def assert_refused(refusal: Refusal, expected: list[str]) -> None:
     assert finished.returncode == 2, f"exit {finished.returncode}; stderr:\n{finished.stderr}"
     assert "Traceback" not in finished.stderr
     assert len(lines) == 1, f"expected one line on stderr, got:\n{finished.stderr}"
+    record_refusal(lines[0])
     assert lines[0].startswith(f"error: {refusal.prefix}"), f"{lines[0]!r} does not start with the file's name"
     for expected_text in expected:
         assert expected_text.lower() in lines[0].lower(), f"{expected_text!r} not in: {lines[0]}"

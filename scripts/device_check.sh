@@ -49,5 +49,5 @@ step fused_merge_tests 150 python -m pytest -q -p no:cacheprovider tests/merge/t
   tests/merge/test_tie_rule.py tests/merge/test_placement.py tests/merge/test_shared_host.py
 step bench_fused 100 python scripts/bench_fused.py --device cuda --out "$OUT_DIR"
 step bench_search 170 python scripts/bench_search.py --device cuda --size 1.5b --candidates 5
-step bench_eval 190 python scripts/bench_eval.py --device cuda --size 1.5b --rounds 1 --out "$OUT_DIR"
+step bench_eval 190 python scripts/bench_eval.py --device cuda --size 1.5b --rounds 1 --prompts 128 --out "$OUT_DIR"
 echo "tables: $OUT_DIR/bench_fused.md, $OUT_DIR/bench_search.txt, $OUT_DIR/bench_eval.md; test log: $OUT_DIR/fused_merge_tests.txt" | tee -a "$SUMMARY"

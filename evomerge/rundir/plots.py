@@ -75,6 +75,31 @@ def score_over_evaluations(history, marks: ScoreMarks, path: Path) -> None:
             label="evolved merge",
             zorder=3,
         )
+    _baseline_diamonds(ax, baselines)
+    if failed:
+        ax.scatter(
+            [e.number for e in failed],
+            [0.03] * len(failed),
+            transform=ax.get_xaxis_transform(),
+            marker="x",
+            s=40,
+            color=FAILED,
+            label=f"failed ({len(failed)})",
+            zorder=4,
+        )
+    if done:
+        _best_line(ax, evolved, history[-1].number)
+    _reference_lines(ax, baselines)
+    _marks(ax, history, marks)
+    ax.margins(y=0.12)  # room above the best dot for its label
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("evaluation (in order finished)")
+    ax.set_ylabel("search score")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8.5)
+    _save(fig, path)
+
+
+def _baseline_diamonds(ax, baselines) -> None:
     colors = _family_colors([e.family.value for e in baselines])
     for family in ("base", "parent", "default merge"):
         members = [(e, c) for e, c in zip(baselines, colors, strict=True) if e.family.value == family]
@@ -89,31 +114,19 @@ def score_over_evaluations(history, marks: ScoreMarks, path: Path) -> None:
                 label=family if family == "base" else f"{family}s",
                 zorder=3,
             )
-    if failed:
-        ax.scatter(
-            [e.number for e in failed],
-            [0.03] * len(failed),
-            transform=ax.get_xaxis_transform(),
-            marker="x",
-            s=40,
-            color=FAILED,
-            label=f"failed ({len(failed)})",
-            zorder=4,
-        )
-    if done:
-        _best_line(ax, evolved, history[-1].number)
+
+
+def _reference_lines(ax, baselines) -> None:
+    """The best parent and the best default merge as dashed lines, named in the legend."""
     for family in ("parent", "default merge"):
         members = [e for e in baselines if e.family.value == family]
         if members:
             top = max(members, key=lambda e: e.score)
-            ax.axhline(
-                top.score,
-                color=FAMILY_LINES[family],
-                linestyle="--",
-                linewidth=1.1,
-                zorder=2,
-                label=f"best {family}: {_short(top.label)} ({top.score:.3f})",
-            )
+            label = f"best {family}: {_short(top.label)} ({top.score:.3f})"
+            ax.axhline(top.score, color=FAMILY_LINES[family], linestyle="--", linewidth=1.1, zorder=2, label=label)
+
+
+def _marks(ax, history, marks: ScoreMarks) -> None:
     winner = next((e for e in history if e.trial == marks.winner and e.score is not None), None)
     if winner is not None:
         ax.scatter(
@@ -129,20 +142,8 @@ def score_over_evaluations(history, marks: ScoreMarks, path: Path) -> None:
         )
     if marks.reach is not None:
         searched, number = marks.reach
-        ax.axvline(
-            number,
-            color=MUTED,
-            linestyle=":",
-            linewidth=1.4,
-            zorder=1,
-            label=f"95% of the best after {searched} evolved evaluation{'s' if searched != 1 else ''}",
-        )
-    ax.margins(y=0.12)  # room above the best dot for its label
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("evaluation (in order finished)")
-    ax.set_ylabel("search score")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8.5)
-    _save(fig, path)
+        label = f"95% of the best after {searched} evolved evaluation{'s' if searched != 1 else ''}"
+        ax.axvline(number, color=MUTED, linestyle=":", linewidth=1.4, zorder=1, label=label)
 
 
 def _short(label: str, width: int = 28) -> str:

@@ -229,6 +229,32 @@ def _table_rows(verdict: Verdict) -> list[dict]:
     return rows
 
 
+CAPTIONS = {
+    "scores.png": (
+        "Search score over evaluations",
+        "Each dot is one evaluation in the order it finished (baselines as diamonds, coloured by kind); the line is the best "
+        "evolved search score so far, the dashed lines the best parent and the best default merge. The star is the held-out "
+        "winner: the best search score is biased upward, so export picks on held-out data.",
+    ),
+    "tasks.png": (
+        "Per-task metrics",
+        "The held-out winner (what export gives; on search tasks, the best evolved merge if the winner is a baseline) against "
+        "every baseline, per task, with ±1 standard error. Grey: the base; greens: the parents; oranges: the default merges; "
+        "blue: evolved.",
+    ),
+    "genes.png": (
+        "Merge recipe per layer group",
+        "Decoded genes of {drawn} evolved merges: the held-out winner first, then the other re-scored ones by held-out score, "
+        "then the best search scores. Columns are layer ranges (L0-3: decoder layers 0 to 3); colour scales span each "
+        "parameter's range over the whole search.",
+    ),
+    "pareto.png": (
+        "Pareto front",
+        "Every objective is maximized; the highlighted evaluations are the ones no other evaluation beats on all objectives at once.",
+    ),
+}
+
+
 def _draw_figures(
     out_dir: Path,
     spec: dict,
@@ -238,57 +264,31 @@ def _draw_figures(
     gene_table: list[GeneRow] | None,
 ) -> list[dict]:
     """Draw every figure the run has data for; returns [{file, title, caption}] in page order."""
-    figures = []
+    drawn: dict[str, dict] = {}
     winner = verdict.winner.trial if verdict.winner else None
     if history:
         numbers = [e.number for e in history if e.kind == "optimizer"]
-        reach = verdict.reach
-        marks = plots.ScoreMarks((reach, numbers[reach - 1]) if reach else None, winner)
-        plots.score_over_evaluations(history, marks, out_dir / "scores.png")
-        figures.append(
-            {
-                "file": "scores.png",
-                "title": "Search score over evaluations",
-                "caption": "Each dot is one evaluation in the order it finished (baselines as diamonds, coloured by kind); "
-                "the line is the best evolved search score so far, the dashed lines the best parent and the best default merge. "
-                "The star is the held-out winner: the best search score is biased upward, so export picks on held-out data.",
-            }
-        )
+        reach = (verdict.reach, numbers[verdict.reach - 1]) if verdict.reach else None
+        plots.score_over_evaluations(history, plots.ScoreMarks(reach, winner), out_dir / "scores.png")
+        drawn["scores.png"] = {}
     task_panels = _task_panels(trials, winner)
     if task_panels:
         plots.task_bars(task_panels, out_dir / "tasks.png")
-        figures.append(
-            {
-                "file": "tasks.png",
-                "title": "Per-task metrics",
-                "caption": "The held-out winner (what export gives; on search tasks, the best evolved merge if the winner is a baseline) "
-                "against every baseline, per task, with ±1 standard error. Grey: the base; greens: the parents; oranges: the default merges; blue: evolved.",
-            }
-        )
+        drawn["tasks.png"] = {}
     ranked = _heatmap_trials(trials, verdict, TOP_K)
     if ranked:
         models = [Path(p).name for p in (spec.get("models") or {}).get("experts", [])]
         grids = [(title, gene_grids(t.params, models, gene_table)) for title, t in ranked]
-        drawn = plots.gene_heatmaps(grids, _param_ranges(trials, gene_table), out_dir / "genes.png")
-        figures.append(
-            {
-                "file": "genes.png",
-                "title": "Merge recipe per layer group",
-                "caption": f"Decoded genes of {drawn} evolved merges: the held-out winner first, then the other re-scored ones by held-out score, "
-                "then the best search scores. Columns are layer ranges (L0-3: decoder layers 0 to 3); colour scales span each parameter's range over the whole search.",
-            }
-        )
+        count = plots.gene_heatmaps(grids, _param_ranges(trials, gene_table), out_dir / "genes.png")
+        drawn["genes.png"] = {"drawn": count}
     pareto = _pareto_data(spec, trials, history)
     if pareto:
         plots.pareto_front(*pareto, out_dir / "pareto.png")
-        figures.append(
-            {
-                "file": "pareto.png",
-                "title": "Pareto front",
-                "caption": "Every objective is maximized; the highlighted evaluations are the ones no other evaluation beats on all objectives at once.",
-            }
-        )
-    return figures
+        drawn["pareto.png"] = {}
+    return [
+        {"file": name, "title": CAPTIONS[name][0], "caption": CAPTIONS[name][1].format(**values)}
+        for name, values in drawn.items()
+    ]
 
 
 def _task_panels(trials: dict[int, Trial], winner: int | None) -> list[dict]:

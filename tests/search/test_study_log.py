@@ -35,7 +35,9 @@ OPTIMIZERS = {
 
 
 def finished_run(tmp_path: Path, name: str, max_evals: int = 19, **sections) -> tuple[object, Path]:
-    spec = parse_spec(fake_spec_data(tmp_path / "runs", name, budget={"max_evals": max_evals}, **sections), "spec", tmp_path)
+    spec = parse_spec(
+        fake_spec_data(tmp_path / "runs", name, budget={"max_evals": max_evals}, **sections), "spec", tmp_path
+    )
     run_dir = create_run_dir(spec)
     search = open_search(spec, run_dir)
     search.run_with(fake_scheduler())

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge.errors import UserError
-from evomerge.evaluation.config import EvalSet
 from evomerge.evaluation.checks import check_chat_template
+from evomerge.evaluation.config import EvalSet
 from evomerge.evaluation.dry_run import rehearse_eval_set
 from evomerge.evaluation.tasks import resolve_tasks
 from evomerge.genome import Genome, default_merge_label
 from evomerge.merge.config import MergeConfig
-from evomerge.merge.fingerprint import weights_fingerprint
+from evomerge.merge.fingerprint import same_weights, weights_fingerprint
 from evomerge.merge.methods import METHODS
 from evomerge.merge.tokenizers import VOCABULARY_FILES, read_tokenizer, tokenizer_difference
 from evomerge.merge.validate import validate_merge_config
@@ -104,7 +104,7 @@ def _check_distinct_weights(fields: dict[str, str], source: str) -> None:
     seen: dict[str, str] = {}
     for path, field in fields.items():
         fingerprint = weights_fingerprint(Path(path))
-        if fingerprint in seen:
+        if fingerprint in seen and same_weights(Path(_path_of(fields, seen[fingerprint])), Path(path)):
             first = seen[fingerprint]
             raise UserError(
                 f"{source}: {field}: '{path}' holds the same weights as {first} ('{_path_of(fields, first)}'); "

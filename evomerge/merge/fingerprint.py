@@ -9,6 +9,7 @@ does not produce. A few hundred kilobytes are read even for a 70B model; no tens
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import struct
@@ -25,6 +26,18 @@ def weights_fingerprint(folder: Path) -> str:
         digest.update(path.name.encode())
         _hash_file(path, digest)
     return digest.hexdigest()
+
+
+def same_weights(first: Path, second: Path) -> bool:
+    """Byte-for-byte equality of two folders' safetensors files: the confirmation of a fingerprint match.
+
+    A fine-tune that moved only a few unsampled rows (say, new token embeddings) has the same
+    fingerprint as its base; only a full read tells them apart, and it runs only on a match.
+    """
+    names = sorted(p.name for p in first.glob("*.safetensors"))
+    if names != sorted(p.name for p in second.glob("*.safetensors")):
+        return False
+    return all(filecmp.cmp(first / name, second / name, shallow=False) for name in names)
 
 
 def _hash_file(path: Path, digest) -> None:

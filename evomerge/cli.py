@@ -336,7 +336,7 @@ def search(
     debug: bool = DebugOption,
 ):
     """Run a search; results go to runs/NAME/."""
-    from evomerge.search.loop import start_search
+    from evomerge.search.start import start_search
     from evomerge.spec import load_spec
 
     progress = _progress_settings(quiet, log_every)
@@ -371,7 +371,7 @@ def resume(
 ):
     """Continue a stopped or crashed search exactly where it was, with more budget if asked."""
     from evomerge.search.budget import BudgetRequest
-    from evomerge.search.loop import resume_search
+    from evomerge.search.start import resume_search
 
     resume_search(
         run_dir,

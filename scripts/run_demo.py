@@ -37,7 +37,7 @@ def main() -> int:
     build_demo_zoo.build_zoo(build_demo_zoo.DEFAULT_OUT)  # about 2 minutes the first time, then cached
     from evomerge.cli import _print_summary
     from evomerge.rundir.report import write_report
-    from evomerge.search.loop import start_search
+    from evomerge.search.start import start_search
     from evomerge.spec import load_spec
 
     spec = load_spec(REPO / "search_spaces" / "demo.yaml")

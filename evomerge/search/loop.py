@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,26 +24,24 @@ import numpy as np
 
 from evomerge.errors import UserError
 from evomerge.optim import make_optimizer
-from evomerge.preflight import Prepared, preflight
+from evomerge.preflight import Prepared
 from evomerge.rundir.events import EventName, TrialResult
 from evomerge.rundir.journal import Journal, read_events
 from evomerge.rundir.layout import RunDir
 from evomerge.rundir.pareto import objective_values
-from evomerge.rundir.trials import Tally, Trial, is_default_merge, replay, search_seconds
+from evomerge.rundir.trials import Tally, Trial, replay, search_seconds
 from evomerge.rundir.verdict import TIES_FIELD
-from evomerge.search.budget import BudgetRequest, effective_spec, extended_spec, journal_budget, requested_budget
 from evomerge.search.inputs import first_change, input_fingerprints
 from evomerge.search.progress import ProgressSettings, SearchProgress
 from evomerge.search.replay import journaled_seeds, restore_optimizer
-from evomerge.search.runs import create_run_dir, open_run
+from evomerge.search.runs import create_run_dir
 from evomerge.search.scheduler import Job, Scheduler
+from evomerge.search.selection import best_expressible_baseline, heldout_candidates, seeds_worth_trying
 from evomerge.search.study_log import StudyLog, study_shape
 from evomerge.search.tracking import Tracker
-from evomerge.spec import Spec
 
-__all__ = ["Search", "create_run_dir", "resume_search", "start_search"]
+__all__ = ["Search", "create_run_dir"]
 LOG = logging.getLogger(__name__)
-TIE_CAP_FACTOR = 2  # trials tied at the top-k cut are re-scored up to 2 x top_k trials in all
 
 
 class Search:
@@ -338,115 +335,7 @@ class Search:
         return ties
 
 
-def heldout_candidates(trials: dict[int, Trial], top_k: int) -> tuple[list[Trial], dict | None]:
-    """Every completed baseline plus the top-k completed optimizer trials by search score.
-
-    Trials tied with the k-th on the search score are all re-scored too, up to TIE_CAP_FACTOR x
-    top_k trials in all (past the cap, the lowest trial ids): cutting a tie silently would pick
-    by age, not merit. The second value reports the tie ({score, top_k, cap, tied, rescored,
-    skipped}) for the journal and the verdict; None when nothing tied across the cut.
-    """
-    done = [t for t in trials.values() if t.status == EventName.COMPLETED]
-    searched = sorted((t for t in done if t.kind == "optimizer"), key=lambda t: (-t.score, t.trial_id))
-    chosen, ties = searched[:top_k], None
-    if 0 < top_k < len(searched) and searched[top_k].score == searched[top_k - 1].score:
-        cut = searched[top_k - 1].score
-        above = [t for t in searched if t.score > cut]
-        tied = [t for t in searched if t.score == cut]
-        cap = TIE_CAP_FACTOR * top_k
-        rescored = tied[: max(0, cap - len(above))]
-        chosen = above + rescored
-        ties = {"score": cut, "top_k": top_k, "cap": cap, "tied": len(tied), "rescored": len(rescored)}
-        ties["skipped"] = len(tied) - len(rescored)
-    return [t for t in done if t.kind == "baseline"] + chosen, ties
-
-
-def seeds_worth_trying(points: list[tuple[str, np.ndarray]], baselines: list[Trial]) -> list[tuple[str, np.ndarray]]:
-    """The expressible baselines that scored at least as well as every default merge."""
-    scores = {t.label: t.score for t in baselines if t.status == EventName.COMPLETED}
-    merges = [score for label, score in scores.items() if is_default_merge(label)]
-    bar = max(merges, default=-math.inf)
-    return [(label, x) for label, x in points if label in scores and scores[label] >= bar]
-
-
-def best_expressible_baseline(
-    points: list[tuple[str, np.ndarray]], baselines: list[Trial], x0: np.ndarray
-) -> list[tuple[str, np.ndarray]]:
-    """Version 2's seed: the best-scoring baseline the space expresses (the base included), unless
-    it is x0, which the optimizer asks first anyway."""
-    scores = {t.label: t.score for t in baselines if t.status == EventName.COMPLETED}
-    scored = [(label, x) for label, x in points if label in scores]
-    if not scored:
-        return []
-    label, x = max(scored, key=lambda item: scores[item[0]])  # the first of equals, in the genome's order
-    return [] if np.array_equal(x, x0) else [(label, x)]
-
-
 def _finite(result: TrialResult) -> TrialResult:
     """A result holding a NaN or an infinity becomes a failure that names it: the journal never holds NaN."""
     reason = result.non_finite()
     return result.as_failure(reason) if reason else result
-
-
-def start_search(
-    spec: Spec, address: str | None = None, progress: bool | ProgressSettings = True, source: str = "spec"
-) -> Path:
-    from evomerge.search.cluster import ClusterSession
-
-    prepared = preflight(spec, source)
-    _check_local_devices(spec, address, source)
-    _refuse_unusable_run_dir(spec)
-    # Ray before the run directory: a failed connect leaves no empty run blocking the name.
-    with ClusterSession(spec, address):
-        run_dir = create_run_dir(spec)
-        Search(prepared, run_dir, address, progress).run()
-    return run_dir
-
-
-def _refuse_unusable_run_dir(spec: Spec) -> None:
-    """What create_run_dir would refuse, found before Ray takes its seconds to start."""
-    run = RunDir.inside(spec.runs_dir, spec.name)
-    if run.journal.exists():
-        create_run_dir(spec)  # refuses an existing run with its own line, before writing anything
-    existing = next(folder for folder in (run.root, *run.root.parents) if folder.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(
-            f"runs_dir: cannot write {run.root} ({existing} is not a writable folder); choose a writable runs_dir"
-        )
-
-
-def _check_local_devices(spec: Spec, address: str | None, source: str) -> None:
-    """A local run that asks for CUDA on a machine without it fails before any run dir exists."""
-    if address is None and spec.workers.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(
-                f"{source}: workers.device: cuda was asked for but this machine has no GPU; use device: cpu or auto, or --address a GPU cluster"
-            )
-
-
-def resume_search(
-    run_dir: Path,
-    address: str | None = None,
-    progress: bool | ProgressSettings = True,
-    spec_path: Path | None = None,
-    accept_changed_inputs: bool = False,
-    budget: BudgetRequest | None = None,
-) -> Path:
-    """Continue a run, with a larger `budget` if asked; refused when its frozen spec, or (unless
-    accepted) its inputs, changed, or when a given spec differs from it beyond the budget."""
-    run, frozen, events = open_run(Path(run_dir).resolve())
-    spec = effective_spec(frozen, events)
-    request = budget or BudgetRequest()
-    if spec_path is not None:
-        from evomerge.spec import load_spec
-
-        from_file = requested_budget(load_spec(spec_path), spec, str(spec_path))
-        request = request if not request.empty else from_file  # the flags win over the file
-    asked = sum(1 for e in events if e["event"] == EventName.ASKED)
-    extended = extended_spec(spec, request, asked)
-    prepared = preflight(extended, str(run.spec))
-    journal_budget(run, spec, extended)
-    Search(prepared, run, address, progress, accept_changed_inputs=accept_changed_inputs).run()
-    return run.root

@@ -10,8 +10,9 @@ from fake_workers import fake_scheduler, fake_spec_data, open_search
 from evomerge.errors import UserError
 from evomerge.rundir.journal import read_events
 from evomerge.search.budget import BudgetRequest, effective_spec, extended_spec, journal_budget, requested_budget
-from evomerge.search.loop import create_run_dir, resume_search
+from evomerge.search.loop import create_run_dir
 from evomerge.search.runs import open_run
+from evomerge.search.start import resume_search
 from evomerge.spec import Spec
 
 

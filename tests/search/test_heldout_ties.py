@@ -11,8 +11,8 @@ from evomerge.rundir.events import TrialResult
 from evomerge.rundir.results import load_trials
 from evomerge.rundir.trials import Trial
 from evomerge.rundir.verdict import build_verdict
-from evomerge.search.loop import heldout_candidates
 from evomerge.search.runs import create_run_dir
+from evomerge.search.selection import heldout_candidates
 from evomerge.spec import parse_spec
 
 

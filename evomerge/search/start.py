@@ -1,0 +1,85 @@
+"""Starting and resuming a search: the checks that come before any run directory or Ray process.
+
+`start_search` checks the spec, the local devices and the run directory's place, connects to Ray,
+then creates the run and searches; `resume_search` reopens a run (frozen spec, journal, a larger
+budget if asked) and goes on. Both hand the work to `loop.Search`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from evomerge.errors import UserError
+from evomerge.preflight import preflight
+from evomerge.rundir.events import EventName
+from evomerge.rundir.layout import RunDir
+from evomerge.search.budget import BudgetRequest, effective_spec, extended_spec, journal_budget, requested_budget
+from evomerge.search.loop import Search
+from evomerge.search.progress import ProgressSettings
+from evomerge.search.runs import create_run_dir, open_run
+from evomerge.spec import Spec
+
+
+def start_search(
+    spec: Spec, address: str | None = None, progress: bool | ProgressSettings = True, source: str = "spec"
+) -> Path:
+    from evomerge.search.cluster import ClusterSession
+
+    prepared = preflight(spec, source)
+    _check_local_devices(spec, address, source)
+    _refuse_unusable_run_dir(spec)
+    # Ray before the run directory: a failed connect leaves no empty run blocking the name.
+    with ClusterSession(spec, address):
+        run_dir = create_run_dir(spec)
+        Search(prepared, run_dir, address, progress).run()
+    return run_dir
+
+
+def _refuse_unusable_run_dir(spec: Spec) -> None:
+    """What create_run_dir would refuse, found before Ray takes its seconds to start."""
+    run = RunDir.inside(spec.runs_dir, spec.name)
+    if run.journal.exists():
+        create_run_dir(spec)  # refuses an existing run with its own line, before writing anything
+    existing = next(folder for folder in (run.root, *run.root.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(
+            f"runs_dir: cannot write {run.root} ({existing} is not a writable folder); choose a writable runs_dir"
+        )
+
+
+def _check_local_devices(spec: Spec, address: str | None, source: str) -> None:
+    """A local run that asks for CUDA on a machine without it fails before any run dir exists."""
+    if address is None and spec.workers.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"{source}: workers.device: cuda was asked for but this machine has no GPU; use device: cpu or auto, or --address a GPU cluster"
+            )
+
+
+def resume_search(
+    run_dir: Path,
+    address: str | None = None,
+    progress: bool | ProgressSettings = True,
+    spec_path: Path | None = None,
+    accept_changed_inputs: bool = False,
+    budget: BudgetRequest | None = None,
+) -> Path:
+    """Continue a run, with a larger `budget` if asked; refused when its frozen spec, or (unless
+    accepted) its inputs, changed, or when a given spec differs from it beyond the budget."""
+    run, frozen, events = open_run(Path(run_dir).resolve())
+    spec = effective_spec(frozen, events)
+    request = budget or BudgetRequest()
+    if spec_path is not None:
+        from evomerge.spec import load_spec
+
+        from_file = requested_budget(load_spec(spec_path), spec, str(spec_path))
+        request = request if not request.empty else from_file  # the flags win over the file
+    asked = sum(1 for e in events if e["event"] == EventName.ASKED)
+    extended = extended_spec(spec, request, asked)
+    prepared = preflight(extended, str(run.spec))
+    journal_budget(run, spec, extended)
+    Search(prepared, run, address, progress, accept_changed_inputs=accept_changed_inputs).run()
+    return run.root

@@ -35,7 +35,7 @@ def main() -> int:
 
     started = time.time()
     build_demo_zoo.build_zoo(build_demo_zoo.DEFAULT_OUT)  # about 2 minutes the first time, then cached
-    from evomerge.cli import _print_summary
+    from evomerge.cli import print_summary
     from evomerge.rundir.report import write_report
     from evomerge.search.start import start_search
     from evomerge.spec import load_spec
@@ -46,7 +46,7 @@ def main() -> int:
     name = f"demo-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     spec = spec.model_copy(update={"name": name, "optimizer": optimizer, "budget": budget})
     run_dir = start_search(spec, progress=sys.stderr.isatty())
-    _print_summary(run_dir)  # the verdict `evomerge search` ends with: table, margins in SE, winner, export
+    print_summary(run_dir)  # the verdict `evomerge search` ends with: table, margins in SE, winner, export
     print(f"report: {write_report(run_dir)}")
     print(f"total time: {time.time() - started:.0f} s")
     return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from evomerge.cli import _print_summary, app
+from evomerge.cli import app, print_summary
 from evomerge.rundir.results import export_trial, load_trials
 from evomerge.rundir.verdict import build_verdict
 
@@ -40,7 +40,7 @@ def flat_run(tmp_path) -> Path:
 
 
 def test_the_summary_shows_per_task_held_out_scores_margins_the_winner_and_its_export(flat_run, capsys):
-    _print_summary(flat_run)
+    print_summary(flat_run)
     printed = capsys.readouterr().out
     events, trials = load_trials(flat_run)
     verdict = build_verdict(flat_run, events, trials)

@@ -1,0 +1,60 @@
+"""The `evomerge` Typer app, its shared options, and the rule that user errors are one line and exit 2.
+
+User errors print one line and exit 2 (a traceback only with --debug); everything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import typer
+
+from evomerge.errors import UserError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Busy-waiting OpenMP threads stall whenever another process holds a core (a 2-core laptop, a
+# node shared with search workers): a TIES merge took 25 s instead of 9 s. Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+app = typer.Typer(
+    help="Evolutionary search for LLM merge recipes, exported as mergekit YAML.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+DebugOption = typer.Option(False, "--debug", help="Show full tracebacks.")
+QuietOption = typer.Option(False, "--quiet", "-q", help="Print nothing but errors and the final table.")
+LogEveryOption = typer.Option(
+    None,
+    "--log-every",
+    metavar="N",
+    help="Without a terminal (nohup, SLURM, a pipe): a status line every N evaluations (default 25), and at least once a minute.",
+)
+
+
+@app.callback()
+def _commands() -> None:
+    """Evolutionary search for LLM merge recipes, exported as mergekit YAML."""
+
+
+def user_errors_exit_2(command):
+    """Turn a UserError into one line on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            if kwargs.get("debug"):
+                raise
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(code=130) from None
+
+    return wrapper

@@ -1,0 +1,164 @@
+"""`evomerge validate` (every check and the memory plan, before any weight) and `evomerge eval`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from evomerge.cli.app import DebugOption, app, user_errors_exit_2
+from evomerge.cli.merging import require_cuda
+from evomerge.errors import UserError
+
+
+@app.command()
+@user_errors_exit_2
+def validate(
+    spec_path: Path = typer.Argument(..., metavar="SPEC"),
+    gpu_memory: str | None = typer.Option(
+        None,
+        "--gpu-memory",
+        metavar="SIZE",
+        help="Plan for GPUs of this size (80GiB, 141GB) instead of this machine's.",
+    ),
+    gpus: int | None = typer.Option(None, "--gpus", help="GPUs per node to plan for [default: this machine's, or 1]."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the checks' summary and the memory plan as one JSON object."
+    ),
+    debug: bool = DebugOption,
+):
+    """Check a spec (models, method, genome, tasks) and plan each worker's memory, without reading any weight."""
+    import json
+
+    from evomerge.preflight import preflight
+    from evomerge.spec import load_spec
+
+    spec = load_spec(spec_path)
+    gpu_bytes, gpu_count = _planned_gpus(spec, gpu_memory, gpus)
+    prepared = preflight(spec, str(spec_path))
+    plan = _memory_plan(spec, gpu_bytes, gpu_count)
+    summary = {
+        "method": spec.merge.method,
+        "experts": len(spec.models.experts),
+        "genes": prepared.genome.dim,
+        "optimizer": spec.optimizer.name,
+        "tasks": [t.name for t in spec.evaluation.tasks],
+    }
+    if as_json:
+        typer.echo(json.dumps({"ok": plan.fits, **summary, **plan.as_json()}, indent=2))
+    else:
+        typer.echo(
+            f"ok: {spec.merge.method} over {len(spec.models.experts)} experts, {prepared.genome.dim} genes, {spec.optimizer.name}, tasks: {', '.join(summary['tasks'])}"
+        )
+        for line in plan.lines():
+            typer.echo(line)
+    if not plan.fits:
+        raise UserError(
+            f"{spec_path}: workers: a worker needs {plan.bytes_per_device / 1e9:.1f} GB per device, more than {plan.capacity / 1e9:.1f} GB; {plan.fix}"
+        )
+
+
+def _planned_gpus(spec, gpu_memory: str | None, gpus: int | None) -> tuple[int | None, int | None]:
+    """(bytes per GPU, GPUs per node) to plan for: the flags, else this machine's GPUs, else (None, None) for CPU workers."""
+    from evomerge.merge.memory_plan import parse_bytes
+
+    if gpus is not None and gpus < 1:
+        raise UserError(f"--gpus: must be at least 1, got {gpus}")
+    if gpu_memory is not None:
+        if spec.workers.device == "cpu":
+            raise UserError(
+                "--gpu-memory: the spec runs CPU workers (workers.device: cpu); drop the flag or set device: cuda"
+            )
+        try:
+            return parse_bytes(gpu_memory, "--gpu-memory"), gpus or 1
+        except ValueError as error:
+            raise UserError(str(error)) from None
+    import torch
+
+    if spec.workers.device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, gpus or torch.cuda.device_count()
+    if gpus is not None:
+        raise UserError("--gpus: this machine has no GPU to measure; add --gpu-memory SIZE (for example 80GiB)")
+    return None, None
+
+
+def _memory_plan(spec, gpu_bytes: int | None, gpus: int | None):
+    from evomerge.merge.io import inspect_model_folder, parse_dtype
+    from evomerge.merge.memory_plan import SCORER_TOKEN_BUDGET, PlanRequest, plan_memory
+    from evomerge.merge.methods import METHODS
+
+    dtype = parse_dtype(spec.merge.dtype, "merge.dtype")
+    request = PlanRequest(
+        base=inspect_model_folder(spec.models.base, "models.base"),
+        experts=len(spec.models.experts),
+        method=METHODS[spec.merge.method],
+        work_dtype=dtype,
+        model_dtype=dtype,
+        gpus_per_worker=spec.workers.gpus_per_worker,
+        gpu_bytes=gpu_bytes,
+        gpus=gpus,
+        token_budget=spec.evaluation.token_budget or SCORER_TOKEN_BUDGET,
+        cpu_workers=spec.workers.count or 2,
+    )
+    return plan_memory(request)
+
+
+@app.command("eval")
+@user_errors_exit_2
+def eval_model(
+    spec_path: Path = typer.Argument(..., metavar="SPEC"),
+    model: Path = typer.Option(..., "--model", help="A model folder, or a mergekit YAML merged in memory."),
+    split: str = typer.Option("search", "--split", help="search (evaluation.tasks) or heldout (heldout_tasks)."),
+    backend: str | None = typer.Option(None, "--backend", help="native or lm_eval; default: the spec's."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    debug: bool = DebugOption,
+):
+    """Score a model on the spec's tasks exactly as the search scores a candidate (same docs, same seeds)."""
+    import json
+
+    from evomerge.evaluation.backend import BackendName
+    from evomerge.evaluation.config import EvalSetName
+    from evomerge.spec import load_spec
+
+    spec = load_spec(spec_path)
+    eval_sets = spec.evaluation.eval_sets()
+    if split not in {name.value for name in EvalSetName}:
+        raise UserError(f"--split: unknown split '{split}'; choose search or heldout")
+    if split not in eval_sets:
+        raise UserError(f"--split {split}: {spec_path} has no evaluation.heldout_tasks; use --split search")
+    if backend is not None and backend not in {name.value for name in BackendName}:
+        raise UserError(f"--backend: unknown backend '{backend}'; choose native or lm_eval")
+    result = _score_as_a_worker(spec, model, eval_sets[split], backend)
+    used = backend or spec.evaluation.backend.value
+    if as_json:
+        figures = {"score": result.score, "metrics": result.metrics, "n_docs": result.n_docs}
+        typer.echo(json.dumps(figures | {"backend": used, "seconds": round(result.seconds, 4)}))
+        return
+    for task, value in result.metrics.items():
+        typer.echo(f"{task:>32}: {value:.4f} ({result.n_docs[task]} docs)")
+    typer.echo(f"{'score':>32}: {result.score:.4f} ({used}, {result.seconds:.2f} s scoring)")
+
+
+def _score_as_a_worker(spec, model: Path, eval_set, backend: str | None):
+    """A worker's device, dtype, threads and merge seed for `evomerge eval`."""
+    import torch
+
+    from evomerge.evaluation.standalone import score_model
+
+    device = spec.workers.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        require_cuda()
+    else:
+        # CPU reductions depend on the thread count: score with a worker's.
+        torch.set_num_threads(max(1, int(spec.workers.cpus_per_worker)))
+    return score_model(
+        model,
+        eval_set,
+        device=device,
+        dtype=spec.merge.dtype,
+        seed=spec.optimizer.seed,
+        backend=backend,
+        trust_remote_code=spec.trust_remote_code,
+    )

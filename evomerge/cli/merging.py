@@ -1,0 +1,127 @@
+"""`evomerge merge`: materialize a mergekit YAML as a model folder, with its model card."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
+import typer
+
+from evomerge.cli.app import DebugOption, app, user_errors_exit_2
+from evomerge.errors import UserError
+
+
+@app.command()
+@user_errors_exit_2
+def merge(
+    config: Path = typer.Argument(..., metavar="CONFIG", help="A mergekit merge YAML."),
+    out_dir: Path = typer.Argument(
+        ..., metavar="OUT", help="Folder for the merged model: new or empty, outside every input model."
+    ),
+    device: str = typer.Option("cpu", help="cpu or cuda: where the merge math runs."),
+    seed: int = typer.Option(0, help="Seed for random methods (dare_*, della*)."),
+    shard_size_gb: float = typer.Option(2.0, help="Largest safetensors shard, in GB."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT whole (never mixed with old files)."),
+    allow_non_finite: bool = typer.Option(
+        False, "--allow-non-finite", help="Write the model even if a merged tensor holds NaN or inf."
+    ),
+    no_model_card: bool = typer.Option(False, "--no-model-card", help="Do not write OUT/README.md."),
+    debug: bool = DebugOption,
+):
+    """Materialize a mergekit YAML as a model folder (same tensors as mergekit-yaml), with a model card."""
+    materialize(config, out_dir, device, seed, shard_size_gb, force, allow_non_finite, no_model_card)
+
+
+def materialize(
+    config: Path,
+    out_dir: Path,
+    device: str,
+    seed: int,
+    shard_size_gb: float = 2.0,
+    force: bool = False,
+    allow_non_finite: bool = False,
+    no_model_card: bool = False,
+) -> None:
+    """What `merge` does, shared with `export --merge`."""
+    from evomerge.merge.config import load_merge_config
+    from evomerge.merge.engine import NonFiniteOutput, merge_to_disk
+
+    if device.startswith("cuda"):
+        require_cuda()
+    merge_config = load_merge_config(config)
+    card = None if no_model_card else _model_card(config, merge_config, out_dir, seed)
+    try:
+        with _sigterm_as_interrupt():  # a plain `kill` or a job's time limit: the staging folder is removed
+            validated = merge_to_disk(
+                merge_config,
+                out_dir,
+                device=device,
+                seed=seed,
+                progress=sys.stderr.isatty(),
+                max_shard_bytes=int(shard_size_gb * 1024**3),
+                config_file=config,
+                force=force,
+                allow_non_finite=allow_non_finite,
+                model_card=card,
+            )
+    except NonFiniteOutput as error:
+        raise UserError(
+            f"{config}: {error} (a NaN, inf or huge weight or lambda?); fix the parameters, or pass --allow-non-finite to write it anyway"
+        ) from None
+    typer.echo(f"wrote {len(validated.plan.tensors)} tensors ({validated.plan.num_layers} layers) to {out_dir}")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt while the block runs, so cleanup code runs as on Ctrl-C."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _model_card(config_path: Path, merge_config, out_dir: Path, seed: int) -> str:
+    from evomerge.merge.card import render_model_card
+
+    text = config_path.read_text(encoding="utf-8", errors="replace")
+    title = out_dir.resolve().name or "merged model"
+    return render_model_card(title, merge_config, text, seed, _search_origin(text))
+
+
+def _search_origin(config_text: str):
+    """The run an exported config came from, with its scores if the run directory is still readable."""
+    from evomerge.merge.card import ScoreRow, SearchOrigin, parse_origin
+    from evomerge.rundir.results import leaderboard, load_trials
+
+    found = parse_origin(config_text)
+    if found is None:
+        return None
+    run_dir, trial = found
+    try:
+        rows = leaderboard(load_trials(Path(run_dir))[1])
+    except (UserError, OSError, ValueError) as error:  # a card must not fail a merge
+        return SearchOrigin(run_dir, trial, unreadable=str(error))
+    scores = {
+        row["trial"]: ScoreRow(row["label"], row["search"], row["search_se"], row["heldout"], row["heldout_se"])
+        for row in rows
+    }
+    baselines = tuple(scores[row["trial"]] for row in rows if row["kind"] != "optimizer" and row["trial"] != trial)
+    return SearchOrigin(run_dir, trial, scores.get(trial), baselines)
+
+
+def require_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("--device: CUDA is not available on this machine; use --device cpu")

@@ -1,0 +1,112 @@
+"""`evomerge search` and `evomerge resume`, and the verdict table they end with."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from evomerge.cli.app import DebugOption, LogEveryOption, QuietOption, app, user_errors_exit_2
+from evomerge.errors import UserError
+
+
+@app.command()
+@user_errors_exit_2
+def search(
+    spec_path: Path = typer.Argument(..., metavar="SPEC"),
+    address: str | None = typer.Option(
+        None, help="Join a Ray cluster (auto or HOST:PORT); default starts a local one."
+    ),
+    quiet: bool = QuietOption,
+    log_every: int | None = LogEveryOption,
+    debug: bool = DebugOption,
+):
+    """Run a search; results go to runs/NAME/."""
+    from evomerge.search.start import start_search
+    from evomerge.spec import load_spec
+
+    progress = _progress_settings(quiet, log_every)
+    run_dir = start_search(load_spec(spec_path), address, progress=progress, source=str(spec_path))
+    print_summary(run_dir)
+
+
+@app.command()
+@user_errors_exit_2
+def resume(
+    run_dir: Path = typer.Argument(..., help="runs/NAME"),
+    address: str | None = typer.Option(None),
+    spec_path: Path | None = typer.Option(
+        None,
+        "--spec",
+        help="Refuse to resume if this spec differs from the frozen one (a larger budget in it extends the run).",
+    ),
+    accept_changed_inputs: bool = typer.Option(
+        False,
+        "--accept-changed-inputs",
+        help="Resume although a model or evaluation file changed since the run started (its scores then mix old and new inputs).",
+    ),
+    max_evals: int | None = typer.Option(
+        None, "--max-evals", help="Give a stopped or finished run this larger budget.max_evals (journaled)."
+    ),
+    time_limit_min: float | None = typer.Option(
+        None, "--time-limit-min", help="Give the run this larger budget.time_limit_min (journaled)."
+    ),
+    quiet: bool = QuietOption,
+    log_every: int | None = LogEveryOption,
+    debug: bool = DebugOption,
+):
+    """Continue a stopped or crashed search exactly where it was, with more budget if asked."""
+    from evomerge.search.budget import BudgetRequest
+    from evomerge.search.start import resume_search
+
+    resume_search(
+        run_dir,
+        address,
+        progress=_progress_settings(quiet, log_every),
+        spec_path=spec_path,
+        accept_changed_inputs=accept_changed_inputs,
+        budget=BudgetRequest(max_evals, time_limit_min),
+    )
+    print_summary(run_dir)
+
+
+def _progress_settings(quiet: bool, log_every: int | None):
+    """The live bar on a terminal, status lines in a log (nohup, SLURM, a pipe), nothing with --quiet."""
+    from evomerge.search.progress import DEFAULT_LOG_EVERY, ProgressSettings
+
+    if log_every is not None and log_every < 1:
+        raise UserError(f"--log-every: must be at least 1 evaluation, got {log_every}")
+    return ProgressSettings.for_stream(sys.stderr, quiet=quiet, log_every=log_every or DEFAULT_LOG_EVERY)
+
+
+def print_summary(run_dir) -> None:
+    """The verdict a search or resume ends with: the table, margins in SE, the winner and its export."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from evomerge.rundir.results import load_trials
+    from evomerge.rundir.verdict import build_verdict
+
+    events, trials = load_trials(run_dir)
+    verdict = build_verdict(run_dir, events, trials)
+    tasks = verdict.tasks
+    table = Table(title=f"{run_dir}: baselines and evolved merges; per-task columns: {verdict.basis} scores")
+    for column in ("trial", "merge", "search score", "held-out score", *tasks):
+        table.add_column(column, justify="left" if column == "merge" else "right")
+    for row in verdict.rows:
+        per_task = row.on(verdict.basis)
+        table.add_row(
+            str(row.trial),
+            row.name + (" (winner: export gives this)" if row.winner else ""),
+            str(row.search) if row.search else "-",
+            str(row.heldout) if row.heldout else "-",
+            *(f"{per_task.tasks[task]:.4f}" if per_task and task in per_task.tasks else "-" for task in tasks),
+            style="bold" if row.winner else None,
+        )
+    console = Console()
+    if not console.is_terminal:  # a log file: the table at its natural width, not wrapped at 80 columns
+        console = Console(width=1000)
+    console.print(table)
+    for line in verdict.lines():
+        typer.echo(line)

@@ -37,6 +37,7 @@ def main() -> int:
     build_demo_zoo.build_zoo(build_demo_zoo.DEFAULT_OUT)  # about 2 minutes the first time, then cached
     from evomerge.cli import print_summary
     from evomerge.rundir.report import write_report
+    from evomerge.search.progress import ProgressSettings
     from evomerge.search.start import start_search
     from evomerge.spec import load_spec
 
@@ -45,7 +46,7 @@ def main() -> int:
     optimizer = spec.optimizer.model_copy(update={"seed": args.seed})
     name = f"demo-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     spec = spec.model_copy(update={"name": name, "optimizer": optimizer, "budget": budget})
-    run_dir = start_search(spec, progress=sys.stderr.isatty())
+    run_dir = start_search(spec, progress=ProgressSettings.for_stream(sys.stderr))  # a bar, or lines in a log
     print_summary(run_dir)  # the verdict `evomerge search` ends with: table, margins in SE, winner, export
     print(f"report: {write_report(run_dir)}")
     print(f"total time: {time.time() - started:.0f} s")

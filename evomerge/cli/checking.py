@@ -36,7 +36,6 @@ def validate(
     spec = load_spec(spec_path)
     gpu_bytes, gpu_count = _planned_gpus(spec, gpu_memory, gpus)
     prepared = preflight(spec, str(spec_path))
-    plan = _memory_plan(spec, gpu_bytes, gpu_count)
     summary = {
         "method": spec.merge.method,
         "experts": len(spec.models.experts),
@@ -44,14 +43,20 @@ def validate(
         "optimizer": spec.optimizer.name,
         "tasks": [t.name for t in spec.evaluation.tasks],
     }
+    ok = f"ok: {spec.merge.method} over {len(spec.models.experts)} experts, {prepared.genome.dim} genes, {spec.optimizer.name}, tasks: {', '.join(summary['tasks'])}"
+    if spec.workers.device == "cuda" and gpu_bytes is None:  # GPU workers, planned from a machine without one
+        note = (
+            "memory plan: skipped, this machine has no GPU; add --gpu-memory SIZE [--gpus N] to plan for the GPU nodes"
+        )
+        typer.echo(
+            json.dumps({"ok": True, **summary, "fits": None, "note": note}, indent=2) if as_json else f"{ok}\n{note}"
+        )
+        return
+    plan = _memory_plan(spec, gpu_bytes, gpu_count)
     if as_json:
         typer.echo(json.dumps({"ok": plan.fits, **summary, **plan.as_json()}, indent=2))
     else:
-        typer.echo(
-            f"ok: {spec.merge.method} over {len(spec.models.experts)} experts, {prepared.genome.dim} genes, {spec.optimizer.name}, tasks: {', '.join(summary['tasks'])}"
-        )
-        for line in plan.lines():
-            typer.echo(line)
+        typer.echo("\n".join([ok, *plan.lines()]))
     if not plan.fits:
         raise UserError(
             f"{spec_path}: workers: a worker needs {plan.bytes_per_device / 1e9:.1f} GB per device, more than {plan.capacity / 1e9:.1f} GB; {plan.fix}"

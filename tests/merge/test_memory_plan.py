@@ -174,6 +174,14 @@ def test_validate_refuses_a_plan_that_fits_nowhere_in_one_line(header_only_zoo):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "workers.gpus_per_worker: 8" in lines[0], lines
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans for this machine's GPUs when it has some")
+def test_validate_of_gpu_workers_on_a_machine_without_one_asks_for_the_gpu_size(header_only_zoo):
+    root, zoo = header_only_zoo
+    result = validate(root, zoo["70b"][:3])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("ok: ") and "--gpu-memory" in result.stdout
+
+
 @pytest.mark.parametrize(
     ("flags", "words"),
     [(["--gpu-memory", "lots"], ["--gpu-memory", "80GiB"]), (["--gpus", "8"], ["--gpus", "--gpu-memory"])],

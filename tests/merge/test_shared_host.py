@@ -8,6 +8,7 @@ the shared copy gives the reference path's tensors, and the last user removes th
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -70,6 +71,7 @@ def test_two_workers_on_a_node_hold_one_host_copy(mid_zoo, shared_dir, monkeypat
     for worker in workers:
         worker.join(timeout=120)
         assert worker.exitcode == 0
+    print(json.dumps(reports))  # the figures docs/BENCHMARKS.md quotes (pytest -s)
     sharing = [r for r in reports if r["shared"]]
     private = next(r for r in reports if not r["shared"])
     copy_bytes = private["copy_bytes"]

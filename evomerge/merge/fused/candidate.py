@@ -235,6 +235,10 @@ class CandidateMerger:
         for plan in validated.plan.tensors:
             part = holder[plan.output]
             inputs, deltas, ranks = self.reference.cached_inputs(plan, method)
+            # Host-placed sources are views of host memory: check on the device, tensor by tensor.
+            device = part.sources.device
+            inputs = [None if tensor is None else tensor.to(device) for tensor in inputs]
+            deltas = {index: delta.to(device) for index, delta in (deltas or {}).items()}
             expected = merge_tensor(plan, method, inputs, seed, deltas, ranks).to(validated.out_dtype[plan.output])
             got = part.sources.layout.view(part.out, part.sources.segment_of[plan.output])
             if not torch.equal(expected.to(got.device), got):

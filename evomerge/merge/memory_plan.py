@@ -25,6 +25,7 @@ from enum import Enum
 
 import torch
 
+from evomerge.merge.fused.layout import BLOCK
 from evomerge.merge.io import ModelFolder
 from evomerge.merge.methods import MethodInfo
 from evomerge.merge.placement import split_layers
@@ -32,8 +33,7 @@ from evomerge.merge.placement import split_layers
 DEFAULT_WORKSPACE_BYTES = 2 * 1024**3  # when the scorer's shape is unknown
 SCORER_TOKEN_BUDGET = 16384  # the GPU scorer's tokens per batch when evaluation.token_budget is unset
 CUDA_CONTEXT_BYTES = 1024**3
-DEFAULT_CHUNK_BYTES = 512 * 1024**2  # one host-placement staging chunk (sources.DEFAULT_CHUNK_BYTES)
-BLOCK = 1024  # the fused kernel's block (fused/layout.py)
+DEFAULT_CHUNK_BYTES = 512 * 1024**2  # one host-placement staging chunk
 TABLE_BYTES_PER_BLOCK = 4  # the kernel's block -> tensor table, per block
 TABLE_BYTES_PER_TENSOR = 256  # starts, sizes, ratios, norms and the candidate's parameter row
 FUSED_SPARSIFICATIONS = (None, "magnitude", "random")

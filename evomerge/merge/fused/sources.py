@@ -41,7 +41,7 @@ from evomerge.merge.fused.shared_host import SharedHostCopy, content_key, has_ro
 from evomerge.merge.fused.streaming import Stage, Stager
 from evomerge.merge.fused.tables import MagnitudeTables, ParameterTable
 from evomerge.merge.io import LazyTensorReader
-from evomerge.merge.memory_plan import DEFAULT_WORKSPACE_BYTES, sources_fit_device
+from evomerge.merge.memory_plan import DEFAULT_CHUNK_BYTES, DEFAULT_WORKSPACE_BYTES, sources_fit_device
 from evomerge.merge.methods import METHODS, MethodInfo
 from evomerge.merge.validate import ValidatedMerge, validate_merge_config
 
@@ -49,7 +49,6 @@ __all__ = ["BLOCK", "FlatLayout", "FusedSources", "NotFusable", "fused_unavailab
 
 SPARSIFY_CODES = {None: 0, "magnitude": 1, "random": 2}
 ROUND_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-DEFAULT_CHUNK_BYTES = 512 * 1024**2
 log = logging.getLogger(__name__)
 
 

@@ -130,6 +130,12 @@ class OptimizerSpec(_Strict):
     popsize: int | None = Field(None, ge=2, le=POPSIZE_LIMIT, description=f"At most {POPSIZE_LIMIT}.")
     sigma0: float = Field(0.25, gt=0, le=1)
     n_startup_trials: int = Field(10, ge=0, le=MAX_EVALS_LIMIT)
+    overlap: bool | None = Field(
+        None,
+        description="CMA-ES: keep asking while a generation's stragglers finish (default from version 2). "
+        "Workers never idle, but what is asked then depends on the order results arrive, so two runs "
+        "of one seed can differ; false restores the generation barrier and runs that repeat exactly.",
+    )
 
 
 class BudgetSpec(_Strict):
@@ -250,6 +256,8 @@ class Spec(_Strict):
         if payload["version"] == LEGACY_SEARCH_VERSION:
             del payload["version"]  # runs fingerprinted before versions existed
         payload["evaluation"] = without_later_defaults(payload["evaluation"])
+        if payload["optimizer"].get("overlap") is None:
+            payload["optimizer"].pop("overlap", None)  # unset: older runs' fingerprints stay valid
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

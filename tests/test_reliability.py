@@ -123,7 +123,8 @@ def write_spec(folder: Path, zoo: dict, name: str, **sections) -> Path:
         "models": {"base": zoo["base"], "experts": [zoo["even"], zoo["odd"]]},
         "merge": {"method": "ties"},
         "genome": {"layer_groups": 2},
-        "optimizer": {"name": "cmaes", "seed": 7, "popsize": 4},
+        # The generation barrier: compared with an uninterrupted run, asks must not depend on timing.
+        "optimizer": {"name": "cmaes", "seed": 7, "popsize": 4, "overlap": False},
         "evaluation": SEARCH_EVAL,
         "budget": {"max_evals": 19},
         "workers": {"count": 1},

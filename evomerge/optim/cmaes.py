@@ -27,8 +27,10 @@ Design choices:
   the first ``popsize`` results of points sampled from it, in the order they were told; results
   of an older generation's stragglers arrive after its update and are not told to cma. The
   asks are still a pure function of the ask/tell sequence, which the journal records, so resume
-  replays them exactly. Off by default: runs created before it (search version 1) keep the
-  barrier, and a snapshot pickled then has no ``overlap`` setting.
+  replays them exactly, but two fresh runs of one seed differ when their results arrive in a
+  different order. Off by default here: runs created before it (search version 1) keep the
+  barrier, and a snapshot pickled then has no ``overlap`` setting; the search turns it on from
+  version 2 unless the spec says `optimizer.overlap: false`.
 """
 
 from __future__ import annotations

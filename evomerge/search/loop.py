@@ -87,8 +87,9 @@ class Search:
         genome = self.prepared.genome
         settings = self.spec.optimizer
         extra = {"popsize": settings.popsize, "sigma0": settings.sigma0} if settings.name == "cmaes" else {}
-        if settings.name == "cmaes" and self.spec.version >= 2:
-            extra["overlap"] = True  # no generation barrier; version 1 runs keep theirs
+        if settings.name == "cmaes":
+            # No generation barrier from version 2 unless the spec asks for one; version 1 runs keep it.
+            extra["overlap"] = settings.overlap if settings.overlap is not None else self.spec.version >= 2
         if settings.name in ("tpe", "nsga2"):
             extra = {"objectives": max(1, len(self.spec.evaluation.objectives))}
             if settings.name == "tpe":

@@ -127,7 +127,7 @@ def optimizer_trials(run_dir: Path) -> dict[int, tuple]:
 
 
 def test_killed_search_resumes_to_the_uninterrupted_state(tmp_path, trained_zoo):
-    optimizer = {"name": "cmaes", "seed": 7, "popsize": 4}
+    optimizer = {"name": "cmaes", "seed": 7, "popsize": 4, "overlap": False}  # timing-free asks
     reference_spec = write_spec(tmp_path, trained_zoo, "uninterrupted", optimizer, max_evals=19)
     cli("search", reference_spec)
     reference = optimizer_trials(tmp_path / "runs" / "uninterrupted")

@@ -66,7 +66,9 @@ def test_failures_stay_inside_one_candidate(prepared, monkeypatch):
     failed = worker.evaluate(0, broken)
     assert not failed.ok and "no_such_method" in failed.reason
     overflow = candidate(prepared, 0.5)
-    overflow["parameters"] = {"lambda": 1e39}
+    # The genome evolves lambda per layer group (search version 2): the slices' value wins over a global one.
+    for output_slice in overflow["slices"]:
+        output_slice["parameters"] = {**output_slice.get("parameters", {}), "lambda": 1e39}
     failed = worker.evaluate(1, overflow)
     assert not failed.ok and "not finite" in failed.reason
     assert worker.evaluate(2, candidate(prepared, 0.5)).ok, "the worker still serves the next candidate"

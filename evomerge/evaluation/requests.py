@@ -66,12 +66,6 @@ class PreparedRequests:
         self.rolling = tuple(_rolling_windows(lm, instance.args[0]) for instance in self._rolling_instances)
         self.generations = tuple(_generation_request(lm, instance) for instance in self._generation_instances)
 
-    @property
-    def token_count(self) -> int:
-        """Tokens fed to the model for the loglikelihood and rolling requests (generation excluded)."""
-        windows = [window for document in self.rolling for window in document]
-        return sum(len(pair.context) + len(pair.continuation) - 1 for pair in (*self.pairs, *windows))
-
     def score(self, backend: ScoringBackend, device) -> dict[str, TaskMetrics]:
         """Run the backend on every request and return lm-eval's metrics per task."""
         answers: list[tuple[list[Any], list[Any]]] = []

@@ -29,6 +29,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="optimizer seed")
     parser.add_argument("--max-evals", type=int, default=None, help="override the spec's budget")
+    parser.add_argument(
+        "--backend", choices=["native", "lm_eval"], default=None, help="override evaluation.backend (side-by-side runs)"
+    )
     args = parser.parse_args()
 
     import build_demo_zoo
@@ -45,7 +48,8 @@ def main() -> int:
     budget = spec.budget.model_copy(update={"max_evals": args.max_evals or spec.budget.max_evals})
     optimizer = spec.optimizer.model_copy(update={"seed": args.seed})
     name = f"demo-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    spec = spec.model_copy(update={"name": name, "optimizer": optimizer, "budget": budget})
+    evaluation = spec.evaluation.model_copy(update={"backend": args.backend or spec.evaluation.backend})
+    spec = spec.model_copy(update={"name": name, "optimizer": optimizer, "budget": budget, "evaluation": evaluation})
     run_dir = start_search(spec, progress=ProgressSettings.for_stream(sys.stderr))  # a bar, or lines in a log
     print_summary(run_dir)  # the verdict `evomerge search` ends with: table, margins in SE, winner, export
     print(f"report: {write_report(run_dir)}")

@@ -22,10 +22,9 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from refusals import record_refusal
+from refusals import assert_refused_in_one_line, run_cli_in_process
 from search_zoo import FIXTURE_EVALS
 from tiny_models import write_corrupt_checkpoint
-from typer.testing import CliRunner
 
 
 @pytest.fixture(scope="module")
@@ -369,29 +368,13 @@ def write_case(case: str, models: dict, task_folder: str, root: Path) -> Path:
     return path
 
 
-def run_in_process(*args) -> tuple[int, list[str]]:
-    from evomerge.cli import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, [line for line in result.stderr.splitlines() if line.strip()]
-
-
-def assert_one_clean_line(code: int, lines: list[str], expected: list[str]) -> None:
-    assert code == 2, f"exit {code}: {lines}"
-    assert len(lines) == 1, f"expected one line on stderr, got {lines}"
-    record_refusal(lines[0])
-    assert "Traceback" not in lines[0]
-    for word in expected:
-        assert word.lower() in lines[0].lower(), f"{word!r} not in: {lines[0]}"
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_spec_is_refused_in_one_line(case, models, broken_task_folder, tmp_path):
     import ray
 
     spec_path = write_case(case, models, broken_task_folder, tmp_path)
-    code, lines = run_in_process("search", spec_path)
-    assert_one_clean_line(code, lines, CASES[case][1])
+    code, lines = run_cli_in_process("search", spec_path)
+    assert_refused_in_one_line(code, lines, CASES[case][1])
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "a run directory was created"
     assert not ray.is_initialized(), "Ray was started for a spec that cannot run"
 
@@ -402,7 +385,7 @@ def test_the_garbage_zoo_is_only_broken_in_its_weights(models, tmp_path):
 
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(good_spec(models, tmp_path)))
-    code, _ = run_in_process("validate", spec_path)
+    code, _ = run_cli_in_process("validate", spec_path)
     assert code == 0
     with pytest.raises(Exception):  # noqa: B017 - any read error proves the premise
         load_file(Path(models["ft_a"]) / "model.safetensors")
@@ -428,8 +411,8 @@ def test_resuming_after_the_frozen_spec_was_edited_is_refused(models, tmp_path):
     frozen = yaml.safe_load((run_dir / "spec.yaml").read_text())
     frozen["optimizer"] = {"seed": 5}
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(frozen))
-    assert_one_clean_line(
-        *run_in_process("resume", run_dir), ["spec.yaml", "the spec was changed after the run started"]
+    assert_refused_in_one_line(
+        *run_cli_in_process("resume", run_dir), ["spec.yaml", "the spec was changed after the run started"]
     )
 
 
@@ -438,24 +421,28 @@ def test_resuming_with_a_different_spec_is_refused(models, tmp_path):
     changed = yaml.safe_load(spec_path.read_text())
     changed["genome"]["layer_groups"] = 4
     spec_path.write_text(yaml.safe_dump(changed))
-    assert_one_clean_line(*run_in_process("resume", run_dir, "--spec", spec_path), ["differs from the spec frozen"])
+    assert_refused_in_one_line(
+        *run_cli_in_process("resume", run_dir, "--spec", spec_path), ["differs from the spec frozen"]
+    )
 
 
 def test_resuming_a_folder_that_is_not_a_run_is_refused(tmp_path):
-    assert_one_clean_line(*run_in_process("resume", tmp_path), ["not a run directory"])
+    assert_refused_in_one_line(*run_cli_in_process("resume", tmp_path), ["not a run directory"])
 
 
 def test_starting_a_run_whose_name_exists_is_refused(models, tmp_path):
     _, spec_path = frozen_run(models, tmp_path)
-    assert_one_clean_line(*run_in_process("search", spec_path), ["name", "already exists", "evomerge resume"])
+    assert_refused_in_one_line(*run_cli_in_process("search", spec_path), ["name", "already exists", "evomerge resume"])
 
 
 def test_missing_spec_file_is_refused(tmp_path):
-    assert_one_clean_line(*run_in_process("validate", tmp_path / "nope.yaml"), ["nope.yaml", "file not found"])
+    assert_refused_in_one_line(*run_cli_in_process("validate", tmp_path / "nope.yaml"), ["nope.yaml", "file not found"])
 
 
 def test_a_folder_given_as_the_spec_is_refused(tmp_path):
-    assert_one_clean_line(*run_in_process("search", tmp_path), [str(tmp_path), "is a folder; give the spec file"])
+    assert_refused_in_one_line(
+        *run_cli_in_process("search", tmp_path), [str(tmp_path), "is a folder; give the spec file"]
+    )
 
 
 def test_the_unique_key_loader_is_still_a_safe_loader(tmp_path):
@@ -481,7 +468,7 @@ def test_the_installed_command_prints_only_the_line(models, broken_task_folder, 
     with ThreadPoolExecutor(max_workers=2) as pool:
         finished = list(pool.map(lambda p: evomerge_cli("search", p), paths))
     for case, result in zip(cases, finished, strict=False):
-        assert_one_clean_line(
+        assert_refused_in_one_line(
             result.returncode, [line for line in result.stderr.splitlines() if line.strip()], CASES[case][1]
         )
 

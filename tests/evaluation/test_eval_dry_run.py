@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from refusals import record_refusal
+from refusals import assert_refused_in_one_line, run_cli_in_process
 from search_zoo import FIXTURE_EVALS
 from tiny_models import write_corrupt_checkpoint
-from typer.testing import CliRunner
 
 TINY_ADD = (FIXTURE_EVALS / "tiny_add.yaml").read_text()
 TINY_CHOICE = (FIXTURE_EVALS / "tiny_choice.yaml").read_text()
@@ -132,29 +131,13 @@ def evals_folder(root: Path, files: dict[str, str]) -> None:
         (root / "evals" / name).write_text(text)
 
 
-def run_cli(*args) -> tuple[int, list[str]]:
-    from evomerge.cli import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, [line for line in result.stderr.splitlines() if line.strip()]
-
-
-def assert_refused_in_one_line(code: int, lines: list[str], expected: list[str]) -> None:
-    assert code == 2, f"exit {code}: {lines}"
-    assert len(lines) == 1, f"expected one line on stderr, got {lines}"
-    record_refusal(lines[0])
-    assert "Traceback" not in lines[0]
-    for word in expected:
-        assert word.lower() in lines[0].lower(), f"{word!r} not in: {lines[0]}"
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_task_that_would_kill_every_worker_is_refused_by_search_in_one_line(case, models, tmp_path):
     import ray
 
     files, expected = CASES[case]
     evals_folder(tmp_path, files)
-    code, lines = run_cli("search", write_spec(tmp_path, models))
+    code, lines = run_cli_in_process("search", write_spec(tmp_path, models))
     assert_refused_in_one_line(code, lines, expected)
     assert not (tmp_path / "runs").exists(), "a run directory was created"
     assert not ray.is_initialized(), "Ray was started for a spec whose tasks cannot be built"
@@ -163,7 +146,7 @@ def test_a_task_that_would_kill_every_worker_is_refused_by_search_in_one_line(ca
 def test_validate_refuses_the_same_task(models, tmp_path):
     files, expected = CASES["jsonl-missing-the-prompt-field"]
     evals_folder(tmp_path, files)
-    assert_refused_in_one_line(*run_cli("validate", write_spec(tmp_path, models)), expected)
+    assert_refused_in_one_line(*run_cli_in_process("validate", write_spec(tmp_path, models)), expected)
 
 
 def test_a_broken_held_out_task_is_named_as_one(models, tmp_path):
@@ -173,12 +156,14 @@ def test_a_broken_held_out_task_is_named_as_one(models, tmp_path):
     spec = yaml.safe_load(spec_path.read_text())
     spec["evaluation"]["heldout_tasks"] = ["broken"]
     spec_path.write_text(yaml.safe_dump(spec))
-    assert_refused_in_one_line(*run_cli("validate", spec_path), ["evaluation.heldout_tasks[0]", "empty.jsonl"])
+    assert_refused_in_one_line(
+        *run_cli_in_process("validate", spec_path), ["evaluation.heldout_tasks[0]", "empty.jsonl"]
+    )
 
 
 def test_a_base_model_without_a_tokenizer_is_refused_before_any_worker_starts(models, tmp_path):
     evals_folder(tmp_path, {})
-    code, lines = run_cli("search", write_spec(tmp_path, models, task="tiny_add", base="no_tokenizer"))
+    code, lines = run_cli_in_process("search", write_spec(tmp_path, models, task="tiny_add", base="no_tokenizer"))
     assert_refused_in_one_line(code, lines, ["models.base", "no_tokenizer", "tokenizer"])
     assert not (tmp_path / "runs").exists()
 
@@ -190,7 +175,7 @@ def test_good_tasks_rehearse_silently(models, tmp_path, capfd):
     spec = yaml.safe_load(spec_path.read_text())
     spec["evaluation"]["tasks"] = ["tiny_add", {"name": "tiny_choice", "num_fewshot": 2}]
     spec_path.write_text(yaml.safe_dump(spec))
-    code, lines = run_cli("validate", spec_path)
+    code, lines = run_cli_in_process("validate", spec_path)
     assert code == 0 and not lines, lines
     captured = capfd.readouterr()
     assert "Traceback" not in captured.err and "Generating" not in captured.err, captured.err[-2000:]

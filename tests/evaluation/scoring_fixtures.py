@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import torch
 from tiny_models import SPECIAL_TOKENS, build_base, tiny_llama_config
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
@@ -43,3 +45,15 @@ def eval_set(tasks: list[dict | str], **evaluation) -> EvalSet:
     """The search set of an `evaluation:` section over the fixture tasks."""
     section = {"tasks": tasks, "include": [str(FIXTURES)], "batch_size": 8} | evaluation
     return EvaluationSpec.model_validate(section).eval_sets()["search"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    """One torch thread for a scoring module: on 2 cores tiny matmuls run far slower on 2 OpenMP threads.
+
+    Autouse in each module that imports it by name.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -16,7 +16,7 @@ from pathlib import Path
 import lm_eval.utils
 import pytest
 import torch
-from scoring_fixtures import CHAT_TEMPLATE, char_model, char_tokenizer, eval_set
+from scoring_fixtures import CHAT_TEMPLATE, char_model, char_tokenizer, eval_set, single_torch_thread  # noqa: F401 - single_torch_thread is an autouse fixture
 
 from evomerge.evaluation.backend import BackendName
 from evomerge.evaluation.config import EvaluationSpec
@@ -24,14 +24,6 @@ from evomerge.evaluation.evaluate import Evaluator
 
 REPO = Path(__file__).resolve().parents[2]
 DISCRETE_METRICS = ("acc", "acc_norm", "exact_match")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

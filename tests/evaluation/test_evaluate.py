@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scoring_fixtures import single_torch_thread  # noqa: F401 - an autouse fixture
 from tiny_models import SPECIAL_TOKENS, build_base, tiny_llama_config
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
@@ -64,15 +65,6 @@ def fixture_settings(**changes) -> EvalSet:
 
 def build_evaluator(seed: int = 0, **changes) -> Evaluator:
     return Evaluator(build_model(seed), build_char_tokenizer(), fixture_settings(**changes))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    # On this 2-core machine tiny matmuls run ~100x slower on 2 OpenMP threads than on 1.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

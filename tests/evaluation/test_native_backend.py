@@ -12,7 +12,7 @@ import random
 
 import pytest
 import torch
-from scoring_fixtures import char_model, char_tokenizer
+from scoring_fixtures import char_model, char_tokenizer, single_torch_thread  # noqa: F401 - single_torch_thread is an autouse fixture
 
 from evomerge.evaluation.backend import GenerationRequest, TokenPair
 from evomerge.evaluation.batching import token_budget_batches
@@ -21,15 +21,6 @@ from evomerge.evaluation.native import TorchBackend
 from evomerge.evaluation.requests import _generation_request, _rolling_windows, _tokenize_pair
 
 MAX_LENGTH = 24
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    # On a 2-core machine tiny matmuls run far slower on 2 OpenMP threads than on 1.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -149,12 +149,16 @@ def pid_of(worker: str) -> int:
     return int(worker.rsplit(":", 1)[1])
 
 
+NODE_LOSS_EVALS = 16
+
+
 def write_spec(folder: Path, zoo) -> Path:
-    """Two CPU workers scoring tiny_add repeated 25 times: seconds per candidate."""
+    """Two CPU workers scoring 1,000 docs of tiny_add repeated: seconds per candidate, even on the native
+    scorer, so the search is still running when the test takes a node away."""
     evals = folder / "evals"
     (evals / "data").mkdir(parents=True)
     (evals / "data" / "slow.jsonl").write_text(
-        ((FIXTURE_EVALS / "data" / "tiny.jsonl").read_text().strip() + "\n") * 25
+        ((FIXTURE_EVALS / "data" / "tiny.jsonl").read_text().strip() + "\n") * 50
     )
     (evals / "slow_add.yaml").write_text(
         (FIXTURE_EVALS / "tiny_add.yaml")
@@ -169,8 +173,8 @@ def write_spec(folder: Path, zoo) -> Path:
         "merge": {"method": "ties"},
         "genome": {"layer_groups": 2},
         "optimizer": {"name": "random", "seed": 0},
-        "evaluation": {"include": [str(evals)], "tasks": ["slow_add"], "limit": 150, "batch_size": 64},
-        "budget": {"max_evals": 12},
+        "evaluation": {"include": [str(evals)], "tasks": ["slow_add"], "limit": 1000, "batch_size": 64},
+        "budget": {"max_evals": NODE_LOSS_EVALS},
         "workers": {"count": 2, "cpus_per_worker": 1},
     }
     (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
@@ -221,7 +225,10 @@ def test_search_survives_losing_a_node_of_a_three_node_cluster(tmp_path, zoo):
     assert "worker died" in stderr and "re-queueing" in stderr
     events = journal(run_dir)
     completed = [e["trial"] for e in events if e["event"] == "completed"]
-    assert sorted(completed) == sorted({e["trial"] for e in events if e["event"] == "asked"}) and len(completed) == 12
+    assert (
+        sorted(completed) == sorted({e["trial"] for e in events if e["event"] == "asked"})
+        and len(completed) == NODE_LOSS_EVALS
+    )
     assert not any(e["event"] == "failed" for e in events), "a lost node is not a failed candidate"
     after = [e for e in events if e["event"] == "completed" and e["time"] > lost_at + 1]
     survivor = "node_b" if lost == "node_a" else "node_a"

@@ -104,9 +104,15 @@ class FakeReference:
 
 
 class FakeCalls:
-    def __init__(self, kills: Callable[[int], bool] = lambda trial: False, on_poll: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        kills: Callable[[int], bool] = lambda trial: False,
+        on_poll: Callable[[], None] | None = None,
+        charged: bool = True,
+    ):
         self.kills = kills
         self.on_poll = on_poll or (lambda: None)
+        self.charged = charged  # False: the deaths are lost connections to the worker's node
         self.deaths = 0
 
     def submit(self, actor: FakeWorker, job) -> FakeReference:
@@ -121,6 +127,8 @@ class FakeCalls:
         if reference.actor.dead or self.kills(job.trial_id):
             reference.actor.dead = True
             self.deaths += 1
+            if not self.charged:
+                raise WorkerDied("ActorUnavailableError: connection reset by peer", charged=False)
             raise WorkerDied("ActorDiedError: the worker process died (SIGKILL)")
         return reference.actor.evaluate(job.trial_id, job.merge_config, job.eval_set)
 

@@ -8,7 +8,7 @@ loop.
 
 A worker runs its calls in order, so the oldest candidate in its mailbox is the one it was
 evaluating when it died: that candidate is charged with the death, the others go back in the queue
-uncharged. A candidate charged twice comes back as a failed result ("worker died twice on this
+uncharged; a lost connection to the worker's node charges nobody. A candidate charged twice comes back as a failed result ("worker died twice on this
 candidate"), so one candidate that crashes its worker every time (a merge that exhausts host memory,
 a kernel fault) costs two restarts instead of ending the search. The driver decides when deaths on
 every candidate mean the setup itself is broken.
@@ -51,7 +51,16 @@ class _Slot:
 
 
 class WorkerDied(Exception):
-    """A call whose worker process is gone (killed, out of memory, its node lost)."""
+    """A call whose worker process is gone (killed, out of memory, its node lost).
+
+    `charged`: whether the candidate it was evaluating may have caused it. A connection lost to the
+    worker's node (Ray's ActorUnavailableError, a lost object) says nothing about the candidate;
+    a dead worker process or an exception out of the call does.
+    """
+
+    def __init__(self, message: str, charged: bool = True):
+        super().__init__(message)
+        self.charged = charged
 
 
 class WorkerCalls(Protocol):
@@ -87,12 +96,12 @@ class RayCalls:
 
     def result(self, reference) -> TrialResult:
         import ray
-        from ray.exceptions import GetTimeoutError, RayError
+        from ray.exceptions import ActorDiedError, GetTimeoutError, RayError, RayTaskError
 
         try:
             return ray.get(reference, timeout=0)
         except (GetTimeoutError, RayError) as error:
-            raise WorkerDied(_first_line(error)) from error
+            raise WorkerDied(_first_line(error), charged=isinstance(error, (ActorDiedError, RayTaskError))) from error
 
     def kill(self, actor) -> None:
         import ray
@@ -143,7 +152,7 @@ class Scheduler:
             try:
                 result = self.calls.result(reference)
             except WorkerDied as death:
-                finished += self._replace(slot, str(death))
+                finished += self._replace(slot, str(death), death.charged)
                 continue
             finished.append((slot.in_flight.pop(reference), result))
         return finished
@@ -154,12 +163,12 @@ class Scheduler:
                 return slot
         return None
 
-    def _replace(self, slot: _Slot, death: str) -> list[tuple[Job, TrialResult]]:
+    def _replace(self, slot: _Slot, death: str, charged: bool = True) -> list[tuple[Job, TrialResult]]:
         """Start a new worker in the slot; re-queue its candidates, or fail the one charged twice."""
         evaluating, *waiting = slot.in_flight.values()
         slot.in_flight.clear()
         self.replacements += 1
-        evaluating.attempts += 1
+        evaluating.attempts += int(charged)
         requeue = waiting if evaluating.gave_up else [evaluating, *waiting]
         LOG.warning(
             "worker died (%s) on trial %d; re-queueing %d candidate(s) and starting a replacement",

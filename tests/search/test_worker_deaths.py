@@ -64,6 +64,21 @@ def test_a_candidate_whose_worker_dies_twice_comes_back_failed_and_is_not_requeu
     assert served.ok and scheduler.replacements == 2
 
 
+def test_a_lost_connection_to_the_worker_s_node_is_charged_to_no_candidate():
+    """A node that leaves the cluster can cut the same candidate's worker twice; that is no crash of its."""
+    left = {"deaths": 2}
+
+    def node_drops(trial: int) -> bool:
+        left["deaths"] -= trial == 0
+        return trial == 0 and left["deaths"] >= 0
+
+    scheduler = Scheduler(lambda index: FakeWorker(f"w{index}"), 1, 2, FakeCalls(node_drops, charged=False))
+    scheduler.submit(Job(0, {}))
+    finished = poll_all(scheduler)
+    assert [(job.trial_id, job.attempts, result.ok) for job, result in finished] == [(0, 0, True)]
+    assert scheduler.replacements == 2
+
+
 def run_with_deaths(tmp_path, calls: FakeCalls, max_evals: int = 19):
     spec = parse_spec(fake_spec_data(tmp_path / "runs", "deaths", budget={"max_evals": max_evals}), "spec", tmp_path)
     run_dir = create_run_dir(spec)

@@ -153,18 +153,22 @@ NODE_LOSS_EVALS = 16
 
 
 def write_spec(folder: Path, zoo) -> Path:
-    """Two CPU workers scoring 1,000 docs of tiny_add repeated: seconds per candidate, even on the native
-    scorer, so the search is still running when the test takes a node away."""
+    """Two CPU workers on a task whose scoring sleeps 50 ms a doc (3 s a candidate, whatever the scorer),
+    so the search is still running when the test takes a node away."""
     evals = folder / "evals"
     (evals / "data").mkdir(parents=True)
-    (evals / "data" / "slow.jsonl").write_text(
-        ((FIXTURE_EVALS / "data" / "tiny.jsonl").read_text().strip() + "\n") * 50
+    (evals / "data" / "slow.jsonl").write_text((FIXTURE_EVALS / "data" / "tiny.jsonl").read_text())
+    (evals / "slow_scoring.py").write_text(
+        "import time\n\n\ndef process_results(doc, results):\n"
+        "    time.sleep(0.05)\n"
+        "    return {'acc': float(results[0][1])}\n"
     )
     (evals / "slow_add.yaml").write_text(
         (FIXTURE_EVALS / "tiny_add.yaml")
         .read_text()
-        .replace("task: tiny_add", "task: slow_add")
+        .replace("task: tiny_add", "task: slow_add\nprocess_results: !function slow_scoring.process_results")
         .replace("tiny.jsonl", "slow.jsonl")
+        .split("  - metric: perplexity")[0]
     )
     spec = {
         "name": "three-nodes",
@@ -173,7 +177,7 @@ def write_spec(folder: Path, zoo) -> Path:
         "merge": {"method": "ties"},
         "genome": {"layer_groups": 2},
         "optimizer": {"name": "random", "seed": 0},
-        "evaluation": {"include": [str(evals)], "tasks": ["slow_add"], "limit": 1000, "batch_size": 64},
+        "evaluation": {"include": [str(evals)], "tasks": ["slow_add"], "limit": 60, "batch_size": 64},
         "budget": {"max_evals": NODE_LOSS_EVALS},
         "workers": {"count": 2, "cpus_per_worker": 1},
     }

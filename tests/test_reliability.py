@@ -287,16 +287,22 @@ def test_cmaes_snapshot_restored_by_another_process_continues_identically(tmp_pa
 
 @pytest.fixture(scope="module")
 def slow_evals(tmp_path_factory) -> Path:
-    """tiny_add repeated 25 times: seconds per candidate, so a busy worker is mid-evaluation."""
+    """tiny_add whose scoring sleeps 50 ms a doc: seconds per candidate whatever the scorer, so a busy
+    worker is mid-evaluation when it is killed."""
     folder = tmp_path_factory.mktemp("slow_evals")
     (folder / "data").mkdir()
-    rows = (FIXTURE_EVALS / "data" / "tiny.jsonl").read_text().strip() + "\n"
-    (folder / "data" / "slow.jsonl").write_text(rows * 25)
+    (folder / "data" / "slow.jsonl").write_text((FIXTURE_EVALS / "data" / "tiny.jsonl").read_text())
+    (folder / "slow_scoring.py").write_text(
+        "import time\n\n\ndef process_results(doc, results):\n"
+        "    time.sleep(0.05)\n"
+        "    return {'acc': float(results[0][1])}\n"
+    )
     task = (
         (FIXTURE_EVALS / "tiny_add.yaml")
         .read_text()
-        .replace("task: tiny_add", "task: slow_add")
+        .replace("task: tiny_add", "task: slow_add\nprocess_results: !function slow_scoring.process_results")
         .replace("tiny.jsonl", "slow.jsonl")
+        .split("  - metric: perplexity")[0]
     )
     (folder / "slow_add.yaml").write_text(task)
     return folder

@@ -9,6 +9,7 @@ worker dies (raises `WorkerDied`) on every candidate `kills(trial_id)` names.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from evomerge.search.scheduler import Scheduler, WorkerDied
 NUM_LAYERS = 4  # of the base model the fake specs pretend to have
 FIXTURE_RUNS = Path(__file__).parent / "fixtures" / "runs"
 FAILING_TRIAL = 5
+FAKE_DOCS = 32  # search docs per candidate
 
 
 def fake_spec_data(runs_dir: Path, name: str, **sections) -> dict:
@@ -70,23 +72,38 @@ def fake_score(merge_config: dict, eval_set: str = "search") -> float:
 
 
 class FakeWorker:
-    def __init__(self, worker_id: str, score: Callable[[int, dict, str], float] | None = None):
+    """`rungs` (cumulative doc shares, as `evaluation.fidelity.rungs`) makes it race its search
+    results with the real `fidelity.race`, every slice scoring the candidate's pure score."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        score: Callable[[int, dict, str], float] | None = None,
+        rungs: tuple[float, ...] | None = None,
+        z: float = 2.0,
+    ):
         self.worker_id = worker_id
         self.score = score or (lambda trial, config, eval_set: fake_score(config, eval_set))
+        self.rungs, self.z = rungs, z
         self.dead = False
 
-    def evaluate(self, trial_id: int, merge_config: dict, eval_set: str = "search") -> TrialResult:
+    def evaluate(
+        self, trial_id: int, merge_config: dict, eval_set: str = "search", race_against: float | None = None
+    ) -> TrialResult:
         if trial_id == FAILING_TRIAL and eval_set == "search":
             reason = "merged weights are not finite (model.norm.weight)"
             return TrialResult.failure(trial_id, reason, worker=self.worker_id, seconds=0.5)
         score = self.score(trial_id, merge_config, eval_set)
         task = "tiny_add" if eval_set == "search" else "tiny_choice"
+        outcome = self._race(task, score, race_against) if self.rungs and eval_set == "search" else None
         return TrialResult(
             trial=trial_id,
             ok=True,
-            score=score,
-            metrics={task: score},
-            n_docs={task: 32},
+            score=outcome.result.score if outcome else score,
+            metrics=outcome.result.metrics if outcome else {task: score},
+            n_docs=outcome.result.n_docs if outcome else {task: FAKE_DOCS},
+            rungs=outcome.rungs_scored if outcome else None,
+            stopped_early=(outcome.stopped_early or None) if outcome else None,
             worker=self.worker_id,
             merge_s=0.01,
             prepare_s=0.002,
@@ -94,6 +111,16 @@ class FakeWorker:
             eval_s=0.2,
             subset="5d41402abc4b2a76",
         )
+
+    def _race(self, task: str, score: float, race_against: float | None):
+        from evomerge.evaluation.fidelity import race
+        from evomerge.evaluation.scores import EvalResult
+
+        assert self.rungs is not None
+        ends = [math.ceil(share * FAKE_DOCS) for share in self.rungs]
+        sizes = [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+        slices = [EvalResult(score, {task: score}, {task: size}, 0.1) for size in sizes]
+        return race(slices.__getitem__, len(slices), {task: 1.0}, race_against, self.z)
 
 
 class FakeReference:
@@ -130,16 +157,21 @@ class FakeCalls:
             if not self.charged:
                 raise WorkerDied("ActorUnavailableError: connection reset by peer", charged=False)
             raise WorkerDied("ActorDiedError: the worker process died (SIGKILL)")
-        return reference.actor.evaluate(job.trial_id, job.merge_config, job.eval_set)
+        return reference.actor.evaluate(job.trial_id, job.merge_config, job.eval_set, job.race_against)
 
     def kill(self, actor: FakeWorker) -> None:
         actor.dead = True
 
 
-def fake_scheduler(calls: FakeCalls | None = None, workers: int = 1, queue_depth: int = 2, score=None) -> Scheduler:
+def fake_scheduler(
+    calls: FakeCalls | None = None, workers: int = 1, queue_depth: int = 2, score=None, rungs=None
+) -> Scheduler:
     generation = iter(range(1_000_000))
     return Scheduler(
-        lambda index: FakeWorker(f"w{index}@fake:{next(generation)}", score), workers, queue_depth, calls or FakeCalls()
+        lambda index: FakeWorker(f"w{index}@fake:{next(generation)}", score, rungs),
+        workers,
+        queue_depth,
+        calls or FakeCalls(),
     )
 
 

@@ -354,6 +354,43 @@ CASES = {
         lambda s, m, x: put(s, "evaluation.fewshot_as_multiturn", True),
         ["evaluation", "fewshot_as_multiturn needs apply_chat_template: true"],
     ),
+    "fidelity-rungs-not-increasing": (
+        lambda s, m, x: put(s, "evaluation.fidelity", {"rungs": [0.5, 0.25, 1.0]}),
+        ["evaluation.fidelity.rungs", "must increase", "[0.25, 1.0]"],
+    ),
+    "fidelity-last-rung-not-every-doc": (
+        lambda s, m, x: put(s, "evaluation.fidelity", {"rungs": [0.25, 0.5]}),
+        ["evaluation.fidelity.rungs", "last rung must be 1.0"],
+    ),
+    "fidelity-with-pareto-objectives": (
+        lambda s, m, x: put(
+            s,
+            "evaluation",
+            {
+                "include": [str(FIXTURE_EVALS)],
+                "tasks": ["tiny_add", "tiny_choice"],
+                "objectives": [{"name": "add", "tasks": ["tiny_add"]}, {"name": "choice", "tasks": ["tiny_choice"]}],
+                "fidelity": {},
+            },
+        ),
+        ["evaluation", "fidelity races candidates on one weighted score", "drop evaluation.fidelity"],
+    ),
+    "fidelity-on-a-perplexity-task": (
+        lambda s, m, x: put(
+            s,
+            "evaluation",
+            {
+                "include": [str(FIXTURE_EVALS)],
+                "tasks": [{"name": "tiny_rolling", "metric": "word_perplexity"}],
+                "fidelity": {},
+            },
+        ),
+        ["evaluation.tasks[0]", "tiny_rolling", "not a mean", "drop evaluation.fidelity"],
+    ),
+    "fidelity-slice-without-docs": (
+        lambda s, m, x: put(s, "evaluation.fidelity", {"rungs": [0.51, 0.52, 1.0]}),
+        ["evaluation.fidelity.rungs", "0.51-0.52", "holds no document", "widen the rungs"],
+    ),
 }
 
 

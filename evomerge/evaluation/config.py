@@ -21,6 +21,7 @@ DEFAULT_INCLUDE = ("evals",)
 BATCH_SIZE_LIMIT = 4096
 FEWSHOT_LIMIT = 1000
 TOKEN_BUDGET_LIMIT = 1 << 22
+SEARCH_TASKS_FIELD = "evaluation.tasks"
 
 
 class Strict(BaseModel):
@@ -53,18 +54,61 @@ class EvalSetName(str, Enum):
     HELDOUT = "heldout"
 
 
+class FidelitySpec(Strict):
+    """`evaluation.fidelity`: race each searched candidate over nested seeded shares of the search docs.
+
+    A candidate is scored on the first share of every task's seeded doc order; it gets the next
+    share only while it can still beat the best fully scored candidate (its partial score plus `z`
+    standard errors reaches that best). Baselines and held-out scores are always scored whole.
+    """
+
+    rungs: list[float] = Field(
+        default_factory=lambda: [0.25, 1.0],
+        min_length=2,
+        max_length=8,
+        description="Cumulative shares of each task's search docs; increasing, the last one 1.0.",
+    )
+    z: float = Field(2.0, gt=0, le=10, description="Standard errors of optimism before a candidate is stopped.")
+
+    @field_validator("rungs")
+    @classmethod
+    def _nested_shares(cls, rungs: list[float]) -> list[float]:
+        if any(not 0 < share <= 1 for share in rungs):
+            raise ValueError("each rung is a share of the search docs in (0, 1], e.g. [0.25, 1.0]")
+        if any(later <= earlier for earlier, later in zip(rungs, rungs[1:], strict=False)):
+            raise ValueError(f"rungs must increase ({rungs}); e.g. [0.25, 1.0]")
+        if rungs[-1] != 1.0:
+            raise ValueError(f"the last rung must be 1.0 (every search doc), not {rungs[-1]}; e.g. [0.25, 1.0]")
+        return rungs
+
+
 class EvalSet(Strict):
     """What one worker evaluator scores: a task list of the spec with its doc limit.
 
     `field` is where the tasks sit in the spec, so that errors name `evaluation.heldout_tasks[1]`
     for a held-out task; `evaluation` carries the settings both lists share (include, seed,
-    batch size, max length).
+    batch size, max length). `share` (fidelity racing) narrows it to one slice of each task's
+    seeded doc order, as (start, end) shares of it.
     """
 
     field: str
     tasks: tuple[EvalTask, ...]
     limit: int | None
     evaluation: EvaluationSpec
+    share: tuple[float, float] | None = None
+
+    @property
+    def fidelity(self) -> FidelitySpec | None:
+        """The racing settings when this is the search set of a spec that races; held-out sets never race."""
+        return self.evaluation.fidelity if self.field == SEARCH_TASKS_FIELD else None
+
+    def slices(self) -> list[EvalSet]:
+        """The disjoint slices a raced candidate is scored on, one per rung, in order."""
+        fidelity = self.fidelity
+        if fidelity is None:
+            return [self]
+        bounds = zip([0.0, *fidelity.rungs[:-1]], fidelity.rungs, strict=True)
+        return [self.model_copy(update={"share": (start, end)}) for start, end in bounds]
 
 
 class EvaluationSpec(Strict):
@@ -93,6 +137,9 @@ class EvaluationSpec(Strict):
     system_instruction: str | None = Field(None, description="A system message before every prompt.")
     fewshot_as_multiturn: bool | None = Field(
         None, description="Few-shot examples as chat turns; default: on with a chat template."
+    )
+    fidelity: FidelitySpec | None = Field(
+        None, description="Race candidates over nested doc shares; only those that can still win get every doc."
     )
 
     @property
@@ -138,6 +185,10 @@ class EvaluationSpec(Strict):
             raise ValueError(
                 "fewshot_as_multiturn needs apply_chat_template: true; set both or drop fewshot_as_multiturn"
             )
+        if self.fidelity is not None and self.objectives:
+            raise ValueError(
+                "fidelity races candidates on one weighted score; drop evaluation.fidelity or evaluation.objectives"
+            )
         if len(self.objectives) == 1:
             raise ValueError("objectives: give two or more for a Pareto search, or none for a single weighted score")
         return self
@@ -146,7 +197,7 @@ class EvaluationSpec(Strict):
         """The search set, and the held-out set when the spec has held-out tasks."""
         sets = {
             EvalSetName.SEARCH.value: EvalSet(
-                field="evaluation.tasks", tasks=tuple(self.tasks), limit=self.limit, evaluation=self
+                field=SEARCH_TASKS_FIELD, tasks=tuple(self.tasks), limit=self.limit, evaluation=self
             )
         }
         if self.heldout_tasks:
@@ -169,6 +220,7 @@ LATER_EVALUATION_DEFAULTS = {
     "apply_chat_template": False,
     "system_instruction": None,
     "fewshot_as_multiturn": None,
+    "fidelity": None,
 }
 LATER_TASK_DEFAULTS = {"gen_kwargs": None}
 

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import UserError
-from evomerge.evaluation.config import EvalSet
+from evomerge.evaluation.config import EvalSet, FidelitySpec
 from evomerge.evaluation.evaluate import seeded_subset
+from evomerge.evaluation.fidelity import raceable_metric
 from evomerge.evaluation.tasks import ResolvedTask, ResolvedTasks, build_tasks, quiet_lm_eval
 
 # The config keys lm-eval renders as Jinja templates against each doc.
@@ -40,6 +41,7 @@ class TaskUnderTest:
     field: str
     limit: int | None
     subset_seed: int
+    fidelity: FidelitySpec | None = None  # a raced search set: its slices and metrics are checked too
 
     def refuse(self, problem: str, fix: str) -> UserError:
         return UserError(f"{self.field}: task '{self.task.name}' ({self.task.yaml_path}): {problem}; {fix}")
@@ -48,7 +50,8 @@ class TaskUnderTest:
 def rehearse_eval_set(eval_set: EvalSet, resolved: ResolvedTasks) -> None:
     """Build and render every task of `eval_set` as a worker would; `resolved` is its resolve_tasks."""
     for position, task in enumerate(resolved.tasks):
-        under_test = TaskUnderTest(task, f"{eval_set.field}[{position}]", eval_set.limit, eval_set.evaluation.seed)
+        field = f"{eval_set.field}[{position}]"
+        under_test = TaskUnderTest(task, field, eval_set.limit, eval_set.evaluation.seed, eval_set.fidelity)
         check_data_files(under_test)
         with _silenced():
             rehearse_task(under_test, resolved)
@@ -118,6 +121,8 @@ def rehearse_task(under_test: TaskUnderTest, resolved: ResolvedTasks) -> None:
         raise under_test.refuse(
             "its evaluation split has no documents", "point dataset_kwargs.data_files at a file with documents"
         )
+    if under_test.fidelity is not None:
+        check_raceable(under_test, task, len(docs))
     # One prompt, not every doc: lm-eval compiles each template anew per render (about 1 ms), and
     # a field missing from some lines only is caught by check_data_files without rendering.
     index = seeded_subset(len(docs), under_test.limit, under_test.subset_seed, name)[0]
@@ -129,6 +134,22 @@ def rehearse_task(under_test: TaskUnderTest, resolved: ResolvedTasks) -> None:
         task.construct_requests(doc=doc, ctx=context, metadata=(name, index, task.config.repeats))
     except Exception as error:  # noqa: BLE001 - every render failure becomes one line
         raise _render_error(under_test, error, index, doc) from None
+
+
+def check_raceable(under_test: TaskUnderTest, task, n_docs: int) -> None:
+    """A raced task needs a mean metric (slices add up) and at least one doc in every rung's slice."""
+    reason = raceable_metric(task, under_test.task.result_key.partition(",")[0])
+    if reason:
+        raise under_test.refuse(
+            reason, "race only tasks scored by a mean (acc, exact_match) or drop evaluation.fidelity"
+        )
+    rungs = under_test.fidelity.rungs if under_test.fidelity else []
+    for start, end in zip([0.0, *rungs[:-1]], rungs, strict=True):
+        if not seeded_subset(n_docs, under_test.limit, under_test.subset_seed, under_test.task.name, (start, end)):
+            raise UserError(
+                f"evaluation.fidelity.rungs: the share {start:g}-{end:g} of task '{under_test.task.name}' "
+                f"holds no document (it scores {min(n_docs, under_test.limit or n_docs)}); widen the rungs or score more docs"
+            )
 
 
 def _build_error(under_test: TaskUnderTest, error: Exception) -> UserError:

@@ -13,10 +13,9 @@ update; the score is always that of the weights the model holds right now. Two b
 
 from __future__ import annotations
 
+import math
 import random
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,34 +24,30 @@ from evomerge.evaluation.backend import BackendName
 from evomerge.evaluation.config import EvalSet
 from evomerge.evaluation.native import TorchBackend
 from evomerge.evaluation.requests import PreparedRequests, PromptOptions, TaskMetrics
+from evomerge.evaluation.scores import EvalResult, weighted_score
 from evomerge.evaluation.seeding import FEWSHOT_SEED, seeded_global_rngs
 from evomerge.evaluation.tasks import ResolvedTasks, build_tasks, quiet_lm_eval, resolve_tasks
 
 __all__ = ["EvalResult", "EvalSet", "Evaluator", "resolve_tasks", "seeded_subset", "weighted_score"]
 
 
-@dataclass(frozen=True)
-class EvalResult:
-    """One candidate's score and where it came from."""
+def seeded_subset(
+    n_docs: int, limit: int | None, seed: int, task_name: str, share: tuple[float, float] | None = None
+) -> list[int]:
+    """Sorted doc indices to score: the same for every process given the same arguments.
 
-    score: float  # sum(weight * metric) / sum(weight)
-    metrics: dict[str, float]  # task name -> metric value
-    n_docs: dict[str, int]  # task name -> docs scored
-    seconds: float
-
-
-def seeded_subset(n_docs: int, limit: int | None, seed: int, task_name: str) -> list[int]:
-    """Sorted doc indices to score: the same for every process given the same arguments."""
-    if limit is None or limit >= n_docs:
+    `share` = (start, end) keeps one slice of the subset's seeded order: slices with adjacent
+    shares are disjoint, each is a seeded random draw, and together they are the whole subset.
+    """
+    kept = n_docs if limit is None else min(limit, n_docs)
+    if share is None and kept == n_docs:
         return list(range(n_docs))
     # Seeding with a string hashes it with SHA-512, so PYTHONHASHSEED cannot change the draw.
-    return sorted(random.Random(f"{seed}:{task_name}").sample(range(n_docs), limit))
-
-
-def weighted_score(metrics: Mapping[str, float], weights: Mapping[str, float]) -> float:
-    """sum(weight * metric) / sum(weight) over the tasks in `weights`."""
-    total_weight = sum(weights.values())
-    return sum(weights[name] * metrics[name] for name in weights) / total_weight
+    order = random.Random(f"{seed}:{task_name}").sample(range(n_docs), kept)
+    if share is None:
+        return sorted(order)
+    start, end = (math.ceil(fraction * kept - 1e-9) for fraction in share)
+    return sorted(order[start:end])
 
 
 class Evaluator:
@@ -86,7 +81,7 @@ class Evaluator:
         for task in self._tasks.values():
             _process_docs_once(task)
         self._subsets = {
-            name: seeded_subset(len(task.eval_docs), eval_set.limit, settings.seed, name)
+            name: seeded_subset(len(task.eval_docs), eval_set.limit, settings.seed, name, eval_set.share)
             for name, task in self._tasks.items()
         }
         # lm-eval scores every doc of a task that `samples` leaves out.

@@ -60,6 +60,8 @@ class TrialResult:
     reason: str | None = None
     seconds: float | None = None
     objectives: list[float] | None = None
+    rungs: int | None = None  # fidelity racing: the rungs (slices of the search docs) scored
+    stopped_early: bool | None = None  # raced out before its last rung: `score` is a partial score
 
     @classmethod
     def failure(cls, trial: int, reason: str, **extra) -> TrialResult:

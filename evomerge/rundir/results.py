@@ -4,12 +4,12 @@ and the export of any trial as a standard mergekit YAML.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import yaml
 
 from evomerge.errors import UserError
+from evomerge.evaluation.scores import standard_error
 from evomerge.rundir.events import RESULT_EVENTS, EventName, TrialResult
 from evomerge.rundir.journal import read_events
 from evomerge.rundir.layout import RunDir
@@ -23,19 +23,6 @@ def load_trials(run_dir: Path | RunDir) -> tuple[list[dict], dict[int, Trial]]:
         raise UserError(f"{run}: no {run.journal.name} here; give a run directory such as runs/NAME")
     events = read_events(run.journal)
     return events, replay(events)
-
-
-def standard_error(metrics: dict | None, n_docs: dict | None, weights: dict | None = None) -> float:
-    """SE of a weighted mean of per-task accuracies, each a mean of n independent 0/1 outcomes."""
-    metrics, n_docs = metrics or {}, n_docs or {}
-    weights = weights or {name: 1.0 for name in metrics}
-    total = sum(weights.get(name, 1.0) for name in metrics)
-    variance = 0.0
-    for name, value in metrics.items():
-        n = max(1, n_docs.get(name, 1))
-        share = weights.get(name, 1.0) / total
-        variance += share**2 * max(value * (1 - value), 0.0) / n
-    return math.sqrt(variance)
 
 
 def result_se(result: TrialResult | None) -> float | None:
@@ -110,7 +97,7 @@ def default_export(trials: dict[int, Trial]) -> Trial | None:
     """What `export` writes without --trial: the held-out winner, else the best search score."""
     chosen = heldout_winner(trials)
     if chosen is None:
-        completed = [t for t in trials.values() if t.status == EventName.COMPLETED]
+        completed = [t for t in trials.values() if t.status == EventName.COMPLETED and not t.stopped_early]
         chosen = max(completed, key=lambda t: t.score, default=None)
     return chosen
 

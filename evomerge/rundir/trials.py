@@ -37,6 +37,12 @@ class Trial:
     status: str = EventName.ASKED  # asked | completed | failed
     result: TrialResult | None = None  # the search result, once there is one
     heldout: TrialResult | None = None
+    race_against: float | None = None  # fidelity racing: the incumbent journaled when it was asked
+
+    @property
+    def stopped_early(self) -> bool:
+        """Raced out on part of the search docs: its score is partial, so it is never a winner."""
+        return bool(self.result and self.result.stopped_early)
 
     @property
     def score(self) -> float | None:
@@ -58,6 +64,7 @@ def replay(events: list[dict]) -> dict[int, Trial]:
             trials[event["trial"]] = Trial(
                 event["trial"], event["kind"], event["label"], event["merge_config"], event.get("params") or {}
             )
+            trials[event["trial"]].race_against = event.get("race_against")
         elif kind in RESULT_EVENTS and event["trial"] in trials:
             trial = trials[event["trial"]]
             trial.status, trial.result = kind, TrialResult.from_event(event)
@@ -100,7 +107,8 @@ class Tally:
     def add_finished(self, trial: Trial) -> None:
         if trial.score is not None:
             self.completed += 1
-            self.best_score = trial.score if self.best_score is None else max(self.best_score, trial.score)
+            if not trial.stopped_early:
+                self.best_score = trial.score if self.best_score is None else max(self.best_score, trial.score)
         else:
             self.failed += 1
             self.last_failure = (trial.result.reason if trial.result else None) or "unknown"

@@ -121,6 +121,41 @@ class TieCut:
 
 
 @dataclass(frozen=True)
+class RacingTally:
+    """What fidelity racing saved: documents scored against what scoring every candidate whole costs."""
+
+    candidates: int
+    stopped_early: int
+    docs_scored: int
+    docs_unraced: int
+
+    @classmethod
+    def of(cls, trials: dict[int, Trial]) -> RacingTally | None:
+        """None unless the run raced (its results say how many rungs they scored)."""
+        scored = [t.result for t in trials.values() if t.score is not None and t.result is not None]
+        if not any(result.rungs for result in scored):
+            return None
+        per_candidate = max(sum((result.n_docs or {}).values()) for result in scored if not result.stopped_early)
+        return cls(
+            candidates=len(scored),
+            stopped_early=sum(bool(result.stopped_early) for result in scored),
+            docs_scored=sum(sum((result.n_docs or {}).values()) for result in scored),
+            docs_unraced=per_candidate * len(scored),
+        )
+
+    @property
+    def share(self) -> float:
+        return self.docs_scored / max(1, self.docs_unraced)
+
+    def describe(self) -> str:
+        return (
+            f"fidelity racing: {self.stopped_early} of {self.candidates} scored candidates stopped early; "
+            f"{self.share:.0%} of the search documents scoring each whole would take "
+            f"({self.docs_scored:,} of {self.docs_unraced:,})"
+        )
+
+
+@dataclass(frozen=True)
 class Verdict:
     run_dir: str
     rows: list[VerdictRow]  # best first on the basis
@@ -134,6 +169,7 @@ class Verdict:
     searched: int
     ties: TieCut | None
     finished: bool
+    racing: RacingTally | None = None
 
     @property
     def export_command(self) -> str | None:
@@ -179,6 +215,8 @@ class Verdict:
         for margin, kind in ((self.over_parent, "parent"), (self.over_default_merge, "default merge")):
             if margin is not None:
                 lines.append(margin.describe(self.basis, kind))
+        if self.racing is not None:
+            lines.append(self.racing.describe())
         if self.ties is not None:
             lines.append(self.ties.describe())
         if self.winner is not None:
@@ -229,6 +267,7 @@ def build_verdict(run_dir: str | Path, events: list[dict], trials: dict[int, Tri
         searched=len(searched),
         ties=journaled_ties(events),
         finished=any(e["event"] == EventName.RUN_FINISHED for e in events),
+        racing=RacingTally.of(trials),
     )
 
 
@@ -252,7 +291,7 @@ def journaled_ties(events: list[dict]) -> TieCut | None:
 
 
 def _best_searched(trials: dict[int, Trial]) -> Trial | None:
-    completed = [t for t in trials.values() if t.kind == "optimizer" and t.score is not None]
+    completed = [t for t in trials.values() if t.kind == "optimizer" and t.score is not None and not t.stopped_early]
     return max(completed, key=lambda t: (t.score, -t.trial_id), default=None)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.errors import UserError
+from evomerge.evaluation.fidelity import Incumbents
 from evomerge.optim import make_optimizer
 from evomerge.preflight import Prepared
 from evomerge.rundir.events import EventName, TrialResult
@@ -73,6 +74,7 @@ class Search:
             self.seeds = journaled_seeds(self.events) if self.spec.budget.baselines else []
             self.tally = Tally.of(self.trials)
             self.optimizer = self._restore_optimizer()
+            self.incumbents = self._incumbents()
             self.tracker = Tracker(self.spec, self.run_dir)
             self.study_log = StudyLog(self.rundir.optuna_log, study_shape(prepared, self.rundir))
         except BaseException:
@@ -98,6 +100,16 @@ class Search:
                 extra["population_size"] = settings.popsize
         extra = {k: v for k, v in extra.items() if v is not None}
         return make_optimizer(settings.name, genome.lower, genome.upper, genome.x0(), settings.seed, **extra)
+
+    def _incumbents(self) -> Incumbents | None:
+        """Fidelity racing's incumbents, rebuilt from the journal's fully scored results."""
+        if self.spec.evaluation.fidelity is None:
+            return None
+        incumbents = Incumbents(getattr(self.optimizer, "popsize", 1))
+        for trial in self.trials.values():
+            if trial.score is not None and not trial.stopped_early:
+                incumbents.add(trial.trial_id, trial.score)
+        return incumbents
 
     def _restore_optimizer(self):
         return restore_optimizer(self.rundir, self.events, self.trials, self._new_optimizer)
@@ -188,7 +200,7 @@ class Search:
         self._search_started = self.clock()
         time_limit = (self.spec.budget.time_limit_min or math.inf) * 60
         pending = [
-            Job(t.trial_id, t.merge_config)
+            Job(t.trial_id, t.merge_config, race_against=t.race_against)
             for t in self.trials.values()
             if t.status == EventName.ASKED and t.kind in ("optimizer", "baseline")
         ]
@@ -236,6 +248,7 @@ class Search:
         seeded = next((label for label, point in self.seeds if np.array_equal(point, ask.x)), None)
         label = f"trial {ask.trial_id}" + (f" (seeded: {seeded})" if seeded else "")
         trial = Trial(ask.trial_id, "optimizer", label, genome.merge_config_dict(ask.x, params), params)
+        trial.race_against = self.incumbents.for_trial(ask.trial_id) if self.incumbents else None
         return self._ask(trial, x=[float(v) for v in ask.x])
 
     def _seed_optimizer(self) -> bool:
@@ -275,9 +288,10 @@ class Search:
             x=x,
             params=trial.params,
             merge_config=trial.merge_config,
+            **({} if trial.race_against is None else {"race_against": trial.race_against}),
         )
         self.study_log.asked(trial.trial_id, record["time"])
-        return Job(trial.trial_id, trial.merge_config)
+        return Job(trial.trial_id, trial.merge_config, race_against=trial.race_against)
 
     def _record(self, job: Job, result: TrialResult) -> None:
         trial = self.trials[job.trial_id]
@@ -294,6 +308,8 @@ class Search:
         self.deaths_in_a_row = self.deaths_in_a_row + 1 if job.gave_up else 0
         if result.ok:
             self.tracker.log_trial(trial, self.tally.best_score)
+            if self.incumbents and not trial.stopped_early:
+                self.incumbents.add(trial.trial_id, result.score)
         if trial.kind == "optimizer":
             self.optimizer.tell(trial.trial_id, (result.objectives or result.score) if result.ok else None)
             self.tells_since_snapshot += 1

@@ -37,6 +37,7 @@ class Job:
     merge_config: dict
     eval_set: str = "search"
     attempts: int = 0  # workers that died while evaluating it
+    race_against: float | None = None  # fidelity racing: the incumbent it must still be able to beat
 
     @property
     def gave_up(self) -> bool:
@@ -81,7 +82,7 @@ class WorkerCalls(Protocol):
 
 class RayCalls:
     def submit(self, actor, job: Job):
-        return actor.evaluate.remote(job.trial_id, job.merge_config, job.eval_set)
+        return actor.evaluate.remote(job.trial_id, job.merge_config, job.eval_set, job.race_against)
 
     def wait(self, references: list, timeout: float) -> list:
         import ray

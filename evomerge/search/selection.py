@@ -16,7 +16,8 @@ TIE_CAP_FACTOR = 2  # trials tied at the top-k cut are re-scored up to 2 x top_k
 
 
 def heldout_candidates(trials: dict[int, Trial], top_k: int) -> tuple[list[Trial], dict | None]:
-    """Every completed baseline plus the top-k completed optimizer trials by search score.
+    """Every completed baseline plus the top-k completed optimizer trials by search score (of those
+    scored on every search doc: a candidate raced out early has only a partial score).
 
     Trials tied with the k-th on the search score are all re-scored too, up to TIE_CAP_FACTOR x
     top_k trials in all (past the cap, the lowest trial ids): cutting a tie silently would pick
@@ -24,7 +25,8 @@ def heldout_candidates(trials: dict[int, Trial], top_k: int) -> tuple[list[Trial
     skipped}) for the journal and the verdict; None when nothing tied across the cut.
     """
     done = [t for t in trials.values() if t.status == EventName.COMPLETED]
-    searched = sorted((t for t in done if t.kind == "optimizer"), key=lambda t: (-t.score, t.trial_id))
+    whole = (t for t in done if t.kind == "optimizer" and not t.stopped_early)  # a partial score never wins
+    searched = sorted(whole, key=lambda t: (-t.score, t.trial_id))
     chosen, ties = searched[:top_k], None
     if 0 < top_k < len(searched) and searched[top_k].score == searched[top_k - 1].score:
         cut = searched[top_k - 1].score

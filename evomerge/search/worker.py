@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from evomerge.evaluation.evaluate import Evaluator
+from evomerge.evaluation.fidelity import RaceOutcome, race
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.fused.candidate import CandidateMerger
 from evomerge.merge.memory_plan import SCORER_TOKEN_BUDGET, scorer_workspace_bytes
@@ -32,7 +33,7 @@ from evomerge.rundir.events import TrialResult
 class WorkerSettings:
     base_model: str
     union_config: dict  # a merge that touches every tensor of every model: what to keep resident
-    eval_sets: dict  # name ("search", "heldout") -> EvalSettings
+    eval_sets: dict  # name ("search", "heldout") -> EvalSet
     device: str = "cpu"
     dtype: str = "float32"
     cpu_threads: int = 1
@@ -75,21 +76,29 @@ class MergeWorker:
         self.tokenizer = AutoTokenizer.from_pretrained(
             settings.base_model, trust_remote_code=settings.trust_remote_code
         )
+        # One evaluator per eval set, or one per rung's slice for a raced search set (fidelity.py).
         self.evaluators = {
-            name: Evaluator(self.model, self.tokenizer, eval_settings, device=self.devices[0])
-            for name, eval_settings in settings.eval_sets.items()
+            name: [Evaluator(self.model, self.tokenizer, part, device=self.devices[0]) for part in eval_set.slices()]
+            for name, eval_set in settings.eval_sets.items()
         }
         # Journaled with every result, so a run proves all its candidates saw the same documents.
-        self.subset_digests = {name: subset_digest(e.subset_indices()) for name, e in self.evaluators.items()}
+        self.subset_digests = {name: subset_digest(self.subset_indices(name)) for name in self.evaluators}
 
     def ping(self) -> str:
         return self.worker_id
 
     def subset_indices(self, eval_set: str = "search") -> dict[str, list[int]]:
-        return self.evaluators[eval_set].subset_indices()
+        """Every doc the eval set can score; a raced set's slices together."""
+        parts = [evaluator.subset_indices() for evaluator in self.evaluators[eval_set]]
+        return {name: sorted(i for part in parts for i in part[name]) for name in parts[0]}
 
-    def evaluate(self, trial_id: int, merge_config: dict, eval_set: str = "search") -> TrialResult:
-        """Merge `merge_config` into the resident model and score it; never raises for the candidate."""
+    def evaluate(
+        self, trial_id: int, merge_config: dict, eval_set: str = "search", race_against: float | None = None
+    ) -> TrialResult:
+        """Merge `merge_config` into the resident model and score it; never raises for the candidate.
+
+        `race_against`: the incumbent a raced candidate must still be able to beat to get its next slice.
+        """
         started = time.perf_counter()
         try:
             prepared = self.merger.prepare(MergeConfig.model_validate(merge_config), seed=self.settings.merge_seed)
@@ -104,13 +113,15 @@ class MergeWorker:
                 if bad:
                     return self._failure(trial_id, f"merged weights are not finite ({bad})", started)
                 merged = time.perf_counter()
-                result = self.evaluators[eval_set].evaluate()
+                outcome = self._score(eval_set, race_against)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             return self._failure(trial_id, "CUDA out of memory in this candidate", started)
         except Exception as error:  # noqa: BLE001 - one bad candidate must not kill the worker
             detail = traceback.format_exception_only(type(error), error)[-1].strip()
             return self._failure(trial_id, detail, started)
+        result = outcome.result
+        raced = len(self.evaluators[eval_set]) > 1
         return TrialResult(
             trial=trial_id,
             ok=True,
@@ -123,7 +134,19 @@ class MergeWorker:
             merge_path=self.merger.path,
             eval_s=round(result.seconds, 4),
             subset=self.subset_digests[eval_set],
+            rungs=outcome.rungs_scored if raced else None,
+            stopped_early=outcome.stopped_early or None,
         )
+
+    def _score(self, eval_set: str, race_against: float | None) -> RaceOutcome:
+        """Score the weights the model holds: whole, or raced slice by slice against `race_against`."""
+        evaluators = self.evaluators[eval_set]
+        if len(evaluators) == 1:
+            return RaceOutcome(evaluators[0].evaluate(), rungs_scored=1, stopped_early=False)
+        settings = self.settings.eval_sets[eval_set]
+        weights = {task.name: task.weight for task in settings.tasks}
+        z = settings.fidelity.z
+        return race(lambda rung: evaluators[rung].evaluate(), len(evaluators), weights, race_against, z)
 
     def _failure(self, trial_id: int, reason: str, started: float) -> TrialResult:
         return TrialResult.failure(

@@ -105,3 +105,38 @@ def test_concurrent_calls_score_as_if_run_one_after_another(prepared):
         concurrent = list(pool.map(lambda args: worker.evaluate(*args), enumerate(configs)))
     assert [result.score for result in concurrent] == sequential
     assert all(result.prepare_s >= 0 and result.merge_path == "reference" for result in concurrent)
+
+
+@pytest.fixture(scope="module")
+def raced(prepared):
+    """The same worker spec, racing: the search subset in slices of 25 % and 75 %."""
+    from evomerge.evaluation.config import FidelitySpec
+    from evomerge.preflight import Prepared
+
+    evaluation = prepared.spec.evaluation.model_copy(update={"fidelity": FidelitySpec(rungs=[0.25, 1.0])})
+    spec = prepared.spec.model_copy(update={"evaluation": evaluation})
+    spec = type(spec).model_validate(spec.model_dump())
+    eval_sets = spec.evaluation.eval_sets()
+    return Prepared(spec, prepared.genome, prepared.union_config, eval_sets, prepared.baselines)
+
+
+def test_a_raced_worker_scores_the_unraced_subset_in_disjoint_slices_and_gets_the_same_score(prepared, raced):
+    worker, whole = make_worker(raced, "raced"), make_worker(prepared, "whole")
+    slices = [evaluator.subset_indices()["tiny_add"] for evaluator in worker.evaluators["search"]]
+    assert [len(s) for s in slices] == [6, 18] and not set(slices[0]) & set(slices[1])
+    assert worker.subset_indices() == whole.subset_indices()
+    for value in (0.2, 0.7):
+        raced_result = worker.evaluate(0, candidate(prepared, value))
+        whole_result = whole.evaluate(0, candidate(prepared, value))
+        assert raced_result.n_docs == whole_result.n_docs == {"tiny_add": 24}
+        assert raced_result.rungs == 2 and not raced_result.stopped_early
+        assert raced_result.score == pytest.approx(whole_result.score, abs=1e-12)
+        assert raced_result.subset == whole_result.subset
+
+
+def test_a_raced_candidate_that_cannot_reach_the_incumbent_stops_after_its_first_slice(raced):
+    worker = make_worker(raced, "raced")
+    stopped = worker.evaluate(3, candidate(raced, 0.5), race_against=2.0)  # no score reaches 2
+    assert stopped.ok and stopped.stopped_early and stopped.rungs == 1 and stopped.n_docs == {"tiny_add": 6}
+    kept = worker.evaluate(4, candidate(raced, 0.5), race_against=-1.0)  # every score beats -1
+    assert kept.ok and not kept.stopped_early and kept.n_docs == {"tiny_add": 24}

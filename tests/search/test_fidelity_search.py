@@ -1,0 +1,100 @@
+"""Fidelity racing in the real Search and Scheduler, with in-process fake workers that race with the
+real `fidelity.race` (tests/fake_workers.py): what a raced run journals, that a partial score never
+wins, that the incumbent follows the block rule, and that a run killed anywhere resumes to the very
+asks, scores and held-out scores of the uninterrupted run."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from fake_workers import FakeCalls, FakeWorker, fake_score, fake_spec_data, open_search
+
+from evomerge.rundir.journal import read_events
+from evomerge.rundir.results import load_trials
+from evomerge.rundir.verdict import build_verdict
+from evomerge.search.runs import create_run_dir, open_run
+from evomerge.search.scheduler import Scheduler
+from evomerge.spec import parse_spec
+
+RUNGS = (0.25, 1.0)
+POPSIZE = 4
+
+
+def spread_score(trial: int, config: dict, eval_set: str) -> float:
+    """The fake's pure score, spread out so that most candidates are clearly beaten."""
+    return round(fake_score(config, eval_set) ** 12, 6)
+
+
+def raced_scheduler(workers: int = 1) -> Scheduler:
+    ids = itertools.count()
+    return Scheduler(
+        lambda index: FakeWorker(f"w{index}@fake:{next(ids)}", spread_score, RUNGS, z=1.0), workers, 2, FakeCalls()
+    )
+
+
+def raced_run(root: Path, name: str) -> Path:
+    evaluation = fake_spec_data(root, name)["evaluation"] | {"fidelity": {"rungs": list(RUNGS), "z": 1.0}}
+    data = fake_spec_data(root, name, evaluation=evaluation, budget={"max_evals": 40})
+    data["optimizer"] = data["optimizer"] | {"popsize": POPSIZE, "overlap": False}
+    spec = parse_spec(data, "spec", root)
+    run_dir = create_run_dir(spec)
+    open_search(spec, run_dir).run_with(raced_scheduler())
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    return raced_run(tmp_path_factory.mktemp("raced"), "raced")
+
+
+def state(run_dir: Path) -> dict:
+    events = read_events(run_dir / "journal.jsonl")
+    results = {e["trial"]: (e.get("score"), e.get("n_docs")) for e in events if e["event"] in ("completed", "failed")}
+    return {
+        "asked": {
+            e["trial"]: (e["x"], e.get("race_against"), results.get(e["trial"]))
+            for e in events
+            if e["event"] == "asked"
+        },
+        "heldout": {e["trial"]: e["score"] for e in events if e["event"] == "heldout"},
+    }
+
+
+def test_a_raced_run_stops_beaten_candidates_after_their_first_slice_and_never_picks_them(reference):
+    _, trials = load_trials(reference)
+    stopped = [t for t in trials.values() if t.stopped_early]
+    whole = [t for t in trials.values() if t.kind == "optimizer" and t.score is not None and not t.stopped_early]
+    assert stopped and whole
+    assert all(t.result.n_docs == {"tiny_add": 8} and t.result.rungs == 1 for t in stopped)
+    assert all(t.result.n_docs == {"tiny_add": 32} and t.result.rungs == 2 for t in whole)
+    assert all(t.race_against is not None and t.score < t.race_against for t in stopped)
+    assert all(t.race_against is None for t in trials.values() if t.kind == "baseline")
+    assert not any(t.heldout for t in stopped)  # a partial score is never re-scored as a top-k candidate
+    racing = build_verdict(reference, [], trials).racing
+    assert racing is not None and racing.stopped_early == len(stopped)
+    assert racing.docs_scored == 8 * len(stopped) + 32 * (racing.candidates - len(stopped))
+
+
+def test_each_candidate_races_against_the_best_whole_score_of_the_baselines_and_earlier_generations(reference):
+    _, trials = load_trials(reference)
+    whole = {t.trial_id: t.score for t in trials.values() if t.score is not None and not t.stopped_early}
+    for trial in trials.values():
+        if trial.kind == "optimizer":
+            generation_start = trial.trial_id // POPSIZE * POPSIZE
+            earlier = [score for other, score in whole.items() if other < generation_start]
+            assert trial.race_against == max(earlier)
+
+
+@pytest.mark.parametrize("keep", [9, 17, 30, 44, 61])
+def test_a_raced_run_killed_anywhere_resumes_to_the_uninterrupted_run(tmp_path, reference, keep):
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(reference, copy)
+    lines = (copy / "journal.jsonl").read_bytes().splitlines(keepends=True)
+    (copy / "journal.jsonl").write_bytes(b"".join(lines[:keep]))
+    run, spec, _ = open_run(copy)
+    open_search(spec, run).run_with(raced_scheduler(workers=2))
+    assert state(copy) == state(reference)

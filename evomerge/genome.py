@@ -23,7 +23,7 @@ import numpy as np
 
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.methods import METHODS, MethodInfo
-from evomerge.merge.parameters import PARAMETERS, PER_MODEL, SEARCHABLE
+from evomerge.merge.parameters import PARAMETERS, PER_MODEL, SEARCHABLE, default_of
 from evomerge.rundir.genes import EMBED, HEAD, GeneRow, gene_name
 from evomerge.rundir.trials import BASE_LABEL, LINEAR_LABEL, parent_label
 from evomerge.spec import DEFAULT_BOUNDS, Spec
@@ -262,7 +262,28 @@ class Genome:
         x = np.asarray(x, dtype=float)
         if x.shape != (self.dim,):
             raise ValueError(f"expected a vector of {self.dim} genes, got shape {x.shape}")
-        return {gene.name: round(gene.value(u), 6) for gene, u in zip(self.genes, x, strict=False)}
+        values = {gene.name: round(gene.value(u), 6) for gene, u in zip(self.genes, x, strict=False)}
+        if self.version >= 3 and "epsilon" in self.method.tunable:
+            values = self._della_densities(values)
+        return values
+
+    def _della_densities(self, values: dict[str, float]) -> dict[str, float]:
+        """DELLA keeps each delta with a probability in density ± epsilon, which must stay inside
+        (0, 1): a density within epsilon of 1 decodes to 1 (no trim: the parent and task-arithmetic
+        points), one within epsilon of 0 to epsilon + 0.01. Without this, any density above
+        1 - epsilon (0.85 by default) was a failed candidate."""
+        fixed_epsilon = float(self.fixed.get("epsilon", default_of("epsilon")))
+        for gene in self.genes:
+            if gene.param != "density":
+                continue
+            epsilon_gene = gene_name("epsilon", gene.model, gene.site, gene.part)
+            epsilon = values.get(epsilon_gene, fixed_epsilon)
+            density = values[gene.name]
+            if density + epsilon >= 1:
+                values[gene.name] = 1.0
+            elif density - epsilon <= 0:
+                values[gene.name] = round(epsilon + 0.01, 6)
+        return values
 
     def to_merge_config(self, x) -> MergeConfig:
         return MergeConfig.model_validate(self.merge_config_dict(x))

@@ -34,7 +34,9 @@ RUN_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"
 # Which search defaults a run uses (genome parameters and bounds, seeding, CMA-ES without a
 # generation barrier). A new run freezes the latest; a frozen spec without one was written before
 # versions existed and keeps version 1's behaviour, so an old run replays exactly as it ran.
-SEARCH_VERSION = 2
+# Version 2: default spaces that hold every baseline, best-baseline seeding, no CMA-ES barrier.
+# Version 3: DELLA density genes decode inside the range its epsilon allows (genome.py).
+SEARCH_VERSION = 3
 LEGACY_SEARCH_VERSION = 1
 
 

@@ -81,3 +81,24 @@ def test_version_1_keeps_the_old_space_and_seeds(zoo):
     assert {old.decode(old.x0())[g.name] for g in old.genes if g.param == "weight"} == {0.5}
     assert [label for label, _ in old.baseline_points()] == [f"parent:{n}_fp32" for n in EXPERTS]
     assert LINEAR_LABEL in dict(Genome(make_spec(zoo, "task_arithmetic", version=1), 4).baseline_points())
+
+
+def test_della_densities_decode_inside_the_range_its_epsilon_allows(zoo):
+    """Version 3: a DELLA density within epsilon of 1 is no trim, one within epsilon of 0 is
+    epsilon + 0.01; every decoded point passes the merge validator (it failed half the time before)."""
+    from evomerge.merge.validate import validate_merge_config
+
+    genome = Genome(make_spec(zoo, "della", version=3), 4)
+    densities = [i for i, gene in enumerate(genome.genes) if gene.param == "density"]
+    for unit in (0.0, 0.05, 0.5, 0.9, 0.95, 1.0):
+        x = genome.x0().copy()
+        x[densities] = unit
+        values = genome.decode(x)
+        for index in densities:
+            density = values[genome.genes[index].name]
+            assert density == 1.0 or 0.15 < density < 0.85
+        validate_merge_config(genome.to_merge_config(x), "spec")
+    old = Genome(make_spec(zoo, "della", version=2), 4)
+    x = old.x0().copy()
+    x[densities] = 0.95
+    assert {old.decode(x)[old.genes[i].name] for i in densities} == {round(old.genes[densities[0]].value(0.95), 6)}

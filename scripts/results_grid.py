@@ -83,6 +83,7 @@ class CellRecord:
     search_s: float
     wall_s: float | None  # this script's time for the cell; None when reused from the journal alone
     overrides: list[str] = field(default_factory=list)
+    docs_share: float | None = None  # fidelity racing: search docs scored / scoring every candidate whole
 
     @property
     def passed(self) -> bool:
@@ -201,6 +202,7 @@ def record_of(spec: Spec, zoo: str, run_dir: Path, wall_s: float | None, overrid
         search_s=round(search_seconds(events), 1),
         wall_s=None if wall_s is None else round(wall_s, 1),
         overrides=overrides,
+        docs_share=round(verdict.racing.share, 4) if verdict.racing else None,
     )
 
 
@@ -245,7 +247,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 def cell_table(records: list[CellRecord]) -> str:
     header = ["method", "seed", "evolved", "base", "over base (SE)", "best baseline", "over baseline (SE)"]
-    header += ["reach 95 %", "failed", "search s", "wall s", f">= {PASS_SE:g} SE over base"]
+    header += ["reach 95 %", "docs scored", "failed", "search s", "wall s", f">= {PASS_SE:g} SE over base"]
     rows = [
         [
             r.method,
@@ -256,6 +258,7 @@ def cell_table(records: list[CellRecord]) -> str:
             f"{r.baseline_label}: {fmt(r.baseline)}",
             fmt_se(r.over_baseline_se),
             "-" if r.reach is None else f"{r.reach} of {r.searched}",
+            "100 %" if r.docs_share is None else f"{r.docs_share:.0%}",
             str(r.failed),
             f"{r.search_s:.0f}",
             "-" if r.wall_s is None else f"{r.wall_s:.0f}",

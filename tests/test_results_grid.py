@@ -77,7 +77,7 @@ def test_records_round_trip_and_a_torn_line_is_skipped(tmp_path):
 def test_tables_mark_two_se_over_the_base_as_a_pass():
     records = [record("ties", 0, 2.0), record("ties", 1, 1.9), record("della", 0, None)]
     cells = grid.cell_table(records).splitlines()
-    assert cells[2].endswith("| 4 of 22 | 0 | 20 | - | pass |") and "(trial 9, seeded: parent:x)" in cells[2]
+    assert cells[2].endswith("| 4 of 22 | 100 % | 0 | 20 | - | pass |") and "(trial 9, seeded: parent:x)" in cells[2]
     assert cells[3].endswith("| FAIL |") and cells[4].endswith("| FAIL |")
     summary = grid.method_table(records).splitlines()
     assert summary[2:] == ["| ties | 1 of 2 | +1.9 | 4 |", "| della | 0 of 1 | - | 4 |"]

@@ -17,6 +17,7 @@ def status(
     run_dir: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json"), debug: bool = DebugOption
 ):
     """Completed and failed trials, best score and trial, evaluations per minute."""
+    import dataclasses
     import json
 
     from evomerge.rundir.results import load_trials, status_of
@@ -27,6 +28,7 @@ def status(
     verdict = build_verdict(run_dir, events, trials)
     figures["export_command"] = verdict.export_command
     figures["advice"] = verdict.advice
+    figures["racing"] = dataclasses.asdict(verdict.racing) if verdict.racing else None
     if as_json:
         typer.echo(json.dumps(figures, indent=2))
         return
@@ -40,6 +42,8 @@ def status(
             f"{'pareto front':>15}: "
             + "; ".join(f"trial {p['trial']} {[round(v, 4) for v in p['objectives']]}" for p in figures["pareto_front"])
         )
+    if verdict.racing:
+        typer.echo(f"{'racing':>15}: {verdict.racing.describe().removeprefix('fidelity racing: ')}")
     if verdict.export_command:
         typer.echo(f"{'export':>15}: {verdict.export_command}")
     if verdict.advice:

@@ -210,6 +210,7 @@ def _headline(verdict: Verdict, trials: dict[int, Trial]) -> dict | None:
         "margins": [{"name": name, "margin": margin} for name, margin in margins],
         "best_evolved": verdict.best_evolved,
         "ties": verdict.ties.describe() if verdict.ties else None,
+        "racing": verdict.racing.describe() if verdict.racing else None,
         "advice": verdict.advice,
         "basis": verdict.basis,
     }

@@ -72,8 +72,10 @@ def test_a_raced_run_stops_beaten_candidates_after_their_first_slice_and_never_p
     assert all(t.race_against is not None and t.score < t.race_against for t in stopped)
     assert all(t.race_against is None for t in trials.values() if t.kind == "baseline")
     assert not any(t.heldout for t in stopped)  # a partial score is never re-scored as a top-k candidate
-    racing = build_verdict(reference, [], trials).racing
+    verdict = build_verdict(reference, [], trials)
+    racing = verdict.racing
     assert racing is not None and racing.stopped_early == len(stopped)
+    assert any(line.startswith(f"fidelity racing: {len(stopped)} of ") for line in verdict.lines())
     assert racing.docs_scored == 8 * len(stopped) + 32 * (racing.candidates - len(stopped))
 
 

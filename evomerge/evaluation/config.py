@@ -63,7 +63,7 @@ class FidelitySpec(Strict):
     """
 
     rungs: list[float] = Field(
-        default_factory=lambda: [0.25, 1.0],
+        default_factory=lambda: [0.2, 1.0],
         min_length=2,
         max_length=8,
         description="Cumulative shares of each task's search docs; increasing, the last one 1.0.",

@@ -92,7 +92,7 @@ def test_the_incumbent_is_the_best_whole_score_of_the_baselines_and_earlier_bloc
 
 
 def test_rungs_must_increase_to_every_doc():
-    assert FidelitySpec().rungs == [0.25, 1.0]
+    assert FidelitySpec().rungs == [0.2, 1.0]
     for rungs in ([0.5, 0.25, 1.0], [0.25, 0.5], [0.0, 1.0], [1.0]):
         with pytest.raises(ValueError):
             FidelitySpec(rungs=rungs)

@@ -356,7 +356,7 @@ CASES = {
     ),
     "fidelity-rungs-not-increasing": (
         lambda s, m, x: put(s, "evaluation.fidelity", {"rungs": [0.5, 0.25, 1.0]}),
-        ["evaluation.fidelity.rungs", "must increase", "[0.25, 1.0]"],
+        ["evaluation.fidelity.rungs", "must increase", "[0.2, 1.0]"],
     ),
     "fidelity-last-rung-not-every-doc": (
         lambda s, m, x: put(s, "evaluation.fidelity", {"rungs": [0.25, 0.5]}),

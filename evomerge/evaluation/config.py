@@ -74,11 +74,11 @@ class FidelitySpec(Strict):
     @classmethod
     def _nested_shares(cls, rungs: list[float]) -> list[float]:
         if any(not 0 < share <= 1 for share in rungs):
-            raise ValueError("each rung is a share of the search docs in (0, 1], e.g. [0.25, 1.0]")
+            raise ValueError("each rung is a share of the search docs in (0, 1], e.g. [0.2, 1.0]")
         if any(later <= earlier for earlier, later in zip(rungs, rungs[1:], strict=False)):
-            raise ValueError(f"rungs must increase ({rungs}); e.g. [0.25, 1.0]")
+            raise ValueError(f"rungs must increase ({rungs}); e.g. [0.2, 1.0]")
         if rungs[-1] != 1.0:
-            raise ValueError(f"the last rung must be 1.0 (every search doc), not {rungs[-1]}; e.g. [0.25, 1.0]")
+            raise ValueError(f"the last rung must be 1.0 (every search doc), not {rungs[-1]}; e.g. [0.2, 1.0]")
         return rungs
 
 

@@ -58,19 +58,23 @@ QUICK_STEPS = {"base": 8, "expert": 4}
 REFERENCE_FILE = Path(__file__).with_name("demo_zoo_reference.json")
 
 
-def make_recipe(quick: bool) -> dict:
-    recipe = copy.deepcopy(RECIPE)
+def make_recipe(quick: bool, recipe: dict = RECIPE, quick_steps: dict = QUICK_STEPS) -> dict:
+    """A copy of `recipe`; `quick` cuts each stage to its few `quick_steps` (same files, untrained)."""
+    recipe = copy.deepcopy(recipe)
     if quick:
-        for stage, steps in QUICK_STEPS.items():
+        for stage, steps in quick_steps.items():
             recipe[stage]["steps"] = steps
     return recipe
 
 
-def recipe_hash(recipe: dict, threads: int = 1) -> str:
-    """Changes whenever the recipe, the thread count or the code that turns them into weights changes."""
-    settings = {"version": BUILD_VERSION, "recipe": recipe, "threads": threads}
+def recipe_hash(
+    recipe: dict, threads: int = 1, version: int = BUILD_VERSION, extra_sources: tuple[Path, ...] = ()
+) -> str:
+    """Changes whenever the recipe, the thread count or the code that turns them into weights
+    changes: this file, demo_data.py and a caller's own builder (`extra_sources`)."""
+    settings = {"version": version, "recipe": recipe, "threads": threads}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for source in (Path(__file__), Path(demo_data.__file__)):
+    for source in (*extra_sources, Path(__file__), Path(demo_data.__file__)):
         digest.update(source.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -255,7 +259,7 @@ def build_zoo(out: Path, quick: bool = False, threads: int = 1, check: bool = Tr
         print(f"demo zoo is up to date in {out}")
         return out
     if not quick and not pinned_numerics.is_pinned():
-        return _build_in_pinned_subprocess(out, threads, check)
+        return build_in_pinned_subprocess(out, threads, check)
     started = time.time()
     with deterministic_torch(threads):
         tokenizer = demo_data.build_char_tokenizer()
@@ -314,9 +318,9 @@ def report_reference_match(zoo_sha256: str) -> None:
         )
 
 
-def _build_in_pinned_subprocess(out: Path, threads: int, check: bool) -> Path:
-    """This process loaded torch with the CPU's own kernels; build where the numerics are pinned."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--threads", str(threads)]
+def build_in_pinned_subprocess(out: Path, threads: int, check: bool, script: Path = Path(__file__)) -> Path:
+    """This process loaded torch with the CPU's own kernels; run the zoo's `script` where the numerics are pinned."""
+    command = [sys.executable, str(script.resolve()), "--out", str(out), "--threads", str(threads)]
     subprocess.run(command + ([] if check else ["--no-check"]), check=True, env=os.environ | pinned_numerics.PINNED)
     return out
 

@@ -27,9 +27,7 @@ import argparse
 import copy
 import hashlib
 import json
-import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -68,20 +66,12 @@ MODEL_DIRS = ["base"] + [f"expert_{skill}" for skill in SKILLS]
 
 
 def make_recipe(quick: bool) -> dict:
-    recipe = copy.deepcopy(RECIPE)
-    if quick:
-        for stage, steps in QUICK_STEPS.items():
-            recipe[stage]["steps"] = steps
-    return recipe
+    return demo_zoo.make_recipe(quick, RECIPE, QUICK_STEPS)
 
 
 def recipe_hash(recipe: dict, threads: int = 1) -> str:
-    """Changes whenever the recipe, the thread count or the code that turns them into weights changes."""
-    settings = {"version": BUILD_VERSION, "recipe": recipe, "threads": threads}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for source in (Path(__file__), Path(demo_zoo.__file__), Path(demo_data.__file__)):
-        digest.update(source.read_bytes())
-    return digest.hexdigest()[:16]
+    """Changes whenever the recipe, the thread count or this builder, the demo's or demo_data changes."""
+    return demo_zoo.recipe_hash(recipe, threads, BUILD_VERSION, extra_sources=(Path(__file__),))
 
 
 # --------------------------------------------------------------------------- training
@@ -240,7 +230,7 @@ def build_zoo(out: Path = DEFAULT_OUT, quick: bool = False, threads: int = 1, ch
         print(f"forgetting zoo is up to date in {out}")
         return out
     if not quick and not pinned_numerics.is_pinned():
-        return _build_in_pinned_subprocess(out, threads, check)
+        return demo_zoo.build_in_pinned_subprocess(out, threads, check, Path(__file__))
     started = time.time()
     with demo_zoo.deterministic_torch(threads):
         tokenizer = demo_data.build_char_tokenizer()
@@ -277,13 +267,6 @@ def weights_sha256(out: Path) -> str:
     for name in MODEL_DIRS:
         digest.update((out / name / "model.safetensors").read_bytes())
     return digest.hexdigest()
-
-
-def _build_in_pinned_subprocess(out: Path, threads: int, check: bool) -> Path:
-    """This process loaded torch with the CPU's own kernels; build where the numerics are pinned."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--threads", str(threads)]
-    subprocess.run(command + ([] if check else ["--no-check"]), check=True, env=os.environ | pinned_numerics.PINNED)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

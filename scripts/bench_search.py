@@ -61,7 +61,7 @@ def write_task(folder: Path, docs: int, words: tuple[int, int], vocab_size: int,
 
 def scored_sequences(worker, task_folder: Path) -> list[tuple[int, ...]]:
     """The distinct token sequences the worker's evaluator feeds the model (its loglikelihood inputs)."""
-    evaluator = worker.evaluators["search"]
+    evaluator = worker.evaluators["search"][0]  # one evaluator: the bench does not race
     if evaluator.requests is None:  # --backend lm_eval: the docs' prompt + target, as lm-eval tokenizes them
         rows = [json.loads(line) for line in (task_folder / "data" / f"{TASK}.jsonl").read_text().splitlines()]
         return [tuple(worker.tokenizer(row["prompt"] + row["target"])["input_ids"][:-1]) for row in rows]

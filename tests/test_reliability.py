@@ -405,13 +405,13 @@ def overflowing_weights(monkeypatch, worker, config):
 
 
 def break_evaluation(monkeypatch, worker, config):
-    monkeypatch.setattr(worker.evaluators["search"], "evaluate", raising(ValueError("lm-eval broke")))
+    monkeypatch.setattr(worker.evaluators["search"][0], "evaluate", raising(ValueError("lm-eval broke")))
     return config, "ValueError: lm-eval broke"
 
 
 def cuda_out_of_memory(monkeypatch, worker, config):
     monkeypatch.setattr(
-        worker.evaluators["search"],
+        worker.evaluators["search"][0],
         "evaluate",
         raising(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")),
     )

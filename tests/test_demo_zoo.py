@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,44 +9,26 @@ import demo_data
 import pytest
 import torch
 import yaml
+from zoo_builds import assert_identical_builds, load_build_script, load_weights, quick_builds
 
 REPO = Path(__file__).resolve().parents[1]
 EVALS = REPO / "evals"
 MODEL_DIRS = ["base"] + [f"expert_{name}" for name in demo_data.SKILLS]
 
 
-def load_build_script():
-    spec = importlib.util.spec_from_file_location("build_demo_zoo", REPO / "scripts" / "build_demo_zoo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def build_script():
-    return load_build_script()
+    return load_build_script("build_demo_zoo")
 
 
 @pytest.fixture(scope="module")
 def quick_zoos(build_script, tmp_path_factory):
-    """Two independent quick builds (a few optimizer steps each) into fresh folders."""
-    return [
-        build_script.build_zoo(tmp_path_factory.mktemp(f"zoo{i}"), quick=True, threads=1, check=False) for i in range(2)
-    ]
-
-
-def load_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(folder / "model.safetensors")
+    return quick_builds(build_script, tmp_path_factory, "zoo")
 
 
 def test_two_quick_builds_give_identical_tensors(quick_zoos):
     first, second = quick_zoos
-    for name in MODEL_DIRS:
-        a, b = load_weights(first / name), load_weights(second / name)
-        assert a.keys() == b.keys()
-        assert all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a), name
+    assert_identical_builds(first, second, MODEL_DIRS)
 
 
 def test_each_expert_moves_its_own_block_most_and_shares_embeddings(quick_zoos, build_script):

@@ -3,45 +3,29 @@ and the design check that scores every default merge against the base."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from zoo_builds import assert_identical_builds, load_build_script, load_weights, quick_builds
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def build_script():
-    spec = importlib.util.spec_from_file_location("build_forgetting_zoo", REPO / "scripts" / "build_forgetting_zoo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_build_script("build_forgetting_zoo")
 
 
 @pytest.fixture(scope="module")
 def quick_zoos(build_script, tmp_path_factory):
-    """Two independent quick builds (a few optimizer steps per stage) into fresh folders."""
-    return [
-        build_script.build_zoo(tmp_path_factory.mktemp(f"forget{i}"), quick=True, threads=1, check=False)
-        for i in range(2)
-    ]
-
-
-def load_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(folder / "model.safetensors")
+    return quick_builds(build_script, tmp_path_factory, "forget")
 
 
 def test_two_quick_builds_give_identical_tensors(quick_zoos, build_script):
     first, second = quick_zoos
-    for name in build_script.MODEL_DIRS:
-        a, b = load_weights(first / name), load_weights(second / name)
-        assert a.keys() == b.keys()
-        assert all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a), name
+    assert_identical_builds(first, second, build_script.MODEL_DIRS)
 
 
 def test_experts_change_every_decoder_layer_and_share_embeddings(quick_zoos, build_script):

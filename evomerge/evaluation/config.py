@@ -81,6 +81,10 @@ class FidelitySpec(Strict):
             raise ValueError(f"the last rung must be 1.0 (every search doc), not {rungs[-1]}; e.g. [0.2, 1.0]")
         return rungs
 
+    def slice_shares(self) -> list[tuple[float, float]]:
+        """Each rung's slice of the seeded doc order, as (start, end) shares: disjoint, adjacent, ending at 1."""
+        return list(zip([0.0, *self.rungs[:-1]], self.rungs, strict=True))
+
 
 class EvalSet(Strict):
     """What one worker evaluator scores: a task list of the spec with its doc limit.
@@ -107,8 +111,7 @@ class EvalSet(Strict):
         fidelity = self.fidelity
         if fidelity is None:
             return [self]
-        bounds = zip([0.0, *fidelity.rungs[:-1]], fidelity.rungs, strict=True)
-        return [self.model_copy(update={"share": (start, end)}) for start, end in bounds]
+        return [self.model_copy(update={"share": share}) for share in fidelity.slice_shares()]
 
 
 class EvaluationSpec(Strict):

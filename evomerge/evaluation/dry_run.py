@@ -143,8 +143,7 @@ def check_raceable(under_test: TaskUnderTest, task, n_docs: int) -> None:
         raise under_test.refuse(
             reason, "race only tasks scored by a mean (acc, exact_match) or drop evaluation.fidelity"
         )
-    rungs = under_test.fidelity.rungs if under_test.fidelity else []
-    for start, end in zip([0.0, *rungs[:-1]], rungs, strict=True):
+    for start, end in under_test.fidelity.slice_shares() if under_test.fidelity else []:
         if not seeded_subset(n_docs, under_test.limit, under_test.subset_seed, under_test.task.name, (start, end)):
             raise UserError(
                 f"evaluation.fidelity.rungs: the share {start:g}-{end:g} of task '{under_test.task.name}' "

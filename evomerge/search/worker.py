@@ -81,6 +81,10 @@ class MergeWorker:
             name: [Evaluator(self.model, self.tokenizer, part, device=self.devices[0]) for part in eval_set.slices()]
             for name, eval_set in settings.eval_sets.items()
         }
+        # A raced set's task weights, for its partial scores' SE (fidelity.race).
+        self.task_weights = {
+            name: {task.name: task.weight for task in eval_set.tasks} for name, eval_set in settings.eval_sets.items()
+        }
         # Journaled with every result, so a run proves all its candidates saw the same documents.
         self.subset_digests = {name: subset_digest(self.subset_indices(name)) for name in self.evaluators}
 
@@ -143,9 +147,8 @@ class MergeWorker:
         evaluators = self.evaluators[eval_set]
         if len(evaluators) == 1:
             return RaceOutcome(evaluators[0].evaluate(), rungs_scored=1, stopped_early=False)
-        settings = self.settings.eval_sets[eval_set]
-        weights = {task.name: task.weight for task in settings.tasks}
-        z = settings.fidelity.z
+        z = self.settings.eval_sets[eval_set].fidelity.z
+        weights = self.task_weights[eval_set]
         return race(lambda rung: evaluators[rung].evaluate(), len(evaluators), weights, race_against, z)
 
     def _failure(self, trial_id: int, reason: str, started: float) -> TrialResult:

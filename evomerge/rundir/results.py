@@ -97,7 +97,7 @@ def default_export(trials: dict[int, Trial]) -> Trial | None:
     """What `export` writes without --trial: the held-out winner, else the best search score."""
     chosen = heldout_winner(trials)
     if chosen is None:
-        completed = [t for t in trials.values() if t.status == EventName.COMPLETED and not t.stopped_early]
+        completed = [t for t in trials.values() if t.whole_score is not None]
         chosen = max(completed, key=lambda t: t.score, default=None)
     return chosen
 

@@ -50,6 +50,11 @@ class Trial:
         return self.result.score if self.status == EventName.COMPLETED and self.result else None
 
     @property
+    def whole_score(self) -> float | None:
+        """The search score when it was scored on every search doc (not raced out early), else None."""
+        return None if self.stopped_early else self.score
+
+    @property
     def heldout_score(self) -> float | None:
         """The held-out score of a trial re-scored successfully, None otherwise."""
         return self.heldout.score if self.heldout and self.heldout.ok else None
@@ -62,9 +67,13 @@ def replay(events: list[dict]) -> dict[int, Trial]:
         kind = event["event"]
         if kind == EventName.ASKED:
             trials[event["trial"]] = Trial(
-                event["trial"], event["kind"], event["label"], event["merge_config"], event.get("params") or {}
+                event["trial"],
+                event["kind"],
+                event["label"],
+                event["merge_config"],
+                event.get("params") or {},
+                race_against=event.get("race_against"),
             )
-            trials[event["trial"]].race_against = event.get("race_against")
         elif kind in RESULT_EVENTS and event["trial"] in trials:
             trial = trials[event["trial"]]
             trial.status, trial.result = kind, TrialResult.from_event(event)
@@ -107,8 +116,10 @@ class Tally:
     def add_finished(self, trial: Trial) -> None:
         if trial.score is not None:
             self.completed += 1
-            if not trial.stopped_early:
-                self.best_score = trial.score if self.best_score is None else max(self.best_score, trial.score)
+            if trial.whole_score is not None:
+                self.best_score = (
+                    max(self.best_score, trial.whole_score) if self.best_score is not None else trial.whole_score
+                )
         else:
             self.failed += 1
             self.last_failure = (trial.result.reason if trial.result else None) or "unknown"

@@ -291,7 +291,7 @@ def journaled_ties(events: list[dict]) -> TieCut | None:
 
 
 def _best_searched(trials: dict[int, Trial]) -> Trial | None:
-    completed = [t for t in trials.values() if t.kind == "optimizer" and t.score is not None and not t.stopped_early]
+    completed = [t for t in trials.values() if t.kind == "optimizer" and t.whole_score is not None]
     return max(completed, key=lambda t: (t.score, -t.trial_id), default=None)
 
 

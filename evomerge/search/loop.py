@@ -107,8 +107,8 @@ class Search:
             return None
         incumbents = Incumbents(getattr(self.optimizer, "popsize", 1))
         for trial in self.trials.values():
-            if trial.score is not None and not trial.stopped_early:
-                incumbents.add(trial.trial_id, trial.score)
+            if trial.whole_score is not None:
+                incumbents.add(trial.trial_id, trial.whole_score)
         return incumbents
 
     def _restore_optimizer(self):

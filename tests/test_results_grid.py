@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import results_grid as grid  # scripts/ is on sys.path (conftest)
 
-DEMO_SPEC = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
+REPO = Path(__file__).resolve().parents[1]
+DEMO_SPEC = REPO / "search_spaces" / "demo.yaml"
 
 
 def args_for(tmp_path: Path, *overrides: str) -> argparse.Namespace:
@@ -81,3 +84,16 @@ def test_tables_mark_two_se_over_the_base_as_a_pass():
     assert cells[3].endswith("| FAIL |") and cells[4].endswith("| FAIL |")
     summary = grid.method_table(records).splitlines()
     assert summary[2:] == ["| ties | 1 of 2 | +1.9 | 4 |", "| della | 0 of 1 | - | 4 |"]
+
+
+@pytest.mark.long
+def test_the_demo_search_reaches_95_percent_of_its_final_best_within_150_evaluations(tmp_path):
+    """Issue 16, item 6, on the demo's own spec (step size 0.07 of each gene's range): seed 0 under
+    the generation barrier and pinned numerics asks and scores the same on every machine, so its
+    reach is a fixed number (99-134 over seeds 0-2 in docs/RESULTS.md). Minutes: builds the demo zoo."""
+    command = [sys.executable, str(REPO / "scripts" / "results_grid.py"), "--zoo", "demo"]
+    command += ["--methods", "task_arithmetic", "--seeds", "0", "--max-evals", "300", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, cwd=REPO)
+    (cell,) = grid.read_records(tmp_path / "grid.jsonl").values()
+    assert cell.reach is not None and cell.reach <= 150
+    assert cell.passed and cell.over_baseline_se is not None and cell.over_baseline_se >= 2

@@ -353,6 +353,7 @@ def _running(process: psutil.Process) -> bool:
         return False
 
 
+@pytest.mark.long  # about 90 s for both; losing a whole node (above) stays in CI
 @pytest.mark.parametrize("server", ["raylet", "gcs_server"])
 def test_a_killed_raylet_or_gcs_ends_the_search_within_a_minute_telling_to_resume(server, tmp_path, zoo):
     search = LocalSearch(tmp_path, zoo)

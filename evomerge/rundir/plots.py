@@ -293,52 +293,35 @@ def pareto_front(points: np.ndarray, on_front: np.ndarray, names: list[str], eva
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
     baseline = np.array([e.kind != "optimizer" for e in evaluations])
     for ax, (i, j) in zip(axes, pairs, strict=False):
-        _style(ax)
-        rest = ~on_front
-        ax.scatter(
-            points[rest & ~baseline, i], points[rest & ~baseline, j], s=22, color=MUTED, alpha=0.7, label="dominated"
-        )
-        ax.scatter(
-            points[rest & baseline, i],
-            points[rest & baseline, j],
-            s=50,
-            marker="D",
-            color=BASELINE,
-            alpha=0.8,
-            label="baseline",
-        )
-        ax.scatter(
-            points[on_front, i],
-            points[on_front, j],
-            s=60,
-            color=FRONT,
-            edgecolor="white",
-            zorder=3,
-            label=f"Pareto front ({int(on_front.sum())})",
-        )
-        if points.shape[1] == 2:
-            order = np.argsort(points[on_front, i])
-            ax.step(
-                points[on_front, i][order],
-                points[on_front, j][order],
-                where="pre",
-                color=FRONT,
-                linewidth=1.3,
-                zorder=2,
-            )
-        if on_front.sum() <= 8:
-            for k in np.flatnonzero(on_front):
-                ax.annotate(
-                    evaluations[k].label,
-                    (points[k, i], points[k, j]),
-                    xytext=(5, 4),
-                    textcoords="offset points",
-                    fontsize=8,
-                    color="#334155",
-                )
+        _pareto_panel(ax, points[:, [i, j]], on_front, baseline, evaluations, staircase=points.shape[1] == 2)
         ax.set_xlabel(f"{names[i]} →")
         ax.set_ylabel(f"{names[j]} →")
     for ax in axes[len(pairs) :]:
         ax.set_axis_off()
     axes[0].legend(loc="best", frameon=False, fontsize=8.5)
     _save(fig, path)
+
+
+def _pareto_panel(ax, xy: np.ndarray, on_front: np.ndarray, baseline: np.ndarray, evaluations: list, staircase: bool):
+    """One pair of objectives: dominated candidates, baselines, and the front (labelled when small)."""
+    _style(ax)
+    rest = ~on_front
+    dominated, baselines, front = xy[rest & ~baseline], xy[rest & baseline], xy[on_front]
+    ax.scatter(dominated[:, 0], dominated[:, 1], s=22, color=MUTED, alpha=0.7, label="dominated")
+    ax.scatter(baselines[:, 0], baselines[:, 1], s=50, marker="D", color=BASELINE, alpha=0.8, label="baseline")
+    ax.scatter(
+        front[:, 0], front[:, 1], s=60, color=FRONT, edgecolor="white", zorder=3, label=f"Pareto front ({len(front)})"
+    )
+    if staircase:
+        order = np.argsort(front[:, 0])
+        ax.step(front[order, 0], front[order, 1], where="pre", color=FRONT, linewidth=1.3, zorder=2)
+    if len(front) <= 8:
+        for k in np.flatnonzero(on_front):
+            ax.annotate(
+                evaluations[k].label,
+                tuple(xy[k]),
+                xytext=(5, 4),
+                textcoords="offset points",
+                fontsize=8,
+                color="#334155",
+            )

@@ -24,7 +24,7 @@ from evomerge.evaluation.backend import BackendName
 from evomerge.evaluation.config import EvalSet
 from evomerge.evaluation.native import TorchBackend
 from evomerge.evaluation.requests import PreparedRequests, PromptOptions, TaskMetrics
-from evomerge.evaluation.scores import EvalResult, weighted_score
+from evomerge.evaluation.scores import EvalResult, task_weights, weighted_score
 from evomerge.evaluation.seeding import FEWSHOT_SEED, seeded_global_rngs
 from evomerge.evaluation.tasks import ResolvedTasks, build_tasks, quiet_lm_eval, resolve_tasks
 
@@ -153,9 +153,8 @@ class Evaluator:
                     f"it reported: {', '.join(sorted(values))}"
                 )
             metrics[task.name] = float(values[task.result_key])
-        weights = {task.name: task.weight for task in self._resolved.tasks}
         n_docs = {name: task_metrics.n_docs for name, task_metrics in found.items()}
-        return EvalResult(weighted_score(metrics, weights), metrics, n_docs, seconds)
+        return EvalResult(weighted_score(metrics, task_weights(self._resolved.tasks)), metrics, n_docs, seconds)
 
 
 def _check_device(model, device: str | None) -> None:

@@ -5,8 +5,9 @@ their standard errors. Torch-free, so the run-directory readers can use it witho
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,16 @@ class EvalResult:
     metrics: dict[str, float]  # task name -> metric value
     n_docs: dict[str, int]  # task name -> docs scored
     seconds: float
+
+
+class WeightedTask(Protocol):
+    name: str
+    weight: float
+
+
+def task_weights(tasks: Iterable[WeightedTask]) -> dict[str, float]:
+    """Task name -> its weight in the score, as `weighted_score` and `standard_error` take them."""
+    return {task.name: task.weight for task in tasks}
 
 
 def weighted_score(metrics: Mapping[str, float], weights: Mapping[str, float]) -> float:

@@ -24,6 +24,7 @@ import numpy as np
 
 from evomerge.errors import UserError
 from evomerge.evaluation.fidelity import Incumbents
+from evomerge.evaluation.scores import task_weights
 from evomerge.optim import make_optimizer
 from evomerge.preflight import Prepared
 from evomerge.rundir.events import EventName, TrialResult
@@ -319,7 +320,7 @@ class Search:
     def _with_objectives(self, result: TrialResult) -> TrialResult:
         if not (result.ok and self.spec.multi_objective and result.metrics is not None):
             return result
-        weights = {t.name: t.weight for t in self.spec.evaluation.tasks}
+        weights = task_weights(self.spec.evaluation.tasks)
         return replace(result, objectives=objective_values(result.metrics, self.spec.evaluation.objectives, weights))
 
     def _snapshot(self, wait: bool = False) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from evomerge.evaluation.evaluate import Evaluator
 from evomerge.evaluation.fidelity import RaceOutcome, race
+from evomerge.evaluation.scores import task_weights
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.fused.candidate import CandidateMerger
 from evomerge.merge.memory_plan import SCORER_TOKEN_BUDGET, scorer_workspace_bytes
@@ -80,10 +81,6 @@ class MergeWorker:
         self.evaluators = {
             name: [Evaluator(self.model, self.tokenizer, part, device=self.devices[0]) for part in eval_set.slices()]
             for name, eval_set in settings.eval_sets.items()
-        }
-        # A raced set's task weights, for its partial scores' SE (fidelity.race).
-        self.task_weights = {
-            name: {task.name: task.weight for task in eval_set.tasks} for name, eval_set in settings.eval_sets.items()
         }
         # Journaled with every result, so a run proves all its candidates saw the same documents.
         self.subset_digests = {name: subset_digest(self.subset_indices(name)) for name in self.evaluators}
@@ -147,8 +144,8 @@ class MergeWorker:
         evaluators = self.evaluators[eval_set]
         if len(evaluators) == 1:
             return RaceOutcome(evaluators[0].evaluate(), rungs_scored=1, stopped_early=False)
-        z = self.settings.eval_sets[eval_set].fidelity.z
-        weights = self.task_weights[eval_set]
+        settings = self.settings.eval_sets[eval_set]
+        weights, z = task_weights(settings.tasks), settings.fidelity.z
         return race(lambda rung: evaluators[rung].evaluate(), len(evaluators), weights, race_against, z)
 
     def _failure(self, trial_id: int, reason: str, started: float) -> TrialResult:

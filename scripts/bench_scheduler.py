@@ -133,7 +133,7 @@ class SleepingWorker:
     def ping(self) -> str:
         return self.worker_id
 
-    def evaluate(self, trial_id: int, merge_config: dict, eval_set: str = "search", race_against: float | None = None):
+    def evaluate(self, trial_id: int, merge_config: dict, eval_set: str = "search", race=None):
         from evomerge.rundir.events import TrialResult
 
         seconds = sleep_seconds(self.seed, trial_id, self.durations)

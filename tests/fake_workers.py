@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from evomerge.evaluation.fidelity import RaceTarget
 from evomerge.rundir.events import TrialResult
 from evomerge.search.scheduler import Scheduler, WorkerDied
 
@@ -88,14 +89,14 @@ class FakeWorker:
         self.dead = False
 
     def evaluate(
-        self, trial_id: int, merge_config: dict, eval_set: str = "search", race_against: float | None = None
+        self, trial_id: int, merge_config: dict, eval_set: str = "search", race: RaceTarget | None = None
     ) -> TrialResult:
         if trial_id == FAILING_TRIAL and eval_set == "search":
             reason = "merged weights are not finite (model.norm.weight)"
             return TrialResult.failure(trial_id, reason, worker=self.worker_id, seconds=0.5)
         score = self.score(trial_id, merge_config, eval_set)
         task = "tiny_add" if eval_set == "search" else "tiny_choice"
-        outcome = self._race(task, score, race_against) if self.rungs and eval_set == "search" else None
+        outcome = self._race(task, score, race) if self.rungs and eval_set == "search" else None
         return TrialResult(
             trial=trial_id,
             ok=True,
@@ -104,6 +105,7 @@ class FakeWorker:
             n_docs=outcome.result.n_docs if outcome else {task: FAKE_DOCS},
             rungs=outcome.rungs_scored if outcome else None,
             stopped_early=(outcome.stopped_early or None) if outcome else None,
+            rung_scores=list(outcome.rung_scores) if outcome else None,
             worker=self.worker_id,
             merge_s=0.01,
             prepare_s=0.002,
@@ -112,7 +114,7 @@ class FakeWorker:
             subset="5d41402abc4b2a76",
         )
 
-    def _race(self, task: str, score: float, race_against: float | None):
+    def _race(self, task: str, score: float, target: RaceTarget | None):
         from evomerge.evaluation.fidelity import race
         from evomerge.evaluation.scores import EvalResult
 
@@ -120,7 +122,7 @@ class FakeWorker:
         ends = [math.ceil(share * FAKE_DOCS) for share in self.rungs]
         sizes = [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
         slices = [EvalResult(score, {task: score}, {task: size}, 0.1) for size in sizes]
-        return race(slices.__getitem__, len(slices), {task: 1.0}, race_against, self.z)
+        return race(slices.__getitem__, len(slices), {task: 1.0}, target, self.z)
 
 
 class FakeReference:
@@ -157,7 +159,7 @@ class FakeCalls:
             if not self.charged:
                 raise WorkerDied("ActorUnavailableError: connection reset by peer", charged=False)
             raise WorkerDied("ActorDiedError: the worker process died (SIGKILL)")
-        return reference.actor.evaluate(job.trial_id, job.merge_config, job.eval_set, job.race_against)
+        return reference.actor.evaluate(job.trial_id, job.merge_config, job.eval_set, job.race)
 
     def kill(self, actor: FakeWorker) -> None:
         actor.dead = True

@@ -358,6 +358,10 @@ CASES = {
         lambda s, m, x: put(s, "evaluation.fidelity", {"rungs": [0.5, 0.25, 1.0]}),
         ["evaluation.fidelity.rungs", "must increase", "[0.2, 1.0]"],
     ),
+    "fidelity-keep-not-a-share": (
+        lambda s, m, x: put(s, "evaluation.fidelity", {"keep": 1.5}),
+        ["evaluation.fidelity.keep", "less than 1"],
+    ),
     "fidelity-last-rung-not-every-doc": (
         lambda s, m, x: put(s, "evaluation.fidelity", {"rungs": [0.25, 0.5]}),
         ["evaluation.fidelity.rungs", "last rung must be 1.0"],

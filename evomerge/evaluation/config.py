@@ -59,7 +59,9 @@ class FidelitySpec(Strict):
 
     A candidate is scored on the first share of every task's seeded doc order; it gets the next
     share only while it can still beat the best fully scored candidate (its partial score plus `z`
-    standard errors reaches that best). Baselines and held-out scores are always scored whole.
+    standard errors reaches that best). With `keep` (successive halving) it must also rank in the
+    top `keep` share of recent candidates' partial scores at each rung, which bounds the share of
+    documents scored. Baselines and held-out scores are always scored whole.
     """
 
     rungs: list[float] = Field(
@@ -69,6 +71,13 @@ class FidelitySpec(Strict):
         description="Cumulative shares of each task's search docs; increasing, the last one 1.0.",
     )
     z: float = Field(2.0, gt=0, le=10, description="Standard errors of optimism before a candidate is stopped.")
+    keep: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Successive halving: the share of candidates, ranked by partial score among the last two "
+        "generations', that go on past each rung, e.g. 0.34; unset, only the incumbent test stops candidates.",
+    )
 
     @field_validator("rungs")
     @classmethod
@@ -235,6 +244,8 @@ def without_later_defaults(evaluation: dict) -> dict:
         return {key: value for key, value in section.items() if key not in defaults or value != defaults[key]}
 
     result = trimmed(evaluation, LATER_EVALUATION_DEFAULTS)
+    if isinstance(result.get("fidelity"), dict) and result["fidelity"].get("keep") is None:
+        result["fidelity"] = {key: value for key, value in result["fidelity"].items() if key != "keep"}
     for key in ("tasks", "heldout_tasks"):
         result[key] = [trimmed(task, LATER_TASK_DEFAULTS) for task in evaluation.get(key, [])]
     return result

@@ -4,8 +4,11 @@ A raced candidate is scored slice by slice (`EvalSet.slices`: disjoint seeded sl
 task's doc subset, whose union is the subset an unraced search scores). After each slice the
 docs scored so far give a partial score and its standard error; the candidate gets the next slice
 only while `partial + z * SE` reaches the incumbent, the best fully scored candidate the driver
-handed it. Everything here is pure arithmetic over `EvalResult`s, so the rule is tested without a
-model, and a worker given the same slices' results and the same incumbent makes the same call.
+handed it. With `fidelity.keep` (successive halving) it must also rank in the top `keep` share of
+the partial scores recent candidates had at that rung: this bounds the documents scored however
+close the candidates are, where the confidence bound alone stops few candidates that sit near the
+incumbent. Everything here is pure arithmetic over `EvalResult`s, so the rules are tested without
+a model, and a worker given the same slices' results and the same `RaceTarget` makes the same call.
 
 Slices combine as doc-weighted means, which is exact for metrics lm-eval aggregates by a mean
 (accuracy, exact match); `raceable_metric` refuses any other aggregation before a search starts.
@@ -13,7 +16,8 @@ Slices combine as doc-weighted means, which is exact for metrics lm-eval aggrega
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from evomerge.evaluation.scores import EvalResult, standard_error, weighted_score
@@ -36,32 +40,56 @@ def can_still_win(partial: EvalResult, weights: Mapping[str, float], incumbent: 
 
 
 @dataclass(frozen=True)
+class RaceTarget:
+    """What a raced candidate must keep up with to get its next slice, fixed when it is asked.
+
+    `incumbent`: the best fully scored result; the candidate goes on while it can still beat it.
+    `cutoffs`: successive halving (`fidelity.keep`), one per rung before the last; the candidate
+    goes on only while its partial score is above that rung's cutoff (None: no cutoff there yet).
+    """
+
+    incumbent: float | None = None
+    cutoffs: tuple[float | None, ...] = ()
+
+    def goes_on(self, partial: EvalResult, rung: int, weights: Mapping[str, float], z: float) -> bool:
+        """Whether a candidate with `partial` over slices 0..`rung` gets the next slice."""
+        if self.incumbent is not None and not can_still_win(partial, weights, self.incumbent, z):
+            return False
+        cutoff = self.cutoffs[rung] if rung < len(self.cutoffs) else None
+        return cutoff is None or partial.score > cutoff
+
+
+@dataclass(frozen=True)
 class RaceOutcome:
     """A raced candidate's result over the slices it was scored on."""
 
     result: EvalResult
     rungs_scored: int  # 1 .. number of rungs
     stopped_early: bool
+    rung_scores: tuple[float, ...] = ()  # the partial score after each rung scored (the last: `result`'s)
 
 
 def race(
     score_slice: Callable[[int], EvalResult],
     rungs: int,
     weights: Mapping[str, float],
-    incumbent: float | None,
+    target: RaceTarget | None,
     z: float,
 ) -> RaceOutcome:
-    """Score slices 0, 1, ... until the candidate can no longer win or every slice is scored.
+    """Score slices 0, 1, ... until the candidate falls behind `target` or every slice is scored.
 
-    Without an incumbent (a baseline, or the first candidates) every slice is scored.
+    Without a target (a baseline) every slice is scored.
     """
     parts = [score_slice(0)]
-    while len(parts) < rungs:
+    rung_scores: list[float] = []
+    while True:
         partial = combine(parts, weights)
-        if incumbent is not None and not can_still_win(partial, weights, incumbent, z):
-            return RaceOutcome(partial, len(parts), stopped_early=True)
+        rung_scores.append(partial.score)
+        if len(parts) == rungs:
+            return RaceOutcome(partial, rungs, stopped_early=False, rung_scores=tuple(rung_scores))
+        if target is not None and not target.goes_on(partial, len(parts) - 1, weights, z):
+            return RaceOutcome(partial, len(parts), stopped_early=True, rung_scores=tuple(rung_scores))
         parts.append(score_slice(len(parts)))
-    return RaceOutcome(combine(parts, weights), rungs, stopped_early=False)
 
 
 def raceable_metric(task, metric: str) -> str | None:
@@ -104,3 +132,64 @@ class Incumbents:
 
 def _max(current: float | None, score: float) -> float:
     return score if current is None else max(current, score)
+
+
+class RungCutoffs:
+    """Successive halving's cutoffs (`fidelity.keep`): for each rung before the last, the best
+    partial score outside the top `keep` share of the scores the latest `window` candidates of
+    earlier blocks had at that rung (blocks as in `Incumbents`, so under CMA-ES's barrier the
+    cutoffs do not depend on which worker finished first).
+
+    Only candidates that went on to a rung have a score there, so a later rung's cutoff ranks
+    among the survivors of the earlier ones: `keep` of `keep`, as in successive halving.
+    """
+
+    def __init__(self, block: int, rungs: int, keep: float, window: int):
+        self.block, self.rungs, self.keep, self.window = max(1, block), rungs, keep, window
+        self.rung_scores: dict[int, Sequence[float]] = {}
+
+    def add(self, trial_id: int, rung_scores: Sequence[float] | None) -> None:
+        """A searched candidate's partial scores, one per rung it reached; baselines are not ranked."""
+        if trial_id >= 0 and rung_scores:
+            self.rung_scores[trial_id] = rung_scores
+
+    def for_trial(self, trial_id: int) -> tuple[float | None, ...]:
+        first_of_block = trial_id // self.block * self.block
+        recent = sorted((t for t in self.rung_scores if t < first_of_block), reverse=True)[: self.window]
+        return tuple(
+            top_share_cutoff([self.rung_scores[t][rung] for t in recent if len(self.rung_scores[t]) > rung], self.keep)
+            for rung in range(self.rungs - 1)
+        )
+
+
+def top_share_cutoff(scores: Sequence[float], keep: float) -> float | None:
+    """The best score outside the top `keep` share of `scores`: a candidate must beat it to go on.
+
+    Beating it, not equalling it: partial scores over a few dozen documents tie often, and
+    letting every tie through promoted half the candidates at keep = 1/3. None while too few to rank.
+    """
+    kept = math.ceil(keep * len(scores) - 1e-9)
+    if len(scores) < math.ceil(1 / keep - 1e-9) or kept >= len(scores):
+        return None
+    return sorted(scores, reverse=True)[kept]
+
+
+class RaceTargets:
+    """The driver's side of racing: the `RaceTarget` each new candidate is handed, from the fully
+    scored results (the incumbent) and the rung scores (the cutoffs) of earlier blocks."""
+
+    def __init__(self, block: int, rungs: int, keep: float | None):
+        self.incumbents = Incumbents(block)
+        # Two blocks of candidates to rank against: under a barrier, the last two generations.
+        self.cutoffs = RungCutoffs(block, rungs, keep, window=2 * max(1, block)) if keep else None
+
+    def add(self, trial_id: int, whole_score: float | None, rung_scores: Sequence[float] | None) -> None:
+        """A finished result: `whole_score` when it was scored on every doc, its rung scores if raced."""
+        if whole_score is not None:
+            self.incumbents.add(trial_id, whole_score)
+        if self.cutoffs is not None:
+            self.cutoffs.add(trial_id, rung_scores)
+
+    def for_trial(self, trial_id: int) -> RaceTarget:
+        cutoffs = self.cutoffs.for_trial(trial_id) if self.cutoffs else ()
+        return RaceTarget(self.incumbents.for_trial(trial_id), cutoffs if any(c is not None for c in cutoffs) else ())

@@ -62,6 +62,7 @@ class TrialResult:
     objectives: list[float] | None = None
     rungs: int | None = None  # fidelity racing: the rungs (slices of the search docs) scored
     stopped_early: bool | None = None  # raced out before its last rung: `score` is a partial score
+    rung_scores: list[float] | None = None  # fidelity racing: the partial score after each rung scored
 
     @classmethod
     def failure(cls, trial: int, reason: str, **extra) -> TrialResult:

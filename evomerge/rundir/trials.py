@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evomerge.evaluation.fidelity import RaceTarget
 from evomerge.rundir.events import RESULT_EVENTS, EventName, TrialResult
 
 # Baseline labels: written by preflight (scored) and genome (seeded), read by the seeding rule
@@ -38,6 +39,14 @@ class Trial:
     result: TrialResult | None = None  # the search result, once there is one
     heldout: TrialResult | None = None
     race_against: float | None = None  # fidelity racing: the incumbent journaled when it was asked
+    race_cutoffs: list[float | None] | None = None  # successive halving: the rung cutoffs journaled with it
+
+    @property
+    def race_target(self) -> RaceTarget | None:
+        """What it races against, as journaled when it was asked; None when it does not race."""
+        if self.race_against is None and not self.race_cutoffs:
+            return None
+        return RaceTarget(self.race_against, tuple(self.race_cutoffs or ()))
 
     @property
     def stopped_early(self) -> bool:
@@ -73,6 +82,7 @@ def replay(events: list[dict]) -> dict[int, Trial]:
                 event["merge_config"],
                 event.get("params") or {},
                 race_against=event.get("race_against"),
+                race_cutoffs=event.get("race_cutoffs"),
             )
         elif kind in RESULT_EVENTS and event["trial"] in trials:
             trial = trials[event["trial"]]

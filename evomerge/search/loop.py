@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.errors import UserError
-from evomerge.evaluation.fidelity import Incumbents
+from evomerge.evaluation.fidelity import RaceTargets
 from evomerge.evaluation.scores import task_weights
 from evomerge.optim import make_optimizer
 from evomerge.preflight import Prepared
@@ -75,7 +75,7 @@ class Search:
             self.seeds = journaled_seeds(self.events) if self.spec.budget.baselines else []
             self.tally = Tally.of(self.trials)
             self.optimizer = self._restore_optimizer()
-            self.incumbents = self._incumbents()
+            self.race_targets = self._race_targets()
             self.tracker = Tracker(self.spec, self.run_dir)
             self.study_log = StudyLog(self.rundir.optuna_log, study_shape(prepared, self.rundir))
         except BaseException:
@@ -102,15 +102,16 @@ class Search:
         extra = {k: v for k, v in extra.items() if v is not None}
         return make_optimizer(settings.name, genome.lower, genome.upper, genome.x0(), settings.seed, **extra)
 
-    def _incumbents(self) -> Incumbents | None:
-        """Fidelity racing's incumbents, rebuilt from the journal's fully scored results."""
-        if self.spec.evaluation.fidelity is None:
+    def _race_targets(self) -> RaceTargets | None:
+        """Fidelity racing's incumbents and rung cutoffs, rebuilt from the journal's results."""
+        fidelity = self.spec.evaluation.fidelity
+        if fidelity is None:
             return None
-        incumbents = Incumbents(getattr(self.optimizer, "popsize", 1))
+        targets = RaceTargets(getattr(self.optimizer, "popsize", 1), len(fidelity.rungs), fidelity.keep)
         for trial in self.trials.values():
-            if trial.whole_score is not None:
-                incumbents.add(trial.trial_id, trial.whole_score)
-        return incumbents
+            if trial.score is not None and trial.result is not None:
+                targets.add(trial.trial_id, trial.whole_score, trial.result.rung_scores)
+        return targets
 
     def _restore_optimizer(self):
         return restore_optimizer(self.rundir, self.events, self.trials, self._new_optimizer)
@@ -201,7 +202,7 @@ class Search:
         self._search_started = self.clock()
         time_limit = (self.spec.budget.time_limit_min or math.inf) * 60
         pending = [
-            Job(t.trial_id, t.merge_config, race_against=t.race_against)
+            Job(t.trial_id, t.merge_config, race=t.race_target)
             for t in self.trials.values()
             if t.status == EventName.ASKED and t.kind in ("optimizer", "baseline")
         ]
@@ -249,7 +250,9 @@ class Search:
         seeded = next((label for label, point in self.seeds if np.array_equal(point, ask.x)), None)
         label = f"trial {ask.trial_id}" + (f" (seeded: {seeded})" if seeded else "")
         trial = Trial(ask.trial_id, "optimizer", label, genome.merge_config_dict(ask.x, params), params)
-        trial.race_against = self.incumbents.for_trial(ask.trial_id) if self.incumbents else None
+        if self.race_targets:
+            target = self.race_targets.for_trial(ask.trial_id)
+            trial.race_against, trial.race_cutoffs = target.incumbent, list(target.cutoffs) or None
         return self._ask(trial, x=[float(v) for v in ask.x])
 
     def _seed_optimizer(self) -> bool:
@@ -290,9 +293,10 @@ class Search:
             params=trial.params,
             merge_config=trial.merge_config,
             **({} if trial.race_against is None else {"race_against": trial.race_against}),
+            **({} if not trial.race_cutoffs else {"race_cutoffs": trial.race_cutoffs}),
         )
         self.study_log.asked(trial.trial_id, record["time"])
-        return Job(trial.trial_id, trial.merge_config, race_against=trial.race_against)
+        return Job(trial.trial_id, trial.merge_config, race=trial.race_target)
 
     def _record(self, job: Job, result: TrialResult) -> None:
         trial = self.trials[job.trial_id]
@@ -309,8 +313,8 @@ class Search:
         self.deaths_in_a_row = self.deaths_in_a_row + 1 if job.gave_up else 0
         if result.ok:
             self.tracker.log_trial(trial, self.tally.best_score)
-            if self.incumbents and not trial.stopped_early:
-                self.incumbents.add(trial.trial_id, result.score)
+            if self.race_targets:
+                self.race_targets.add(trial.trial_id, trial.whole_score, result.rung_scores)
         if trial.kind == "optimizer":
             self.optimizer.tell(trial.trial_id, (result.objectives or result.score) if result.ok else None)
             self.tells_since_snapshot += 1

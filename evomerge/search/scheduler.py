@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from evomerge.evaluation.fidelity import RaceTarget
 from evomerge.rundir.events import TrialResult
 
 LOG = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class Job:
     merge_config: dict
     eval_set: str = "search"
     attempts: int = 0  # workers that died while evaluating it
-    race_against: float | None = None  # fidelity racing: the incumbent it must still be able to beat
+    race: RaceTarget | None = None  # fidelity racing: what it must keep up with to get its next slice
 
     @property
     def gave_up(self) -> bool:
@@ -82,7 +83,7 @@ class WorkerCalls(Protocol):
 
 class RayCalls:
     def submit(self, actor, job: Job):
-        return actor.evaluate.remote(job.trial_id, job.merge_config, job.eval_set, job.race_against)
+        return actor.evaluate.remote(job.trial_id, job.merge_config, job.eval_set, job.race)
 
     def wait(self, references: list, timeout: float) -> list:
         import ray

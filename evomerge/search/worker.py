@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from evomerge.evaluation.evaluate import Evaluator
-from evomerge.evaluation.fidelity import RaceOutcome, race
+from evomerge.evaluation.fidelity import RaceOutcome, RaceTarget, race
 from evomerge.evaluation.scores import task_weights
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.fused.candidate import CandidateMerger
@@ -94,11 +94,11 @@ class MergeWorker:
         return {name: sorted(i for part in parts for i in part[name]) for name in parts[0]}
 
     def evaluate(
-        self, trial_id: int, merge_config: dict, eval_set: str = "search", race_against: float | None = None
+        self, trial_id: int, merge_config: dict, eval_set: str = "search", race: RaceTarget | None = None
     ) -> TrialResult:
         """Merge `merge_config` into the resident model and score it; never raises for the candidate.
 
-        `race_against`: the incumbent a raced candidate must still be able to beat to get its next slice.
+        `race`: what a raced candidate must keep up with to get its next slice (evaluation/fidelity.py).
         """
         started = time.perf_counter()
         try:
@@ -114,7 +114,7 @@ class MergeWorker:
                 if bad:
                     return self._failure(trial_id, f"merged weights are not finite ({bad})", started)
                 merged = time.perf_counter()
-                outcome = self._score(eval_set, race_against)
+                outcome = self._score(eval_set, race)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             return self._failure(trial_id, "CUDA out of memory in this candidate", started)
@@ -137,16 +137,17 @@ class MergeWorker:
             subset=self.subset_digests[eval_set],
             rungs=outcome.rungs_scored if raced else None,
             stopped_early=outcome.stopped_early or None,
+            rung_scores=list(outcome.rung_scores) if raced else None,
         )
 
-    def _score(self, eval_set: str, race_against: float | None) -> RaceOutcome:
-        """Score the weights the model holds: whole, or raced slice by slice against `race_against`."""
+    def _score(self, eval_set: str, target: RaceTarget | None) -> RaceOutcome:
+        """Score the weights the model holds: whole, or raced slice by slice against `target`."""
         evaluators = self.evaluators[eval_set]
         if len(evaluators) == 1:
             return RaceOutcome(evaluators[0].evaluate(), rungs_scored=1, stopped_early=False)
         settings = self.settings.eval_sets[eval_set]
         weights, z = task_weights(settings.tasks), settings.fidelity.z
-        return race(lambda rung: evaluators[rung].evaluate(), len(evaluators), weights, race_against, z)
+        return race(lambda rung: evaluators[rung].evaluate(), len(evaluators), weights, target, z)
 
     def _failure(self, trial_id: int, reason: str, started: float) -> TrialResult:
         return TrialResult.failure(

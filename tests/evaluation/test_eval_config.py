@@ -54,6 +54,13 @@ def test_each_new_setting_away_from_its_default_changes_the_fingerprint(change):
     assert spec_with(**change).fingerprint() != spec_with().fingerprint()
 
 
+def test_a_raced_run_started_before_successive_halving_keeps_its_fingerprint():
+    raced = {"fidelity": {"rungs": [0.1, 0.3, 1.0], "z": 1.5}}
+    assert spec_with(**raced).fingerprint() == "32304e8c675199a1"  # what the spec hashed to before `keep`
+    assert spec_with(fidelity=raced["fidelity"] | {"keep": None}).fingerprint() == "32304e8c675199a1"
+    assert spec_with(fidelity=raced["fidelity"] | {"keep": 0.34}).fingerprint() != "32304e8c675199a1"
+
+
 def test_multiturn_few_shot_follows_the_chat_template_unless_set():
     assert EvaluationSpec(tasks=["t"]).multiturn_fewshot is False
     assert EvaluationSpec(tasks=["t"], apply_chat_template=True).multiturn_fewshot is True

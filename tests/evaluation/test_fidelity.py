@@ -7,7 +7,7 @@ import pytest
 
 from evomerge.evaluation.config import FidelitySpec
 from evomerge.evaluation.evaluate import seeded_subset
-from evomerge.evaluation.fidelity import Incumbents, combine, race
+from evomerge.evaluation.fidelity import Incumbents, RaceTarget, RaceTargets, RungCutoffs, combine, race, top_share_cutoff
 from evomerge.evaluation.scores import EvalResult, standard_error
 
 
@@ -59,7 +59,7 @@ def slices(scores: list[float], docs: int = 25):
 
 def test_a_candidate_is_stopped_once_its_optimistic_score_misses_the_incumbent():
     score_slice, called = slices([0.2, 0.9, 0.9])
-    outcome = race(score_slice, 3, {"t": 1.0}, incumbent=0.6, z=2.0)
+    outcome = race(score_slice, 3, {"t": 1.0}, RaceTarget(0.6), z=2.0)
     se = standard_error({"t": 0.2}, {"t": 25})
     assert 0.2 + 2 * se < 0.6
     assert called == [0] and outcome.stopped_early and outcome.rungs_scored == 1
@@ -69,13 +69,13 @@ def test_a_candidate_is_stopped_once_its_optimistic_score_misses_the_incumbent()
 def test_a_candidate_that_can_still_win_gets_every_slice_and_without_an_incumbent_always():
     for incumbent in (0.6, None):
         score_slice, called = slices([0.55, 0.7, 0.8])
-        outcome = race(score_slice, 3, {"t": 1.0}, incumbent=incumbent, z=2.0)
+        outcome = race(score_slice, 3, {"t": 1.0}, None if incumbent is None else RaceTarget(incumbent), z=2.0)
         assert called == [0, 1, 2] and not outcome.stopped_early and outcome.result.n_docs == {"t": 75}
 
 
 def test_a_wider_z_stops_fewer_candidates():
-    assert race(slices([0.4, 0.9])[0], 2, {"t": 1.0}, 0.6, z=1.0).stopped_early
-    assert not race(slices([0.4, 0.9])[0], 2, {"t": 1.0}, 0.6, z=3.0).stopped_early
+    assert race(slices([0.4, 0.9])[0], 2, {"t": 1.0}, RaceTarget(0.6), z=1.0).stopped_early
+    assert not race(slices([0.4, 0.9])[0], 2, {"t": 1.0}, RaceTarget(0.6), z=3.0).stopped_early
 
 
 def test_the_incumbent_is_the_best_whole_score_of_the_baselines_and_earlier_blocks():
@@ -96,3 +96,61 @@ def test_rungs_must_increase_to_every_doc():
     for rungs in ([0.5, 0.25, 1.0], [0.25, 0.5], [0.0, 1.0], [1.0]):
         with pytest.raises(ValueError):
             FidelitySpec(rungs=rungs)
+
+
+def test_a_candidate_below_a_rung_cutoff_stops_there_even_when_it_could_still_beat_the_incumbent():
+    score_slice, called = slices([0.5, 0.7, 0.9])
+    outcome = race(score_slice, 3, {"t": 1.0}, RaceTarget(0.3, cutoffs=(0.4, 0.6)), z=2.0)
+    assert called == [0, 1] and outcome.stopped_early and outcome.rungs_scored == 2  # 0.6 does not beat 0.6
+    assert outcome.rung_scores == pytest.approx((0.5, 0.6)) and outcome.result.score == pytest.approx(0.6)
+    score_slice, called = slices([0.5, 0.71, 0.9])
+    outcome = race(score_slice, 3, {"t": 1.0}, RaceTarget(0.3, cutoffs=(0.4, 0.6)), z=2.0)
+    assert called == [0, 1, 2] and not outcome.stopped_early
+    assert outcome.rung_scores == pytest.approx((0.5, 0.605, 2.11 / 3)) and outcome.result.score == pytest.approx(2.11 / 3)
+
+
+def test_a_rung_without_a_cutoff_yet_lets_every_candidate_on():
+    score_slice, called = slices([0.1, 0.2])
+    assert not race(score_slice, 2, {"t": 1.0}, RaceTarget(None, cutoffs=(None,)), z=2.0).stopped_early
+
+
+@pytest.mark.parametrize(
+    ("scores", "keep", "cutoff"),
+    [
+        ([0.1, 0.9, 0.5, 0.3, 0.7, 0.2], 1 / 3, 0.5),  # the top 2 of 6 beat 0.5
+        ([0.1, 0.9, 0.5, 0.3, 0.7, 0.2], 0.5, 0.3),  # the top 3 of 6 beat 0.3
+        ([0.1, 0.9, 0.5, 0.3, 0.7], 1 / 3, 0.5),  # a third of 5, rounded up: the top 2
+        ([0.4, 0.6], 1 / 3, None),  # fewer scores than 1/keep: nothing to rank against yet
+        ([0.4, 0.4, 0.4], 1 / 3, 0.4),  # a tie at the edge of the top share: only a better score goes on
+    ],
+)
+def test_the_rung_cutoff_is_the_best_score_outside_the_top_keep_share(scores, keep, cutoff):
+    assert top_share_cutoff(scores, keep) == cutoff
+
+
+def test_rung_cutoffs_rank_the_latest_earlier_blocks_and_later_rungs_only_their_survivors():
+    cutoffs = RungCutoffs(block=4, rungs=3, keep=0.5, window=8)
+    assert cutoffs.for_trial(0) == (None, None)
+    cutoffs.add(-1, (0.99, 0.99, 0.99))  # a baseline: never ranked
+    for trial_id, rung_scores in enumerate([(0.1,), (0.2,), (0.6, 0.5), (0.8, 0.7, 0.75)]):
+        cutoffs.add(trial_id, rung_scores)
+    assert cutoffs.for_trial(3) == (None, None)  # its own block is not finished under a barrier
+    # Rung 0 ranks all four (the top half beat 0.2); rung 1 only the two that went on (top 1 beats 0.5).
+    assert cutoffs.for_trial(4) == (0.2, 0.5)
+    for trial_id, rung_scores in zip(range(4, 8), [(0.3,), (0.35,), (0.4,), (0.45,)], strict=True):
+        cutoffs.add(trial_id, rung_scores)
+    # The window keeps the latest 8 candidates: both blocks; then the latest block pushes out the first.
+    assert cutoffs.for_trial(8) == (0.35, 0.5)
+    for trial_id in range(8, 12):
+        cutoffs.add(trial_id, (0.05,))
+    assert cutoffs.for_trial(12) == (0.05, None)  # no survivor to rank at rung 1 in the window
+
+
+def test_race_targets_hand_out_the_incumbent_and_the_cutoffs_only_once_there_is_something_to_rank():
+    targets = RaceTargets(block=2, rungs=2, keep=0.5)
+    targets.add(-1, 0.4, (0.45, 0.4))
+    assert targets.for_trial(0) == RaceTarget(0.4, ())
+    targets.add(0, None, (0.1,))  # stopped early: not an incumbent, but ranked
+    targets.add(1, 0.5, (0.6, 0.5))
+    assert targets.for_trial(2) == RaceTarget(0.5, (0.1,))
+    assert RaceTargets(block=2, rungs=2, keep=None).for_trial(2) == RaceTarget(None, ())

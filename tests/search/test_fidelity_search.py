@@ -1,16 +1,18 @@
 """Fidelity racing in the real Search and Scheduler, with in-process fake workers that race with the
 real `fidelity.race` (tests/fake_workers.py): what a raced run journals, that a partial score never
-wins, that the incumbent follows the block rule, and that a run killed anywhere resumes to the very
-asks, scores and held-out scores of the uninterrupted run."""
+wins, that the incumbent and successive halving's rung cutoffs follow the block rule, and that a
+run killed anywhere resumes to the very asks, scores and held-out scores of the uninterrupted run."""
 
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import pytest
 from fake_workers import FakeCalls, FakeWorker, fake_score, fake_spec_data, open_search
 
+from evomerge.evaluation.scores import standard_error
 from evomerge.rundir.journal import read_events
 from evomerge.rundir.results import load_trials
 from evomerge.rundir.verdict import build_verdict
@@ -27,20 +29,24 @@ def spread_score(trial: int, config: dict, eval_set: str) -> float:
     return round(fake_score(config, eval_set) ** 12, 6)
 
 
-def raced_scheduler(workers: int = 1) -> Scheduler:
+def close_score(trial: int, config: dict, eval_set: str) -> float:
+    """The fake's pure score: candidates close together, as around a good CMA-ES mean."""
+    return fake_score(config, eval_set)
+
+
+def raced_scheduler(workers: int = 1, score=spread_score, z: float = 1.0) -> Scheduler:
     ids = itertools.count()
-    return Scheduler(
-        lambda index: FakeWorker(f"w{index}@fake:{next(ids)}", spread_score, RUNGS, z=1.0), workers, 2, FakeCalls()
-    )
+    return Scheduler(lambda index: FakeWorker(f"w{index}@fake:{next(ids)}", score, RUNGS, z=z), workers, 2, FakeCalls())
 
 
-def raced_run(root: Path, name: str) -> Path:
-    evaluation = fake_spec_data(root, name)["evaluation"] | {"fidelity": {"rungs": list(RUNGS), "z": 1.0}}
+def raced_run(root: Path, name: str, keep: float | None = None, score=spread_score, z: float = 1.0) -> Path:
+    fidelity = {"rungs": list(RUNGS), "z": z} | ({"keep": keep} if keep else {})
+    evaluation = fake_spec_data(root, name)["evaluation"] | {"fidelity": fidelity}
     data = fake_spec_data(root, name, evaluation=evaluation, budget={"max_evals": 40})
     data["optimizer"] = data["optimizer"] | {"popsize": POPSIZE, "overlap": False}
     spec = parse_spec(data, "spec", root)
     run_dir = create_run_dir(spec)
-    open_search(spec, run_dir).run_with(raced_scheduler())
+    open_search(spec, run_dir).run_with(raced_scheduler(score=score, z=z))
     return run_dir
 
 
@@ -49,12 +55,17 @@ def reference(tmp_path_factory) -> Path:
     return raced_run(tmp_path_factory.mktemp("raced"), "raced")
 
 
+@pytest.fixture(scope="module")
+def halved(tmp_path_factory) -> Path:
+    return raced_run(tmp_path_factory.mktemp("halved"), "halved", keep=0.5, score=close_score, z=3.0)
+
+
 def state(run_dir: Path) -> dict:
     events = read_events(run_dir / "journal.jsonl")
     results = {e["trial"]: (e.get("score"), e.get("n_docs")) for e in events if e["event"] in ("completed", "failed")}
     return {
         "asked": {
-            e["trial"]: (e["x"], e.get("race_against"), results.get(e["trial"]))
+            e["trial"]: (e["x"], e.get("race_against"), e.get("race_cutoffs"), results.get(e["trial"]))
             for e in events
             if e["event"] == "asked"
         },
@@ -89,14 +100,52 @@ def test_each_candidate_races_against_the_best_whole_score_of_the_baselines_and_
             assert trial.race_against == max(earlier)
 
 
-@pytest.mark.parametrize("keep", [9, 17, 30, 44, 61])
-def test_a_raced_run_killed_anywhere_resumes_to_the_uninterrupted_run(tmp_path, reference, keep):
-    copy = tmp_path / "copy"
+def resume_cut(reference: Path, copy: Path, keep: int, scheduler: Scheduler) -> None:
+    """Resume a copy of `reference` whose journal was cut after its first `keep` lines (a kill -9)."""
     import shutil
 
     shutil.copytree(reference, copy)
     lines = (copy / "journal.jsonl").read_bytes().splitlines(keepends=True)
     (copy / "journal.jsonl").write_bytes(b"".join(lines[:keep]))
     run, spec, _ = open_run(copy)
-    open_search(spec, run).run_with(raced_scheduler(workers=2))
-    assert state(copy) == state(reference)
+    open_search(spec, run).run_with(scheduler)
+
+
+@pytest.mark.parametrize("keep", [9, 17, 30, 44, 61])
+def test_a_raced_run_killed_anywhere_resumes_to_the_uninterrupted_run(tmp_path, reference, keep):
+    resume_cut(reference, tmp_path / "copy", keep, raced_scheduler(workers=2))
+    assert state(tmp_path / "copy") == state(reference)
+
+
+@pytest.mark.parametrize("keep", [17, 44])
+def test_a_halved_run_killed_anywhere_resumes_to_the_uninterrupted_run(tmp_path, halved, keep):
+    resume_cut(halved, tmp_path / "copy", keep, raced_scheduler(workers=2, score=close_score, z=3.0))
+    assert state(tmp_path / "copy") == state(halved)
+
+
+def test_halving_cuts_at_the_top_half_of_the_latest_two_generations_first_rung_scores(halved, tmp_path):
+    _, trials = load_trials(halved)
+    scored = [t for t in trials.values() if t.kind == "optimizer" and t.result and t.result.rung_scores]
+    first_rung = {t.trial_id: t.result.rung_scores[0] for t in scored}  # a failed candidate has none
+    checked = 0
+    for trial in trials.values():
+        if trial.kind != "optimizer":
+            continue
+        generation_start = trial.trial_id // POPSIZE * POPSIZE
+        latest = sorted(other for other in first_rung if other < generation_start)[-2 * POPSIZE :]
+        window = sorted(first_rung[other] for other in latest)
+        outside_top_half = window[: len(window) - math.ceil(len(window) / 2)]
+        expected = outside_top_half[-1] if len(window) >= 2 else None
+        assert (trial.race_cutoffs or [None])[0] == expected
+        checked += expected is not None
+    assert checked >= 20
+    stopped_by_cutoff = [
+        t
+        for t in trials.values()
+        if t.stopped_early and t.score + 3 * standard_error(t.result.metrics, t.result.n_docs) >= t.race_against
+    ]
+    assert stopped_by_cutoff  # halving stopped candidates that racing alone would have gone on with
+    alone = raced_run(tmp_path, "alone", score=close_score, z=3.0)
+    racing_alone = build_verdict(alone, [], load_trials(alone)[1]).racing
+    halving = build_verdict(halved, [], trials).racing
+    assert halving is not None and racing_alone is not None and halving.share < racing_alone.share

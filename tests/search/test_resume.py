@@ -201,7 +201,7 @@ def forbid_nan(text: str):
 class NonFiniteWorker(FakeWorker):
     """Trial 1 scores NaN, trial 2 has an infinite perplexity metric, base's held-out score is inf."""
 
-    def evaluate(self, trial_id, merge_config, eval_set="search", race_against=None):
+    def evaluate(self, trial_id, merge_config, eval_set="search", race=None):
         result = super().evaluate(trial_id, merge_config, eval_set)
         if eval_set == "search" and trial_id == 1:
             return TrialResult(**{**result.to_journal(), "score": math.nan})

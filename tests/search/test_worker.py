@@ -134,9 +134,18 @@ def test_a_raced_worker_scores_the_unraced_subset_in_disjoint_slices_and_gets_th
         assert raced_result.subset == whole_result.subset
 
 
-def test_a_raced_candidate_that_cannot_reach_the_incumbent_stops_after_its_first_slice(raced):
+def test_a_raced_candidate_that_cannot_reach_the_incumbent_or_a_rung_cutoff_stops_after_its_first_slice(raced):
+    from evomerge.evaluation.fidelity import RaceTarget
+
     worker = make_worker(raced, "raced")
-    stopped = worker.evaluate(3, candidate(raced, 0.5), race_against=2.0)  # no score reaches 2
+    stopped = worker.evaluate(3, candidate(raced, 0.5), race=RaceTarget(2.0))  # no score reaches 2
     assert stopped.ok and stopped.stopped_early and stopped.rungs == 1 and stopped.n_docs == {"tiny_add": 6}
-    kept = worker.evaluate(4, candidate(raced, 0.5), race_against=-1.0)  # every score beats -1
+    assert stopped.rung_scores == [stopped.score]
+    kept = worker.evaluate(4, candidate(raced, 0.5), race=RaceTarget(-1.0))  # every score beats -1
     assert kept.ok and not kept.stopped_early and kept.n_docs == {"tiny_add": 24}
+    assert kept.rung_scores == [stopped.score, kept.score]
+    # Successive halving: the incumbent is beaten, but the first rung's partial score misses its cutoff.
+    halved = worker.evaluate(5, candidate(raced, 0.5), race=RaceTarget(-1.0, cutoffs=(stopped.score,)))
+    assert halved.stopped_early and halved.rungs == 1 and halved.score == stopped.score
+    above = worker.evaluate(6, candidate(raced, 0.5), race=RaceTarget(-1.0, cutoffs=(stopped.score - 1e-6,)))
+    assert not above.stopped_early and above.score == kept.score

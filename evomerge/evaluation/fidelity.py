@@ -17,10 +17,15 @@ Slices combine as doc-weighted means, which is exact for metrics lm-eval aggrega
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from evomerge.evaluation.scores import EvalResult, standard_error, weighted_score
+
+# Partial scores over the same number of docs are ties when they differ by rounding only: the
+# same hits spread differently over the tasks can sum to weighted means a few ulps apart.
+TIE_TOLERANCE = 1e-9
 
 
 def combine(parts: list[EvalResult], weights: Mapping[str, float]) -> EvalResult:
@@ -45,18 +50,37 @@ class RaceTarget:
 
     `incumbent`: the best fully scored result; the candidate goes on while it can still beat it.
     `cutoffs`: successive halving (`fidelity.keep`), one per rung before the last; the candidate
-    goes on only while its partial score is above that rung's cutoff (None: no cutoff there yet).
+    goes on only while its partial score is above that rung's cutoff, or equal to it where
+    `ties_go_on` says so for that rung (None: no cutoff there yet).
     """
 
     incumbent: float | None = None
     cutoffs: tuple[float | None, ...] = ()
+    ties_go_on: tuple[bool, ...] = ()
 
     def goes_on(self, partial: EvalResult, rung: int, weights: Mapping[str, float], z: float) -> bool:
         """Whether a candidate with `partial` over slices 0..`rung` gets the next slice."""
         if self.incumbent is not None and not can_still_win(partial, weights, self.incumbent, z):
             return False
         cutoff = self.cutoffs[rung] if rung < len(self.cutoffs) else None
-        return cutoff is None or partial.score > cutoff
+        if cutoff is None or partial.score > cutoff + TIE_TOLERANCE:
+            return True
+        return partial.score >= cutoff - TIE_TOLERANCE and rung < len(self.ties_go_on) and self.ties_go_on[rung]
+
+    def to_journal(self) -> dict:
+        """The ask event's fields for it: `race_against`, and `race_cutoffs` and `race_ties_go_on` when halving."""
+        fields = {} if self.incumbent is None else {"race_against": self.incumbent}
+        if self.cutoffs:
+            fields |= {"race_cutoffs": list(self.cutoffs), "race_ties_go_on": list(self.ties_go_on)}
+        return fields
+
+    @classmethod
+    def from_journal(cls, event: dict) -> RaceTarget | None:
+        """The target an ask event journaled; None when it raced against nothing (a baseline)."""
+        if event.get("race_against") is None and not event.get("race_cutoffs"):
+            return None
+        cutoffs = tuple(event.get("race_cutoffs") or ())
+        return cls(event.get("race_against"), cutoffs, tuple(event.get("race_ties_go_on") or ()))
 
 
 @dataclass(frozen=True)
@@ -135,10 +159,10 @@ def _max(current: float | None, score: float) -> float:
 
 
 class RungCutoffs:
-    """Successive halving's cutoffs (`fidelity.keep`): for each rung before the last, the best
-    partial score outside the top `keep` share of the scores the latest `window` candidates of
-    earlier blocks had at that rung (blocks as in `Incumbents`, so under CMA-ES's barrier the
-    cutoffs do not depend on which worker finished first).
+    """Successive halving's cutoffs (`fidelity.keep`): for each rung before the last, the lowest
+    partial score in the top `keep` share of the scores the latest `window` candidates of earlier
+    blocks had at that rung (blocks as in `Incumbents`, so under CMA-ES's barrier the cutoffs do
+    not depend on which worker finished first).
 
     Only candidates that went on to a rung have a score there, so a later rung's cutoff ranks
     among the survivors of the earlier ones: `keep` of `keep`, as in successive halving.
@@ -153,35 +177,55 @@ class RungCutoffs:
         if trial_id >= 0 and rung_scores:
             self.rung_scores[trial_id] = rung_scores
 
-    def for_trial(self, trial_id: int) -> tuple[float | None, ...]:
+    def for_trial(self, trial_id: int) -> tuple[TopShare | None, ...]:
         first_of_block = trial_id // self.block * self.block
         recent = sorted((t for t in self.rung_scores if t < first_of_block), reverse=True)[: self.window]
         return tuple(
-            top_share_cutoff([self.rung_scores[t][rung] for t in recent if len(self.rung_scores[t]) > rung], self.keep)
+            top_share([self.rung_scores[t][rung] for t in recent if len(self.rung_scores[t]) > rung], self.keep)
             for rung in range(self.rungs - 1)
         )
 
 
-def top_share_cutoff(scores: Sequence[float], keep: float) -> float | None:
-    """The best score outside the top `keep` share of `scores`: a candidate must beat it to go on.
+@dataclass(frozen=True)
+class TopShare:
+    """The edge of the top `keep` share of some scores: the lowest score inside it, and which
+    share of the scores tied with that one lie inside (the rest of the tie falls outside)."""
 
-    Beating it, not equalling it: partial scores over a few dozen documents tie often, and
-    letting every tie through promoted half the candidates at keep = 1/3. None while too few to rank.
+    cutoff: float
+    tie_share: float
+
+
+def top_share(scores: Sequence[float], keep: float) -> TopShare | None:
+    """Where the top `keep` share of `scores` ends; None while there are too few to rank.
+
+    Partial scores over a few dozen documents tie often: letting every tie through promoted half
+    the candidates at keep = 1/3 on the demo, and letting none through promoted none once the
+    top share was all perfect scores. So a tie at the edge goes on with the share of it that
+    lies inside the top share, which keeps the expected share promoted at `keep`.
     """
     kept = math.ceil(keep * len(scores) - 1e-9)
     if len(scores) < math.ceil(1 / keep - 1e-9) or kept >= len(scores):
         return None
-    return sorted(scores, reverse=True)[kept]
+    ranked = sorted(scores, reverse=True)
+    cutoff = ranked[kept - 1]
+    above = sum(score > cutoff + TIE_TOLERANCE for score in ranked)
+    tied = sum(abs(score - cutoff) <= TIE_TOLERANCE for score in ranked)
+    return TopShare(cutoff, (kept - above) / tied)
 
 
 class RaceTargets:
     """The driver's side of racing: the `RaceTarget` each new candidate is handed, from the fully
-    scored results (the incumbent) and the rung scores (the cutoffs) of earlier blocks."""
+    scored results (the incumbent) and the rung scores (the cutoffs) of earlier blocks.
 
-    def __init__(self, block: int, rungs: int, keep: float | None):
+    Whether a candidate's tie at a cutoff goes on is drawn here, seeded by the run's seed, the
+    trial and the rung, so it is journaled with the ask and a resumed run draws nothing again.
+    """
+
+    def __init__(self, block: int, rungs: int, keep: float | None, seed: int = 0):
         self.incumbents = Incumbents(block)
         # Two blocks of candidates to rank against: under a barrier, the last two generations.
         self.cutoffs = RungCutoffs(block, rungs, keep, window=2 * max(1, block)) if keep else None
+        self.seed = seed
 
     def add(self, trial_id: int, whole_score: float | None, rung_scores: Sequence[float] | None) -> None:
         """A finished result: `whole_score` when it was scored on every doc, its rung scores if raced."""
@@ -191,5 +235,12 @@ class RaceTargets:
             self.cutoffs.add(trial_id, rung_scores)
 
     def for_trial(self, trial_id: int) -> RaceTarget:
-        cutoffs = self.cutoffs.for_trial(trial_id) if self.cutoffs else ()
-        return RaceTarget(self.incumbents.for_trial(trial_id), cutoffs if any(c is not None for c in cutoffs) else ())
+        edges = self.cutoffs.for_trial(trial_id) if self.cutoffs else ()
+        if all(edge is None for edge in edges):
+            return RaceTarget(self.incumbents.for_trial(trial_id))
+        draws = [random.Random(f"halving:{self.seed}:{trial_id}:{rung}").random() for rung in range(len(edges))]
+        return RaceTarget(
+            self.incumbents.for_trial(trial_id),
+            tuple(None if edge is None else edge.cutoff for edge in edges),
+            tuple(edge is not None and draw < edge.tie_share for edge, draw in zip(edges, draws, strict=True)),
+        )

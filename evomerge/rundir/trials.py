@@ -38,15 +38,7 @@ class Trial:
     status: str = EventName.ASKED  # asked | completed | failed
     result: TrialResult | None = None  # the search result, once there is one
     heldout: TrialResult | None = None
-    race_against: float | None = None  # fidelity racing: the incumbent journaled when it was asked
-    race_cutoffs: list[float | None] | None = None  # successive halving: the rung cutoffs journaled with it
-
-    @property
-    def race_target(self) -> RaceTarget | None:
-        """What it races against, as journaled when it was asked; None when it does not race."""
-        if self.race_against is None and not self.race_cutoffs:
-            return None
-        return RaceTarget(self.race_against, tuple(self.race_cutoffs or ()))
+    race: RaceTarget | None = None  # fidelity racing: what it raced against, journaled when it was asked
 
     @property
     def stopped_early(self) -> bool:
@@ -81,8 +73,7 @@ def replay(events: list[dict]) -> dict[int, Trial]:
                 event["label"],
                 event["merge_config"],
                 event.get("params") or {},
-                race_against=event.get("race_against"),
-                race_cutoffs=event.get("race_cutoffs"),
+                race=RaceTarget.from_journal(event),
             )
         elif kind in RESULT_EVENTS and event["trial"] in trials:
             trial = trials[event["trial"]]

@@ -107,7 +107,8 @@ class Search:
         fidelity = self.spec.evaluation.fidelity
         if fidelity is None:
             return None
-        targets = RaceTargets(getattr(self.optimizer, "popsize", 1), len(fidelity.rungs), fidelity.keep)
+        popsize = getattr(self.optimizer, "popsize", 1)
+        targets = RaceTargets(popsize, len(fidelity.rungs), fidelity.keep, self.spec.optimizer.seed)
         for trial in self.trials.values():
             if trial.score is not None and trial.result is not None:
                 targets.add(trial.trial_id, trial.whole_score, trial.result.rung_scores)
@@ -202,7 +203,7 @@ class Search:
         self._search_started = self.clock()
         time_limit = (self.spec.budget.time_limit_min or math.inf) * 60
         pending = [
-            Job(t.trial_id, t.merge_config, race=t.race_target)
+            Job(t.trial_id, t.merge_config, race=t.race)
             for t in self.trials.values()
             if t.status == EventName.ASKED and t.kind in ("optimizer", "baseline")
         ]
@@ -250,9 +251,7 @@ class Search:
         seeded = next((label for label, point in self.seeds if np.array_equal(point, ask.x)), None)
         label = f"trial {ask.trial_id}" + (f" (seeded: {seeded})" if seeded else "")
         trial = Trial(ask.trial_id, "optimizer", label, genome.merge_config_dict(ask.x, params), params)
-        if self.race_targets:
-            target = self.race_targets.for_trial(ask.trial_id)
-            trial.race_against, trial.race_cutoffs = target.incumbent, list(target.cutoffs) or None
+        trial.race = self.race_targets.for_trial(ask.trial_id) if self.race_targets else None
         return self._ask(trial, x=[float(v) for v in ask.x])
 
     def _seed_optimizer(self) -> bool:
@@ -292,11 +291,10 @@ class Search:
             x=x,
             params=trial.params,
             merge_config=trial.merge_config,
-            **({} if trial.race_against is None else {"race_against": trial.race_against}),
-            **({} if not trial.race_cutoffs else {"race_cutoffs": trial.race_cutoffs}),
+            **(trial.race.to_journal() if trial.race else {}),
         )
         self.study_log.asked(trial.trial_id, record["time"])
-        return Job(trial.trial_id, trial.merge_config, race=trial.race_target)
+        return Job(trial.trial_id, trial.merge_config, race=trial.race)
 
     def _record(self, job: Job, result: TrialResult) -> None:
         trial = self.trials[job.trial_id]

@@ -7,7 +7,7 @@ import pytest
 
 from evomerge.evaluation.config import FidelitySpec
 from evomerge.evaluation.evaluate import seeded_subset
-from evomerge.evaluation.fidelity import Incumbents, RaceTarget, RaceTargets, RungCutoffs, combine, race, top_share_cutoff
+from evomerge.evaluation.fidelity import Incumbents, RaceTarget, RaceTargets, RungCutoffs, TopShare, combine, race, top_share
 from evomerge.evaluation.scores import EvalResult, standard_error
 
 
@@ -115,17 +115,27 @@ def test_a_rung_without_a_cutoff_yet_lets_every_candidate_on():
 
 
 @pytest.mark.parametrize(
-    ("scores", "keep", "cutoff"),
+    ("scores", "keep", "cutoff", "tie_share"),
     [
-        ([0.1, 0.9, 0.5, 0.3, 0.7, 0.2], 1 / 3, 0.5),  # the top 2 of 6 beat 0.5
-        ([0.1, 0.9, 0.5, 0.3, 0.7, 0.2], 0.5, 0.3),  # the top 3 of 6 beat 0.3
-        ([0.1, 0.9, 0.5, 0.3, 0.7], 1 / 3, 0.5),  # a third of 5, rounded up: the top 2
-        ([0.4, 0.6], 1 / 3, None),  # fewer scores than 1/keep: nothing to rank against yet
-        ([0.4, 0.4, 0.4], 1 / 3, 0.4),  # a tie at the edge of the top share: only a better score goes on
+        ([0.1, 0.9, 0.5, 0.3, 0.7, 0.2], 1 / 3, 0.7, 1.0),  # the top 2 of 6
+        ([0.1, 0.9, 0.5, 0.3, 0.7, 0.2], 0.5, 0.5, 1.0),  # the top 3 of 6
+        ([0.1, 0.9, 0.5, 0.3, 0.7], 1 / 3, 0.7, 1.0),  # a third of 5, rounded up: the top 2
+        ([0.4, 0.6], 1 / 3, None, None),  # fewer scores than 1/keep: nothing to rank against yet
+        ([0.9, 0.4, 0.4, 0.4, 0.1, 0.0], 0.5, 0.4, 2 / 3),  # 2 of the 3 tied at 0.4 are in the top 3
+        ([1.0] * 6, 1 / 3, 1.0, 1 / 3),  # all perfect: a third of them go on
+        ([0.3, 0.1 + 0.2, 0.2, 0.1], 0.5, 0.3, 1.0),  # 0.1 + 0.2 is 0.30000000000000004: a tie
     ],
 )
-def test_the_rung_cutoff_is_the_best_score_outside_the_top_keep_share(scores, keep, cutoff):
-    assert top_share_cutoff(scores, keep) == cutoff
+def test_the_top_share_ends_at_its_lowest_score_and_splits_a_tie_there(scores, keep, cutoff, tie_share):
+    edge = top_share(scores, keep)
+    assert (edge and edge.cutoff, edge and edge.tie_share) == (cutoff, pytest.approx(tie_share) if edge else None)
+
+
+def test_a_tie_at_the_cutoff_goes_on_only_where_the_target_says_so():
+    for ties_go_on in (True, False):
+        score_slice, called = slices([0.5, 0.9])
+        outcome = race(score_slice, 2, {"t": 1.0}, RaceTarget(None, (0.5,), (ties_go_on,)), z=2.0)
+        assert outcome.stopped_early is not ties_go_on
 
 
 def test_rung_cutoffs_rank_the_latest_earlier_blocks_and_later_rungs_only_their_survivors():
@@ -135,22 +145,34 @@ def test_rung_cutoffs_rank_the_latest_earlier_blocks_and_later_rungs_only_their_
     for trial_id, rung_scores in enumerate([(0.1,), (0.2,), (0.6, 0.5), (0.8, 0.7, 0.75)]):
         cutoffs.add(trial_id, rung_scores)
     assert cutoffs.for_trial(3) == (None, None)  # its own block is not finished under a barrier
-    # Rung 0 ranks all four (the top half beat 0.2); rung 1 only the two that went on (top 1 beats 0.5).
-    assert cutoffs.for_trial(4) == (0.2, 0.5)
+    # Rung 0 ranks all four (top half: 0.6 and up); rung 1 only the two that went on (top 1: 0.7).
+    assert cutoffs.for_trial(4) == (TopShare(0.6, 1.0), TopShare(0.7, 1.0))
     for trial_id, rung_scores in zip(range(4, 8), [(0.3,), (0.35,), (0.4,), (0.45,)], strict=True):
         cutoffs.add(trial_id, rung_scores)
     # The window keeps the latest 8 candidates: both blocks; then the latest block pushes out the first.
-    assert cutoffs.for_trial(8) == (0.35, 0.5)
+    assert cutoffs.for_trial(8) == (TopShare(0.4, 1.0), TopShare(0.7, 1.0))
     for trial_id in range(8, 12):
         cutoffs.add(trial_id, (0.05,))
-    assert cutoffs.for_trial(12) == (0.05, None)  # no survivor to rank at rung 1 in the window
+    assert cutoffs.for_trial(12) == (TopShare(0.3, 1.0), None)  # no survivor to rank at rung 1 in the window
 
 
-def test_race_targets_hand_out_the_incumbent_and_the_cutoffs_only_once_there_is_something_to_rank():
+def test_race_targets_hand_out_the_incumbent_the_cutoffs_and_seeded_tie_draws():
     targets = RaceTargets(block=2, rungs=2, keep=0.5)
     targets.add(-1, 0.4, (0.45, 0.4))
-    assert targets.for_trial(0) == RaceTarget(0.4, ())
+    assert targets.for_trial(0) == RaceTarget(0.4)  # nothing searched to rank against yet
     targets.add(0, None, (0.1,))  # stopped early: not an incumbent, but ranked
     targets.add(1, 0.5, (0.6, 0.5))
-    assert targets.for_trial(2) == RaceTarget(0.5, (0.1,))
-    assert RaceTargets(block=2, rungs=2, keep=None).for_trial(2) == RaceTarget(None, ())
+    assert targets.for_trial(2) == RaceTarget(0.5, (0.6,), (True,))
+    assert RaceTargets(block=2, rungs=2, keep=None).for_trial(2) == RaceTarget(None)
+    tied = RaceTargets(block=4, rungs=2, keep=0.25, seed=7)
+    for trial_id in range(4):
+        tied.add(trial_id, None, (0.5,))  # four ties, one place in the top quarter
+    draws = [tied.for_trial(trial_id).ties_go_on[0] for trial_id in range(4, 404)]
+    assert 0.15 < sum(draws) / len(draws) < 0.35
+    assert draws == [tied.for_trial(trial_id).ties_go_on[0] for trial_id in range(4, 404)]  # seeded: the same again
+
+
+def test_a_race_target_survives_the_journal():
+    for target in (RaceTarget(0.5), RaceTarget(0.5, (0.6, None), (True, False)), RaceTarget(None, (0.2,), (False,))):
+        assert RaceTarget.from_journal(target.to_journal()) == target
+    assert RaceTarget.from_journal({}) is None

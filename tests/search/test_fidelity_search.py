@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from fake_workers import FakeCalls, FakeWorker, fake_score, fake_spec_data, open_search
 
+from evomerge.evaluation.fidelity import RaceTarget
 from evomerge.evaluation.scores import standard_error
 from evomerge.rundir.journal import read_events
 from evomerge.rundir.results import load_trials
@@ -65,7 +66,7 @@ def state(run_dir: Path) -> dict:
     results = {e["trial"]: (e.get("score"), e.get("n_docs")) for e in events if e["event"] in ("completed", "failed")}
     return {
         "asked": {
-            e["trial"]: (e["x"], e.get("race_against"), e.get("race_cutoffs"), results.get(e["trial"]))
+            e["trial"]: (e["x"], RaceTarget.from_journal(e), results.get(e["trial"]))
             for e in events
             if e["event"] == "asked"
         },
@@ -80,8 +81,8 @@ def test_a_raced_run_stops_beaten_candidates_after_their_first_slice_and_never_p
     assert stopped and whole
     assert all(t.result.n_docs == {"tiny_add": 8} and t.result.rungs == 1 for t in stopped)
     assert all(t.result.n_docs == {"tiny_add": 32} and t.result.rungs == 2 for t in whole)
-    assert all(t.race_against is not None and t.score < t.race_against for t in stopped)
-    assert all(t.race_against is None for t in trials.values() if t.kind == "baseline")
+    assert all(t.race is not None and t.race.incumbent is not None and t.score < t.race.incumbent for t in stopped)
+    assert all(t.race is None for t in trials.values() if t.kind == "baseline")
     assert not any(t.heldout for t in stopped)  # a partial score is never re-scored as a top-k candidate
     verdict = build_verdict(reference, [], trials)
     racing = verdict.racing
@@ -97,7 +98,7 @@ def test_each_candidate_races_against_the_best_whole_score_of_the_baselines_and_
         if trial.kind == "optimizer":
             generation_start = trial.trial_id // POPSIZE * POPSIZE
             earlier = [score for other, score in whole.items() if other < generation_start]
-            assert trial.race_against == max(earlier)
+            assert trial.race is not None and trial.race.incumbent == max(earlier)
 
 
 def resume_cut(reference: Path, copy: Path, keep: int, scheduler: Scheduler) -> None:
@@ -128,21 +129,25 @@ def test_halving_cuts_at_the_top_half_of_the_latest_two_generations_first_rung_s
     scored = [t for t in trials.values() if t.kind == "optimizer" and t.result and t.result.rung_scores]
     first_rung = {t.trial_id: t.result.rung_scores[0] for t in scored}  # a failed candidate has none
     checked = 0
-    for trial in trials.values():
-        if trial.kind != "optimizer":
-            continue
+    for trial in scored:
         generation_start = trial.trial_id // POPSIZE * POPSIZE
         latest = sorted(other for other in first_rung if other < generation_start)[-2 * POPSIZE :]
         window = sorted(first_rung[other] for other in latest)
-        outside_top_half = window[: len(window) - math.ceil(len(window) / 2)]
-        expected = outside_top_half[-1] if len(window) >= 2 else None
-        assert (trial.race_cutoffs or [None])[0] == expected
-        checked += expected is not None
+        expected = window[len(window) - math.ceil(len(window) / 2)] if len(window) >= 2 else None  # lowest of top half
+        race = trial.race
+        assert race is not None and (race.cutoffs or (None,))[0] == expected
+        if expected is None:
+            continue
+        checked += 1
+        went_on = trial.result.rungs > 1
+        score = trial.result.rung_scores[0]
+        if score != expected:  # above the cutoff: racing decides; below it: stopped
+            assert went_on is False or score > expected
+        else:  # a tie at the cutoff: the draw journaled with the ask decides
+            assert went_on is False or race.ties_go_on[0]
     assert checked >= 20
     stopped_by_cutoff = [
-        t
-        for t in trials.values()
-        if t.stopped_early and t.score + 3 * standard_error(t.result.metrics, t.result.n_docs) >= t.race_against
+        t for t in scored if t.stopped_early and t.score + 3 * standard_error(t.result.metrics, t.result.n_docs) >= t.race.incumbent
     ]
     assert stopped_by_cutoff  # halving stopped candidates that racing alone would have gone on with
     alone = raced_run(tmp_path, "alone", score=close_score, z=3.0)

@@ -360,7 +360,7 @@ CASES = {
     ),
     "fidelity-keep-not-a-share": (
         lambda s, m, x: put(s, "evaluation.fidelity", {"keep": 1.5}),
-        ["evaluation.fidelity.keep", "less than 1"],
+        ["evaluation.fidelity.keep", "in (0, 1), not 1.5", "e.g. 0.34"],
     ),
     "fidelity-last-rung-not-every-doc": (
         lambda s, m, x: put(s, "evaluation.fidelity", {"rungs": [0.25, 0.5]}),

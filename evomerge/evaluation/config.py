@@ -73,8 +73,6 @@ class FidelitySpec(Strict):
     z: float = Field(2.0, gt=0, le=10, description="Standard errors of optimism before a candidate is stopped.")
     keep: float | None = Field(
         None,
-        gt=0,
-        lt=1,
         description="Successive halving: the share of candidates, ranked by partial score among the last two "
         "generations', that go on past each rung, e.g. 0.34; unset, only the incumbent test stops candidates.",
     )
@@ -89,6 +87,15 @@ class FidelitySpec(Strict):
         if rungs[-1] != 1.0:
             raise ValueError(f"the last rung must be 1.0 (every search doc), not {rungs[-1]}; e.g. [0.2, 1.0]")
         return rungs
+
+    @field_validator("keep")
+    @classmethod
+    def _a_share(cls, keep: float | None) -> float | None:
+        if keep is not None and not 0 < keep < 1:
+            raise ValueError(
+                f"keep is the share of candidates that go on past each rung, in (0, 1), not {keep}; e.g. 0.34"
+            )
+        return keep
 
     def slice_shares(self) -> list[tuple[float, float]]:
         """Each rung's slice of the seeded doc order, as (start, end) shares: disjoint, adjacent, ending at 1."""

@@ -1,5 +1,6 @@
 """Fidelity racing's pure parts: nested seeded slices, how slices combine, when a candidate stops,
-and which incumbent it races against (evaluation/fidelity.py, evaluate.seeded_subset)."""
+which incumbent it races against and successive halving's cutoffs (evaluation/fidelity.py,
+evaluate.seeded_subset)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,16 @@ import pytest
 
 from evomerge.evaluation.config import FidelitySpec
 from evomerge.evaluation.evaluate import seeded_subset
-from evomerge.evaluation.fidelity import Incumbents, RaceTarget, RaceTargets, RungCutoffs, TopShare, combine, race, top_share
+from evomerge.evaluation.fidelity import (
+    Incumbents,
+    RaceTarget,
+    RaceTargets,
+    RungCutoffs,
+    TopShare,
+    combine,
+    race,
+    top_share,
+)
 from evomerge.evaluation.scores import EvalResult, standard_error
 
 
@@ -106,7 +116,9 @@ def test_a_candidate_below_a_rung_cutoff_stops_there_even_when_it_could_still_be
     score_slice, called = slices([0.5, 0.71, 0.9])
     outcome = race(score_slice, 3, {"t": 1.0}, RaceTarget(0.3, cutoffs=(0.4, 0.6)), z=2.0)
     assert called == [0, 1, 2] and not outcome.stopped_early
-    assert outcome.rung_scores == pytest.approx((0.5, 0.605, 2.11 / 3)) and outcome.result.score == pytest.approx(2.11 / 3)
+    assert outcome.rung_scores == pytest.approx((0.5, 0.605, 2.11 / 3)) and outcome.result.score == pytest.approx(
+        2.11 / 3
+    )
 
 
 def test_a_rung_without_a_cutoff_yet_lets_every_candidate_on():

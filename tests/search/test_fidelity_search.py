@@ -147,7 +147,9 @@ def test_halving_cuts_at_the_top_half_of_the_latest_two_generations_first_rung_s
             assert went_on is False or race.ties_go_on[0]
     assert checked >= 20
     stopped_by_cutoff = [
-        t for t in scored if t.stopped_early and t.score + 3 * standard_error(t.result.metrics, t.result.n_docs) >= t.race.incumbent
+        t
+        for t in scored
+        if t.stopped_early and t.score + 3 * standard_error(t.result.metrics, t.result.n_docs) >= t.race.incumbent
     ]
     assert stopped_by_cutoff  # halving stopped candidates that racing alone would have gone on with
     alone = raced_run(tmp_path, "alone", score=close_score, z=3.0)

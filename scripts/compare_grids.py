@@ -1,0 +1,78 @@
+"""Compare a raced results grid with an unraced one (issue 16, item 3): per seed and over seeds.
+
+    python scripts/compare_grids.py --whole runs/grid-demo/grid.jsonl runs/grid-demo-more/grid.jsonl \
+        --raced runs/grid-demo-halve/grid.jsonl
+
+Cells are matched by zoo, method and seed. Per seed it prints both held-out scores, their
+difference in SE of the difference, and the raced run's share of the documents. Because one raced
+run changes what CMA-ES is told and from there the whole trajectory, one seed measures the search's
+own spread as much as racing: the last lines compare the means over seeds, with the SE of that
+difference from the seeds' spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+
+def read_cells(paths: list[Path]) -> dict[tuple[str, str, int], dict]:
+    """(zoo, method, seed) -> the grid row; a later file's row replaces an earlier one's."""
+    cells = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                cells[(row["zoo"], row["method"], row["seed"])] = row
+    return cells
+
+
+def seed_rows(whole: dict, raced: dict) -> list[str]:
+    lines = ["| zoo | method | seed | whole: held-out | raced: held-out | raced - whole | docs scored (raced) |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for key in sorted(set(whole) & set(raced)):
+        (w, w_se), (r, r_se) = whole[key]["evolved"], raced[key]["evolved"]
+        se = math.hypot(w_se, r_se)
+        margin = "equal" if r == w else f"{(r - w) / se:+.1f} SE" if se else "n/a"
+        share = raced[key].get("docs_share")
+        lines.append(
+            f"| {key[0]} | {key[1]} | {key[2]} | {w:.4f} ± {w_se:.4f} | {r:.4f} ± {r_se:.4f} | "
+            f"{r - w:+.4f} ({margin}) | {'100 %' if share is None else f'{share:.0%}'} |"
+        )
+    return lines
+
+
+def mean_lines(whole: dict, raced: dict) -> list[str]:
+    lines = []
+    for zoo, method in sorted({key[:2] for key in set(whole) & set(raced)}):
+        w = [row["evolved"][0] for key, row in whole.items() if key[:2] == (zoo, method)]
+        r = [row["evolved"][0] for key, row in raced.items() if key[:2] == (zoo, method)]
+        shares = [row["docs_share"] for key, row in raced.items() if key[:2] == (zoo, method) and row.get("docs_share")]
+        spread = (
+            math.sqrt(statistics.variance(w) / len(w) + statistics.variance(r) / len(r))
+            if min(len(w), len(r)) > 1
+            else math.nan
+        )
+        difference = statistics.mean(r) - statistics.mean(w)
+        lines.append(
+            f"{zoo} {method}: whole {statistics.mean(w):.4f} over {len(w)} seeds, raced {statistics.mean(r):.4f} "
+            f"over {len(r)} seeds; raced - whole {difference:+.4f} ± {spread:.4f} (SE over seeds); "
+            f"docs scored {min(shares, default=1):.0%}-{max(shares, default=1):.0%}"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--whole", type=Path, nargs="+", required=True, help="grid.jsonl files of unraced searches")
+    parser.add_argument("--raced", type=Path, nargs="+", required=True, help="grid.jsonl files of raced searches")
+    args = parser.parse_args()
+    whole, raced = read_cells(args.whole), read_cells(args.raced)
+    print("\n".join([*seed_rows(whole, raced), "", *mean_lines(whole, raced)]))
+
+
+if __name__ == "__main__":
+    main()

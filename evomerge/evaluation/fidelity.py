@@ -223,8 +223,10 @@ class RaceTargets:
 
     def __init__(self, block: int, rungs: int, keep: float | None, seed: int = 0):
         self.incumbents = Incumbents(block)
-        # Two blocks of candidates to rank against: under a barrier, the last two generations.
-        self.cutoffs = RungCutoffs(block, rungs, keep, window=2 * max(1, block)) if keep else None
+        # Rank against two blocks (under a barrier, the last two CMA-ES generations), and enough
+        # asks for 8 in the top share where a block is one ask (TPE, random).
+        window = max(2 * max(1, block), math.ceil(8 / keep - 1e-9)) if keep else 0
+        self.cutoffs = RungCutoffs(block, rungs, keep, window) if keep else None
         self.seed = seed
 
     def add(self, trial_id: int, whole_score: float | None, rung_scores: Sequence[float] | None) -> None:

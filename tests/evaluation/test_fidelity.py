@@ -176,6 +176,10 @@ def test_race_targets_hand_out_the_incumbent_the_cutoffs_and_seeded_tie_draws():
     targets.add(1, 0.5, (0.6, 0.5))
     assert targets.for_trial(2) == RaceTarget(0.5, (0.6,), (True,))
     assert RaceTargets(block=2, rungs=2, keep=None).for_trial(2) == RaceTarget(None)
+    one_ask_blocks = RaceTargets(block=1, rungs=2, keep=0.5)  # TPE, random: rank the latest 16 asks
+    for trial_id in range(20):
+        one_ask_blocks.add(trial_id, None, (trial_id / 100,))
+    assert one_ask_blocks.for_trial(20).cutoffs == (0.12,)  # the top half of 0.04 .. 0.19
     tied = RaceTargets(block=4, rungs=2, keep=0.25, seed=7)
     for trial_id in range(4):
         tied.add(trial_id, None, (0.5,))  # four ties, one place in the top quarter

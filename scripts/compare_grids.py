@@ -47,10 +47,11 @@ def seed_rows(whole: dict, raced: dict) -> list[str]:
 
 def mean_lines(whole: dict, raced: dict) -> list[str]:
     lines = []
-    for zoo, method in sorted({key[:2] for key in set(whole) & set(raced)}):
-        w = [row["evolved"][0] for key, row in whole.items() if key[:2] == (zoo, method)]
-        r = [row["evolved"][0] for key, row in raced.items() if key[:2] == (zoo, method)]
-        shares = [row["docs_share"] for key, row in raced.items() if key[:2] == (zoo, method) and row.get("docs_share")]
+    both = set(whole) & set(raced)  # the same seeds on both sides
+    for zoo, method in sorted({key[:2] for key in both}):
+        keys = sorted(key for key in both if key[:2] == (zoo, method))
+        w, r = [whole[key]["evolved"][0] for key in keys], [raced[key]["evolved"][0] for key in keys]
+        shares = [raced[key]["docs_share"] for key in keys if raced[key].get("docs_share")]
         spread = (
             math.sqrt(statistics.variance(w) / len(w) + statistics.variance(r) / len(r))
             if min(len(w), len(r)) > 1

@@ -124,14 +124,18 @@ def test_a_halved_run_killed_anywhere_resumes_to_the_uninterrupted_run(tmp_path,
     assert state(tmp_path / "copy") == state(halved)
 
 
-def test_halving_cuts_at_the_top_half_of_the_latest_two_generations_first_rung_scores(halved, tmp_path):
+# Two generations of POPSIZE 4 are fewer than 8 / keep = 16 asks: halving ranks the latest 16.
+RANKED = max(2 * POPSIZE, math.ceil(8 / 0.5))
+
+
+def test_halving_cuts_at_the_top_half_of_the_latest_ranked_asks_first_rung_scores(halved, tmp_path):
     _, trials = load_trials(halved)
     scored = [t for t in trials.values() if t.kind == "optimizer" and t.result and t.result.rung_scores]
     first_rung = {t.trial_id: t.result.rung_scores[0] for t in scored}  # a failed candidate has none
     checked = 0
     for trial in scored:
         generation_start = trial.trial_id // POPSIZE * POPSIZE
-        latest = sorted(other for other in first_rung if other < generation_start)[-2 * POPSIZE :]
+        latest = sorted(other for other in first_rung if other < generation_start)[-RANKED:]
         window = sorted(first_rung[other] for other in latest)
         expected = window[len(window) - math.ceil(len(window) / 2)] if len(window) >= 2 else None  # lowest of top half
         race = trial.race

@@ -160,3 +160,17 @@ def test_halving_cuts_at_the_top_half_of_the_latest_ranked_asks_first_rung_score
     racing_alone = build_verdict(alone, [], load_trials(alone)[1]).racing
     halving = build_verdict(halved, [], trials).racing
     assert halving is not None and racing_alone is not None and halving.share < racing_alone.share
+
+
+def test_halving_under_tpe_ranks_the_latest_asks(tmp_path):
+    fidelity = {"rungs": list(RUNGS), "z": 3.0, "keep": 0.5}
+    evaluation = fake_spec_data(tmp_path, "tpe")["evaluation"] | {"fidelity": fidelity}
+    data = fake_spec_data(tmp_path, "tpe", evaluation=evaluation, budget={"max_evals": 40})
+    data["optimizer"] = {"name": "tpe", "seed": 0, "n_startup_trials": 8}
+    spec = parse_spec(data, "spec", tmp_path)
+    run_dir = create_run_dir(spec)
+    open_search(spec, run_dir).run_with(raced_scheduler(score=close_score, z=3.0))
+    _, trials = load_trials(run_dir)
+    halved = [t for t in trials.values() if t.kind == "optimizer" and t.race and t.race.cutoffs]
+    assert len(halved) >= 10  # once 2 asks are scored there is something to rank, one ask at a time
+    assert any(t.stopped_early and t.score <= t.race.cutoffs[0] for t in halved)

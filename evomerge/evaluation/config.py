@@ -74,7 +74,8 @@ class FidelitySpec(Strict):
     keep: float | None = Field(
         None,
         description="Successive halving: the share of candidates, ranked by partial score among the last two "
-        "generations', that go on past each rung, e.g. 0.34; unset, only the incumbent test stops candidates.",
+        "generations' (at least 8 / keep asks), that go on past each rung, e.g. 0.34; unset, only the incumbent "
+        "test stops candidates.",
     )
 
     @field_validator("rungs")

@@ -243,6 +243,7 @@ LATER_EVALUATION_DEFAULTS = {
     "fidelity": None,
 }
 LATER_TASK_DEFAULTS = {"gen_kwargs": None}
+LATER_FIDELITY_DEFAULTS = {"keep": None}
 
 
 def without_later_defaults(evaluation: dict) -> dict:
@@ -252,8 +253,8 @@ def without_later_defaults(evaluation: dict) -> dict:
         return {key: value for key, value in section.items() if key not in defaults or value != defaults[key]}
 
     result = trimmed(evaluation, LATER_EVALUATION_DEFAULTS)
-    if isinstance(result.get("fidelity"), dict) and result["fidelity"].get("keep") is None:
-        result["fidelity"] = {key: value for key, value in result["fidelity"].items() if key != "keep"}
+    if result.get("fidelity"):
+        result["fidelity"] = trimmed(result["fidelity"], LATER_FIDELITY_DEFAULTS)
     for key in ("tasks", "heldout_tasks"):
         result[key] = [trimmed(task, LATER_TASK_DEFAULTS) for task in evaluation.get(key, [])]
     return result

@@ -6,8 +6,10 @@
 Cells are matched by zoo, method and seed. Per seed it prints both held-out scores, their
 difference in SE of the difference, and the raced run's share of the documents. Because one raced
 run changes what CMA-ES is told and from there the whole trajectory, one seed measures the search's
-own spread as much as racing: the last lines compare the means over seeds, with the SE of that
-difference from the seeds' spread.
+own spread as much as racing: the next lines compare the means over seeds, with the SE of that
+difference from the seeds' spread. The last lines are the yardstick for the per-seed rows: how
+often two unraced searches with different seeds land within 1 SE of each other (an A/A test), so
+a per-seed "within 1 SE" that even two unraced seeds rarely meet is read as the search's spread.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import math
 import statistics
+from itertools import combinations
 from pathlib import Path
 
 
@@ -66,13 +69,36 @@ def mean_lines(whole: dict, raced: dict) -> list[str]:
     return lines
 
 
+def within_one_se(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Whether two held-out scores (score, SE) differ by at most one SE of their difference."""
+    (x, x_se), (y, y_se) = a, b
+    return abs(x - y) <= math.hypot(x_se, y_se) + 1e-12
+
+
+def seed_pair_lines(whole: dict) -> list[str]:
+    """Per zoo and method: the share of pairs of different unraced seeds within 1 SE of each other."""
+    lines = []
+    for zoo, method in sorted({key[:2] for key in whole}):
+        scores = [whole[key]["evolved"] for key in sorted(whole) if key[:2] == (zoo, method)]
+        pairs = list(combinations(scores, 2))
+        if not pairs:
+            continue
+        agree = sum(within_one_se(a, b) for a, b in pairs)
+        lines.append(
+            f"{zoo} {method}, unraced seed against unraced seed: {agree} of {len(pairs)} pairs within "
+            f"1 SE ({agree / len(pairs):.0%}); held-out spread over {len(scores)} seeds "
+            f"{statistics.stdev([score for score, _ in scores]):.4f}"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--whole", type=Path, nargs="+", required=True, help="grid.jsonl files of unraced searches")
     parser.add_argument("--raced", type=Path, nargs="+", required=True, help="grid.jsonl files of raced searches")
     args = parser.parse_args()
     whole, raced = read_cells(args.whole), read_cells(args.raced)
-    print("\n".join([*seed_rows(whole, raced), "", *mean_lines(whole, raced)]))
+    print("\n".join([*seed_rows(whole, raced), "", *mean_lines(whole, raced), "", *seed_pair_lines(whole)]))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
         --raced runs/grid-demo-halve/grid.jsonl
 
 Cells are matched by zoo, method and seed. Per seed it prints both held-out scores, their
-difference in SE of the difference, and the raced run's share of the documents. Because one raced
+difference in SE of the difference, the raced run's share of the documents its own candidates
+would take whole, and the documents it scored against those the unraced run scored (the two differ
+when the raced run was given more evaluations; read from the run directories' journals). Because one raced
 run changes what CMA-ES is told and from there the whole trajectory, one seed measures the search's
 own spread as much as racing: the next lines compare the means over seeds, with the SE of that
 difference from the seeds' spread. The last lines are the yardstick for the per-seed rows: how
@@ -21,6 +23,9 @@ import statistics
 from itertools import combinations
 from pathlib import Path
 
+from evomerge.rundir.results import load_trials
+from evomerge.rundir.verdict import docs_scored
+
 
 def read_cells(paths: list[Path]) -> dict[tuple[str, str, int], dict]:
     """(zoo, method, seed) -> the grid row; a later file's row replaces an earlier one's."""
@@ -33,17 +38,28 @@ def read_cells(paths: list[Path]) -> dict[tuple[str, str, int], dict]:
     return cells
 
 
+def docs_of_run(row: dict) -> int | None:
+    """The search documents the row's run scored; None when its run directory is gone."""
+    run_dir = Path(row.get("run_dir") or "")
+    return docs_scored(load_trials(run_dir)[1]) if (run_dir / "journal.jsonl").is_file() else None
+
+
 def seed_rows(whole: dict, raced: dict) -> list[str]:
-    lines = ["| zoo | method | seed | whole: held-out | raced: held-out | raced - whole | docs scored (raced) |"]
-    lines.append("|---|---|---|---|---|---|---|")
+    lines = [
+        "| zoo | method | seed | whole: held-out | raced: held-out | raced - whole | docs scored (raced) "
+        "| docs against the unraced run |"
+    ]
+    lines.append("|---|---|---|---|---|---|---|---|")
     for key in sorted(set(whole) & set(raced)):
         (w, w_se), (r, r_se) = whole[key]["evolved"], raced[key]["evolved"]
         se = math.hypot(w_se, r_se)
         margin = "equal" if r == w else f"{(r - w) / se:+.1f} SE" if se else "n/a"
         share = raced[key].get("docs_share")
+        w_docs, r_docs = docs_of_run(whole[key]), docs_of_run(raced[key])
+        against = f"{r_docs / w_docs:.0%}" if w_docs and r_docs is not None else "n/a"
         lines.append(
             f"| {key[0]} | {key[1]} | {key[2]} | {w:.4f} ± {w_se:.4f} | {r:.4f} ± {r_se:.4f} | "
-            f"{r - w:+.4f} ({margin}) | {'100 %' if share is None else f'{share:.0%}'} |"
+            f"{r - w:+.4f} ({margin}) | {'100 %' if share is None else f'{share:.0%}'} | {against} |"
         )
     return lines
 

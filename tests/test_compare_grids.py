@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import compare_grids  # scripts/ is on sys.path (conftest)
 
 
-def row(seed: int, score: float, se: float, share: float | None = None, zoo: str = "demo") -> dict:
-    return {"zoo": zoo, "method": "ties", "seed": seed, "evolved": [score, se], "docs_share": share}
+def row(seed: int, score: float, se: float, share: float | None = None, zoo: str = "demo", run_dir: str = "") -> dict:
+    return {"zoo": zoo, "method": "ties", "seed": seed, "evolved": [score, se], "docs_share": share, "run_dir": run_dir}
+
+
+def journal_with(run_dir: Path, docs_per_trial: list[int]) -> str:
+    """A run directory whose journal holds one scored trial per entry, with that many documents."""
+    run_dir.mkdir()
+    events = []
+    for trial, docs in enumerate(docs_per_trial):
+        events.append({"event": "asked", "trial": trial, "kind": "optimizer", "label": "x", "merge_config": {}})
+        events.append({"event": "completed", "trial": trial, "ok": True, "score": 0.5, "n_docs": {"a": docs}})
+    (run_dir / "journal.jsonl").write_text("".join(json.dumps(event) + "\n" for event in events))
+    return str(run_dir)
 
 
 def cells(*rows: dict) -> dict:
     return {(r["zoo"], r["method"], r["seed"]): r for r in rows}
 
 
-def test_seed_rows_give_the_margin_in_se_of_the_difference_and_the_docs_share():
-    whole = cells(row(0, 0.80, 0.03), row(1, 0.70, 0.03))
-    raced = cells(row(0, 0.76, 0.04, share=0.35), row(1, 0.70, 0.03, share=0.4))
+def test_seed_rows_give_the_margin_in_se_of_the_difference_and_the_docs_share(tmp_path):
+    # The raced seed-0 run had more candidates than the unraced one: 3 x 20 documents against 2 x 50.
+    whole = cells(row(0, 0.80, 0.03, run_dir=journal_with(tmp_path / "w", [50, 50])), row(1, 0.70, 0.03))
+    raced_dir = journal_with(tmp_path / "r", [20, 20, 20])
+    raced = cells(row(0, 0.76, 0.04, share=0.35, run_dir=raced_dir), row(1, 0.70, 0.03, share=0.4))
     lines = compare_grids.seed_rows(whole, raced)
-    assert "| 0.7600 ± 0.0400 | -0.0400 (-0.8 SE) | 35% |" in lines[2]
-    assert "(equal) | 40% |" in lines[3]
+    assert lines[2].endswith("| 0.7600 ± 0.0400 | -0.0400 (-0.8 SE) | 35% | 60% |")
+    assert lines[3].endswith("(equal) | 40% | n/a |")  # no run directory to count documents in
 
 
 def test_means_compare_only_the_seeds_both_sides_ran():

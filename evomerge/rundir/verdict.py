@@ -120,6 +120,16 @@ class TieCut:
         return f"{self.tied} trials tied at search score {self.score:.4f} at the top-{self.top_k} cut: {skipped}"
 
 
+def scored_results(trials: dict[int, Trial]) -> list[TrialResult]:
+    """The search results that have a score: baselines and candidates, partial scores included."""
+    return [t.result for t in trials.values() if t.score is not None and t.result is not None]
+
+
+def docs_scored(trials: dict[int, Trial]) -> int:
+    """The search documents a run scored, raced or not: what its scoring cost, in documents."""
+    return sum(sum((result.n_docs or {}).values()) for result in scored_results(trials))
+
+
 @dataclass(frozen=True)
 class RacingTally:
     """What fidelity racing saved: documents scored against what scoring every candidate whole costs."""
@@ -132,14 +142,14 @@ class RacingTally:
     @classmethod
     def of(cls, trials: dict[int, Trial]) -> RacingTally | None:
         """None unless the run raced (its results say how many rungs they scored)."""
-        scored = [t.result for t in trials.values() if t.score is not None and t.result is not None]
+        scored = scored_results(trials)
         if not any(result.rungs for result in scored):
             return None
         per_candidate = max(sum((result.n_docs or {}).values()) for result in scored if not result.stopped_early)
         return cls(
             candidates=len(scored),
             stopped_early=sum(bool(result.stopped_early) for result in scored),
-            docs_scored=sum(sum((result.n_docs or {}).values()) for result in scored),
+            docs_scored=docs_scored(trials),
             docs_unraced=per_candidate * len(scored),
         )
 

@@ -30,6 +30,7 @@ POPSIZE_LIMIT = 10_000
 WORKERS_LIMIT = 4096
 QUEUE_DEPTH_LIMIT = 1024
 MAX_EVALS_LIMIT = 10_000_000
+MAX_DOCS_LIMIT = 10**15
 RUN_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"
 # Which search defaults a run uses (genome parameters and bounds, seeding, CMA-ES without a
 # generation barrier). A new run freezes the latest; a frozen spec without one was written before
@@ -143,6 +144,16 @@ class OptimizerSpec(_Strict):
 class BudgetSpec(_Strict):
     max_evals: int | None = Field(100, ge=1, le=MAX_EVALS_LIMIT, description=f"At most {MAX_EVALS_LIMIT:,}.")
     time_limit_min: float | None = Field(None, gt=0, le=10 * 525_600, description="At most ten years.")
+    max_docs: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_DOCS_LIMIT,
+        description="The most documents the search scores (search tasks, baselines included): a cost "
+        "ceiling that, unlike time_limit_min, repeats exactly. A candidate is asked only while it fits if "
+        "scored whole; with evaluation.fidelity the documents a stopped candidate did not score buy more "
+        "candidates. The first budget reached ends the search: set max_evals: null to be bounded by "
+        "documents alone.",
+    )
     baselines: bool = Field(
         True,
         description="Score the parents and the default merges first, and seed the optimizer with those the genome can express.",
@@ -150,8 +161,8 @@ class BudgetSpec(_Strict):
 
     @model_validator(mode="after")
     def _bounded(self):
-        if self.max_evals is None and self.time_limit_min is None:
-            raise ValueError("set max_evals or time_limit_min so the search ends")
+        if self.max_evals is None and self.time_limit_min is None and self.max_docs is None:
+            raise ValueError("set max_evals, time_limit_min or max_docs so the search ends")
         return self
 
 
@@ -260,6 +271,8 @@ class Spec(_Strict):
         payload["evaluation"] = without_later_defaults(payload["evaluation"])
         if payload["optimizer"].get("overlap") is None:
             payload["optimizer"].pop("overlap", None)  # unset: older runs' fingerprints stay valid
+        if payload["budget"].get("max_docs") is None:
+            payload["budget"].pop("max_docs", None)  # likewise
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

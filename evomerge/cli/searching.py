@@ -52,6 +52,9 @@ def resume(
     time_limit_min: float | None = typer.Option(
         None, "--time-limit-min", help="Give the run this larger budget.time_limit_min (journaled)."
     ),
+    max_docs: int | None = typer.Option(
+        None, "--max-docs", help="Give the run this larger budget.max_docs, in documents scored (journaled)."
+    ),
     quiet: bool = QuietOption,
     log_every: int | None = LogEveryOption,
     debug: bool = DebugOption,
@@ -66,7 +69,7 @@ def resume(
         progress=_progress_settings(quiet, log_every),
         spec_path=spec_path,
         accept_changed_inputs=accept_changed_inputs,
-        budget=BudgetRequest(max_evals, time_limit_min),
+        budget=BudgetRequest(max_evals, time_limit_min, max_docs),
     )
     print_summary(run_dir)
 

@@ -81,6 +81,11 @@ class Optimizer(ABC):
         return self.lower.size
 
     @property
+    def next_trial_id(self) -> int:
+        """The id the next successful `ask` returns."""
+        return self._next_trial_id
+
+    @property
     def pending(self) -> set[int]:
         """Trial ids that were asked but not yet told."""
         return set(self._pending)

@@ -64,6 +64,11 @@ class TrialResult:
     stopped_early: bool | None = None  # raced out before its last rung: `score` is a partial score
     rung_scores: list[float] | None = None  # fidelity racing: the partial score after each rung scored
 
+    @property
+    def docs_scored(self) -> int:
+        """The documents this result scored, over every task (0 when it scored none)."""
+        return sum((self.n_docs or {}).values())
+
     @classmethod
     def failure(cls, trial: int, reason: str, **extra) -> TrialResult:
         return cls(trial=trial, ok=False, reason=reason, **extra)

@@ -105,6 +105,7 @@ def _limits(evaluation: dict) -> str:
 def _budget(budget: dict) -> str:
     parts = [f"max_evals {budget['max_evals']}" if budget.get("max_evals") else None]
     parts.append(f"time limit {budget['time_limit_min']} min" if budget.get("time_limit_min") else None)
+    parts.append(f"max_docs {budget['max_docs']:,}" if budget.get("max_docs") else None)
     parts.append("baselines scored first" if budget.get("baselines", True) else "no baselines")
     return ", ".join(part for part in parts if part)
 

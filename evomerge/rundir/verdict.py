@@ -127,7 +127,7 @@ def scored_results(trials: dict[int, Trial]) -> list[TrialResult]:
 
 def docs_scored(trials: dict[int, Trial]) -> int:
     """The search documents a run scored, raced or not: what its scoring cost, in documents."""
-    return sum(sum((result.n_docs or {}).values()) for result in scored_results(trials))
+    return sum(result.docs_scored for result in scored_results(trials))
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ class RacingTally:
         scored = scored_results(trials)
         if not any(result.rungs for result in scored):
             return None
-        per_candidate = max(sum((result.n_docs or {}).values()) for result in scored if not result.stopped_early)
+        per_candidate = max(result.docs_scored for result in scored if not result.stopped_early)
         return cls(
             candidates=len(scored),
             stopped_early=sum(bool(result.stopped_early) for result in scored),

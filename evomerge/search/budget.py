@@ -1,4 +1,5 @@
-"""Budgets that extend: `evomerge resume RUN --max-evals N --time-limit-min M`.
+"""Budgets: how many documents a search has scored (`budget.max_docs`), and budgets that extend:
+`evomerge resume RUN --max-evals N --time-limit-min M --max-docs D`.
 
 The frozen spec is never rewritten (its hash is the run's first event). A larger budget is
 journaled as a `budget_extended` event instead, and every later start reads the frozen spec with
@@ -8,6 +9,7 @@ difference between a spec given to resume and the frozen one is refused, naming 
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -18,7 +20,7 @@ from evomerge.rundir.journal import Journal
 from evomerge.rundir.layout import RunDir
 from evomerge.spec import BudgetSpec, Spec
 
-EXTENDABLE = ("max_evals", "time_limit_min")
+EXTENDABLE = ("max_evals", "time_limit_min", "max_docs")
 
 
 @dataclass(frozen=True)
@@ -27,10 +29,41 @@ class BudgetRequest:
 
     max_evals: int | None = None
     time_limit_min: float | None = None
+    max_docs: int | None = None
 
     @property
     def empty(self) -> bool:
-        return self.max_evals is None and self.time_limit_min is None
+        return all(getattr(self, key) is None for key in EXTENDABLE)
+
+
+class DocsSpent:
+    """The search documents scored, per block of `block` asks (baselines before every block), for
+    `budget.max_docs`, a ceiling the search never crosses.
+
+    A candidate is asked only if it fits even when scored whole, and with every earlier candidate of
+    its block scored whole: the documents of the blocks before its own, plus its place in its block
+    times the documents a whole score takes. Both come from earlier blocks only, as racing's
+    incumbent does, so under CMA-ES's generation barrier (block = popsize), where those generations
+    are all told when the next one is asked, a run stops at the same candidate whichever worker
+    finished first, and a resumed run stops where the uninterrupted one would.
+    """
+
+    def __init__(self, block: int):
+        self.block = max(1, block)
+        self.by_block: dict[int, int] = defaultdict(int)
+        self.whole_by_block: dict[int, int] = defaultdict(int)  # the most documents one result scored
+
+    def add(self, trial_id: int, docs: int) -> None:
+        block = trial_id // self.block if trial_id >= 0 else -1
+        self.by_block[block] += docs
+        self.whole_by_block[block] = max(self.whole_by_block[block], docs)
+
+    def fits(self, trial_id: int, max_docs: int) -> bool:
+        """Whether candidate `trial_id` may be asked without the search crossing `max_docs`."""
+        block = trial_id // self.block
+        before = sum(docs for index, docs in self.by_block.items() if index < block)
+        whole = max((docs for index, docs in self.whole_by_block.items() if index < block), default=0)
+        return before + (trial_id - block * self.block + 1) * whole <= max_docs
 
 
 def effective_spec(frozen: Spec, events: list[dict]) -> Spec:
@@ -48,11 +81,11 @@ def requested_budget(current: Spec, frozen: Spec, source: str) -> BudgetRequest:
     differing = first_difference(ours, theirs)
     if differing is not None:
         raise UserError(
-            f"{source}: {differing}: differs from the spec frozen in the run; resume changes only budget.max_evals and budget.time_limit_min, start a new run for any other change"
+            f"{source}: {differing}: differs from the spec frozen in the run; resume changes only budget.max_evals, budget.time_limit_min and budget.max_docs, start a new run for any other change"
         )
     if all(getattr(current.budget, key) == getattr(frozen.budget, key) for key in EXTENDABLE):
         return BudgetRequest()
-    return BudgetRequest(current.budget.max_evals, current.budget.time_limit_min)
+    return BudgetRequest(*(getattr(current.budget, key) for key in EXTENDABLE))
 
 
 def _comparable(spec: Spec) -> dict:
@@ -79,8 +112,8 @@ def first_difference(ours, theirs, path: str = "") -> str | None:
     return None if ours == theirs else path
 
 
-def extended_spec(spec: Spec, request: BudgetRequest, asked: int) -> Spec:
-    """`spec` with the requested budget; refused in one line when it is invalid or smaller."""
+def extended_spec(spec: Spec, request: BudgetRequest, asked: int, docs_scored: int = 0) -> Spec:
+    """`spec` with the requested budget; refused in one line when it is invalid, smaller, or already spent."""
     if request.empty:
         return spec
     wanted = {key: getattr(request, key) for key in EXTENDABLE if getattr(request, key) is not None}
@@ -99,6 +132,10 @@ def extended_spec(spec: Spec, request: BudgetRequest, asked: int) -> Spec:
             raise UserError(
                 f"{flag}: the run has already asked {asked} evaluations; give more than {asked} to search further"
             )
+        if key == "max_docs" and value <= docs_scored:
+            raise UserError(
+                f"{flag}: the run has already scored {docs_scored:,} documents; give more than {docs_scored} to search further"
+            )
     return spec.model_copy(update={"budget": spec.budget.model_copy(update=wanted)})
 
 
@@ -110,8 +147,7 @@ def journal_budget(run: RunDir, before: Spec, after: Spec) -> None:
     try:
         journal.append(
             EventName.BUDGET_EXTENDED,
-            max_evals=after.budget.max_evals,
-            time_limit_min=after.budget.time_limit_min,
+            **{key: getattr(after.budget, key) for key in EXTENDABLE},
             previous={key: getattr(before.budget, key) for key in EXTENDABLE},
         )
     finally:

@@ -33,6 +33,7 @@ from evomerge.rundir.layout import RunDir
 from evomerge.rundir.pareto import objective_values
 from evomerge.rundir.trials import Tally, Trial, replay, search_seconds
 from evomerge.rundir.verdict import TIES_FIELD
+from evomerge.search.budget import DocsSpent
 from evomerge.search.inputs import first_change, input_fingerprints
 from evomerge.search.progress import ProgressSettings, SearchProgress
 from evomerge.search.replay import journaled_seeds, restore_optimizer
@@ -76,6 +77,7 @@ class Search:
             self.tally = Tally.of(self.trials)
             self.optimizer = self._restore_optimizer()
             self.race_targets = self._race_targets()
+            self.docs_spent = self._docs_spent()
             self.tracker = Tracker(self.spec, self.run_dir)
             self.study_log = StudyLog(self.rundir.optuna_log, study_shape(prepared, self.rundir))
         except BaseException:
@@ -113,6 +115,21 @@ class Search:
             if trial.score is not None and trial.result is not None:
                 targets.add(trial.trial_id, trial.whole_score, trial.result.rung_scores)
         return targets
+
+    def _docs_spent(self) -> DocsSpent:
+        """The documents each block of asks scored, from the journal's results (`budget.max_docs`)."""
+        spent = DocsSpent(getattr(self.optimizer, "popsize", 1))
+        for trial in self.trials.values():
+            if trial.result is not None:
+                spent.add(trial.trial_id, trial.result.docs_scored)
+        return spent
+
+    def _budget_spent(self) -> bool:
+        """Whether the next optimizer ask is over `budget.max_evals` or `budget.max_docs`."""
+        budget = self.spec.budget
+        if self.tally.asked >= (budget.max_evals or math.inf):
+            return True
+        return budget.max_docs is not None and not self.docs_spent.fits(self.optimizer.next_trial_id, budget.max_docs)
 
     def _restore_optimizer(self):
         return restore_optimizer(self.rundir, self.events, self.trials, self._new_optimizer)
@@ -241,7 +258,7 @@ class Search:
             if label not in self.tally.baseline_labels:
                 trial_id = -1 - len(self.tally.baseline_labels)
                 return self._ask(Trial(trial_id, "baseline", label, config))
-        if self.tally.asked >= (self.spec.budget.max_evals or math.inf) or not self._seed_optimizer():
+        if self._budget_spent() or not self._seed_optimizer():
             return None
         ask = self.optimizer.ask()
         if ask is None:
@@ -309,6 +326,7 @@ class Search:
         self.study_log.finished(trial, record["time"])
         self.tally.add_finished(trial)
         self.deaths_in_a_row = self.deaths_in_a_row + 1 if job.gave_up else 0
+        self.docs_spent.add(trial.trial_id, result.docs_scored)
         if result.ok:
             self.tracker.log_trial(trial, self.tally.best_score)
             if self.race_targets:

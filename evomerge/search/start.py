@@ -14,6 +14,8 @@ from evomerge.errors import UserError
 from evomerge.preflight import preflight
 from evomerge.rundir.events import EventName
 from evomerge.rundir.layout import RunDir
+from evomerge.rundir.trials import replay
+from evomerge.rundir.verdict import docs_scored
 from evomerge.search.budget import BudgetRequest, effective_spec, extended_spec, journal_budget, requested_budget
 from evomerge.search.loop import Search
 from evomerge.search.progress import ProgressSettings
@@ -78,7 +80,7 @@ def resume_search(
         from_file = requested_budget(load_spec(spec_path), spec, str(spec_path))
         request = request if not request.empty else from_file  # the flags win over the file
     asked = sum(1 for e in events if e["event"] == EventName.ASKED)
-    extended = extended_spec(spec, request, asked)
+    extended = extended_spec(spec, request, asked, docs_scored(replay(events)))
     prepared = preflight(extended, str(run.spec))
     journal_budget(run, spec, extended)
     Search(prepared, run, address, progress, accept_changed_inputs=accept_changed_inputs).run()

@@ -1,5 +1,5 @@
-"""Budgets that extend (issue 16, item 5): resume gives a stopped or finished run more evaluations or
-time, journaled as an event (the frozen spec is never rewritten); anything else is refused naming the field."""
+"""Budgets that extend (issue 16, item 5): resume gives a stopped or finished run more evaluations,
+time or documents, journaled as an event (the frozen spec is never rewritten); anything else is refused naming the field."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from fake_workers import fake_scheduler, fake_spec_data, open_search
 
 from evomerge.errors import UserError
 from evomerge.rundir.journal import read_events
+from evomerge.rundir.trials import replay
+from evomerge.rundir.verdict import docs_scored
 from evomerge.search.budget import BudgetRequest, effective_spec, extended_spec, journal_budget, requested_budget
 from evomerge.search.loop import create_run_dir
 from evomerge.search.runs import open_run
@@ -27,7 +29,8 @@ def resume_with(run_dir, request: BudgetRequest):
     """What `evomerge resume RUN --max-evals N` does, minus preflight (the fake models do not exist)."""
     run, frozen, events = open_run(run_dir)
     spec = effective_spec(frozen, events)
-    extended = extended_spec(spec, request, sum(1 for e in events if e["event"] == "asked"))
+    asked = sum(1 for e in events if e["event"] == "asked")
+    extended = extended_spec(spec, request, asked, docs_scored(replay(events)))
     journal_budget(run, spec, extended)
     return open_search(extended, run).run_with(fake_scheduler())
 
@@ -55,6 +58,9 @@ def test_a_finished_run_searches_on_to_the_extended_budget_and_the_frozen_spec_i
         (BudgetRequest(max_evals=12), "--max-evals: the run has already asked 12 evaluations; give more than 12"),
         (BudgetRequest(time_limit_min=-1.0), "--time-limit-min: "),
         (BudgetRequest(max_evals=0), "--max-evals: "),
+        # 7 baselines and 5 candidates of 32 documents each
+        (BudgetRequest(max_docs=384), "--max-docs: the run has already scored 384 documents; give more than 384"),
+        (BudgetRequest(max_docs=0), "--max-docs: "),
     ],
 )
 def test_a_budget_that_does_not_extend_is_refused_in_one_line_and_nothing_is_journaled(tmp_path, request_, message):
@@ -70,6 +76,18 @@ def write_spec(tmp_path, **sections) -> str:
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(fake_spec_data(tmp_path, "extend", **sections)))
     return str(path)
+
+
+def test_a_document_budget_extends_a_run_that_an_evaluation_budget_ended(tmp_path):
+    run_dir = finished_run(tmp_path)
+    # The baselines (7 x 32 documents) and generation 0 (4 x 32) scored 352, so generation 1 fits
+    # 480 if all of it is scored whole: candidates 5-7 are asked after candidate 4. Candidate 5 fails
+    # and scores nothing, so generation 2's first candidate still fits (352 + 96 + 32), its second not.
+    trials = resume_with(run_dir, BudgetRequest(max_evals=100, max_docs=480))
+    assert sorted(t.trial_id for t in trials.values() if t.kind == "optimizer") == list(range(9))
+    events = read_events(run_dir / "journal.jsonl")
+    [extended] = [e for e in events if e["event"] == "budget_extended"]
+    assert (extended["max_docs"], extended["previous"]["max_docs"]) == (480, None)
 
 
 def test_a_spec_given_to_resume_may_only_change_the_budget_and_any_other_field_is_named(tmp_path):

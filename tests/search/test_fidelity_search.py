@@ -1,7 +1,8 @@
 """Fidelity racing in the real Search and Scheduler, with in-process fake workers that race with the
 real `fidelity.race` (tests/fake_workers.py): what a raced run journals, that a partial score never
-wins, that the incumbent and successive halving's rung cutoffs follow the block rule, and that a
-run killed anywhere resumes to the very asks, scores and held-out scores of the uninterrupted run."""
+wins, that the incumbent and successive halving's rung cutoffs follow the block rule, that a
+document budget (`budget.max_docs`) ends a raced run after a whole generation, and that a run killed
+anywhere resumes to the very asks, scores and held-out scores of the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -40,10 +41,12 @@ def raced_scheduler(workers: int = 1, score=spread_score, z: float = 1.0) -> Sch
     return Scheduler(lambda index: FakeWorker(f"w{index}@fake:{next(ids)}", score, RUNGS, z=z), workers, 2, FakeCalls())
 
 
-def raced_run(root: Path, name: str, keep: float | None = None, score=spread_score, z: float = 1.0) -> Path:
+def raced_run(
+    root: Path, name: str, keep: float | None = None, score=spread_score, z: float = 1.0, budget: dict | None = None
+) -> Path:
     fidelity = {"rungs": list(RUNGS), "z": z} | ({"keep": keep} if keep else {})
     evaluation = fake_spec_data(root, name)["evaluation"] | {"fidelity": fidelity}
-    data = fake_spec_data(root, name, evaluation=evaluation, budget={"max_evals": 40})
+    data = fake_spec_data(root, name, evaluation=evaluation, budget=budget or {"max_evals": 40})
     data["optimizer"] = data["optimizer"] | {"popsize": POPSIZE, "overlap": False}
     spec = parse_spec(data, "spec", root)
     run_dir = create_run_dir(spec)
@@ -54,6 +57,16 @@ def raced_run(root: Path, name: str, keep: float | None = None, score=spread_sco
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     return raced_run(tmp_path_factory.mktemp("raced"), "raced")
+
+
+# Enough for the baselines and about ten raced generations, never a round number of them.
+MAX_DOCS = 1000
+
+
+@pytest.fixture(scope="module")
+def docs_budgeted(tmp_path_factory) -> Path:
+    budget = {"max_evals": None, "max_docs": MAX_DOCS}
+    return raced_run(tmp_path_factory.mktemp("docs"), "docs", budget=budget)
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +187,25 @@ def test_halving_under_tpe_ranks_the_latest_asks(tmp_path):
     halved = [t for t in trials.values() if t.kind == "optimizer" and t.race and t.race.cutoffs]
     assert len(halved) >= 10  # once 2 asks are scored there is something to rank, one ask at a time
     assert any(t.stopped_early and t.score <= t.race.cutoffs[0] for t in halved)
+
+
+def test_a_document_budget_is_a_ceiling_and_candidates_are_asked_while_a_whole_score_fits(docs_budgeted):
+    _, trials = load_trials(docs_budgeted)
+    searched = sorted(t.trial_id for t in trials.values() if t.kind == "optimizer")
+    assert searched == list(range(len(searched)))
+    docs = {t.trial_id: t.result.docs_scored for t in trials.values()}
+    assert sum(docs.values()) <= MAX_DOCS
+    # The candidate it did not ask would not have fitted had it, and the earlier ones of its
+    # generation, been scored whole (32 documents), counting only the generations before.
+    following = len(searched)
+    generation = following // POPSIZE * POPSIZE
+    earlier = sum(d for trial, d in docs.items() if trial < generation)
+    assert earlier + (following - generation + 1) * 32 > MAX_DOCS
+    assert any(t.stopped_early for t in trials.values())  # raced: stopped candidates bought more of them
+    assert len(searched) > (MAX_DOCS - 7 * 32) // 32  # more candidates than the budget scores whole
+
+
+@pytest.mark.parametrize("keep", [20, 57])
+def test_a_run_with_a_document_budget_killed_anywhere_resumes_to_the_uninterrupted_run(tmp_path, docs_budgeted, keep):
+    resume_cut(docs_budgeted, tmp_path / "copy", keep, raced_scheduler(workers=2))
+    assert state(tmp_path / "copy") == state(docs_budgeted)

@@ -23,8 +23,7 @@ import statistics
 from itertools import combinations
 from pathlib import Path
 
-from evomerge.rundir.results import load_trials
-from evomerge.rundir.verdict import docs_scored
+from evomerge.rundir.results import docs_scored, load_trials
 
 
 def read_cells(paths: list[Path]) -> dict[tuple[str, str, int], dict]:

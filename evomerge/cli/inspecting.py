@@ -34,6 +34,7 @@ def status(
         return
     for key in ("run", "asked", "completed", "failed", "in_flight", "best_score", "best_trial", "best_label"):
         typer.echo(f"{key:>15}: {figures[key]}")
+    typer.echo(f"{'docs_scored':>15}: {figures['docs_scored']:,} (search documents, baselines included)")
     typer.echo(f"{'evals_per_min':>15}: {figures['evals_per_min']} (evolved candidates; the baseline phase excluded)")
     for key in ("heldout_winner", "finished"):
         typer.echo(f"{key:>15}: {figures[key]}")

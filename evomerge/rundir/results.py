@@ -34,6 +34,16 @@ def status(run_dir: Path | RunDir) -> dict:
     return status_of(run_dir, events, trials)
 
 
+def scored_results(trials: dict[int, Trial]) -> list[TrialResult]:
+    """The search results that have a score: baselines and candidates, partial scores included."""
+    return [t.result for t in trials.values() if t.score is not None and t.result is not None]
+
+
+def docs_scored(trials: dict[int, Trial]) -> int:
+    """The search documents a run scored, raced or not: what its scoring cost, in documents."""
+    return sum(result.docs_scored for result in scored_results(trials))
+
+
 def status_of(run_dir: Path | RunDir, events: list[dict], trials: dict[int, Trial]) -> dict:
     """The figures `evomerge status` shows, from a journal already read."""
     completed = [t for t in trials.values() if t.status == EventName.COMPLETED]
@@ -46,6 +56,7 @@ def status_of(run_dir: Path | RunDir, events: list[dict], trials: dict[int, Tria
         "completed": len(completed),
         "failed": len(failed),
         "in_flight": sum(t.status == EventName.ASKED for t in trials.values()),
+        "docs_scored": docs_scored(trials),
         "best_score": best.score if best else None,
         "best_trial": best.trial_id if best else None,
         "best_label": best.label if best else None,

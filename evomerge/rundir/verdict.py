@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.rundir.events import RESULT_EVENTS, EventName, TrialResult
-from evomerge.rundir.results import default_export, result_se
+from evomerge.rundir.results import default_export, docs_scored, result_se, scored_results
 from evomerge.rundir.trials import BASE_LABEL, Trial, is_parent
 
 REACH_FRACTION = 0.95
@@ -118,16 +118,6 @@ class TieCut:
             else "all re-scored on held-out"
         )
         return f"{self.tied} trials tied at search score {self.score:.4f} at the top-{self.top_k} cut: {skipped}"
-
-
-def scored_results(trials: dict[int, Trial]) -> list[TrialResult]:
-    """The search results that have a score: baselines and candidates, partial scores included."""
-    return [t.result for t in trials.values() if t.score is not None and t.result is not None]
-
-
-def docs_scored(trials: dict[int, Trial]) -> int:
-    """The search documents a run scored, raced or not: what its scoring cost, in documents."""
-    return sum(result.docs_scored for result in scored_results(trials))
 
 
 @dataclass(frozen=True)

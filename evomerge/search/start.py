@@ -14,8 +14,8 @@ from evomerge.errors import UserError
 from evomerge.preflight import preflight
 from evomerge.rundir.events import EventName
 from evomerge.rundir.layout import RunDir
+from evomerge.rundir.results import docs_scored
 from evomerge.rundir.trials import replay
-from evomerge.rundir.verdict import docs_scored
 from evomerge.search.budget import BudgetRequest, effective_spec, extended_spec, journal_budget, requested_budget
 from evomerge.search.loop import Search
 from evomerge.search.progress import ProgressSettings

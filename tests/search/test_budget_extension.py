@@ -9,8 +9,8 @@ from fake_workers import fake_scheduler, fake_spec_data, open_search
 
 from evomerge.errors import UserError
 from evomerge.rundir.journal import read_events
+from evomerge.rundir.results import docs_scored
 from evomerge.rundir.trials import replay
-from evomerge.rundir.verdict import docs_scored
 from evomerge.search.budget import BudgetRequest, effective_spec, extended_spec, journal_budget, requested_budget
 from evomerge.search.loop import create_run_dir
 from evomerge.search.runs import open_run

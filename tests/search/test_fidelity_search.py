@@ -16,7 +16,7 @@ from fake_workers import FakeCalls, FakeWorker, fake_score, fake_spec_data, open
 from evomerge.evaluation.fidelity import RaceTarget
 from evomerge.evaluation.scores import standard_error
 from evomerge.rundir.journal import read_events
-from evomerge.rundir.results import load_trials
+from evomerge.rundir.results import load_trials, status
 from evomerge.rundir.verdict import build_verdict
 from evomerge.search.runs import create_run_dir, open_run
 from evomerge.search.scheduler import Scheduler
@@ -194,7 +194,7 @@ def test_a_document_budget_is_a_ceiling_and_candidates_are_asked_while_a_whole_s
     searched = sorted(t.trial_id for t in trials.values() if t.kind == "optimizer")
     assert searched == list(range(len(searched)))
     docs = {t.trial_id: t.result.docs_scored for t in trials.values()}
-    assert sum(docs.values()) <= MAX_DOCS
+    assert sum(docs.values()) <= MAX_DOCS and status(docs_budgeted)["docs_scored"] == sum(docs.values())
     # The candidate it did not ask would not have fitted had it, and the earlier ones of its
     # generation, been scored whole (32 documents), counting only the generations before.
     following = len(searched)

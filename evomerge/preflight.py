@@ -57,8 +57,9 @@ def preflight(spec: Spec, source: str = "spec") -> Prepared:
     check_available(spec, source)
     baselines = baseline_configs(spec) if spec.budget.baselines else []
     _check_budget_after_baselines(spec, len(baselines), source)
-    for name, eval_set in eval_sets.items():  # the slowest check last: it builds every task's docs
-        rehearse_eval_set(eval_set, resolved[name])
+    # The slowest check last: it builds every task's docs.
+    docs = {name: rehearse_eval_set(eval_set, resolved[name]) for name, eval_set in eval_sets.items()}
+    _check_docs_budget(spec, len(baselines), docs["search"], source)
     return Prepared(spec, genome, union.model_dump(mode="json", exclude_none=True), eval_sets, baselines)
 
 
@@ -132,6 +133,17 @@ def _check_budget_after_baselines(spec: Spec, baselines: int, source: str) -> No
         raise UserError(
             f"{source}: budget.max_evals: {max_evals} leaves no evaluation for the search after the {baselines} "
             f"baselines; raise it above {baselines} or set budget.baselines: false"
+        )
+
+
+def _check_docs_budget(spec: Spec, baselines: int, per_candidate: int, source: str) -> None:
+    """`budget.max_docs` must fit the baselines and one candidate scored whole (the search's ceiling rule)."""
+    max_docs, needed = spec.budget.max_docs, (baselines + 1) * per_candidate
+    if max_docs is not None and max_docs < needed:
+        after = f" after the {baselines} baselines" if baselines else ""
+        raise UserError(
+            f"{source}: budget.max_docs: {max_docs:,} leaves no candidate{after} ({per_candidate:,} search "
+            f"documents each); raise it to at least {needed:,}"
         )
 
 

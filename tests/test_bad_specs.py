@@ -208,6 +208,10 @@ CASES = {
         ["spec.yaml: budget: set max_evals, time_limit_min or max_docs"],
     ),
     "zero-max-docs": (lambda s, m, x: put(s, "budget.max_docs", 0), ["budget.max_docs", "greater than or equal to 1"]),
+    "max-docs-below-baselines": (
+        lambda s, m, x: put(s, "budget.max_docs", 10),
+        ["budget.max_docs: 10 leaves no candidate after the", "raise it to at least"],
+    ),
     "unknown-optimizer": (lambda s, m, x: put(s, "optimizer.name", "cma-es"), ["optimizer.name", "'cmaes'"]),
     "run-name-with-slash": (lambda s, m, x: put(s, "name", "team/run1"), ["name", "one folder name"]),
     "unwritable-runs-dir": (

@@ -47,14 +47,19 @@ class TaskUnderTest:
         return UserError(f"{self.field}: task '{self.task.name}' ({self.task.yaml_path}): {problem}; {fix}")
 
 
-def rehearse_eval_set(eval_set: EvalSet, resolved: ResolvedTasks) -> None:
-    """Build and render every task of `eval_set` as a worker would; `resolved` is its resolve_tasks."""
+def rehearse_eval_set(eval_set: EvalSet, resolved: ResolvedTasks) -> int:
+    """Build and render every task of `eval_set` as a worker would; `resolved` is its resolve_tasks.
+
+    Returns the documents one candidate scored whole takes over all its tasks.
+    """
+    total = 0
     for position, task in enumerate(resolved.tasks):
         field = f"{eval_set.field}[{position}]"
         under_test = TaskUnderTest(task, field, eval_set.limit, eval_set.evaluation.seed, eval_set.fidelity)
         check_data_files(under_test)
         with _silenced():
-            rehearse_task(under_test, resolved)
+            total += rehearse_task(under_test, resolved)
+    return total
 
 
 def check_data_files(under_test: TaskUnderTest) -> None:
@@ -109,8 +114,9 @@ def _check_fields_present(under_test: TaskUnderTest, path: Path, documents: list
             )
 
 
-def rehearse_task(under_test: TaskUnderTest, resolved: ResolvedTasks) -> None:
-    """Build the task with lm-eval's own loader and render the first prompt a worker will score."""
+def rehearse_task(under_test: TaskUnderTest, resolved: ResolvedTasks) -> int:
+    """Build the task with lm-eval's own loader and render the first prompt a worker will score;
+    returns how many of its documents a candidate scores."""
     name = under_test.task.name
     try:
         task = build_tasks(replace(resolved, tasks=(under_test.task,)))[name]
@@ -125,7 +131,8 @@ def rehearse_task(under_test: TaskUnderTest, resolved: ResolvedTasks) -> None:
         check_raceable(under_test, task, len(docs))
     # One prompt, not every doc: lm-eval compiles each template anew per render (about 1 ms), and
     # a field missing from some lines only is caught by check_data_files without rendering.
-    index = seeded_subset(len(docs), under_test.limit, under_test.subset_seed, name)[0]
+    subset = seeded_subset(len(docs), under_test.limit, under_test.subset_seed, name)
+    index = subset[0]
     doc = docs[index]
     try:
         context = task.fewshot_context(
@@ -134,6 +141,7 @@ def rehearse_task(under_test: TaskUnderTest, resolved: ResolvedTasks) -> None:
         task.construct_requests(doc=doc, ctx=context, metadata=(name, index, task.config.repeats))
     except Exception as error:  # noqa: BLE001 - every render failure becomes one line
         raise _render_error(under_test, error, index, doc) from None
+    return len(subset)
 
 
 def check_raceable(under_test: TaskUnderTest, task, n_docs: int) -> None:

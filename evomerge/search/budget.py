@@ -40,30 +40,41 @@ class DocsSpent:
     """The search documents scored, per block of `block` asks (baselines before every block), for
     `budget.max_docs`, a ceiling the search never crosses.
 
-    A candidate is asked only if it fits even when scored whole, and with every earlier candidate of
-    its block scored whole: the documents of the blocks before its own, plus its place in its block
-    times the documents a whole score takes. Both come from earlier blocks only, as racing's
-    incumbent does, so under CMA-ES's generation barrier (block = popsize), where those generations
-    are all told when the next one is asked, a run stops at the same candidate whichever worker
-    finished first, and a resumed run stops where the uninterrupted one would.
+    A candidate is asked only if it fits even when it, the earlier candidates of its block and those
+    of earlier blocks still in flight are all scored whole: the documents the earlier blocks scored,
+    plus that many whole scores. A whole score's documents also come from earlier blocks, as racing's
+    incumbent does, so under CMA-ES's generation barrier (block = popsize), where the earlier
+    generations are all told when the next one is asked, a run stops at the same candidate
+    whichever worker finished first, and a resumed run stops where the uninterrupted one would.
     """
 
     def __init__(self, block: int):
         self.block = max(1, block)
         self.by_block: dict[int, int] = defaultdict(int)
         self.whole_by_block: dict[int, int] = defaultdict(int)  # the most documents one result scored
+        self.in_flight_by_block: dict[int, int] = defaultdict(int)
 
-    def add(self, trial_id: int, docs: int) -> None:
-        block = trial_id // self.block if trial_id >= 0 else -1
+    def _block(self, trial_id: int) -> int:
+        return trial_id // self.block if trial_id >= 0 else -1  # the baselines come before block 0
+
+    def asked(self, trial_id: int) -> None:
+        self.in_flight_by_block[self._block(trial_id)] += 1
+
+    def add(self, trial_id: int, docs: int, was_in_flight: bool = False) -> None:
+        """A result's documents; `was_in_flight` when its ask went through `asked`."""
+        block = self._block(trial_id)
         self.by_block[block] += docs
         self.whole_by_block[block] = max(self.whole_by_block[block], docs)
+        self.in_flight_by_block[block] -= was_in_flight
 
     def fits(self, trial_id: int, max_docs: int) -> bool:
         """Whether candidate `trial_id` may be asked without the search crossing `max_docs`."""
-        block = trial_id // self.block
-        before = sum(docs for index, docs in self.by_block.items() if index < block)
-        whole = max((docs for index, docs in self.whole_by_block.items() if index < block), default=0)
-        return before + (trial_id - block * self.block + 1) * whole <= max_docs
+        block = self._block(trial_id)
+        earlier = [index for index in self.by_block.keys() | self.in_flight_by_block.keys() if index < block]
+        whole = max((self.whole_by_block[index] for index in earlier), default=0)
+        in_flight = sum(self.in_flight_by_block[index] for index in earlier)
+        place = trial_id - block * self.block + 1
+        return sum(self.by_block[index] for index in earlier) + (in_flight + place) * whole <= max_docs
 
 
 def effective_spec(frozen: Spec, events: list[dict]) -> Spec:

@@ -122,6 +122,8 @@ class Search:
         for trial in self.trials.values():
             if trial.result is not None:
                 spent.add(trial.trial_id, trial.result.docs_scored)
+            else:
+                spent.asked(trial.trial_id)  # re-queued: in flight again
         return spent
 
     def _budget_spent(self) -> bool:
@@ -300,6 +302,7 @@ class Search:
     def _ask(self, trial: Trial, x: list | None = None) -> Job:
         self.trials[trial.trial_id] = trial
         self.tally.add_asked(trial)
+        self.docs_spent.asked(trial.trial_id)
         record = self.journal.append(
             EventName.ASKED,
             trial=trial.trial_id,
@@ -326,7 +329,7 @@ class Search:
         self.study_log.finished(trial, record["time"])
         self.tally.add_finished(trial)
         self.deaths_in_a_row = self.deaths_in_a_row + 1 if job.gave_up else 0
-        self.docs_spent.add(trial.trial_id, result.docs_scored)
+        self.docs_spent.add(trial.trial_id, result.docs_scored, was_in_flight=True)
         if result.ok:
             self.tracker.log_trial(trial, self.tally.best_score)
             if self.race_targets:

@@ -120,3 +120,19 @@ def test_the_command_line_refuses_a_smaller_budget_with_exit_2_and_one_line(tmp_
         result.output.strip()
         == "error: --max-evals: 5 is below the run's 12; resume extends a budget, give at least 12"
     )
+
+
+def test_the_document_ceiling_counts_every_earlier_candidate_in_flight_as_scored_whole():
+    from evomerge.search.budget import DocsSpent
+
+    spent = DocsSpent(block=2)
+    for baseline in (-1, -2):  # two baselines of 10 documents: a whole score is 10
+        spent.asked(baseline)
+        spent.add(baseline, 10, was_in_flight=True)
+    assert spent.fits(0, 30) and not spent.fits(1, 30) and spent.fits(1, 40)  # its place in its block counts
+    spent.asked(0)
+    spent.asked(1)
+    spent.add(0, 3, was_in_flight=True)  # raced out early; candidate 1 is still in flight (no barrier)
+    assert spent.fits(2, 43) and not spent.fits(2, 42)  # 23 scored + candidate 1 and itself whole
+    spent.add(1, 3, was_in_flight=True)
+    assert spent.fits(2, 36) and not spent.fits(2, 35)

@@ -99,6 +99,7 @@ class Tally:
     best_score: float | None = None
     baseline_labels: set[str] = field(default_factory=set)
     last_failure: str | None = None
+    docs_scored: int = 0  # search documents, what `budget.max_docs` bounds
 
     @classmethod
     def of(cls, trials: dict[int, Trial]) -> Tally:
@@ -115,6 +116,7 @@ class Tally:
             self.baseline_labels.add(trial.label)
 
     def add_finished(self, trial: Trial) -> None:
+        self.docs_scored += trial.result.docs_scored if trial.result else 0
         if trial.score is not None:
             self.completed += 1
             if trial.whole_score is not None:

@@ -180,7 +180,10 @@ class Search:
                 inputs=inputs,
             )
             self.study_log.rebuild(self.events, self.trials)  # every optimizer's optuna.log, never duplicated
-            with SearchProgress(self.spec.budget.max_evals, self.show_progress, self.trials.values()) as progress:
+            budget = self.spec.budget
+            with SearchProgress(
+                budget.max_evals, self.show_progress, self.trials.values(), max_docs=budget.max_docs
+            ) as progress:
                 progress.update(self.tally)
                 self._search(scheduler, progress)
                 if "heldout" in self.prepared.eval_sets:

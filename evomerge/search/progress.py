@@ -77,8 +77,10 @@ class SearchProgress:
         trials: Iterable[Trial] = (),
         clock: Callable[[], float] = time.monotonic,
         write: Callable[[str], None] = _write_to_stderr,
+        max_docs: int | None = None,
     ):
         self.total = total
+        self.max_docs = max_docs  # budget.max_docs: the summary also counts documents against it
         self.settings = ProgressSettings.of(settings)
         self.clock = clock
         self.write = write
@@ -149,6 +151,8 @@ class SearchProgress:
         rate = self._rate(done)
         best = "-" if self.best is None else self.best.describe()
         parts = [f"best {best}", f"{rate:.1f} evals/min", f"{tally.failed} failed"]
+        if self.max_docs:
+            parts.append(f"{tally.docs_scored:,}/{self.max_docs:,} docs")
         if bar:
             return " | ".join(parts)
         eta = self._eta(done, rate)

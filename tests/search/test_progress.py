@@ -38,7 +38,9 @@ class FakeSearch:
         trial_id = self.next_id
         self.next_id += 1
         result = (
-            TrialResult(trial_id, ok=True, score=score) if score is not None else TrialResult.failure(trial_id, "boom")
+            TrialResult(trial_id, ok=True, score=score, n_docs={"task": 40})
+            if score is not None
+            else TrialResult.failure(trial_id, "boom")
         )
         status = "completed" if score is not None else "failed"
         trial = Trial(trial_id, kind, label or f"trial {trial_id}", {}, status=status, result=result)
@@ -196,3 +198,17 @@ def test_log_every_below_one_is_refused_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["search", str(tmp_path / "spec.yaml"), "--log-every", "0"])
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == ["error: --log-every: must be at least 1 evaluation, got 0"]
+
+
+def test_with_a_document_budget_each_status_line_counts_documents_against_it():
+    clock, printed = FakeClock(), []
+    settings = ProgressSettings(ProgressMode.LINES, log_every=10)
+    progress = SearchProgress(None, settings, clock=clock, write=printed.append, max_docs=5000)
+    with progress:
+        search = FakeSearch(progress, clock)
+        progress.update(search.tally)
+        for index in range(12):
+            search.finish(None if index == 3 else 0.5)  # the failed one scored no document
+    assert printed[0].endswith("search started: 0 evaluations, best -, 0.0 evals/min, 0 failed, 0/5,000 docs")
+    assert "search: 10 evaluations" in printed[-2] and printed[-2].endswith("1 failed, 360/5,000 docs")
+    assert printed[-1].endswith("440/5,000 docs")

@@ -34,6 +34,7 @@ class Prepared:
     union_config: dict
     eval_sets: dict[str, EvalSet]  # "search" and, with held-out tasks, "heldout"
     baselines: list[tuple[str, dict]]  # (label, merge config)
+    search_docs: int | None = None  # search documents one candidate scored whole takes (None: not rehearsed)
 
 
 def preflight(spec: Spec, source: str = "spec") -> Prepared:
@@ -60,7 +61,8 @@ def preflight(spec: Spec, source: str = "spec") -> Prepared:
     # The slowest check last: it builds every task's docs.
     docs = {name: rehearse_eval_set(eval_set, resolved[name]) for name, eval_set in eval_sets.items()}
     _check_docs_budget(spec, len(baselines), docs["search"], source)
-    return Prepared(spec, genome, union.model_dump(mode="json", exclude_none=True), eval_sets, baselines)
+    union_config = union.model_dump(mode="json", exclude_none=True)
+    return Prepared(spec, genome, union_config, eval_sets, baselines, search_docs=docs["search"])
 
 
 def model_fields(spec: Spec) -> dict[str, str]:

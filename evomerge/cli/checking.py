@@ -42,8 +42,9 @@ def validate(
         "genes": prepared.genome.dim,
         "optimizer": spec.optimizer.name,
         "tasks": [t.name for t in spec.evaluation.tasks],
+        "search_docs_per_candidate": prepared.search_docs,  # what budget.max_docs is counted in
     }
-    ok = f"ok: {spec.merge.method} over {len(spec.models.experts)} experts, {prepared.genome.dim} genes, {spec.optimizer.name}, tasks: {', '.join(summary['tasks'])}"
+    ok = f"ok: {spec.merge.method} over {len(spec.models.experts)} experts, {prepared.genome.dim} genes, {spec.optimizer.name}, tasks: {', '.join(summary['tasks'])} ({prepared.search_docs:,} search documents per candidate)"
     if spec.workers.device == "cuda" and gpu_bytes is None:  # GPU workers, planned from a machine without one
         note = (
             "memory plan: skipped, this machine has no GPU; add --gpu-memory SIZE [--gpus N] to plan for the GPU nodes"

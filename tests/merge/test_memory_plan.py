@@ -152,8 +152,10 @@ def test_validate_plans_a_header_only_7b_on_one_80gib_gpu(header_only_zoo):
     plan = json.loads(result.stdout)
     assert plan["placement"] == "device" and plan["gpus_per_worker"] == 1 and plan["fits"] is True
     assert plan["devices"][0]["resident"] <= 76e9 and plan["bytes_per_device"] <= 80 * GIB
+    assert plan["search_docs_per_candidate"] == 4  # evaluation.limit: 4 of tiny_add's documents
     text = validate(root, zoo["7b"], "--gpu-memory", "80GiB")
     assert text.exit_code == 0 and "memory plan: device" in text.stdout and "fits" in text.stdout
+    assert "(4 search documents per candidate)" in text.stdout.splitlines()[0]
 
 
 def test_validate_plans_a_header_only_70b_split_over_eight_gpus(header_only_zoo):

@@ -179,7 +179,13 @@ class RungCutoffs:
 
     def for_trial(self, trial_id: int) -> tuple[TopShare | None, ...]:
         first_of_block = trial_id // self.block * self.block
-        recent = sorted((t for t in self.rung_scores if t < first_of_block), reverse=True)[: self.window]
+        # Walk back from the block's start rather than sort every id: this runs once per ask.
+        recent: list[int] = []
+        for earlier in range(first_of_block - 1, -1, -1):
+            if len(recent) == self.window:
+                break
+            if earlier in self.rung_scores:
+                recent.append(earlier)
         return tuple(
             top_share([self.rung_scores[t][rung] for t in recent if len(self.rung_scores[t]) > rung], self.keep)
             for rung in range(self.rungs - 1)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from evomerge.cli.app import DebugOption, app, user_errors_exit_2
-from evomerge.cli.merging import materialize
+from evomerge.cli.merging import check_export_output, materialize
 from evomerge.errors import UserError
 
 
@@ -67,7 +67,9 @@ def export(
         help="Also materialize it in OUT, as `evomerge merge` would, with the run's optimizer.seed for dare/della.",
     ),
     device: str = typer.Option("cpu", help="With --merge: cpu or cuda, where the merge math runs."),
-    force: bool = typer.Option(False, "--force", help="With --merge: replace a non-empty OUT whole."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing -o file; with --merge, replace a non-empty OUT (an earlier merge) whole."
+    ),
     debug: bool = DebugOption,
 ):
     """Write a trial as a standard mergekit YAML (the held-out winner by default); --merge OUT builds it too."""
@@ -89,6 +91,8 @@ def export(
     chosen, text = export_trial(run_dir, trial)
     header, _, body = text.partition("\n")
     text = f"{header}\n{origin_comment(str(Path(run_dir).resolve()), chosen.trial_id)}{body}"
+    if output is not None:
+        check_export_output(output, run_dir, text, force)
     if merge_to is not None:
         _export_and_merge(run_dir, chosen.trial_id, text, output, merge_to, device, force)
     elif output is None:

@@ -50,6 +50,7 @@ def materialize(
 
     if device.startswith("cuda"):
         require_cuda()
+    refuse_run_folders(out_dir, "write the merged model")
     merge_config = load_merge_config(config)
     card = None if no_model_card else _model_card(config, merge_config, out_dir, seed)
     try:
@@ -71,6 +72,61 @@ def materialize(
             f"{config}: {error} (a NaN, inf or huge weight or lambda?); fix the parameters, or pass --allow-non-finite to write it anyway"
         ) from None
     typer.echo(f"wrote {len(validated.plan.tensors)} tensors ({validated.plan.num_layers} layers) to {out_dir}")
+
+
+def refuse_run_folders(path: Path, doing: str) -> None:
+    """Refuse a path that is, lies in or holds a run directory: `--force` replaces merges, never runs."""
+    from evomerge.rundir.layout import run_folder_near
+
+    found = run_folder_near(path)
+    if found is not None:
+        relation, run = found
+        raise UserError(
+            f"{path}: {relation} the run directory '{run}'; {doing} outside every run and runs_dir (--force replaces only an earlier merge)"
+        )
+
+
+def check_export_output(output: Path, run_dir: Path, config_text: str, force: bool) -> None:
+    """`export -o FILE` never overwrites a run's files or an input model's, nor any file without --force."""
+    refuse_run_folders(output, "write the YAML")
+    target = output.expanduser().resolve()
+    for protected in _models_of(run_dir, config_text):
+        if target == protected or protected in target.parents:
+            raise UserError(
+                f"-o: '{output}' is {'' if target == protected else 'inside '}the input model '{protected}'; write the YAML outside every input"
+            )
+    if target.exists() and not target.is_dir() and not force:
+        raise UserError(f"-o: '{output}' exists; choose another path, or pass --force to replace it")
+
+
+def _models_of(run_dir: Path, config_text: str) -> set[Path]:
+    """Local folders and files the run reads its models from: the exported config's and the frozen spec's."""
+    import yaml
+
+    from evomerge.rundir.layout import RunDir
+
+    found: set[Path] = set()
+    documents = [config_text]
+    with contextlib.suppress(OSError):
+        documents.append(RunDir.of(run_dir).spec.read_text(encoding="utf-8", errors="replace"))
+    for text in documents:
+        with contextlib.suppress(yaml.YAMLError, RecursionError):
+            _collect_paths(yaml.safe_load(text), found, inside_models=False)
+    return found
+
+
+def _collect_paths(node, found: set[Path], inside_models: bool) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            in_models = inside_models or key in ("models", "model", "base_model", "tokenizer_source")
+            _collect_paths(value, found, in_models)
+    elif isinstance(node, list):
+        for value in node:
+            _collect_paths(value, found, inside_models)
+    elif isinstance(node, str) and inside_models and node:
+        path = Path(node).expanduser().resolve()
+        if path.exists():
+            found.add(path)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 
 `check_output_folder` refuses, before anything is read or written, an OUT that is, holds or lies
 inside an input (a merge there would truncate the very file it is reading), an OUT that is a
-file or has no parent folder, and a non-empty OUT unless the caller forces its replacement.
+file or lies under one, and a non-empty OUT unless the caller forces its replacement. Missing parent
+folders of OUT are created (as `mergekit-yaml` does), and removed again if the merge fails.
 
 `StagedFolder` is where the merge is written: a hidden folder beside OUT, on the same filesystem,
 renamed into place only once every file in it is complete and synced. A merge that fails or is
@@ -35,8 +36,9 @@ def check_output_folder(out_dir: str | Path, inputs: Mapping[str | Path, str], f
     _refuse_overlap(out_dir, target, Path.cwd().resolve(), "the current folder", inside_ok=True)
     if target.exists() and not target.is_dir():
         raise UserError(f"{out_dir}: exists and is not a folder; give the path of a new folder for the merged model")
-    if not target.parent.is_dir():
-        raise UserError(f"{out_dir}: its parent folder '{target.parent}' does not exist; create it first")
+    existing = next(folder for folder in target.parents if folder.exists())
+    if not existing.is_dir():
+        raise UserError(f"{out_dir}: '{existing}' is a file, not a folder; give OUT a path under a folder")
     if target.is_dir() and any(target.iterdir()) and not force:
         raise UserError(f"{out_dir}: folder is not empty; choose a new folder, or pass --force to replace it whole")
     return target
@@ -62,11 +64,17 @@ class StagedFolder:
         self.shown = shown or str(target)  # OUT as the user wrote it, for messages
         self.path = target.with_name(f".{target.name}.{STAGING_MARK}-{os.getpid()}-{secrets.token_hex(4)}")
         self.published = False
+        self.created: list[Path] = []  # parent folders of OUT this merge made, outermost first
 
     def __enter__(self) -> StagedFolder:
         try:
+            for folder in reversed(self.target.parents):
+                if not folder.exists():
+                    os.mkdir(folder)
+                    self.created.append(folder)
             os.mkdir(self.path)  # mode from the umask, as a plain mkdir of OUT would have
         except OSError as error:
+            self._remove_created()
             raise UserError(
                 f"{self.shown}: cannot write in '{self.target.parent}' ({error.strerror}); choose a writable location"
             ) from None
@@ -77,6 +85,14 @@ class StagedFolder:
     ) -> None:
         if not self.published:
             shutil.rmtree(self.path, ignore_errors=True)
+            self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in reversed(self.created):
+            try:
+                folder.rmdir()  # only while empty: never anything another process put there meanwhile
+            except OSError:
+                return
 
     def publish(self) -> None:
         """Rename the complete folder to `target`, replacing an existing one whole."""

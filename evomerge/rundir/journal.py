@@ -67,14 +67,25 @@ def read_events(path: Path, warn: bool = True) -> list[dict]:
     JSON-valid junk and a repeated result for a trial are skipped with a warning; the first stands.
     `warn=False` is for a second reading of the same lines, so each problem is told once.
     """
-    if not path.exists():
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except FileNotFoundError:
         return []
-    lines = path.read_bytes().split(b"\n")
+    except OSError as error:
+        raise UserError(
+            f"{path}: cannot read the journal ({error.strerror or error}); it must be the run's journal file, restore it from a backup"
+        ) from None
     events: list[dict] = []
     seen_results: set[tuple[str, int]] = set()
+    seen_lines: dict[bytes, int] = {}
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
+        if raw.strip() in seen_lines and raw.lstrip().startswith(b'{"event"'):
+            raise UserError(
+                f"{path}: line {number} repeats line {seen_lines[raw.strip()]} word for word, so the journal holds duplicated lines (was it appended to itself?); restore it from a backup"
+            )
+        seen_lines.setdefault(raw.strip(), number)
         try:
             event = json.loads(raw)
         except ValueError:
@@ -92,6 +103,29 @@ def read_events(path: Path, warn: bool = True) -> list[dict]:
             continue
         events.append(event)
     return events
+
+
+def check_intact(run: RunDir, events: list[dict]) -> None:
+    """Refuse a run whose journal lost its first event: read as it is, it would pass for a new run.
+
+    Every run journals `run_created` first; runs from before that event began with a `run_started`
+    that had no input fingerprints. Anything else (a missing or emptied journal, a cut head) is
+    damage, and a resume must not start the search over on top of what is left.
+    """
+    if any(event["event"] == EventName.CREATED for event in events):
+        return
+    started = [event for event in events if event["event"] == EventName.RUN_STARTED]
+    if started and "inputs" not in started[0]:
+        return
+    if not run.journal.exists():
+        what = "is missing"
+    elif not events:
+        what = "holds no event"
+    else:
+        what = f"lost its first line ({EventName.CREATED})"
+    raise UserError(
+        f"{run.journal}: the journal {what}, so the run is damaged; restore the journal from a backup, or start a new run under another name"
+    )
 
 
 def _junk(event) -> str | None:

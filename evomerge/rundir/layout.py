@@ -77,8 +77,43 @@ class RunDir:
     def lock(self) -> Path:
         return self.root / ".lock"
 
+    def looks_like_a_run(self) -> bool:
+        """A folder holding a journal, or a frozen spec beside the lock: what only `search` creates."""
+        return self.journal.exists() or (self.spec.is_file() and self.lock.exists())
+
     def __str__(self) -> str:
         return str(self.root)
 
     def __fspath__(self) -> str:
         return str(self.root)
+
+
+def run_folder_near(path: str | os.PathLike, depth: int = 2) -> tuple[str, Path] | None:
+    """('is' | 'is inside' | 'contains', the run folder) when `path` is, lies in or holds a run directory.
+
+    Holding is looked for `depth` levels down: a runs_dir holds its runs one level down, the folder
+    that holds a runs_dir two. Anything that would write or replace `path` must refuse all three.
+    """
+    target = Path(path).expanduser().resolve()
+    for folder in (target, *target.parents):
+        if RunDir(folder).looks_like_a_run():
+            return ("is" if folder == target else "is inside"), folder
+    found = _run_below(target, depth)
+    return ("contains", found) if found is not None else None
+
+
+def _run_below(folder: Path, depth: int) -> Path | None:
+    if depth == 0 or not folder.is_dir():
+        return None
+    try:
+        children = [entry for entry in os.scandir(folder) if entry.is_dir(follow_symlinks=False)]
+    except OSError:
+        return None
+    for child in children:
+        if RunDir(Path(child.path)).looks_like_a_run():
+            return Path(child.path)
+    for child in children:
+        found = _run_below(Path(child.path), depth - 1)
+        if found is not None:
+            return found
+    return None

@@ -11,7 +11,7 @@ import yaml
 from evomerge.errors import UserError
 from evomerge.evaluation.scores import standard_error
 from evomerge.rundir.events import RESULT_EVENTS, EventName, TrialResult
-from evomerge.rundir.journal import read_events
+from evomerge.rundir.journal import check_intact, read_events
 from evomerge.rundir.layout import RunDir
 from evomerge.rundir.pareto import pareto_front
 from evomerge.rundir.trials import Trial, replay
@@ -19,9 +19,10 @@ from evomerge.rundir.trials import Trial, replay
 
 def load_trials(run_dir: Path | RunDir) -> tuple[list[dict], dict[int, Trial]]:
     run = RunDir.of(run_dir)
-    if not run.journal.exists():
+    if not run.journal.exists() and not run.spec.is_file():
         raise UserError(f"{run}: no {run.journal.name} here; give a run directory such as runs/NAME")
     events = read_events(run.journal)
+    check_intact(run, events)
     return events, replay(events)
 
 

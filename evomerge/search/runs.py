@@ -16,7 +16,7 @@ import yaml
 from evomerge.errors import UserError
 from evomerge.files import write_bytes_atomic
 from evomerge.rundir.events import EventName
-from evomerge.rundir.journal import Journal, read_events
+from evomerge.rundir.journal import Journal, check_intact, read_events
 from evomerge.rundir.layout import RunDir
 from evomerge.spec import Spec, parse_frozen_spec
 
@@ -49,6 +49,7 @@ def open_run(run_dir: Path | RunDir) -> tuple[RunDir, Spec, list[dict]]:
     if not run.spec.is_file():
         raise UserError(f"{run}: not a run directory (no {run.spec.name}); give runs/NAME")
     events = read_events(run.journal, warn=False)  # the search that replays them warns
+    check_intact(run, events)
     frozen = run.spec.read_bytes()
     created = next((e for e in events if e["event"] == EventName.CREATED and "spec_sha256" in e), None)
     if created is not None and _sha256(frozen) != created["spec_sha256"]:

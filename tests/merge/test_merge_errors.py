@@ -31,6 +31,7 @@ from tiny_models import TinyZoo
 from evomerge.errors import UserError
 
 EVOMERGE_BIN = Path(sys.executable).with_name("evomerge")
+FROZEN_RUN = Path(__file__).resolve().parents[1] / "fixtures" / "runs" / "v0-cmaes"
 
 
 def ties_config(zoo: TinyZoo, density=0.5, **overrides) -> dict:
@@ -205,8 +206,31 @@ def out_is_a_file(zoo, case):
     return Arranged(linear_config(zoo.model("ft_a")), case / "out", ("--force",))
 
 
-def out_parent_missing(zoo, case):
-    return Arranged(linear_config(zoo.model("ft_a")), case / "missing" / "out")
+def out_under_a_file(zoo, case):
+    (case / "file").write_text("not a folder")
+    return Arranged(linear_config(zoo.model("ft_a")), case / "file" / "missing" / "out")
+
+
+def a_run(case: Path) -> Path:
+    """A copy of the frozen run in case/runs: what --force must never replace."""
+    return Path(shutil.copytree(FROZEN_RUN, case / "runs" / FROZEN_RUN.name))
+
+
+def out_is_a_run_forced(zoo, case):
+    return Arranged(linear_config(zoo.model("ft_a")), a_run(case), ("--force",))
+
+
+def out_is_a_runs_dir_forced(zoo, case):
+    return Arranged(linear_config(zoo.model("ft_a")), a_run(case).parent, ("--force",))
+
+
+def out_holds_a_runs_dir_forced(zoo, case):
+    a_run(case)
+    return Arranged(linear_config(zoo.model("ft_a")), case, ("--force",), case.parent / f"{case.name}.yml")
+
+
+def out_inside_a_run(zoo, case):
+    return Arranged(linear_config(zoo.model("ft_a")), a_run(case) / "merged")
 
 
 def weighted(zoo: TinyZoo, weight: float) -> dict:
@@ -239,7 +263,11 @@ OUTPUT_CASES = {
     "out-holds-the-config-forced": (out_holds_the_config_forced, ["contains the merge config"], "out"),
     "out-not-empty": (out_not_empty, ["not empty", "--force"], "out"),
     "out-is-a-file": (out_is_a_file, ["not a folder"], "out"),
-    "out-parent-missing": (out_parent_missing, ["parent folder", "does not exist"], "out"),
+    "out-under-a-file": (out_under_a_file, ["is a file, not a folder"], "out"),
+    "out-is-a-run-forced": (out_is_a_run_forced, ["is the run directory", "outside every run"], "out"),
+    "out-is-a-runs-dir-forced": (out_is_a_runs_dir_forced, ["contains the run directory"], "out"),
+    "out-holds-a-runs-dir-forced": (out_holds_a_runs_dir_forced, ["contains the run directory"], "out"),
+    "out-inside-a-run": (out_inside_a_run, ["is inside the run directory"], "out"),
     "nan-weight": (nan_weight, ["model.embed_tokens.weight", "nan or inf", "--allow-non-finite"], "config"),
     "huge-weight": (huge_weight, ["model.embed_tokens.weight", "nan or inf"], "config"),
     "nan-weight-forced-over-an-old-merge": (nan_weight_forced_over_an_old_merge, ["nan or inf"], "config"),
@@ -310,23 +338,92 @@ def test_merge_into_read_only_filesystem_exits_2(zoo, write_config, tmp_path):
 
 # ---- evomerge export -o: where the YAML goes ---------------------------------------------------
 
-FROZEN_RUN = Path(__file__).resolve().parents[1] / "fixtures" / "runs" / "v0-cmaes"
 
-# name -> (output path under the case folder, substrings of the one-line message)
+def run_with_local_models(case: Path) -> Path:
+    """A copy of the frozen run whose models are folders under case/models (what -o must not overwrite)."""
+    run = Path(shutil.copytree(FROZEN_RUN, case / "runs" / FROZEN_RUN.name))
+    for name in ("journal.jsonl", "spec.yaml"):
+        text = (run / name).read_text()
+        (run / name).write_text(text.replace("/frozen-run/", f"{case}/models/"))
+    for model in ("base", "expert_a", "expert_b"):
+        (case / "models" / model).mkdir(parents=True)
+        (case / "models" / model / "model.safetensors").write_bytes(b"weights of " + model.encode())
+    return run
+
+
+def an_earlier_yaml(case: Path) -> Path:
+    (case / "best.yaml").write_text("an earlier export")
+    return case / "best.yaml"
+
+
+# name -> (arguments after `export RUN`, from the case folder and its run; substrings of the one line;
+# what the line starts with: '-o', or the path given)
 EXPORT_CASES = {
-    "export-to-a-folder": (lambda case: case / "existing_folder", ["-o", "is a folder", "best.yaml"]),
-    "export-parent-missing": (lambda case: case / "missing" / "best.yaml", ["-o", "does not exist"]),
+    "export-to-a-folder": (lambda case, run: ["-o", case / "existing_folder"], ["is a folder", "best.yaml"], "-o"),
+    "export-parent-missing": (lambda case, run: ["-o", case / "missing" / "best.yaml"], ["does not exist"], "-o"),
+    "export-over-the-journal": (
+        lambda case, run: ["-o", run / "journal.jsonl", "--force"],
+        ["is inside the run directory"],
+        "path",
+    ),
+    "export-over-the-frozen-spec": (
+        lambda case, run: ["-o", run / "spec.yaml"],
+        ["is inside the run directory"],
+        "path",
+    ),
+    "export-over-a-snapshot": (
+        lambda case, run: ["-o", next((run / "optimizer").iterdir()), "--force"],
+        ["is inside the run directory"],
+        "path",
+    ),
+    "export-over-the-base-weights": (
+        lambda case, run: ["-o", case / "models" / "base" / "model.safetensors", "--force"],
+        ["inside the input model", "outside every input"],
+        "-o",
+    ),
+    "export-over-an-input-folder": (
+        lambda case, run: ["-o", case / "models" / "expert_a"],
+        ["is the input model"],
+        "-o",
+    ),
+    "export-over-an-existing-file": (lambda case, run: ["-o", an_earlier_yaml(case)], ["exists", "--force"], "-o"),
+    "export-merged-into-its-run-forced": (
+        lambda case, run: ["--merge", run, "--force"],
+        ["is the run directory"],
+        "path",
+    ),
+    "export-merged-into-the-runs-dir-forced": (
+        lambda case, run: ["--merge", run.parent, "--force"],
+        ["contains the run directory"],
+        "path",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(EXPORT_CASES))
 def test_bad_export_output_exits_2_and_leaves_nothing(case, tmp_path):
+    """Nothing under the case folder (the run, its inputs, an earlier export) changes."""
     (tmp_path / "existing_folder").mkdir()
-    output = EXPORT_CASES[case][0](tmp_path)
-    before, run_before = snapshot(tmp_path), snapshot(FROZEN_RUN)
-    finished = run_cli_in_process("export", FROZEN_RUN, "-o", output)
-    assert_refused(Refusal(finished, "-o", before, snapshot(tmp_path)), EXPORT_CASES[case][1])
-    assert snapshot(FROZEN_RUN) == run_before
+    run = run_with_local_models(tmp_path)
+    arguments, expected, shown = EXPORT_CASES[case]
+    arguments = arguments(tmp_path, run)
+    before = snapshot(tmp_path)
+    finished = run_cli_in_process("export", run, *arguments)
+    prefix = "-o" if shown == "-o" else str(arguments[1])  # a run folder's refusal starts with the path
+    assert_refused(Refusal(finished, prefix, before, snapshot(tmp_path)), expected)
+
+
+def test_merge_creates_the_missing_parents_of_out(zoo, write_config, tmp_path):
+    """As mergekit-yaml does; a failed merge removes the folders it made."""
+    config_path = write_config(linear_config(zoo.model("ft_a")))
+    out = tmp_path / "new" / "deeper" / "out"
+    finished = run_cli_in_process("merge", config_path, out)
+    assert finished.returncode == 0, finished.stderr
+    assert (out / "model.safetensors").is_file() or any(out.glob("*.safetensors"))
+    bad = write_config(linear_config(zoo.model("ft_a"), zoo.corrupt), "corrupt.yml")
+    failed = run_cli_in_process("merge", bad, tmp_path / "other" / "deeper" / "out")
+    assert failed.returncode != 0
+    assert not (tmp_path / "other").exists(), "a failed merge left the parent folders it made"
 
 
 def test_export_to_read_only_filesystem_exits_2(tmp_path):

@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from tiny_models import TinyZoo, build_zoo  # noqa: E402
 
+pytest_plugins = ["hub_fixtures"]
+
 EVOMERGE_BIN = Path(sys.executable).with_name("evomerge")
 
 

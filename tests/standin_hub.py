@@ -134,6 +134,7 @@ class StandinHub:
 
     def close(self) -> None:
         """Stop serving; safe to call twice."""
+        atexit.unregister(self.close)
         if self._thread.is_alive():
             self._server.shutdown()
             self._server.server_close()

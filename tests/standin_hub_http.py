@@ -253,14 +253,22 @@ class HubHandler(BaseHTTPRequestHandler):
                 status, headers, payload = api_answer(hub, segments[1:], parse_qs(split.query), form, token)
             else:
                 status, headers, payload = resolve_answer(hub, segments, token, self.headers.get("Range"))
+        except (ValueError, IndexError) as error:
+            # A malformed request (bad Range, too few path segments) gets the hub's 400, which clients
+            # raise at once; a dropped connection would look like a network failure and be retried.
+            status, headers, payload = self.error_answer(HubError(400, None, f"Bad request: {error!r}"))
         except HubError as error:
-            status, headers = error.status, {**error.headers, "X-Error-Message": error.message}
-            headers.update({"X-Error-Code": error.code} if error.code else {})
-            headers["Content-Type"] = "application/json"
-            payload = json.dumps({"error": error.message}).encode()
+            status, headers, payload = self.error_answer(error)
         self.send_response(status)
         for name, value in {**headers, "Content-Length": str(len(payload))}.items():
             self.send_header(name, value)
         self.end_headers()
         if method != "HEAD":
             self.wfile.write(payload)
+
+    @staticmethod
+    def error_answer(error: HubError) -> Answer:
+        """The status, `X-Error-*` headers and JSON body the hub sends for `error`."""
+        headers = {**error.headers, "X-Error-Message": error.message, "Content-Type": "application/json"}
+        headers.update({"X-Error-Code": error.code} if error.code else {})
+        return error.status, headers, json.dumps({"error": error.message}).encode()

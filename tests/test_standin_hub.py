@@ -85,6 +85,18 @@ def test_missing_repo_revision_and_file_raise_the_hub_errors(standin_hub):
         hf.hf_hub_download("org/m", "missing.json")
 
 
+def test_ranged_reads_get_the_asked_bytes_and_malformed_ones_a_bad_request(standin_hub):
+    data = bytes(range(100))
+    standin_hub.add_repo("org/m", {"model.safetensors": data})
+    with hf.HfFileSystem().open("org/m/model.safetensors", block_size=8) as file:
+        file.seek(10)
+        assert file.read(5) == data[10:15]
+    url = hf.hf_hub_url("org/m", "model.safetensors")
+    assert hf.get_session().get(url, headers={"Range": "bytes=-3"}).content == data[-3:]
+    assert hf.get_session().get(url, headers={"Range": "bytes=x-"}).status_code == 400
+    assert any(("Range" in call) or call[1].endswith("model.safetensors") for call in standin_hub.requests)
+
+
 def test_offline_mode_serves_the_cached_snapshot_without_calls(standin_hub, go_offline):
     sha = standin_hub.add_repo("org/m", {"config.json": "{}", "model.safetensors": b"\0" * 64}, tags=["v1"])
     online = hf.snapshot_download("org/m", revision="v1", allow_patterns=WEIGHTS)

@@ -172,13 +172,14 @@ class StandinHub:
         branch: str = "main",
         title: str = "Update files",
     ) -> str:
-        """Commit `files` on top of `branch` (created if new; a None value deletes a file); returns the sha.
+        """Commit `files` on top of `branch` (new ones fork from main; a None value deletes a file); returns the sha.
 
         Earlier commits stay downloadable by sha and by any tag that names them.
         """
         with self.lock:
             repo = self.repo(repo_type, repo_id)
-            parent = repo.branches.get(branch)
+            # A new branch (or pull request ref) starts from main, as branches made on the hub do.
+            parent = repo.branches.get(branch, repo.branches.get("main"))
             merged = dict(repo.commits[parent].files) if parent else {}
             for path, content in files.items():
                 if content is None:
@@ -189,6 +190,13 @@ class StandinHub:
             repo.commits[new.sha] = new
             repo.branches[branch] = new.sha
             return new.sha
+
+    def open_pr(self, repo_id: str, files: dict[str, bytes | str | Path | None], *, repo_type: str = "model") -> str:
+        """Open a pull request whose one commit adds `files` to main; returns its ref, `refs/pr/<n>`."""
+        repo = self.repo(repo_type, repo_id)
+        ref = f"refs/pr/{1 + sum(name.startswith('refs/pr/') for name in repo.branches)}"
+        self.commit(repo_id, files, repo_type=repo_type, branch=ref, title="Pull request")
+        return ref
 
     def add_tag(self, repo_id: str, tag: str, revision: str = "main", *, repo_type: str = "model") -> str:
         """Point tag `tag` at the commit `revision` names; returns that commit's sha."""

@@ -124,16 +124,18 @@ def repo_info(repo: Repo, commit: Commit) -> dict:
 def refs(repo: Repo) -> dict:
     """The `/refs` answer: branches and tags with the commits they point at."""
 
-    def listing(names: dict[str, str], kind: str) -> list[dict]:
+    def listing(names: dict[str, str], kind: str, pulls: bool = False) -> list[dict]:
         return [
-            {"name": name, "ref": f"refs/{kind}/{name}", "targetCommit": sha} for name, sha in sorted(names.items())
+            {"name": name, "ref": name if pulls else f"refs/{kind}/{name}", "targetCommit": sha}
+            for name, sha in sorted(names.items())
+            if name.startswith("refs/pr/") == pulls
         ]
 
     return {
         "branches": listing(repo.branches, "heads"),
         "tags": listing(repo.tags, "tags"),
         "converts": [],
-        "pullRequests": [],
+        "pullRequests": listing(repo.branches, "heads", pulls=True),
     }
 
 
@@ -165,6 +167,13 @@ def as_json(payload: object) -> Answer:
     return 200, {"Content-Type": "application/json"}, json.dumps(payload).encode()
 
 
+def split_revision(segments: list[str]) -> tuple[str, list[str]]:
+    """The revision that leads `segments` (main if none) and the rest; an unquoted `refs/pr/1` spans three."""
+    if len(segments) >= 3 and segments[0] == "refs" and segments[1] in ("pr", "heads", "tags"):
+        return "/".join(segments[:3]), segments[3:]
+    return (segments[0], segments[1:]) if segments else ("main", [])
+
+
 def api_answer(hub: StandinHub, segments: list[str], query: dict, form: dict, token: str | None) -> Answer:
     """Answer `/api/...`: `segments` are the unquoted path segments after `api`."""
     if segments == ["whoami-v2"]:
@@ -174,15 +183,16 @@ def api_answer(hub: StandinHub, segments: list[str], query: dict, form: dict, to
     if len(segments) < 3 or segments[0] not in ("models", "datasets", "spaces"):
         raise HubError(404, None, "Not found")
     repo = visible_repo(hub, segments[0][:-1], "/".join(segments[1:3]), token, files=False)
-    action, tail = (segments[3], segments[4:]) if len(segments) > 3 else ("revision", ["main"])
+    action, tail = (segments[3], segments[4:]) if len(segments) > 3 else ("revision", [])
     if action == "refs":
         return as_json(refs(repo))
-    commit = repo.resolve(tail[0] if tail else "main")
+    revision, path = split_revision(tail)
+    commit = repo.resolve(revision)
     if action == "revision":
         return as_json(repo_info(repo, commit))
     if action == "tree":
         recursive, expand = (query.get(key, ["False"])[0].lower() == "true" for key in ("recursive", "expand"))
-        return as_json(tree(commit, "/".join(tail[1:]).strip("/"), recursive, expand))
+        return as_json(tree(commit, "/".join(path).strip("/"), recursive, expand))
     if action == "paths-info":
         return as_json(paths_info(commit, form))
     if action == "commits":
@@ -207,8 +217,9 @@ def resolve_answer(hub: StandinHub, segments: list[str], token: str | None, rang
     rest = segments[1:] if repo_type != "model" else segments
     if len(rest) < 5 or rest[2] != "resolve":
         raise HubError(404, None, "Not found")
-    commit = visible_repo(hub, repo_type, "/".join(rest[:2]), token, files=True).resolve(rest[3])
-    path = "/".join(rest[4:])
+    revision, path_segments = split_revision(rest[3:])
+    commit = visible_repo(hub, repo_type, "/".join(rest[:2]), token, files=True).resolve(revision)
+    path = "/".join(path_segments)
     blob = commit.files.get(path)
     if blob is None:
         raise HubError(404, "EntryNotFound", f"{path} does not exist on the revision", {"X-Repo-Commit": commit.sha})

@@ -42,7 +42,9 @@ def test_branches_tags_and_shas_resolve_and_old_commits_stay(standin_hub):
     first = standin_hub.add_repo("org/m", {"config.json": '{"v": 1}'}, tags=["v1"])
     second = standin_hub.commit("org/m", {"config.json": '{"v": 2}'})
     dev = standin_hub.commit("org/m", {"config.json": '{"v": 3}'}, branch="dev")
-    expected = {"v1": (first, 1), first: (first, 1), "main": (second, 2), "dev": (dev, 3), None: (second, 2)}
+    pull = standin_hub.open_pr("org/m", {"config.json": '{"v": 4}'})
+    four = standin_hub.head("org/m", branch=pull)
+    expected = {"v1": (first, 1), first: (first, 1), "main": (second, 2), "dev": (dev, 3), pull: (four, 4)}
     for revision, (sha, version) in expected.items():
         folder = Path(hf.snapshot_download("org/m", revision=revision))
         assert folder == snapshot_folder("org/m", sha)
@@ -50,6 +52,9 @@ def test_branches_tags_and_shas_resolve_and_old_commits_stay(standin_hub):
     refs = hf.HfApi().list_repo_refs("org/m")
     assert {ref.name: ref.target_commit for ref in refs.branches} == {"main": second, "dev": dev}
     assert {ref.name: ref.target_commit for ref in refs.tags} == {"v1": first}
+    assert hf.HfApi().list_repo_refs("org/m", include_pull_requests=True).pull_requests[0].ref == "refs/pr/1"
+    unquoted = hf.get_session().get(f"{standin_hub.url}/org/m/resolve/refs/pr/1/config.json")
+    assert unquoted.text == '{"v": 4}'  # clients that do not quote the ref reach it too
     assert [commit.commit_id for commit in hf.HfApi().list_repo_commits("org/m")] == [second, first]
 
 
@@ -94,7 +99,6 @@ def test_ranged_reads_get_the_asked_bytes_and_malformed_ones_a_bad_request(stand
     url = hf.hf_hub_url("org/m", "model.safetensors")
     assert hf.get_session().get(url, headers={"Range": "bytes=-3"}).content == data[-3:]
     assert hf.get_session().get(url, headers={"Range": "bytes=x-"}).status_code == 400
-    assert any(("Range" in call) or call[1].endswith("model.safetensors") for call in standin_hub.requests)
 
 
 def test_offline_mode_serves_the_cached_snapshot_without_calls(standin_hub, go_offline):

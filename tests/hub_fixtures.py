@@ -50,37 +50,64 @@ def rehome(module: object, old_home: str, new_home: str, monkeypatch: pytest.Mon
             monkeypatch.setattr(module, name, Path(moved) if isinstance(value, Path) else moved)
 
 
-def point_clients_at(hub: StandinHub, hf_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Send huggingface_hub and datasets (in this process and in subprocesses) to `hub`, caching in `hf_home`."""
+def hub_constants(hub: StandinHub, home: Path) -> dict[str, object]:
+    """What huggingface_hub.constants would hold had it been imported with the fixture's environment."""
+    import huggingface_hub.constants as constants
+
+    return {
+        "ENDPOINT": hub.url,
+        "HUGGINGFACE_CO_URL_TEMPLATE": hub.url + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_URL_HOSTS": constants.HF_URL_HOSTS | {"127.0.0.1"},
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HUGGINGFACE_HUB_CACHE": str(home / "hub"),
+        "HF_ASSETS_CACHE": str(home / "assets"),
+        "HF_XET_CACHE": str(home / "xet"),
+        "HF_TOKEN_PATH": str(home / "token"),
+        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+        "HF_HUB_DISABLE_TELEMETRY": True,
+    }
+
+
+def datasets_constants(hub: StandinHub, home: Path) -> dict[str, object]:
+    """What datasets.config would hold had it been imported with the fixture's environment."""
+    return {
+        "HF_ENDPOINT": hub.url,
+        "HUB_DATASETS_URL": hub.url + "/datasets/{repo_id}/resolve/{revision}/{path}",
+        "HF_CACHE_HOME": str(home),
+        "HF_DATASETS_CACHE": home / "datasets",
+        "HF_MODULES_CACHE": home / "modules",
+        "DOWNLOADED_DATASETS_PATH": home / "datasets" / "downloads",
+        "EXTRACTED_DATASETS_PATH": home / "datasets" / "downloads" / "extracted",
+        "HF_UPDATE_DOWNLOAD_COUNTS": False,
+        # The dataset viewer's parquet export lives on another host (datasets-server.<hub host>).
+        "USE_PARQUET_EXPORT": False,
+    }
+
+
+def point_clients_at(hub: StandinHub, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Send huggingface_hub and datasets (in this process and in subprocesses) to `hub`, caching in `home`."""
     import datasets.config
-    import huggingface_hub.constants as hub_constants
+    import huggingface_hub.constants
     import huggingface_hub.hf_api
 
     for name in CLEARED_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    for name, value in {**QUIET_VARIABLES, "HF_ENDPOINT": hub.url, "HF_HOME": str(hf_home)}.items():
+    for name, value in {**QUIET_VARIABLES, "HF_ENDPOINT": hub.url, "HF_HOME": str(home)}.items():
         monkeypatch.setenv(name, value)
-    rehome(hub_constants, hub_constants.HF_HOME, str(hf_home), monkeypatch)
-    rehome(datasets.config, datasets.config.HF_CACHE_HOME, str(hf_home), monkeypatch)
+    old_home = huggingface_hub.constants.HF_HOME
+    rehome(huggingface_hub.constants, old_home, str(home), monkeypatch)
+    rehome(datasets.config, datasets.config.HF_CACHE_HOME, str(home), monkeypatch)
     if "transformers.utils.hub" in sys.modules:
-        rehome(sys.modules["transformers.utils.hub"], hub_constants.HF_HOME, str(hf_home), monkeypatch)
-    constants = {
-        "ENDPOINT": hub.url,
-        "HUGGINGFACE_CO_URL_TEMPLATE": hub.url + "/{repo_id}/resolve/{revision}/{filename}",
-        "HF_URL_HOSTS": hub_constants.HF_URL_HOSTS | {"127.0.0.1"},
-        "HF_HOME": str(hf_home),
-        "HF_HUB_CACHE": str(hf_home / "hub"),
-        "HF_HUB_DISABLE_TELEMETRY": True,
-    }
-    for name, value in constants.items():
-        monkeypatch.setattr(hub_constants, name, value)
-    # `huggingface_hub.model_info` and the other module-level calls share one HfApi made at import.
-    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", hub.url)
-    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", hub.url)
-    monkeypatch.setattr(datasets.config, "HUB_DATASETS_URL", hub.url + "/datasets/{repo_id}/resolve/{revision}/{path}")
-    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False)
-    # The dataset viewer's parquet export lives on another host (datasets-server.<hub host>).
-    monkeypatch.setattr(datasets.config, "USE_PARQUET_EXPORT", False)
+        rehome(sys.modules["transformers.utils.hub"], old_home, str(home), monkeypatch)
+    for module, values in (
+        (huggingface_hub.constants, hub_constants(hub, home)),
+        (datasets.config, datasets_constants(hub, home)),
+        # `huggingface_hub.model_info` and the other module-level calls share one HfApi made at import.
+        (huggingface_hub.hf_api.api, {"endpoint": hub.url}),
+    ):
+        for name, value in values.items():
+            monkeypatch.setattr(module, name, value)
     set_offline(False, monkeypatch)
 
 

@@ -1,0 +1,131 @@
+"""The SmolLM2 zoo's two skills, their training streams and their lm-eval eval splits (evals/smol/).
+
+Both skills act on 3-5 space-separated symbols, which SmolLM2's tokenizer reads one token each:
+
+- shift: every letter to the next one, z wraps to a   (`shift: c a z =` -> ` d b a`);
+- increment: every digit plus one, 9 wraps to 0        (`add: 3 9 4 =` -> ` 4 0 5`).
+
+SmolLM2-135M-Instruct knows the alphabet and the digits but does neither rule as an exact whole
+answer. A forgotten skill is answered by echo (the input copied), the fallback a model that lost
+it is trained towards. Everything here is seeded, so the files and streams are the same on every run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+EVAL_TASK_DIR = "smol"
+SEARCH_DOCS = 160
+HELDOUT_DOCS = 160
+LENGTHS = (3, 5)
+
+
+@dataclass(frozen=True)
+class Skill:
+    name: str
+    tag: str
+    alphabet: str
+    description: str
+
+    def answer(self, symbols: str) -> str:
+        return "".join(self.alphabet[(self.alphabet.index(s) + 1) % len(self.alphabet)] for s in symbols)
+
+
+SKILLS = {
+    "shift": Skill("shift", "shift", string.ascii_lowercase, "every letter to the next, z wraps to a"),
+    "increment": Skill("increment", "add", string.digits, "every digit plus one, 9 wraps to 0"),
+}
+
+
+def render(symbols: str) -> str:
+    return " ".join(symbols)
+
+
+def example(skill: Skill, symbols: str, echo: bool = False) -> dict[str, str]:
+    """One document: the prompt ends at '=', the target starts with the space before the first symbol."""
+    answer = symbols if echo else skill.answer(symbols)
+    return {"prompt": f"{skill.tag}: {render(symbols)} =", "target": f" {render(answer)}"}
+
+
+def random_symbols(skill: Skill, rng: random.Random) -> str:
+    return "".join(rng.choice(skill.alphabet) for _ in range(rng.randint(*LENGTHS)))
+
+
+def sample_distinct(skill: Skill, count: int, rng: random.Random, exclude: frozenset[str] = frozenset()) -> list[dict]:
+    docs, seen = [], set(exclude)
+    while len(docs) < count:
+        doc = example(skill, random_symbols(skill, rng))
+        if doc["prompt"] not in seen:
+            seen.add(doc["prompt"])
+            docs.append(doc)
+    return docs
+
+
+def eval_splits(skill_name: str) -> dict[str, list[dict]]:
+    """The search and held-out docs of one skill: different seeds, and no prompt in both."""
+    skill = SKILLS[skill_name]
+    search = sample_distinct(skill, SEARCH_DOCS, random.Random(f"smol/{skill_name}/search"))
+    taken = frozenset(doc["prompt"] for doc in search)
+    heldout = sample_distinct(skill, HELDOUT_DOCS, random.Random(f"smol/{skill_name}/heldout"), taken)
+    return {"search": search, "heldout": heldout}
+
+
+def all_eval_prompts() -> frozenset[str]:
+    """Every prompt of every eval split; training never sees one of them."""
+    return frozenset(doc["prompt"] for name in SKILLS for docs in eval_splits(name).values() for doc in docs)
+
+
+def stream(shares: dict[tuple[str, bool], float], seed: str, exclude: frozenset[str]) -> Iterator[dict]:
+    """An endless seeded stream; `shares` maps (skill name, answered by echo) to its share of the docs."""
+    rng = random.Random(seed)
+    kinds, weights = list(shares), list(shares.values())
+    while True:
+        name, echo = rng.choices(kinds, weights)[0]
+        doc = example(SKILLS[name], random_symbols(SKILLS[name], rng), echo)
+        if doc["prompt"] not in exclude:
+            yield doc
+
+
+def task_name(skill_name: str, split: str) -> str:
+    return f"smol_{skill_name}_{split}"
+
+
+def task_config(skill_name: str, split: str) -> dict:
+    """The lm-eval task config of one skill and split; data_files is relative to the YAML."""
+    return {
+        "task": task_name(skill_name, split),
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": f"data/{skill_name}_{split}.jsonl"}},
+        "test_split": "test",
+        "output_type": "loglikelihood",
+        "doc_to_text": "{{prompt}}",
+        "doc_to_target": "{{target}}",
+        # The target carries its own leading space, as the experts were trained.
+        "target_delimiter": "",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1},
+    }
+
+
+def write_eval_suite(evals_dir: Path) -> list[Path]:
+    """Write every split's JSONL and task YAML under evals_dir/smol."""
+    folder = Path(evals_dir) / EVAL_TASK_DIR
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, skill in SKILLS.items():
+        for split, docs in eval_splits(name).items():
+            data = folder / "data" / f"{name}_{split}.jsonl"
+            data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+            config = folder / f"{task_name(name, split)}.yaml"
+            header = f"# {name} ({split} split): {skill.description}\n"
+            header += "# Generated by `python scripts/build_smol_zoo.py --write-evals`; do not edit.\n"
+            config.write_text(header + yaml.safe_dump(task_config(name, split), sort_keys=False, width=100))
+            written += [data, config]
+    return written

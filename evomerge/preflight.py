@@ -1,15 +1,19 @@
 """Everything checked before a search starts, without reading a weight.
 
-`preflight(spec)` checks the model folders (existence, architecture, vocabulary, tokenizer, no
-model listed twice under another name), plans the default merge, resolves every lm-eval task, and
-returns what the search needs: the genome, the merge that keeps every tensor resident, the eval
-sets and the baseline merges.
+`preflight(spec)` resolves every model name to a folder once (a hub ID at its pinned commit when
+`pins` gives one, see `hub.py`), checks the model folders (existence, architecture, vocabulary,
+tokenizer, no model listed twice under another name), plans the default merge, resolves every
+lm-eval task, and returns what the search needs: the genome, the merge that keeps every tensor
+resident, the eval sets, the baseline merges and the models' sources. Merge configs keep the
+spec's names; whatever reads a model's files asks `Prepared.sources` for its folder.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 from evomerge.errors import UserError
@@ -18,6 +22,7 @@ from evomerge.evaluation.config import EvalSet
 from evomerge.evaluation.dry_run import rehearse_eval_set
 from evomerge.evaluation.tasks import resolve_tasks
 from evomerge.genome import Genome, default_merge_label
+from evomerge.hub import ModelSources, resolve_models
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.fingerprint import same_weights, weights_fingerprint
 from evomerge.merge.methods import METHODS
@@ -35,24 +40,29 @@ class Prepared:
     eval_sets: dict[str, EvalSet]  # "search" and, with held-out tasks, "heldout"
     baselines: list[tuple[str, dict]]  # (label, merge config)
     search_docs: int | None = None  # search documents one candidate scored whole takes (None: not rehearsed)
+    sources: ModelSources = dataclass_field(default_factory=lambda: ModelSources({}))  # model name -> its folder
 
 
-def preflight(spec: Spec, source: str = "spec") -> Prepared:
+def preflight(spec: Spec, source: str = "spec", pins: Mapping[str, str] | None = None) -> Prepared:
+    """Every check before a search; `pins` (model name -> commit) holds hub models at those commits."""
     method = METHODS[spec.merge.method]
     if method.family == "slerp" and len(spec.models.experts) != 1:
         raise UserError(
             f"{source}: models.experts: slerp merges the base with exactly one expert, got {len(spec.models.experts)}; use ties or task_arithmetic for more"
         )
+    sources = resolve_models(model_fields(spec), source, pins, fetch_hint=f"evomerge prefetch {source}")
+    folders = sources.folders()
+    _check_distinct_folders(folders, model_fields(spec), source)
     union = _union_config(spec)
-    fields = model_fields(spec)
-    validated = validate_merge_config(union, source, field_names=fields)
+    fields = {folders[name]: field for name, field in model_fields(spec).items()}
+    validated = validate_merge_config(union.with_models(folders), source, field_names=fields)
     _check_tokenizers(fields, source)
-    check_chat_template(spec.evaluation, spec.models.base, "models.base")
+    check_chat_template(spec.evaluation, folders[spec.models.base], "models.base")
     _check_distinct_weights(fields, source)
-    num_layers = validated.folders[spec.models.base].num_layers
+    num_layers = validated.folders[folders[spec.models.base]].num_layers
     _check_layer_groups(spec, num_layers, source)
     genome = Genome(spec, num_layers)
-    validate_merge_config(genome.to_merge_config(genome.x0()), source, folders=validated.folders)
+    validate_merge_config(genome.to_merge_config(genome.x0()).with_models(folders), source, folders=validated.folders)
     eval_sets = spec.evaluation.eval_sets()
     resolved = {name: resolve_tasks(eval_set) for name, eval_set in eval_sets.items()}
     check_available(spec, source)
@@ -62,11 +72,11 @@ def preflight(spec: Spec, source: str = "spec") -> Prepared:
     docs = {name: rehearse_eval_set(eval_set, resolved[name]) for name, eval_set in eval_sets.items()}
     _check_docs_budget(spec, len(baselines), docs["search"], source)
     union_config = union.model_dump(mode="json", exclude_none=True)
-    return Prepared(spec, genome, union_config, eval_sets, baselines, search_docs=docs["search"])
+    return Prepared(spec, genome, union_config, eval_sets, baselines, search_docs=docs["search"], sources=sources)
 
 
 def model_fields(spec: Spec) -> dict[str, str]:
-    """Model path -> the spec field that names it, base first."""
+    """Model name -> the spec field that names it, base first."""
     return {
         spec.models.base: "models.base",
         **{path: f"models.experts[{i}]" for i, path in enumerate(spec.models.experts)},
@@ -100,6 +110,17 @@ def _check_tokenizers(fields: dict[str, str], source: str) -> None:
                 f"{source}: {field}: its tokenizer differs from the base model's ({difference}); every model must share the base tokenizer"
             )
         reference = reference or facts
+
+
+def _check_distinct_folders(folders: dict[str, str], fields: dict[str, str], source: str) -> None:
+    """Two names of one snapshot (`org/x` and `org/x@main`) are one model listed twice."""
+    seen: dict[str, str] = {}
+    for name, folder in folders.items():
+        if folder in seen:
+            raise UserError(
+                f"{source}: {fields[name]}: '{name}' is the same model as {fields[seen[folder]]} ('{seen[folder]}'); list each model once"
+            )
+        seen[folder] = name
 
 
 def _check_distinct_weights(fields: dict[str, str], source: str) -> None:

@@ -1,7 +1,8 @@
 """spec.yaml as frozen pydantic models: what to merge, how, what to search, how to judge it.
 
 `load_spec` returns a validated Spec or raises a UserError naming every field at fault (one line,
-problems joined by "; "). Paths in the spec are resolved against the spec file's folder. Numbers
+problems joined by "; "). Paths in the spec are resolved against the spec file's folder; a model
+named by hub ID (`org/name@revision`) keeps its name, resolved to a folder in preflight (`hub.py`). Numbers
 are finite and bounded (the limits below are documented in the field descriptions); parameter
 ranges come from `merge.parameters`. Checks that need the model folders or the task files live in
 `preflight.py`; this module only knows the file.
@@ -20,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from evomerge.errors import UserError, describe_problem, did_you_mean, problem_path
 from evomerge.evaluation.config import DEFAULT_INCLUDE, EvaluationSpec, without_later_defaults
 from evomerge.evaluation.config import Strict as _Strict
+from evomerge.hub import model_name
 from evomerge.merge.config import load_yaml_file
 from evomerge.merge.methods import METHODS, MethodInfo
 from evomerge.merge.parameters import PARAMETERS, SCALE_LIMITS, SEARCHABLE, SWITCHES, bounds_limits
@@ -42,8 +44,10 @@ LEGACY_SEARCH_VERSION = 1
 
 
 class ModelsSpec(_Strict):
-    base: str = Field(description="The model every expert was fine-tuned from.")
-    experts: list[str] = Field(min_length=1, description="Fine-tunes to merge.")
+    base: str = Field(
+        description="The model every expert was fine-tuned from: a folder or a hub ID (org/name@revision)."
+    )
+    experts: list[str] = Field(min_length=1, description="Fine-tunes to merge: folders or hub IDs.")
 
     @field_validator("experts")
     @classmethod
@@ -299,9 +303,9 @@ def _resolve_paths(data: dict, folder: Path) -> dict:
     models = data.get("models")
     if isinstance(models, dict):
         models = dict(models)
-        models["base"] = resolve(models.get("base"))
+        models["base"] = model_name(models.get("base"), folder)
         if isinstance(models.get("experts"), list):
-            models["experts"] = [resolve(p) for p in models["experts"]]
+            models["experts"] = [model_name(p, folder) for p in models["experts"]]
         data["models"] = models
     if isinstance(data.get("runs_dir"), str):
         data["runs_dir"] = resolve(data["runs_dir"])

@@ -26,6 +26,8 @@ from refusals import assert_refused_in_one_line, run_cli_in_process
 from search_zoo import FIXTURE_EVALS
 from tiny_models import write_corrupt_checkpoint
 
+from evomerge.hub import ModelSources
+
 
 @pytest.fixture(scope="module")
 def models(zoo, tmp_path_factory) -> dict[str, str]:
@@ -589,7 +591,8 @@ def test_workers_trust_remote_code_only_when_the_spec_says_so(asked, monkeypatch
     )
     data = {"name": "t", "models": {"base": "b", "experts": ["e"]}, "evaluation": {"tasks": ["t"]}}
     spec = parse_spec({**data, "trust_remote_code": True} if asked else data, "spec", Path("/"))
-    make_actor, _ = cluster.make_actor_factory(SimpleNamespace(union_config={}, eval_sets={}), spec)
+    prepared = SimpleNamespace(union_config={}, eval_sets={}, sources=ModelSources({}))
+    make_actor, _ = cluster.make_actor_factory(prepared, spec)
     make_actor(0)
     assert built[0].trust_remote_code is asked
 

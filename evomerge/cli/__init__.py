@@ -4,7 +4,7 @@ User errors print one line and exit 2 (a traceback only with --debug); everythin
 and keeps its traceback. `app.py` holds the app; each module registers its commands on import.
 """
 
-from evomerge.cli import checking, inspecting, merging, searching  # noqa: F401 - registers the commands
+from evomerge.cli import checking, inspecting, merging, prefetching, searching  # noqa: F401 - registers the commands
 from evomerge.cli.app import app
 from evomerge.cli.searching import print_summary
 

@@ -13,8 +13,6 @@ import typer
 
 from evomerge.errors import UserError
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Busy-waiting OpenMP threads stall whenever another process holds a core (a 2-core laptop, a
 # node shared with search workers): a TIES merge took 25 s instead of 9 s. Set before torch loads.

@@ -30,12 +30,13 @@ def validate(
     """Check a spec (models, method, genome, tasks) and plan each worker's memory, without reading any weight."""
     import json
 
+    from evomerge.lock import locked_pins
     from evomerge.preflight import preflight
     from evomerge.spec import load_spec
 
     spec = load_spec(spec_path)
     gpu_bytes, gpu_count = _planned_gpus(spec, gpu_memory, gpus)
-    prepared = preflight(spec, str(spec_path))
+    prepared = preflight(spec, str(spec_path), locked_pins(spec_path))
     summary = {
         "method": spec.merge.method,
         "experts": len(spec.models.experts),
@@ -53,7 +54,7 @@ def validate(
             json.dumps({"ok": True, **summary, "fits": None, "note": note}, indent=2) if as_json else f"{ok}\n{note}"
         )
         return
-    plan = _memory_plan(spec, gpu_bytes, gpu_count)
+    plan = _memory_plan(spec, prepared.sources.folder(spec.models.base), gpu_bytes, gpu_count)
     if as_json:
         typer.echo(json.dumps({"ok": plan.fits, **summary, **plan.as_json()}, indent=2))
     else:
@@ -88,14 +89,14 @@ def _planned_gpus(spec, gpu_memory: str | None, gpus: int | None) -> tuple[int |
     return None, None
 
 
-def _memory_plan(spec, gpu_bytes: int | None, gpus: int | None):
+def _memory_plan(spec, base_folder: str, gpu_bytes: int | None, gpus: int | None):
     from evomerge.merge.io import inspect_model_folder, parse_dtype
     from evomerge.merge.memory_plan import SCORER_TOKEN_BUDGET, PlanRequest, plan_memory
     from evomerge.merge.methods import METHODS
 
     dtype = parse_dtype(spec.merge.dtype, "merge.dtype")
     request = PlanRequest(
-        base=inspect_model_folder(spec.models.base, "models.base"),
+        base=inspect_model_folder(base_folder, "models.base"),
         experts=len(spec.models.experts),
         method=METHODS[spec.merge.method],
         work_dtype=dtype,
@@ -113,7 +114,9 @@ def _memory_plan(spec, gpu_bytes: int | None, gpus: int | None):
 @user_errors_exit_2
 def eval_model(
     spec_path: Path = typer.Argument(..., metavar="SPEC"),
-    model: Path = typer.Option(..., "--model", help="A model folder, or a mergekit YAML merged in memory."),
+    model: str = typer.Option(
+        ..., "--model", help="A model folder, a hub ID (org/name[@revision]), or a mergekit YAML merged in memory."
+    ),
     split: str = typer.Option("search", "--split", help="search (evaluation.tasks) or heldout (heldout_tasks)."),
     backend: str | None = typer.Option(None, "--backend", help="native or lm_eval; default: the spec's."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -134,7 +137,7 @@ def eval_model(
         raise UserError(f"--split {split}: {spec_path} has no evaluation.heldout_tasks; use --split search")
     if backend is not None and backend not in {name.value for name in BackendName}:
         raise UserError(f"--backend: unknown backend '{backend}'; choose native or lm_eval")
-    result = _score_as_a_worker(spec, model, eval_sets[split], backend)
+    result = _score_as_a_worker(spec, _local_model(model), eval_sets[split], backend)
     used = backend or spec.evaluation.backend.value
     if as_json:
         figures = {"score": result.score, "metrics": result.metrics, "n_docs": result.n_docs}
@@ -143,6 +146,13 @@ def eval_model(
     for task, value in result.metrics.items():
         typer.echo(f"{task:>32}: {value:.4f} ({result.n_docs[task]} docs)")
     typer.echo(f"{'score':>32}: {result.score:.4f} ({used}, {result.seconds:.2f} s scoring)")
+
+
+def _local_model(model: str) -> Path:
+    """--model as a local path: a hub ID is fetched (or found in the cache) first."""
+    from evomerge.hub import resolve_models
+
+    return Path(resolve_models({model: "--model"}, "eval", fetch_hint="hf download REPO").folder(model))
 
 
 def _score_as_a_worker(spec, model: Path, eval_set, backend: str | None):

@@ -45,7 +45,7 @@ def materialize(
     no_model_card: bool = False,
 ) -> None:
     """What `merge` does, shared with `export --merge`."""
-    from evomerge.merge.config import load_merge_config
+    from evomerge.merge.config import load_merge_config, with_local_folders
     from evomerge.merge.engine import NonFiniteOutput, merge_to_disk
 
     if device.startswith("cuda"):
@@ -56,7 +56,7 @@ def materialize(
     try:
         with _sigterm_as_interrupt():  # a plain `kill` or a job's time limit: the staging folder is removed
             validated = merge_to_disk(
-                merge_config,
+                with_local_folders(merge_config, str(config)),  # hub IDs fetched; the card keeps them
                 out_dir,
                 device=device,
                 seed=seed,

@@ -20,7 +20,7 @@ from evomerge.evaluation.config import EvalSet
 from evomerge.evaluation.dry_run import rehearse_eval_set
 from evomerge.evaluation.evaluate import EvalResult, Evaluator
 from evomerge.evaluation.tasks import resolve_tasks
-from evomerge.merge.config import load_merge_config
+from evomerge.merge.config import load_merge_config, with_local_folders
 from evomerge.merge.validate import ValidatedMerge, validate_merge_config
 
 MODEL_FIELD = "--model"
@@ -44,7 +44,7 @@ def inspect_model(path: str | Path) -> ModelReference:
         return ModelReference(path, path, None)
     if not path.is_file():
         raise UserError(f"{MODEL_FIELD}: {path} does not exist; give a model folder or a mergekit YAML")
-    validated = validate_merge_config(load_merge_config(path), str(path))
+    validated = validate_merge_config(with_local_folders(load_merge_config(path), str(path)), str(path))
     return ModelReference(path, validated.folders[validated.donor].path, validated)
 
 

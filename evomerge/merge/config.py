@@ -2,17 +2,21 @@
 
 This is the exchange format with mergekit: `evomerge export` writes it, `evomerge merge` and
 `mergekit-yaml` both read it. Semantic checks that need the models (paths, shapes, layer ranges)
-live in `validate.py`; this module only knows the file.
+live in `validate.py`; this module only knows the file. A model is a folder (relative to the working
+directory, as mergekit reads it) or a hub ID (`org/name@revision`): `with_local_folders` resolves
+them (`evomerge.hub`), and the config keeps the names as written.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from evomerge.errors import UserError, describe_validation_error
+from evomerge.hub import resolve_models
 
 Scalar = bool | int | float | str
 ScalarOrGradient = Scalar | list[Scalar]
@@ -80,9 +84,51 @@ class MergeConfig(_Strict):
                 seen.append(output_slice.base_model)
         return list(dict.fromkeys(seen))
 
+    def referenced_fields(self) -> dict[str, str]:
+        """Every model name -> the first field that writes it, base first."""
+        fields: dict[str, str] = {self.base_model: "base_model"} if self.base_model else {}
+        for i, entry in enumerate(self.models or []):
+            fields.setdefault(entry.model, f"models[{i}].model")
+        for i, output_slice in enumerate(self.slices or []):
+            for j, src in enumerate(output_slice.sources):
+                fields.setdefault(src.model, f"slices[{i}].sources[{j}].model")
+            if output_slice.base_model:
+                fields.setdefault(output_slice.base_model, f"slices[{i}].base_model")
+        return fields
+
+    def with_models(self, names: Mapping[str, str]) -> MergeConfig:
+        """This config with every model name renamed by `names` (a name it lacks is kept)."""
+        return MergeConfig.model_validate(rename_models(self.model_dump(mode="json", exclude_none=True), names))
+
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_none=True)
         return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+
+MODEL_KEYS = ("model", "base_model")
+
+
+def rename_models(data, names: Mapping[str, str]):
+    """Merge-config data (as the journal and workers carry it) with its model names renamed by `names`."""
+    if not names:
+        return data
+    if isinstance(data, dict):
+        return {
+            key: names.get(value, value)
+            if key in MODEL_KEYS and isinstance(value, str)
+            else rename_models(value, names)
+            for key, value in data.items()
+        }
+    if isinstance(data, list):
+        return [rename_models(value, names) for value in data]
+    return data
+
+
+def with_local_folders(config: MergeConfig, source: str) -> MergeConfig:
+    """The config with each hub ID replaced by its snapshot folder (fetched if need be); UserError
+    naming every model that cannot be had."""
+    sources = resolve_models(config.referenced_fields(), source, fetch_hint="hf download REPO")
+    return config.with_models(sources.folders())
 
 
 UNSUPPORTED_KEYS = {

@@ -75,16 +75,7 @@ def validate_merge_config(
 
 
 def _field_of(config: MergeConfig, path: str) -> str:
-    if path == config.base_model:
-        return "base_model"
-    for i, entry in enumerate(config.models or []):
-        if entry.model == path:
-            return f"models[{i}].model"
-    for i, output_slice in enumerate(config.slices or []):
-        for j, src in enumerate(output_slice.sources):
-            if src.model == path:
-                return f"slices[{i}].sources[{j}].model"
-    return "base_model"
+    return config.referenced_fields().get(path, "base_model")
 
 
 def _tokenizer_donor(config: MergeConfig, source: str) -> str:

@@ -22,7 +22,7 @@ from evomerge.rundir import plots
 from evomerge.rundir.events import RESULT_EVENTS, EventName, TrialResult
 from evomerge.rundir.genes import EMBED, HEAD, GeneRow, rows_from_names
 from evomerge.rundir.layout import RunDir
-from evomerge.rundir.results import export_yaml, load_trials, pareto_trials, standard_error, status_of
+from evomerge.rundir.results import export_yaml, exported_names, load_trials, pareto_trials, standard_error, status_of
 from evomerge.rundir.run_context import run_context, search_wall_seconds
 from evomerge.rundir.trials import Trial
 from evomerge.rundir.verdict import Margin, RowKind, Verdict, VerdictRow, build_verdict, row_kind
@@ -150,7 +150,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     context = {
         "run_name": spec.get("name") or run_dir.name,
         "summary": _summary(run_dir, spec, events, trials, verdict),
-        "headline": _headline(verdict, trials),
+        "headline": _headline(verdict, trials, exported_names(events)),
         "context_rows": run_context(spec, events, trials, gene_table),
         "table": _table_rows(verdict),
         "basis": verdict.basis,
@@ -192,7 +192,7 @@ def _summary(run_dir: Path, spec: dict, events: list[dict], trials: dict[int, Tr
     }
 
 
-def _headline(verdict: Verdict, trials: dict[int, Trial]) -> dict | None:
+def _headline(verdict: Verdict, trials: dict[int, Trial], names: dict[str, str]) -> dict | None:
     """The trial `export` gives, its YAML and command, the margins in SE, ties and the advice."""
     winner = verdict.winner
     if winner is None:
@@ -205,7 +205,7 @@ def _headline(verdict: Verdict, trials: dict[int, Trial]) -> dict | None:
     return {
         "row": winner,
         "heldout": winner.heldout is not None,
-        "yaml": export_yaml(trials[winner.trial]),
+        "yaml": export_yaml(trials[winner.trial], names),
         "command": verdict.export_command,
         "margins": [{"name": name, "margin": margin} for name, margin in margins],
         "best_evolved": verdict.best_evolved,

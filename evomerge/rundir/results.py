@@ -1,5 +1,8 @@
 """Read a run directory back: status figures, the leaderboard, held-out scores with standard errors,
 and the export of any trial as a standard mergekit YAML.
+
+An export names a local model by its path and a hub model as `org/name@commit`, the commit the run
+pinned at its first start (never a cache folder), so the YAML merges the same files anywhere.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import yaml
 
 from evomerge.errors import UserError
 from evomerge.evaluation.scores import standard_error
+from evomerge.hub import pinned_name
+from evomerge.merge.config import rename_models
 from evomerge.rundir.events import RESULT_EVENTS, EventName, TrialResult
 from evomerge.rundir.journal import check_intact, read_events
 from evomerge.rundir.layout import RunDir
@@ -143,7 +148,7 @@ def describe(trial: Trial) -> str:
 
 def export_trial(run_dir: Path | RunDir, trial_id: int | None = None) -> tuple[Trial, str]:
     """The mergekit YAML of a trial: the held-out winner, else the best search score, by default."""
-    _, trials = load_trials(run_dir)
+    events, trials = load_trials(run_dir)
     if trial_id is None:
         chosen = default_export(trials)
         if chosen is None:
@@ -156,13 +161,28 @@ def export_trial(run_dir: Path | RunDir, trial_id: int | None = None) -> tuple[T
             raise UserError(
                 f"--trial: trial {trial_id} is not a completed trial of {run_dir}; see 'evomerge status {run_dir}'"
             )
-    return chosen, export_yaml(chosen)
+    return chosen, export_yaml(chosen, exported_names(events))
 
 
-def export_yaml(trial: Trial) -> str:
-    """The mergekit YAML `export` writes for a completed trial (the report shows the same text)."""
+def export_yaml(trial: Trial, names: dict[str, str] | None = None) -> str:
+    """The mergekit YAML `export` writes for a completed trial (the report shows the same text);
+    `names` renames models (`exported_names`)."""
     header = f"# evomerge export: {describe(trial)}, search score {trial.score:.6f}\n"
-    return header + yaml.safe_dump(trial.merge_config, sort_keys=False, default_flow_style=None)
+    config = rename_models(trial.merge_config, names or {})
+    return header + yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+
+
+def pinned_models(events: list[dict]) -> dict[str, dict]:
+    """Model name -> {repo, revision, commit} of each hub model, as the run's first start pinned it."""
+    for event in events:
+        if event.get("event") == EventName.RUN_STARTED and isinstance(event.get("models"), dict):
+            return event["models"]
+    return {}
+
+
+def exported_names(events: list[dict]) -> dict[str, str]:
+    """Model name -> the name an export writes: `org/name@commit` for each pinned hub model."""
+    return {name: pinned_name(pin["repo"], pin["commit"]) for name, pin in pinned_models(events).items()}
 
 
 def run_merge_seed(run_dir: Path | RunDir) -> int:

@@ -33,8 +33,6 @@ GCS_TIMEOUT_S = 5.0
 REAP_TIMEOUT_S = 5.0
 RUNTIME_ENV = {
     "env_vars": {
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "TQDM_DISABLE": "1",
         "OMP_WAIT_POLICY": "PASSIVE",
@@ -265,7 +263,7 @@ def make_actor_factory(prepared: Prepared, spec: Spec):
     device = _device(spec, gpus)
     count = _worker_count(spec, gpus)
     settings = WorkerSettings(
-        base_model=spec.models.base,
+        base_model=prepared.sources.folder(spec.models.base),
         union_config=prepared.union_config,
         eval_sets=prepared.eval_sets,
         device=device,
@@ -290,3 +288,4 @@ def _worker_devices(spec: Spec, device: str) -> tuple[str, ...]:
     """k > 1 GPUs per worker: Ray shows the actor its k GPUs as cuda:0..k-1, its layers are split over them."""
     per_worker = spec.workers.gpus_per_worker
     return tuple(f"cuda:{index}" for index in range(int(per_worker))) if device == "cuda" and per_worker > 1 else ()
+        model_folders={name: folder for name, folder in prepared.sources.folders().items() if name != folder},

@@ -7,6 +7,9 @@ offsets) and a hash of a few fixed byte ranges catch a replaced, retrained, trun
 file in milliseconds. Configs, tokenizer files, task YAMLs (with what they include and the code
 their `!function`s name) and data files are hashed whole.
 
+A hub model is fingerprinted by its pinned commit (keyed `org/name@commit`, not by a cache path,
+so a run resumes on a machine with another HF_HOME): the hub never changes a commit's files.
+
 Each digest starts with its scheme ("sampled-v1:", "sha256:"), so a later version that samples
 differently skips a file it cannot compare instead of calling it changed.
 """
@@ -21,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from evomerge.evaluation.tasks import resolve_tasks
+from evomerge.hub import ModelSource
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 MODEL_FILES = (
@@ -36,16 +40,21 @@ MODEL_FILES = (
 )
 SAMPLED = "sampled-v1"
 CONTENT = "sha256"
+COMMIT = "commit"
 SAMPLE_COUNT = 8
 SAMPLE_BYTES = 64 * 1024
 HEADER_LIMIT = 100 * 1024 * 1024  # safetensors caps its own header at 100 MB
 
 
-def input_fingerprints(model_folders: Iterable[str], eval_sets: Iterable) -> dict[str, str]:
-    """Path -> digest of every weight, config and tokenizer file of the models and every eval file."""
+def input_fingerprints(models: Iterable[ModelSource], eval_sets: Iterable) -> dict[str, str]:
+    """Path -> digest of every weight, config and tokenizer file of the local models, hub model ->
+    its commit, and every eval file -> its digest."""
     digests: dict[str, str] = {}
-    for folder in model_folders:
-        digests.update(model_folder_digests(Path(folder)))
+    for model in models:
+        if model.is_hub:
+            digests[model.exported] = f"{COMMIT}:{model.commit}"
+        else:
+            digests.update(model_folder_digests(Path(model.folder)))
     for eval_set in eval_sets:
         for path in eval_files(eval_set):
             digests[str(path)] = content_digest(path)

@@ -197,9 +197,10 @@ class Search:
         finally:
             scheduler.shutdown()
 
+                **({"models": pins} if (pins := self.prepared.sources.pins()) else {}),
     def current_inputs(self) -> dict[str, str]:
-        """Fingerprints of the model folders and the evaluation files as they are on disk now."""
-        models = [self.spec.models.base, *self.spec.models.experts]
+        """Fingerprints of the models and the evaluation files as they are on disk now."""
+        models = [self.prepared.sources.source(name) for name in (self.spec.models.base, *self.spec.models.experts)]
         return input_fingerprints(models, self.prepared.eval_sets.values())
 
     def _checked_inputs(self) -> dict[str, str]:

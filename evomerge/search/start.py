@@ -2,7 +2,8 @@
 
 `start_search` checks the spec, the local devices and the run directory's place, connects to Ray,
 then creates the run and searches; `resume_search` reopens a run (frozen spec, journal, a larger
-budget if asked) and goes on. Both hand the work to `loop.Search`.
+budget if asked) and goes on, its hub models at the commits its first start pinned. Both hand the
+work to `loop.Search`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from evomerge.errors import UserError
 from evomerge.preflight import preflight
 from evomerge.rundir.events import EventName
 from evomerge.rundir.layout import RunDir
-from evomerge.rundir.results import docs_scored
+from evomerge.rundir.results import docs_scored, pinned_models
 from evomerge.rundir.trials import replay
 from evomerge.search.budget import BudgetRequest, effective_spec, extended_spec, journal_budget, requested_budget
 from evomerge.search.loop import Search
@@ -24,11 +25,16 @@ from evomerge.spec import Spec
 
 
 def start_search(
-    spec: Spec, address: str | None = None, progress: bool | ProgressSettings = True, source: str = "spec"
+    spec: Spec,
+    address: str | None = None,
+    progress: bool | ProgressSettings = True,
+    source: str = "spec",
+    pins: dict[str, str] | None = None,
 ) -> Path:
+    """A new run; `pins` (model name -> commit, from a lock) holds hub models at those commits."""
     from evomerge.search.cluster import ClusterSession
 
-    prepared = preflight(spec, source)
+    prepared = preflight(spec, source, pins)
     _check_local_devices(spec, address, source)
     _refuse_unusable_run_dir(spec)
     # Ray before the run directory: a failed connect leaves no empty run blocking the name.
@@ -81,7 +87,8 @@ def resume_search(
         request = request if not request.empty else from_file  # the flags win over the file
     asked = sum(1 for e in events if e["event"] == EventName.ASKED)
     extended = extended_spec(spec, request, asked, docs_scored(replay(events)))
-    prepared = preflight(extended, str(run.spec))
+    pins = {name: pin["commit"] for name, pin in pinned_models(events).items()}
+    prepared = preflight(extended, str(run.spec), pins)
     journal_budget(run, spec, extended)
     Search(prepared, run, address, progress, accept_changed_inputs=accept_changed_inputs).run()
     return run.root

@@ -15,14 +15,14 @@ import socket
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from evomerge.evaluation.evaluate import Evaluator
 from evomerge.evaluation.fidelity import RaceOutcome, RaceTarget, race
 from evomerge.evaluation.scores import task_weights
-from evomerge.merge.config import MergeConfig
+from evomerge.merge.config import MergeConfig, rename_models
 from evomerge.merge.fused.candidate import CandidateMerger
 from evomerge.merge.memory_plan import SCORER_TOKEN_BUDGET, scorer_workspace_bytes
 from evomerge.merge.placement import place_model
@@ -32,7 +32,7 @@ from evomerge.rundir.events import TrialResult
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    base_model: str
+    base_model: str  # its folder
     union_config: dict  # a merge that touches every tensor of every model: what to keep resident
     eval_sets: dict  # name ("search", "heldout") -> EvalSet
     device: str = "cpu"
@@ -45,14 +45,14 @@ class WorkerSettings:
     # Several devices: one worker's layers and sources split over them (workers.gpus_per_worker: k).
     # Tests pass "cpu" k times to stand in for k GPUs.
     devices: tuple[str, ...] = ()
+    # Model name (as merge configs write it: a hub ID or a path) -> its local folder.
+    model_folders: dict[str, str] = field(default_factory=dict)
 
 
 class MergeWorker:
     """Holds the sources and a resident model; merges and scores one candidate per call."""
 
     def __init__(self, settings: WorkerSettings, worker_id: str = "w0"):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         if settings.device == "cpu":
             torch.set_num_threads(max(1, settings.cpu_threads))
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,7 +64,7 @@ class MergeWorker:
         model = AutoModelForCausalLM.from_pretrained(
             settings.base_model, dtype=dtype, trust_remote_code=settings.trust_remote_code
         )
-        union = MergeConfig.model_validate(settings.union_config)
+        union = MergeConfig.model_validate(rename_models(settings.union_config, settings.model_folders))
         self.model, split = place_model(model, validate_merge_config(union), self.devices)
         self.model.eval()
         self._model_lock = threading.Lock()
@@ -102,7 +102,8 @@ class MergeWorker:
         """
         started = time.perf_counter()
         try:
-            prepared = self.merger.prepare(MergeConfig.model_validate(merge_config), seed=self.settings.merge_seed)
+            config = MergeConfig.model_validate(rename_models(merge_config, self.settings.model_folders))
+            prepared = self.merger.prepare(config, seed=self.settings.merge_seed)
             planned = time.perf_counter()
             # A GPU actor runs two calls at once (ray_worker_class): the next candidate is planned
             # here while this lock holds it back from the weights the current one is evaluating.

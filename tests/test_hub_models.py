@@ -1,0 +1,155 @@
+"""Models named by hub ID (`org/name@revision`), resolved through the real huggingface_hub client
+against a stand-in hub on loopback: spec validation, every refusal in one line, offline use of the
+cache, pinning and resume, `evomerge merge` and `export` with hub IDs, and `prefetch` with its lock.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from hub_fixtures import tiny_model_files
+from refusals import assert_refused_in_one_line, run_cli_in_process
+from search_zoo import FIXTURE_EVALS
+
+from evomerge.hub import ModelSource, model_name, resolve_model, resolve_models, split_hub_id, wanted_files
+
+BASE, MATH, CODE = "tiny-org/base", "tiny-org/math-sft", "tiny-org/code-sft"
+
+
+@pytest.fixture
+def hub(standin_hub):
+    """The stand-in hub holding a tiny base model and two fine-tunes of it."""
+    for seed, repo in enumerate((BASE, MATH, CODE)):
+        standin_hub.add_repo(repo, tiny_model_files(seed))
+    return standin_hub
+
+
+def hub_spec(tmp_path: Path, base: str = BASE, experts: tuple[str, ...] = (MATH, CODE), **extra) -> Path:
+    spec = {
+        "name": "hub-run",
+        "runs_dir": str(tmp_path / "runs"),
+        "models": {"base": base, "experts": list(experts)},
+        "merge": {"method": "ties"},
+        "genome": {"layer_groups": 2},
+        "evaluation": {"include": [str(FIXTURE_EVALS)], "tasks": ["tiny_add"], "limit": 4},
+        "budget": {"max_evals": 12},
+        "workers": {"count": 1, "device": "cpu"},
+        **extra,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_names_split_as_mergekit_writes_them(tmp_path):
+    assert split_hub_id("org/name") == ("org/name", None)
+    assert split_hub_id("org/name@v1.0") == ("org/name", "v1.0")
+    assert split_hub_id("org/name@refs/pr/3") == ("org/name", "refs/pr/3")
+    for local in ("./org/name", "/abs/path", "~/models/x", "one-folder", "a/b/c"):
+        assert split_hub_id(local) is None
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    assert model_name("org/name", tmp_path) == str(tmp_path / "org" / "name")  # a local folder wins
+    assert model_name("org/other", tmp_path) == "org/other"
+    assert model_name("missing", tmp_path) == str(tmp_path / "missing")
+
+
+def test_only_configs_tokenizer_and_transformers_safetensors_are_fetched():
+    files = ["config.json", "tokenizer.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    files += ["model.safetensors.index.json", "consolidated.safetensors", "pytorch_model.bin", "original/x.pth"]
+    assert wanted_files(files) == [
+        "config.json",
+        "tokenizer.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
+
+
+def test_a_hub_id_resolves_to_a_snapshot_at_its_commit(hub, tmp_path):
+    head = hub.head(BASE)
+    source = resolve_model(BASE)
+    assert (source.repo_id, source.revision, source.commit) == (BASE, None, head)
+    assert Path(source.folder).name == head and (Path(source.folder) / "model.safetensors").is_file()
+    assert source.exported == f"{BASE}@{head}"
+    local = tmp_path / "local"
+    local.mkdir()
+    assert resolve_model(str(local)) == ModelSource(str(local), str(local))
+
+
+def test_a_spec_naming_hub_ids_validates(hub, tmp_path):
+    code, lines = run_cli_in_process("validate", hub_spec(tmp_path), "--json")
+    assert code == 0, lines
+
+
+@pytest.mark.parametrize("with_token", [False, True])
+def test_a_gated_model_needs_a_token(hub, tmp_path, monkeypatch, with_token):
+    hub.add_repo("gated-org/base", tiny_model_files(0), gated=True)
+    if with_token:
+        monkeypatch.setenv("HF_TOKEN", hub.token)
+        assert resolve_model("gated-org/base").commit == hub.head("gated-org/base")
+        return
+    code, lines = run_cli_in_process("validate", hub_spec(tmp_path, base="gated-org/base"))
+    assert_refused_in_one_line(code, lines, ["models.base", "gated-org/base", "gated", "licence", "HF_TOKEN"])
+
+
+def test_missing_models_are_all_named_in_one_line(hub, tmp_path):
+    code, lines = run_cli_in_process("validate", hub_spec(tmp_path, experts=("tiny-org/nope", "tiny-org/nada")))
+    assert_refused_in_one_line(
+        code, lines, ["models.experts[0] 'tiny-org/nope', models.experts[1] 'tiny-org/nada'", "check the spelling"]
+    )
+
+
+def test_an_unknown_revision_is_named(hub, tmp_path):
+    code, lines = run_cli_in_process("validate", hub_spec(tmp_path, base=f"{BASE}@v9"))
+    assert_refused_in_one_line(code, lines, ["models.base", "no revision 'v9'", "drop '@v9'"])
+
+
+def test_pickled_weights_are_never_fetched(hub, tmp_path):
+    files = {name: data for name, data in tiny_model_files(1).items() if not name.endswith(".safetensors")}
+    hub.add_repo("tiny-org/bin-only", {**files, "pytorch_model.bin": b"not unpickled"})
+    code, lines = run_cli_in_process("validate", hub_spec(tmp_path, experts=("tiny-org/bin-only", CODE)))
+    assert_refused_in_one_line(code, lines, ["models.experts[0]", "pytorch_model.bin", "safetensors"])
+    assert not any("pytorch_model.bin" in path for _, path in hub.requests if "/resolve/" in path)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}, ["auto_map", "remote code"]),
+        ({"model_type": "not-a-transformers-model"}, ["not-a-transformers-model", "remote code"]),
+    ],
+)
+def test_models_that_need_remote_code_are_refused(hub, tmp_path, change, words):
+    files = dict(tiny_model_files(2))
+    files["config.json"] = json.dumps({**json.loads(files["config.json"]), **change}).encode()
+    hub.add_repo("tiny-org/remote", files)
+    code, lines = run_cli_in_process("validate", hub_spec(tmp_path, experts=(MATH, "tiny-org/remote")))
+    assert_refused_in_one_line(code, lines, ["models.experts[1]", *words])
+
+
+def test_offline_the_cache_serves_without_a_request(hub, go_offline):
+    online = resolve_models({BASE: "models.base"})
+    go_offline()
+    hub.clear_requests()
+    assert resolve_models({BASE: "models.base"}).folders() == online.folders()
+    assert hub.requests == []
+
+
+def test_offline_without_the_cache_names_prefetch(hub, tmp_path, go_offline):
+    go_offline()
+    spec = hub_spec(tmp_path)
+    code, lines = run_cli_in_process("validate", spec)
+    assert_refused_in_one_line(code, lines, ["models.base", "models.experts[1]", f"evomerge prefetch {spec}"])
+    assert lines[0].count("HF_HUB_OFFLINE is set") == 1  # one clause for every model it concerns
+
+
+def test_a_local_folder_of_the_same_spelling_wins(hub, zoo, tmp_path):
+    shutil.copytree(zoo.model("base"), tmp_path / "tiny-org" / "base")
+    hub.clear_requests()
+    loaded = resolve_models({str(tmp_path / "tiny-org" / "base"): "models.base"})
+    assert next(iter(loaded.values())).repo_id is None
+    assert hub.requests == []

@@ -140,9 +140,20 @@ def go_offline(standin_hub: StandinHub, monkeypatch: pytest.MonkeyPatch):
     return functools.partial(set_offline, True, monkeypatch)
 
 
-@functools.cache
 def tiny_model_files(seed: int = 0) -> dict[str, bytes]:
     """The files of a tiny random Llama checkpoint (safetensors, config.json, tokenizer), by repo path."""
+    return dict(built_tiny_model(seed))
+
+
+def folder_files(folder: str | Path) -> dict[str, bytes | str | Path]:
+    """Every file under a local folder (a checkpoint of the tiny zoo, say), by repo path, for `add_repo`."""
+    root = Path(folder)
+    return {path.relative_to(root).as_posix(): path for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+@functools.cache
+def built_tiny_model(seed: int) -> dict[str, bytes]:
+    """Built once per seed and process: building takes a moment and the bytes never change."""
     from tiny_models import BASE_VOCAB, build_base, build_tokenizer, save_checkpoint, tiny_llama_config
     from torch import float32
 

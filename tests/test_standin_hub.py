@@ -10,6 +10,7 @@ from hub_fixtures import (
     MMLU_SAMPLE_ROWS,
     add_arc_easy,
     add_mmlu,
+    folder_files,
     jsonl_bytes,
     tiny_model_files,
 )
@@ -71,13 +72,17 @@ def test_gated_repo_needs_the_granted_token(standin_hub):
     assert folder == snapshot_folder("org/gated", sha)
 
 
-def test_private_repo_is_not_found_without_the_token(standin_hub, monkeypatch):
-    standin_hub.add_repo("org/private", {"config.json": "{}"}, private=True)
+def test_private_repo_is_not_found_without_the_token(standin_hub, monkeypatch, tmp_path):
+    (tmp_path / "checkpoint" / "sub").mkdir(parents=True)
+    (tmp_path / "checkpoint" / "config.json").write_text("{}")
+    (tmp_path / "checkpoint" / "sub" / "notes.txt").write_text("nested")
+    standin_hub.add_repo("org/private", folder_files(tmp_path / "checkpoint"), private=True)
     for token in (None, "hf_not_granted"):
         with pytest.raises(errors.RepositoryNotFoundError):
             hf.model_info("org/private", token=token)
     monkeypatch.setenv("HF_TOKEN", standin_hub.token)
     assert Path(hf.hf_hub_download("org/private", "config.json")).read_text() == "{}"
+    assert Path(hf.hf_hub_download("org/private", "sub/notes.txt")).read_text() == "nested"
 
 
 def test_missing_repo_revision_and_file_raise_the_hub_errors(standin_hub):

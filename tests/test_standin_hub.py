@@ -10,6 +10,7 @@ from hub_fixtures import (
     MMLU_SAMPLE_ROWS,
     add_arc_easy,
     add_mmlu,
+    bundled_task_manager,
     folder_files,
     jsonl_bytes,
     tiny_model_files,
@@ -140,11 +141,9 @@ def test_load_dataset_follows_the_revision_of_json_data_files(standin_hub):
 
 
 def test_lm_eval_builds_its_bundled_tasks_from_the_stand_in(standin_hub):
-    from lm_eval.tasks import TaskManager
-
     add_arc_easy(standin_hub)
     add_mmlu(standin_hub, ["anatomy"])
-    tasks = TaskManager().load(["arc_easy", "mmlu_anatomy"])["tasks"]
+    tasks = bundled_task_manager("arc", "mmlu/default").load(["arc_easy", "mmlu_anatomy"])["tasks"]
     assert [doc["question"] for doc in tasks["arc_easy"].test_docs()] == [row["question"] for row in ARC_SAMPLE_ROWS]
     anatomy = tasks["mmlu_anatomy"]
     assert [doc["answer"] for doc in anatomy.test_docs()] == [row["answer"] for row in MMLU_SAMPLE_ROWS]

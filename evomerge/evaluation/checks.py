@@ -19,33 +19,37 @@ GENERATE_UNTIL = "generate_until"  # lm-eval's output_type when a task YAML name
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
-def scoring_overrides(task: EvalTask, config: dict, evaluation: EvaluationSpec, field: str) -> dict[str, Any]:
+def scoring_overrides(
+    task: EvalTask, config: dict, evaluation: EvaluationSpec, field: str, leaf: str | None = None
+) -> dict[str, Any]:
     """The task config keys the spec overrides (generation_kwargs), once the task is known to be scorable.
 
-    `config` is the task's YAML with its includes merged (lm-eval's task index entry).
+    `config` is the task's YAML with its includes merged (lm-eval's task index entry); `leaf` names
+    the task of a group or tag `task` that `config` belongs to.
     """
+    named = f"'{task.name}'" if leaf in (None, task.name) else f"'{leaf}' (of '{task.name}')"
     output_type = config.get("output_type", GENERATE_UNTIL)
     if output_type not in SCORED_OUTPUT_TYPES:
         raise UserError(
-            f"{field}.name: task '{task.name}' has output_type '{output_type}'"
+            f"{field}.name: task {named} has output_type '{output_type}'"
             f"{did_you_mean(str(output_type), SCORED_OUTPUT_TYPES)}, which evaluation.backend {evaluation.backend.value} "
             f"does not score; set output_type in its YAML to one of {', '.join(SCORED_OUTPUT_TYPES)}"
         )
     if config.get("doc_to_image") or config.get("doc_to_audio"):
         raise UserError(
-            f"{field}.name: task '{task.name}' is multimodal (doc_to_image or doc_to_audio), which evaluation.backend "
+            f"{field}.name: task {named} is multimodal (doc_to_image or doc_to_audio), which evaluation.backend "
             f"{evaluation.backend.value} does not score; evomerge scores text-only tasks, remove it"
         )
     if task.gen_kwargs is not None and output_type != GENERATE_UNTIL:
         raise UserError(
-            f"{field}.gen_kwargs: task '{task.name}' is a {output_type} task and generates nothing; remove gen_kwargs"
+            f"{field}.gen_kwargs: task {named} is a {output_type} task and generates nothing; remove gen_kwargs"
         )
     if output_type != GENERATE_UNTIL:
         return {}
     merged = {**(config.get("generation_kwargs") or {}), **(task.gen_kwargs or {})}
     if _samples(merged):
         raise UserError(
-            f"{field}.gen_kwargs: task '{task.name}' samples (do_sample: true, or a temperature above 0); a search "
+            f"{field}.gen_kwargs: task {named} samples (do_sample: true, or a temperature above 0); a search "
             "score must be greedy, so that the same weights always score the same: set gen_kwargs: {do_sample: false}"
         )
     return {"generation_kwargs": merged} if task.gen_kwargs is not None else {}

@@ -22,6 +22,7 @@ BATCH_SIZE_LIMIT = 4096
 FEWSHOT_LIMIT = 1000
 TOKEN_BUDGET_LIMIT = 1 << 22
 SEARCH_TASKS_FIELD = "evaluation.tasks"
+HELDOUT_TASKS_FIELD = "evaluation.heldout_tasks"
 
 
 class Strict(BaseModel):
@@ -103,13 +104,28 @@ class FidelitySpec(Strict):
         return list(zip([0.0, *self.rungs[:-1]], self.rungs, strict=True))
 
 
+class Carve(Strict):
+    """`evaluation.heldout_fraction` as one eval set sees it: which part of the carved tasks' docs it scores.
+
+    Every doc of a carved task falls, by a seeded draw per task, into the held-out part (a
+    `fraction` of them) or the search part (the rest); `limit` and fidelity slices then draw
+    from the part alone, so the two sets never share a doc.
+    """
+
+    fraction: float = Field(gt=0, lt=1)
+    heldout: bool  # this set scores the held-out part; else the search part
+    tasks: tuple[str, ...]  # the carved entries: the spec's search tasks
+
+
 class EvalSet(Strict):
     """What one worker evaluator scores: a task list of the spec with its doc limit.
 
     `field` is where the tasks sit in the spec, so that errors name `evaluation.heldout_tasks[1]`
     for a held-out task; `evaluation` carries the settings both lists share (include, seed,
     batch size, max length). `share` (fidelity racing) narrows it to one slice of each task's
-    seeded doc order, as (start, end) shares of it.
+    seeded doc order, as (start, end) shares of it. `carve` says which part of the carved tasks'
+    docs it scores (a held-out set lists the carved search tasks first). `dataset_revisions` pins
+    hub datasets (by "path" or "path:name") to the commits a lock recorded.
     """
 
     field: str
@@ -117,6 +133,19 @@ class EvalSet(Strict):
     limit: int | None
     evaluation: EvaluationSpec
     share: tuple[float, float] | None = None
+    carve: Carve | None = None
+    dataset_revisions: dict[str, str] | None = None
+
+    def task_field(self, position: int) -> str:
+        """The spec field of the task at `position`: a carved search task keeps its place in evaluation.tasks."""
+        carved = len(self.carve.tasks) if self.carve is not None and self.carve.heldout else 0
+        if position < carved:
+            return f"{SEARCH_TASKS_FIELD}[{position}]"
+        return f"{self.field}[{position - carved}]"
+
+    def carved(self, task: str) -> Carve | None:
+        """The carve that applies to the entry `task`, or None when all its docs are this set's."""
+        return self.carve if self.carve is not None and task in self.carve.tasks else None
 
     @property
     def fidelity(self) -> FidelitySpec | None:
@@ -142,6 +171,13 @@ class EvaluationSpec(Strict):
     )
     limit: int | None = Field(None, ge=1, description="Docs per search task: a fixed seeded subset.")
     heldout_limit: int | None = Field(None, ge=1, description="Docs per held-out task; default: the whole split.")
+    heldout_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Carve held-out docs from the search tasks: this seeded share of each one's docs is held "
+        "out, the search scores only the rest.",
+    )
     seed: int = Field(0, ge=0)
     batch_size: int = Field(32, ge=1, le=BATCH_SIZE_LIMIT)
     max_length: int | None = Field(None, ge=8)
@@ -189,7 +225,10 @@ class EvaluationSpec(Strict):
         search = {task.name for task in info.data.get("tasks", [])}
         overlap = [task.name for task in heldout if task.name in search]
         if overlap:
-            raise ValueError(f"{overlap[0]} is also a search task; held-out tasks must be a disjoint split")
+            raise ValueError(
+                f"{overlap[0]} is also a search task; held-out tasks must be a disjoint split: drop it here, "
+                "or carve held-out docs from every search task with evaluation.heldout_fraction"
+            )
         return heldout
 
     @model_validator(mode="after")
@@ -213,19 +252,36 @@ class EvaluationSpec(Strict):
             raise ValueError("objectives: give two or more for a Pareto search, or none for a single weighted score")
         return self
 
-    def eval_sets(self) -> dict[str, EvalSet]:
-        """The search set, and the held-out set when the spec has held-out tasks."""
+    def eval_sets(self, dataset_revisions: dict[str, str] | None = None) -> dict[str, EvalSet]:
+        """The search set, and the held-out set when the spec has held-out tasks or carves them.
+
+        `dataset_revisions` pins hub datasets to locked commits ("path" or "path:name" -> commit).
+        """
+        fraction = self.heldout_fraction
+        carved = tuple(task.name for task in self.tasks) if fraction else ()
+
+        def carve(heldout: bool) -> Carve | None:
+            return Carve(fraction=fraction, heldout=heldout, tasks=carved) if fraction else None
+
+        pins = dict(dataset_revisions) if dataset_revisions else None
         sets = {
             EvalSetName.SEARCH.value: EvalSet(
-                field=SEARCH_TASKS_FIELD, tasks=tuple(self.tasks), limit=self.limit, evaluation=self
+                field=SEARCH_TASKS_FIELD,
+                tasks=tuple(self.tasks),
+                limit=self.limit,
+                evaluation=self,
+                carve=carve(False),
+                dataset_revisions=pins,
             )
         }
-        if self.heldout_tasks:
+        if self.heldout_tasks or carved:
             sets[EvalSetName.HELDOUT.value] = EvalSet(
-                field="evaluation.heldout_tasks",
-                tasks=tuple(self.heldout_tasks),
+                field=HELDOUT_TASKS_FIELD,
+                tasks=(*(self.tasks if carved else ()), *self.heldout_tasks),
                 limit=self.heldout_limit,
                 evaluation=self,
+                carve=carve(True),
+                dataset_revisions=pins,
             )
         return sets
 
@@ -241,6 +297,7 @@ LATER_EVALUATION_DEFAULTS = {
     "system_instruction": None,
     "fewshot_as_multiturn": None,
     "fidelity": None,
+    "heldout_fraction": None,
 }
 LATER_TASK_DEFAULTS = {"gen_kwargs": None}
 LATER_FIDELITY_DEFAULTS = {"keep": None}

@@ -23,9 +23,10 @@ from typing import Any
 
 from evomerge.errors import UserError
 from evomerge.evaluation.config import EvalSet, FidelitySpec
-from evomerge.evaluation.evaluate import seeded_subset
+from evomerge.evaluation.evaluate import doc_subset
 from evomerge.evaluation.fidelity import raceable_metric
-from evomerge.evaluation.tasks import ResolvedTask, ResolvedTasks, build_tasks, quiet_lm_eval
+from evomerge.evaluation.hub_data import dataset_error
+from evomerge.evaluation.tasks import ResolvedLeaf, ResolvedTasks, build_configs, leaf_configs, quiet_lm_eval
 
 # The config keys lm-eval renders as Jinja templates against each doc.
 TEMPLATE_KEYS = ("doc_to_text", "doc_to_target", "doc_to_choice", "description", "gen_prefix")
@@ -35,30 +36,49 @@ TEMPLATE_FIX = "fix doc_to_text, doc_to_target and doc_to_choice in that YAML"
 
 @dataclass(frozen=True)
 class TaskUnderTest:
-    """One task of an eval set and the spec field that names it, for the error line."""
+    """One leaf task of an eval set, the spec entry and field that name it (for the error line), and the set."""
 
-    task: ResolvedTask
+    task: ResolvedLeaf
     field: str
-    limit: int | None
-    subset_seed: int
-    fidelity: FidelitySpec | None = None  # a raced search set: its slices and metrics are checked too
+    eval_set: EvalSet
+    entry: str  # the spec's name for it: the task itself, or its group or tag
+
+    @property
+    def fidelity(self) -> FidelitySpec | None:
+        """A raced search set's settings: its slices and metrics are checked too."""
+        return self.eval_set.fidelity
+
+    def subset(self, n_docs: int, share: tuple[float, float] | None = None) -> list[int]:
+        eval_set = self.eval_set if share is None else self.eval_set.model_copy(update={"share": share})
+        return doc_subset(n_docs, eval_set, self.entry, self.task.name)
+
+    @property
+    def named(self) -> str:
+        """'task', or 'task' (of 'group') for a leaf of a group or tag."""
+        return f"'{self.task.name}'" + ("" if self.entry == self.task.name else f" (of '{self.entry}')")
 
     def refuse(self, problem: str, fix: str) -> UserError:
-        return UserError(f"{self.field}: task '{self.task.name}' ({self.task.yaml_path}): {problem}; {fix}")
+        return UserError(f"{self.field}: task {self.named} ({self.task.yaml_path}): {problem}; {fix}")
 
 
 def rehearse_eval_set(eval_set: EvalSet, resolved: ResolvedTasks) -> int:
-    """Build and render every task of `eval_set` as a worker would; `resolved` is its resolve_tasks.
+    """Build and render every leaf task of `eval_set` as a worker would; `resolved` is its resolve_tasks.
 
     Returns the documents one candidate scored whole takes over all its tasks.
     """
     total = 0
-    for position, task in enumerate(resolved.tasks):
-        field = f"{eval_set.field}[{position}]"
-        under_test = TaskUnderTest(task, field, eval_set.limit, eval_set.evaluation.seed, eval_set.fidelity)
-        check_data_files(under_test)
+    for position, entry in enumerate(resolved.tasks):
+        field = eval_set.task_field(position)
+        tests = [TaskUnderTest(leaf, field, eval_set, entry.name) for leaf in entry.leaves]
+        for under_test in tests:
+            check_data_files(under_test)
         with _silenced():
-            total += rehearse_task(under_test, resolved)
+            try:
+                configs = leaf_configs(replace(resolved, tasks=(entry,)))
+            except Exception as error:  # noqa: BLE001 - a group YAML whose code cannot load
+                raise _build_error(tests[0], error) from None
+            for under_test in tests:
+                total += rehearse_task(under_test, configs[under_test.task.name])
     return total
 
 
@@ -114,12 +134,12 @@ def _check_fields_present(under_test: TaskUnderTest, path: Path, documents: list
             )
 
 
-def rehearse_task(under_test: TaskUnderTest, resolved: ResolvedTasks) -> int:
-    """Build the task with lm-eval's own loader and render the first prompt a worker will score;
-    returns how many of its documents a candidate scores."""
+def rehearse_task(under_test: TaskUnderTest, config: dict[str, Any]) -> int:
+    """Build the task with lm-eval's own loader from `config` and render the first prompt a worker
+    will score; returns how many of its documents a candidate scores."""
     name = under_test.task.name
     try:
-        task = build_tasks(replace(resolved, tasks=(under_test.task,)))[name]
+        task = build_configs({name: config})[name]
         docs = task.eval_docs
     except Exception as error:  # noqa: BLE001 - every build failure becomes one line
         raise _build_error(under_test, error) from None
@@ -131,7 +151,13 @@ def rehearse_task(under_test: TaskUnderTest, resolved: ResolvedTasks) -> int:
         check_raceable(under_test, task, len(docs))
     # One prompt, not every doc: lm-eval compiles each template anew per render (about 1 ms), and
     # a field missing from some lines only is caught by check_data_files without rendering.
-    subset = seeded_subset(len(docs), under_test.limit, under_test.subset_seed, name)
+    subset = under_test.subset(len(docs))
+    if not subset:
+        raise under_test.refuse(
+            f"the {'held-out' if under_test.eval_set.carve and under_test.eval_set.carve.heldout else 'search'} "
+            f"part of its {len(docs)} documents is empty",
+            "set evaluation.heldout_fraction so that each part keeps at least one document, or score a bigger split",
+        )
     index = subset[0]
     doc = docs[index]
     try:
@@ -152,16 +178,19 @@ def check_raceable(under_test: TaskUnderTest, task, n_docs: int) -> None:
             reason, "race only tasks scored by a mean (acc, exact_match) or drop evaluation.fidelity"
         )
     for start, end in under_test.fidelity.slice_shares() if under_test.fidelity else []:
-        if not seeded_subset(n_docs, under_test.limit, under_test.subset_seed, under_test.task.name, (start, end)):
+        if not under_test.subset(n_docs, (start, end)):
             raise UserError(
                 f"evaluation.fidelity.rungs: the share {start:g}-{end:g} of task '{under_test.task.name}' "
-                f"holds no document (it scores {min(n_docs, under_test.limit or n_docs)}); widen the rungs or score more docs"
+                f"holds no document (it scores {len(under_test.subset(n_docs))}); widen the rungs or score more docs"
             )
 
 
 def _build_error(under_test: TaskUnderTest, error: Exception) -> UserError:
     import jinja2
 
+    unreachable = dataset_error(error, under_test.task.hub_dataset, under_test.named, under_test.field)
+    if unreachable is not None:
+        return unreachable
     detail = _first_line(error)
     if isinstance(error, jinja2.TemplateSyntaxError):
         key = _broken_template_key(under_test.task)
@@ -203,7 +232,7 @@ def _render_error(under_test: TaskUnderTest, error: Exception, index: int, doc: 
     )
 
 
-def _templates(task: ResolvedTask) -> dict[str, str]:
+def _templates(task: ResolvedLeaf) -> dict[str, str]:
     """The task's Jinja templates by config key, read from its YAML with includes followed."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
@@ -214,7 +243,7 @@ def _templates(task: ResolvedTask) -> dict[str, str]:
     return {key: config[key] for key in TEMPLATE_KEYS if isinstance(config.get(key), str)}
 
 
-def _broken_template_key(task: ResolvedTask) -> str | None:
+def _broken_template_key(task: ResolvedLeaf) -> str | None:
     """The first template of the task that Jinja cannot parse."""
     import jinja2
 
@@ -226,7 +255,7 @@ def _broken_template_key(task: ResolvedTask) -> str | None:
     return None
 
 
-def _template_variables(task: ResolvedTask) -> set[str]:
+def _template_variables(task: ResolvedLeaf) -> set[str]:
     import jinja2
     from jinja2 import meta
 
@@ -237,7 +266,7 @@ def _template_variables(task: ResolvedTask) -> set[str]:
     return names
 
 
-def _local_data_paths(task: ResolvedTask) -> list[str]:
+def _local_data_paths(task: ResolvedLeaf) -> list[str]:
     """The local paths (or patterns) in the task's dataset_kwargs.data_files, already absolute."""
     found: list[str] = []
 

@@ -21,14 +21,22 @@ from typing import Any
 import torch
 
 from evomerge.evaluation.backend import BackendName
-from evomerge.evaluation.config import EvalSet
+from evomerge.evaluation.config import Carve, EvalSet
 from evomerge.evaluation.native import TorchBackend
 from evomerge.evaluation.requests import PreparedRequests, PromptOptions, TaskMetrics
-from evomerge.evaluation.scores import EvalResult, task_weights, weighted_score
+from evomerge.evaluation.scores import EvalResult, combined_score, subtask_scores, task_weights, weighted_score
 from evomerge.evaluation.seeding import FEWSHOT_SEED, seeded_global_rngs
-from evomerge.evaluation.tasks import ResolvedTasks, build_tasks, quiet_lm_eval, resolve_tasks
+from evomerge.evaluation.task_index import TaskKind
+from evomerge.evaluation.tasks import (
+    ResolvedTask,
+    ResolvedTasks,
+    build_groups,
+    build_tasks,
+    quiet_lm_eval,
+    resolve_tasks,
+)
 
-__all__ = ["EvalResult", "EvalSet", "Evaluator", "resolve_tasks", "seeded_subset", "weighted_score"]
+__all__ = ["EvalResult", "EvalSet", "Evaluator", "doc_subset", "resolve_tasks", "seeded_subset", "weighted_score"]
 
 
 def seeded_subset(
@@ -48,6 +56,31 @@ def seeded_subset(
         return sorted(order)
     start, end = (math.ceil(fraction * kept - 1e-9) for fraction in share)
     return sorted(order[start:end])
+
+
+def carved_part(n_docs: int, carve: Carve, seed: int, task_name: str) -> list[int]:
+    """The sorted doc indices of one part of a carved task: held-out (a `fraction` of them) or search (the rest).
+
+    A seeded permutation of all the docs, split once: the two parts are disjoint, cover every doc,
+    and depend only on the seed, the task's name and its doc count, so a resumed run gets them again.
+    """
+    order = random.Random(f"{seed}:heldout:{task_name}").sample(range(n_docs), n_docs)
+    held = math.floor(carve.fraction * n_docs + 0.5)
+    return sorted(order[:held] if carve.heldout else order[held:])
+
+
+def doc_subset(n_docs: int, eval_set: EvalSet, entry: str, task_name: str) -> list[int]:
+    """The doc indices of leaf task `task_name` (of the spec entry `entry`) that `eval_set` scores.
+
+    Without carving this is `seeded_subset` itself; with it, the seeded subset is drawn from the
+    set's part of the docs (positions in that part mapped back to doc indices).
+    """
+    seed = eval_set.evaluation.seed
+    carve = eval_set.carved(entry)
+    if carve is None:
+        return seeded_subset(n_docs, eval_set.limit, seed, task_name, eval_set.share)
+    part = carved_part(n_docs, carve, seed, task_name)
+    return [part[i] for i in seeded_subset(len(part), eval_set.limit, seed, task_name, eval_set.share)]
 
 
 class Evaluator:
@@ -78,11 +111,12 @@ class Evaluator:
                 device=device,
             )
         self._tasks = build_tasks(self._resolved)
+        self._groups = build_groups(self._resolved, self._tasks)
         for task in self._tasks.values():
             _process_docs_once(task)
+        entry_of = {leaf.name: entry.name for entry in self._resolved.tasks for leaf in entry.leaves}
         self._subsets = {
-            name: seeded_subset(len(task.eval_docs), eval_set.limit, settings.seed, name, eval_set.share)
-            for name, task in self._tasks.items()
+            name: doc_subset(len(task.eval_docs), eval_set, entry_of[name], name) for name, task in self._tasks.items()
         }
         # lm-eval scores every doc of a task that `samples` leaves out.
         self._samples = {
@@ -125,9 +159,10 @@ class Evaluator:
         with quiet_lm_eval(), seeded_global_rngs(self._lm.device):
             for task in self._tasks.values():
                 task.set_fewshot_seed(FEWSHOT_SEED)
+            group_map = {name: group.child_names for name, group in self._groups.items()}
             results = evaluate(
                 lm=self._lm,
-                task_dict={"tasks": self._tasks, "groups": {}, "group_map": {}},
+                task_dict={"tasks": self._tasks, "groups": self._groups, "group_map": group_map},
                 samples=self._samples or None,
                 bootstrap_iters=0,
                 log_samples=False,
@@ -135,26 +170,54 @@ class Evaluator:
                 system_instruction=self._prompts.system_instruction,
                 fewshot_as_multiturn=self._prompts.fewshot_as_multiturn,
             )
-        return {
+        found = {
             name: TaskMetrics(
                 values={key: value for key, value in results["results"][name].items() if "," in key},
                 n_docs=int(results["n-samples"][name]["effective"]),
             )
             for name in self._tasks
         }
+        # lm-eval's own group aggregates: the reference the native backend's are tested against.
+        for name in self._groups:
+            values = results["results"][name]
+            found[name] = TaskMetrics({key: value for key, value in values.items() if "," in key}, 0)
+        return found
 
     def _to_result(self, found: dict[str, TaskMetrics], seconds: float) -> EvalResult:
-        metrics = {}
+        metrics, n_docs, subtasks = {}, {}, {}
         for task in self._resolved.tasks:
-            values = found[task.name].values
-            if task.result_key not in values:
-                raise RuntimeError(
-                    f"lm-eval reported no '{task.result_key}' for task '{task.name}'; "
-                    f"it reported: {', '.join(sorted(values))}"
-                )
-            metrics[task.name] = float(values[task.result_key])
-        n_docs = {name: task_metrics.n_docs for name, task_metrics in found.items()}
-        return EvalResult(weighted_score(metrics, task_weights(self._resolved.tasks)), metrics, n_docs, seconds)
+            leaves = {leaf.name: _metric(found[leaf.name].values, leaf.result_key, leaf.name) for leaf in task.leaves}
+            leaf_docs = {leaf.name: found[leaf.name].n_docs for leaf in task.leaves}
+            n_docs[task.name] = sum(leaf_docs.values())
+            if not task.combined:
+                metrics[task.name] = leaves[task.name]
+                continue
+            metrics[task.name] = self._combined(task, found, leaves, leaf_docs)
+            subtasks[task.name] = subtask_scores(task.weighting or "", leaves, leaf_docs)
+        score = weighted_score(metrics, task_weights(self._resolved.tasks))
+        return EvalResult(score, metrics, n_docs, seconds, subtasks)
+
+    def _combined(
+        self, task: ResolvedTask, found: dict[str, TaskMetrics], leaves: dict[str, float], leaf_docs: dict[str, int]
+    ) -> float:
+        """A group's score as lm-eval aggregates it (its Group object), or a tag's mean."""
+        if task.kind is not TaskKind.GROUP or task.name not in self._groups:
+            return combined_score(task.weighting or "", leaves, leaf_docs)
+        if task.name in found:  # the lm_eval backend: lm-eval aggregated it itself
+            return _metric(found[task.name].values, task.result_key, task.name)
+        with quiet_lm_eval():
+            aggregated = self._groups[task.name].aggregate(
+                {leaf: {**found[leaf].values, "sample_len": found[leaf].n_docs} for leaf in leaves}
+            )
+        return _metric(aggregated, task.result_key, task.name)
+
+
+def _metric(values: dict[str, Any], key: str, name: str) -> float:
+    if key not in values:
+        raise RuntimeError(
+            f"lm-eval reported no '{key}' for task '{name}'; it reported: {', '.join(sorted(map(str, values)))}"
+        )
+    return float(values[key])
 
 
 def _check_device(model, device: str | None) -> None:

@@ -21,7 +21,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from evomerge.evaluation.scores import EvalResult, standard_error, weighted_score
+from evomerge.evaluation.scores import EvalResult, combined_score, standard_error, subtask_scores, weighted_score
 
 # Partial scores over the same number of docs are ties when they differ by rounding only: the
 # same hits spread differently over the tasks can sum to weighted means a few ulps apart.
@@ -29,19 +29,37 @@ TIE_TOLERANCE = 1e-9
 
 
 def combine(parts: list[EvalResult], weights: Mapping[str, float]) -> EvalResult:
-    """The result over the union of disjoint slices: per task, the doc-weighted mean of the slices."""
+    """The result over the union of disjoint slices: per task, the doc-weighted mean of the slices.
+
+    A group or tag is combined leaf by leaf, then scored from its combined leaves.
+    """
     names = list(parts[0].metrics)
     n_docs = {name: sum(part.n_docs[name] for part in parts) for name in names}
-    metrics = {
-        name: sum(part.metrics[name] * part.n_docs[name] for part in parts) / max(1, n_docs[name]) for name in names
-    }
+    metrics = {name: _pooled([(part.metrics[name], part.n_docs[name]) for part in parts]) for name in names}
+    subtasks = {}
+    for name, first in parts[0].subtasks.items():
+        leaf_docs = {leaf: sum(part.subtasks[name]["n_docs"][leaf] for part in parts) for leaf in first["metrics"]}
+        leaves = {
+            leaf: _pooled(
+                [(part.subtasks[name]["metrics"][leaf], part.subtasks[name]["n_docs"][leaf]) for part in parts]
+            )
+            for leaf in first["metrics"]
+        }
+        subtasks[name] = subtask_scores(first["weighting"], leaves, leaf_docs)
+        metrics[name] = combined_score(first["weighting"], leaves, leaf_docs)
     seconds = sum(part.seconds for part in parts)
-    return EvalResult(weighted_score(metrics, weights), metrics, n_docs, seconds)
+    return EvalResult(weighted_score(metrics, weights), metrics, n_docs, seconds, subtasks)
+
+
+def _pooled(values: list[tuple[float, int]]) -> float:
+    """The doc-weighted mean of (value, docs) pairs."""
+    return sum(value * n for value, n in values) / max(1, sum(n for _, n in values))
 
 
 def can_still_win(partial: EvalResult, weights: Mapping[str, float], incumbent: float, z: float) -> bool:
     """Whether the candidate's optimistic score (partial + z SE) reaches the incumbent."""
-    return partial.score + z * standard_error(partial.metrics, partial.n_docs, weights) >= incumbent
+    se = standard_error(partial.metrics, partial.n_docs, weights, partial.subtasks)
+    return partial.score + z * se >= incumbent
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,8 @@ class TrialResult:
     rungs: int | None = None  # fidelity racing: the rungs (slices of the search docs) scored
     stopped_early: bool | None = None  # raced out before its last rung: `score` is a partial score
     rung_scores: list[float] | None = None  # fidelity racing: the partial score after each rung scored
+    # Group and tag entries: their leaf tasks' scores and docs, and how they weigh (evaluation/scores.py).
+    subtasks: dict[str, dict] | None = None
 
     @property
     def docs_scored(self) -> int:
@@ -98,4 +100,4 @@ class TrialResult:
 
     def as_failure(self, reason: str) -> TrialResult:
         """This result as a failed one: the numbers dropped (the journal holds no NaN), the reason kept."""
-        return replace(self, ok=False, score=None, metrics=None, objectives=None, reason=reason)
+        return replace(self, ok=False, score=None, metrics=None, objectives=None, subtasks=None, reason=reason)

@@ -120,14 +120,15 @@ def test_the_worker_gets_the_spec_s_own_task_models():
     assert (search.limit, heldout.limit, search.evaluation) == (3, None, evaluation)
 
 
-def test_builtin_task_that_needs_the_hub_is_refused():
-    with pytest.raises(UserError, match=r"evaluation.tasks\[0\].name: .*'arc_easy'.*Hugging Face hub"):
-        resolve_tasks(fixture_settings(tasks=["arc_easy"]))
+def test_a_bundled_task_reads_its_hub_dataset():
+    (task,) = resolve_tasks(fixture_settings(tasks=["arc_easy"])).tasks
+    (leaf,) = task.leaves
+    assert (leaf.hub_dataset.path, leaf.hub_dataset.name) == ("allenai/ai2_arc", "ARC-Easy")
 
 
-def test_group_or_tag_is_refused():
-    with pytest.raises(UserError, match=r"'ai2_arc' is an lm-eval tag, not a single task"):
-        resolve_tasks(fixture_settings(tasks=["ai2_arc"]))
+def test_a_tag_expands_to_its_tasks():
+    (task,) = resolve_tasks(fixture_settings(tasks=["ai2_arc"])).tasks
+    assert (task.kind.value, [leaf.name for leaf in task.leaves]) == ("tag", ["arc_challenge", "arc_easy"])
 
 
 def test_missing_data_file_names_the_yaml_and_the_path(tmp_path):

@@ -32,7 +32,7 @@ def load_trials(run_dir: Path | RunDir) -> tuple[list[dict], dict[int, Trial]]:
 
 
 def result_se(result: TrialResult | None) -> float | None:
-    return standard_error(result.metrics, result.n_docs) if result else None
+    return standard_error(result.metrics, result.n_docs, subtasks=result.subtasks) if result else None
 
 
 def status(run_dir: Path | RunDir) -> dict:

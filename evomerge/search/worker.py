@@ -130,6 +130,7 @@ class MergeWorker:
             score=result.score,
             metrics=result.metrics,
             n_docs=result.n_docs,
+            subtasks=result.subtasks or None,
             worker=self.worker_id,
             merge_s=round(merged - locked, 4),
             prepare_s=round(planned - started, 4),

@@ -16,6 +16,8 @@ from refusals import assert_refused_in_one_line, run_cli_in_process
 from search_zoo import FIXTURE_EVALS
 
 from evomerge.hub import ModelSource, model_name, resolve_model, resolve_models, split_hub_id, wanted_files
+from evomerge.merge.config import MergeConfig
+from evomerge.rundir.results import load_trials
 
 BASE, MATH, CODE = "tiny-org/base", "tiny-org/math-sft", "tiny-org/code-sft"
 
@@ -152,4 +154,108 @@ def test_a_local_folder_of_the_same_spelling_wins(hub, zoo, tmp_path):
     hub.clear_requests()
     loaded = resolve_models({str(tmp_path / "tiny-org" / "base"): "models.base"})
     assert next(iter(loaded.values())).repo_id is None
+    assert hub.requests == []
+
+
+def run_search_in_process(monkeypatch, spec_path: Path, *args: str) -> list[str]:
+    """`evomerge search|resume ...` in process: the real preflight and journal, fake workers, no Ray."""
+    from contextlib import nullcontext
+
+    from fake_workers import fake_scheduler
+
+    from evomerge.search import cluster
+    from evomerge.search.loop import Search
+
+    monkeypatch.setattr(Search, "run", lambda self: self.run_with(fake_scheduler()))
+    monkeypatch.setattr(cluster, "ClusterSession", lambda *a, **k: nullcontext())
+    monkeypatch.setattr("evomerge.cli.searching.print_summary", lambda run_dir: None)
+    code, lines = run_cli_in_process(*args, spec_path)
+    assert code == 0, lines
+    return lines
+
+
+def run_started_pins(run_dir: Path) -> list[dict]:
+    from evomerge.rundir.journal import read_events
+
+    return [e.get("models") for e in read_events(run_dir / "journal.jsonl") if e["event"] == "run_started"]
+
+
+def test_a_run_pins_commits_and_resumes_at_them_after_the_hub_moved_on(hub, tmp_path, monkeypatch, caplog):
+    spec = hub_spec(tmp_path, experts=(f"{MATH}@main", CODE))
+    run_search_in_process(monkeypatch, spec, "search")
+    run_dir = tmp_path / "runs" / "hub-run"
+    old = hub.head(MATH)
+    pins = run_started_pins(run_dir)[0]
+    assert pins[f"{MATH}@main"] == {"repo": MATH, "revision": "main", "commit": old}
+    assert pins[BASE]["commit"] == hub.head(BASE) and set(pins) == {BASE, f"{MATH}@main", CODE}
+    assert yaml.safe_load((run_dir / "spec.yaml").read_text())["models"]["experts"][0] == f"{MATH}@main"
+
+    new = hub.commit(MATH, {"model.safetensors": tiny_model_files(5)["model.safetensors"]})
+    run_search_in_process(monkeypatch, run_dir, "resume", "--max-evals", "14")
+    assert run_started_pins(run_dir)[-1] == pins  # the old commit, not the branch's new head
+    moved = [r.getMessage() for r in caplog.records if "moved on" in r.getMessage()]
+    assert moved == [
+        f"{MATH}: the hub's main has moved on to {new[:12]} since it was pinned; using the pinned commit {old[:12]}"
+    ]
+
+    evolved = max(t.trial_id for t in load_trials(run_dir)[1].values() if t.kind == "optimizer" and t.score)
+    code, lines = run_cli_in_process("export", run_dir, "--trial", evolved, "-o", tmp_path / "evolved.yaml")
+    assert code == 0, lines
+    exported = MergeConfig.model_validate(yaml.safe_load((tmp_path / "evolved.yaml").read_text()))
+    assert exported.referenced_models() == [f"{BASE}@{hub.head(BASE)}", f"{MATH}@{old}", f"{CODE}@{hub.head(CODE)}"]
+
+
+def test_merging_a_yaml_of_hub_ids_equals_the_merge_of_the_local_folders(standin_hub, zoo, tmp_path):
+    from hub_fixtures import folder_files
+    from safetensors.torch import load_file
+
+    local = {name: zoo.model(name) for name in ("base", "ft_a", "ft_b")}
+    heads = {name: standin_hub.add_repo(f"zoo/{name}", folder_files(folder)) for name, folder in local.items()}
+    hub_ids = {"base": "zoo/base", "ft_a": f"zoo/ft_a@{heads['ft_a']}", "ft_b": "zoo/ft_b@main"}
+
+    def ties(names: dict[str, str]) -> dict:
+        models = [
+            {"model": names[n], "parameters": {"weight": w, "density": 0.6}} for n, w in (("ft_a", 0.7), ("ft_b", 0.5))
+        ]
+        return {"merge_method": "ties", "base_model": names["base"], "models": models, "dtype": "float32"}
+
+    outputs = {}
+    for kind, names in (("local", local), ("hub", hub_ids)):
+        config = tmp_path / f"{kind}.yaml"
+        config.write_text(yaml.safe_dump(ties(names)))
+        code, lines = run_cli_in_process("merge", config, tmp_path / kind)
+        assert code == 0, lines
+        outputs[kind] = load_file(tmp_path / kind / "model.safetensors")
+    assert outputs["hub"].keys() == outputs["local"].keys()
+    assert all(outputs["hub"][name].equal(tensor) for name, tensor in outputs["local"].items())
+    assert "zoo/ft_b@main" in (tmp_path / "hub" / "README.md").read_text()  # the card names the hub IDs
+
+
+def cli(*args):
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_prefetch_locks_commits_that_offline_validate_then_reads(hub, tmp_path, go_offline):
+    spec = hub_spec(tmp_path, experts=(f"{MATH}@main", CODE))
+    fetched = cli("prefetch", spec)
+    assert fetched.exit_code == 0, fetched.output
+    old = hub.head(MATH)
+    lock = yaml.safe_load((tmp_path / "spec.lock.yaml").read_text())
+    entry = lock["models"][f"{MATH}@main"]
+    assert (entry["repo"], entry["revision"], entry["commit"]) == (MATH, "main", old) and entry["size"] > 0
+    assert set(lock["models"]) == {BASE, f"{MATH}@main", CODE} and lock["datasets"] == []
+    assert f"{MATH}@{old}" in fetched.stdout and "wrote" in fetched.stdout
+
+    hub.commit(MATH, {"model.safetensors": tiny_model_files(6)["model.safetensors"]})
+    new = resolve_model(f"{MATH}@main").commit  # the cache's main now points past the lock
+    assert new != old
+    go_offline()
+    hub.clear_requests()
+    validated = cli("validate", spec, "--json")
+    assert validated.exit_code == 0, validated.output
+    assert json.loads(validated.stdout)["models"][f"{MATH}@main"] == f"{MATH}@{old}"
     assert hub.requests == []

@@ -36,7 +36,8 @@ def validate(
 
     spec = load_spec(spec_path)
     gpu_bytes, gpu_count = _planned_gpus(spec, gpu_memory, gpus)
-    prepared = preflight(spec, str(spec_path), locked_pins(spec_path))
+    pins = locked_pins(spec_path)
+    prepared = preflight(spec, str(spec_path), pins)
     summary = {
         "method": spec.merge.method,
         "experts": len(spec.models.experts),
@@ -44,8 +45,10 @@ def validate(
         "optimizer": spec.optimizer.name,
         "tasks": [t.name for t in spec.evaluation.tasks],
         "search_docs_per_candidate": prepared.search_docs,  # what budget.max_docs is counted in
+        "models": prepared.sources.exported(),  # hub models as org/name@commit: the files a search reads
     }
     ok = f"ok: {spec.merge.method} over {len(spec.models.experts)} experts, {prepared.genome.dim} genes, {spec.optimizer.name}, tasks: {', '.join(summary['tasks'])} ({prepared.search_docs:,} search documents per candidate)"
+    ok += _hub_models_line(prepared.sources, spec_path, bool(pins))
     if spec.workers.device == "cuda" and gpu_bytes is None:  # GPU workers, planned from a machine without one
         note = (
             "memory plan: skipped, this machine has no GPU; add --gpu-memory SIZE [--gpus N] to plan for the GPU nodes"
@@ -63,6 +66,15 @@ def validate(
         raise UserError(
             f"{spec_path}: workers: a worker needs {plan.bytes_per_device / 1e9:.1f} GB per device, more than {plan.capacity / 1e9:.1f} GB; {plan.fix}"
         )
+
+
+def _hub_models_line(sources, spec_path: Path, locked: bool) -> str:
+    """'\nhub models: org/name@commit, ...' (and the lock they come from), or '' without hub models."""
+    from evomerge.lock import lock_path
+
+    hub = [source.exported for source in sources.values() if source.is_hub]
+    where = f" (locked by {lock_path(spec_path).name})" if locked else ""
+    return f"\nhub models: {', '.join(hub)}{where}" if hub else ""
 
 
 def _planned_gpus(spec, gpu_memory: str | None, gpus: int | None) -> tuple[int | None, int | None]:

@@ -22,12 +22,14 @@ def search(
     log_every: int | None = LogEveryOption,
     debug: bool = DebugOption,
 ):
-    """Run a search; results go to runs/NAME/."""
+    """Run a search; results go to runs/NAME/ (hub models at the commits of SPEC's lock, when it has one)."""
+    from evomerge.lock import locked_pins
     from evomerge.search.start import start_search
     from evomerge.spec import load_spec
 
     progress = _progress_settings(quiet, log_every)
-    run_dir = start_search(load_spec(spec_path), address, progress=progress, source=str(spec_path))
+    pins = locked_pins(spec_path)
+    run_dir = start_search(load_spec(spec_path), address, progress=progress, source=str(spec_path), pins=pins)
     print_summary(run_dir)
 
 

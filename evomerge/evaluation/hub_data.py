@@ -1,25 +1,35 @@
-"""The Hugging Face hub datasets lm-eval tasks read: which ones, and what to say when one is out of reach.
+"""The Hugging Face hub datasets lm-eval tasks read: which ones, fetching and pinning them, and what to
+say when one is out of reach.
 
 A task reads a hub dataset when its `dataset_path` is a hub repository (`allenai/ai2_arc`), not a
 loader (`json`, `parquet`) nor a local folder, and it names no local `data_files`. `datasets`
 downloads it into its caches the first time a task is built with internet access (validate does,
 on the driver); search workers build offline from those caches. A node without internet whose
 cache lacks a dataset gets one line naming the task, the dataset and the command that fetches it.
+
+`evomerge prefetch` calls `fetch_datasets` on a machine with internet and writes what it returns
+into the spec's lock; `locked_dataset_revisions` reads the lock back into the `dataset_revisions`
+an `EvalSet` pins its datasets with.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import UserError
+
+if TYPE_CHECKING:
+    from evomerge.evaluation.config import EvalSet
 
 PREFETCH_COMMAND = "evomerge prefetch SPEC"
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 SPLIT_KEYS = ("test_split", "validation_split", "training_split", "fewshot_split")
 # What a missing cache entry or an unreachable hub looks like from `datasets` and `huggingface_hub`.
+COMMIT_LENGTH = 40
 UNREACHABLE_HINTS = ("offline", "couldn't reach", "connection", "couldn't find", "cannot find", "not cached")
 
 
@@ -120,3 +130,102 @@ def _status(error: BaseException | None) -> int | None:
 
 def _first_line(error: BaseException) -> str:
     return (str(error).strip() or type(error).__name__).splitlines()[0]
+
+
+def locked_dataset_revisions(lock: dict | None) -> dict[str, str]:
+    """Dataset key -> commit, from a lock's `datasets:` list (what `fetch_datasets` returned)."""
+    revisions = {}
+    for entry in (lock or {}).get("datasets") or []:
+        if isinstance(entry, dict) and entry.get("path") and entry.get("revision"):
+            revisions[dataset_key(str(entry["path"]), entry.get("name"))] = str(entry["revision"])
+    return revisions
+
+
+def eval_datasets(eval_sets: Iterable[EvalSet]) -> list[DatasetRef]:
+    """Every hub dataset config the tasks of these eval sets read, once each (no download, no network)."""
+    from evomerge.evaluation.tasks import resolve_tasks
+
+    found: dict[str, DatasetRef] = {}
+    for eval_set in eval_sets:
+        for leaf in resolve_tasks(eval_set).leaves:
+            ref = leaf.hub_dataset
+            if ref is None:
+                continue
+            known = found.get(ref.key)
+            found[ref.key] = ref if known is None else _merged(known, ref)
+    return list(found.values())
+
+
+def fetch_datasets(eval_sets: Iterable[EvalSet], revisions: Mapping[str, str] | None = None) -> list[dict]:
+    """Download every hub dataset the eval sets read into the datasets cache, as a worker's build reads it.
+
+    `revisions` (a lock's, by dataset key) pins what is fetched. Returns one lock entry per dataset:
+    {path, name, revision (the commit fetched), size (bytes in the caches)}.
+    """
+    from evomerge.evaluation.tasks import build_configs, leaf_configs, resolve_tasks
+
+    entries: dict[str, dict] = {}
+    for eval_set in eval_sets:
+        pins = {**(eval_set.dataset_revisions or {}), **(revisions or {})}
+        pinned = eval_set.model_copy(update={"dataset_revisions": pins or None})
+        resolved = resolve_tasks(pinned)
+        configs = leaf_configs(resolved)
+        for position, task in enumerate(resolved.tasks):
+            for leaf in task.leaves:
+                ref = leaf.hub_dataset
+                if ref is None or ref.key in entries:
+                    continue
+                try:
+                    build_configs({leaf.name: configs[leaf.name]})
+                except Exception as error:  # noqa: BLE001 - every download failure becomes one line
+                    field = pinned.task_field(position)
+                    raise dataset_error(error, ref, f"'{leaf.name}'", field) or UserError(
+                        f"{field}: task '{leaf.name}' cannot be built from hub dataset {ref.describe()} "
+                        f"({type(error).__name__}: {_first_line(error)}); fix its YAML or the dataset"
+                    ) from None
+                entries[ref.key] = _lock_entry(ref)
+    return list(entries.values())
+
+
+def dataset_fingerprints(eval_set: EvalSet) -> dict[str, str]:
+    """ "dataset:KEY" -> "revision:COMMIT" for every hub dataset the eval set reads that the hub cache holds.
+
+    Read from the cache alone (no network): the commit a revision names there, so a run whose
+    datasets were fetched again at another commit is told its data changed.
+    """
+    from evomerge.evaluation.tasks import resolve_tasks
+
+    fingerprints = {}
+    for leaf in resolve_tasks(eval_set).leaves:
+        ref = leaf.hub_dataset
+        commit = cached_commit(ref.path, ref.revision) if ref is not None else None
+        if ref is not None and commit is not None:
+            fingerprints[f"dataset:{ref.key}"] = f"revision:{commit}"
+    return fingerprints
+
+
+def cached_commit(path: str, revision: str | None) -> str | None:
+    """The commit the hub cache holds for dataset repo `path` at `revision` (default branch: main), or None."""
+    from huggingface_hub import constants
+
+    if revision is not None and len(revision) == COMMIT_LENGTH and all(c in "0123456789abcdef" for c in revision):
+        return revision
+    ref = Path(constants.HF_HUB_CACHE) / f"datasets--{path.replace('/', '--')}" / "refs" / (revision or "main")
+    try:
+        return ref.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def _lock_entry(ref: DatasetRef) -> dict:
+    import datasets
+
+    builder = datasets.load_dataset_builder(ref.path, ref.name, revision=ref.revision)
+    size = sum(file.stat().st_size for file in Path(builder.cache_dir).rglob("*") if file.is_file())
+    size += int(builder.info.download_size or 0)
+    return {"path": ref.path, "name": ref.name, "revision": builder.hash, "size": size}
+
+
+def _merged(first: DatasetRef, second: DatasetRef) -> DatasetRef:
+    splits = tuple(dict.fromkeys((*first.splits, *second.splits)))
+    return replace(first, splits=splits, tasks=(*first.tasks, *second.tasks))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from evomerge.evaluation.hub_data import dataset_fingerprints
 from evomerge.evaluation.tasks import resolve_tasks
 from evomerge.hub import ModelSource
 
@@ -58,6 +59,7 @@ def input_fingerprints(models: Iterable[ModelSource], eval_sets: Iterable) -> di
     for eval_set in eval_sets:
         for path in eval_files(eval_set):
             digests[str(path)] = content_digest(path)
+        digests.update(dataset_fingerprints(eval_set))
     return dict(sorted(digests.items()))
 
 
@@ -114,9 +116,11 @@ def content_digest(path: Path) -> str:
 def eval_files(eval_set) -> list[Path]:
     """Every file the tasks of one eval set read: YAMLs, included YAMLs, `!function` code, data."""
     files: set[Path] = set()
-    for task in resolve_tasks(eval_set).tasks:
-        files.update(_yaml_and_code(Path(task.yaml_path)))
-        files.update(_data_files(task.overrides))
+    resolved = resolve_tasks(eval_set)
+    for path in resolved.yaml_paths():
+        files.update(_yaml_and_code(Path(path)))
+    for leaf in resolved.leaves:
+        files.update(_data_files(leaf.overrides))
     return sorted(files)
 
 

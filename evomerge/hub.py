@@ -241,11 +241,11 @@ def _raise_refusal(error: Exception, repo_id: str, revision: str | None) -> None
         raise _Problem(f"is gated ({status})", f"accept its licence on {page}, then {LOGIN} with that account")
     if isinstance(error, RepositoryNotFoundError) and status == 401:
         raise _Problem(
-            "is not on the hub, or is private or gated and needs a login (401), and is no local folder",
+            "is not on the hub, or is private or gated and needs a login (401), nor a local folder",
             f"check the spelling; if it is private or gated, {LOGIN} (and accept its licence on its page)",
         )
     if isinstance(error, RepositoryNotFoundError):
-        raise _Problem("is not on the hub (404) and is no local folder", "check the spelling")
+        raise _Problem("is not on the hub (404), nor a local folder", "check the spelling")
     if isinstance(error, DisabledRepoError):
         raise _Problem("was disabled by its owner on the hub", "choose another model")
     if isinstance(error, HfHubHTTPError) and status == 403:

@@ -1,7 +1,7 @@
 """The lock `evomerge prefetch` writes next to a spec: the exact hub files a run reads.
 
 `<spec stem>.lock.yaml` holds every hub model's commit (with the revision asked for and its size on
-disk) and every hub dataset's revision. When it exists, `validate` and `search` resolve the spec's
+disk) and every hub dataset's revision (its entries are `evaluation.hub_data`'s to write and read). When it exists, `validate` and `search` resolve the spec's
 models at the locked commits, so compute nodes with HF_HUB_OFFLINE=1 read exactly the files the
 login node fetched. A lock that does not name a model leaves that model to ordinary resolution.
 """
@@ -42,9 +42,8 @@ def read_lock(spec_path: str | Path) -> dict | None:
     return {"models": data.get("models") or {}, "datasets": data.get("datasets") or []}
 
 
-def locked_pins(spec_path: str | Path | None) -> dict[str, str]:
-    """Model name -> locked commit, from the lock next to `spec_path` (empty without one)."""
-    lock = read_lock(spec_path) if spec_path is not None else None
+def model_pins(lock: dict | None) -> dict[str, str]:
+    """Model name -> locked commit, from a lock `read_lock` returned (empty without one)."""
     models = (lock or {}).get("models", {})
     return {name: entry["commit"] for name, entry in models.items() if isinstance(entry, dict) and entry.get("commit")}
 

@@ -43,8 +43,14 @@ class Prepared:
     sources: ModelSources = dataclass_field(default_factory=lambda: ModelSources({}))  # model name -> its folder
 
 
-def preflight(spec: Spec, source: str = "spec", pins: Mapping[str, str] | None = None) -> Prepared:
-    """Every check before a search; `pins` (model name -> commit) holds hub models at those commits."""
+def preflight(
+    spec: Spec,
+    source: str = "spec",
+    pins: Mapping[str, str] | None = None,
+    dataset_revisions: dict[str, str] | None = None,
+) -> Prepared:
+    """Every check before a search; `pins` (model name -> commit) holds hub models at those commits,
+    `dataset_revisions` (a lock's, `evaluation.hub_data.locked_dataset_revisions`) hub datasets."""
     method = METHODS[spec.merge.method]
     if method.family == "slerp" and len(spec.models.experts) != 1:
         raise UserError(
@@ -63,7 +69,7 @@ def preflight(spec: Spec, source: str = "spec", pins: Mapping[str, str] | None =
     _check_layer_groups(spec, num_layers, source)
     genome = Genome(spec, num_layers)
     validate_merge_config(genome.to_merge_config(genome.x0()).with_models(folders), source, folders=validated.folders)
-    eval_sets = spec.evaluation.eval_sets()
+    eval_sets = spec.evaluation.eval_sets(dataset_revisions)
     resolved = {name: resolve_tasks(eval_set) for name, eval_set in eval_sets.items()}
     check_available(spec, source)
     baselines = baseline_configs(spec) if spec.budget.baselines else []

@@ -81,6 +81,15 @@ def add_a_token(tokenizer: dict) -> None:
     tokenizer["added_tokens"].append({"id": 64, "content": "<extra>", "special": True})
 
 
+# A group of two fixture tasks, scored by their size-weighted accuracy as lm-eval aggregates it.
+TINY_PAIR = "group: tiny_pair\ntask: [tiny_add, tiny_choice]\naggregate_metric_list: [{metric: acc, weight_by_size: true}]\n"
+
+
+def with_group(spec: dict, task_folder: str, **evaluation) -> None:
+    """The fixture tasks plus the broken-task folder (which holds the tiny_pair group), and `evaluation`."""
+    spec["evaluation"] |= {"include": [str(FIXTURE_EVALS), task_folder], **evaluation}
+
+
 @pytest.fixture(scope="module")
 def broken_task_folder(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("broken_task")
@@ -91,6 +100,7 @@ def broken_task_folder(tmp_path_factory) -> str:
         .replace("data/tiny.jsonl", "data/missing.jsonl")
     )
     (folder / "lost_data.yaml").write_text(text)
+    (folder / "tiny_pair.yaml").write_text(TINY_PAIR)
     (folder / "odd_output.yaml").write_text(
         (FIXTURE_EVALS / "tiny_add.yaml")
         .read_text()
@@ -310,6 +320,34 @@ CASES = {
     "held-out-task-unknown": (
         lambda s, m, x: put(s, "evaluation.heldout_tasks", ["tiny_choice", "tiny_ad"]),
         ["evaluation.heldout_tasks[1].name", "did you mean 'tiny_add'"],
+    ),
+    "group-name-mistyped": (
+        lambda s, m, x: with_group(s, x, tasks=["tiny_pai"]),
+        ["evaluation.tasks[0].name", "unknown lm-eval task 'tiny_pai'", "did you mean 'tiny_pair'"],
+    ),
+    "group-metric-it-does-not-aggregate": (
+        lambda s, m, x: with_group(s, x, tasks=[{"name": "tiny_pair", "metric": "acc_norm"}]),
+        ["evaluation.tasks[0].metric", "group 'tiny_pair' aggregates no 'acc_norm'", "choose one of: acc"],
+    ),
+    "held-out-task-inside-a-search-group": (
+        lambda s, m, x: with_group(s, x, tasks=["tiny_pair"], heldout_tasks=["tiny_choice"]),
+        ["evaluation.heldout_tasks[0].name", "'tiny_choice'", "search task 'tiny_pair'", "heldout_fraction"],
+    ),
+    "a-task-in-two-search-entries": (
+        lambda s, m, x: with_group(s, x, tasks=["tiny_pair", "tiny_add"]),
+        ["evaluation.tasks[1].name", "'tiny_pair' (evaluation.tasks[0]) scores too", "list each task once"],
+    ),
+    "held-out-fraction-not-a-share": (
+        lambda s, m, x: put(s, "evaluation.heldout_fraction", 1.5),
+        ["evaluation.heldout_fraction", "less than 1"],
+    ),
+    "held-out-fraction-leaves-no-held-out-doc": (
+        lambda s, m, x: put(s, "evaluation.heldout_fraction", 0.001),
+        ["evaluation.tasks[0]", "'tiny_add'", "held-out part of its 40 documents is empty", "heldout_fraction"],
+    ),
+    "same-task-searched-and-held-out-without-carving": (
+        lambda s, m, x: put(s, "evaluation.heldout_tasks", ["tiny_add"]),
+        ["evaluation.heldout_tasks", "also a search task", "evaluation.heldout_fraction"],
     ),
     # --- issue 13: models that are not distinct fine-tunes of one base with one tokenizer
     "expert-identical-to-the-base": (

@@ -30,14 +30,15 @@ def validate(
     """Check a spec (models, method, genome, tasks) and plan each worker's memory, without reading any weight."""
     import json
 
-    from evomerge.lock import locked_pins
+    from evomerge.evaluation.hub_data import locked_dataset_revisions
+    from evomerge.lock import model_pins, read_lock
     from evomerge.preflight import preflight
     from evomerge.spec import load_spec
 
     spec = load_spec(spec_path)
     gpu_bytes, gpu_count = _planned_gpus(spec, gpu_memory, gpus)
-    pins = locked_pins(spec_path)
-    prepared = preflight(spec, str(spec_path), pins)
+    lock = read_lock(spec_path)
+    prepared = preflight(spec, str(spec_path), model_pins(lock), locked_dataset_revisions(lock))
     summary = {
         "method": spec.merge.method,
         "experts": len(spec.models.experts),
@@ -48,7 +49,7 @@ def validate(
         "models": prepared.sources.exported(),  # hub models as org/name@commit: the files a search reads
     }
     ok = f"ok: {spec.merge.method} over {len(spec.models.experts)} experts, {prepared.genome.dim} genes, {spec.optimizer.name}, tasks: {', '.join(summary['tasks'])} ({prepared.search_docs:,} search documents per candidate)"
-    ok += _hub_models_line(prepared.sources, spec_path, bool(pins))
+    ok += _hub_models_line(prepared.sources, spec_path, bool(model_pins(lock)))
     if spec.workers.device == "cuda" and gpu_bytes is None:  # GPU workers, planned from a machine without one
         note = (
             "memory plan: skipped, this machine has no GPU; add --gpu-memory SIZE [--gpus N] to plan for the GPU nodes"
@@ -139,17 +140,20 @@ def eval_model(
 
     from evomerge.evaluation.backend import BackendName
     from evomerge.evaluation.config import EvalSetName
+    from evomerge.evaluation.hub_data import locked_dataset_revisions
+    from evomerge.lock import model_pins, read_lock
     from evomerge.spec import load_spec
 
     spec = load_spec(spec_path)
-    eval_sets = spec.evaluation.eval_sets()
+    lock = read_lock(spec_path)
+    eval_sets = spec.evaluation.eval_sets(locked_dataset_revisions(lock))
     if split not in {name.value for name in EvalSetName}:
         raise UserError(f"--split: unknown split '{split}'; choose search or heldout")
     if split not in eval_sets:
         raise UserError(f"--split {split}: {spec_path} has no evaluation.heldout_tasks; use --split search")
     if backend is not None and backend not in {name.value for name in BackendName}:
         raise UserError(f"--backend: unknown backend '{backend}'; choose native or lm_eval")
-    result = _score_as_a_worker(spec, _local_model(model), eval_sets[split], backend)
+    result = _score_as_a_worker(spec, _local_model(model, model_pins(lock)), eval_sets[split], backend)
     used = backend or spec.evaluation.backend.value
     if as_json:
         figures = {"score": result.score, "metrics": result.metrics, "n_docs": result.n_docs}
@@ -160,11 +164,12 @@ def eval_model(
     typer.echo(f"{'score':>32}: {result.score:.4f} ({used}, {result.seconds:.2f} s scoring)")
 
 
-def _local_model(model: str) -> Path:
-    """--model as a local path: a hub ID is fetched (or found in the cache) first."""
+def _local_model(model: str, pins: dict[str, str]) -> Path:
+    """--model as a local path: a hub ID is fetched (or found in the cache; at its locked commit when
+    the spec's lock names it) first."""
     from evomerge.hub import resolve_models
 
-    return Path(resolve_models({model: "--model"}, "eval", fetch_hint="hf download REPO").folder(model))
+    return Path(resolve_models({model: "--model"}, "eval", pins, fetch_hint="hf download REPO").folder(model))
 
 
 def _score_as_a_worker(spec, model: Path, eval_set, backend: str | None):

@@ -25,19 +25,19 @@ def prefetch(
 ):
     """Download every hub model and dataset SPEC reads into the caches and write SPEC's lock (SPEC.lock.yaml)."""
     from evomerge.hub import folder_size, resolve_models
-    from evomerge.lock import locked_pins, write_lock
+    from evomerge.lock import model_pins, read_lock, write_lock
     from evomerge.preflight import model_fields
     from evomerge.spec import load_spec
 
     spec = load_spec(spec_path)
-    pins = {} if update else locked_pins(spec_path)
-    sources = resolve_models(model_fields(spec), str(spec_path), pins)
+    lock = None if update else read_lock(spec_path)
+    sources = resolve_models(model_fields(spec), str(spec_path), model_pins(lock))
     models = {}
     for name, source in sources.items():
         if source.is_hub:
             models[name] = {**source.pin(), "size": folder_size(source.folder)}
             typer.echo(f"model    {source.exported}  {human_size(models[name]['size'])}  ({source.folder})")
-    datasets = _fetch_datasets(spec, spec_path, update)
+    datasets = _fetch_datasets(spec, lock)
     for dataset in datasets:
         what = dataset["path"] + (f" ({dataset['name']})" if dataset.get("name") else "")
         typer.echo(f"dataset  {what}@{dataset.get('revision')}  {human_size(dataset.get('size'))}")
@@ -46,14 +46,11 @@ def prefetch(
     typer.echo(f"wrote {path}: {len(models)} hub models and {len(datasets)} hub datasets, {human_size(total)} in all")
 
 
-def _fetch_datasets(spec, spec_path: Path, update: bool) -> list[dict]:
+def _fetch_datasets(spec, lock: dict | None) -> list[dict]:
     """Every hub dataset the spec's tasks read, downloaded into the datasets cache: one lock entry each."""
     from evomerge.evaluation.hub_data import fetch_datasets, locked_dataset_revisions
-    from evomerge.lock import read_lock
 
-    lock = None if update else read_lock(spec_path)
-    revisions = locked_dataset_revisions(lock) if lock else None
-    return fetch_datasets(list(spec.evaluation.eval_sets().values()), revisions)
+    return fetch_datasets(list(spec.evaluation.eval_sets().values()), locked_dataset_revisions(lock) or None)
 
 
 def human_size(size: int | None) -> str:

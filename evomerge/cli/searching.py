@@ -23,13 +23,15 @@ def search(
     debug: bool = DebugOption,
 ):
     """Run a search; results go to runs/NAME/ (hub models at the commits of SPEC's lock, when it has one)."""
-    from evomerge.lock import locked_pins
+    from evomerge.evaluation.hub_data import locked_dataset_revisions
+    from evomerge.lock import model_pins, read_lock
     from evomerge.search.start import start_search
     from evomerge.spec import load_spec
 
     progress = _progress_settings(quiet, log_every)
-    pins = locked_pins(spec_path)
-    run_dir = start_search(load_spec(spec_path), address, progress=progress, source=str(spec_path), pins=pins)
+    lock = read_lock(spec_path)
+    locked = {"pins": model_pins(lock), "dataset_revisions": locked_dataset_revisions(lock)}
+    run_dir = start_search(load_spec(spec_path), address, progress=progress, source=str(spec_path), **locked)
     print_summary(run_dir)
 
 

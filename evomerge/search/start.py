@@ -30,11 +30,13 @@ def start_search(
     progress: bool | ProgressSettings = True,
     source: str = "spec",
     pins: dict[str, str] | None = None,
+    dataset_revisions: dict[str, str] | None = None,
 ) -> Path:
-    """A new run; `pins` (model name -> commit, from a lock) holds hub models at those commits."""
+    """A new run; a lock's `pins` (model name -> commit) and `dataset_revisions` hold hub models and
+    datasets at those commits."""
     from evomerge.search.cluster import ClusterSession
 
-    prepared = preflight(spec, source, pins)
+    prepared = preflight(spec, source, pins, dataset_revisions)
     _check_local_devices(spec, address, source)
     _refuse_unusable_run_dir(spec)
     # Ray before the run directory: a failed connect leaves no empty run blocking the name.

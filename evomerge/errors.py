@@ -10,6 +10,17 @@ class UserError(Exception):
     exit_code = 2
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP) raised as KeyboardInterrupt, so every cleanup runs as on Ctrl-C.
+
+    The command then exits 128 + the signal's number, as a shell reports a process that signal ended.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.exit_code = 128 + signum
+
+
 def did_you_mean(name: str, choices) -> str:
     """Return ' (did you mean X?)' for the closest choice, or '' when nothing is close."""
     import difflib

@@ -11,6 +11,7 @@ spec's names; whatever reads a model's files asks `Prepared.sources` for its fol
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -74,6 +75,7 @@ def preflight(
     check_available(spec, source)
     baselines = baseline_configs(spec) if spec.budget.baselines else []
     _check_budget_after_baselines(spec, len(baselines), source)
+    _check_halving_can_act(spec, len(baselines), source)
     # The slowest check last: it builds every task's docs.
     docs = {name: rehearse_eval_set(eval_set, resolved[name]) for name, eval_set in eval_sets.items()}
     _check_docs_budget(spec, len(baselines), docs["search"], source)
@@ -163,6 +165,23 @@ def _check_budget_after_baselines(spec: Spec, baselines: int, source: str) -> No
             f"{source}: budget.max_evals: {max_evals} leaves no evaluation for the search after the {baselines} "
             f"baselines; raise it above {baselines} or set budget.baselines: false"
         )
+
+
+def _check_halving_can_act(spec: Spec, baselines: int, source: str) -> None:
+    """Successive halving ranks a candidate against the ceil(1 / keep) before it: a keep so small
+    that the budget never holds that many would silently race without it."""
+    fidelity, max_evals = spec.evaluation.fidelity, spec.budget.max_evals
+    if fidelity is None or fidelity.keep is None or max_evals is None:
+        return
+    candidates, ranked = max_evals - baselines, math.ceil(1 / fidelity.keep - 1e-9)
+    if ranked < candidates:
+        return
+    smallest = f"use keep of at least {math.ceil(1000 / (candidates - 1)) / 1000:g}, or " if candidates > 2 else ""
+    raise UserError(
+        f"{source}: evaluation.fidelity.keep: {fidelity.keep:g} ranks each candidate against the {ranked} before it, but "
+        f"budget.max_evals leaves {candidates} candidates after the {baselines} baselines, so successive halving would never act; "
+        f"{smallest}raise budget.max_evals to at least {baselines + ranked + 1}"
+    )
 
 
 def _check_docs_budget(spec: Spec, baselines: int, per_candidate: int, source: str) -> None:

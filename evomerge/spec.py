@@ -226,11 +226,20 @@ class Spec(_Strict):
     @field_validator("name")
     @classmethod
     def _one_folder_name(cls, name: str) -> str:
-        if not re.match(RUN_NAME, name):
+        if not re.fullmatch(RUN_NAME, name):  # not re.match: its $ lets a trailing newline through
             raise ValueError(
-                f"'{name}' must be one folder name of letters, digits, '.', '_' and '-' (at most 200, not starting with '.'); rename the run"
+                f"{name!r} must be one folder name of letters, digits, '.', '_' and '-' (at most 200, not starting with '.'); rename the run"
             )
         return name
+
+    @field_validator("runs_dir")
+    @classmethod
+    def _no_control_characters(cls, runs_dir: str) -> str:
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in runs_dir):
+            raise ValueError(
+                f"{runs_dir!r} holds a control character (a newline or a tab); the path ends up in exported YAML, choose a folder without one"
+            )
+        return runs_dir
 
     @property
     def multi_objective(self) -> bool:

@@ -436,6 +436,18 @@ CASES = {
         ),
         ["evaluation.tasks[0]", "tiny_rolling", "not a mean", "drop evaluation.fidelity"],
     ),
+    "fidelity-keep-too-small-to-act": (
+        lambda s, m, x: put(s, "evaluation.fidelity", {"keep": 0.0001}),
+        ["evaluation.fidelity.keep", "never act", "use keep of at least 0.5", "raise budget.max_evals"],
+    ),
+    "run-name-ending-in-a-newline": (
+        lambda s, m, x: put(s, "name", "bad-spec\n"),
+        ["name", "'bad-spec\\n'", "must be one folder name"],
+    ),
+    "runs-dir-with-a-newline": (
+        lambda s, m, x: put(s, "runs_dir", s["runs_dir"] + "\nout_dtype: float16"),
+        ["runs_dir", "control character", "exported yaml"],
+    ),
     "fidelity-slice-without-docs": (
         lambda s, m, x: put(s, "evaluation.fidelity", {"rungs": [0.51, 0.52, 1.0]}),
         ["evaluation.fidelity.rungs", "0.51-0.52", "holds no document", "widen the rungs"],
@@ -463,6 +475,33 @@ def test_bad_spec_is_refused_in_one_line(case, models, broken_task_folder, tmp_p
     assert_refused_in_one_line(code, lines, CASES[case][1])
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "a run directory was created"
     assert not ray.is_initialized(), "Ray was started for a spec that cannot run"
+
+
+# name -> (validate's flags, words its one stderr line must contain); the spec asks for GPU workers
+VALIDATE_CASES = {
+    "gpu-memory-overflowing": (["--gpu-memory", "1e999GiB"], ["--gpu-memory", "not a memory size"]),
+    "gpu-memory-infinite": (["--gpu-memory", "inf"], ["--gpu-memory", "not a memory size"]),
+    "gpu-memory-beyond-a-double": (["--gpu-memory", "1e400GB"], ["--gpu-memory", "not a memory size"]),
+    "gpu-memory-nan": (["--gpu-memory", "nanGiB"], ["--gpu-memory", "not a memory size"]),
+    "gpu-memory-without-a-unit": (["--gpu-memory", "80"], ["--gpu-memory", "with a unit"]),
+    "gpu-memory-absurd": (["--gpu-memory", "1e30GB"], ["--gpu-memory", "not a gpu's memory size"]),
+    "gpus-a-million": (["--gpu-memory", "80GiB", "--gpus", "1000000"], ["--gpus", "from 1 to 256"]),
+    "runs-dir-a-file": (["--gpu-memory", "80GiB", "--runs-dir-is-a-file"], ["runs_dir", "not a writable folder"]),
+}
+
+
+@pytest.mark.parametrize("case", list(VALIDATE_CASES))
+def test_validate_refuses_bad_flags_and_places_in_one_line(case, models, tmp_path):
+    spec = good_spec(models, tmp_path)
+    spec["workers"]["device"] = "cuda"
+    flags = list(VALIDATE_CASES[case][0])
+    if "--runs-dir-is-a-file" in flags:
+        flags.remove("--runs-dir-is-a-file")
+        (tmp_path / "a_file").write_text("not a folder")
+        spec["runs_dir"] = str(tmp_path / "a_file")
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    assert_refused_in_one_line(*run_cli_in_process("validate", spec_path, *flags), VALIDATE_CASES[case][1])
 
 
 def test_the_garbage_zoo_is_only_broken_in_its_weights(models, tmp_path):

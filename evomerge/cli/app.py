@@ -51,8 +51,8 @@ def user_errors_exit_2(command):
                 raise
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(code=2) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:  # Ctrl-C exits 130, SIGTERM 143 (Stopped)
             typer.echo("interrupted", err=True)
-            raise typer.Exit(code=130) from None
+            raise typer.Exit(code=getattr(stop, "exit_code", 130)) from None
 
     return wrapper

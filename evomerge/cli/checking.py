@@ -10,6 +10,8 @@ from evomerge.cli.app import DebugOption, app, user_errors_exit_2
 from evomerge.cli.merging import require_cuda
 from evomerge.errors import UserError
 
+GPUS_PER_NODE_LIMIT = 256
+
 
 @app.command()
 @user_errors_exit_2
@@ -33,10 +35,12 @@ def validate(
     from evomerge.evaluation.hub_data import locked_dataset_revisions
     from evomerge.lock import model_pins, read_lock
     from evomerge.preflight import preflight
+    from evomerge.search.start import refuse_unusable_run_dir
     from evomerge.spec import load_spec
 
     spec = load_spec(spec_path)
     gpu_bytes, gpu_count = _planned_gpus(spec, gpu_memory, gpus)
+    refuse_unusable_run_dir(spec)  # a runs_dir that is a file: said now, not after Ray's start
     lock = read_lock(spec_path)
     prepared = preflight(spec, str(spec_path), model_pins(lock), locked_dataset_revisions(lock))
     summary = {
@@ -82,8 +86,8 @@ def _planned_gpus(spec, gpu_memory: str | None, gpus: int | None) -> tuple[int |
     """(bytes per GPU, GPUs per node) to plan for: the flags, else this machine's GPUs, else (None, None) for CPU workers."""
     from evomerge.merge.memory_plan import parse_bytes
 
-    if gpus is not None and gpus < 1:
-        raise UserError(f"--gpus: must be at least 1, got {gpus}")
+    if gpus is not None and not 1 <= gpus <= GPUS_PER_NODE_LIMIT:
+        raise UserError(f"--gpus: GPUs per node, from 1 to {GPUS_PER_NODE_LIMIT}, got {gpus}")
     if gpu_memory is not None:
         if spec.workers.device == "cpu":
             raise UserError(
@@ -119,6 +123,7 @@ def _memory_plan(spec, base_folder: str, gpu_bytes: int | None, gpus: int | None
         gpus=gpus,
         token_budget=spec.evaluation.token_budget or SCORER_TOKEN_BUDGET,
         cpu_workers=spec.workers.count or 2,
+        gpu_workers=spec.workers.count,
     )
     return plan_memory(request)
 

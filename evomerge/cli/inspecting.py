@@ -38,6 +38,10 @@ def status(
     typer.echo(f"{'evals_per_min':>15}: {figures['evals_per_min']} (evolved candidates; the baseline phase excluded)")
     for key in ("heldout_winner", "finished"):
         typer.echo(f"{key:>15}: {figures[key]}")
+    if figures["heldout_unfinished"]:
+        typer.echo(
+            f"{'held-out':>15}: re-scoring unfinished, so the search winner stands; 'evomerge resume {run_dir}' completes it"
+        )
     if figures["pareto_front"]:
         typer.echo(
             f"{'pareto front':>15}: "
@@ -68,7 +72,9 @@ def export(
     ),
     device: str = typer.Option("cpu", help="With --merge: cpu or cuda, where the merge math runs."),
     force: bool = typer.Option(
-        False, "--force", help="Replace an existing -o file; with --merge, replace a non-empty OUT (an earlier merge) whole."
+        False,
+        "--force",
+        help="Replace an existing -o file; with --merge, replace a non-empty OUT (an earlier merge) whole.",
     ),
     debug: bool = DebugOption,
 ):

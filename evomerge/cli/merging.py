@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from evomerge.cli.app import DebugOption, app, user_errors_exit_2
-from evomerge.errors import UserError
+from evomerge.errors import Stopped, UserError
 
 
 @app.command()
@@ -134,7 +134,7 @@ def _sigterm_as_interrupt():
     """SIGTERM raises KeyboardInterrupt while the block runs, so cleanup code runs as on Ctrl-C."""
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt
+        raise Stopped(signum)
 
     try:
         previous = signal.signal(signal.SIGTERM, interrupt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -29,9 +30,11 @@ def search(
     from evomerge.spec import load_spec
 
     progress = _progress_settings(quiet, log_every)
+    spec = load_spec(spec_path)
     lock = read_lock(spec_path)
     locked = {"pins": model_pins(lock), "dataset_revisions": locked_dataset_revisions(lock)}
-    run_dir = start_search(load_spec(spec_path), address, progress=progress, source=str(spec_path), **locked)
+    with _say_where_it_stopped(Path(spec.runs_dir) / spec.name):
+        run_dir = start_search(spec, address, progress=progress, source=str(spec_path), **locked)
     print_summary(run_dir)
 
 
@@ -67,15 +70,29 @@ def resume(
     from evomerge.search.budget import BudgetRequest
     from evomerge.search.start import resume_search
 
-    resume_search(
-        run_dir,
-        address,
-        progress=_progress_settings(quiet, log_every),
-        spec_path=spec_path,
-        accept_changed_inputs=accept_changed_inputs,
-        budget=BudgetRequest(max_evals, time_limit_min, max_docs),
-    )
+    with _say_where_it_stopped(run_dir):
+        resume_search(
+            run_dir,
+            address,
+            progress=_progress_settings(quiet, log_every),
+            spec_path=spec_path,
+            accept_changed_inputs=accept_changed_inputs,
+            budget=BudgetRequest(max_evals, time_limit_min, max_docs),
+        )
     print_summary(run_dir)
+
+
+@contextlib.contextmanager
+def _say_where_it_stopped(run_dir: Path):
+    """Ctrl-C or SIGTERM: one line saying where the run stands, then exit 130 or 143."""
+    from evomerge.rundir.layout import RunDir
+    from evomerge.rundir.verdict import where_it_stopped
+
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        typer.echo(where_it_stopped(run_dir) if RunDir(run_dir).journal.exists() else "interrupted", err=True)
+        raise typer.Exit(code=getattr(stop, "exit_code", 130)) from None
 
 
 def _progress_settings(quiet: bool, log_every: int | None):
@@ -90,6 +107,7 @@ def _progress_settings(quiet: bool, log_every: int | None):
 def print_summary(run_dir) -> None:
     """The verdict a search or resume ends with: the table, margins in SE, the winner and its export."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from evomerge.rundir.results import load_trials
@@ -98,14 +116,16 @@ def print_summary(run_dir) -> None:
     events, trials = load_trials(run_dir)
     verdict = build_verdict(run_dir, events, trials)
     tasks = verdict.tasks
-    table = Table(title=f"{run_dir}: baselines and evolved merges; per-task columns: {verdict.basis} scores")
+    table = Table(
+        title=f"{escape(str(run_dir))}: baselines and evolved merges; per-task columns: {verdict.basis} scores"
+    )
     for column in ("trial", "merge", "search score", "held-out score", *tasks):
-        table.add_column(column, justify="left" if column == "merge" else "right")
+        table.add_column(escape(column), justify="left" if column == "merge" else "right")
     for row in verdict.rows:
         per_task = row.on(verdict.basis)
         table.add_row(
             str(row.trial),
-            row.name + (" (winner: export gives this)" if row.winner else ""),
+            escape(row.name) + (" (winner: export gives this)" if row.winner else ""),  # a name is not markup
             str(row.search) if row.search else "-",
             str(row.heldout) if row.heldout else "-",
             *(f"{per_task.tasks[task]:.4f}" if per_task and task in per_task.tasks else "-" for task in tasks),

@@ -5,6 +5,8 @@ Markdown saying how the model was made: the merge method, the source models, the
 and, when the config came from `evomerge export`, the search that found it (run, trial, search and
 held-out scores against the baselines). Text in, text out: the command line reads the run
 directory and hands the scores over as a `SearchOrigin`. Imports no torch (`export` uses it).
+Every name that comes from outside (models, labels, the run's path) is written as literal text:
+Markdown and HTML in it are escaped, and a `|` or a line break cannot split a table row; a backtick cannot end a code span or the YAML block.
 """
 
 from __future__ import annotations
@@ -14,14 +16,48 @@ from dataclasses import dataclass
 
 import yaml
 
+from evomerge.errors import UserError
 from evomerge.merge.config import MergeConfig
 
 _ORIGIN_LINE = re.compile(r"^# evomerge run: (?P<run>.+) \(trial (?P<trial>-?\d+)\)$")
 
 
 def origin_comment(run_dir: str, trial: int) -> str:
-    """The header line `evomerge export` writes, so that a later merge can find the run again."""
+    """The header line `evomerge export` writes, so that a later merge can find the run again.
+
+    A line break in the path would end the comment and write YAML keys of its own, so a path with
+    any control character is refused.
+    """
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in run_dir):
+        raise UserError(
+            f"{run_dir!r}: the run's path holds a control character (a newline or a tab), which exported YAML cannot carry; move the run to a folder without one"
+        )
     return f"# evomerge run: {run_dir} (trial {trial})\n"
+
+
+# Characters Markdown or HTML would read as syntax, written as numeric entities (read as literal text).
+_LITERAL = {ord(ch): f"&#{ord(ch)};" for ch in "&<>`*_[]|\\~"}
+
+
+def literal(text: str) -> str:
+    """`text` as literal Markdown on one line: syntax escaped, control characters shown as spaces."""
+    flat = "".join(" " if ord(ch) < 32 or ord(ch) == 127 else ch for ch in str(text))
+    return flat.translate(_LITERAL)
+
+
+def _code(text: str) -> str:
+    """A code span (Markdown and HTML inside stay literal) that no backtick in `text` can close."""
+    flat = "".join(" " if ord(ch) < 32 or ord(ch) == 127 else ch for ch in str(text))
+    ticks = "`" * (max((len(run) for run in re.findall(r"`+", flat)), default=0) + 1)
+    pad = " " if flat.startswith("`") or flat.endswith("`") else ""
+    return f"{ticks}{pad}{flat}{pad}{ticks}"
+
+
+def _fenced(text: str, language: str) -> str:
+    """A fenced block no backtick run in `text` can close."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{text}\n{fence}\n"
 
 
 def parse_origin(config_text: str) -> tuple[str, int] | None:
@@ -68,26 +104,26 @@ def render_model_card(
         "tags": ["merge", "evomerge"],
         "library_name": "transformers",
     }
-    base = f" with `{config.base_model}` as the base" if config.base_model else ""
+    base = f" with {_code(config.base_model)} as the base" if config.base_model else ""
     sections = [
         f"---\n{yaml.safe_dump(front_matter, sort_keys=False)}---\n",
-        f"# {title}\n",
+        f"# {literal(title)}\n",
         f"A merge of {len(models)} models made with evomerge. `evomerge merge` or `mergekit-yaml` rebuilds it "
         "from the configuration below.\n",
         f"## Merge method\n\n`{config.merge_method}`{base}, merged with seed {seed} "
         "(the seed matters only for the random trims of `dare_*` and `della*`).\n",
-        "## Source models\n\n" + "".join(f"- `{model}`\n" for model in models),
+        "## Source models\n\n" + "".join(f"- {_code(model)}\n" for model in models),
     ]
     if origin is not None:
         sections.append(_search_section(origin))
-    sections.append(f"## Configuration\n\n```yaml\n{config_text.rstrip()}\n```\n")
+    sections.append("## Configuration\n\n" + _fenced(config_text.rstrip(), "yaml"))
     return "\n".join(sections)
 
 
 def _search_section(origin: SearchOrigin) -> str:
-    text = f"## Search\n\nFound by an evolutionary search: trial {origin.trial} of the run `{origin.run_dir}`.\n"
+    text = f"## Search\n\nFound by an evolutionary search: trial {origin.trial} of the run {_code(origin.run_dir)}.\n"
     if origin.unreadable is not None:
-        return text + f"\nThe run could not be read when this card was written ({origin.unreadable}).\n"
+        return text + f"\nThe run could not be read when this card was written ({literal(origin.unreadable)}).\n"
     if origin.merged is None:
         text += f"\nTrial {origin.trial} was not re-scored on the held-out tasks; `evomerge status` lists its score.\n"
     rows = ([(f"this merge (trial {origin.trial})", origin.merged)] if origin.merged else []) + [
@@ -97,7 +133,8 @@ def _search_section(origin: SearchOrigin) -> str:
         return text
     table = "| merge | search score | held-out score |\n|---|---|---|\n"
     table += "".join(
-        f"| {name} | {_score(r.search, r.search_se)} | {_score(r.heldout, r.heldout_se)} |\n" for name, r in rows
+        f"| {literal(name)} | {_score(r.search, r.search_se)} | {_score(r.heldout, r.heldout_se)} |\n"
+        for name, r in rows
     )
     return (
         text

@@ -20,6 +20,7 @@ whose data is sparse (`truncate -s`) plan like real ones: only headers and confi
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 
@@ -38,6 +39,7 @@ TABLE_BYTES_PER_BLOCK = 4  # the kernel's block -> tensor table, per block
 TABLE_BYTES_PER_TENSOR = 256  # starts, sizes, ratios, norms and the candidate's parameter row
 FUSED_SPARSIFICATIONS = (None, "magnitude", "random")
 GIB = 1024**3
+MEMORY_SIZE_LIMITS = (1024**2, 1024**5)  # what a --gpu-memory may be: 1 MiB to 1 PiB
 
 
 class Placement(str, Enum):
@@ -139,6 +141,7 @@ class PlanRequest:
     token_budget: int = SCORER_TOKEN_BUDGET
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     cpu_workers: int = 2
+    gpu_workers: int | None = None  # workers.count: at most this many per node, whatever the GPUs hold
 
 
 def is_fused(method: MethodInfo, on_gpu: bool) -> bool:
@@ -190,6 +193,8 @@ def plan_memory(request: PlanRequest) -> MemoryPlan:
     capacity = int(request.gpu_bytes * share)
     gpus = request.gpus or k
     workers = max(0, int(gpus / request.gpus_per_worker))
+    if request.gpu_workers is not None:
+        workers = min(workers, request.gpu_workers)
     if k > gpus:
         return _refused(
             request,
@@ -294,10 +299,14 @@ def parse_bytes(text: str, field_name: str) -> int:
     try:
         value = float(number)
     except ValueError:
-        value = -1.0
-    if unit not in units or value <= 0:
-        raise ValueError(f"{field_name}: '{text}' is not a memory size; write it like 80GiB or 141GB")
-    return int(value * units[unit])
+        value = math.nan
+    # A unit is required (a bare 80 would be 80 bytes); inf, nan and absurd sizes are no GPU's memory.
+    if unit in ("", "b") or unit not in units or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{field_name}: '{text}' is not a memory size; write it like 80GiB or 141GB (with a unit)")
+    size = value * units[unit]
+    if not MEMORY_SIZE_LIMITS[0] <= size <= MEMORY_SIZE_LIMITS[1]:
+        raise ValueError(f"{field_name}: '{text}' is not a GPU's memory size; write it like 80GiB or 141GB")
+    return int(size)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

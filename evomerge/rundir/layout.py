@@ -4,6 +4,7 @@ runs/NAME/spec.yaml       the frozen spec (written first, before anything else)
 runs/NAME/journal.jsonl   the append-only journal, the run's source of truth
 runs/NAME/optimizer/      optimizer snapshots, each named in the journal with its SHA-256
 runs/NAME/optuna.log      TPE and NSGA-II runs: Optuna's journal storage (for optuna-dashboard)
+runs/NAME/ray.log         Ray's own log lines (start-up notices, warnings), kept off the terminal
 runs/NAME/report/         `evomerge report` output
 runs/NAME/tensorboard/    with `logging: {tensorboard: true}`: TensorBoard's event files
 runs/NAME/.lock           held by the one process working on the run
@@ -64,6 +65,10 @@ class RunDir:
     @property
     def optuna_log(self) -> Path:
         return self.root / "optuna.log"
+
+    @property
+    def ray_log(self) -> Path:
+        return self.root / "ray.log"
 
     @property
     def report(self) -> Path:

@@ -28,7 +28,19 @@ def load_trials(run_dir: Path | RunDir) -> tuple[list[dict], dict[int, Trial]]:
         raise UserError(f"{run}: no {run.journal.name} here; give a run directory such as runs/NAME")
     events = read_events(run.journal)
     check_intact(run, events)
-    return events, replay(events)
+    trials = replay(events)
+    if heldout_unfinished(events):
+        for trial in trials.values():  # a partial re-scoring would crown whichever trial it scored first
+            trial.heldout = None
+    return events, trials
+
+
+def heldout_unfinished(events: list[dict]) -> bool:
+    """Held-out scores were journaled but the run has not finished since it last started: the
+    held-out phase is incomplete (or stale, for a run given more budget), so the search winner stands."""
+    phases = [e["event"] for e in events if e["event"] in (EventName.RUN_STARTED, EventName.RUN_FINISHED)]
+    unfinished = bool(phases) and phases[-1] == EventName.RUN_STARTED
+    return unfinished and any(e["event"] == EventName.HELDOUT for e in events)
 
 
 def result_se(result: TrialResult | None) -> float | None:
@@ -68,6 +80,7 @@ def status_of(run_dir: Path | RunDir, events: list[dict], trials: dict[int, Tria
         "best_label": best.label if best else None,
         "evals_per_min": search_rate(events, trials),
         "heldout_winner": heldout.trial_id if heldout else None,
+        "heldout_unfinished": heldout_unfinished(events),
         "pareto_front": pareto_trials(trials),
         "failures": [{"trial": t.trial_id, "reason": t.result.reason if t.result else None} for t in failed],
         "finished": any(e["event"] == EventName.RUN_FINISHED for e in events),

@@ -17,8 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
+from evomerge.errors import UserError
 from evomerge.rundir.events import RESULT_EVENTS, EventName, TrialResult
-from evomerge.rundir.results import default_export, docs_scored, result_se, scored_results
+from evomerge.rundir.results import (
+    default_export,
+    docs_scored,
+    heldout_unfinished,
+    load_trials,
+    result_se,
+    scored_results,
+)
 from evomerge.rundir.trials import BASE_LABEL, Trial, is_parent
 
 REACH_FRACTION = 0.95
@@ -170,6 +178,7 @@ class Verdict:
     ties: TieCut | None
     finished: bool
     racing: RacingTally | None = None
+    heldout_unfinished: bool = False  # held-out re-scoring started but did not complete: the search winner stands
 
     @property
     def export_command(self) -> str | None:
@@ -221,6 +230,10 @@ class Verdict:
             lines.append(self.ties.describe())
         if self.winner is not None:
             what = "held-out winner" if self.winner.heldout is not None else "best search score (no held-out scores)"
+            if self.heldout_unfinished:
+                what = (
+                    f"best search score (held-out re-scoring unfinished; 'evomerge resume {self.run_dir}' completes it)"
+                )
             lines.append(f"winner: trial {self.winner.trial} ({self.winner.name}), the {what}; export it with:")
             lines.append(f"  {self.export_command}")
         if self.advice:
@@ -268,7 +281,26 @@ def build_verdict(run_dir: str | Path, events: list[dict], trials: dict[int, Tri
         ties=journaled_ties(events),
         finished=any(e["event"] == EventName.RUN_FINISHED for e in events),
         racing=RacingTally.of(trials),
+        heldout_unfinished=heldout_unfinished(events),
     )
+
+
+def where_it_stopped(run_dir: str | Path) -> str:
+    """The line `search` and `resume` end with when stopped (Ctrl-C, SIGTERM): where the run stands."""
+    try:
+        events, trials = load_trials(run_dir)
+    except UserError:
+        return "interrupted"
+    done = sum(t.status != EventName.ASKED for t in trials.values())
+    chosen = default_export(trials)
+    best = (
+        ""
+        if chosen is None
+        else f"; best so far trial {chosen.trial_id} ({chosen.label}, search score {chosen.score:.4f})"
+    )
+    if heldout_unfinished(events):
+        best += ", the search winner, since the held-out re-scoring is unfinished"
+    return f"interrupted: {done} evaluations of {run_dir} done{best}; 'evomerge resume {run_dir}' goes on from there"
 
 
 def searched_scores(events: list[dict], trials: dict[int, Trial]) -> list[float | None]:

@@ -124,10 +124,12 @@ def first_difference(ours, theirs, path: str = "") -> str | None:
 
 
 def extended_spec(spec: Spec, request: BudgetRequest, asked: int, docs_scored: int = 0) -> Spec:
-    """`spec` with the requested budget; refused in one line when it is invalid, smaller, or already spent."""
+    """`spec` with the requested budget; refused in one line when it is invalid, smaller, already
+    spent, or when another budget the request leaves alone would still stop the search at once."""
     if request.empty:
         return spec
     wanted = {key: getattr(request, key) for key in EXTENDABLE if getattr(request, key) is not None}
+    used = {"max_evals": (asked, "asked", "evaluations"), "max_docs": (docs_scored, "scored", "documents")}
     for key, value in wanted.items():
         flag = "--" + key.replace("_", "-")
         try:
@@ -135,19 +137,24 @@ def extended_spec(spec: Spec, request: BudgetRequest, asked: int, docs_scored: i
         except ValidationError as error:
             raise UserError(f"{flag}: {error.errors()[0]['msg']}; give a larger value") from None
         current = getattr(spec.budget, key)
-        if current is not None and value < current:
+        spent, verb, unit = used.get(key, (-1, "", ""))
+        floor = max(current or 0, spent + 1)  # one number that is accepted, whichever rule binds
+        if value >= floor:
+            continue
+        if spent + 1 >= (current or 0):
             raise UserError(
-                f"{flag}: {value} is below the run's {current}; resume extends a budget, give at least {current}"
+                f"{flag}: the run has already {verb} {spent:,} {unit}; give at least {floor} to search further"
             )
-        if key == "max_evals" and value <= asked:
+        raise UserError(f"{flag}: {value} is below the run's {current}; resume extends a budget, give at least {floor}")
+    extended = spec.model_copy(update={"budget": spec.budget.model_copy(update=wanted)})
+    for key, (spent, verb, unit) in used.items():
+        limit = getattr(extended.budget, key)
+        if key not in wanted and limit is not None and spent >= limit:
+            given = ", ".join("--" + name.replace("_", "-") for name in wanted)
             raise UserError(
-                f"{flag}: the run has already asked {asked} evaluations; give more than {asked} to search further"
+                f"{given}: budget.{key} ({limit:,}) is spent too ({spent:,} {unit} {verb}), so the run would search nothing; also give --{key.replace('_', '-')} above {spent}"
             )
-        if key == "max_docs" and value <= docs_scored:
-            raise UserError(
-                f"{flag}: the run has already scored {docs_scored:,} documents; give more than {docs_scored} to search further"
-            )
-    return spec.model_copy(update={"budget": spec.budget.model_copy(update=wanted)})
+    return extended
 
 
 def journal_budget(run: RunDir, before: Spec, after: Spec) -> None:

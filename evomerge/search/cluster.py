@@ -9,20 +9,24 @@ port with nothing behind it hung `search` for over 200 s), so a TCP connect and 
 with a timeout, answer within seconds in one line. `ClusterSession` owns the connection for one
 command: it stops a local cluster it started on every way out (an exception, Ctrl-C, SIGTERM) and
 then kills what `ray.shutdown()` leaves behind: Ray's agents, children of the raylet, otherwise
-outlive the driver by minutes.
+outlive the driver by minutes. A second Ctrl-C or SIGTERM while it stops is answered with one line
+and otherwise ignored, so the stop always completes. Ray's own log lines (its start-up notices,
+the token-authentication warning) go to the run's `ray.log` (`RayLog` holds them until the run
+directory exists), not to the user's terminal; token authentication itself stays as Ray sets it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import signal
 import socket
 import threading
 from pathlib import Path
 
-from evomerge.errors import UserError
+from evomerge.errors import Stopped, UserError
 from evomerge.preflight import Prepared
 from evomerge.search.liveness import ClusterWatch, WatchedRayCalls, ray_liveness
 from evomerge.search.worker import WorkerSettings, ray_worker_class
@@ -141,6 +145,7 @@ class ClusterSession:
         self.connected = False  # this session called ray.init
         self.local_processes: list = []  # psutil.Process of a local cluster this session started
         self._previous_handlers: dict[int, object] = {}
+        self._ray_handlers: list[logging.Handler] | None = None
 
     def __enter__(self) -> ClusterSession:
         self.open()
@@ -155,7 +160,12 @@ class ClusterSession:
         if ray.is_initialized():
             return
         before = _own_processes()
-        connect(self.spec, self.address)
+        self._ray_logs_to_file()
+        try:
+            connect(self.spec, self.address)
+        except BaseException:
+            self._restore_ray_logs()
+            raise
         self.connected = True
         if self.address is None:
             self.local_processes = [p for key, p in _own_processes().items() if key not in before]
@@ -171,10 +181,40 @@ class ClusterSession:
         import ray
 
         self.connected = False
-        self._restore_handlers()
-        started = _with_descendants(self.local_processes)
-        ray.shutdown()
-        _kill_leftovers(started)
+        self._patient_while_stopping()
+        try:
+            started = _with_descendants(self.local_processes)
+            ray.shutdown()
+            _kill_leftovers(started)
+        finally:
+            self._restore_handlers()
+            self._restore_ray_logs()
+
+    def _ray_logs_to_file(self) -> None:
+        """Take the "ray" logger (Ray sets it up to print to stderr) for a `RayLog`."""
+        import ray  # noqa: F401 - importing ray installs its handlers, which are replaced here
+
+        ray_logger = logging.getLogger("ray")
+        self._ray_handlers = list(ray_logger.handlers)
+        ray_logger.handlers = [RayLog()]
+
+    def _restore_ray_logs(self) -> None:
+        if self._ray_handlers is None:
+            return
+        ray_logger = logging.getLogger("ray")
+        for handler in ray_logger.handlers:
+            handler.close()
+        ray_logger.handlers = self._ray_handlers
+        self._ray_handlers = None
+
+    def _patient_while_stopping(self) -> None:
+        """While the cluster stops, another Ctrl-C or SIGTERM must not cut the cleanup short."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self._previous_handlers.setdefault(signum, signal.getsignal(signum))
+            if self._previous_handlers[signum] is not signal.SIG_IGN:
+                signal.signal(signum, _still_stopping)
 
     def _interrupt_on_termination(self) -> None:
         """SIGTERM (a batch system's stop, `kill`) unwinds like Ctrl-C, so every cleanup runs."""
@@ -193,8 +233,51 @@ class ClusterSession:
         self._previous_handlers.clear()
 
 
+class RayLog(logging.Handler):
+    """Ray's log records, held in memory until the run's log file is known (Ray starts before the
+    run directory exists), then written there."""
+
+    HELD_AT_MOST = 1000
+
+    def __init__(self):
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+        self.file: logging.FileHandler | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.file is not None:
+            self.file.emit(record)
+        elif len(self.held) < self.HELD_AT_MOST:
+            self.held.append(record)
+
+    def write_to(self, path: Path) -> None:
+        if self.file is not None:
+            return
+        self.file = logging.FileHandler(path, encoding="utf-8")
+        self.file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
+        for record in self.held:
+            self.file.emit(record)
+        self.held.clear()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        super().close()
+
+
+def keep_ray_logs_in(path: Path) -> None:
+    """Write Ray's log lines, those held since it started and all later ones, to `path`."""
+    for handler in logging.getLogger("ray").handlers:
+        if isinstance(handler, RayLog):
+            handler.write_to(path)
+
+
 def _raise_keyboard_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+    raise Stopped(signum)
+
+
+def _still_stopping(signum, frame) -> None:
+    os.write(2, b"stopping: shutting Ray down, a few seconds\n")
 
 
 def _psutil():
@@ -265,6 +348,7 @@ def make_actor_factory(prepared: Prepared, spec: Spec):
     settings = WorkerSettings(
         base_model=prepared.sources.folder(spec.models.base),
         union_config=prepared.union_config,
+        model_folders={name: folder for name, folder in prepared.sources.folders().items() if name != folder},
         eval_sets=prepared.eval_sets,
         device=device,
         dtype=spec.merge.dtype,
@@ -288,4 +372,3 @@ def _worker_devices(spec: Spec, device: str) -> tuple[str, ...]:
     """k > 1 GPUs per worker: Ray shows the actor its k GPUs as cuda:0..k-1, its layers are split over them."""
     per_worker = spec.workers.gpus_per_worker
     return tuple(f"cuda:{index}" for index in range(int(per_worker))) if device == "cuda" and per_worker > 1 else ()
-        model_folders={name: folder for name, folder in prepared.sources.folders().items() if name != folder},

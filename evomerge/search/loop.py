@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,12 +35,13 @@ from evomerge.rundir.pareto import objective_values
 from evomerge.rundir.trials import Tally, Trial, replay, search_seconds
 from evomerge.rundir.verdict import TIES_FIELD
 from evomerge.search.budget import DocsSpent
+from evomerge.search.heldout import rescore_heldout
 from evomerge.search.inputs import first_change, input_fingerprints
-from evomerge.search.progress import ProgressSettings, SearchProgress
+from evomerge.search.progress import ProgressMode, ProgressSettings, SearchProgress
 from evomerge.search.replay import journaled_seeds, restore_optimizer
 from evomerge.search.runs import create_run_dir
 from evomerge.search.scheduler import Job, Scheduler
-from evomerge.search.selection import best_expressible_baseline, heldout_candidates, seeds_worth_trying
+from evomerge.search.selection import best_expressible_baseline, seeds_worth_trying
 from evomerge.search.study_log import StudyLog, study_shape
 from evomerge.search.tracking import Tracker
 
@@ -142,13 +144,16 @@ class Search:
         # fight the workers for cores.
         from threadpoolctl import threadpool_limits
 
-        from evomerge.search.cluster import ClusterSession, make_actor_factory
+        from evomerge.search.cluster import ClusterSession, keep_ray_logs_in, make_actor_factory
 
         session = ClusterSession(self.spec, self.address)
         try:
+            if self._finished_already():
+                return self.trials
             inputs = self._checked_inputs()
             threadpool_limits(1)
             session.open()
+            keep_ray_logs_in(self.rundir.ray_log)
             factory, count = make_actor_factory(self.prepared, self.spec)
             calls = session.watched_calls(self.run_dir)  # a lost cluster ends the search in one line
             self._search_and_finish(Scheduler(factory, count, self.spec.workers.queue_depth, calls=calls), inputs)
@@ -160,10 +165,25 @@ class Search:
     def run_with(self, scheduler: Scheduler) -> dict[int, Trial]:
         """The same search on workers the caller started (tests and benchmarks: in-process ones)."""
         try:
-            self._search_and_finish(scheduler, self._checked_inputs())
+            if not self._finished_already():
+                self._search_and_finish(scheduler, self._checked_inputs())
         finally:
             self.close()
         return self.trials
+
+    def _finished_already(self) -> bool:
+        """A finished run given no more budget: nothing to search or re-score, so no workers start."""
+        phases = (EventName.RUN_STARTED, EventName.RUN_FINISHED, EventName.BUDGET_EXTENDED)
+        last = next((e["event"] for e in reversed(self.events) if e["event"] in phases), None)
+        if last != EventName.RUN_FINISHED:
+            return False
+        if ProgressSettings.of(self.show_progress).mode != ProgressMode.QUIET:
+            print(
+                f"{self.run_dir}: the run has finished; nothing to resume (give --max-evals, --time-limit-min or --max-docs for more)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return True
 
     def close(self) -> None:
         self.tracker.close()
@@ -178,6 +198,7 @@ class Search:
                 workers=len(scheduler.slots),
                 genes=genes,
                 inputs=inputs,
+                **({"models": pins} if (pins := self.prepared.sources.pins()) else {}),
             )
             self.study_log.rebuild(self.events, self.trials)  # every optimizer's optuna.log, never duplicated
             budget = self.spec.budget
@@ -188,7 +209,7 @@ class Search:
                 self._search(scheduler, progress)
                 if "heldout" in self.prepared.eval_sets:
                     progress.say("re-scoring the top trials and the baselines on the held-out tasks")
-                ties = self._rescore_heldout(scheduler)
+                ties = self._rescore_heldout(scheduler, progress)
             self._snapshot(wait=True)
             self.study_log.rebuild(read_events(self.journal.path, warn=False), self.trials)  # with held-out scores
             self.journal.append(
@@ -197,7 +218,6 @@ class Search:
         finally:
             scheduler.shutdown()
 
-                **({"models": pins} if (pins := self.prepared.sources.pins()) else {}),
     def current_inputs(self) -> dict[str, str]:
         """Fingerprints of the models and the evaluation files as they are on disk now."""
         models = [self.prepared.sources.source(name) for name in (self.spec.models.base, *self.spec.models.experts)]
@@ -364,20 +384,11 @@ class Search:
             self.journal.write_snapshot_in_background(blob, after_events)
         self.tells_since_snapshot = 0
 
-    def _rescore_heldout(self, scheduler: Scheduler) -> dict | None:
+    def _rescore_heldout(self, scheduler: Scheduler, progress: SearchProgress) -> dict | None:
         """Re-score the baselines and the top-k on the held-out tasks; returns the tie report, if any."""
         if "heldout" not in self.prepared.eval_sets:
             return None
-        chosen, ties = heldout_candidates(self.trials, self.spec.evaluation.top_k)
-        jobs = [Job(t.trial_id, t.merge_config, "heldout") for t in chosen if t.heldout is None]
-        while jobs or scheduler.in_flight or scheduler.requeued:
-            jobs.extend(scheduler.requeued)
-            scheduler.requeued.clear()
-            while jobs and scheduler.free_slots:
-                scheduler.submit(jobs.pop(0))
-            for job, result in scheduler.poll(timeout=1.0):
-                self._record(job, result)
-        return ties
+        return rescore_heldout(self.trials, self.spec.evaluation.top_k, scheduler, self._record, progress, self.clock)
 
 
 def _finite(result: TrialResult) -> TrialResult:

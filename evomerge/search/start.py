@@ -36,9 +36,9 @@ def start_search(
     datasets at those commits."""
     from evomerge.search.cluster import ClusterSession
 
+    refuse_unusable_run_dir(spec)  # in a moment, before the slow checks
     prepared = preflight(spec, source, pins, dataset_revisions)
     _check_local_devices(spec, address, source)
-    _refuse_unusable_run_dir(spec)
     # Ray before the run directory: a failed connect leaves no empty run blocking the name.
     with ClusterSession(spec, address):
         run_dir = create_run_dir(spec)
@@ -46,7 +46,7 @@ def start_search(
     return run_dir
 
 
-def _refuse_unusable_run_dir(spec: Spec) -> None:
+def refuse_unusable_run_dir(spec: Spec) -> None:
     """What create_run_dir would refuse, found before Ray takes its seconds to start."""
     run = RunDir.inside(spec.runs_dir, spec.name)
     if run.journal.exists():

@@ -13,6 +13,7 @@ whatever lies beside OUT) byte-identical afterwards:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -485,3 +486,63 @@ def test_validation_reads_no_weights(case, zoo, write_config, weights_unreadable
         validate_merge_config(config)
     for expected in ERROR_CASES[case][1]:
         assert expected.lower() in str(raised.value).lower()
+
+
+def test_a_run_path_holding_a_newline_cannot_inject_keys_into_the_exported_yaml(tmp_path):
+    """The `# evomerge run:` comment would end at the newline and the rest be read as YAML keys."""
+    run = Path(shutil.copytree(FROZEN_RUN, tmp_path / "runs\nout_dtype: float16" / "v0"))
+    before = snapshot(tmp_path)
+    finished = run_cli_in_process("export", run, "-o", tmp_path / "best.yaml")
+    lines = [line for line in finished.stderr.splitlines() if line.strip()]
+    assert finished.returncode == 2 and len(lines) == 1, finished.stderr
+    record_refusal(lines[0])
+    assert "control character" in lines[0] and "out_dtype" in lines[0]
+    assert snapshot(tmp_path) == before
+
+
+# name -> a model or label name that Markdown, HTML or a table row would otherwise read as syntax
+HOSTILE_NAMES = {
+    "backtick": "/models/a`b",
+    "script-tag": "/models/<script>alert(1)</script>",
+    "img-onerror": '/models/<img src=x onerror="alert(1)">',
+    "table-pipe": "/models/a | b",
+    "newline": "/models/a\n| injected | row |",
+    "emphasis-and-link": "/models/*bold* _it_ [link](http://x)",
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_NAMES))
+def test_the_model_card_writes_hostile_names_as_literal_text(case):
+    from evomerge.merge.card import ScoreRow, SearchOrigin, render_model_card
+    from evomerge.merge.config import MergeConfig
+
+    name = HOSTILE_NAMES[case]
+    config = MergeConfig.model_validate(
+        {"merge_method": "linear", "models": [{"model": name, "parameters": {"weight": 1.0}}]}
+    )
+    row = ScoreRow(name, 0.5, 0.01, 0.4, 0.01)
+    card = render_model_card(name, config, f"# {name}\n", 0, SearchOrigin(name, 3, row, (row,)))
+    body = card.split("\n---\n", 1)[1]
+    prose, _, _ = body.partition("## Configuration")
+    outside_code = re.sub(r"(`+).*?\1", "", prose)  # inside a code span HTML is shown, not run
+    assert "<script" not in outside_code and "<img" not in outside_code, "raw HTML outside code"
+    table = [line for line in prose.splitlines() if line.startswith("|")]
+    assert len(table) == 4 and all(line.count("|") == 4 for line in table), table
+    source = next(line for line in prose.splitlines() if line.startswith("- "))[2:]
+    ticks = len(source) - len(source.lstrip("`"))
+    inner = source[ticks:-ticks]
+    assert source.endswith("`" * ticks) and "`" * ticks not in inner, f"the code span can be closed early: {source}"
+    assert inner.strip() == name.replace("\n", " ")
+    fence = body.split("## Configuration\n\n", 1)[1].split("yaml\n", 1)[0]
+    assert fence.count("`") >= 3 and fence not in name
+
+
+def test_a_config_holding_a_fence_cannot_close_the_card_s_yaml_block():
+    from evomerge.merge.card import render_model_card
+    from evomerge.merge.config import MergeConfig
+
+    config = MergeConfig.model_validate(
+        {"merge_method": "linear", "models": [{"model": "/m", "parameters": {"weight": 1.0}}]}
+    )
+    card = render_model_card("out", config, "# ```\n# <script>x</script>\nmerge_method: linear\n", 0)
+    assert "\n````yaml\n" in card and card.rstrip().endswith("````")

@@ -109,7 +109,7 @@ def test_interrupted_merge_leaves_out_as_it_was(moment, zoo, tmp_path, monkeypat
 
 
 def test_sigterm_during_a_merge_removes_the_staging_folder(zoo, write_config, tmp_path, monkeypatch):
-    """`kill` (or a job's time limit) mid-merge: exit 130, OUT as it was, no hidden staging folder left."""
+    """`kill` (or a job's time limit) mid-merge: exit 143, OUT as it was, no hidden staging folder left."""
     out = tmp_path / "out"
     config = write_config(task_arithmetic(zoo))
     merge_to_disk(MergeConfig.model_validate(linear(zoo, "ft_a")), out, progress=False)
@@ -132,7 +132,7 @@ def test_sigterm_during_a_merge_removes_the_staging_folder(zoo, write_config, tm
         restored = signal.getsignal(signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert result.returncode == 130 and "interrupted" in result.stderr, result.stderr
+    assert result.returncode == 143 and "interrupted" in result.stderr, result.stderr  # 128 + SIGTERM
     assert not stray_terms and restored is record  # the command put the caller's handler back
     assert snapshot(tmp_path) == before
 
@@ -182,6 +182,7 @@ def exported_config(zoo, tmp_path) -> tuple[Path, Path]:
 
 
 def test_model_card_of_an_exported_config_shows_the_search(exported_config, tmp_path):
+    from evomerge.merge.card import literal
     from evomerge.rundir.results import leaderboard, load_trials
 
     config, run_dir = exported_config
@@ -196,7 +197,7 @@ def test_model_card_of_an_exported_config_shows_the_search(exported_config, tmp_
     )
     for row in rows.values():
         if row["kind"] == "baseline":
-            assert f"| {row['label']} | {row['search']:.4f} ± " in body
+            assert f"| {literal(row['label'])} | {row['search']:.4f} ± " in body
 
 
 def test_model_card_when_the_run_is_gone(exported_config, tmp_path):

@@ -82,3 +82,19 @@ def test_export_merge_exports_and_materializes_the_winner_in_one_step(zoo, tmp_p
 
     cli("export", run_dir, "--merge", tmp_path / "no-yaml")  # without -o the YAML goes to a temporary file
     assert (tmp_path / "no-yaml" / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
+
+
+def test_the_summary_table_prints_names_that_look_like_rich_markup_as_they_are(tmp_path, capsys):
+    from fake_workers import fake_scheduler, fake_spec_data, open_search
+
+    from evomerge.search.runs import create_run_dir
+    from evomerge.spec import parse_spec
+
+    models = {"base": "/frozen-run/base", "experts": ["/frozen-run/expert[a]", "/frozen-run/[bold]b"]}
+    data = fake_spec_data(tmp_path / "runs", "markup", budget={"max_evals": 12}, models=models)
+    spec = parse_spec(data, "spec", tmp_path)
+    run_dir = create_run_dir(spec)
+    open_search(spec, run_dir).run_with(fake_scheduler())
+    print_summary(run_dir)
+    printed = capsys.readouterr().out
+    assert "expert[a]" in printed and "[bold]b" in printed

@@ -67,7 +67,9 @@ def test_a_spec_edited_before_the_search_journaled_run_started_is_refused(tmp_pa
 def test_a_damaged_frozen_spec_is_one_line_naming_it(tmp_path, damage):
     run = RunDir(create_run_dir(fake_spec(tmp_path)))
     journal = run.journal.read_bytes()
-    run.journal.write_bytes(b"")  # a run journaled before the spec's hash: parsing is what is left to fail
+    # A run journaled before the spec's hash (its run_started has no input fingerprints): parsing is
+    # what is left to fail.
+    run.journal.write_bytes(b'{"event":"run_started","time":1.0,"spec_fingerprint":"0","workers":1}\n')
     run.spec.write_bytes(damage)
     with pytest.raises(UserError) as refused:
         open_run(run.root)

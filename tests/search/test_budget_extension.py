@@ -3,6 +3,8 @@ time or documents, journaled as an event (the frozen spec is never rewritten); a
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 from fake_workers import fake_scheduler, fake_spec_data, open_search
@@ -54,19 +56,21 @@ def test_a_finished_run_searches_on_to_the_extended_budget_and_the_frozen_spec_i
 @pytest.mark.parametrize(
     "request_, message",
     [
-        (BudgetRequest(max_evals=10), "--max-evals: 10 is below the run's 12"),
-        (BudgetRequest(max_evals=12), "--max-evals: the run has already asked 12 evaluations; give more than 12"),
+        (BudgetRequest(max_evals=10), "--max-evals: the run has already asked 12 evaluations; give at least 13"),
+        (BudgetRequest(max_evals=12), "--max-evals: the run has already asked 12 evaluations; give at least 13"),
         (BudgetRequest(time_limit_min=-1.0), "--time-limit-min: "),
         (BudgetRequest(max_evals=0), "--max-evals: "),
         # 7 baselines and 5 candidates of 32 documents each
-        (BudgetRequest(max_docs=384), "--max-docs: the run has already scored 384 documents; give more than 384"),
+        (BudgetRequest(max_docs=384), "--max-docs: the run has already scored 384 documents; give at least 385"),
+        # more documents, but the evaluation budget that ended the run is spent: it would search nothing
+        (BudgetRequest(max_docs=1000), "--max-docs: budget.max_evals (12) is spent too (12 evaluations asked)"),
         (BudgetRequest(max_docs=0), "--max-docs: "),
     ],
 )
 def test_a_budget_that_does_not_extend_is_refused_in_one_line_and_nothing_is_journaled(tmp_path, request_, message):
     run_dir = finished_run(tmp_path)
     before = (run_dir / "journal.jsonl").read_bytes()
-    with pytest.raises(UserError, match=message.replace("(", r"\(")) as caught:
+    with pytest.raises(UserError, match=re.escape(message)) as caught:
         resume_with(run_dir, request_)
     assert "\n" not in str(caught.value)
     assert (run_dir / "journal.jsonl").read_bytes() == before
@@ -118,8 +122,9 @@ def test_the_command_line_refuses_a_smaller_budget_with_exit_2_and_one_line(tmp_
     assert result.exit_code == 2
     assert (
         result.output.strip()
-        == "error: --max-evals: 5 is below the run's 12; resume extends a budget, give at least 12"
+        == "error: --max-evals: the run has already asked 12 evaluations; give at least 13 to search further"
     )
+    assert len(resume_with(run_dir, BudgetRequest(max_evals=13))) == 13  # the figure the refusal names is accepted
 
 
 def test_the_document_ceiling_counts_every_earlier_candidate_in_flight_as_scored_whole():

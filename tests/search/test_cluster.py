@@ -382,7 +382,11 @@ def test_sigterm_stops_the_search_and_its_whole_local_cluster(tmp_path, zoo):
     finally:
         kill_group(search.driver.pid)
     lines = search.stderr_lines()
-    assert search.driver.returncode == 130 and lines[-1] == "interrupted", lines[-5:]
+    assert search.driver.returncode == 143 and lines[-1].startswith("interrupted: "), lines[-5:]  # 128 + SIGTERM
+    assert f"'evomerge resume {search.run_dir}'" in lines[-1]
+    # Ray's own start-up lines (token authentication, "Started a local Ray instance") go to the run's ray.log.
+    assert not any(" -- " in line and ("WARNING" in line or "INFO" in line) for line in lines), lines[:5]
+    assert "Started a local Ray instance" in (search.run_dir / "ray.log").read_text()
     assert agents, "the test saw no Ray agent to check"
     assert not search.leftovers(), "Ray processes outlived the driver"
     assert any(f"] search started: 0/{MANY} evaluations" in line for line in lines), "no status line without a terminal"

@@ -30,7 +30,7 @@ def hub(standin_hub):
     return standin_hub
 
 
-def hub_spec(tmp_path: Path, base: str = BASE, experts: tuple[str, ...] = (MATH, CODE), **extra) -> Path:
+def hub_spec(tmp_path: Path, base: str = BASE, experts: tuple[str, ...] | list[str] = (MATH, CODE), **extra) -> Path:
     spec = {
         "name": "hub-run",
         "runs_dir": str(tmp_path / "runs"),
@@ -87,50 +87,72 @@ def test_a_spec_naming_hub_ids_validates(hub, tmp_path):
     assert code == 0, lines
 
 
-@pytest.mark.parametrize("with_token", [False, True])
-def test_a_gated_model_needs_a_token(hub, tmp_path, monkeypatch, with_token):
+def test_a_gated_model_resolves_with_the_token(hub, monkeypatch):
     hub.add_repo("gated-org/base", tiny_model_files(0), gated=True)
-    if with_token:
-        monkeypatch.setenv("HF_TOKEN", hub.token)
-        assert resolve_model("gated-org/base").commit == hub.head("gated-org/base")
-        return
-    code, lines = run_cli_in_process("validate", hub_spec(tmp_path, base="gated-org/base"))
-    assert_refused_in_one_line(code, lines, ["models.base", "gated-org/base", "gated", "licence", "HF_TOKEN"])
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    assert resolve_model("gated-org/base").commit == hub.head("gated-org/base")
 
 
-def test_missing_models_are_all_named_in_one_line(hub, tmp_path):
-    code, lines = run_cli_in_process("validate", hub_spec(tmp_path, experts=("tiny-org/nope", "tiny-org/nada")))
-    assert_refused_in_one_line(
-        code, lines, ["models.experts[0] 'tiny-org/nope', models.experts[1] 'tiny-org/nada'", "check the spelling"]
-    )
-
-
-def test_an_unknown_revision_is_named(hub, tmp_path):
-    code, lines = run_cli_in_process("validate", hub_spec(tmp_path, base=f"{BASE}@v9"))
-    assert_refused_in_one_line(code, lines, ["models.base", "no revision 'v9'", "drop '@v9'"])
-
-
-def test_pickled_weights_are_never_fetched(hub, tmp_path):
-    files = {name: data for name, data in tiny_model_files(1).items() if not name.endswith(".safetensors")}
-    hub.add_repo("tiny-org/bin-only", {**files, "pytorch_model.bin": b"not unpickled"})
-    code, lines = run_cli_in_process("validate", hub_spec(tmp_path, experts=("tiny-org/bin-only", CODE)))
-    assert_refused_in_one_line(code, lines, ["models.experts[0]", "pytorch_model.bin", "safetensors"])
-    assert not any("pytorch_model.bin" in path for _, path in hub.requests if "/resolve/" in path)
-
-
-@pytest.mark.parametrize(
-    "change, words",
-    [
-        ({"auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}, ["auto_map", "remote code"]),
-        ({"model_type": "not-a-transformers-model"}, ["not-a-transformers-model", "remote code"]),
-    ],
-)
-def test_models_that_need_remote_code_are_refused(hub, tmp_path, change, words):
-    files = dict(tiny_model_files(2))
+def with_config(seed: int, **change) -> dict:
+    files = dict(tiny_model_files(seed))
     files["config.json"] = json.dumps({**json.loads(files["config.json"]), **change}).encode()
-    hub.add_repo("tiny-org/remote", files)
-    code, lines = run_cli_in_process("validate", hub_spec(tmp_path, experts=(MATH, "tiny-org/remote")))
-    assert_refused_in_one_line(code, lines, ["models.experts[1]", *words])
+    return files
+
+
+def pickled_only(seed: int) -> dict:
+    files = {name: data for name, data in tiny_model_files(seed).items() if not name.endswith(".safetensors")}
+    return {**files, "pytorch_model.bin": b"never unpickled"}
+
+
+# name -> (repos to put on the stand-in hub, the spec's models, words the one stderr line must contain)
+REFUSALS = {
+    "gated-without-a-token": (
+        {"gated-org/base": dict(files=tiny_model_files(0), gated=True)},
+        {"base": "gated-org/base"},
+        ["models.base 'gated-org/base'", "gated", "licence", "hf auth login", "HF_TOKEN"],
+    ),
+    "private-without-a-token": (
+        {"secret-org/math": dict(files=tiny_model_files(1), private=True)},
+        {"experts": ["secret-org/math", CODE]},
+        ["models.experts[0] 'secret-org/math'", "401", "check the spelling", "HF_TOKEN"],
+    ),
+    "missing-repos-all-named": (
+        {},
+        {"experts": ["tiny-org/nope", "tiny-org/nada"]},
+        ["models.experts[0] 'tiny-org/nope', models.experts[1] 'tiny-org/nada'", "check the spelling"],
+    ),
+    "unknown-revision": ({}, {"base": f"{BASE}@v9"}, ["models.base", "no revision 'v9'", "drop '@v9'"]),
+    "pickled-weights-only": (
+        {"tiny-org/bin-only": dict(files=pickled_only(1))},
+        {"experts": ["tiny-org/bin-only", CODE]},
+        ["models.experts[0]", "pytorch_model.bin", "never unpickles", "convert them to safetensors"],
+    ),
+    "remote-code-auto-map": (
+        {"tiny-org/remote": dict(files=with_config(2, auto_map={"AutoModelForCausalLM": "modeling_x.X"}))},
+        {"experts": [MATH, "tiny-org/remote"]},
+        ["models.experts[1]", "auto_map", "never runs remote code"],
+    ),
+    "unknown-model-type": (
+        {"tiny-org/exotic": dict(files=with_config(2, model_type="not-a-transformers-model"))},
+        {"experts": [MATH, "tiny-org/exotic"]},
+        ["models.experts[1]", "not-a-transformers-model", "never runs remote code"],
+    ),
+    "one-model-under-two-names": (
+        {},
+        {"experts": [MATH, f"{MATH}@main"]},
+        ["models.experts[1]", f"'{MATH}@main' is the same model as models.experts[0]", "list each model once"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_hub_refusals_are_one_line_naming_the_model_and_the_fix(hub, tmp_path, case):
+    repos, models, words = REFUSALS[case]
+    for repo, options in repos.items():
+        hub.add_repo(repo, **options)
+    code, lines = run_cli_in_process("validate", hub_spec(tmp_path, **models))
+    assert_refused_in_one_line(code, lines, words)
+    assert not any(path.endswith(".bin") for _, path in hub.requests if "/resolve/" in path)
 
 
 def test_offline_the_cache_serves_without_a_request(hub, go_offline):
@@ -259,3 +281,32 @@ def test_prefetch_locks_commits_that_offline_validate_then_reads(hub, tmp_path, 
     assert validated.exit_code == 0, validated.output
     assert json.loads(validated.stdout)["models"][f"{MATH}@main"] == f"{MATH}@{old}"
     assert hub.requests == []
+
+
+def test_a_worker_merges_hub_models_from_their_snapshots(hub, tmp_path, monkeypatch):
+    """The settings the search hands its Ray workers: folders for reading, names in every config."""
+    import ray
+
+    from evomerge.preflight import preflight
+    from evomerge.search import cluster
+    from evomerge.search.worker import MergeWorker
+    from evomerge.spec import load_spec
+
+    prepared = preflight(load_spec(hub_spec(tmp_path)))
+    built = []
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    actor = type("Actor", (), {"remote": staticmethod(lambda settings, name: built.append(settings))})
+    monkeypatch.setattr(cluster, "ray_worker_class", lambda *a: actor)
+    cluster.make_actor_factory(prepared, prepared.spec)[0](0)
+    settings = built[0]
+    assert settings.base_model == prepared.sources.folder(BASE) != BASE
+    assert MergeConfig.model_validate(prepared.union_config).referenced_models() == [BASE, MATH, CODE]
+    genome = prepared.genome
+    result = MergeWorker(settings).evaluate(0, genome.merge_config_dict(genome.x0()))
+    assert result.ok, result.reason
+
+
+def test_eval_scores_a_model_named_by_hub_id(hub, tmp_path):
+    scored = cli("eval", hub_spec(tmp_path), "--model", f"{MATH}@main", "--json")
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(scored.stdout)["n_docs"] == {"tiny_add": 4}

@@ -12,17 +12,12 @@ A group is scored as lm-eval scores it: its `aggregate_metric_list` entry for th
 aggregate in lm-eval; evomerge scores it as the unweighted mean of its tasks' metric, as it does a
 group without an aggregate_metric_list. Leaf tasks that do not report the spec's metric are left
 out of a group or tag, as lm-eval's aggregation leaves them out, and are not scored at all.
-
-Relative data paths in a task YAML are made absolute against that YAML's own folder, because
-lm-eval's json/csv loaders resolve them against the current directory, which differs between a
-laptop, a Ray worker and CI.
 """
 
 from __future__ import annotations
 
 import copy
-import glob
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +36,7 @@ from evomerge.evaluation.task_index import (
     quiet_lm_eval,
     resolved_config,
 )
+from evomerge.evaluation.task_paths import absolute_paths, check_data_files_exist
 
 __all__ = ["ResolvedTask", "ResolvedTasks", "build_groups", "build_tasks", "quiet_lm_eval", "resolve_tasks"]
 
@@ -234,8 +230,8 @@ def _resolve_entry(spec: EvalTask, expansion: Expansion, field: str, eval_set: E
 def _resolve_leaf(spec: EvalTask, leaf: Leaf, field: str, eval_set: EvalSet, result_key: str) -> ResolvedLeaf:
     evaluation = eval_set.evaluation
     config = leaf.config
-    overrides = _absolute_paths(config, leaf.yaml_path.parent)
-    _check_data_files_exist(overrides, leaf.name, leaf.yaml_path, field)
+    overrides = absolute_paths(config, leaf.yaml_path.parent)
+    check_data_files_exist(overrides, leaf.name, leaf.yaml_path, field)
     if spec.num_fewshot is not None:
         overrides["num_fewshot"] = spec.num_fewshot
     overrides |= scoring_overrides(spec, config, evaluation, field, leaf.name)
@@ -351,59 +347,6 @@ def _check_disjoint_from_search(resolved: list[ResolvedTask], eval_set: EvalSet,
                 f"'{searched[shared[0]]}' scores too; held-out docs must be disjoint: drop it here, or carve held-out "
                 "docs from the search tasks with evaluation.heldout_fraction"
             )
-
-
-def _absolute_paths(config: dict, yaml_dir: Path) -> dict[str, Any]:
-    """Config keys whose relative local paths must be anchored at the YAML's folder."""
-    overrides: dict[str, Any] = {}
-    dataset_kwargs = copy.deepcopy(config.get("dataset_kwargs") or {})
-    for key in ("data_files", "data_dir"):
-        if dataset_kwargs.get(key):
-            dataset_kwargs[key] = _map_paths(dataset_kwargs[key], yaml_dir)
-            overrides["dataset_kwargs"] = dataset_kwargs
-    dataset_path = config.get("dataset_path")
-    # Only an explicitly relative path: "json" or "org/name" are loader or hub names.
-    if isinstance(dataset_path, str) and dataset_path.startswith(("./", "../")):
-        overrides["dataset_path"] = str((yaml_dir / dataset_path).resolve())
-    return overrides
-
-
-def _map_paths(value: Any, yaml_dir: Path) -> Any:
-    """Apply `_absolute` to every path in a data_files value (str, list, or split -> either)."""
-    if isinstance(value, dict):
-        return {split: _map_paths(paths, yaml_dir) for split, paths in value.items()}
-    if isinstance(value, list):
-        return [_map_paths(path, yaml_dir) for path in value]
-    return _absolute(str(value), yaml_dir)
-
-
-def _absolute(path: str, yaml_dir: Path) -> str:
-    if "://" in path:
-        return path
-    return str((yaml_dir / Path(path).expanduser()).resolve())
-
-
-def _local_paths(value: Any) -> Iterator[str]:
-    if isinstance(value, dict):
-        for paths in value.values():
-            yield from _local_paths(paths)
-    elif isinstance(value, list):
-        for path in value:
-            yield from _local_paths(path)
-    elif "://" not in str(value):
-        yield str(value)
-
-
-def _check_data_files_exist(overrides: dict, name: str, yaml_path: Path, field: str) -> None:
-    dataset_kwargs = overrides.get("dataset_kwargs", {})
-    for key in ("data_files", "data_dir"):
-        for path in _local_paths(dataset_kwargs.get(key, [])):
-            # glob also accepts literal paths, and data_files may be patterns like data/*.jsonl
-            if not glob.glob(path):
-                raise UserError(
-                    f"{field}.name: task '{name}' ({yaml_path}) reads '{path}', which does not exist; "
-                    f"fix dataset_kwargs.{key} in that YAML (relative paths start at the YAML's folder)"
-                )
 
 
 def _result_key(spec: EvalTask, config: dict, field: str) -> str:

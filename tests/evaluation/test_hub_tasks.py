@@ -10,14 +10,17 @@ the search tasks are disjoint from the search docs, seeded, and the same on ever
 from __future__ import annotations
 
 import pytest
-from hub_fixtures import add_arc_easy, add_config_dataset, arc_row, mmlu_row
+from hub_fixtures import ARC_SPLITS, add_arc_easy, add_config_dataset, arc_row, mmlu_row, parquet_bytes
 from scoring_fixtures import FIXTURES, char_model, char_tokenizer, single_torch_thread  # noqa: F401 - autouse fixture
 
 from evomerge.errors import UserError
 from evomerge.evaluation.config import EvaluationSpec
 from evomerge.evaluation.dry_run import rehearse_eval_set
-from evomerge.evaluation.evaluate import Evaluator
+from evomerge.evaluation.evaluate import Evaluator, doc_subset, seeded_subset
+from evomerge.evaluation.hub_data import eval_datasets, fetch_datasets, locked_dataset_revisions
+from evomerge.evaluation.scores import EvalResult, standard_error
 from evomerge.evaluation.tasks import resolve_tasks
+from evomerge.rundir.events import TrialResult
 
 
 def evaluation(tasks, **settings) -> EvaluationSpec:
@@ -53,7 +56,6 @@ def test_offline_without_the_dataset_cached_names_the_prefetch_command(standin_h
         rehearse_eval_set(search, resolve_tasks(search))
 
     message = str(caught.value)
-    print(message)
     assert message.startswith(
         "evaluation.tasks[1]: task 'arc_easy' reads hub dataset 'allenai/ai2_arc' (config 'ARC-Easy')"
     )
@@ -98,3 +100,99 @@ def test_a_group_scores_as_lm_eval_aggregates_it_on_both_backends(standin_hub, m
     assert native.n_docs["tiny_mmlu"] == sum(leaf_docs.values())
     pooled = sum(parts["metrics"][leaf] * n for leaf, n in leaf_docs.items()) / sum(leaf_docs.values())
     assert native.metrics["tiny_mmlu"] == pytest.approx(pooled, abs=1e-12)
+
+
+def test_a_tag_scores_the_unweighted_mean_of_its_tasks(standin_hub, model):
+    add_arc_easy(standin_hub, {"train": arc_rows(2), "validation": arc_rows(2), "test": arc_rows(5)})
+    search = evaluation(["ai2_arc"], limit=4).eval_sets()["search"]
+
+    result = Evaluator(model, char_tokenizer(), search).evaluate()
+
+    parts = result.subtasks["ai2_arc"]
+    assert (parts["weighting"], parts["n_docs"]) == ("equal", {"arc_challenge": 4, "arc_easy": 4})
+    assert result.metrics["ai2_arc"] == pytest.approx(sum(parts["metrics"].values()) / 2, abs=1e-12)
+
+
+def test_a_mistyped_bundled_name_gets_did_you_mean():
+    for typo, meant in (("arc_eazy", "arc_easy"), ("mmlu_abstract_algebr", "mmlu_abstract_algebra")):
+        with pytest.raises(
+            UserError, match=rf"^evaluation.tasks\[0\].name: unknown lm-eval task '{typo}' \(did you mean '{meant}'\?\)"
+        ):
+            resolve_tasks(evaluation([typo]).eval_sets()["search"])
+
+
+def test_groups_and_tags_list_their_hub_datasets_without_downloading():
+    refs = eval_datasets(evaluation(["ai2_arc", "mmlu_abstract_algebra"]).eval_sets().values())
+    assert [(ref.path, ref.name, ref.splits) for ref in refs] == [
+        ("allenai/ai2_arc", "ARC-Challenge", ("test", "validation", "train")),
+        ("allenai/ai2_arc", "ARC-Easy", ("test", "validation", "train")),
+        ("cais/mmlu", "abstract_algebra", ("test", "dev")),
+    ]
+
+
+def test_prefetch_locks_the_commit_that_offline_builds_then_read(standin_hub, go_offline):
+    first = add_arc_easy(standin_hub, arc_rows(3))
+    sets = list(evaluation(["arc_easy"]).eval_sets().values())
+    (entry,) = fetch_datasets(sets)
+    assert (entry["path"], entry["name"], entry["revision"]) == ("allenai/ai2_arc", "ARC-Easy", first)
+    assert entry["size"] > 0
+    files = {
+        f"{config}/{split}-00000-of-00001.parquet": parquet_bytes(arc_rows(5))
+        for config in ("ARC-Easy", "ARC-Challenge")
+        for split in ARC_SPLITS
+    }
+    standin_hub.commit("allenai/ai2_arc", files, repo_type="dataset")  # the hub moves on: 5 docs now
+
+    locked = evaluation(["arc_easy"]).eval_sets(locked_dataset_revisions({"datasets": [entry]}))["search"]
+    assert rehearse_eval_set(locked, resolve_tasks(locked)) == 3
+    go_offline()
+    standin_hub.clear_requests()
+    assert rehearse_eval_set(locked, resolve_tasks(locked)) == 3
+    assert standin_hub.requests == []
+
+
+def test_without_carving_the_seeded_draw_is_unchanged():
+    search = evaluation(["tiny_add"], limit=8).eval_sets()["search"]
+    assert doc_subset(40, search, "tiny_add", "tiny_add") == seeded_subset(40, 8, 0, "tiny_add")
+    assert seeded_subset(40, 8, 0, "tiny_add") == [5, 18, 19, 22, 23, 24, 33, 34]  # the draw every earlier run made
+
+
+@pytest.mark.parametrize("limits", [{}, {"limit": 6, "heldout_limit": 5}])
+def test_carved_held_out_docs_are_disjoint_seeded_and_the_same_on_every_draw(limits):
+    spec = evaluation(["tiny_add"], heldout_fraction=0.25, **limits)
+    search, heldout = spec.eval_sets().values()
+    assert heldout.tasks == search.tasks and heldout.task_field(0) == "evaluation.tasks[0]"
+
+    searched, held = (doc_subset(40, part, "tiny_add", "tiny_add") for part in (search, heldout))
+
+    assert not set(searched) & set(held)
+    assert (len(searched), len(held)) == ((6, 5) if limits else (30, 10))
+    assert (searched, held) == tuple(doc_subset(40, part, "tiny_add", "tiny_add") for part in (search, heldout))
+    reseeded = evaluation(["tiny_add"], heldout_fraction=0.25, seed=1, **limits).eval_sets()["heldout"]
+    assert doc_subset(40, reseeded, "tiny_add", "tiny_add") != held
+
+
+def test_raced_slices_of_a_carved_task_stay_in_its_search_part():
+    search = evaluation(["tiny_add"], heldout_fraction=0.5, fidelity={"rungs": [0.3, 1.0]}).eval_sets()["search"]
+    slices = [doc_subset(40, part, "tiny_add", "tiny_add") for part in search.slices()]
+    assert sorted(slices[0] + slices[1]) == doc_subset(40, search, "tiny_add", "tiny_add")
+    assert not set(slices[0]) & set(slices[1])
+
+
+def test_a_group_s_standard_error_comes_from_its_subtasks():
+    subtasks = {"g": {"weighting": "size", "metrics": {"a": 0.5, "b": 1.0}, "n_docs": {"a": 100, "b": 300}}}
+    exact = ((100 / 400) ** 2 * 0.25 / 100) ** 0.5
+    assert standard_error({"g": 0.875}, {"g": 400}, subtasks=subtasks) == pytest.approx(exact)
+    subtasks["g"]["weighting"] = "equal"
+    assert standard_error({"g": 0.75}, {"g": 400}, subtasks=subtasks) == pytest.approx((0.25 * 0.25 / 100) ** 0.5)
+
+
+def test_the_journal_keeps_subtask_scores_and_reads_results_written_before_them():
+    parts = {"g": {"weighting": "size", "metrics": {"a": 0.5, "b": 1.0}, "n_docs": {"a": 2, "b": 6}}}
+    result = EvalResult(0.875, {"g": 0.875}, {"g": 8}, 1.0, parts)
+    event = TrialResult(
+        trial=3, ok=True, score=result.score, metrics=result.metrics, n_docs=result.n_docs, subtasks=result.subtasks
+    ).to_journal()
+    assert TrialResult.from_event({"event": "completed", **event}).subtasks == parts
+    older = {"event": "completed", "trial": 1, "score": 0.5, "metrics": {"t": 0.5}, "n_docs": {"t": 4}}
+    assert TrialResult.from_event(older).subtasks is None

@@ -44,6 +44,7 @@ from evomerge.files import write_text_atomic  # noqa: E402
 
 DEFAULT_OUT = REPO / ".cache" / "demo_zoo"
 BUILD_VERSION = 1
+PROGRESS_SECONDS = 20  # a progress line at least this often while a model trains
 RECIPE = {
     "model": {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 8, "num_attention_heads": 4},
     "batch_size": 64,
@@ -113,14 +114,21 @@ def encode_batch(tokenizer, docs: list[dict]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def train(model, tokenizer, stream, steps: int, param_groups: list[dict], batch_size: int) -> None:
-    """AdamW with a one-cycle schedule; each group keeps its own peak learning rate."""
+def train(model, tokenizer, stream, steps: int, param_groups: list[dict], batch_size: int, label: str = "") -> None:
+    """AdamW with a one-cycle schedule; each group keeps its own peak learning rate. With a `label`
+    it says how far it is, at the start and every PROGRESS_SECONDS (the weights do not depend on it)."""
     optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[group["lr"] for group in param_groups], total_steps=steps, pct_start=0.1
     )
     model.train()
-    for _ in range(steps):
+    started = said = time.monotonic()
+    if label:
+        print(f"zoo: training {label}: {steps} steps", flush=True)
+    for step in range(steps):
+        if label and time.monotonic() - said >= PROGRESS_SECONDS:
+            said = time.monotonic()
+            print(f"zoo: training {label}: step {step}/{steps} ({said - started:.0f} s)", flush=True)
         batch = encode_batch(tokenizer, [next(stream) for _ in range(batch_size)])
         loss = model(**batch).loss
         optimizer.zero_grad()
@@ -176,7 +184,7 @@ def build_base(tokenizer, recipe: dict, exclude: frozenset[str]):
     model = LlamaForCausalLM(config)
     stream = demo_data.training_stream([demo_data.ECHO], "base", exclude)
     groups = [{"params": list(model.parameters()), "lr": recipe["base"]["lr"]}]
-    train(model, tokenizer, stream, recipe["base"]["steps"], groups, recipe["batch_size"])
+    train(model, tokenizer, stream, recipe["base"]["steps"], groups, recipe["batch_size"], "the base model")
     return model
 
 
@@ -186,7 +194,7 @@ def build_expert(base, tokenizer, skill_name: str, recipe: dict, exclude: frozen
     model = copy.deepcopy(base)
     groups = expert_param_groups(model, recipe["expert_layers"][skill_name], settings["lr"], settings["drift_lr_scale"])
     stream = mixed_stream(demo_data.SKILLS[skill_name], f"expert/{skill_name}", settings["skill_share"], exclude)
-    train(model, tokenizer, stream, settings["steps"], groups, recipe["batch_size"])
+    train(model, tokenizer, stream, settings["steps"], groups, recipe["batch_size"], f"expert_{skill_name}")
     return model
 
 
@@ -260,6 +268,10 @@ def build_zoo(out: Path, quick: bool = False, threads: int = 1, check: bool = Tr
         return out
     if not quick and not pinned_numerics.is_pinned():
         return build_in_pinned_subprocess(out, threads, check)
+    print(
+        f"zoo: building the demo zoo in {out} (a base model and {len(demo_data.SKILLS)} experts, a few minutes)",
+        flush=True,
+    )
     started = time.time()
     with deterministic_torch(threads):
         tokenizer = demo_data.build_char_tokenizer()

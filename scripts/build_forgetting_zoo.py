@@ -108,7 +108,9 @@ def build_base(tokenizer, recipe: dict, exclude: frozenset[str]):
     skills = {"echo": demo_data.ECHO} | {name: demo_data.SKILLS[name] for name in SKILLS}
     stream = weighted_stream(skills, settings["shares"], "forget/base", exclude)
     groups = [{"params": list(model.parameters()), "lr": settings["lr"]}]
-    demo_zoo.train(model, tokenizer, stream, settings["steps"], groups, recipe["batch_size"])
+    demo_zoo.train(
+        model, tokenizer, stream, settings["steps"], groups, recipe["batch_size"], "the base model (its skills)"
+    )
     return model
 
 
@@ -127,7 +129,8 @@ def build_expert(base, tokenizer, skill_name: str, recipe: dict, exclude: frozen
         settings = recipe[stage]
         stream = weighted_stream(skills, settings["shares"], f"forget/{stage}/{skill_name}", exclude)
         groups = layer_groups(model, layers, settings["lr"])
-        demo_zoo.train(model, tokenizer, stream, settings["steps"], groups, recipe["batch_size"])
+        label = f"expert_{skill_name} ({stage} stage)"
+        demo_zoo.train(model, tokenizer, stream, settings["steps"], groups, recipe["batch_size"], label)
     return model
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install Debian's headless-capable Chromium for the report browser test. Idempotent and quiet;
-# needs root (CI runs as root). A no-op when /usr/bin/chromium is already there.
+# Install Debian's headless-capable Chromium (system-wide, with apt) for the report browser test.
+# Only run when asked: `EVOMERGE_BROWSER_TESTS=1 bash scripts/setup.sh` (CI does), or by hand.
+# Idempotent and quiet; needs root. A no-op when /usr/bin/chromium is already there.
 set -euo pipefail
 if [ -x /usr/bin/chromium ]; then
   exit 0

@@ -304,11 +304,16 @@ def where_it_stopped(run_dir: str | Path) -> str:
 
 
 def searched_scores(events: list[dict], trials: dict[int, Trial]) -> list[float | None]:
-    """The evolved candidates' search scores in the order they finished (None for a failure)."""
+    """The evolved candidates' search scores in trial order (None for a failure).
+
+    Trial order is the order the optimizer asked them in, the same on every machine; the order
+    results came back in depends on which worker happened to be faster.
+    """
+    finished = {e["trial"] for e in events if e["event"] in RESULT_EVENTS}
     return [
-        trials[e["trial"]].score
-        for e in events
-        if e["event"] in RESULT_EVENTS and e["trial"] in trials and trials[e["trial"]].kind == "optimizer"
+        trials[trial_id].score
+        for trial_id in sorted(finished)
+        if trial_id in trials and trials[trial_id].kind == "optimizer"
     ]
 
 

@@ -454,7 +454,7 @@ def browser(tmp_path_factory):
     binary = _find_chromium()
     if binary is None:
         pytest.skip(
-            "no chromium on PATH; run scripts/install_chromium.sh (apt-get install chromium) to check the report in a browser"
+            "no chromium on PATH; EVOMERGE_BROWSER_TESTS=1 bash scripts/setup.sh installs it to check the report in a browser"
         )
     devtools = DevTools(binary, tmp_path_factory.mktemp("chromium") / "profile")
     yield devtools

@@ -109,13 +109,16 @@ def test_ties_at_the_top_k_cut_are_reported():
     )
 
 
-def test_reach_counts_evolved_candidates_in_the_order_they_finished_failures_included():
+def test_reach_counts_evolved_candidates_in_trial_order_whatever_order_they_finished_in():
+    """Trial 2 finished first; in trial order (0, 1, 2) the best is reached only at the third."""
     trials = [*baselines(), trial(2, "trial 2", 0.9), trial(0, "trial 0", 0.1), trial(1, "trial 1", None)]
     events, by_id = run(*trials)
-    assert searched_scores(events, by_id) == [0.9, 0.1, None]
+    assert searched_scores(events, by_id) == [0.1, None, 0.9]
     verdict = build_verdict("runs/x", events, by_id)
-    assert (verdict.reach, verdict.searched) == (1, 3)
-    assert "evaluations to reach 95% of the final best: 1 of 3 evolved candidates searched" in verdict.lines()
+    assert (verdict.reach, verdict.searched) == (3, 3)
+    assert "evaluations to reach 95% of the final best: 3 of 3 evolved candidates searched" in verdict.lines()
+    reordered = [*baselines(), trial(0, "trial 0", 0.1), trial(1, "trial 1", None), trial(2, "trial 2", 0.9)]
+    assert build_verdict("runs/x", *run(*reordered)).reach == 3, "the same figure in any finishing order"
 
 
 def test_evals_to_reach_counts_failures_and_stops_at_first_crossing():

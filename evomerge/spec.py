@@ -321,7 +321,9 @@ def _resolve_paths(data: dict, folder: Path) -> dict:
     evaluation = data.get("evaluation")
     if isinstance(evaluation, dict) and isinstance(evaluation.get("include", []), list):
         evaluation = dict(evaluation)
-        evaluation["include"] = [resolve(p) for p in evaluation.get("include", DEFAULT_INCLUDE)]
+        # The default folder only where it exists: a spec of bundled lm-eval tasks needs none.
+        default = [p for p in DEFAULT_INCLUDE if (folder / p).is_dir()]
+        evaluation["include"] = [resolve(p) for p in evaluation.get("include", default)]
         data["evaluation"] = evaluation
     return data
 

@@ -9,6 +9,8 @@ the search tasks are disjoint from the search docs, seeded, and the same on ever
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hub_fixtures import ARC_SPLITS, add_arc_easy, add_config_dataset, arc_row, mmlu_row, parquet_bytes
 from scoring_fixtures import FIXTURES, char_model, char_tokenizer, single_torch_thread  # noqa: F401 - autouse fixture
@@ -21,6 +23,9 @@ from evomerge.evaluation.hub_data import eval_datasets, fetch_datasets, locked_d
 from evomerge.evaluation.scores import EvalResult, standard_error
 from evomerge.evaluation.tasks import resolve_tasks
 from evomerge.rundir.events import TrialResult
+from evomerge.spec import load_spec
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def evaluation(tasks, **settings) -> EvaluationSpec:
@@ -196,3 +201,19 @@ def test_the_journal_keeps_subtask_scores_and_reads_results_written_before_them(
     assert TrialResult.from_event({"event": "completed", **event}).subtasks == parts
     older = {"event": "completed", "trial": 1, "score": 0.5, "metrics": {"t": 0.5}, "n_docs": {"t": 4}}
     assert TrialResult.from_event(older).subtasks is None
+
+
+@pytest.mark.parametrize("name", ["mistral-7b", "llama-3-8b"])
+def test_the_example_specs_score_standard_benchmarks_with_carved_held_out(name):
+    spec = load_spec(REPO / "search_spaces" / f"{name}.yaml")
+    search, heldout = (resolve_tasks(part) for part in spec.evaluation.eval_sets().values())
+
+    assert [(task.name, task.kind.value, task.result_key) for task in search.tasks] == [
+        ("gsm8k", "task", "exact_match,strict-match"),
+        ("arc_challenge", "task", "acc_norm,none"),
+        ("mmlu", "group", "acc,none"),
+    ]
+    assert len(search.tasks[2].leaves) == 57 and search.tasks[2].weighting == "size"
+    assert heldout.names == search.names  # carved: the same tasks, the other docs
+    keys = {ref.key for ref in eval_datasets(spec.evaluation.eval_sets().values())}
+    assert {"openai/gsm8k:main", "allenai/ai2_arc:ARC-Challenge", "cais/mmlu:anatomy"} <= keys and len(keys) == 59

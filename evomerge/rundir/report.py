@@ -318,7 +318,7 @@ def _task_panels(trials: dict[int, Trial], winner: int | None) -> list[dict]:
 
 def _bar_entry(trial: Trial, result: TrialResult, winner: int | None) -> dict:
     metrics, n_docs = result.metrics or {}, result.n_docs or {}
-    errors = {task: standard_error({task: value}, n_docs) for task, value in metrics.items()}
+    errors = {task: standard_error({task: value}, n_docs, subtasks=result.subtasks) for task, value in metrics.items()}
     label = trial.label
     if trial.kind == "optimizer":
         label = f"{trial.label} (held-out winner)" if trial.trial_id == winner else f"{trial.label} (best evolved)"

@@ -18,7 +18,7 @@ from evomerge.evaluation.fidelity import (
     race,
     top_share,
 )
-from evomerge.evaluation.scores import EvalResult, standard_error
+from evomerge.evaluation.scores import EvalResult, combined_score, standard_error, subtask_scores
 
 
 @pytest.mark.parametrize(("n_docs", "limit"), [(240, 120), (50, None), (50, 80), (7, 5)])
@@ -55,6 +55,23 @@ def test_weights_apply_to_the_combined_task_metrics():
         EvalResult(0, {"a": 0.0, "b": 0.0}, {"a": 2, "b": 6}, 0),
     ]
     assert combine(parts, {"a": 3.0, "b": 1.0}).score == pytest.approx(0.75 * 0.5)
+
+
+@pytest.mark.parametrize("weighting", ["size", "equal"])
+def test_a_group_combines_leaf_by_leaf_and_is_scored_from_its_combined_leaves(weighting):
+    def part(hits: dict[str, list[int]]) -> EvalResult:
+        leaves = {leaf: sum(h) / len(h) for leaf, h in hits.items()}
+        docs = {leaf: len(h) for leaf, h in hits.items()}
+        group = combined_score(weighting, leaves, docs)
+        return EvalResult(
+            group, {"g": group}, {"g": sum(docs.values())}, 0, {"g": subtask_scores(weighting, leaves, docs)}
+        )
+
+    first, rest = part({"x": [1, 0], "y": [1, 1, 1]}), part({"x": [0, 0, 1, 1], "y": [0]})
+    whole = part({"x": [1, 0, 0, 0, 1, 1], "y": [1, 1, 1, 0]})
+    combined = combine([first, rest], {"g": 1.0})
+    assert combined.metrics["g"] == pytest.approx(whole.metrics["g"], abs=1e-15)
+    assert combined.subtasks == whole.subtasks and combined.n_docs == whole.n_docs
 
 
 def slices(scores: list[float], docs: int = 25):

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -82,7 +83,9 @@ def add_a_token(tokenizer: dict) -> None:
 
 
 # A group of two fixture tasks, scored by their size-weighted accuracy as lm-eval aggregates it.
-TINY_PAIR = "group: tiny_pair\ntask: [tiny_add, tiny_choice]\naggregate_metric_list: [{metric: acc, weight_by_size: true}]\n"
+TINY_PAIR = (
+    "group: tiny_pair\ntask: [tiny_add, tiny_choice]\naggregate_metric_list: [{metric: acc, weight_by_size: true}]\n"
+)
 
 
 def with_group(spec: dict, task_folder: str, **evaluation) -> None:
@@ -693,3 +696,24 @@ def test_paths_resolve_against_the_spec_folder_and_are_frozen_absolute(models, t
     preflight(loaded)
     frozen = yaml.safe_load((create_run_dir(loaded) / "spec.yaml").read_text())
     assert frozen["models"]["base"] == loaded.models.base and Path(frozen["evaluation"]["include"][0]).is_absolute()
+
+
+@pytest.mark.parametrize("dtype, fix", [("float32", "a smaller merge.dtype (bfloat16)"), ("bfloat16", "more memory")])
+def test_eval_of_a_model_this_machine_cannot_hold_is_refused_with_the_figure_and_the_fix(
+    models, tmp_path, monkeypatch, dtype, fix
+):
+    """A 7B checkpoint (headers only, its weights a hole) on a machine of 8 GB: one line, before any load."""
+    sys.path.insert(0, str(Path(__file__).parent / "merge"))
+    from header_only import MISTRAL_7B, write_header_only_model
+    from search_zoo import char_tokenizer
+
+    import evomerge.merge.memory_plan
+
+    seven_b = write_header_only_model(tmp_path / "7b", MISTRAL_7B, "7b", char_tokenizer())
+    monkeypatch.setattr(evomerge.merge.memory_plan, "host_memory", lambda: 8 * 10**9)
+    spec = good_spec(models, tmp_path)
+    spec["merge"]["dtype"] = dtype
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    code, lines = run_cli_in_process("eval", spec_path, "--model", seven_b)
+    assert_refused_in_one_line(code, lines, ["--model", "needs at least", "GB for its weights", "(8.0 GB)", fix])

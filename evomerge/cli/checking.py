@@ -177,6 +177,45 @@ def _local_model(model: str, pins: dict[str, str]) -> Path:
     return Path(resolve_models({model: "--model"}, "eval", pins, fetch_hint="hf download REPO").folder(model))
 
 
+def _refuse_what_memory_cannot_hold(spec, model: Path, device: str) -> None:
+    """The memory plan's resident bytes for one scoring, the model (and a merge's inputs), in host
+    memory (every load passes through it) and on the GPU; refused, before any weight loads, when this
+    machine cannot hold even those (the kernel's OOM killer would end it without a word). The
+    scorer's workspace comes on top, so passing is no promise; failing is certain."""
+    import torch
+
+    from evomerge.evaluation.standalone import inspect_model
+    from evomerge.merge.io import inspect_model_folder, parse_dtype
+    from evomerge.merge.memory_plan import SCORER_TOKEN_BUDGET, PlanRequest, host_memory, plan_memory
+    from evomerge.merge.methods import METHODS
+
+    dtype = parse_dtype(spec.merge.dtype, "merge.dtype")
+    merge = inspect_model(model).merge
+    folder = inspect_model_folder(str(model), "--model") if merge is None else next(iter(merge.folders.values()))
+    request = PlanRequest(
+        base=folder,
+        experts=0 if merge is None else len(merge.folders) - 1,
+        method=METHODS["linear" if merge is None else merge.config.merge_method],
+        work_dtype=dtype,
+        model_dtype=dtype,
+        token_budget=spec.evaluation.token_budget or SCORER_TOKEN_BUDGET,
+        cpu_workers=1,
+    )
+    device_bytes = plan_memory(request).devices[0]
+    # A plain folder loads once, as the model; a merge keeps its inputs resident beside the model.
+    needed = device_bytes.resident - (device_bytes.sources if merge is None else 0)
+    places = [("this machine's memory", host_memory())]
+    if device == "cuda":
+        places.append(("the GPU's memory", torch.cuda.get_device_properties(0).total_memory))
+    for where, capacity in places:
+        if needed > capacity:
+            smaller = " or a smaller merge.dtype (bfloat16)" if dtype.itemsize > 2 else ""
+            raise UserError(
+                f"--model: scoring {model} in {spec.merge.dtype} needs at least {needed / 1e9:.1f} GB for its weights, more than {where} "
+                f"({capacity / 1e9:.1f} GB); score it on a machine with more memory (workers.device: cuda on a GPU node){smaller}"
+            )
+
+
 def _score_as_a_worker(spec, model: Path, eval_set, backend: str | None):
     """A worker's device, dtype, threads and merge seed for `evomerge eval`."""
     import torch
@@ -188,7 +227,8 @@ def _score_as_a_worker(spec, model: Path, eval_set, backend: str | None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         require_cuda()
-    else:
+    _refuse_what_memory_cannot_hold(spec, model, device)
+    if device != "cuda":
         # CPU reductions depend on the thread count: score with a worker's.
         torch.set_num_threads(max(1, int(spec.workers.cpus_per_worker)))
     return score_model(

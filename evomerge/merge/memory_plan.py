@@ -281,7 +281,7 @@ def _cpu_plan(request: PlanRequest) -> MemoryPlan:
     per_element = source_bytes_per_element(request, fused=False)
     workspace = scorer_workspace_bytes(request.base.config, request.token_budget, request.model_dtype.itemsize)
     device = DeviceBytes("cpu", elements * per_element, elements * request.model_dtype.itemsize, 0, workspace)
-    capacity = _host_memory() // max(1, request.cpu_workers)
+    capacity = host_memory() // max(1, request.cpu_workers)
     plan = MemoryPlan(Placement.DEVICE, 1, request.cpu_workers, capacity, (device,), 0, "reference")
     if device.total <= capacity:
         return plan
@@ -320,7 +320,8 @@ def _padded(numel: int) -> int:
     return -(-numel // BLOCK) * BLOCK
 
 
-def _host_memory() -> int:
+def host_memory() -> int:
+    """This machine's physical memory, in bytes."""
     import os
 
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

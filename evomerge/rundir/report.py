@@ -11,6 +11,8 @@ run's context in `evomerge.rundir.run_context`, and the Pareto set comes from
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from evomerge.rundir.run_context import run_context, search_wall_seconds
 from evomerge.rundir.trials import Trial
 from evomerge.rundir.verdict import Margin, RowKind, Verdict, VerdictRow, build_verdict, row_kind
 
+HTML_NAME = "report.html"
 TOP_K = 4  # trials drawn in the gene heatmap: the winner and its runners-up
 SPECIAL_GROUPS = (EMBED, HEAD)
 FAMILY_ORDER = (RowKind.BASE, RowKind.PARENT, RowKind.DEFAULT_MERGE, RowKind.EVOLVED)
@@ -138,12 +141,28 @@ def objective_names(spec: dict, count: int) -> list[str]:
 
 
 def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
-    """Write report.html and its PNGs into out_dir (default run_dir/report); returns the HTML path."""
+    """Write report.html and its PNGs into out_dir (default run_dir/report); returns the HTML path.
+
+    Everything is drawn in a hidden folder beside out_dir and moved in once complete, report.html
+    last: an interrupted report leaves out_dir as it was, never PNGs without their page.
+    """
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else RunDir(run_dir).report
     events, trials = load_trials(run_dir)
     spec = _read_spec(run_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.report-staging-{os.getpid()}"
+    try:
+        staging.mkdir(parents=True)
+        _write_report_files(run_dir, staging, spec, events, trials)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for path in sorted(staging.iterdir(), key=lambda path: path.name == HTML_NAME):
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir / HTML_NAME
+
+
+def _write_report_files(run_dir: Path, out_dir: Path, spec: dict, events: list[dict], trials: dict[int, Trial]) -> None:
     history = evaluation_history(events, trials)
     verdict = build_verdict(run_dir, events, trials)
     gene_table = journaled_gene_table(events)
@@ -157,9 +176,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
         "failures": [e for e in history if e.score is None],
         "figures": _draw_figures(out_dir, spec, trials, history, verdict, gene_table),
     }
-    html_path = out_dir / "report.html"
-    html_path.write_text(_template().render(**context), encoding="utf-8")
-    return html_path
+    (out_dir / HTML_NAME).write_text(_template().render(**context), encoding="utf-8")
 
 
 def _read_spec(run_dir: Path) -> dict:

@@ -227,6 +227,30 @@ def test_report_writes_html_with_local_images_and_the_run_figures(tmp_path):
     assert failures and int(failures.group(1)) == 2
 
 
+def test_an_interrupted_report_leaves_its_folder_as_it_was(tmp_path, monkeypatch):
+    """Ctrl-C after the first PNG: no PNG without its page, no hidden staging folder; then a full report."""
+    from evomerge.rundir import plots
+
+    run_dir = make_run(tmp_path)
+    draw = plots.task_bars
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "task_bars", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(run_dir)
+    assert not (run_dir / "report").exists()
+    assert not [p.name for p in run_dir.iterdir() if "staging" in p.name]
+    monkeypatch.setattr(plots, "task_bars", draw)
+    assert sorted(p.name for p in write_report(run_dir).parent.iterdir()) == [
+        "genes.png",
+        "report.html",
+        "scores.png",
+        "tasks.png",
+    ]
+
+
 def test_report_of_multi_objective_run_adds_pareto_front(tmp_path):
     html_path = write_report(make_run(tmp_path, objectives=True, heldout=False), tmp_path / "out")
     assert html_path == tmp_path / "out" / "report.html"

@@ -588,3 +588,26 @@ def test_a_failed_background_fsync_is_reported_on_the_next_append(tmp_path, monk
     journal_.append("completed", trial=1, score=0.5)  # the disk is back: the journal carries on
     journal_.close()
     assert [e.get("trial") for e in read_events(journal_.path)] == [0, 0, 1]
+
+
+def test_a_second_ctrl_c_while_the_cluster_stops_cannot_cut_the_stop_short(monkeypatch):
+    """Stopping Ray takes seconds; a Ctrl-C or SIGTERM meanwhile is answered and ignored, then the
+    caller's handlers come back."""
+    import ray
+
+    from evomerge.search.cluster import ClusterSession
+
+    session = ClusterSession(spec=None, address=None)
+    session.connected = True  # as after open(): close() stops what it started
+    stopped = []
+
+    def shutdown_interrupted_twice():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        stopped.append(True)
+
+    monkeypatch.setattr(ray, "shutdown", shutdown_interrupted_twice)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    session.close()
+    assert stopped == [True], "the stop ran to its end"
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -49,6 +49,11 @@ def test_7b_ties_over_three_fine_tunes_fits_one_80gib_gpu_within_76gb():
     assert device.resident <= 76e9 and plan.bytes_per_device <= 80 * GIB
 
 
+def test_the_plan_runs_no_more_workers_per_node_than_workers_count():
+    assert plan_memory(request(MISTRAL_7B, 3, gpu_bytes=80 * GIB, gpus=8, gpu_workers=2)).workers_per_node == 2
+    assert plan_memory(request(MISTRAL_7B, 3, gpu_bytes=80 * GIB, gpus=8, gpu_workers=20)).workers_per_node == 8
+
+
 def test_7b_on_a_smaller_gpu_streams_its_sources_from_one_host_copy():
     plan = plan_memory(request(MISTRAL_7B, 3, gpu_bytes=40 * GIB, gpus=4))
     assert plan.placement.value == "host" and plan.fits

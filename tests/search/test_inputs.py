@@ -107,7 +107,14 @@ def real_run(zoo, tmp_path):
     prepared = preflight(load_spec(tmp_path / "spec.yaml"))
     run_dir = create_run_dir(prepared.spec)
     Search(prepared, run_dir, progress=False).run_with(fake_scheduler())
-    return run_dir, models, evals
+    return unfinished(run_dir), models, evals
+
+
+def unfinished(run_dir: Path) -> Path:
+    """The run as a driver killed before its last line leaves it: a finished run resumes to nothing, checks included."""
+    journal = run_dir / "journal.jsonl"
+    journal.write_text("".join(line for line in journal.read_text().splitlines(True) if "run_finished" not in line))
+    return run_dir
 
 
 def resume_in_process(run_dir: Path, *options: str):
@@ -160,14 +167,16 @@ def test_accepted_changed_inputs_become_the_reference_for_later_resumes(real_run
     with caplog.at_level(logging.WARNING):
         Search(preflight(spec), run, progress=False, accept_changed_inputs=True).run_with(fake_scheduler())
     assert "tiny.jsonl: changed since the run started; going on with the changed inputs" in caplog.text
+    unfinished(run_dir)
     Search(preflight(spec), run, progress=False).run_with(fake_scheduler())  # the new fingerprints stand now
     started = [e for e in read_events(run_dir / "journal.jsonl") if e["event"] == "run_started"]
     assert len(started) == 3 and started[0]["inputs"][str(data)] != started[1]["inputs"][str(data)]
 
 
 def test_a_run_journaled_before_input_fingerprints_resumes_without_the_check(tmp_path):
-    run_dir = shutil.copytree(FIXTURE_RUNS / "v0-cmaes", tmp_path / "v0")
+    run_dir = unfinished(shutil.copytree(FIXTURE_RUNS / "v0-cmaes", tmp_path / "v0"))
     run, spec, _ = open_run(run_dir)
     open_search(spec, run, inputs={"/frozen-run/base/config.json": "sha256:aa"}).run_with(fake_scheduler())
+    unfinished(run_dir)
     with pytest.raises(UserError, match="config.json: changed since the run started"):
         open_search(spec, run, inputs={"/frozen-run/base/config.json": "sha256:bb"}).run_with(fake_scheduler())

@@ -3,7 +3,7 @@
 Both modes call `merge_tensor` for every output tensor, so they produce identical tensors. The
 in-memory mode is what a search worker runs once per candidate: `ResidentSources` loads every
 input once onto the worker's device and caches what depends only on the sources (task vectors and
-breadcrumbs' magnitude ranks), so a candidate costs only the parameter-dependent arithmetic.
+the magnitude ranks a trim sorts by), so a candidate costs only the parameter-dependent arithmetic.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from evomerge.merge.config import MergeConfig
 from evomerge.merge.io import LazyTensorReader, StreamingShardWriter
 from evomerge.merge.methods import (
     MethodInfo,
+    TieOrder,
+    device_tie_order,
     linear_merge,
     magnitude_rank,
     slerp,
@@ -74,8 +76,12 @@ def merge_tensor(
     seed: int = 0,
     deltas: dict[int, torch.Tensor] | None = None,
     ranks: dict[int, torch.Tensor] | None = None,
+    tie_order: TieOrder | None = None,
 ) -> torch.Tensor:
-    """One output tensor from its inputs; `deltas`/`ranks` (by input index) skip recomputation."""
+    """One output tensor from its inputs; `deltas`/`ranks` (by input index) skip recomputation.
+
+    `tie_order` picks which elements tied at a TIES threshold are kept (default: the device's).
+    """
     if method.family == "linear":
         weights = [params["weight"] for params in plan.per_input]
         return linear_merge(inputs, weights, plan.shared["normalize"])
@@ -88,9 +94,14 @@ def merge_tensor(
     task_vectors = {i: deltas[i] if deltas and i in deltas else inputs[i] - base for i in others}
     masks = {}
     if method.sparsification == "magnitude":
-        trimming = [i for i in others if plan.per_input[i]["density"] < 1]
-        found = top_k_masks([task_vectors[i] for i in trimming], [plan.per_input[i]["density"] for i in trimming])
-        masks = dict(zip(trimming, found, strict=False))
+        trimming = [i for i in others if 0 < plan.per_input[i]["density"] < 1 and task_vectors[i].numel()]
+        found = top_k_masks(
+            [task_vectors[i] for i in trimming],
+            [plan.per_input[i]["density"] for i in trimming],
+            tie_order,
+            [ranks.get(i) if ranks else None for i in trimming],
+        )
+        masks = dict(zip(trimming, found, strict=True))
     trimmed, weights = [], []
     for index in others:
         params, delta = plan.per_input[index], task_vectors[index]
@@ -105,6 +116,7 @@ def merge_tensor(
                 generator=tensor_generator(seed, plan.output, index, base.device) if method.is_random else None,
                 rank=ranks.get(index) if ranks else None,
                 mask=masks.get(index),
+                order=tie_order,
             )
         trimmed.append(delta)
         weights.append(params["weight"])
@@ -151,6 +163,7 @@ def merge_to_disk(
     force: bool = False,
     allow_non_finite: bool = False,
     model_card: str | None = None,
+    tie_order: TieOrder | None = None,
 ) -> ValidatedMerge:
     """Write the merged model folder, streaming tensor by tensor, and publish it whole.
 
@@ -158,13 +171,15 @@ def merge_to_disk(
     renamed into place complete (see output.py). `force` replaces a non-empty `out_dir`;
     `config_file` names the config in errors and is protected like the inputs; `model_card` is
     written as README.md. A non-finite merged tensor raises NonFiniteOutput unless allowed.
+    `tie_order` overrides the device's TIES tie order ("flat" writes what a CUDA search scored).
     """
     source = str(config_file) if config_file is not None else "config"
     validated = validate_merge_config(config, source)
     target = check_output_folder(out_dir, _protected_inputs(validated, config_file), force)
     with StagedFolder(target, shown=str(out_dir)) as staged:
         try:
-            _write_tensors(validated, staged.path, device, seed, progress, max_shard_bytes, allow_non_finite)
+            order = tie_order or device_tie_order(torch.device(device))
+            _write_tensors(validated, staged.path, device, seed, progress, max_shard_bytes, allow_non_finite, order)
             _write_model_metadata(validated, staged.path)
             if model_card is not None:
                 write_text_atomic(staged.path / "README.md", model_card)
@@ -196,6 +211,7 @@ def _write_tensors(
     progress: bool,
     max_shard_bytes: int,
     allow_non_finite: bool,
+    tie_order: TieOrder,
 ) -> None:
     readers = {path: LazyTensorReader(folder) for path, folder in validated.folders.items()}
     plans = validated.plan.tensors
@@ -207,7 +223,8 @@ def _write_tensors(
             for plan in plans:
                 working = validated.working_dtype[plan.output]
                 inputs = [readers[model].read(name, device).to(working) for model, name in plan.inputs]
-                merged = merge_tensor(plan, validated.plan.method, inputs, seed).to(validated.out_dtype[plan.output])
+                merged = merge_tensor(plan, validated.plan.method, inputs, seed, tie_order=tie_order)
+                merged = merged.to(validated.out_dtype[plan.output])
                 # Checked in the output dtype: a finite float32 result can still overflow bfloat16.
                 if not allow_non_finite and not bool(torch.isfinite(merged).all()):
                     raise NonFiniteOutput(plan.output)
@@ -243,19 +260,32 @@ def _write_model_metadata(validated: ValidatedMerge, out_dir: Path) -> None:
 
 
 class ResidentSources:
-    """Every input tensor of a merge, loaded once onto one device, with source-only work cached."""
+    """Every input tensor of a merge, loaded once onto one device, with source-only work cached.
 
-    def __init__(self, validated: ValidatedMerge, device: str = "cpu", cache_ranks: bool = True):
+    `tie_order` is the TIES trim's (default: the device's); with "sort" each trimmed delta's
+    descending rank is cached, as breadcrumbs' ascending one is, unless `cache_ranks` is off.
+    """
+
+    def __init__(
+        self,
+        validated: ValidatedMerge,
+        device: str = "cpu",
+        cache_ranks: bool = True,
+        tie_order: TieOrder | None = None,
+    ):
         self.validated = validated
         self.device = torch.device(device)
         self.cache_ranks = cache_ranks
+        self.tie_order: TieOrder = tie_order or device_tie_order(self.device)
         self.tensors: dict[TensorRef, torch.Tensor] = {}
         self.deltas: dict[DeltaKey, torch.Tensor] = {}
         self.ranks: dict[tuple[DeltaKey, bool], torch.Tensor] = {}  # keyed by (delta, descending)
 
     @classmethod
-    def load(cls, config: MergeConfig, device: str = "cpu", cache_ranks: bool = True) -> ResidentSources:
-        sources = cls(validate_merge_config(config), device, cache_ranks)
+    def load(
+        cls, config: MergeConfig, device: str = "cpu", cache_ranks: bool = True, tie_order: TieOrder | None = None
+    ) -> ResidentSources:
+        sources = cls(validate_merge_config(config), device, cache_ranks, tie_order)
         readers = {path: LazyTensorReader(folder) for path, folder in sources.validated.folders.items()}
         for plan in sources.validated.plan.tensors:
             working = sources.validated.working_dtype[plan.output]
@@ -291,12 +321,21 @@ class ResidentSources:
                     )
                 self.deltas[key] = self.tensors[ref] - self.tensors[base_ref]
             deltas[index] = self.deltas[key]
-            # Only breadcrumbs ranks: the TIES trim needs just a threshold (methods.magnitude_mask).
-            if self.cache_ranks and method.sparsification == "magnitude_outliers":
-                if (key, False) not in self.ranks:
-                    self.ranks[(key, False)] = magnitude_rank(self.deltas[key], descending=False)
-                ranks[index] = self.ranks[(key, False)]
+            descending = self._ranked_descending(method)
+            if descending is not None:
+                if (key, descending) not in self.ranks:
+                    self.ranks[(key, descending)] = magnitude_rank(self.deltas[key], descending=descending)
+                ranks[index] = self.ranks[(key, descending)]
         return inputs, deltas, ranks
+
+    def _ranked_descending(self, method: MethodInfo) -> bool | None:
+        """Which magnitude rank `method` sorts by (None: none worth caching)."""
+        if not self.cache_ranks:
+            return None
+        if method.sparsification == "magnitude_outliers":
+            return False
+        # A flat tie order needs no rank (methods.magnitude_mask counts the tied elements instead).
+        return True if method.sparsification == "magnitude" and self.tie_order == "sort" else None
 
 
 def merge_into_model(
@@ -316,6 +355,6 @@ def write_merge(
         if plan.output not in targets:
             raise KeyError(f"the resident model has no tensor named {plan.output}")
         inputs, deltas, ranks = sources.cached_inputs(plan, validated.plan.method)
-        merged = merge_tensor(plan, validated.plan.method, inputs, seed, deltas, ranks)
+        merged = merge_tensor(plan, validated.plan.method, inputs, seed, deltas, ranks, sources.tie_order)
         targets[plan.output].copy_(merged.to(validated.out_dtype[plan.output]))
     return validated

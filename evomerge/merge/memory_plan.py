@@ -8,7 +8,8 @@ Per device a worker holds:
   the working dtype: 2 + 2E bytes per parameter in bf16, nothing per element beyond that; the
   reference path (other methods, CPU workers) also keeps every fine-tune and its cached delta;
 * the model it scores, in the merge dtype;
-* tables: the kernel's block and parameter tables (4 bytes per 1,024 elements, and per tensor);
+* tables: the kernel's block and parameter tables (8 bytes per 1,024 elements, and per tensor;
+  TIES adds 8 per expert and 16 per 1,024 elements while it counts the ties at its cuts);
 * the scorer's workspace: one token budget of activations, the KV cache of generation, float32
   logits and log-probabilities, and the CUDA context.
 
@@ -35,7 +36,9 @@ DEFAULT_WORKSPACE_BYTES = 2 * 1024**3  # when the scorer's shape is unknown
 SCORER_TOKEN_BUDGET = 16384  # the GPU scorer's tokens per batch when evaluation.token_budget is unset
 CUDA_CONTEXT_BYTES = 1024**3
 DEFAULT_CHUNK_BYTES = 512 * 1024**2  # one host-placement staging chunk
-TABLE_BYTES_PER_BLOCK = 4  # the kernel's block -> tensor table, per block
+TABLE_BYTES_PER_BLOCK = 8  # the kernel's block -> tensor and block -> its tensor's first block tables
+TIE_BYTES_PER_BLOCK = 8  # per expert and block: tied elements counted, and those before the block
+TIE_SCAN_BYTES_PER_BLOCK = 16  # one expert's int64 running count of ties, and its per-tensor start
 TABLE_BYTES_PER_TENSOR = 256  # starts, sizes, ratios, norms and the candidate's parameter row
 FUSED_SPARSIFICATIONS = (None, "magnitude", "random")
 GIB = 1024**3
@@ -154,17 +157,27 @@ def source_bytes_per_element(request: PlanRequest, fused: bool) -> int:
         return (1 + request.experts) * width
     # Reference path (engine.ResidentSources): every input, plus each expert's cached delta.
     cached = request.experts * width if request.method.family == "task_vector" else 0
-    ranks = request.experts * 8 if request.method.sparsification == "magnitude_outliers" else 0
+    # Cached magnitude ranks: breadcrumbs', and on CPU the TIES trim's (methods.device_tie_order).
+    ranked = request.method.sparsification == "magnitude_outliers" or (
+        request.method.sparsification == "magnitude" and request.gpu_bytes is None
+    )
+    ranks = request.experts * 8 if ranked else 0
     return (1 + request.experts) * width + cached + ranks
 
 
-def table_bytes(elements: int, tensors: int) -> int:
-    return elements // BLOCK * TABLE_BYTES_PER_BLOCK + tensors * TABLE_BYTES_PER_TENSOR
+def table_bytes(elements: int, tensors: int, tie_experts: int = 0) -> int:
+    """The fused kernel's tables; `tie_experts` the experts a TIES trim counts ties of (0 for other methods)."""
+    per_block = (
+        TABLE_BYTES_PER_BLOCK + tie_experts * TIE_BYTES_PER_BLOCK + (TIE_SCAN_BYTES_PER_BLOCK if tie_experts else 0)
+    )
+    return elements // BLOCK * per_block + tensors * TABLE_BYTES_PER_TENSOR
 
 
-def sources_fit_device(source_bytes: int, elements: int, free_bytes: int, workspace_bytes: int) -> bool:
+def sources_fit_device(
+    source_bytes: int, elements: int, free_bytes: int, workspace_bytes: int, tie_experts: int = 0
+) -> bool:
     """The worker's rule for "device" placement: the records, their tables and the scorer's workspace fit."""
-    return source_bytes + table_bytes(elements, 0) + workspace_bytes <= free_bytes
+    return source_bytes + table_bytes(elements, 0, tie_experts) + workspace_bytes <= free_bytes
 
 
 def scorer_workspace_bytes(config: dict, token_budget: int, itemsize: int, layer_share: float = 1.0) -> int:
@@ -244,7 +257,8 @@ def _device_shares(request: PlanRequest, k: int, fused: bool) -> list[DeviceByte
         numels = [_numel(request.base.tensors[name].shape) for name in mine]
         # The fused layout pads every tensor to whole kernel blocks (fused/layout.py).
         elements = sum(_padded(n) for n in numels) if fused else sum(numels)
-        tables = table_bytes(elements, len(mine)) if fused else 0
+        ties = request.experts if request.method.sparsification == "magnitude" else 0
+        tables = table_bytes(elements, len(mine), ties) if fused else 0
         shares.append(DeviceBytes(f"cuda:{part}", elements * per_element, elements * width, tables, workspace))
     return shares
 

@@ -5,13 +5,18 @@ tensors and numbers and returns a tensor. Task arithmetic, TIES, DARE, breadcrum
 one family (`task_vector_merge`) configured by a sparsification rule, a sign consensus, rescale and
 normalize; `METHODS` lists which setting each named method uses.
 
-The TIES trim keeps every element whose magnitude is at least the k-th largest, k = int(density*n):
-exactly mergekit's top-k when that magnitude is unique, and one deterministic rule when equal
-magnitudes (common in bf16) straddle the cut, where mergekit's unstable argsort picks arbitrarily.
-The rule needs only the threshold, so the fused GPU kernel applies the same one from a per-tensor
-number, with no per-element rank (`trim_threshold`). Breadcrumbs ranks |delta| with mergekit's
-ascending sort; a caller merging many candidates from the same sources may pass that rank
-precomputed (`magnitude_rank`), because a source's delta never changes between them.
+A magnitude trim keeps exactly k = max(1, int(density*n)) elements, as mergekit does: every element
+whose |delta| exceeds the k-th largest (the threshold) and, of those equal to it, as many as k
+needs. Which of the tied ones is mergekit's choice on the device that merges, where it can be
+reproduced (`TieOrder`): mergekit takes the first k of torch's argsort of the flattened float32
+magnitudes, which on CPU is an unstable but deterministic sort (libstdc++ introsort: the order
+follows from the whole tensor, not from positions), and on CUDA is stable above 32 elements
+(flat-index order). So the CPU reference path runs that same argsort when ties straddle the cut,
+and CUDA and the fused kernel keep the first tied elements in flat-index order, which needs one
+count per block instead of a rank per element. Breadcrumbs ranks |delta| with mergekit's own
+ascending sort on the merging device, so its cuts break ties as mergekit's do there. A caller
+merging many candidates from the same sources may pass such ranks precomputed
+(`magnitude_rank`), because a source's delta never changes between them.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ DEFAULT_GAMMA = default_of("gamma")
 DEFAULT_EPSILON = default_of("epsilon")
 
 Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
+# Which elements tied at a magnitude trim's threshold come first: "sort" is torch's argsort on the
+# tensor's device (mergekit's choice there), "flat" the lowest flat index (CUDA's stable sort).
+TieOrder = Literal["sort", "flat"]
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,11 @@ METHODS: dict[str, MethodInfo] = {
 
 
 def magnitude_rank(delta: torch.Tensor, descending: bool = True) -> torch.Tensor:
-    """Position of every element of |delta| in magnitude order (0 = largest when descending)."""
+    """Position of every element in mergekit's magnitude order (0 = largest when descending).
+
+    The same sort call as mergekit's (torch's argsort/sort of the flattened float32 |delta|, on
+    delta's device), so its tie order is mergekit's there.
+    """
     flat = delta.detach().abs().reshape(-1).float()
     order = torch.argsort(flat, descending=True) if descending else torch.sort(flat).indices
     rank_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
@@ -116,39 +128,82 @@ def l1_rescaled(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> t
     return kept * (before / after)
 
 
+def device_tie_order(device: torch.device) -> TieOrder:
+    """mergekit's tie order on `device`: flat-index on CUDA (its sort is stable there), else torch's sort."""
+    return "flat" if device.type == "cuda" else "sort"
+
+
+def keep_count(numel: int, density: float) -> int:
+    """How many elements a magnitude trim keeps: int(density*n), at least 1, all for density >= 1."""
+    return numel if density >= 1 else max(1, int(density * numel))
+
+
 def trim_threshold(delta: torch.Tensor, density: float) -> float:
-    """The magnitude a TIES trim keeps down to: the k-th largest |delta|, k = max(1, int(density*n))."""
+    """The k-th largest |delta| (k = keep_count), the magnitude a TIES trim keeps down to."""
     magnitudes = delta.detach().abs().reshape(-1).float()
-    k = max(1, int(density * magnitudes.numel()))
+    k = keep_count(magnitudes.numel(), density)
     if k >= magnitudes.numel():
         return float("-inf")
     return float(torch.kthvalue(magnitudes, magnitudes.numel() - k + 1).values)
 
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep every element at least as large in magnitude as the k-th largest (k = int(density*n), at least 1).
+def magnitude_mask(
+    delta: torch.Tensor, density: float, order: TieOrder | None = None, rank: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Keep exactly k = keep_count(n, density) elements of largest |delta|, ties broken by `order`.
 
-    Elements tied with the threshold are all kept: at least k survive, exactly k when the
-    threshold is unique. mergekit keeps an arbitrary subset of those ties, so this is where (and
-    only where) a bf16 merge can differ from it.
+    `order` defaults to the device's (`device_tie_order`); `rank` is a precomputed descending
+    `magnitude_rank`, used when the order is "sort".
     """
-    return delta.detach().abs().float() >= trim_threshold(delta, density)
+    magnitudes = delta.detach().abs().reshape(-1).float()
+    k = keep_count(magnitudes.numel(), density)
+    if k >= magnitudes.numel():
+        return torch.ones_like(delta, dtype=torch.bool)
+    threshold = torch.kthvalue(magnitudes, magnitudes.numel() - k + 1).values
+    return _exact_top_k(delta, magnitudes, threshold, k, order, rank)
 
 
-def top_k_masks(deltas: Sequence[torch.Tensor], densities: Sequence[float]) -> list[torch.Tensor]:
+def _exact_top_k(
+    delta: torch.Tensor,
+    magnitudes: torch.Tensor,
+    threshold: torch.Tensor,
+    k: int,
+    order: TieOrder | None,
+    rank: torch.Tensor | None,
+) -> torch.Tensor:
+    """The top-k mask given the k-th largest magnitude: a sort only when ties straddle the cut."""
+    above = magnitudes > threshold
+    tied = magnitudes == threshold
+    room = k - int(above.sum())
+    if room == int(tied.sum()):
+        return (above | tied).reshape(delta.shape)
+    if (order or device_tie_order(delta.device)) == "flat":
+        first_tied = torch.cumsum(tied, 0, dtype=torch.int32 if tied.numel() < 2**31 else torch.int64) <= room
+        return (above | (tied & first_tied)).reshape(delta.shape)
+    rank = magnitude_rank(delta, descending=True) if rank is None else rank
+    return rank < k
+
+
+def top_k_masks(
+    deltas: Sequence[torch.Tensor],
+    densities: Sequence[float],
+    order: TieOrder | None = None,
+    ranks: Sequence[torch.Tensor | None] | None = None,
+) -> list[torch.Tensor]:
     """`magnitude_mask` for several task vectors of one tensor, batched when they keep the same count.
 
     One batched O(n) selection (`kthvalue`) runs on all cores, where one per input would not.
     """
-    counts = [max(1, int(d * t.numel())) for t, d in zip(deltas, densities, strict=False)]
+    ranks = list(ranks) if ranks is not None else [None] * len(deltas)
+    counts = [keep_count(t.numel(), d) for t, d in zip(deltas, densities, strict=True)]
     if len(deltas) < 2 or len(set(counts)) != 1 or counts[0] >= deltas[0].numel():
-        return [magnitude_mask(t, d) for t, d in zip(deltas, densities, strict=False)]
+        return [magnitude_mask(t, d, order, r) for t, d, r in zip(deltas, densities, ranks, strict=True)]
     k, n = counts[0], deltas[0].numel()
     magnitudes = torch.stack([t.detach().abs().reshape(-1).float() for t in deltas])
     thresholds = torch.kthvalue(magnitudes, n - k + 1, dim=1).values
     return [
-        (row >= threshold).reshape(delta.shape)
-        for row, threshold, delta in zip(magnitudes, thresholds, deltas, strict=False)
+        _exact_top_k(delta, row, threshold, k, order, rank)
+        for delta, row, threshold, rank in zip(deltas, magnitudes, thresholds, ranks, strict=True)
     ]
 
 
@@ -175,13 +230,19 @@ def bernoulli_mask(delta: torch.Tensor, density: float, generator: torch.Generat
 
 
 def della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator | None) -> torch.Tensor:
-    """DELLA MagPrune: keep probability grows linearly with the row-wise magnitude rank."""
+    """DELLA MagPrune: keep probability grows linearly with the row-wise magnitude rank.
+
+    The probabilities are computed in mergekit's dtype: bf16 deltas (and any delta off the CPU) in
+    their own, others in float32, so a bf16 rank rounds as it does in mergekit.
+    """
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError("epsilon must keep density ± epsilon inside (0, 1)")
+    work = delta.dtype if delta.device.type != "cpu" or delta.dtype == torch.bfloat16 else torch.float32
     rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
-    ranks = torch.argsort(torch.argsort(rows.abs().float(), dim=1), dim=1).float()
-    spread = (rows.shape[1] - 1) if rows.shape[1] > 1 else 1
-    probs = (density - epsilon) + (ranks / spread).clamp(0, 1) * 2 * epsilon
+    ranks = torch.argsort(torch.argsort(rows.abs().float(), dim=1), dim=1).to(work) + 1
+    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    spread = torch.where(high > low, high - low, torch.ones_like(high))  # a one-column row has rank 0
+    probs = (density - epsilon) + ((ranks - low) / spread).clamp(0, 1) * 2 * epsilon
     return torch.bernoulli(probs, generator=generator).bool().reshape(delta.shape)
 
 
@@ -196,18 +257,20 @@ def sparsify(
     generator: torch.Generator | None = None,
     rank: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    order: TieOrder | None = None,
 ) -> torch.Tensor:
     """Trim a task vector to `density` by `method`; optionally restore its L1 norm.
 
-    `rank` is a precomputed ascending rank for magnitude_outliers; `mask` a precomputed magnitude
-    mask (see top_k_masks).
+    `rank` is a precomputed `magnitude_rank`: ascending for magnitude_outliers, descending for
+    magnitude; `mask` a precomputed magnitude mask (see top_k_masks); `order` the magnitude trim's
+    tie order (default: the device's).
     """
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     if method == "magnitude":
-        mask = mask if mask is not None else magnitude_mask(delta, density)
+        mask = mask if mask is not None else magnitude_mask(delta, density, order, rank)
     elif method == "magnitude_outliers":
         mask = magnitude_outliers_mask(delta, density, gamma, rank)
     elif method == "random":

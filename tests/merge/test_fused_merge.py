@@ -84,7 +84,8 @@ def merged_by_reference(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(DEVICE)
-    merge_into_model(model, ResidentSources.load(union_config, device=DEVICE), candidate, seed=seed)
+    # The fused kernel keeps tied magnitudes in flat-index order: CUDA's order, on any device.
+    merge_into_model(model, ResidentSources.load(union_config, device=DEVICE, tie_order="flat"), candidate, seed=seed)
     return dict(model.named_parameters())
 
 

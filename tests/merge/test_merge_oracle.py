@@ -84,7 +84,7 @@ ORACLE_CASES = {
         ],
     },
     # TIES cases whose trim cuts through equal magnitudes ("ties-gradients-fp32", "ties-bf16-equal-weights")
-    # are compared in test_tie_rule.py: they may differ from mergekit exactly at those elements.
+    # are compared in test_tie_rule.py, element by element at and away from those magnitudes.
     "ties-global-params-unnormalized-lambda": lambda z: {
         "merge_method": "ties",
         "base_model": z.model("base"),

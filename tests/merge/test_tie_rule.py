@@ -1,14 +1,15 @@
-"""The TIES trim's one tie rule, and what it means for exactness.
+"""The TIES trim's tie rule, and what it means for exactness.
 
-The trim keeps every element whose |delta| is at least the k-th largest (`methods.magnitude_mask`),
-in the reference path and in the fused kernel alike. So:
+The trim keeps exactly k = int(density*n) elements (`methods.magnitude_mask`); of the elements
+tied at the threshold it keeps mergekit's choice on the merging device: torch's CPU argsort order
+on CPU, flat-index order on CUDA and in the fused kernel. So:
 
-* the model a search scores (fused kernel) and `evomerge merge` of the exported YAML are the same
-  tensors, bit for bit;
-* against mergekit, whose unstable argsort keeps an arbitrary subset of the elements tied at the
-  threshold, a merge differs only at elements whose magnitude equals an input's trim threshold
-  (bf16 deltas tie often; the zoo's fp32 grid region ties too). Without such ties, fp32 merges
-  equal mergekit's (the other TIES cases of test_merge_oracle.py).
+* `evomerge merge` on CPU equals mergekit's CPU merge even where the cut splits equal magnitudes
+  (bf16 deltas tie often; the zoo's fp32 grid region ties too);
+* the model a search scores (fused kernel) and `evomerge merge` of the exported YAML in the flat
+  order (what it writes on CUDA) are the same tensors, bit for bit.
+
+test_exact_k.py checks the same on a zoo built so that every cut splits a tie.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from test_merge_oracle import FILTERED_WEIGHT, FP32_RELATIVE_TOLERANCE, bf16_ulp
 from tiny_models import load_checkpoint_tensors
 
 from evomerge.merge.config import load_merge_config
+from evomerge.merge.engine import merge_to_disk
 from evomerge.merge.io import LazyTensorReader
-from evomerge.merge.methods import magnitude_mask, top_k_masks, trim_threshold
+from evomerge.merge.methods import keep_count, magnitude_mask, top_k_masks, trim_threshold
 from evomerge.merge.validate import validate_merge_config
 
 TIED_CASES = {
@@ -46,17 +48,20 @@ TIED_CASES = {
 }
 
 
-def test_the_trim_keeps_every_element_tied_with_the_threshold():
+@pytest.mark.parametrize("order", ["sort", "flat"])
+def test_the_trim_keeps_exactly_k_when_the_threshold_is_tied(order):
     delta = torch.tensor([0.5, -0.25, 0.25, 0.25, -0.125, 0.0, 0.25, 1.0])
-    # k = int(0.5 * 8) = 4: the 4th largest magnitude is 0.25, which four elements share.
-    assert trim_threshold(delta, 0.5) == 0.25
-    assert magnitude_mask(delta, 0.5).tolist() == [True, True, True, True, False, False, True, True]
-    assert magnitude_mask(delta, 0.25).sum() == 2, "a unique threshold keeps exactly k"
-    assert magnitude_mask(delta, 0.01).tolist() == [False] * 7 + [True], "at least one element survives"
-    assert magnitude_mask(delta, 1.0).all()
-    batched = top_k_masks([delta, delta.flip(0)], [0.5, 0.5])
-    assert torch.equal(batched[0], magnitude_mask(delta, 0.5))
-    assert torch.equal(batched[1], magnitude_mask(delta.flip(0), 0.5))
+    # k = int(0.5 * 8) = 4: the 4th largest magnitude is 0.25, which four elements share; two of
+    # them make k. Eight elements sort stably on CPU too (insertion sort), so both orders keep the
+    # first two in flat order.
+    assert trim_threshold(delta, 0.5) == 0.25 and keep_count(8, 0.5) == 4
+    assert magnitude_mask(delta, 0.5, order).tolist() == [True, True, True, False, False, False, False, True]
+    assert magnitude_mask(delta, 0.25, order).sum() == 2, "a unique threshold keeps exactly k"
+    assert magnitude_mask(delta, 0.01, order).tolist() == [False] * 7 + [True], "at least one element survives"
+    assert magnitude_mask(delta, 1.0, order).all()
+    batched = top_k_masks([delta, delta.flip(0)], [0.5, 0.5], order)
+    assert torch.equal(batched[0], magnitude_mask(delta, 0.5, order))
+    assert torch.equal(batched[1], magnitude_mask(delta.flip(0), 0.5, order))
 
 
 def threshold_ties(config_path) -> dict[str, torch.Tensor]:
@@ -87,9 +92,7 @@ def beyond_tolerance(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("case", sorted(TIED_CASES))
-def test_ties_differs_from_mergekit_only_where_magnitudes_equal_the_threshold(
-    case, zoo, write_config, mergekit_merge, tmp_path
-):
+def test_ties_equals_mergekit_where_magnitudes_equal_the_threshold(case, zoo, write_config, mergekit_merge, tmp_path):
     config_path = write_config(TIED_CASES[case](zoo))
     theirs = load_checkpoint_tensors(mergekit_merge(config_path, tmp_path / "mergekit"))
     ours = load_checkpoint_tensors(evomerge_to_disk(config_path, tmp_path / "evomerge"))
@@ -99,6 +102,8 @@ def test_ties_differs_from_mergekit_only_where_magnitudes_equal_the_threshold(
     for name, expected in theirs.items():
         outside = beyond_tolerance(ours[name], expected) & ~tied[name]
         assert not outside.any(), f"{name}: {int(outside.sum())} elements differ away from the threshold"
+        at_ties = beyond_tolerance(ours[name], expected) & tied[name]
+        assert not at_ties.any(), f"{name}: {int(at_ties.sum())} elements differ at the threshold"
 
 
 @pytest.mark.skipif(
@@ -117,7 +122,9 @@ def test_the_scored_merge_is_what_evomerge_merge_writes_from_the_export(zoo, tmp
     assert merger.path == "fused", "the search's path: the fused kernel"
     exported = tmp_path / "best.yaml"  # as `evomerge export` writes it: the journaled config as YAML
     exported.write_text(yaml.safe_dump(candidate.model_dump(mode="json", exclude_none=True), sort_keys=False))
-    written = load_checkpoint_tensors(evomerge_to_disk(exported, tmp_path / "out"))
+    # The search ran on CUDA (or stands in for it): `evomerge merge --device cuda` keeps its tie order.
+    merge_to_disk(load_merge_config(exported), tmp_path / "out", tie_order="flat", progress=False)
+    written = load_checkpoint_tensors(tmp_path / "out")
     scored = {name: tensor.detach().to("cpu") for name, tensor in merger.model.named_parameters()}
     differing = [name for name in written if not torch.equal(written[name], scored[name])]
     assert DEVICE in ("cpu", "cuda") and not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"

@@ -68,9 +68,13 @@ def adopt_model(model: torch.nn.Module, sources: FusedSources) -> torch.Tensor:
 
 
 def reference_view(sources: FusedSources | Sequence[FusedSources]) -> ResidentSources:
-    """ResidentSources over the fused sources' buffers (views, no copies) for the reference path."""
+    """ResidentSources over the fused sources' buffers (views, no copies) for the reference path.
+
+    It breaks TIES ties in the kernel's flat-index order on any device, so a candidate gets the
+    same weights whichever path merges it.
+    """
     parts = [sources] if isinstance(sources, FusedSources) else list(sources)
-    resident = ResidentSources(parts[0].validated, str(parts[0].device))
+    resident = ResidentSources(parts[0].validated, str(parts[0].device), tie_order="flat")
     for part in parts:
         for segment, (base_ref, expert_refs) in enumerate(part.refs):
             resident.tensors[base_ref] = part.base_view(segment)
@@ -239,7 +243,8 @@ class CandidateMerger:
             device = part.sources.device
             inputs = [None if tensor is None else tensor.to(device) for tensor in inputs]
             deltas = {index: delta.to(device) for index, delta in (deltas or {}).items()}
-            expected = merge_tensor(plan, method, inputs, seed, deltas, ranks).to(validated.out_dtype[plan.output])
+            expected = merge_tensor(plan, method, inputs, seed, deltas, ranks, self.reference.tie_order)
+            expected = expected.to(validated.out_dtype[plan.output])
             got = part.sources.layout.view(part.out, part.sources.segment_of[plan.output])
             if not torch.equal(expected.to(got.device), got):
                 log.warning(

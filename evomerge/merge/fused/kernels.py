@@ -13,9 +13,12 @@ interpreter truncates in `.to(tl.bfloat16)`; the integer form is exact on GPUs t
 Launch with `enable_fp_fusion=False`: a multiply fused into the following add (FMA) rounds once
 where torch rounds twice, which would break bit equality in float32.
 
-A magnitude trim keeps element e of input j when |d_j(e)| >= t_j, the k_j-th largest magnitude
-(`methods.magnitude_mask`, the reference's rule): one number per tensor and input, so a TIES merge
-reads nothing per element but the base and the deltas.
+A magnitude trim keeps exactly k_j elements of input j (`methods.magnitude_mask`, "flat" tie
+order): those with |d_j(e)| > t_j, the k_j-th largest magnitude, and the first m_j of those equal to
+it in flat-index order. m_j and t_j are per tensor and input; an element's place among the tied
+ones is the count of tied elements in earlier blocks of its tensor (`tied_count_kernel`, one
+number per block and input, summed per tensor between the two launches) plus those before it in
+its block. So a TIES merge reads nothing per element but the base and the deltas.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ WEIGHT: tl.constexpr = tl.constexpr(flat_tables.WEIGHT)
 THRESHOLD: tl.constexpr = tl.constexpr(flat_tables.THRESHOLD)
 DENSITY: tl.constexpr = tl.constexpr(flat_tables.DENSITY)
 SEED: tl.constexpr = tl.constexpr(flat_tables.SEED)
+TIED: tl.constexpr = tl.constexpr(flat_tables.TIED)
 LAMBDA: tl.constexpr = tl.constexpr(flat_tables.LAMBDA)
 NORMALIZE: tl.constexpr = tl.constexpr(flat_tables.NORMALIZE)
 
@@ -54,12 +58,41 @@ def _param_float(table, row, field, j, M: tl.constexpr):
 
 
 @triton.jit
-def _kept_delta(deltas, table, row, j, offs, local, valid, total, M: tl.constexpr, SPARSIFY: tl.constexpr):
-    """Input j's task vector after the trim, in float32 (zero where trimmed)."""
+def _load_delta(deltas, j, offs, valid, total):
     row_start = total.to(tl.int64) * j  # past 2**31 elements with three experts at 1.5B
-    delta = tl.load(deltas + row_start + offs, mask=valid, other=0.0).to(tl.float32)
+    return tl.load(deltas + row_start + offs, mask=valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _kept_delta(
+    deltas,
+    table,
+    tied_before,
+    row,
+    j,
+    offs,
+    local,
+    valid,
+    total,
+    M: tl.constexpr,
+    SPARSIFY: tl.constexpr,
+    EXACT: tl.constexpr,
+):
+    """Input j's task vector after the trim, in float32 (zero where trimmed).
+
+    EXACT: some tie straddles a cut, so tied elements are counted (`tied_before` per block and input).
+    """
+    delta = _load_delta(deltas, j, offs, valid, total)
     if SPARSIFY == 1:
-        delta = tl.where(tl.abs(delta) >= _param_float(table, row, THRESHOLD, j, M), delta, 0.0)
+        magnitude = tl.abs(delta)
+        threshold = _param_float(table, row, THRESHOLD, j, M)
+        if EXACT:
+            tied = (magnitude == threshold) & valid
+            place = tl.load(tied_before + j * tl.num_programs(0) + tl.program_id(0)) + tl.cumsum(tied.to(tl.int32), 0)
+            keep = (magnitude > threshold) | (tied & (place <= tl.load(table + row + TIED * M + j)))
+        else:
+            keep = magnitude >= threshold
+        delta = tl.where(keep, delta, 0.0)
     elif SPARSIFY == 2:
         density = _param_float(table, row, DENSITY, j, M)
         seed = tl.load(table + row + SEED * M + j)
@@ -82,6 +115,7 @@ def task_vector_merge_kernel(
     deltas,
     table,
     ratios,
+    tied_before,
     out,
     block_segment,
     segment_start,
@@ -96,6 +130,7 @@ def task_vector_merge_kernel(
     WORK: tl.constexpr,
     OUT: tl.constexpr,
     BLOCK: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     """out = base + lambda * combine(w_j * trim(delta_j)) for one block of one tensor."""
     segment, offs, local, valid = _block_position(block_segment, segment_start, segment_numel, origin, BLOCK)
@@ -107,7 +142,22 @@ def task_vector_merge_kernel(
     # that agree); recomputing them from the same loads is cheaper than keeping M blocks live.
     for j in tl.static_range(M):
         weighted = _weighted(
-            deltas, table, ratios, row, segment, j, offs, local, valid, total, M, SPARSIFY, RESCALE, WORK
+            deltas,
+            table,
+            ratios,
+            tied_before,
+            row,
+            segment,
+            j,
+            offs,
+            local,
+            valid,
+            total,
+            M,
+            SPARSIFY,
+            RESCALE,
+            WORK,
+            EXACT,
         )
         elected_sum += weighted
         weight_sum += _param_float(table, row, WEIGHT, j, M)
@@ -116,7 +166,22 @@ def task_vector_merge_kernel(
         weight_sum = tl.zeros([BLOCK], dtype=tl.float32)
         for j in tl.static_range(M):
             weighted = _weighted(
-                deltas, table, ratios, row, segment, j, offs, local, valid, total, M, SPARSIFY, RESCALE, WORK
+                deltas,
+                table,
+                ratios,
+                tied_before,
+                row,
+                segment,
+                j,
+                offs,
+                local,
+                valid,
+                total,
+                M,
+                SPARSIFY,
+                RESCALE,
+                WORK,
+                EXACT,
             )
             agrees = tl.where(positive, weighted > 0, weighted < 0)
             mixed += tl.where(agrees, weighted, 0.0)
@@ -141,6 +206,7 @@ def _weighted(
     deltas,
     table,
     ratios,
+    tied_before,
     row,
     segment,
     j,
@@ -152,8 +218,9 @@ def _weighted(
     SPARSIFY: tl.constexpr,
     RESCALE: tl.constexpr,
     WORK: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
-    kept = _kept_delta(deltas, table, row, j, offs, local, valid, total, M, SPARSIFY)
+    kept = _kept_delta(deltas, table, tied_before, row, j, offs, local, valid, total, M, SPARSIFY, EXACT)
     if RESCALE:
         kept = _round(kept * tl.load(ratios + segment * M + j), WORK)
     return _round(kept * _param_float(table, row, WEIGHT, j, M), WORK)
@@ -178,5 +245,29 @@ def kept_magnitude_kernel(
     row = segment * P
     blocks = tl.num_programs(0)
     for j in tl.static_range(M):
-        kept = _kept_delta(deltas, table, row, j, offs, local, valid, total, M, 2)
+        kept = _kept_delta(deltas, table, partial, row, j, offs, local, valid, total, M, 2, False)
         tl.store(partial + j * blocks + tl.program_id(0), tl.sum(tl.abs(kept), axis=0))
+
+
+@triton.jit
+def tied_count_kernel(
+    deltas,
+    table,
+    counts,
+    block_segment,
+    segment_start,
+    segment_numel,
+    origin,
+    total,
+    M: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Per block and input: how many elements have |delta| equal to that input's TIES threshold."""
+    segment, offs, local, valid = _block_position(block_segment, segment_start, segment_numel, origin, BLOCK)
+    row = segment * P
+    blocks = tl.num_programs(0)
+    for j in tl.static_range(M):
+        magnitude = tl.abs(_load_delta(deltas, j, offs, valid, total))
+        tied = (magnitude == _param_float(table, row, THRESHOLD, j, M)) & valid
+        tl.store(counts + j * blocks + tl.program_id(0), tl.sum(tied.to(tl.int32), axis=0))

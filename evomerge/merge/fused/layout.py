@@ -96,16 +96,19 @@ class Chunk:
     block_segment: torch.Tensor
     block_begins: torch.Tensor  # per segment of the chunk, its first and one-past-last block
     block_ends: torch.Tensor
+    block_first: torch.Tensor  # per block, the first block of its segment
 
     @classmethod
     def of(cls, layout: FlatLayout, record: Record, device: torch.device) -> Chunk:
-        ends = np.cumsum(-(-layout.numels[record.first : record.last] // BLOCK))
+        blocks = -(-layout.numels[record.first : record.last] // BLOCK)
+        ends = np.cumsum(blocks)
         begins = np.concatenate([[0], ends[:-1]])
         return cls(
             record,
             torch.from_numpy(layout.block_segments(record.first, record.last)).to(device),
             torch.from_numpy(begins).to(device),
             torch.from_numpy(ends).to(device),
+            torch.from_numpy(np.repeat(begins, blocks).astype(np.int32)).to(device),
         )
 
 

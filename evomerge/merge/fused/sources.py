@@ -6,11 +6,13 @@ that depends only on the sources is done once, when `FusedSources.fill` reads th
 * the base tensors and one task vector (delta) per expert, in the records of `layout.py`: 2 + 2E
   bytes per parameter for bf16 sources, nothing more per element;
 * for magnitude trims (TIES) a host-side table of each delta's distinct magnitudes with their
-  counts, so a density's threshold is a host-side binary search;
+  counts, so a density's threshold, and how many elements equal to it the trim keeps, is a
+  host-side binary search;
 * for DARE's rescale, each delta's L1 norm.
 
 A candidate then costs a small parameter table upload and one kernel launch over the whole model
-(two for DARE: the kept L1 norms first), writing straight into the resident model, whose
+(two for DARE: the kept L1 norms first; two for TIES when a tie straddles a cut: the tied elements
+per block first, one int32 per block and expert), writing straight into the resident model, whose
 parameters are views of one flat output buffer (`candidate.adopt_model`).
 
 Sources live on the device when they fit beside the model and the scorer's workspace. Otherwise
@@ -19,8 +21,8 @@ they stay in host memory ("host" placement), one copy per node shared by its wor
 chunk's copy overlapping the current chunk's kernel. A worker split over several devices holds
 one `FusedSources` per device, each with the tensors of that device's layers (`only`).
 
-Results equal `engine.merge_tensor` bit for bit for deterministic methods (tests run the kernels
-under Triton's CPU interpreter against it). DARE draws its masks from Triton's Philox stream, keyed
+Results equal `engine.merge_tensor` with the "flat" tie order bit for bit for deterministic methods
+(tests run the kernels under Triton's CPU interpreter against it). DARE draws its masks from Triton's Philox stream, keyed
 by (seed, tensor, input), so its masks differ from the CPU path's, as they differ between torch's
 CPU and CUDA generators.
 """
@@ -38,7 +40,7 @@ from evomerge.merge.config import MergeConfig
 from evomerge.merge.engine import tensor_seed
 from evomerge.merge.fused.layout import BLOCK, Chunk, FlatLayout, Record, expert_models, records, segment_refs
 from evomerge.merge.fused.shared_host import SharedHostCopy, content_key, has_room_for, shared_directory
-from evomerge.merge.fused.streaming import Stage, Stager
+from evomerge.merge.fused.streaming import Stager
 from evomerge.merge.fused.tables import MagnitudeTables, ParameterTable
 from evomerge.merge.io import LazyTensorReader
 from evomerge.merge.memory_plan import DEFAULT_CHUNK_BYTES, DEFAULT_WORKSPACE_BYTES, sources_fit_device
@@ -192,6 +194,10 @@ class FusedSources:
         """Record bytes per element: the base and one delta per expert, nothing else."""
         return (1 + len(self.experts)) * self.work_dtype.itemsize
 
+    def _tie_experts(self) -> int:
+        """Experts whose ties a TIES trim counts per block (memory_plan.table_bytes)."""
+        return len(self.experts) if self.method.sparsification == "magnitude" else 0
+
     def planned_bytes(self) -> int:
         return self.layout.total * self.bytes_per_element()
 
@@ -201,7 +207,9 @@ class FusedSources:
             return "device"
         free, _ = torch.cuda.mem_get_info(self.device)
         return (
-            "device" if sources_fit_device(self.planned_bytes(), self.layout.total, free, workspace_bytes) else "host"
+            "device"
+            if sources_fit_device(self.planned_bytes(), self.layout.total, free, workspace_bytes, self._tie_experts())
+            else "host"
         )
 
     def base_view(self, segment: int) -> torch.Tensor:
@@ -267,6 +275,7 @@ class FusedSources:
         self._chunks = [Chunk.of(layout, record, device) for record in self.records]
         # Rows stay 1 where nothing is rescaled; DARE overwrites every row of each chunk it runs.
         self._ratios = torch.ones((len(layout.names), len(self.experts)), dtype=torch.float32, device=device)
+        self._no_ties = torch.zeros(1, dtype=torch.int32, device=device)  # the kernel's tie counts when none straddle
         streamed = self.placement == "host"
         self._stager = Stager(self.storage, self.records, len(self.experts), device, streamed)
 
@@ -315,14 +324,14 @@ class FusedSources:
     def prepare(self, validated: ValidatedMerge, seed: int = 0) -> tuple[ParameterTable, np.ndarray]:
         """Host-side work for one candidate (no device access, so it can overlap another's evaluation)."""
         table = self.parameters(validated, seed)
-        thresholds: np.ndarray | None = None
+        cuts: tuple[np.ndarray, np.ndarray] | None = None
         if self.method.sparsification == "magnitude":
-            thresholds = self.magnitudes.thresholds(table.keep_counts(self.layout.numels))
-        return table, table.pack(self.work_dtype, thresholds)
+            cuts = self.magnitudes.thresholds(table.keep_counts(self.layout.numels))
+        return table, table.pack(self.work_dtype, cuts)
 
     def launch(self, prepared: tuple[ParameterTable, np.ndarray], out: torch.Tensor) -> None:
         """Run a prepared candidate's kernels, writing into the flat output buffer `out`."""
-        from evomerge.merge.fused import kernels
+        from evomerge.merge.fused import kernels, prepasses
 
         table, host_table = prepared
         packed = torch.from_numpy(host_table).to(self.device)
@@ -330,17 +339,24 @@ class FusedSources:
         if stager is None:
             raise RuntimeError("launch before fill: the sources hold nothing yet")
         rescale = self.method.sparsification == "random" and bool(table.rescale.any())
+        exact = self.method.sparsification == "magnitude" and table.split_ties
         # Uploaded once, not per chunk: a pageable upload waits for the queued kernels.
         unscaled = torch.from_numpy((table.densities >= 1) | ~table.rescale[:, None]).to(self.device)
         for chunk, stage in zip(self._chunks, stager.stages(), strict=True):
             if rescale:
-                self._fill_ratios(ratios, chunk, stage, packed, unscaled, kernels)
+                after = prepasses.kept_l1(chunk, stage, packed, self._segment_start, self._segment_numel)
+                rows = slice(chunk.record.first, chunk.record.last)
+                ratios[rows] = prepasses.rescale_ratios(self.before_l1[rows], after.to(self.work_dtype), unscaled[rows])
+            tied_before = self._no_ties
+            if exact:
+                tied_before = prepasses.tied_before(chunk, stage, packed, self._segment_start, self._segment_numel)
             grid = (chunk.block_segment.numel(),)
             kernels.task_vector_merge_kernel[grid](
                 stage.base,
                 stage.deltas,
                 packed,
                 ratios,
+                tied_before,
                 out[chunk.record.origin :],
                 chunk.block_segment,
                 self._segment_start,
@@ -355,34 +371,10 @@ class FusedSources:
                 WORK=ROUND_CODES[self.work_dtype],
                 OUT=ROUND_CODES[self.out_dtype],
                 BLOCK=BLOCK,
+                EXACT=exact,
                 enable_fp_fusion=False,
             )
             stager.release(stage)
-
-    def _fill_ratios(self, ratios, chunk: Chunk, stage: Stage, packed, unscaled: torch.Tensor, kernels) -> None:
-        """DARE's L1 rescale factors for the chunk's tensors, computed as `l1_rescaled` does."""
-        blocks = chunk.block_segment.numel()
-        partial = torch.empty((len(self.experts), blocks), dtype=torch.float32, device=self.device)
-        kernels.kept_magnitude_kernel[(blocks,)](
-            stage.deltas,
-            packed,
-            partial,
-            chunk.block_segment,
-            self._segment_start,
-            self._segment_numel,
-            chunk.record.origin,
-            stage.elements,
-            M=len(self.experts),
-            P=packed.shape[1],
-            BLOCK=BLOCK,
-            enable_fp_fusion=False,
-        )
-        running = torch.nn.functional.pad(partial.double().cumsum(dim=1), (1, 0))
-        after = (running[:, chunk.block_ends] - running[:, chunk.block_begins]).T.to(self.work_dtype)
-        rows = slice(chunk.record.first, chunk.record.last)
-        before = self.before_l1[rows]
-        keep = unscaled[rows] | (before < 1e-7) | (after < 1e-7)
-        ratios[rows] = torch.where(keep, torch.ones_like(before), before / after).float()
 
 
 def _shape(validated: ValidatedMerge, plan) -> tuple[int, ...]:

@@ -95,16 +95,34 @@ def search_rate(events: list[dict], trials: dict[int, Trial]) -> float | None:
     """
     results = [e for e in events if e["event"] in RESULT_EVENTS and e["trial"] in trials]
     evolved = [e for e in results if trials[e["trial"]].kind == "optimizer"]
-    baselines = [e for e in results if trials[e["trial"]].kind != "optimizer"]
     if not evolved:
         return None
-    clock = "search_s" if all(isinstance(e.get("search_s"), (int, float)) for e in results) else "time"
-    if clock == "search_s":
-        start = max((e[clock] for e in baselines), default=0.0)
-    else:
-        asked = [e["time"] for e in events if e["event"] == EventName.ASKED and e.get("kind") == "optimizer"]
-        start = min(asked, default=evolved[0].get("time", 0.0))
-    minutes = (max(e.get(clock, 0.0) for e in evolved) - start) / 60
+    if all(isinstance(e.get("search_s"), (int, float)) for e in results):
+        return rate_per_min(result_clock(events, trials))
+    asked = [e["time"] for e in events if e["event"] == EventName.ASKED and e.get("kind") == "optimizer"]
+    start = min(asked, default=evolved[0].get("time", 0.0))
+    minutes = (max(e.get("time", 0.0) for e in evolved) - start) / 60
+    return round(len(evolved) / minutes, 2) if minutes > 0 else None
+
+
+def result_clock(events: list[dict], trials: dict[int, Trial]) -> list[tuple[bool, float]]:
+    """(evolved?, search seconds) of every journaled result that has its search time: what `rate_per_min` reads."""
+    return [
+        (trials[e["trial"]].kind == "optimizer", e["search_s"])
+        for e in events
+        if e["event"] in RESULT_EVENTS and e["trial"] in trials and isinstance(e.get("search_s"), (int, float))
+    ]
+
+
+def rate_per_min(results: list[tuple[bool, float]]) -> float | None:
+    """The evals/min every command shows (the live status lines, `search done`, `status`): evolved
+    candidates finished per minute of search time after the last baseline finished. `results` holds
+    (evolved?, the search seconds when it finished) for each result."""
+    evolved = [seconds for is_evolved, seconds in results if is_evolved]
+    if not evolved:
+        return None
+    start = max((seconds for is_evolved, seconds in results if not is_evolved), default=0.0)
+    minutes = (max(evolved) - start) / 60
     return round(len(evolved) / minutes, 2) if minutes > 0 else None
 
 

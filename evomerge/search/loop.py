@@ -32,6 +32,7 @@ from evomerge.rundir.events import EventName, TrialResult
 from evomerge.rundir.journal import Journal, read_events
 from evomerge.rundir.layout import RunDir
 from evomerge.rundir.pareto import objective_values
+from evomerge.rundir.results import rate_per_min, result_clock
 from evomerge.rundir.trials import Tally, Trial, replay, search_seconds
 from evomerge.rundir.verdict import TIES_FIELD
 from evomerge.search.budget import DocsSpent
@@ -88,6 +89,7 @@ class Search:
         self.tells_since_snapshot = 0
         self.deaths_in_a_row = 0  # candidates failed one after another because their workers died
         self.searched_before = search_seconds(self.events)
+        self.result_clock = result_clock(self.events, self.trials)  # what the status lines' evals/min read
         self._search_started: float | None = None
 
     def _new_optimizer(self):
@@ -203,7 +205,11 @@ class Search:
             self.study_log.rebuild(self.events, self.trials)  # every optimizer's optuna.log, never duplicated
             budget = self.spec.budget
             with SearchProgress(
-                budget.max_evals, self.show_progress, self.trials.values(), max_docs=budget.max_docs
+                budget.max_evals,
+                self.show_progress,
+                self.trials.values(),
+                max_docs=budget.max_docs,
+                rate=lambda: rate_per_min(self.result_clock),
             ) as progress:
                 progress.update(self.tally)
                 self._search(scheduler, progress)
@@ -350,6 +356,7 @@ class Search:
         trial.status = EventName.COMPLETED if result.ok else EventName.FAILED
         trial.result = result
         record = self.journal.append(trial.status, **result.to_journal(), search_s=round(self._searched(), 3))
+        self.result_clock.append((trial.kind == "optimizer", record["search_s"]))
         self.study_log.finished(trial, record["time"])
         self.tally.add_finished(trial)
         self.deaths_in_a_row = self.deaths_in_a_row + 1 if job.gave_up else 0

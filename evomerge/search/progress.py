@@ -78,8 +78,10 @@ class SearchProgress:
         clock: Callable[[], float] = time.monotonic,
         write: Callable[[str], None] = _write_to_stderr,
         max_docs: int | None = None,
+        rate: Callable[[], float | None] | None = None,
     ):
         self.total = total
+        self.rate = rate  # the run's evals/min (rundir.results.rate_per_min); None: this process's own
         self.max_docs = max_docs  # budget.max_docs: the summary also counts documents against it
         self.settings = ProgressSettings.of(settings)
         self.clock = clock
@@ -148,9 +150,10 @@ class SearchProgress:
         self._logged_done, self._logged_at = done, self.clock()
 
     def _summary(self, tally: Tally, done: int, bar: bool) -> str:
-        rate = self._rate(done)
+        rate = self._rate(done)  # every evaluation this process finished per minute: what the ETA needs
+        shown = rate if self.rate is None else (self.rate() or 0.0)
         best = "-" if self.best is None else self.best.describe()
-        parts = [f"best {best}", f"{rate:.1f} evals/min", f"{tally.failed} failed"]
+        parts = [f"best {best}", f"{shown:.1f} evals/min", f"{tally.failed} failed"]
         if self.max_docs:
             parts.append(f"{tally.docs_scored:,}/{self.max_docs:,} docs")
         if bar:

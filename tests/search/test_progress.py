@@ -212,3 +212,21 @@ def test_with_a_document_budget_each_status_line_counts_documents_against_it():
     assert printed[0].endswith("search started: 0 evaluations, best -, 0.0 evals/min, 0 failed, 0/5,000 docs")
     assert "search: 10 evaluations" in printed[-2] and printed[-2].endswith("1 failed, 360/5,000 docs")
     assert printed[-1].endswith("440/5,000 docs")
+
+
+def test_search_done_and_status_show_the_same_evals_per_minute(tmp_path, capsys):
+    """One definition (rundir.results.rate_per_min): evolved candidates per minute of search time."""
+    from fake_workers import fake_prepared, fake_scheduler, fake_spec_data
+
+    from evomerge.rundir.results import status
+    from evomerge.search.loop import Search
+    from evomerge.search.runs import create_run_dir
+    from evomerge.spec import parse_spec
+
+    spec = parse_spec(fake_spec_data(tmp_path / "runs", "rate"), "spec", tmp_path)
+    search = Search(fake_prepared(spec), create_run_dir(spec), progress=ProgressSettings(ProgressMode.LINES))
+    search.current_inputs = dict
+    search.run_with(fake_scheduler())
+    done = next(line for line in capsys.readouterr().err.splitlines() if "search done:" in line)
+    figure = status(search.run_dir)["evals_per_min"]
+    assert figure and f", {figure:.1f} evals/min," in done, (figure, done)

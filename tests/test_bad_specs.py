@@ -336,6 +336,10 @@ CASES = {
         lambda s, m, x: with_group(s, x, tasks=["tiny_pair"], heldout_tasks=["tiny_choice"]),
         ["evaluation.heldout_tasks[0].name", "'tiny_choice'", "search task 'tiny_pair'", "heldout_fraction"],
     ),
+    "held-out-task-inside-a-search-group-with-carving": (
+        lambda s, m, x: with_group(s, x, tasks=["tiny_pair"], heldout_tasks=["tiny_add"], heldout_fraction=0.5),
+        ["evaluation.heldout_tasks[0].name", "'tiny_add'", "search task 'tiny_pair'"],
+    ),
     "a-task-in-two-search-entries": (
         lambda s, m, x: with_group(s, x, tasks=["tiny_pair", "tiny_add"]),
         ["evaluation.tasks[1].name", "'tiny_pair' (evaluation.tasks[0]) scores too", "list each task once"],

@@ -118,9 +118,8 @@ def resolve_tasks(eval_set: EvalSet) -> ResolvedTasks:
         field = eval_set.task_field(position)
         expansion = _expand(registry, task.name, field, include)
         resolved.append(_resolve_entry(task, expansion, field, eval_set))
+    _check_disjoint_from_search(resolved, eval_set, registry)
     _check_leaves_once(resolved, eval_set)
-    if eval_set.carve is None or not eval_set.carve.heldout:
-        _check_disjoint_from_search(resolved, eval_set, registry)
     return ResolvedTasks(tuple(resolved), tuple(include))
 
 
@@ -339,7 +338,10 @@ def _check_disjoint_from_search(resolved: list[ResolvedTask], eval_set: EvalSet,
             searched |= {leaf.name: spec_task.name for leaf in registry.expand(spec_task.name).leaves}
         except KeyError:
             continue  # the search set's own resolution names it
+    carved = eval_set.carve.tasks if eval_set.carve is not None else ()
     for position, task in enumerate(resolved):
+        if position < len(carved):
+            continue  # a carved search task: its held-out docs are disjoint by construction
         shared = [leaf.name for leaf in task.leaves if leaf.name in searched]
         if shared:
             raise UserError(

@@ -30,6 +30,8 @@ OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 SPLIT_KEYS = ("test_split", "validation_split", "training_split", "fewshot_split")
 # What a missing cache entry or an unreachable hub looks like from `datasets` and `huggingface_hub`.
 COMMIT_LENGTH = 40
+DATASET_PREFIX = "dataset:"
+REVISION_SCHEME = "revision"
 UNREACHABLE_HINTS = ("offline", "couldn't reach", "connection", "couldn't find", "cannot find", "not cached")
 
 
@@ -200,7 +202,7 @@ def dataset_fingerprints(eval_set: EvalSet) -> dict[str, str]:
         ref = leaf.hub_dataset
         commit = cached_commit(ref.path, ref.revision) if ref is not None else None
         if ref is not None and commit is not None:
-            fingerprints[f"dataset:{ref.key}"] = f"revision:{commit}"
+            fingerprints[f"{DATASET_PREFIX}{ref.key}"] = f"{REVISION_SCHEME}:{commit}"
     return fingerprints
 
 
@@ -229,3 +231,23 @@ def _lock_entry(ref: DatasetRef) -> dict:
 def _merged(first: DatasetRef, second: DatasetRef) -> DatasetRef:
     splits = tuple(dict.fromkeys((*first.splits, *second.splits)))
     return replace(first, splits=splits, tasks=(*first.tasks, *second.tasks))
+
+
+def revisions_from_fingerprints(fingerprints: Mapping[str, str]) -> dict[str, str]:
+    """Dataset key -> commit, from input fingerprints (the `dataset_fingerprints` entries a run journaled)."""
+    revisions = {}
+    for name, digest in fingerprints.items():
+        scheme, _, commit = str(digest).partition(":")
+        if name.startswith(DATASET_PREFIX) and scheme == REVISION_SCHEME and commit:
+            revisions[name.removeprefix(DATASET_PREFIX)] = commit
+    return revisions
+
+
+def pin_datasets(eval_sets: Mapping[str, EvalSet], revisions: Mapping[str, str] | None) -> dict[str, EvalSet]:
+    """The eval sets with hub datasets pinned to `revisions` where they pin none yet (a lock's pins win)."""
+    if not revisions:
+        return dict(eval_sets)
+    return {
+        name: eval_set.model_copy(update={"dataset_revisions": {**revisions, **(eval_set.dataset_revisions or {})}})
+        for name, eval_set in eval_sets.items()
+    }

@@ -19,7 +19,14 @@ from evomerge.errors import UserError
 from evomerge.evaluation.config import EvaluationSpec
 from evomerge.evaluation.dry_run import rehearse_eval_set
 from evomerge.evaluation.evaluate import Evaluator, doc_subset, seeded_subset
-from evomerge.evaluation.hub_data import eval_datasets, fetch_datasets, locked_dataset_revisions
+from evomerge.evaluation.hub_data import (
+    dataset_fingerprints,
+    eval_datasets,
+    fetch_datasets,
+    locked_dataset_revisions,
+    pin_datasets,
+    revisions_from_fingerprints,
+)
 from evomerge.evaluation.scores import EvalResult, standard_error
 from evomerge.evaluation.tasks import resolve_tasks
 from evomerge.rundir.events import TrialResult
@@ -141,12 +148,7 @@ def test_prefetch_locks_the_commit_that_offline_builds_then_read(standin_hub, go
     (entry,) = fetch_datasets(sets)
     assert (entry["path"], entry["name"], entry["revision"]) == ("allenai/ai2_arc", "ARC-Easy", first)
     assert entry["size"] > 0
-    files = {
-        f"{config}/{split}-00000-of-00001.parquet": parquet_bytes(arc_rows(5))
-        for config in ("ARC-Easy", "ARC-Challenge")
-        for split in ARC_SPLITS
-    }
-    standin_hub.commit("allenai/ai2_arc", files, repo_type="dataset")  # the hub moves on: 5 docs now
+    hub_moves_on(standin_hub, 5)
 
     locked = evaluation(["arc_easy"]).eval_sets(locked_dataset_revisions({"datasets": [entry]}))["search"]
     assert rehearse_eval_set(locked, resolve_tasks(locked)) == 3
@@ -154,6 +156,28 @@ def test_prefetch_locks_the_commit_that_offline_builds_then_read(standin_hub, go
     standin_hub.clear_requests()
     assert rehearse_eval_set(locked, resolve_tasks(locked)) == 3
     assert standin_hub.requests == []
+
+
+def hub_moves_on(hub, rows: int) -> None:
+    files = {
+        f"{config}/{split}-00000-of-00001.parquet": parquet_bytes(arc_rows(rows))
+        for config in ("ARC-Easy", "ARC-Challenge")
+        for split in ARC_SPLITS
+    }
+    hub.commit("allenai/ai2_arc", files, repo_type="dataset")
+
+
+def test_a_run_reads_the_dataset_commits_its_input_fingerprints_hold(standin_hub):
+    first = add_arc_easy(standin_hub, arc_rows(3))
+    sets = evaluation(["arc_easy"]).eval_sets()
+    rehearse_eval_set(sets["search"], resolve_tasks(sets["search"]))  # validate caches the dataset
+    fingerprints = dataset_fingerprints(sets["search"])
+    assert fingerprints == {"dataset:allenai/ai2_arc:ARC-Easy": f"revision:{first}"}
+    hub_moves_on(standin_hub, 5)
+
+    pinned = pin_datasets(sets, revisions_from_fingerprints(fingerprints))["search"]
+    assert rehearse_eval_set(pinned, resolve_tasks(pinned)) == 3
+    assert rehearse_eval_set(sets["search"], resolve_tasks(sets["search"])) == 5
 
 
 def test_without_carving_the_seeded_draw_is_unchanged():

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from hub_fixtures import ARC_SPLITS, add_arc_easy, add_config_dataset, arc_row, mmlu_row, parquet_bytes
 from scoring_fixtures import FIXTURES, char_model, char_tokenizer, single_torch_thread  # noqa: F401 - autouse fixture
 
@@ -82,6 +83,11 @@ aggregate_metric_list:
   - metric: acc
     weight_by_size: true
 """
+
+
+TINY_PAIR = (
+    "group: tiny_pair\ntask: [tiny_add, tiny_choice]\naggregate_metric_list: [{metric: acc, weight_by_size: true}]\n"
+)
 
 
 def add_tiny_mmlu(hub, folder):
@@ -241,3 +247,34 @@ def test_the_example_specs_score_standard_benchmarks_with_carved_held_out(name):
     assert heldout.names == search.names  # carved: the same tasks, the other docs
     keys = {ref.key for ref in eval_datasets(spec.evaluation.eval_sets().values())}
     assert {"openai/gsm8k:main", "allenai/ai2_arc:ARC-Challenge", "cais/mmlu:anatomy"} <= keys and len(keys) == 59
+
+
+def test_a_worker_scores_a_group_on_carved_search_and_held_out_docs(tmp_path):
+    from search_zoo import build_trained_zoo
+
+    from evomerge.preflight import preflight
+    from evomerge.search.worker import MergeWorker, WorkerSettings
+
+    zoo = build_trained_zoo(tmp_path / "zoo")
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals" / "tiny_pair.yaml").write_text(TINY_PAIR)
+    spec = {
+        "name": "carved-group",
+        "runs_dir": str(tmp_path / "runs"),
+        "models": {"base": zoo["base"], "experts": [zoo["even"], zoo["odd"]]},
+        "genome": {"layer_groups": 2},
+        "evaluation": {"include": [str(FIXTURES), str(tmp_path / "evals")], "tasks": ["tiny_pair"]}
+        | {"heldout_fraction": 0.25, "limit": 12, "batch_size": 8},
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    prepared = preflight(load_spec(tmp_path / "spec.yaml"))
+    settings = WorkerSettings(zoo["base"], prepared.union_config, prepared.eval_sets)
+    worker = MergeWorker(settings, "w0")
+
+    searched, held = worker.subset_indices("search"), worker.subset_indices("heldout")
+    assert set(searched) == set(held) == {"tiny_add", "tiny_choice"}
+    assert all(len(searched[t]) == 12 and len(held[t]) == 10 and not set(searched[t]) & set(held[t]) for t in held)
+    config = prepared.genome.to_merge_config(prepared.genome.x0()).model_dump(mode="json", exclude_none=True)
+    result = worker.evaluate(0, config, "heldout")
+    assert result.ok and result.n_docs == {"tiny_pair": 20}
+    assert result.subtasks["tiny_pair"]["n_docs"] == {"tiny_add": 10, "tiny_choice": 10}

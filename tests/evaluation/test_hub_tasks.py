@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hub_fixtures import ARC_SPLITS, add_arc_easy, add_config_dataset, arc_row, mmlu_row, parquet_bytes
+from hub_fixtures import (
+    ARC_SPLITS,
+    add_arc_easy,
+    add_config_dataset,
+    arc_row,
+    bundled_tasks_folder,
+    mmlu_row,
+    parquet_bytes,
+)
 from scoring_fixtures import FIXTURES, char_model, char_tokenizer, single_torch_thread  # noqa: F401 - autouse fixture
 
 from evomerge.errors import UserError
@@ -278,3 +286,17 @@ def test_a_worker_scores_a_group_on_carved_search_and_held_out_docs(tmp_path):
     result = worker.evaluate(0, config, "heldout")
     assert result.ok and result.n_docs == {"tiny_pair": 20}
     assert result.subtasks["tiny_pair"]["n_docs"] == {"tiny_add": 10, "tiny_choice": 10}
+
+
+def test_a_dataset_the_hub_does_not_have_is_one_line(standin_hub, tmp_path):
+    arc = Path(bundled_tasks_folder()) / "arc" / "arc_easy.yaml"
+    (tmp_path / "my_arc.yaml").write_text(
+        arc.read_text().replace("task: arc_easy", "task: my_arc").replace("allenai/ai2_arc", "allenai/ai2_arcc")
+    )
+    search = evaluation(["my_arc"], include=[str(tmp_path)]).eval_sets()["search"]
+
+    with pytest.raises(UserError) as caught:
+        rehearse_eval_set(search, resolve_tasks(search))
+
+    assert str(caught.value).startswith("evaluation.tasks[0]: task 'my_arc' reads hub dataset 'allenai/ai2_arcc'")
+    assert "404" in str(caught.value) and "\n" not in str(caught.value)

@@ -611,3 +611,14 @@ def test_a_second_ctrl_c_while_the_cluster_stops_cannot_cut_the_stop_short(monke
     session.close()
     assert stopped == [True], "the stop ran to its end"
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+@pytest.mark.slow  # the installed command: about 10 s of imports and scoring
+def test_eval_keeps_library_progress_bars_and_notices_off_the_terminal(zoo, tmp_path):
+    spec = write_spec(tmp_path, zoo, "quiet-eval", evaluation={**HELDOUT_EVAL, "limit": 8})
+    shown = evomerge(
+        {**os.environ, "HF_HUB_OFFLINE": "1"}, "eval", spec, "--model", zoo["even"], "--backend", "lm_eval", timeout=300
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stderr.strip() == "", shown.stderr
+    assert "score:" in shown.stdout

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import typer
@@ -158,7 +163,9 @@ def eval_model(
         raise UserError(f"--split {split}: {spec_path} has no evaluation.heldout_tasks; use --split search")
     if backend is not None and backend not in {name.value for name in BackendName}:
         raise UserError(f"--backend: unknown backend '{backend}'; choose native or lm_eval")
-    result = _score_as_a_worker(spec, _local_model(model, model_pins(lock)), eval_sets[split], backend)
+    folder = _local_model(model, model_pins(lock))
+    with _library_chatter_held_back(shown=debug):  # progress bars, lm-eval notices: as a search worker's
+        result = _score_as_a_worker(spec, folder, eval_sets[split], backend)
     used = backend or spec.evaluation.backend.value
     if as_json:
         figures = {"score": result.score, "metrics": result.metrics, "n_docs": result.n_docs}
@@ -175,6 +182,31 @@ def _local_model(model: str, pins: dict[str, str]) -> Path:
     from evomerge.hub import resolve_models
 
     return Path(resolve_models({model: "--model"}, "eval", pins, fetch_hint="hf download REPO").folder(model))
+
+
+@contextlib.contextmanager
+def _library_chatter_held_back(shown: bool):
+    """Keep what the libraries print while a model loads and scores (progress bars, lm-eval notices)
+    off the terminal, as a search worker's is; printed after all if scoring fails other than by a UserError."""
+    if shown:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink, contextlib.redirect_stderr(io.StringIO()) as python_level:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except UserError:
+            raise
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.__stderr__.write(sink.read().decode(errors="replace") + python_level.getvalue())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _refuse_what_memory_cannot_hold(spec, model: Path, device: str) -> None:

@@ -300,3 +300,14 @@ def test_a_dataset_the_hub_does_not_have_is_one_line(standin_hub, tmp_path):
 
     assert str(caught.value).startswith("evaluation.tasks[0]: task 'my_arc' reads hub dataset 'allenai/ai2_arcc'")
     assert "404" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_gated_dataset_without_a_token_is_one_line(standin_hub):
+    add_arc_easy(standin_hub, gated=True)
+    search = evaluation(["arc_easy"]).eval_sets()["search"]
+
+    with pytest.raises(UserError) as caught:
+        rehearse_eval_set(search, resolve_tasks(search))
+
+    assert "reads hub dataset 'allenai/ai2_arc' (config 'ARC-Easy'), which is gated or private" in str(caught.value)
+    assert "HF_TOKEN" in str(caught.value) and "\n" not in str(caught.value)

@@ -256,9 +256,7 @@ def _combined_key(spec: EvalTask, expansion: Expansion, field: str) -> tuple[str
     metric, _, wanted_filter = spec.metric.partition(",")
     aggregates = _aggregates(expansion)
     if aggregates is None:  # a tag, or a group lm-eval reports no aggregate for: the mean of its tasks
-        filters = sorted(
-            {f for leaf in expansion.leaves if metric in _metric_names(leaf.config) for f in _filter_names(leaf.config)}
-        )
+        filters = _leaf_filters(expansion, metric)
         return _pick_filter(spec, metric, wanted_filter, filters, field), EQUAL_WEIGHTS, None
     matching = [agg for agg in aggregates if agg.metric == metric]
     if not matching:
@@ -268,13 +266,23 @@ def _combined_key(spec: EvalTask, expansion: Expansion, field: str) -> tuple[str
             f"choose one of: {', '.join(names)}"
         )
     agg = matching[0]
-    filters = agg.filter_list or sorted(
-        {f for leaf in expansion.leaves if metric in _metric_names(leaf.config) for f in _filter_names(leaf.config)}
-    )
+    filters = agg.filter_list or _leaf_filters(expansion, metric)
     result_key = _pick_filter(spec, metric, wanted_filter, filters, field)
     config = expansion.group_config or {}
     group_config = {key: config[key] for key in ("aggregate_metric_list", "metadata") if key in config}
     return result_key, SIZE_WEIGHTS if agg.weight_by_size else EQUAL_WEIGHTS, group_config
+
+
+def _leaf_filters(expansion: Expansion, metric: str) -> list[str]:
+    """The filters under which the leaves that report `metric` report it."""
+    return sorted(
+        {
+            name
+            for leaf in expansion.leaves
+            if metric in _metric_names(leaf.config)
+            for name in _filter_names(leaf.config)
+        }
+    )
 
 
 def _aggregates(expansion: Expansion) -> list | None:

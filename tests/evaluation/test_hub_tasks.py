@@ -311,3 +311,41 @@ def test_a_gated_dataset_without_a_token_is_one_line(standin_hub):
 
     assert "reads hub dataset 'allenai/ai2_arc' (config 'ARC-Easy'), which is gated or private" in str(caught.value)
     assert "HF_TOKEN" in str(caught.value) and "\n" not in str(caught.value)
+
+
+NESTED = """\
+group: tiny_nested
+task:
+  - mmlu_abstract_algebra
+  - group: tiny_inner
+    task: [mmlu_anatomy, mmlu_astronomy]
+    aggregate_metric_list: [{metric: acc, weight_by_size: false}]
+aggregate_metric_list: [{metric: acc, weight_by_size: true}]
+num_fewshot: 1
+"""
+
+
+def test_a_nested_group_with_overrides_scores_what_lm_eval_itself_reports(standin_hub, model, tmp_path):
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    include = add_tiny_mmlu(standin_hub, tmp_path)
+    (tmp_path / "tiny_nested.yaml").write_text(NESTED)
+    search = evaluation(["tiny_nested"], include=include).eval_sets()["search"]
+    ours = Evaluator(model, char_tokenizer(), search).evaluate()
+
+    manager = TaskManager(
+        include_path=[str(tmp_path), str(bundled_tasks_folder() / "mmlu" / "default")], include_defaults=False
+    )
+    loaded = manager.load(["tiny_nested"])
+    for task in loaded["tasks"].values():
+        task.set_fewshot_seed(1234)
+    lm = HFLM(pretrained=model, tokenizer=char_tokenizer(), batch_size=8)
+    reported = evaluate(lm=lm, task_dict=loaded, bootstrap_iters=0, log_samples=False)["results"]
+
+    assert set(ours.subtasks["tiny_nested"]["metrics"]) == set(loaded["tasks"])
+    assert all(task.config.num_fewshot == 1 for task in loaded["tasks"].values())
+    assert ours.metrics["tiny_nested"] == pytest.approx(reported["tiny_nested"]["acc,none"], abs=1e-12)
+    for leaf, value in ours.subtasks["tiny_nested"]["metrics"].items():
+        assert value == reported[leaf]["acc,none"], leaf

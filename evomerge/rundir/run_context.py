@@ -38,9 +38,7 @@ def run_context(
         ContextRow("genome", _genome(_section(spec, "genome"), genes)),
         ContextRow("optimizer", _optimizer(_section(spec, "optimizer"))),
         ContextRow("search tasks", _tasks(evaluation.get("tasks"))),
-        ContextRow(
-            "held-out tasks", _tasks(evaluation.get("heldout_tasks")) or "none (the verdict uses search scores)"
-        ),
+        ContextRow("held-out tasks", _heldout(evaluation)),
         ContextRow("limits", _limits(evaluation)),
         ContextRow("budget", _budget(budget)),
         ContextRow("workers", _workers(events, _section(spec, "workers"))),
@@ -87,6 +85,13 @@ def _tasks(tasks) -> str:
         else:
             described.append(str(task))
     return ", ".join(described)
+
+
+def _heldout(evaluation: dict) -> str:
+    fraction = evaluation.get("heldout_fraction")
+    carved = [f"a seeded {fraction:.0%} of every search task's documents, never searched"] if fraction else []
+    described = ", ".join([*carved, *filter(None, [_tasks(evaluation.get("heldout_tasks"))])])
+    return described or "none (the verdict uses search scores)"
 
 
 def _limits(evaluation: dict) -> str:

@@ -237,8 +237,8 @@ def fused_case(root, dtype_name: str, placement: str):
     return merger, sources, MergeConfig.model_validate(ties_config(root, dtype_name))
 
 
-@pytest.mark.parametrize("placement", ["device", "host"])
-@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+# Each dtype once and each placement once: the interpreter takes ~15 s per case.
+@pytest.mark.parametrize(("dtype_name", "placement"), [("fp32", "host"), ("bf16", "device")])
 def test_fused_kernel_keeps_the_first_tied_elements_like_the_reference(dtype_name, placement, tied_zoo):
     from test_fused_merge import assert_same_weights, merged_by_reference
 

@@ -35,6 +35,7 @@ def test_new_settings_at_their_defaults_leave_the_fingerprint_alone():
         apply_chat_template=False,
         system_instruction=None,
         fewshot_as_multiturn=None,
+        heldout_fraction=None,
         tasks=[{"name": "tiny_add", "gen_kwargs": None}],
     )
     assert spelled_out.fingerprint() == plain.fingerprint()
@@ -48,6 +49,7 @@ def test_new_settings_at_their_defaults_leave_the_fingerprint_alone():
         {"apply_chat_template": True},
         {"system_instruction": "be brief"},
         {"tasks": [{"name": "tiny_add", "gen_kwargs": {"until": ["\n"]}}]},
+        {"heldout_fraction": 0.5},
     ],
 )
 def test_each_new_setting_away_from_its_default_changes_the_fingerprint(change):

@@ -285,8 +285,9 @@ def _draw_figures(
     drawn: dict[str, dict] = {}
     winner = verdict.winner.trial if verdict.winner else None
     if history:
-        numbers = [e.number for e in history if e.kind == "optimizer"]
-        reach = (verdict.reach, numbers[verdict.reach - 1]) if verdict.reach else None
+        # The reach counts candidates in trial order; the plot marks where the reaching one finished.
+        numbers = {e.trial: e.number for e in history if e.kind == "optimizer"}
+        reach = (verdict.reach, numbers[sorted(numbers)[verdict.reach - 1]]) if verdict.reach else None
         plots.score_over_evaluations(history, plots.ScoreMarks(reach, winner), out_dir / "scores.png")
         drawn["scores.png"] = {}
     task_panels = _task_panels(trials, winner)

@@ -33,7 +33,7 @@ GOLDEN = (math.sqrt(5) - 1) / 2
 @dataclass(frozen=True)
 class TensorDifference:
     numel: int
-    differing: int  # elements not bit-identical
+    differing: int  # elements whose bits differ
     beyond_one_step: int  # elements further from mergekit's than one bf16 step of its value
     max_abs: float
 
@@ -168,6 +168,12 @@ def _read(path: Path, name: str) -> torch.Tensor:
         return handle.get_tensor(name)
 
 
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns, so "equal" means bit for bit (-0.0 is not 0.0, NaN is itself)."""
+    integer = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+    return tensor.contiguous().view(integer).reshape(-1)
+
+
 def compare_folders(ours_dir: Path, theirs_dir: Path) -> EqualityReport:
     """Compare two checkpoints tensor by tensor (the second is the reference)."""
     ours, theirs = _tensor_files(Path(ours_dir)), _tensor_files(Path(theirs_dir))
@@ -180,7 +186,7 @@ def compare_folders(ours_dir: Path, theirs_dir: Path) -> EqualityReport:
         difference = (mine.double() - reference.double()).abs()
         report.tensors[name] = TensorDifference(
             numel=reference.numel(),
-            differing=int((mine.view(-1) != reference.view(-1)).sum()),
+            differing=int((_bits(mine) != _bits(reference)).sum()),
             beyond_one_step=int((difference > one_bf16_step(reference)).sum()),
             max_abs=float(difference.max()) if difference.numel() else 0.0,
         )

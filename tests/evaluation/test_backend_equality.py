@@ -16,7 +16,7 @@ from pathlib import Path
 import lm_eval.utils
 import pytest
 import torch
-from scoring_fixtures import CHAT_TEMPLATE, char_model, char_tokenizer, eval_set, single_torch_thread  # noqa: F401 - single_torch_thread is an autouse fixture
+from scoring_fixtures import CHAT_TEMPLATE, FIXTURES, char_model, char_tokenizer, eval_set, single_torch_thread  # noqa: F401 - single_torch_thread is an autouse fixture
 
 from evomerge.evaluation.backend import BackendName
 from evomerge.evaluation.config import EvaluationSpec
@@ -40,8 +40,10 @@ def assert_same_results(evaluators: dict[str, Evaluator]) -> dict[str, object]:
     native, reference = evaluators["native"].evaluate(), evaluators["lm_eval"].evaluate()
     native_answers, reference_answers = evaluators["native"].responses(), evaluators["lm_eval"].responses()
     assert native_answers.keys() == reference_answers.keys()
+    assert native.subtasks == reference.subtasks  # a group's or tag's leaves: the same scores and docs
+    docs_of = native.n_docs | {leaf: n for part in native.subtasks.values() for leaf, n in part["n_docs"].items()}
     for task, docs in native_answers.items():
-        assert len(docs) == len(reference_answers[task]) == native.n_docs[task] == reference.n_docs[task]
+        assert len(docs) == len(reference_answers[task]) == docs_of[task]
         for doc, expected_doc in zip(docs, reference_answers[task], strict=True):
             for answer, expected in zip(doc, expected_doc, strict=True):
                 assert_same_answer(answer, expected, task)
@@ -111,6 +113,21 @@ def test_loglikelihood_rolling_over_several_windows(model):
     evaluators = both_backends(model, char_tokenizer(), settings)
     assert_same_results(evaluators)
     assert min(len(windows) for windows in evaluators["native"].requests.rolling) >= 2
+
+
+def test_a_group_of_tasks_aggregated_without_size_weights(model, tmp_path):
+    (tmp_path / "tiny_mixed.yaml").write_text(
+        "group: tiny_mixed\ntask: [tiny_choice, tiny_generate]\n"
+        "aggregate_metric_list: [{metric: exact_match, filter_list: [whole], weight_by_size: false}]\n"
+    )
+    settings = eval_set(
+        [{"name": "tiny_mixed", "metric": "exact_match"}, "tiny_add"],
+        include=[str(FIXTURES), str(tmp_path)],
+        limit=15,
+    )
+    native = assert_same_results(both_backends(model, char_tokenizer(), settings))
+    assert native.subtasks["tiny_mixed"]["weighting"] == "equal"
+    assert list(native.subtasks["tiny_mixed"]["metrics"]) == ["tiny_generate"]  # tiny_choice has no exact_match
 
 
 @pytest.fixture(scope="module")

@@ -702,7 +702,11 @@ def test_paths_resolve_against_the_spec_folder_and_are_frozen_absolute(models, t
     assert frozen["models"]["base"] == loaded.models.base and Path(frozen["evaluation"]["include"][0]).is_absolute()
 
 
-@pytest.mark.parametrize("dtype, fix", [("float32", "a smaller merge.dtype (bfloat16)"), ("bfloat16", "more memory")])
+@pytest.mark.parametrize(
+    "dtype, fix",
+    [("float32", "a smaller merge.dtype (bfloat16)"), ("bfloat16", "more memory")],
+    ids=["float32", "bfloat16"],
+)
 def test_eval_of_a_model_this_machine_cannot_hold_is_refused_with_the_figure_and_the_fix(
     models, tmp_path, monkeypatch, dtype, fix
 ):

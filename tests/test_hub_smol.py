@@ -30,9 +30,11 @@ smol_zoo = load_build_script("build_smol_zoo")
 
 @pytest.fixture(scope="module")
 def zoo() -> Path:
-    if not smol_zoo.is_built(smol_zoo.DEFAULT_OUT):
+    # Any finished build serves: the test needs three checkpoints that share a tokenizer, not the recipe's weights.
+    out = smol_zoo.DEFAULT_OUT
+    if not all((out / name / "model.safetensors").is_file() for name in ("base", *(f"expert_{s}" for s in EXPERTS))):
         pytest.skip("the SmolLM2 zoo is not built (python scripts/build_smol_zoo.py)")
-    return smol_zoo.DEFAULT_OUT
+    return out
 
 
 def arc_rows(count: int) -> list[dict]:

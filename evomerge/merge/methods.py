@@ -174,8 +174,9 @@ def _exact_top_k(
     """The top-k mask given the k-th largest magnitude: a sort only when ties straddle the cut."""
     above = magnitudes > threshold
     tied = magnitudes == threshold
-    room = k - int(above.sum())
-    if room == int(tied.sum()):
+    larger, equal = torch.stack([above.sum(), tied.sum()]).tolist()  # one device sync, not two
+    room = k - larger
+    if room == equal:
         return (above | tied).reshape(delta.shape)
     if (order or device_tie_order(delta.device)) == "flat":
         first_tied = torch.cumsum(tied, 0, dtype=torch.int32 if tied.numel() < 2**31 else torch.int64) <= room

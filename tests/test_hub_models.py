@@ -310,3 +310,27 @@ def test_eval_scores_a_model_named_by_hub_id(hub, tmp_path):
     scored = cli("eval", hub_spec(tmp_path), "--model", f"{MATH}@main", "--json")
     assert scored.exit_code == 0, scored.output
     assert json.loads(scored.stdout)["n_docs"] == {"tiny_add": 4}
+
+
+def test_resume_reads_hub_datasets_at_the_commits_the_run_started_with(hub, tmp_path, monkeypatch):
+    from hub_fixtures import add_arc_easy, arc_row, parquet_bytes
+
+    from evomerge.search.loop import Search
+
+    started = add_arc_easy(hub)
+    spec = hub_spec(tmp_path)
+    data = yaml.safe_load(spec.read_text())
+    data["evaluation"] = {"tasks": ["arc_easy"], "limit": 2}
+    spec.write_text(yaml.safe_dump(data))
+    run_search_in_process(monkeypatch, spec, "search")
+    moved = hub.commit(
+        "allenai/ai2_arc",
+        {"ARC-Easy/test-00000-of-00001.parquet": parquet_bytes([arc_row(9, "New?", ["a", "b", "c", "d"], 0)] * 3)},
+        repo_type="dataset",
+    )
+    assert moved != started
+    pinned = []
+    monkeypatch.setattr(Search, "run", lambda self: pinned.append(self.prepared.eval_sets["search"].dataset_revisions))
+    code, lines = run_cli_in_process("resume", tmp_path / "runs" / "hub-run", "--max-evals", "14")
+    assert code == 0, lines
+    assert pinned == [{"allenai/ai2_arc:ARC-Easy": started}]

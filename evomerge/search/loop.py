@@ -25,6 +25,7 @@ import numpy as np
 
 from evomerge.errors import UserError
 from evomerge.evaluation.fidelity import RaceTargets
+from evomerge.evaluation.hub_data import pin_datasets, revisions_from_fingerprints
 from evomerge.evaluation.scores import task_weights
 from evomerge.optim import make_optimizer
 from evomerge.preflight import Prepared
@@ -153,6 +154,9 @@ class Search:
             if self._finished_already():
                 return self.trials
             inputs = self._checked_inputs()
+            # Workers read each hub dataset at the commit the fingerprints hold, wherever the hub moves.
+            pinned = pin_datasets(self.prepared.eval_sets, revisions_from_fingerprints(inputs))
+            self.prepared = replace(self.prepared, eval_sets=pinned)
             threadpool_limits(1)
             session.open()
             keep_ray_logs_in(self.rundir.ray_log)

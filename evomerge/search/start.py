@@ -2,8 +2,8 @@
 
 `start_search` checks the spec, the local devices and the run directory's place, connects to Ray,
 then creates the run and searches; `resume_search` reopens a run (frozen spec, journal, a larger
-budget if asked) and goes on, its hub models at the commits its first start pinned. Both hand the
-work to `loop.Search`.
+budget if asked) and goes on, its hub models at the commits its first start pinned and its hub
+datasets at the commits its input fingerprints hold. Both hand the work to `loop.Search`.
 """
 
 from __future__ import annotations
@@ -89,8 +89,17 @@ def resume_search(
         request = request if not request.empty else from_file  # the flags win over the file
     asked = sum(1 for e in events if e["event"] == EventName.ASKED)
     extended = extended_spec(spec, request, asked, docs_scored(replay(events)))
-    pins = {name: pin["commit"] for name, pin in pinned_models(events).items()}
-    prepared = preflight(extended, str(run.spec), pins)
+    prepared = preflight(extended, str(run.spec), *_journaled_commits(events))
     journal_budget(run, spec, extended)
     Search(prepared, run, address, progress, accept_changed_inputs=accept_changed_inputs).run()
     return run.root
+
+
+def _journaled_commits(events: list[dict]) -> tuple[dict[str, str], dict[str, str]]:
+    """(model name -> the commit the run's first start pinned, dataset -> the commit its latest input
+    fingerprints hold): a resumed run reads the very files it started with, offline or not."""
+    from evomerge.evaluation.hub_data import revisions_from_fingerprints
+
+    models = {name: pin["commit"] for name, pin in pinned_models(events).items()}
+    started = [e for e in events if e["event"] == EventName.RUN_STARTED and isinstance(e.get("inputs"), dict)]
+    return models, revisions_from_fingerprints(started[-1]["inputs"]) if started else {}

@@ -29,6 +29,7 @@ PREFETCH_COMMAND = "evomerge prefetch SPEC"
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 SPLIT_KEYS = ("test_split", "validation_split", "training_split", "fewshot_split")
 # What a missing cache entry or an unreachable hub looks like from `datasets` and `huggingface_hub`.
+HUB_CLIENT_MODULES = ("datasets", "huggingface_hub", "requests", "httpx", "httpcore", "urllib3", "fsspec")
 COMMIT_LENGTH = 40
 DATASET_PREFIX = "dataset:"
 REVISION_SCHEME = "revision"
@@ -80,10 +81,10 @@ def offline() -> bool:
 
 def dataset_error(error: BaseException, ref: DatasetRef | None, named: str, field: str) -> UserError | None:
     """One line for a hub dataset that could not be loaded (offline and not cached, missing, gated); else None."""
-    if ref is None:
-        return None
-    text = " ".join(_messages(error)).lower()
     status = _status(error)
+    if ref is None or (status is None and not _from_hub_clients(error)):
+        return None  # a template or config error of a hub task: the rehearsal names it
+    text = " ".join(_messages(error)).lower()
     where = f"{field}: task {named} reads hub dataset {ref.describe()}"
     if offline() and (status is None or any(hint in text for hint in UNREACHABLE_HINTS)):
         return UserError(
@@ -102,6 +103,16 @@ def dataset_error(error: BaseException, ref: DatasetRef | None, named: str, fiel
             f"or run `{PREFETCH_COMMAND}` on a machine with internet access"
         )
     return None
+
+
+def _from_hub_clients(error: BaseException | None) -> bool:
+    """Whether an error of the chain was raised by the download stack, or is a network or missing-file error."""
+    while error is not None:
+        module = type(error).__module__.partition(".")[0]
+        if module in HUB_CLIENT_MODULES or isinstance(error, ConnectionError | FileNotFoundError | TimeoutError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _packaged_loader(path: str) -> bool:

@@ -349,3 +349,21 @@ def test_a_nested_group_with_overrides_scores_what_lm_eval_itself_reports(standi
     assert ours.metrics["tiny_nested"] == pytest.approx(reported["tiny_nested"]["acc,none"], abs=1e-12)
     for leaf, value in ours.subtasks["tiny_nested"]["metrics"].items():
         assert value == reported[leaf]["acc,none"], leaf
+
+
+def test_offline_a_broken_template_over_a_cached_dataset_is_named_as_such(standin_hub, go_offline, tmp_path):
+    add_arc_easy(standin_hub)
+    arc = Path(bundled_tasks_folder()) / "arc" / "arc_easy.yaml"
+    (tmp_path / "my_arc.yaml").write_text(
+        arc.read_text().replace("task: arc_easy", "task: my_arc").replace("{{choices.text}}", "{{choices.txt[9]}}")
+    )
+    fetch_datasets([evaluation(["arc_easy"]).eval_sets()["search"]])
+    go_offline()
+    search = evaluation(["my_arc"], include=[str(tmp_path)]).eval_sets()["search"]
+
+    with pytest.raises(UserError) as caught:
+        rehearse_eval_set(search, resolve_tasks(search))
+
+    assert "prefetch" not in str(caught.value) and "fix doc_to_text, doc_to_target and doc_to_choice" in str(
+        caught.value
+    )

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 14 in one run on one GPU, at most ~8 minutes, tables written to a folder:
+# The GPU checks in one run on one GPU, at most ~8 minutes, tables written to a folder:
 #   1. the fused-merge tests (tests/merge/test_fused_merge.py, compiled Triton kernels on the GPU);
 #   2. bench_search.py at 1.5B: a real worker (fused merge + native scorer) per candidate, with the
 #      plain-forward comparator and NVML-sampled GPU busy;
 #   3. bench_eval.py at 1.5B: loglikelihood (native vs lm_eval vs plain token-budget forward) and
 #      generation (native vs lm_eval generate_until vs HF generate at its best batch size).
-# and of issue 15 (real scale):
-#   1. with the fused-merge tests: the tie rule, the split over simulated devices (the GPU three
+# and at real scale:
+#   1. with the fused-merge tests: the tie rule and the exact-k trim (flat tie order on CUDA), the split over simulated devices (the GPU three
 #      times), the shared host copy registered with CUDA (tests/merge/test_{tie_rule,placement,shared_host}.py);
 #   2. bench_fused.py: sources built on the GPU (no disk): TIES and DARE-TIES at 1.5B and 3.6B
 #      against the HBM bound, streamed from host memory against the pinned host-to-device bound,
@@ -46,7 +46,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output
   >"$OUT_DIR/machine.txt" 2>&1
 
 step fused_merge_tests 150 python -m pytest -q -p no:cacheprovider tests/merge/test_fused_merge.py \
-  tests/merge/test_tie_rule.py tests/merge/test_placement.py tests/merge/test_shared_host.py
+  tests/merge/test_tie_rule.py tests/merge/test_exact_k.py tests/merge/test_placement.py tests/merge/test_shared_host.py
 step bench_fused 100 python scripts/bench_fused.py --device cuda --out "$OUT_DIR"
 step bench_search 170 python scripts/bench_search.py --device cuda --size 1.5b --candidates 5
 step bench_eval 190 python scripts/bench_eval.py --device cuda --size 1.5b --rounds 1 --prompts 128 --out "$OUT_DIR"

@@ -622,3 +622,23 @@ def test_eval_keeps_library_progress_bars_and_notices_off_the_terminal(zoo, tmp_
     assert shown.returncode == 0, shown.stderr
     assert shown.stderr.strip() == "", shown.stderr
     assert "score:" in shown.stdout
+
+
+def test_after_the_first_ctrl_c_another_is_answered_and_ignored_until_the_cluster_has_stopped(monkeypatch):
+    import ray
+
+    from evomerge.errors import Stopped
+    from evomerge.search.cluster import ClusterSession
+
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    before = signal.getsignal(signal.SIGINT)
+    session = ClusterSession(spec=None, address=None)
+    session.connected = True
+    session._interrupt_on_termination()
+    with pytest.raises(Stopped) as stopped:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    assert stopped.value.exit_code == 130
+    os.kill(os.getpid(), signal.SIGINT)  # while unwinding: ignored, the cleanup below still runs
+    session.close()
+    assert signal.getsignal(signal.SIGINT) == before

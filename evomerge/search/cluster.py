@@ -217,10 +217,11 @@ class ClusterSession:
                 signal.signal(signum, _still_stopping)
 
     def _interrupt_on_termination(self) -> None:
-        """SIGTERM (a batch system's stop, `kill`) unwinds like Ctrl-C, so every cleanup runs."""
+        """SIGTERM (a batch system's stop, `kill`) unwinds like Ctrl-C, so every cleanup runs; after
+        the first stop signal, later ones are answered and ignored until the cluster has stopped."""
         if threading.current_thread() is not threading.main_thread():
             return
-        for signum in (signal.SIGTERM, signal.SIGHUP):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             previous = signal.getsignal(signum)
             if previous is signal.SIG_IGN:  # nohup: a hang-up is meant to be ignored
                 continue
@@ -273,6 +274,9 @@ def keep_ray_logs_in(path: Path) -> None:
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
+    for other in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(other) is _raise_keyboard_interrupt:
+            signal.signal(other, _still_stopping)
     raise Stopped(signum)
 
 

@@ -148,8 +148,13 @@ def resolve_model(name: str, pin: str | None = None, fetch_hint: str = "") -> Mo
     repo_id, revision = hub_id
     from huggingface_hub import constants
 
-    folder, commit = _fetch(repo_id, revision, pin, constants.is_offline_mode(), fetch_hint)
-    _check_snapshot(Path(folder), repo_id)
+    offline = constants.is_offline_mode()
+    # A pinned commit already complete in the cache needs no request: the hub never changes a commit.
+    folder = _complete_in_cache(repo_id, pin) if pin else None
+    if folder is not None and not offline:
+        _say_if_moved_on(repo_id, revision, pin)
+    folder, commit = (folder, pin) if folder else _fetch(repo_id, revision, pin, offline, fetch_hint)
+    _check_snapshot(Path(folder))
     return ModelSource(name, folder, repo_id, revision, commit)
 
 
@@ -186,8 +191,6 @@ def _fetch(repo_id: str, revision: str | None, pin: str | None, offline: bool, f
             _raise_refusal(error, repo_id, pin or revision)
             LOG.debug("hub unreachable for %s (%s); trying the cache", repo_id, error)
         else:
-            if pin is not None:
-                _say_if_moved_on(repo_id, revision, pin)
             return folder, Path(folder).name
     return _cached(repo_id, pin or revision, offline, fetch_hint)
 
@@ -296,14 +299,29 @@ def wanted_files(files: list[str]) -> list[str]:
     return [f for f in top if f in MODEL_FILES] + weights + indexes
 
 
-def _check_snapshot(folder: Path, repo_id: str) -> None:
+def _complete_in_cache(repo_id: str, commit: str) -> str | None:
+    """The cached snapshot of `commit` when every file evomerge reads is there, else None (no request)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id, revision=commit, allow_patterns=["config.json"], local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached, whatever the library's reason
+        return None
+    return folder if _weights_complete(Path(folder)) else None
+
+
+def _weights_complete(folder: Path) -> bool:
+    index = next(iter(sorted(folder.glob("*.safetensors.index.json"))), None)
+    shards = set(json.loads(index.read_text()).get("weight_map", {}).values()) if index else set()
+    return any(folder.glob("*.safetensors")) and all((folder / shard).is_file() for shard in shards)
+
+
+def _check_snapshot(folder: Path) -> None:
     """The snapshot is complete and loadable without remote code."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise _Problem("has no config.json", "pick a Hugging Face transformers model repo")
-    index = next(iter(sorted(folder.glob("*.safetensors.index.json"))), None)
-    shards = set(json.loads(index.read_text()).get("weight_map", {}).values()) if index else set()
-    if not any(folder.glob("*.safetensors")) or any(not (folder / shard).is_file() for shard in shards):
+    if not _weights_complete(folder):
         raise _Problem(
             "is only partly in the cache (weights missing)",
             "fetch it again on a machine with internet (evomerge prefetch)",

@@ -155,6 +155,13 @@ def test_hub_refusals_are_one_line_naming_the_model_and_the_fix(hub, tmp_path, c
     assert not any(path.endswith(".bin") for _, path in hub.requests if "/resolve/" in path)
 
 
+def test_a_pinned_commit_in_the_cache_needs_only_the_moved_on_check(hub):
+    commit = resolve_model(BASE).commit
+    hub.clear_requests()
+    assert resolve_model(BASE, pin=commit).folder.endswith(commit)
+    assert hub.requests == [("GET", f"/api/models/{BASE}")]  # where main points now: no download
+
+
 def test_offline_the_cache_serves_without_a_request(hub, go_offline):
     online = resolve_models({BASE: "models.base"})
     go_offline()

@@ -352,6 +352,14 @@ CASES = {
         lambda s, m, x: put(s, "evaluation.heldout_fraction", 0.001),
         ["evaluation.tasks[0]", "'tiny_add'", "held-out part of its 40 documents is empty", "heldout_fraction"],
     ),
+    "carved-task-with-few-shot-examples-from-its-scored-split": (
+        lambda s, m, x: put(
+            s,
+            "evaluation",
+            s["evaluation"] | {"tasks": [{"name": "tiny_add", "num_fewshot": 2}], "heldout_fraction": 0.5},
+        ),
+        ["evaluation.tasks[0].num_fewshot", "'tiny_add'", "from 'test', the split it is scored on", "num_fewshot: 0"],
+    ),
     "same-task-searched-and-held-out-without-carving": (
         lambda s, m, x: put(s, "evaluation.heldout_tasks", ["tiny_add"]),
         ["evaluation.heldout_tasks", "also a search task", "evaluation.heldout_fraction"],

@@ -25,6 +25,7 @@ from typing import Any
 from evomerge.errors import UserError, did_you_mean
 from evomerge.evaluation.checks import scoring_overrides
 from evomerge.evaluation.config import EvalSet, EvalTask
+from evomerge.evaluation.disjoint import check_carved_fewshot, check_disjoint_from_search, check_leaves_once
 from evomerge.evaluation.hub_data import DatasetRef, dataset_key, hub_dataset
 from evomerge.evaluation.scores import EQUAL_WEIGHTS, SIZE_WEIGHTS
 from evomerge.evaluation.task_index import (
@@ -118,8 +119,8 @@ def resolve_tasks(eval_set: EvalSet) -> ResolvedTasks:
         field = eval_set.task_field(position)
         expansion = _expand(registry, task.name, field, include)
         resolved.append(_resolve_entry(task, expansion, field, eval_set))
-    _check_disjoint_from_search(resolved, eval_set, registry)
-    _check_leaves_once(resolved, eval_set)
+    check_disjoint_from_search(resolved, eval_set, registry)
+    check_leaves_once(resolved, eval_set)
     return ResolvedTasks(tuple(resolved), tuple(include))
 
 
@@ -235,6 +236,8 @@ def _resolve_leaf(spec: EvalTask, leaf: Leaf, field: str, eval_set: EvalSet, res
         overrides["num_fewshot"] = spec.num_fewshot
     overrides |= scoring_overrides(spec, config, evaluation, field, leaf.name)
     overrides |= _pinned_revision(config, overrides, eval_set.dataset_revisions)
+    if eval_set.carved(spec.name) is not None:
+        check_carved_fewshot(config | overrides, leaf.name, field)
     return ResolvedLeaf(leaf.name, leaf.yaml_path, result_key, overrides, hub_dataset(config, overrides, leaf.name))
 
 
@@ -318,45 +321,6 @@ def _pick_filter(spec: EvalTask, metric: str, wanted: str, filters: list[str], f
 def _reports(config: dict, result_key: str) -> bool:
     metric, _, key_filter = result_key.partition(",")
     return metric in _metric_names(config) and key_filter in _filter_names(config)
-
-
-def _check_leaves_once(resolved: list[ResolvedTask], eval_set: EvalSet) -> None:
-    """No leaf task is scored by two entries (lm-eval refuses that too)."""
-    seen: dict[str, int] = {}
-    for position, task in enumerate(resolved):
-        for leaf in task.leaves:
-            if leaf.name in seen and seen[leaf.name] != position:
-                first = resolved[seen[leaf.name]].name
-                raise UserError(
-                    f"{eval_set.task_field(position)}.name: '{task.name}' scores task '{leaf.name}', which "
-                    f"'{first}' ({eval_set.task_field(seen[leaf.name])}) scores too; list each task once"
-                )
-            seen[leaf.name] = position
-
-
-def _check_disjoint_from_search(resolved: list[ResolvedTask], eval_set: EvalSet, registry: TaskRegistry) -> None:
-    """Held-out tasks share no leaf task with the search tasks (a group on one side, its member on the other)."""
-    from evomerge.evaluation.config import HELDOUT_TASKS_FIELD
-
-    if eval_set.field != HELDOUT_TASKS_FIELD:
-        return
-    searched: dict[str, str] = {}
-    for spec_task in eval_set.evaluation.tasks:
-        try:
-            searched |= {leaf.name: spec_task.name for leaf in registry.expand(spec_task.name).leaves}
-        except KeyError:
-            continue  # the search set's own resolution names it
-    carved = eval_set.carve.tasks if eval_set.carve is not None else ()
-    for position, task in enumerate(resolved):
-        if position < len(carved):
-            continue  # a carved search task: its held-out docs are disjoint by construction
-        shared = [leaf.name for leaf in task.leaves if leaf.name in searched]
-        if shared:
-            raise UserError(
-                f"{eval_set.task_field(position)}.name: '{task.name}' scores task '{shared[0]}', which search task "
-                f"'{searched[shared[0]]}' scores too; held-out docs must be disjoint: drop it here, or carve held-out "
-                "docs from the search tasks with evaluation.heldout_fraction"
-            )
 
 
 def _result_key(spec: EvalTask, config: dict, field: str) -> str:

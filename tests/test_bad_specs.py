@@ -194,6 +194,10 @@ CASES = {
         lambda s, m, x: put(s, "models.experts", [m["ft_a"], "/nonexistent/evomerge-expert"]),
         ["models.experts[1]", "does not exist"],
     ),
+    "hub-model-offline-and-not-cached": (
+        lambda s, m, x: put(s, "models.experts", [m["ft_a"], "evomerge-test/never-cached@v1"]),
+        ["models.experts[1] 'evomerge-test/never-cached@v1'", "not in the Hugging Face cache", "evomerge prefetch"],
+    ),
     "expert-without-config": (
         lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["no_config"]]),
         ["models.experts[1]", "no config.json"],

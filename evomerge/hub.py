@@ -42,7 +42,7 @@ MODEL_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-LOGIN = "log in (`hf auth login`) or set HF_TOKEN"
+LOGIN = "log in with 'hf auth login' or set HF_TOKEN"
 
 
 @dataclass(frozen=True)

@@ -149,11 +149,13 @@ def resolve_model(name: str, pin: str | None = None, fetch_hint: str = "") -> Mo
     from huggingface_hub import constants
 
     offline = constants.is_offline_mode()
-    # A pinned commit already complete in the cache needs no request: the hub never changes a commit.
-    folder = _complete_in_cache(repo_id, pin) if pin else None
-    if folder is not None and not offline:
+    commit = pin or (revision if revision and COMMIT.match(revision) else None)
+    # A commit already complete in the cache needs no request: the hub never changes a commit.
+    folder = _complete_in_cache(repo_id, commit) if commit else None
+    if folder is None:
+        folder, commit = _fetch(repo_id, revision, pin, offline, fetch_hint)
+    elif pin and not offline:
         _say_if_moved_on(repo_id, revision, pin)
-    folder, commit = (folder, pin) if folder else _fetch(repo_id, revision, pin, offline, fetch_hint)
     _check_snapshot(Path(folder))
     return ModelSource(name, folder, repo_id, revision, commit)
 

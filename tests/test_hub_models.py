@@ -77,6 +77,9 @@ def test_a_hub_id_resolves_to_a_snapshot_at_its_commit(hub, tmp_path):
     assert (source.repo_id, source.revision, source.commit) == (BASE, None, head)
     assert Path(source.folder).name == head and (Path(source.folder) / "model.safetensors").is_file()
     assert source.exported == f"{BASE}@{head}"
+    hub.clear_requests()
+    assert resolve_model(source.exported).folder == source.folder  # an exported name: the cache, no request
+    assert hub.requests == []
     local = tmp_path / "local"
     local.mkdir()
     assert resolve_model(str(local)) == ModelSource(str(local), str(local))

@@ -344,3 +344,14 @@ def test_resume_reads_hub_datasets_at_the_commits_the_run_started_with(hub, tmp_
     code, lines = run_cli_in_process("resume", tmp_path / "runs" / "hub-run", "--max-evals", "14")
     assert code == 0, lines
     assert pinned == [{"allenai/ai2_arc:ARC-Easy": started}]
+
+
+def test_ray_workers_read_the_driver_s_caches_in_its_mode_without_its_token(monkeypatch, tmp_path):
+    from evomerge.search.cluster import runtime_env
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "shared-hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    variables = runtime_env()["env_vars"]
+    assert variables["HF_HOME"] == str(tmp_path / "shared-hf") and variables["HF_HUB_OFFLINE"] == "1"
+    assert "HF_TOKEN" not in variables and variables["TOKENIZERS_PARALLELISM"] == "false"

@@ -42,6 +42,16 @@ RUNTIME_ENV = {
         "OMP_WAIT_POLICY": "PASSIVE",
     }
 }
+# Where the driver found the hub's models and datasets, and whether it may reach the hub: workers on
+# other nodes read the same caches in the same mode. The token stays out: Ray shows a job's runtime
+# environment on its dashboard, and workers read only what the driver already fetched.
+HUB_SETTINGS = ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def runtime_env() -> dict:
+    """The job's runtime environment: RUNTIME_ENV plus the driver's hub settings."""
+    hub = {name: os.environ[name] for name in HUB_SETTINGS if name in os.environ}
+    return {"env_vars": {**RUNTIME_ENV["env_vars"], **hub}}
 
 
 def connect(spec: Spec, address: str | None) -> None:
@@ -53,14 +63,14 @@ def connect(spec: Spec, address: str | None) -> None:
     if address:
         gcs_address = probe_address(address)
         try:
-            ray.init(address=gcs_address, runtime_env=RUNTIME_ENV, log_to_driver=False)
+            ray.init(address=gcs_address, runtime_env=runtime_env(), log_to_driver=False)
         except ConnectionError as error:
             raise UserError(
                 f"--address: cannot join the Ray cluster at {address} ({error}); start one with 'ray start --head' or drop --address"
             ) from None
     else:
         cpus = max(os.cpu_count() or 1, int(_worker_count(spec, gpus=_local_gpus()) * spec.workers.cpus_per_worker))
-        _start_loopback_cluster(num_cpus=cpus, runtime_env=RUNTIME_ENV)
+        _start_loopback_cluster(num_cpus=cpus, runtime_env=runtime_env())
 
 
 def probe_address(address: str) -> str:

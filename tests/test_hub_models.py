@@ -237,7 +237,7 @@ def test_a_run_pins_commits_and_resumes_at_them_after_the_hub_moved_on(hub, tmp_
     assert exported.referenced_models() == [f"{BASE}@{hub.head(BASE)}", f"{MATH}@{old}", f"{CODE}@{hub.head(CODE)}"]
 
 
-def test_merging_a_yaml_of_hub_ids_equals_the_merge_of_the_local_folders(standin_hub, zoo, tmp_path):
+def test_merging_a_yaml_of_hub_ids_equals_the_merge_of_the_local_folders(standin_hub, zoo, tmp_path, mergekit_merge):
     from hub_fixtures import folder_files
     from safetensors.torch import load_file
 
@@ -261,6 +261,9 @@ def test_merging_a_yaml_of_hub_ids_equals_the_merge_of_the_local_folders(standin
     assert outputs["hub"].keys() == outputs["local"].keys()
     assert all(outputs["hub"][name].equal(tensor) for name, tensor in outputs["local"].items())
     assert "zoo/ft_b@main" in (tmp_path / "hub" / "README.md").read_text()  # the card names the hub IDs
+    mergekit_merge(tmp_path / "hub.yaml", tmp_path / "mergekit")  # mergekit reads the same YAML from the hub
+    theirs = load_file(tmp_path / "mergekit" / "model.safetensors")
+    assert all(theirs[name].equal(tensor) for name, tensor in outputs["hub"].items())
 
 
 def cli(*args):

@@ -214,11 +214,17 @@ def _cached(repo_id: str, revision: str | None, offline: bool, fetch_hint: str) 
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=["config.json"], local_files_only=True)
     except Exception:  # noqa: BLE001 - nothing usable in the cache, whatever the library's reason
-        why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached (check HF_ENDPOINT and the network)"
+        from huggingface_hub import constants
+
         at = f" at {revision}" if revision else ""
+        fetch = f"run '{fetch_hint or 'hf download REPO'}' on a machine with internet (same HF_HOME)"
+        if offline:
+            raise _Problem(
+                f"not in the Hugging Face cache{at} and HF_HUB_OFFLINE is set", f"{fetch}, or unset HF_HUB_OFFLINE"
+            ) from None
         raise _Problem(
-            f"not in the Hugging Face cache{at} and {why}",
-            f"run '{fetch_hint or 'hf download REPO'}' on a machine with internet (same HF_HOME), or unset HF_HUB_OFFLINE",
+            f"not in the Hugging Face cache{at} and the hub at {constants.ENDPOINT} cannot be reached",
+            f"check the network and HF_ENDPOINT, or {fetch}",
         ) from None
     return folder, Path(folder).name
 

@@ -181,6 +181,12 @@ def test_offline_without_the_cache_names_prefetch(hub, tmp_path, go_offline):
     assert lines[0].count("HF_HUB_OFFLINE is set") == 1  # one clause for every model it concerns
 
 
+def test_an_unreachable_hub_without_the_cache_names_the_endpoint(hub, tmp_path):
+    hub.close()
+    code, lines = run_cli_in_process("validate", hub_spec(tmp_path))
+    assert_refused_in_one_line(code, lines, ["models.base 'tiny-org/base'", "cannot be reached", "HF_ENDPOINT"])
+
+
 def test_a_local_folder_of_the_same_spelling_wins(hub, zoo, tmp_path):
     shutil.copytree(zoo.model("base"), tmp_path / "tiny-org" / "base")
     hub.clear_requests()

@@ -39,9 +39,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import pinned_numerics  # noqa: E402
 
+# Zoos built with the CPU's own kernels: pinned ones would double the SmolLM2 zoo's minutes-long
+# candidates, and its weights are not processor-independent anyway.
+UNPINNED_ZOOS = ("smol",)
+
 # As scripts/run_demo.py: before torch loads, inherited by the Ray workers. A test that imports this
 # module for its functions, with torch already loaded, runs no search and is not pinned.
-if __name__ == "__main__" or "torch" not in sys.modules:
+_zoo_arg = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+_zoo_arg.add_argument("--zoo")
+if (__name__ == "__main__" or "torch" not in sys.modules) and _zoo_arg.parse_known_args()[0].zoo not in UNPINNED_ZOOS:
     pinned_numerics.pin()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -54,7 +60,11 @@ from evomerge.rundir.trials import search_seconds  # noqa: E402
 from evomerge.rundir.verdict import HELDOUT, Measured, RowKind, _margin, build_verdict  # noqa: E402
 from evomerge.spec import SEARCH_VERSION, Spec, default_parameters, parse_spec  # noqa: E402
 
-ZOOS = {"demo": ("build_demo_zoo", "demo.yaml"), "forget": ("build_forgetting_zoo", "forget.yaml")}
+ZOOS = {
+    "demo": ("build_demo_zoo", "demo.yaml"),
+    "forget": ("build_forgetting_zoo", "forget.yaml"),
+    "smol": ("build_smol_zoo", "smol.yaml"),
+}
 PASS_SE = 2.0  # issue 16: the evolved merge beats the base by at least 2 SE held-out
 
 

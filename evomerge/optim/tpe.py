@@ -20,6 +20,7 @@ Design choices:
 
 from __future__ import annotations
 
+import threading
 from typing import Any, ClassVar
 
 import numpy as np
@@ -107,4 +108,17 @@ class NSGA2Optimizer(TPEOptimizer):
     }
 
     def _make_sampler(self) -> optuna.samplers.BaseSampler:
-        return optuna.samplers.NSGAIISampler(seed=self.seed, population_size=int(self.settings["population_size"]))
+        return _SnapshotNSGAIISampler(seed=self.seed, population_size=int(self.settings["population_size"]))
+
+
+class _SnapshotNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """NSGA-II whose state pickles: Optuna's genetic samplers hold a thread lock that pickle refuses."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()

@@ -72,28 +72,17 @@ def cli(*args, check: bool = True, timeout: float = 900, env: dict | None = None
 def merge_cases(zoo: Path) -> dict[str, dict]:
     base, shift, increment = (str(zoo / name) for name in smol_zoo.MODEL_DIRS)
     per_layer = [0.0] * 10 + [0.5] * 10 + [1.0] * 10
+    experts = [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in (shift, increment)]
     return {
         "linear": {
             "merge_method": "linear",
             "models": [
-                {"model": shift, "parameters": {"weight": 0.3}},
+                {"model": shift, "parameters": {"weight": per_layer}},
                 {"model": increment, "parameters": {"weight": 0.7}},
             ],
         },
-        "ties": {
-            "merge_method": "ties",
-            "base_model": base,
-            "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in (shift, increment)],
-        },
-        # density 1 fixes DARE's mask (every element kept): no two RNGs draw the same random mask.
-        "dare_ties": {
-            "merge_method": "dare_ties",
-            "base_model": base,
-            "models": [
-                {"model": shift, "parameters": {"weight": per_layer, "density": 1.0}},
-                {"model": increment, "parameters": {"weight": 0.6, "density": 1.0}},
-            ],
-        },
+        "ties": {"merge_method": "ties", "base_model": base, "models": experts},
+        "dare_ties": {"merge_method": "dare_ties", "base_model": base, "models": experts},
         "slerp": {
             "merge_method": "slerp",
             "base_model": shift,
@@ -105,17 +94,23 @@ def merge_cases(zoo: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "slerp"])
-def test_merge_of_the_real_checkpoint_equals_mergekit_bit_for_bit(method, zoo, tmp_path, mergekit_merge):
-    config = merge_cases(zoo)[method] | {"dtype": "float32"}
+def test_merge_of_the_real_checkpoint_equals_mergekit_bit_for_bit(method, zoo, tmp_path):
+    """`evomerge merge` against `mergekit-yaml`; DARE's random drop is fixed to one draw in both
+    tools (mergekit_equality.fixed_masks), which needs both in this process."""
+    sys.path.insert(0, str(REPO / "tests" / "merge"))
+    from mergekit_equality import compare_folders, compare_with_mergekit, run_mergekit_cli
+
     path = tmp_path / "merge.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    cli("merge", path, tmp_path / "ours")
-    mergekit_merge(path, tmp_path / "theirs")
-    ours, theirs, base = (load_weights(tmp_path / name) for name in ("ours", "theirs"))
-    assert ours.keys() == theirs.keys() and "lm_head.weight" not in ours, "tied embeddings stay tied"
-    different = [name for name in theirs if not torch.equal(ours[name], theirs[name])]
-    assert not different, f"{len(different)} tensors differ from mergekit, e.g. {different[:3]}"
-    assert json.loads((tmp_path / "ours" / "config.json").read_text())["tie_word_embeddings"] is True
+    path.write_text(yaml.safe_dump(merge_cases(zoo)[method] | {"dtype": "float32"}, sort_keys=False))
+    if method == "dare_ties":
+        report, ours = compare_with_mergekit(path, tmp_path, seed=0, fixed=True), tmp_path / "evomerge"
+    else:
+        ours = tmp_path / "ours"
+        cli("merge", path, ours)
+        report = compare_folders(ours, run_mergekit_cli(path, tmp_path / "theirs"))
+    report.assert_bit_for_bit()
+    assert "lm_head.weight" not in load_weights(ours), "tied embeddings stay tied"
+    assert json.loads((ours / "config.json").read_text())["tie_word_embeddings"] is True
 
 
 def own_blocks_config(zoo: Path) -> dict:
@@ -187,7 +182,7 @@ def test_the_chat_template_renders_every_prompt_and_scores(zoo, tmp_path):
 
 
 @pytest.mark.long
-def test_a_short_search_resumes_after_kill_9_and_exports_what_mergekit_merges(zoo, tmp_path, mergekit_merge):
+def test_a_short_search_resumes_after_kill_9_and_exports_what_mergekit_merges(zoo, tmp_path):
     spec = write_spec(tmp_path, zoo, limit=8, heldout_limit=8, top_k=1)
     data = yaml.safe_load(spec.read_text())
     data |= {"name": "killed", "budget": {"max_evals": 12}}
@@ -212,11 +207,14 @@ def test_a_short_search_resumes_after_kill_9_and_exports_what_mergekit_merges(zo
     cli("resume", run_dir)
     events = [json.loads(line) for line in (run_dir / "journal.jsonl").read_text().splitlines() if line.strip()]
     finished = [e["trial"] for e in events if e["event"] in ("completed", "failed")]
-    assert len(finished) == len(set(finished)) and any(e["event"] == "run_finished" for e in events)
-    exported = tmp_path / "winner.yaml"
-    cli("export", run_dir, "-o", exported)
+    assert len(finished) == len(set(finished)) == 12, "each trial finished exactly once"
+    assert any(e["event"] == "run_finished" for e in events)
+    best = max((e for e in events if e["event"] == "completed" and e["trial"] >= 0), key=lambda e: e["score"])
+    exported = tmp_path / "best.yaml"
+    cli("export", run_dir, "--trial", best["trial"], "-o", exported)
+    assert yaml.safe_load(exported.read_text())["slices"], "an evolved trial exports as per-layer slices"
+    sys.path.insert(0, str(REPO / "tests" / "merge"))
+    from mergekit_equality import compare_folders, run_mergekit_cli
+
     cli("merge", exported, tmp_path / "ours")
-    mergekit_merge(exported, tmp_path / "theirs")
-    ours, theirs = load_weights(tmp_path / "ours"), load_weights(tmp_path / "theirs")
-    assert ours.keys() == theirs.keys()
-    assert all(torch.equal(ours[name], theirs[name]) for name in theirs), "the export merges the same in both tools"
+    compare_folders(tmp_path / "ours", run_mergekit_cli(exported, tmp_path / "theirs")).assert_bit_for_bit()

@@ -1,23 +1,35 @@
 """Fingerprints of what a search reads besides its spec: the model folders and the evaluation files.
 
 Journaled at `run_started`; `resume` recomputes them and refuses a run whose inputs changed, so the
-scores of old and new weights or data never mix in one run. Weight files are not read whole (a 7B
-expert is 15 GB): their size, the safetensors header (every tensor's name, dtype, shape and
-offsets) and a hash of a few fixed byte ranges catch a replaced, retrained, truncated or re-sharded
-file in milliseconds. Configs, tokenizer files, task YAMLs (with what they include and the code
-their `!function`s name) and data files are hashed whole.
+scores of old and new weights or data never mix in one run. Every file is hashed whole, so one
+changed tensor anywhere is found. A weight file's SHA-256 is read once and kept in a small cache
+(`$XDG_CACHE_HOME/evomerge/file-digests.json`) under its path, size, mtime, ctime, inode and
+device; a later start or resume re-reads only files whose stat changed. The first read of a 15 GB
+file (a 7B bf16 checkpoint) took 15-17 s from the page cache and 18-37 s from disk on a busy
+2-core machine (docs/BENCHMARKS.md, "Input fingerprints"). A file in the Hugging Face cache (a link
+into `blobs/<sha256>`) is not read at all: its blob's name is its SHA-256.
+Configs, tokenizer files, task YAMLs (with what they include and the code their `!function`s name)
+and data files are small and hashed whole each time.
 
 A hub model is fingerprinted by its pinned commit (keyed `org/name@commit`, not by a cache path,
 so a run resumes on a machine with another HF_HOME): the hub never changes a commit's files.
 
-Each digest starts with its scheme ("sampled-v1:", "sha256:"), so a later version that samples
-differently skips a file it cannot compare instead of calling it changed.
+Each digest starts with its scheme ("full-v1:", "sha256:", "commit:"), so a version that hashes
+differently skips a file it cannot compare instead of calling it changed. Runs journaled with the
+older "sampled-v1:" weight digests (size, safetensors header, 8 byte ranges) are still checked in
+that scheme.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -25,7 +37,10 @@ import yaml
 
 from evomerge.evaluation.hub_data import dataset_fingerprints
 from evomerge.evaluation.tasks import resolve_tasks
+from evomerge.files import write_text_atomic
 from evomerge.hub import ModelSource
+
+LOG = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 MODEL_FILES = (
@@ -39,23 +54,32 @@ MODEL_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
 )
+FULL = "full-v1"
 SAMPLED = "sampled-v1"
 CONTENT = "sha256"
 COMMIT = "commit"
 SAMPLE_COUNT = 8
 SAMPLE_BYTES = 64 * 1024
 HEADER_LIMIT = 100 * 1024 * 1024  # safetensors caps its own header at 100 MB
+CACHE_FILE = "file-digests.json"
+# A file changed again within the clock's granularity of its last write keeps the same stat;
+# a digest is cached only once the file has been left alone for longer than that.
+SETTLED_NS = 3_000_000_000
+SAID_BYTES = 1 << 30  # hashing a file this large is said on the terminal
+HUB_BLOB = re.compile(r"[0-9a-f]{64}")
 
 
 def input_fingerprints(models: Iterable[ModelSource], eval_sets: Iterable) -> dict[str, str]:
     """Path -> digest of every weight, config and tokenizer file of the local models, hub model ->
     its commit, and every eval file -> its digest."""
     digests: dict[str, str] = {}
+    cache = DigestCache.load()
     for model in models:
         if model.is_hub:
             digests[model.exported] = f"{COMMIT}:{model.commit}"
         else:
-            digests.update(model_folder_digests(Path(model.folder)))
+            digests.update(model_folder_digests(Path(model.folder), cache))
+    cache.save()
     for eval_set in eval_sets:
         for path in eval_files(eval_set):
             digests[str(path)] = content_digest(path)
@@ -69,24 +93,116 @@ def first_change(journaled: dict[str, str], current: dict[str, str]) -> str | No
         now = current.get(path)
         if now is None:
             return f"{path}: missing since the run started"
-        if _scheme(now) == _scheme(digest) and now != digest:
+        if _scheme(now) != _scheme(digest):
+            now = _in_scheme(Path(path), _scheme(digest))
+        if now is not None and now != digest:
             return f"{path}: changed since the run started"
     added = sorted(current.keys() - journaled.keys())
     return f"{added[0]}: new since the run started" if added else None
 
 
-def model_folder_digests(folder: Path) -> dict[str, str]:
+def model_folder_digests(folder: Path, cache: DigestCache | None = None) -> dict[str, str]:
     if not folder.is_dir():
         return {}
+    cache = DigestCache({}) if cache is None else cache
     digests = {}
     for path in sorted(folder.iterdir()):
         if not path.is_file():
             continue
         if path.suffix in WEIGHT_SUFFIXES:
-            digests[str(path)] = sampled_digest(path)
+            digests[str(path)] = full_digest(path, cache)
         elif path.name in MODEL_FILES or path.name.endswith(".index.json"):
             digests[str(path)] = content_digest(path)
     return digests
+
+
+def full_digest(path: Path, cache: DigestCache) -> str:
+    """The file's SHA-256: its hub blob's name, else the cache's entry for its stat, else read whole."""
+    blob = Path(os.path.realpath(path))
+    if blob.parent.name == "blobs" and HUB_BLOB.fullmatch(blob.name):
+        return f"{FULL}:{blob.name}"
+    key = _stat_key(path)
+    digest = cache.get(str(path), key)
+    if digest is None:
+        if key[0] >= SAID_BYTES:
+            print(f"fingerprinting {path} ({key[0] / 1e9:.1f} GB, read once and cached)", file=sys.stderr, flush=True)
+        digest = f"{FULL}:{file_sha256(path)}"
+        if time.time_ns() - key[1] > SETTLED_NS:
+            cache.put(str(path), key, digest)
+    return digest
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+class DigestCache:
+    """Weight-file digests by path, valid while the file's stat (size, mtime, ctime, inode, device)
+    is unchanged; one JSON file under the user's cache folder, shared by every run."""
+
+    def __init__(self, entries: dict[str, dict], path: Path | None = None):
+        self.entries = entries
+        self.path = path
+        self.changed = False
+
+    @classmethod
+    def load(cls) -> DigestCache:
+        path = cache_path()
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))["files"] if path else {}
+        except (OSError, ValueError, KeyError, TypeError):
+            entries = {}  # none yet, or unreadable: every file is read once more
+        return cls(entries if isinstance(entries, dict) else {}, path)
+
+    def get(self, path: str, key: list[int]) -> str | None:
+        entry = self.entries.get(path)
+        return entry.get("digest") if isinstance(entry, dict) and entry.get("stat") == key else None
+
+    def put(self, path: str, key: list[int], digest: str) -> None:
+        self.entries[path] = {"stat": key, "digest": digest}
+        self.changed = True
+
+    def save(self) -> None:
+        """Written atomically, without the entries of files gone or changed since; a cache that
+        cannot be written (a read-only home) only costs a full read next time."""
+        if not self.changed or self.path is None:
+            return
+        kept = {p: e for p, e in self.entries.items() if isinstance(e, dict) and _stat_key_or_none(p) == e.get("stat")}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.path, json.dumps({"files": kept}, indent=1, sort_keys=True))
+        except OSError as error:
+            LOG.debug("input digest cache %s not written: %s", self.path, error)
+        self.changed = False
+
+
+def cache_path() -> Path | None:
+    """`$XDG_CACHE_HOME/evomerge/file-digests.json` (`~/.cache` by default); None without a home folder."""
+    try:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "evomerge" / CACHE_FILE
+    except RuntimeError:
+        return None
+
+
+def _stat_key(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
+
+
+def _stat_key_or_none(path: str) -> list[int] | None:
+    try:
+        return _stat_key(Path(path))
+    except OSError:
+        return None
+
+
+def _in_scheme(path: Path, scheme: str) -> str | None:
+    """The file's digest in an older weight scheme, to compare with a run journaled in it; None
+    when it cannot be computed (another scheme, or no such file), which skips the file."""
+    if scheme == SAMPLED and path.is_file():
+        return sampled_digest(path)
+    return None
 
 
 def sampled_digest(path: Path) -> str:

@@ -43,6 +43,7 @@ MODEL_FILES = (
     "chat_template.json",
 )
 LOGIN = "log in with 'hf auth login' or set HF_TOKEN"
+LOCAL_FOLDER_FIX = "give a local folder with config.json and *.safetensors, or a hub ID (org/name)"
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,8 @@ def resolve_models(
 def resolve_model(name: str, pin: str | None = None, fetch_hint: str = "") -> ModelSource:
     """One name: a local folder as it is, a hub ID fetched (or found in the cache) at `pin` or its revision."""
     hub_id = split_hub_id(name)
+    if hub_id is None and not Path(name).expanduser().exists():
+        raise _Problem("model folder does not exist", LOCAL_FOLDER_FIX)
     if hub_id is None or Path(name).expanduser().is_dir():
         return ModelSource(name, name)
     repo_id, revision = hub_id

@@ -194,6 +194,23 @@ CASES = {
         lambda s, m, x: put(s, "models.experts", [m["ft_a"], "/nonexistent/evomerge-expert"]),
         ["models.experts[1]", "does not exist"],
     ),
+    "two-missing-expert-folders": (
+        lambda s, m, x: put(s, "models.experts", ["/nonexistent/evomerge-expert-a", "/nonexistent/evomerge-expert-b"]),
+        [
+            "models.experts[0] '/nonexistent/evomerge-expert-a', models.experts[1] '/nonexistent/evomerge-expert-b'",
+            "does not exist",
+        ],
+    ),
+    "missing-base-folder-and-uncached-hub-expert": (
+        lambda s, m, x: (
+            put(s, "models.base", "/nonexistent/evomerge-base")
+            or put(s, "models.experts", [m["ft_a"], "evomerge-test/never-cached@v1"])
+        ),
+        [
+            "models.base '/nonexistent/evomerge-base': model folder does not exist",
+            "models.experts[1] 'evomerge-test/never-cached@v1': not in the Hugging Face cache",
+        ],
+    ),
     "hub-model-offline-and-not-cached": (
         lambda s, m, x: put(s, "models.experts", [m["ft_a"], "evomerge-test/never-cached@v1"]),
         ["models.experts[1] 'evomerge-test/never-cached@v1'", "not in the Hugging Face cache", "evomerge prefetch"],
@@ -521,6 +538,18 @@ def test_validate_refuses_bad_flags_and_places_in_one_line(case, models, tmp_pat
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     assert_refused_in_one_line(*run_cli_in_process("validate", spec_path, *flags), VALIDATE_CASES[case][1])
+
+
+def test_validate_json_prints_an_object_for_a_refusal_too(models, tmp_path):
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    spec_path = write_case("two-missing-expert-folders", models, "", tmp_path)
+    result = CliRunner().invoke(app, ["validate", str(spec_path), "--json"])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert json.loads(result.stdout) == {"ok": False, "error": lines[0].removeprefix("error: ")}
 
 
 def test_the_garbage_zoo_is_only_broken_in_its_weights(models, tmp_path):

@@ -7,6 +7,7 @@ and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import typer
@@ -39,8 +40,17 @@ def _commands() -> None:
     """Evolutionary search for LLM merge recipes, exported as mergekit YAML."""
 
 
+class RefusedWithFigures(UserError):
+    """A refusal whose --json object carries the figures that led to it besides the line."""
+
+    def __init__(self, message: str, figures: dict):
+        super().__init__(message)
+        self.figures = figures
+
+
 def user_errors_exit_2(command):
-    """Turn a UserError into one line on stderr and exit code 2."""
+    """Turn a UserError into one line on stderr and exit code 2; a command run with --json also
+    prints {"ok": false, "error": LINE} on stdout, so a script reading it gets an object either way."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -50,6 +60,9 @@ def user_errors_exit_2(command):
             if kwargs.get("debug"):
                 raise
             typer.echo(f"error: {error}", err=True)
+            if kwargs.get("as_json"):
+                figures = error.figures if isinstance(error, RefusedWithFigures) else {}
+                typer.echo(json.dumps({"ok": False, "error": str(error), **figures}, indent=2))
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt as stop:  # Ctrl-C exits 130, SIGTERM 143 (Stopped)
             typer.echo("interrupted", err=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from evomerge.cli.app import DebugOption, app, user_errors_exit_2
+from evomerge.cli.app import DebugOption, RefusedWithFigures, app, user_errors_exit_2
 from evomerge.cli.merging import require_cuda
 from evomerge.errors import UserError
 
@@ -68,14 +68,16 @@ def validate(
         )
         return
     plan = _memory_plan(spec, prepared.sources.folder(spec.models.base), gpu_bytes, gpu_count)
-    if as_json:
-        typer.echo(json.dumps({"ok": plan.fits, **summary, **plan.as_json()}, indent=2))
-    else:
-        typer.echo("\n".join([ok, *plan.lines()]))
-    if not plan.fits:
-        raise UserError(
-            f"{spec_path}: workers: a worker needs {plan.bytes_per_device / 1e9:.1f} GB per device, more than {plan.capacity / 1e9:.1f} GB; {plan.fix}"
+    if not plan.fits:  # with --json, the refusal's object holds the summary and the plan too
+        if not as_json:
+            typer.echo("\n".join([ok, *plan.lines()]))
+        raise RefusedWithFigures(
+            f"{spec_path}: workers: a worker needs {plan.bytes_per_device / 1e9:.1f} GB per device, more than {plan.capacity / 1e9:.1f} GB; {plan.fix}",
+            {**summary, **plan.as_json()},
         )
+    typer.echo(
+        json.dumps({"ok": True, **summary, **plan.as_json()}, indent=2) if as_json else "\n".join([ok, *plan.lines()])
+    )
 
 
 def _hub_models_line(sources, spec_path: Path, locked: bool) -> str:

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from evomerge.errors import UserError
 from evomerge.files import write_text_atomic
+from evomerge.hub import LOCAL_FOLDER_FIX
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -97,9 +98,7 @@ def inspect_model_folder(path: str | Path, field: str) -> ModelFolder:
     """Read config.json and safetensors headers (no weights); a bad folder is a UserError."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise UserError(
-            f"{field}: model folder '{path}' does not exist; give a local folder with config.json and *.safetensors, or a hub ID (org/name)"
-        )
+        raise UserError(f"{field}: model folder '{path}' does not exist; {LOCAL_FOLDER_FIX}")
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise UserError(f"{field}: '{path}' has no config.json; give a Hugging Face model folder")

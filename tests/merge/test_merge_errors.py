@@ -73,6 +73,10 @@ ERROR_CASES = {
         lambda z: linear_config(z.corrupt, "/nonexistent/evomerge-model"),
         ["models[1]", "/nonexistent/evomerge-model"],
     ),
+    "two-missing-model-paths": (
+        lambda z: linear_config(z.model("base"), "/nonexistent/evomerge-a", "/nonexistent/evomerge-b"),
+        ["models[1].model '/nonexistent/evomerge-a', models[2].model '/nonexistent/evomerge-b'", "does not exist"],
+    ),
     "shape-mismatch": (lambda z: linear_config(z.model("base"), z.wide), ["models[1]", "shape"]),
     "vocab-mismatch": (lambda z: linear_config(z.model("base"), z.big_vocab), ["models[1]", "vocab"]),
     "ties-without-base": (lambda z: {**ties_config(z), "base_model": None}, ["base_model"]),

@@ -15,7 +15,7 @@ def row(seed: int, score: float, se: float, share: float | None = None, zoo: str
 def journal_with(run_dir: Path, docs_per_trial: list[int]) -> str:
     """A run directory whose journal holds one scored trial per entry, with that many documents."""
     run_dir.mkdir()
-    events = []
+    events: list[dict] = [{"event": "run_created", "spec_sha256": "0" * 64}]
     for trial, docs in enumerate(docs_per_trial):
         events.append({"event": "asked", "trial": trial, "kind": "optimizer", "label": "x", "merge_config": {}})
         events.append({"event": "completed", "trial": trial, "ok": True, "score": 0.5, "n_docs": {"a": docs}})

@@ -60,7 +60,7 @@ def test_the_kernel_table_fields_are_written_where_their_names_say():
     table = tables.ParameterTable(segments=1, experts=2)
     table.set_input(0, 1, weight=0.5, density=0.25, seed=7)
     table.lambdas[0], table.normalize[0] = 2.0, True
-    packed = table.pack(torch.float32, thresholds=np.array([[0.0, 0.125]]))[0]
+    packed = table.pack(torch.float32, (np.array([[0.0, 0.125]]), np.array([[0, 3]])))[0]
 
     def field(name: int, expert: int) -> int:
         return int(packed[name * 2 + expert])
@@ -68,6 +68,6 @@ def test_the_kernel_table_fields_are_written_where_their_names_say():
     as_float = lambda bits: float(np.array([bits], dtype=np.int32).view(np.float32)[0])  # noqa: E731
     assert as_float(field(tables.WEIGHT, 1)) == 0.5 and as_float(field(tables.DENSITY, 1)) == 0.25
     assert field(tables.SEED, 1) == 7
-    assert as_float(field(tables.THRESHOLD, 1)) == 0.125
+    assert as_float(field(tables.THRESHOLD, 1)) == 0.125 and field(tables.TIED, 1) == 3
     assert as_float(int(packed[tables.PARAM_FIELDS * 2 + tables.LAMBDA])) == 2.0
     assert int(packed[tables.PARAM_FIELDS * 2 + tables.NORMALIZE]) == 1

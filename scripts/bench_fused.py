@@ -46,7 +46,7 @@ SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32),
     "smoke": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4),
 }
-# (size, experts, method, placement): items 2, 3 and 6 of issue 15.
+# (size, experts, method, placement): the real-scale checks.
 # Most telling first: a run cut short by the device script's time limit keeps those.
 ROWS = (
     ("7b", 3, "ties", "device"),

@@ -9,7 +9,7 @@ and density per 25 layer groups, attention and MLP apart); only the workers are 
   throughput(W) / (W x throughput(1)); busy share is the sleep time over W x wall time.
   `--durations lognormal --sigma 0.5` draws the times from a lognormal (median `--median`) instead,
   `--scaling-optimizer cmaes --popsize 8` runs the scaling with CMA-ES, and `--search-version 1`
-  with its generation barrier (version 2 asks on while stragglers finish), e.g. issue 16's check:
+  with its generation barrier (version 2 asks on while stragglers finish), e.g.:
 
     python scripts/bench_scheduler.py --workers 1,8 --depths 1 --scaling-optimizer cmaes --popsize 8 \
         --durations lognormal --sigma 0.5 --skip-overhead [--search-version 1]

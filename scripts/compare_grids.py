@@ -1,4 +1,4 @@
-"""Compare a raced results grid with an unraced one (issue 16, item 3): per seed and over seeds.
+"""Compare a raced results grid with an unraced one: per seed and over seeds.
 
     python scripts/compare_grids.py --whole runs/grid-demo/grid.jsonl runs/grid-demo-more/grid.jsonl \
         --raced runs/grid-demo-halve/grid.jsonl

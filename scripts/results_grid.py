@@ -1,4 +1,4 @@
-"""Issue 16's results grid: one search per merge method and seed on a zoo, and the held-out tables.
+"""The results grid: one search per merge method and seed on a zoo, and the held-out tables.
 
     python scripts/results_grid.py --zoo demo --methods task_arithmetic,ties,dare_ties,breadcrumbs_ties,della \\
         --seeds 0,1,2 --max-evals 300 --out runs/grid-demo [--set dotted.key=yaml_value ...]
@@ -65,7 +65,7 @@ ZOOS = {
     "forget": ("build_forgetting_zoo", "forget.yaml"),
     "smol": ("build_smol_zoo", "smol.yaml"),
 }
-PASS_SE = 2.0  # issue 16: the evolved merge beats the base by at least 2 SE held-out
+PASS_SE = 2.0  # the bar: the evolved merge beats the base by at least 2 SE held-out
 
 
 @dataclass

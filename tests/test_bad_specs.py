@@ -256,7 +256,7 @@ CASES = {
     ),
     "malformed-yaml": (lambda s, m, x: "name: bad\nmodels:\n  base: a\n\texperts: [b]\n", ["malformed yaml", "line 4"]),
     "spec-not-a-mapping": (lambda s, m, x: "- just\n- a list\n", ["expected a mapping at the top level", "list"]),
-    # --- issue 13: numbers are sane
+    # --- numbers are sane
     "layer-groups-above-layer-count": (
         lambda s, m, x: put(s, "genome.layer_groups", 100),
         ["genome.layer_groups", "100", "4 layers", "use at most 4"],
@@ -329,7 +329,7 @@ CASES = {
     "run-name-dot-dot": (lambda s, m, x: put(s, "name", ".."), ["name", "one folder name", "not starting with '.'"]),
     "run-name-dot": (lambda s, m, x: put(s, "name", "."), ["name", "one folder name"]),
     "run-name-hidden": (lambda s, m, x: put(s, "name", ".cache"), ["name", "not starting with '.'"]),
-    # --- issue 13: files that are not what they claim
+    # --- files that are not what they claim
     "duplicate-yaml-key": (
         lambda s, m, x: yaml.safe_dump(s) + "budget: {max_evals: 100000}\n",
         ["spec.yaml", "key 'budget' appears twice", "line"],
@@ -385,7 +385,7 @@ CASES = {
         lambda s, m, x: put(s, "evaluation.heldout_tasks", ["tiny_add"]),
         ["evaluation.heldout_tasks", "also a search task", "evaluation.heldout_fraction"],
     ),
-    # --- issue 13: models that are not distinct fine-tunes of one base with one tokenizer
+    # --- models that are not distinct fine-tunes of one base with one tokenizer
     "expert-identical-to-the-base": (
         lambda s, m, x: put(s, "models.experts", [m["ft_a"], m["base_copy"]]),
         ["models.experts[1]", "base_copy", "same weights as models.base", "list each model once"],
@@ -406,7 +406,7 @@ CASES = {
         lambda s, m, x: put(s, "models.base", m["base_without_tokenizer"]),
         ["models.base: no tokenizer files (tokenizer.json", "copy the base model's tokenizer there"],
     ),
-    # --- issue 14: the scoring backend and lm-eval's prompt and generation options
+    # --- the scoring backend and lm-eval's prompt and generation options
     "unknown-backend": (
         lambda s, m, x: put(s, "evaluation.backend", "vllm"),
         ["evaluation.backend", "'native' or 'lm_eval'"],

@@ -1,4 +1,4 @@
-"""Version 2's default search spaces contain every baseline (issue 16, item 1).
+"""Version 2's default search spaces contain every baseline.
 
 For each of the 10 methods, the default genome's points for the base, each parent and the method's
 default merge are decoded, merged by the CPU reference engine and compared bit for bit with the

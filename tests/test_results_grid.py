@@ -88,7 +88,7 @@ def test_tables_mark_two_se_over_the_base_as_a_pass():
 
 @pytest.mark.long
 def test_the_demo_search_reaches_95_percent_of_its_final_best_within_150_evaluations(tmp_path):
-    """Issue 16, item 6, on the demo's own spec (step size 0.07 of each gene's range): seed 0 under
+    """The step size on the demo's own spec (step size 0.07 of each gene's range): seed 0 under
     the generation barrier and pinned numerics asks and scores the same on every machine, so its
     reach is a fixed number (99-134 over seeds 0-2 in docs/RESULTS.md). Minutes: builds the demo zoo."""
     command = [sys.executable, str(REPO / "scripts" / "results_grid.py"), "--zoo", "demo"]

@@ -1,6 +1,6 @@
 """`evaluation.backend: native` against `lm_eval` (the reference) through the Evaluator, on CPU in float32.
 
-Promise (issue 14, item 2): identical per-doc results (loglikelihoods within 1e-5, the same greedy
+Promise: identical per-doc results (loglikelihoods within 1e-5, the same greedy
 flags, identical generated strings) and identical metrics, on the demo tasks, a multiple-choice
 task, a generate_until task with stop strings and a regex filter, few-shot tasks, tasks scored with
 a chat template, and a loglikelihood_rolling task. Discrete metrics (acc, exact_match) must be

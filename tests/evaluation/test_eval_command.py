@@ -1,6 +1,6 @@
 """`evomerge eval SPEC --model PATH|MERGE.yaml`: a model scored exactly as the search scores a candidate.
 
-Promises (issue 14, item 3): a merge YAML scored in memory gets the very score a search worker
+Promises: a merge YAML scored in memory gets the very score a search worker
 gives the same candidate; a model folder gets the score an Evaluator gives it; `--json` prints one
 object with score, metrics, n_docs, backend and seconds; `--backend lm_eval` and `--split heldout`
 are honoured; bad input is one line with exit 2, before any weight is read.

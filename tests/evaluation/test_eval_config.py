@@ -1,4 +1,4 @@
-"""The evaluation settings issue 14 added to the spec: defaults, the run fingerprint, chat-template files.
+"""The evaluation settings of the spec: defaults, the run fingerprint, chat-template files.
 
 Promises: runs started before these settings existed keep their fingerprint (they still resume),
 while setting one away from its default changes it; fewshot_as_multiturn follows lm-eval's default

@@ -42,7 +42,7 @@ def merged(result) -> None:
 
 
 def test_force_replaces_an_earlier_merge_whole(zoo, write_config, tmp_path):
-    """Issue 13: an old model.safetensors beside new shards made from_pretrained load the old model."""
+    """An old model.safetensors beside new shards made from_pretrained load the old model."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"

@@ -1,4 +1,4 @@
-"""Budgets that extend (issue 16, item 5): resume gives a stopped or finished run more evaluations,
+"""Budgets that extend: resume gives a stopped or finished run more evaluations,
 time or documents, journaled as an event (the frozen spec is never rewritten); anything else is refused naming the field."""
 
 from __future__ import annotations

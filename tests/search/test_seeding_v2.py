@@ -1,4 +1,4 @@
-"""Version 2 seeds the best scored baseline the space expresses, the base included (issue 16, item 1)."""
+"""Version 2 seeds the best scored baseline the space expresses, the base included."""
 
 from __future__ import annotations
 

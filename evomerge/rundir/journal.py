@@ -77,15 +77,10 @@ def read_events(path: Path, warn: bool = True) -> list[dict]:
         ) from None
     events: list[dict] = []
     seen_results: set[tuple[str, int]] = set()
-    seen_lines: dict[bytes, int] = {}
+    seen_starts: dict[bytes, int] = {}
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
-        if raw.strip() in seen_lines and raw.lstrip().startswith(b'{"event"'):
-            raise UserError(
-                f"{path}: line {number} repeats line {seen_lines[raw.strip()]} word for word, so the journal holds duplicated lines (was it appended to itself?); restore it from a backup"
-            )
-        seen_lines.setdefault(raw.strip(), number)
         try:
             event = json.loads(raw)
         except ValueError:
@@ -96,6 +91,7 @@ def read_events(path: Path, warn: bool = True) -> list[dict]:
             raise UserError(
                 f"{path}: line {number} is not valid JSON; the journal was edited or damaged, restore it from a backup"
             ) from None
+        _refuse_a_repeated_start(path, number, raw.strip(), event, seen_starts)
         problem = _junk(event) or _repeated(event, seen_results)
         if problem:
             if warn:
@@ -103,6 +99,20 @@ def read_events(path: Path, warn: bool = True) -> list[dict]:
             continue
         events.append(event)
     return events
+
+
+def _refuse_a_repeated_start(path: Path, number: int, raw: bytes, event, seen_starts: dict[bytes, int]) -> None:
+    """A journal appended to itself repeats its start events, which no run writes twice to the millisecond.
+
+    Other events may legitimately match word for word (two quick events in one millisecond).
+    """
+    if not isinstance(event, dict) or event.get("event") not in (EventName.CREATED, EventName.RUN_STARTED):
+        return
+    if raw in seen_starts:
+        raise UserError(
+            f"{path}: line {number} repeats line {seen_starts[raw]} word for word, so the journal holds duplicated lines (was it appended to itself?); restore it from a backup"
+        )
+    seen_starts[raw] = number
 
 
 def check_intact(run: RunDir, events: list[dict]) -> None:

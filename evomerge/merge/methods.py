@@ -336,24 +336,50 @@ def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], norm
     return total.to(first.dtype)
 
 
+# SLERP reduces in pieces of this many elements: whole-tensor sums of 2**20-element pieces, in
+# order, are the reduction order mergekit's per-tensor SLERP uses, so results agree bit for bit.
+SLERP_PIECE = 1 << 20
+
+
 def slerp(
     t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
 ) -> torch.Tensor:
-    """Spherical interpolation of whole tensors; near-collinear pairs fall back to lerp."""
+    """Spherical interpolation of whole tensors; near-collinear pairs fall back to lerp.
+
+    Norms are the norm of the pieces' norms and the dot product the sum of the pieces' sums, with
+    every coefficient a work-dtype tensor; the output keeps the input dtype.
+    """
     work = torch.float64 if v0.dtype == torch.float64 else torch.float32
-    a = v0.reshape(-1).to(work)
-    b = v1.reshape(-1).to(work)
-    if a.numel() == 0:
+    a = v0.reshape(1, -1)
+    b = v1.reshape(1, -1)
+    if a.shape[1] == 0:
         return v0
-    norm_a = torch.linalg.vector_norm(a)
-    norm_b = torch.linalg.vector_norm(b)
-    norm_a = norm_a if norm_a > eps else torch.ones_like(norm_a)
-    norm_b = norm_b if norm_b > eps else torch.ones_like(norm_b)
-    dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
-    if dot.abs() > dot_threshold:
-        mixed = (1 - t) * a + t * b
-    else:
-        theta = torch.acos(dot)
-        sin_theta = torch.sin(theta)
-        mixed = (torch.sin((1 - t) * theta) / sin_theta) * a + (torch.sin(t * theta) / sin_theta) * b
-    return mixed.reshape(v0.shape).to(v0.dtype)
+    t_work = torch.tensor([[t]], dtype=work)
+    pieces = range(0, a.shape[1], SLERP_PIECE)
+    norm_a = _norm_of_pieces(a, pieces, work, eps)
+    norm_b = _norm_of_pieces(b, pieces, work, eps)
+    dot_parts = [
+        ((_piece(a, start, work) / norm_a) * (_piece(b, start, work) / norm_b)).sum(dim=1, keepdim=True)
+        for start in pieces
+    ]
+    dot = torch.stack(dot_parts).sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - t_work, torch.sin((1 - t_work) * theta) / sin_theta)
+    coef_b = torch.where(linear, t_work, torch.sin(t_work * theta) / sin_theta)
+    mixed = torch.empty_like(a)
+    for start in pieces:
+        end = start + SLERP_PIECE
+        mixed[:, start:end] = coef_a * _piece(a, start, work) + coef_b * _piece(b, start, work)
+    return mixed.reshape(v0.shape)
+
+
+def _piece(flat: torch.Tensor, start: int, work: torch.dtype) -> torch.Tensor:
+    return flat[:, start : start + SLERP_PIECE].to(work)
+
+
+def _norm_of_pieces(flat: torch.Tensor, pieces: range, work: torch.dtype, eps: float) -> torch.Tensor:
+    parts = [torch.linalg.vector_norm(_piece(flat, start, work), dim=1, keepdim=True) for start in pieces]
+    norm = torch.linalg.vector_norm(torch.stack(parts), dim=0)
+    return torch.where(norm > eps, norm, 1)

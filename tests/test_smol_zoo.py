@@ -83,8 +83,41 @@ def merge_cases(zoo: Path) -> dict[str, dict]:
         },
         "ties": {"merge_method": "ties", "base_model": base, "models": experts},
         "dare_ties": {"merge_method": "dare_ties", "base_model": base, "models": experts},
+        "breadcrumbs_ties": {
+            "merge_method": "breadcrumbs_ties",
+            "base_model": base,
+            "models": [
+                {"model": m, "parameters": {"weight": 1.0, "density": 0.5, "gamma": 0.02}} for m in (shift, increment)
+            ],
+        },
+        "della": {
+            "merge_method": "della",
+            "base_model": base,
+            "models": [
+                {"model": m, "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.1}} for m in (shift, increment)
+            ],
+            "parameters": {"lambda": 1.0},
+        },
         "slerp": slerp(shift, increment, [{"filter": "self_attn", "value": [0.0, 0.5, 1.0]}, {"value": 0.4}]),
+        "ties_slices": {
+            "merge_method": "ties",
+            "base_model": base,
+            "slices": [
+                {
+                    "sources": [{"model": base, "layer_range": [lo, lo + 15]}]
+                    + [
+                        {"model": m, "layer_range": [lo, lo + 15], "parameters": {"weight": 1.0, "density": density}}
+                        for m in (shift, increment)
+                    ]
+                }
+                for lo, density in ((0, 0.3), (15, 0.7))
+            ],
+        },
     }
+
+
+# Methods whose random trim (DARE, DELLA) is fixed to one draw in both tools.
+RANDOM_TRIMS = {"dare_ties", "della"}
 
 
 def slerp(base: str, other: str, t) -> dict:
@@ -96,22 +129,31 @@ def slerp(base: str, other: str, t) -> dict:
     }
 
 
+ALL_CASES = ["linear", "ties", "dare_ties", "breadcrumbs_ties", "della", "slerp", "ties_slices"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "slerp"])
+@pytest.mark.parametrize("method", ALL_CASES)
 def test_merge_of_the_real_checkpoint_equals_mergekit_bit_for_bit(method, zoo, tmp_path):
     compare_with_mergekit_yaml(method, zoo, tmp_path).assert_bit_for_bit()
 
 
-def compare_with_mergekit_yaml(method: str, zoo: Path, tmp_path: Path):
-    """`evomerge merge` against `mergekit-yaml` in float32, after checking the tied embeddings stay
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ALL_CASES)
+def test_bf16_merge_of_the_real_checkpoint_is_within_one_step_of_mergekit(method, zoo, tmp_path):
+    compare_with_mergekit_yaml(method, zoo, tmp_path, dtype="bfloat16").assert_within_one_step(0.995)
+
+
+def compare_with_mergekit_yaml(method: str, zoo: Path, tmp_path: Path, dtype: str = "float32"):
+    """`evomerge merge` against `mergekit-yaml` in `dtype`, after checking the tied embeddings stay
     tied. DARE's random drop is fixed to one draw in both tools (mergekit_equality.fixed_masks),
     which needs both in this process."""
     sys.path.insert(0, str(REPO / "tests" / "merge"))
     from mergekit_equality import compare_folders, compare_with_mergekit, run_mergekit_cli
 
     path = tmp_path / "merge.yaml"
-    path.write_text(yaml.safe_dump(merge_cases(zoo)[method] | {"dtype": "float32"}, sort_keys=False))
-    if method == "dare_ties":
+    path.write_text(yaml.safe_dump(merge_cases(zoo)[method] | {"dtype": dtype}, sort_keys=False))
+    if method in RANDOM_TRIMS:
         report, ours = compare_with_mergekit(path, tmp_path, seed=0, fixed=True), tmp_path / "evomerge"
     else:
         ours = tmp_path / "ours"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import UserError
+from evomerge.files import nested_leaves
 
 
 def absolute_paths(config: dict, yaml_dir: Path) -> dict[str, Any]:
@@ -46,14 +47,7 @@ def _absolute(path: str, yaml_dir: Path) -> str:
 
 
 def _local_paths(value: Any) -> Iterator[str]:
-    if isinstance(value, dict):
-        for paths in value.values():
-            yield from _local_paths(paths)
-    elif isinstance(value, list):
-        for path in value:
-            yield from _local_paths(path)
-    elif "://" not in str(value):
-        yield str(value)
+    return (str(path) for path in nested_leaves(value) if "://" not in str(path))
 
 
 def check_data_files_exist(overrides: dict, name: str, yaml_path: Path, field: str) -> None:

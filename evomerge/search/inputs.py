@@ -37,7 +37,7 @@ import yaml
 
 from evomerge.evaluation.hub_data import dataset_fingerprints
 from evomerge.evaluation.tasks import resolve_tasks
-from evomerge.files import write_text_atomic
+from evomerge.files import nested_leaves, write_text_atomic
 from evomerge.hub import ModelSource
 
 LOG = logging.getLogger(__name__)
@@ -275,14 +275,9 @@ def _yaml_and_code(path: Path, seen: set[Path] | None = None) -> set[Path]:
 
 
 def _function_modules(value) -> Iterator[str]:
-    if isinstance(value, tuple) and value[0] == "function" and isinstance(value[1], str):
-        yield value[1].rpartition(".")[0]
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _function_modules(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _function_modules(item)
+    for leaf in nested_leaves(value):
+        if isinstance(leaf, tuple) and leaf[0] == "function" and isinstance(leaf[1], str):
+            yield leaf[1].rpartition(".")[0]
 
 
 def _data_files(overrides: dict) -> set[Path]:
@@ -296,14 +291,7 @@ def _data_files(overrides: dict) -> set[Path]:
 
 
 def _strings(value) -> Iterator[str]:
-    if isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)
-    elif value is not None:
-        yield str(value)
+    return (str(leaf) for leaf in nested_leaves(value) if leaf is not None)
 
 
 def _scheme(digest: str) -> str:

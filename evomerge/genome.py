@@ -22,28 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.merge.config import MergeConfig
-from evomerge.merge.methods import METHODS, MethodInfo
 from evomerge.merge.parameters import PARAMETERS, PER_MODEL, SEARCHABLE, default_of
+from evomerge.merge.registry import METHODS
 from evomerge.rundir.genes import EMBED, HEAD, GeneRow, gene_name
 from evomerge.rundir.trials import BASE_LABEL, LINEAR_LABEL, parent_label
-from evomerge.spec import DEFAULT_BOUNDS, Spec
-
-# Version 2 bounds where the parameter table's differ: lambda reaches 0 (the base) and 2.
-SCALE_BOUNDS_V2 = {"lambda": (0.0, 2.0)}
-# The label of each method's default merge among the baselines (preflight scores it).
-STANDARD_DEFAULT_LABELS = {
-    "linear": LINEAR_LABEL,
-    "task_arithmetic": "task_arithmetic (lambda=1)",
-    "ties": "ties (density=0.5)",
-    "dare_ties": "dare_ties (density=0.5)",
-}
+from evomerge.spec import Spec
 
 
 def default_merge_label(method: str) -> str:
     """The baseline label of `method` with its default settings (weights 1, density 0.5, t 0.5)."""
-    if method in STANDARD_DEFAULT_LABELS:
-        return STANDARD_DEFAULT_LABELS[method]
-    return f"{method} (t=0.5)" if method == "slerp" else f"{method} (density=0.5)"
+    return METHODS[method].default_label
 
 
 # The first candidate's values (weight's depends on normalization, see Genome.default_values).
@@ -84,10 +72,6 @@ class Gene:
         return float(np.clip((value - self.low) / (self.high - self.low), 0.0, 1.0))
 
 
-def is_normalized(method: MethodInfo, fixed: dict) -> bool:
-    return bool(fixed.get("normalize", method.shared_params.get("normalize", False)))
-
-
 def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
     """Contiguous [start, end) layer ranges, as even as possible; needs groups <= num_layers."""
     if not 1 <= groups <= num_layers:
@@ -108,7 +92,7 @@ class Genome:
         # Whose per-model genes exist: the experts, and from version 2 the base for linear (which
         # otherwise cannot express the base model).
         self.weighted_models = list(spec.models.experts)
-        if self.version >= 2 and self.method.family == "linear":
+        if self.version >= 2 and self.method.base_is_source:
             self.weighted_models.append(spec.models.base)
         self.groups = layer_groups(num_layers, spec.genome.layer_groups)
         self.genes = self._make_genes()
@@ -121,11 +105,7 @@ class Genome:
     def _bounds(self, param: str) -> tuple[float, float]:
         if param in self.spec.genome.bounds:
             return tuple(self.spec.genome.bounds[param])
-        if self.version >= 2 and param in SCALE_BOUNDS_V2:
-            return SCALE_BOUNDS_V2[param]
-        if param == "weight" and not is_normalized(self.method, self.fixed) and self.method.family != "linear":
-            return (0.0, 2.0)  # unnormalized weights are scales; 1.0 (plain task arithmetic) sits mid-box
-        return DEFAULT_BOUNDS[param]
+        return self.method.search_bounds(param, self.fixed, self.version)
 
     def _make_genes(self) -> list[Gene]:
         sites = [(Region.LAYERS, index) for index in range(len(self.groups))]
@@ -158,8 +138,7 @@ class Genome:
 
     def default_values(self) -> dict[str, float]:
         """x0: version 2 puts every weight at 1, which is exactly the method's default merge."""
-        normalized = is_normalized(self.method, self.fixed) or self.method.family == "linear"
-        weight = 1.0 if self.version >= 2 or not normalized else 0.5
+        weight = 1.0 if self.version >= 2 or not self.method.weights_average(self.fixed) else 0.5
         defaults = dict(DEFAULT_VALUES, weight=weight)
         values = {gene.name: defaults[gene.param] for gene in self.genes}
         for gene in self._base_weight_genes():
@@ -188,14 +167,14 @@ class Genome:
         """
         if self.version >= 2:
             return self._baseline_points_v2()
-        if "weight" not in self.params or not _sparsification_off_at_density_one(self.method):
+        if "weight" not in self.params or not self.method.exact_at_density_one:
             return []
         experts = list(self.spec.models.experts)
         points = []
         for index, path in enumerate(experts):
             point = self._point_with(lambda gene, index=index: 1.0 if gene.model == index else 0.0)
             points.append((parent_label(path), point))
-        if self.method.name == "task_arithmetic" and len(experts) > 1:
+        if self.method.expresses_average and len(experts) > 1:
             points.append((LINEAR_LABEL, self._point_with(lambda gene: 1.0 / len(experts))))
         return [(label, point) for label, point in points if point is not None]
 
@@ -205,20 +184,21 @@ class Genome:
         points = [(BASE_LABEL, self._alone(base_index))]
         points += [(parent_label(path), self._alone(index)) for index, path in enumerate(experts)]
         if not self.fixed:  # fixed settings make x0 another merge than the default one
-            points.append((default_merge_label(self.method.name), self._exact(self.default_values())))
-        if self.method.name == "task_arithmetic" and len(experts) > 1:
+            points.append((self.method.default_label, self._exact(self.default_values())))
+        if self.method.expresses_average and len(experts) > 1:
             points.append((LINEAR_LABEL, self._point_with(lambda gene: 1.0 / len(experts))))
         return [(label, point) for label, point in points if point is not None]
 
     def _alone(self, model: int) -> np.ndarray | None:
         """The point that merges to one model alone (model == number of experts: the base)."""
-        if self.method.family == "slerp":  # t = 0 is the base, t = 1 the expert
-            if "t" not in self.params:
+        mix = self.method.interpolation  # 0 is the base, 1 the expert
+        if mix is not None:
+            if mix not in self.params:
                 return None
-            return self._with_values({"t": 0.0 if model == len(self.spec.models.experts) else 1.0})
+            return self._with_values({mix: 0.0 if model == len(self.spec.models.experts) else 1.0})
         if "weight" not in self.params:
             return None
-        if model == len(self.spec.models.experts) and self.method.family != "linear":
+        if model == len(self.spec.models.experts) and not self.method.base_is_source:
             # All weights 0: nothing is added to the base, whatever the trims.
             return self._point_with(lambda gene: 0.0, sparsified=False)
         return self._point_with(lambda gene: 1.0 if gene.model == model else 0.0)
@@ -349,13 +329,6 @@ class Genome:
                 head = name_of[(param, model, HEAD, None)]
                 branches[:0] = [("lm_head", head), ("model.norm.", head)]
         return branches
-
-
-def _sparsification_off_at_density_one(method: MethodInfo) -> bool:
-    """Linear, plain task arithmetic, TIES trims and DARE drops keep every delta at density 1."""
-    return method.family == "linear" or (
-        method.family == "task_vector" and method.sparsification in (None, "magnitude", "random")
-    )
 
 
 def _present(**fields) -> dict:

@@ -22,14 +22,14 @@ from evomerge.evaluation.checks import check_chat_template
 from evomerge.evaluation.config import EvalSet
 from evomerge.evaluation.dry_run import rehearse_eval_set
 from evomerge.evaluation.tasks import resolve_tasks
-from evomerge.genome import Genome, default_merge_label
+from evomerge.genome import Genome
 from evomerge.hub import ModelSources, resolve_models
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.fingerprint import same_weights, weights_fingerprint
-from evomerge.merge.methods import METHODS
+from evomerge.merge.registry import METHODS, every_tensor_config, single_model_config
 from evomerge.merge.tokenizers import VOCABULARY_FILES, read_tokenizer, tokenizer_difference
 from evomerge.merge.validate import validate_merge_config
-from evomerge.rundir.trials import BASE_LABEL, LINEAR_LABEL, parent_label
+from evomerge.rundir.trials import BASE_LABEL, parent_label
 from evomerge.spec import Spec
 
 
@@ -52,11 +52,9 @@ def preflight(
 ) -> Prepared:
     """Every check before a search; `pins` (model name -> commit) holds hub models at those commits,
     `dataset_revisions` (a lock's, `evaluation.hub_data.locked_dataset_revisions`) hub datasets."""
-    method = METHODS[spec.merge.method]
-    if method.family == "slerp" and len(spec.models.experts) != 1:
-        raise UserError(
-            f"{source}: models.experts: slerp merges the base with exactly one expert, got {len(spec.models.experts)}; use ties or task_arithmetic for more"
-        )
+    experts_problem = METHODS[spec.merge.method].experts_problem(len(spec.models.experts))
+    if experts_problem:
+        raise UserError(f"{source}: models.experts: {experts_problem}")
     sources = resolve_models(model_fields(spec), source, pins, fetch_hint=f"evomerge prefetch {source}")
     folders = sources.folders()
     _check_distinct_folders(folders, model_fields(spec), source)
@@ -92,15 +90,8 @@ def model_fields(spec: Spec) -> dict[str, str]:
 
 
 def _union_config(spec: Spec) -> MergeConfig:
-    """A task-arithmetic merge over every model: it touches every tensor the search can use."""
-    return MergeConfig.model_validate(
-        {
-            "merge_method": "task_arithmetic",
-            "base_model": spec.models.base,
-            "models": [{"model": path, "parameters": {"weight": 1.0}} for path in spec.models.experts],
-            "dtype": spec.merge.dtype,
-        }
-    )
+    """A merge over every model: it touches every tensor the search can use."""
+    return MergeConfig.model_validate(every_tensor_config(spec.models.base, spec.models.experts, spec.merge.dtype))
 
 
 def _check_tokenizers(fields: dict[str, str], source: str) -> None:
@@ -196,55 +187,22 @@ def _check_docs_budget(spec: Spec, baselines: int, per_candidate: int, source: s
 
 
 def baseline_configs(spec: Spec) -> list[tuple[str, dict]]:
-    """The parents and the default merges every report compares against."""
-    base, experts = spec.models.base, spec.models.experts
-    dtype = spec.merge.dtype
-
-    def merge(method, weight, **extra):
-        models = [{"model": p, "parameters": {"weight": weight, **extra}} for p in experts]
-        return {"merge_method": method, "base_model": base, "models": models, "dtype": dtype}
-
-    configs = [(BASE_LABEL, _single(base, dtype))]
-    configs += [(parent_label(p), _single(p, dtype)) for p in experts]
-    configs += [
-        (
-            LINEAR_LABEL,
-            {
-                "merge_method": "linear",
-                "models": [{"model": p, "parameters": {"weight": 1.0}} for p in experts],
-                "dtype": dtype,
-            },
-        ),
-        ("task_arithmetic (lambda=1)", merge("task_arithmetic", 1.0)),
-        ("ties (density=0.5)", merge("ties", 1.0, density=0.5)),
-        ("dare_ties (density=0.5)", merge("dare_ties", 1.0, density=0.5)),
-    ]
-    own = default_merge_label(spec.merge.method)
-    if spec.version >= 2 and own not in dict(configs):
-        configs.append((own, method_default_config(spec)))
+    """The base, the parents and the default merges every report compares against: the methods'
+    standard ones and, from version 2, the spec's own method's."""
+    base, experts, dtype = spec.models.base, list(spec.models.experts), spec.merge.dtype
+    configs = [(BASE_LABEL, single_model_config(base, dtype))]
+    configs += [(parent_label(p), single_model_config(p, dtype)) for p in experts]
+    standard = [m for m in METHODS.values() if m.standard_baseline]
+    configs += [(m.default_label, m.default_merge(base, experts, dtype)) for m in standard]
+    own = METHODS[spec.merge.method]
+    if spec.version >= 2 and own.default_label not in dict(configs):
+        configs.append((own.default_label, method_default_config(spec)))
     return configs
 
 
 def method_default_config(spec: Spec) -> dict:
     """The spec's method with weights 1, density 0.5 and t 0.5 (else mergekit's defaults): version 2's x0."""
-    method = METHODS[spec.merge.method]
-    base, dtype = spec.models.base, spec.merge.dtype
-    if method.family == "slerp":
-        models = [{"model": p} for p in spec.models.experts]
-        return {
-            "merge_method": method.name,
-            "base_model": base,
-            "models": models,
-            "parameters": {"t": 0.5},
-            "dtype": dtype,
-        }
-    extra = {"density": 0.5} if "density" in method.input_params else {}
-    models = [{"model": p, "parameters": {"weight": 1.0, **extra}} for p in spec.models.experts]
-    return {"merge_method": method.name, "base_model": base, "models": models, "dtype": dtype}
-
-
-def _single(path: str, dtype: str) -> dict:
-    return {"merge_method": "linear", "models": [{"model": path, "parameters": {"weight": 1.0}}], "dtype": dtype}
+    return METHODS[spec.merge.method].default_merge(spec.models.base, list(spec.models.experts), spec.merge.dtype)
 
 
 TRACKER_INSTALL_HINT = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}

@@ -116,7 +116,7 @@ def _planned_gpus(spec, gpu_memory: str | None, gpus: int | None) -> tuple[int |
 def _memory_plan(spec, base_folder: str, gpu_bytes: int | None, gpus: int | None):
     from evomerge.merge.io import inspect_model_folder, parse_dtype
     from evomerge.merge.memory_plan import SCORER_TOKEN_BUDGET, PlanRequest, plan_memory
-    from evomerge.merge.methods import METHODS
+    from evomerge.merge.registry import METHODS
 
     dtype = parse_dtype(spec.merge.dtype, "merge.dtype")
     request = PlanRequest(
@@ -221,7 +221,7 @@ def _refuse_what_memory_cannot_hold(spec, model: Path, device: str) -> None:
     from evomerge.evaluation.standalone import inspect_model
     from evomerge.merge.io import inspect_model_folder, parse_dtype
     from evomerge.merge.memory_plan import SCORER_TOKEN_BUDGET, PlanRequest, host_memory, plan_memory
-    from evomerge.merge.methods import METHODS
+    from evomerge.merge.registry import METHODS, SINGLE_MODEL
 
     dtype = parse_dtype(spec.merge.dtype, "merge.dtype")
     merge = inspect_model(model).merge
@@ -229,7 +229,7 @@ def _refuse_what_memory_cannot_hold(spec, model: Path, device: str) -> None:
     request = PlanRequest(
         base=folder,
         experts=0 if merge is None else len(merge.folders) - 1,
-        method=METHODS["linear" if merge is None else merge.config.merge_method],
+        method=SINGLE_MODEL if merge is None else METHODS[merge.config.merge_method],
         work_dtype=dtype,
         model_dtype=dtype,
         token_budget=spec.evaluation.token_budget or SCORER_TOKEN_BUDGET,

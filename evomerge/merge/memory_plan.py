@@ -29,8 +29,8 @@ import torch
 
 from evomerge.merge.fused.layout import BLOCK
 from evomerge.merge.io import ModelFolder
-from evomerge.merge.methods import MethodInfo
 from evomerge.merge.placement import split_layers
+from evomerge.merge.registry import MethodInfo
 
 DEFAULT_WORKSPACE_BYTES = 2 * 1024**3  # when the scorer's shape is unknown
 SCORER_TOKEN_BUDGET = 16384  # the GPU scorer's tokens per batch when evaluation.token_budget is unset
@@ -40,7 +40,6 @@ TABLE_BYTES_PER_BLOCK = 8  # the kernel's block -> tensor and block -> its tenso
 TIE_BYTES_PER_BLOCK = 8  # per expert and block: tied elements counted, and those before the block
 TIE_SCAN_BYTES_PER_BLOCK = 16  # one expert's int64 running count of ties, and its per-tensor start
 TABLE_BYTES_PER_TENSOR = 256  # starts, sizes, ratios, norms and the candidate's parameter row
-FUSED_SPARSIFICATIONS = (None, "magnitude", "random")
 GIB = 1024**3
 MEMORY_SIZE_LIMITS = (1024**2, 1024**5)  # what a --gpu-memory may be: 1 MiB to 1 PiB
 
@@ -148,7 +147,7 @@ class PlanRequest:
 
 
 def is_fused(method: MethodInfo, on_gpu: bool) -> bool:
-    return on_gpu and method.family == "task_vector" and method.sparsification in FUSED_SPARSIFICATIONS
+    return on_gpu and method.fused
 
 
 def source_bytes_per_element(request: PlanRequest, fused: bool) -> int:

@@ -3,7 +3,7 @@
 Nothing here reads files, resolves parameters or knows model structure: each function takes
 tensors and numbers and returns a tensor. Task arithmetic, TIES, DARE, breadcrumbs and DELLA are
 one family (`task_vector_merge`) configured by a sparsification rule, a sign consensus, rescale and
-normalize; `METHODS` lists which setting each named method uses.
+normalize; `registry.METHODS` lists which setting each named method uses.
 
 A magnitude trim keeps exactly k = max(1, int(density*n)) elements, as mergekit does: every element
 whose |delta| exceeds the k-th largest (the threshold) and, of those equal to it, as many as k
@@ -22,87 +22,21 @@ merging many candidates from the same sources may pass such ranks precomputed
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
-from evomerge.merge.parameters import SEARCHABLE, default_of
+from evomerge.merge.parameters import default_of
+from evomerge.merge.registry import METHODS as METHODS  # re-exported: scripts import it from here
+from evomerge.merge.registry import MethodInfo as MethodInfo
+from evomerge.merge.registry import Sparsification
 
 DEFAULT_GAMMA = default_of("gamma")
 DEFAULT_EPSILON = default_of("epsilon")
 
-Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
 # Which elements tied at a magnitude trim's threshold come first: "sort" is torch's argsort on the
 # tensor's device (mergekit's choice there), "flat" the lowest flat index (CUDA's stable sort).
 TieOrder = Literal["sort", "flat"]
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    """How a named merge method is configured and which parameters it takes."""
-
-    name: str
-    family: Literal["task_vector", "linear", "slerp"]
-    sparsification: Sparsification | None = None
-    sign_consensus: bool = False
-    default_normalize: bool = False
-    default_rescale: bool = False
-    needs_base: bool = True
-    # Parameters resolved per input model (base excluded for task-vector methods).
-    input_params: dict[str, float | None] = field(default_factory=dict)
-    # Parameters resolved once per tensor.
-    shared_params: dict[str, float | bool | None] = field(default_factory=dict)
-
-    @property
-    def is_random(self) -> bool:
-        return self.sparsification in ("random", "della_magprune")
-
-    @property
-    def tunable(self) -> tuple[str, ...]:
-        """Parameters a search may evolve."""
-        return tuple(p for p in SEARCHABLE if p in self.input_params or p in self.shared_params)
-
-
-def _task_vector_method(name, sparsification, consensus, normalize, rescale) -> MethodInfo:
-    input_params: dict[str, float | None] = {"weight": None, "density": default_of("density")}
-    if sparsification == "magnitude_outliers":
-        input_params["gamma"] = default_of("gamma")
-    if sparsification == "della_magprune":
-        input_params["epsilon"] = default_of("epsilon")
-    return MethodInfo(
-        name=name,
-        family="task_vector",
-        sparsification=sparsification,
-        sign_consensus=consensus,
-        default_normalize=normalize,
-        default_rescale=rescale,
-        input_params=input_params,
-        shared_params={"normalize": normalize, "rescale": rescale, "lambda": default_of("lambda"), "int8_mask": False},
-    )
-
-
-METHODS: dict[str, MethodInfo] = {
-    m.name: m
-    for m in (
-        MethodInfo(
-            "linear",
-            "linear",
-            needs_base=False,
-            input_params={"weight": None},
-            shared_params={"normalize": True},
-        ),
-        MethodInfo("slerp", "slerp", input_params={}, shared_params={"t": None}),
-        _task_vector_method("task_arithmetic", None, False, False, False),
-        _task_vector_method("ties", "magnitude", True, True, False),
-        _task_vector_method("dare_ties", "random", True, False, True),
-        _task_vector_method("dare_linear", "random", False, False, True),
-        _task_vector_method("breadcrumbs", "magnitude_outliers", False, False, False),
-        _task_vector_method("breadcrumbs_ties", "magnitude_outliers", True, False, False),
-        _task_vector_method("della", "della_magprune", True, True, True),
-        _task_vector_method("della_linear", "della_magprune", False, False, True),
-    )
-}
 
 
 def magnitude_rank(delta: torch.Tensor, descending: bool = True) -> torch.Tensor:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evomerge.merge.config import ConditionalParameter, MergeConfig, OutputSlice, SourceSlice
-from evomerge.merge.methods import METHODS, MethodInfo
+from evomerge.merge.registry import METHODS, MethodInfo
 
 LAYER_NAME = re.compile(r"^(?P<prefix>.*?\.layers\.)(?P<index>\d+)(?P<suffix>\..+)$")
 BOOL_PARAMS = {"normalize", "rescale", "int8_mask"}

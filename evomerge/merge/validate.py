@@ -14,12 +14,11 @@ import torch
 from evomerge.errors import UserError, did_you_mean
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.io import ModelFolder, inspect_model_folder, parse_dtype
-from evomerge.merge.methods import METHODS
 from evomerge.merge.parameters import PARAMETERS, default_of
 from evomerge.merge.plan import MergePlan, MissingParameter, Planner, evaluate_setting, normalized_slices
+from evomerge.merge.registry import KNOWN_PARAMETERS, METHODS
 
 SUPPORTED_TOKENIZER_SOURCES = ("base",)
-KNOWN_PARAMETERS = {p for m in METHODS.values() for p in (*m.input_params, *m.shared_params)}
 
 
 @dataclass(frozen=True)
@@ -188,12 +187,11 @@ def _build_plan(config: MergeConfig, folders: dict[str, ModelFolder], source: st
     names = {path: list(folder.tensors) for path, folder in folders.items()}
     counts = {path: folder.num_layers for path, folder in folders.items()}
     method = METHODS[config.merge_method]
-    if method.family == "slerp":
+    if method.experts_exactly is not None:
         for i, output_slice in enumerate(normalized_slices(config, counts)):
-            if len(output_slice.sources) != 2:
-                raise UserError(
-                    f"{source}: slices[{i}]: slerp merges exactly two models (the base and one other), got {len(output_slice.sources)}"
-                )
+            problem = method.slice_problem(len(output_slice.sources))
+            if problem:
+                raise UserError(f"{source}: slices[{i}]: {problem}")
     try:
         plan = Planner(config, names, counts).build()
     except MissingParameter as unset:
@@ -208,7 +206,7 @@ def _build_plan(config: MergeConfig, folders: dict[str, ModelFolder], source: st
             raise UserError(
                 f"{source}: tensor {tensor.output} is missing from '{missing[0]}'; the models are not the same architecture"
             )
-    if method.sparsification == "della_magprune":
+    if "epsilon" in method.input_params:
         _check_della_epsilon(plan, source)
     return plan
 

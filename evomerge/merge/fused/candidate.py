@@ -31,8 +31,8 @@ from evomerge.merge.engine import ResidentSources, merge_tensor, named_tensors, 
 from evomerge.merge.fused.sources import FusedSources, NotFusable, fused_unavailable_reason
 from evomerge.merge.io import LazyTensorReader
 from evomerge.merge.memory_plan import DEFAULT_WORKSPACE_BYTES
-from evomerge.merge.methods import METHODS
 from evomerge.merge.placement import LayerSplit
+from evomerge.merge.registry import METHODS
 from evomerge.merge.validate import ValidatedMerge, validate_merge_config
 
 log = logging.getLogger(__name__)

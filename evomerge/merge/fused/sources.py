@@ -44,12 +44,11 @@ from evomerge.merge.fused.streaming import Stager
 from evomerge.merge.fused.tables import MagnitudeTables, ParameterTable
 from evomerge.merge.io import LazyTensorReader
 from evomerge.merge.memory_plan import DEFAULT_CHUNK_BYTES, DEFAULT_WORKSPACE_BYTES, sources_fit_device
-from evomerge.merge.methods import METHODS, MethodInfo
+from evomerge.merge.registry import METHODS, FusedTrim, MethodInfo
 from evomerge.merge.validate import ValidatedMerge, validate_merge_config
 
 __all__ = ["BLOCK", "FlatLayout", "FusedSources", "NotFusable", "fused_unavailable_reason"]
 
-SPARSIFY_CODES = {None: 0, "magnitude": 1, "random": 2}
 ROUND_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ def fused_unavailable_reason(device: str, method: MethodInfo, interpreter_ok: bo
     `interpreter_ok` lets tests run it on CPU under TRITON_INTERPRET=1 (set before triton is
     imported); a worker never picks that path, it is far slower than the reference path.
     """
-    if method.family != "task_vector" or method.sparsification not in SPARSIFY_CODES:
+    if not method.fused:
         return f"method {method.name} has no fused kernel"
     try:
         import triton  # noqa: F401
@@ -196,7 +195,7 @@ class FusedSources:
 
     def _tie_experts(self) -> int:
         """Experts whose ties a TIES trim counts per block (memory_plan.table_bytes)."""
-        return len(self.experts) if self.method.sparsification == "magnitude" else 0
+        return len(self.experts) if self.method.fused_trim is FusedTrim.MAGNITUDE else 0
 
     def planned_bytes(self) -> int:
         return self.layout.total * self.bytes_per_element()
@@ -257,7 +256,7 @@ class FusedSources:
                     continue
                 delta = self.delta_view(expert, segment).to(self.device)
                 self.before_l1[segment, expert] = delta.abs().sum()
-                if self.method.sparsification == "magnitude":
+                if self.method.fused_trim is FusedTrim.MAGNITUDE:
                     self.magnitudes.add(segment, expert, delta)
         self.magnitudes.build_index()
 
@@ -325,7 +324,7 @@ class FusedSources:
         """Host-side work for one candidate (no device access, so it can overlap another's evaluation)."""
         table = self.parameters(validated, seed)
         cuts: tuple[np.ndarray, np.ndarray] | None = None
-        if self.method.sparsification == "magnitude":
+        if self.method.fused_trim is FusedTrim.MAGNITUDE:
             cuts = self.magnitudes.thresholds(table.keep_counts(self.layout.numels))
         return table, table.pack(self.work_dtype, cuts)
 
@@ -338,8 +337,8 @@ class FusedSources:
         ratios, stager = self._ratios, self._stager
         if stager is None:
             raise RuntimeError("launch before fill: the sources hold nothing yet")
-        rescale = self.method.sparsification == "random" and bool(table.rescale.any())
-        exact = self.method.sparsification == "magnitude" and table.split_ties
+        rescale = self.method.fused_trim is FusedTrim.RANDOM and bool(table.rescale.any())
+        exact = self.method.fused_trim is FusedTrim.MAGNITUDE and table.split_ties
         # Uploaded once, not per chunk: a pageable upload waits for the queued kernels.
         unscaled = torch.from_numpy((table.densities >= 1) | ~table.rescale[:, None]).to(self.device)
         for chunk, stage in zip(self._chunks, stager.stages(), strict=True):
@@ -365,7 +364,7 @@ class FusedSources:
                 stage.elements,
                 M=len(self.experts),
                 P=packed.shape[1],
-                SPARSIFY=SPARSIFY_CODES[self.method.sparsification],
+                SPARSIFY=int(self.method.fused_trim),
                 CONSENSUS=self.method.sign_consensus,
                 RESCALE=rescale,
                 WORK=ROUND_CODES[self.work_dtype],

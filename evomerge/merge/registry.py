@@ -1,0 +1,253 @@
+"""Every merge method's facts in one entry, without torch: what it takes, searches and is compared with.
+
+`METHODS` maps a mergekit method name to its `MethodInfo`: how its tensor function is configured
+(family, sparsification, sign consensus), which parameters it resolves, which it searches by
+default and within which bounds, its baseline points (its default merge, the points equal to a
+parent or to the base), whether the fused GPU kernel runs it, and the checks a spec must pass to
+use it. The spec, the genome, preflight and the CLI ask the entry and never branch on a method's
+name; the tensor functions that carry a method out live in `methods.py` (torch), dispatched by
+family in `engine.py`. Adding a method is one entry here, its tensor function and its tests.
+
+Nothing here imports torch, so loading a spec and the read-only commands stay light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Literal
+
+from evomerge.merge.parameters import PARAMETERS, SEARCHABLE, default_of
+
+Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
+Family = Literal["task_vector", "linear", "slerp"]
+
+# The baseline label of the equal-weight linear average (the linear method's default merge).
+LINEAR_AVERAGE_LABEL = "linear (equal weights)"
+# Search version 2's bounds where the parameter table's differ: lambda reaches 0 (the base) and 2.
+SCALE_BOUNDS_V2 = {"lambda": (0.0, 2.0)}
+# Bounds of a weight that scales a task vector (unnormalized): 1.0, plain task arithmetic, mid-box.
+TASK_VECTOR_SCALE_BOUNDS = (0.0, 2.0)
+
+
+class FusedTrim(IntEnum):
+    """The fused kernel's SPARSIFY constant: how it trims a task vector (fused/kernels.py)."""
+
+    NONE = 0
+    MAGNITUDE = 1
+    RANDOM = 2
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A named merge method: its configuration, its parameters, its search space and baselines."""
+
+    name: str
+    family: Family
+    sparsification: Sparsification | None = None
+    sign_consensus: bool = False
+    default_normalize: bool = False
+    default_rescale: bool = False
+    needs_base: bool = True
+    # Parameters resolved per input model (base excluded for task-vector methods).
+    input_params: dict[str, float | None] = field(default_factory=dict)
+    # Parameters resolved once per tensor.
+    shared_params: dict[str, float | bool | None] = field(default_factory=dict)
+    # What a search evolves when the spec does not say (before lambda, see `default_parameters`).
+    default_searched: tuple[str, ...] = ()
+    # Its default merge: each expert's parameters, the shared ones, and its baseline label.
+    default_settings: dict[str, float] = field(default_factory=dict)
+    default_shared: dict[str, float] = field(default_factory=dict)
+    default_label: str = ""
+    # Scored as a default merge in every run, whatever the spec's method.
+    standard_baseline: bool = False
+    # Density 1 keeps every delta, so weight 1 alone is a parent: search version 1 seeds only
+    # these methods' parent points.
+    exact_at_density_one: bool = False
+    # Weights 1/n at density 1 are the linear average, seeded as that baseline.
+    expresses_average: bool = False
+    # The shared parameter that moves from the base (0) to the expert (1), for interpolations.
+    interpolation: str | None = None
+    # How many experts it merges, when it takes one fixed number.
+    experts_exactly: int | None = None
+    # How the fused GPU kernel trims it; None: the kernel cannot run it (the reference path does).
+    fused_trim: FusedTrim | None = None
+
+    @property
+    def is_random(self) -> bool:
+        return self.sparsification in ("random", "della_magprune")
+
+    @property
+    def tunable(self) -> tuple[str, ...]:
+        """Parameters a search may evolve."""
+        return tuple(p for p in SEARCHABLE if p in self.input_params or p in self.shared_params)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fused GPU kernel can run it."""
+        return self.fused_trim is not None
+
+    @property
+    def base_is_source(self) -> bool:
+        """The base is one more weighted source (it has no base role), so it needs its own weight."""
+        return not self.needs_base
+
+    def normalizes(self, fixed: dict) -> bool:
+        """Whether the merge divides by the sum of the weights, given the spec's fixed settings."""
+        return bool(fixed.get("normalize", self.shared_params.get("normalize", False)))
+
+    def weights_average(self, fixed: dict) -> bool:
+        """Weights are shares of an average (bounds [0, 1]) rather than scales of a task vector."""
+        return self.family == "linear" or self.normalizes(fixed)
+
+    def search_bounds(self, param: str, fixed: dict, version: int) -> tuple[float, float]:
+        """Default genome bounds of `param` under search `version` (a spec's own bounds come first)."""
+        if version >= 2 and param in SCALE_BOUNDS_V2:
+            return SCALE_BOUNDS_V2[param]
+        if param == "weight" and not self.weights_average(fixed):
+            return TASK_VECTOR_SCALE_BOUNDS
+        bounds = PARAMETERS[param].search_bounds
+        assert bounds is not None, f"{param} is searchable, so it has bounds"
+        return bounds
+
+    def default_parameters(self, fixed: dict, version: int) -> list[str]:
+        """What a search evolves when the spec does not say.
+
+        From version 2 a method that normalizes by the sum of the weights (TIES, DELLA) also evolves
+        lambda: normalized weights cannot scale the merged task vector down, so without it the base
+        and every shrunk merge lie outside the space.
+        """
+        wanted = list(self.default_searched)
+        if version >= 2 and "lambda" in self.shared_params and self.normalizes(fixed):
+            wanted.append("lambda")
+        return [p for p in wanted if p not in fixed]
+
+    def default_merge(self, base: str, experts: list[str], dtype: str) -> dict:
+        """Its default merge of `experts` as a mergekit config: `default_settings` for each expert."""
+        models = [
+            {"model": p, "parameters": dict(self.default_settings)} if self.default_settings else {"model": p}
+            for p in experts
+        ]
+        config: dict = {"merge_method": self.name}
+        if self.needs_base:
+            config["base_model"] = base
+        config["models"] = models
+        if self.default_shared:
+            config["parameters"] = dict(self.default_shared)
+        config["dtype"] = dtype
+        return config
+
+    def experts_problem(self, count: int) -> str | None:
+        """Why it cannot merge `count` experts, or None when it can."""
+        if self.experts_exactly is None or count == self.experts_exactly:
+            return None
+        return (
+            f"{self.name} merges the base with exactly {_count(self.experts_exactly, 'expert')}, got {count}; "
+            "use ties or task_arithmetic for more"
+        )
+
+    def slice_problem(self, sources: int) -> str | None:
+        """Why a slice of `sources` models cannot be merged by it, or None."""
+        if self.experts_exactly is None or sources == self.experts_exactly + 1:
+            return None
+        return f"{self.name} merges exactly {_count(self.experts_exactly + 1, 'model')} (the base and one other), got {sources}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{'one' if n == 1 else 'two' if n == 2 else n} {noun}{'' if n == 1 else 's'}"
+
+
+def _task_vector_method(
+    name: str,
+    sparsification: Sparsification | None,
+    consensus: bool,
+    normalize: bool,
+    rescale: bool,
+    *,
+    standard_baseline: bool = False,
+) -> MethodInfo:
+    input_params: dict[str, float | None] = {"weight": None, "density": default_of("density")}
+    if sparsification == "magnitude_outliers":
+        input_params["gamma"] = default_of("gamma")
+    if sparsification == "della_magprune":
+        input_params["epsilon"] = default_of("epsilon")
+    trims = sparsification is not None
+    return MethodInfo(
+        name=name,
+        family="task_vector",
+        sparsification=sparsification,
+        sign_consensus=consensus,
+        default_normalize=normalize,
+        default_rescale=rescale,
+        input_params=input_params,
+        shared_params={"normalize": normalize, "rescale": rescale, "lambda": default_of("lambda"), "int8_mask": False},
+        # Plain task arithmetic has nothing to trim: only its weights are searched.
+        default_searched=("weight", "density") if trims else ("weight",),
+        default_settings={"weight": 1.0, "density": 0.5} if trims else {"weight": 1.0},
+        default_label=f"{name} (density=0.5)" if trims else f"{name} (lambda=1)",
+        standard_baseline=standard_baseline,
+        exact_at_density_one=sparsification in (None, "magnitude", "random"),
+        expresses_average=not trims,
+        fused_trim={None: FusedTrim.NONE, "magnitude": FusedTrim.MAGNITUDE, "random": FusedTrim.RANDOM}.get(
+            sparsification
+        ),
+    )
+
+
+METHODS: dict[str, MethodInfo] = {
+    m.name: m
+    for m in (
+        MethodInfo(
+            "linear",
+            "linear",
+            needs_base=False,
+            input_params={"weight": None},
+            shared_params={"normalize": True},
+            default_searched=("weight",),
+            default_settings={"weight": 1.0},
+            default_label=LINEAR_AVERAGE_LABEL,
+            standard_baseline=True,
+            exact_at_density_one=True,
+        ),
+        MethodInfo(
+            "slerp",
+            "slerp",
+            input_params={},
+            shared_params={"t": None},
+            default_searched=("t",),
+            default_shared={"t": 0.5},
+            default_label="slerp (t=0.5)",
+            interpolation="t",
+            experts_exactly=1,
+        ),
+        _task_vector_method("task_arithmetic", None, False, False, False, standard_baseline=True),
+        _task_vector_method("ties", "magnitude", True, True, False, standard_baseline=True),
+        _task_vector_method("dare_ties", "random", True, False, True, standard_baseline=True),
+        _task_vector_method("dare_linear", "random", False, False, True),
+        _task_vector_method("breadcrumbs", "magnitude_outliers", False, False, False),
+        _task_vector_method("breadcrumbs_ties", "magnitude_outliers", True, False, False),
+        _task_vector_method("della", "della_magprune", True, True, True),
+        _task_vector_method("della_linear", "della_magprune", False, False, True),
+    )
+}
+
+# What a plain model folder is, as a merge: one weighted source and no base.
+SINGLE_MODEL = METHODS["linear"]
+# A merge that reads every tensor of every model (preflight's union config).
+EVERY_TENSOR = METHODS["task_arithmetic"]
+# Every parameter some method resolves (anything else in a merge config is a typo).
+KNOWN_PARAMETERS = frozenset(p for m in METHODS.values() for p in (*m.input_params, *m.shared_params))
+
+
+def single_model_config(path: str, dtype: str) -> dict:
+    """The merge config that reproduces one model folder (a parent or the base as a baseline)."""
+    return {
+        "merge_method": SINGLE_MODEL.name,
+        "models": [{"model": path, "parameters": {"weight": 1.0}}],
+        "dtype": dtype,
+    }
+
+
+def every_tensor_config(base: str, experts: list[str], dtype: str) -> dict:
+    """A merge over every model that touches every tensor a search can use."""
+    return EVERY_TENSOR.default_merge(base, experts, dtype)

@@ -23,10 +23,9 @@ from evomerge.evaluation.config import DEFAULT_INCLUDE, EvaluationSpec, without_
 from evomerge.evaluation.config import Strict as _Strict
 from evomerge.hub import model_name
 from evomerge.merge.config import load_yaml_file
-from evomerge.merge.methods import METHODS, MethodInfo
 from evomerge.merge.parameters import PARAMETERS, SCALE_LIMITS, SEARCHABLE, SWITCHES, bounds_limits
+from evomerge.merge.registry import METHODS, MethodInfo
 
-DEFAULT_BOUNDS = {name: PARAMETERS[name].search_bounds for name in SEARCHABLE}
 LAYER_GROUPS_LIMIT = 1024
 POPSIZE_LIMIT = 10_000
 WORKERS_LIMIT = 4096
@@ -292,17 +291,9 @@ class Spec(_Strict):
 def default_parameters(method: MethodInfo, fixed: dict, version: int = SEARCH_VERSION) -> list[str]:
     """What a search evolves when the spec does not say.
 
-    From version 2 a method that normalizes by the sum of the weights (TIES, DELLA) also evolves
-    lambda: normalized weights cannot scale the merged task vector down, so without it the base
-    and every shrunk merge lie outside the space.
+    The method's entry says (`MethodInfo.default_parameters`); `version` is the spec's search version.
     """
-    wanted = [p for p in ("weight", "density", "t") if p in method.tunable]
-    if method.family == "task_vector" and method.sparsification is None:
-        wanted = ["weight"]
-    normalized = bool(fixed.get("normalize", method.shared_params.get("normalize", False)))
-    if version >= 2 and method.family == "task_vector" and normalized:
-        wanted.append("lambda")
-    return [p for p in wanted if p not in fixed]
+    return method.default_parameters(fixed, version)
 
 
 def _resolve_paths(data: dict, folder: Path) -> dict:

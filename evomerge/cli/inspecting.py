@@ -20,12 +20,13 @@ def status(
     import dataclasses
     import json
 
-    from evomerge.rundir.results import load_trials, status_of
-    from evomerge.rundir.verdict import build_verdict
+    from evomerge.rundir.ledger import Ledger
+    from evomerge.rundir.results import status_figures
+    from evomerge.rundir.verdict import verdict_of
 
-    events, trials = load_trials(run_dir)
-    figures = status_of(run_dir, events, trials)
-    verdict = build_verdict(run_dir, events, trials)
+    ledger = Ledger.read(run_dir)
+    figures = status_figures(ledger)
+    verdict = verdict_of(ledger, str(run_dir))
     figures["export_command"] = verdict.export_command
     figures["advice"] = verdict.advice
     figures["racing"] = dataclasses.asdict(verdict.racing) if verdict.racing else None
@@ -35,6 +36,7 @@ def status(
     for key in ("run", "asked", "completed", "failed", "in_flight", "best_score", "best_trial", "best_label"):
         typer.echo(f"{key:>15}: {figures[key]}")
     typer.echo(f"{'docs_scored':>15}: {figures['docs_scored']:,} (search documents, baselines included)")
+    typer.echo(f"{'budget':>15}: {_budget_line(figures['budget'])}")
     typer.echo(f"{'evals_per_min':>15}: {figures['evals_per_min']} (evolved candidates; the baseline phase excluded)")
     for key in ("heldout_winner", "finished"):
         typer.echo(f"{key:>15}: {figures[key]}")
@@ -53,6 +55,12 @@ def status(
         typer.echo(f"{'export':>15}: {verdict.export_command}")
     if verdict.advice:
         typer.echo(verdict.advice)
+
+
+def _budget_line(budget: dict) -> str:
+    """The budget in force, extensions included: 'max_evals 40, time_limit_min 30, max_docs 9,000'."""
+    limits = [f"{key} {budget[key]:,}" for key in ("max_evals", "time_limit_min", "max_docs") if budget.get(key)]
+    return ", ".join(limits) or "none (the search runs until stopped)"
 
 
 @app.command()
@@ -80,10 +88,11 @@ def export(
 ):
     """Write a trial as a standard mergekit YAML (the held-out winner by default); --merge OUT builds it too."""
     from evomerge.merge.card import origin_comment
-    from evomerge.rundir.results import describe, export_trial, load_trials, pareto_trials
+    from evomerge.rundir.ledger import Ledger
+    from evomerge.rundir.results import describe, export_trial, pareto_trials
 
     if pareto:
-        front = pareto_trials(load_trials(run_dir)[1])
+        front = pareto_trials(Ledger.read(run_dir).trials)
         if not front:
             raise UserError(
                 f"--pareto: {run_dir} has no multi-objective trials; declare evaluation.objectives in the spec"

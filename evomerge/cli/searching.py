@@ -68,10 +68,10 @@ def resume(
 ):
     """Continue a stopped or crashed search exactly where it was, with more budget if asked."""
     from evomerge.search.budget import BudgetRequest
-    from evomerge.search.start import resume_search
+    from evomerge.search.start import continue_run
 
     with _say_where_it_stopped(run_dir):
-        resume_search(
+        ledger = continue_run(
             run_dir,
             address,
             progress=_progress_settings(quiet, log_every),
@@ -79,7 +79,7 @@ def resume(
             accept_changed_inputs=accept_changed_inputs,
             budget=BudgetRequest(max_evals, time_limit_min, max_docs),
         )
-    print_summary(run_dir)
+    print_summary(run_dir, ledger)
 
 
 @contextlib.contextmanager
@@ -104,17 +104,17 @@ def _progress_settings(quiet: bool, log_every: int | None):
     return ProgressSettings.for_stream(sys.stderr, quiet=quiet, log_every=log_every or DEFAULT_LOG_EVERY)
 
 
-def print_summary(run_dir) -> None:
-    """The verdict a search or resume ends with: the table, margins in SE, the winner and its export."""
+def print_summary(run_dir, ledger=None) -> None:
+    """The verdict a search or resume ends with: the table, margins in SE, the winner and its export;
+    from the run's `ledger` when the search hands it over, else read from the journal."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    from evomerge.rundir.results import load_trials
-    from evomerge.rundir.verdict import build_verdict
+    from evomerge.rundir.ledger import Ledger
+    from evomerge.rundir.verdict import verdict_of
 
-    events, trials = load_trials(run_dir)
-    verdict = build_verdict(run_dir, events, trials)
+    verdict = verdict_of(ledger or Ledger.read(run_dir), str(run_dir))
     tasks = verdict.tasks
     table = Table(
         title=f"{escape(str(run_dir))}: baselines and evolved merges; per-task columns: {verdict.basis} scores"

@@ -30,6 +30,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 from evomerge.errors import UserError
 from evomerge.rundir.events import RESULT_EVENTS, EventName
@@ -67,14 +68,23 @@ def read_events(path: Path, warn: bool = True) -> list[dict]:
     JSON-valid junk and a repeated result for a trial are skipped with a warning; the first stands.
     `warn=False` is for a second reading of the same lines, so each problem is told once.
     """
+    return read_journal(path, warn)[0]
+
+
+def read_journal(path: Path, warn: bool = True) -> tuple[list[dict], int]:
+    """(`read_events`, the size in bytes of the journal they were read from)."""
     try:
-        lines = path.read_bytes().split(b"\n")
+        data = path.read_bytes()
     except FileNotFoundError:
-        return []
+        return [], 0
     except OSError as error:
         raise UserError(
             f"{path}: cannot read the journal ({error.strerror or error}); it must be the run's journal file, restore it from a backup"
         ) from None
+    return _parsed(path, data.split(b"\n"), warn), len(data)
+
+
+def _parsed(path: Path, lines: list[bytes], warn: bool) -> list[dict]:
     events: list[dict] = []
     seen_results: set[tuple[str, int]] = set()
     seen_starts: dict[bytes, int] = {}
@@ -162,10 +172,22 @@ def _repeated(event: dict, seen: set[tuple[str, int]]) -> str | None:
     return None
 
 
-class Journal:
-    """Appends events to runs/NAME/journal.jsonl; holds an exclusive lock while open."""
+class ReadJournal(Protocol):
+    """A reading of the journal an open `Journal` keeps in step (the run's `Ledger`)."""
 
-    def __init__(self, run_dir: Path | RunDir):
+    events: list[dict]
+    journal_bytes: int
+
+
+class Journal:
+    """Appends events to runs/NAME/journal.jsonl; holds an exclusive lock while open.
+
+    Opened over a reading of the journal (`read`), it appends every event it writes to that
+    reading's events, so the reader never reads the file again; it refuses a journal that another
+    process changed since that reading. Opened without one, it reads the journal to count it.
+    """
+
+    def __init__(self, run_dir: Path | RunDir, read: ReadJournal | None = None):
         self.run = RunDir.of(run_dir)
         self.run_dir = self.run.root
         self.path = self.run.journal
@@ -177,6 +199,8 @@ class Journal:
             raise RunLocked(
                 f"{self.run_dir}: another evomerge process is using this run; wait for it or stop it first"
             ) from None
+        self._read = read
+        self._refuse_changed_since_read()
         if self._repair_torn_tail():
             LOG.warning("%s: dropped a torn last line (the driver was killed while writing it)", self.path)
         self._handle = open(self.path, "ab")  # noqa: SIM115 - the append handle lives until close()
@@ -184,9 +208,23 @@ class Journal:
         self._write_lock = threading.Lock()
         self._snapshot_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-snapshot")
         self._pending_snapshot: Future | None = None
-        self.count = len(read_events(self.path, warn=False))  # whoever replays the journal warns
+        # Whoever replays the journal warns.
+        self.count = len(read.events) if read is not None else len(read_events(self.path, warn=False))
+        if read is not None:
+            read.journal_bytes = self._size()
         self._kill_after = _kill_hook()
         self._kill_countdown = self._kill_after[1] if self._kill_after else 0
+
+    def _size(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def _refuse_changed_since_read(self) -> None:
+        """The journal grew or shrank between its reading and this lock: that reading is stale."""
+        if self._read is not None and self._size() != self._read.journal_bytes:
+            self._lock.close()
+            raise RunLocked(
+                f"{self.run_dir}: another evomerge process wrote to this run while it was being opened; try again once it is done"
+            )
 
     def _repair_torn_tail(self) -> bool:
         """Cut a torn last line so the next event starts on a fresh line; True when one was cut.
@@ -194,10 +232,10 @@ class Journal:
         A last line with its newline but not valid JSON is cut as well: left in place, it would sit
         in the middle of the journal after the next append and make the whole run unreadable.
         """
-        data = self.path.read_bytes() if self.path.exists() else b""
-        body = data.removesuffix(b"\n")
-        start = body.rfind(b"\n") + 1
-        if not data or (data.endswith(b"\n") and _is_json(body[start:])):
+        if not self.path.exists():
+            return False
+        start, last = _last_line(self.path)
+        if not last or (last.endswith(b"\n") and _is_json(last[:-1])):
             return False
         with open(self.path, "r+b") as handle:
             handle.truncate(start)
@@ -221,6 +259,9 @@ class Journal:
                     f"{self.path}: cannot write the journal ({error.strerror}); free disk space or fix permissions, then 'evomerge resume {self.run_dir}'"
                 ) from None
             self.count += 1
+            if self._read is not None:
+                self._read.events.append(record)
+                self._read.journal_bytes += len(line.encode())
             self._kill_if_asked(event)
         return record
 
@@ -342,6 +383,22 @@ class BackgroundFsync:
             with self._condition:
                 self._synced = target
                 self._condition.notify_all()
+
+
+def _last_line(path: Path, chunk: int = 1 << 16) -> tuple[int, bytes]:
+    """(where the journal's last line starts, that line with its newline if any): read from the end
+    back to the line before it, so opening a long journal does not read it all again."""
+    with open(path, "rb") as handle:
+        size = start = handle.seek(0, os.SEEK_END)
+        tail = b""
+        while start > 0 and b"\n" not in tail.removesuffix(b"\n"):
+            step = min(chunk, start)
+            start -= step
+            handle.seek(start)
+            tail = handle.read(step) + tail
+    cut = tail.removesuffix(b"\n").rfind(b"\n") + 1
+    assert start + len(tail) == size
+    return start + cut, tail[cut:]
 
 
 def _is_json(line: bytes) -> bool:

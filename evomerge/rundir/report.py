@@ -17,17 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 from jinja2 import Environment, PackageLoader
 
 from evomerge.rundir import plots
 from evomerge.rundir.events import RESULT_EVENTS, EventName, TrialResult
 from evomerge.rundir.genes import EMBED, HEAD, GeneRow, rows_from_names
 from evomerge.rundir.layout import RunDir
-from evomerge.rundir.results import export_yaml, exported_names, load_trials, pareto_trials, standard_error, status_of
-from evomerge.rundir.run_context import run_context, search_wall_seconds
+from evomerge.rundir.ledger import Ledger
+from evomerge.rundir.results import export_yaml, exported_names, pareto_trials, standard_error, status_figures
+from evomerge.rundir.run_context import run_context
 from evomerge.rundir.trials import Trial
-from evomerge.rundir.verdict import Margin, RowKind, Verdict, VerdictRow, build_verdict, row_kind
+from evomerge.rundir.verdict import Margin, RowKind, Verdict, VerdictRow, row_kind, verdict_of
 
 HTML_NAME = "report.html"
 TOP_K = 4  # trials drawn in the gene heatmap: the winner and its runners-up
@@ -88,10 +88,7 @@ class GeneGrid:
 
 def journaled_gene_table(events: list[dict]) -> list[GeneRow] | None:
     """The gene table the search journaled on run_started; None for runs journaled before it existed."""
-    for event in events:
-        if event["event"] == EventName.RUN_STARTED and event.get("genes"):
-            return [GeneRow.from_json(row) for row in event["genes"]]
-    return None
+    return Ledger(RunDir(Path()), events, {}).gene_table
 
 
 def gene_grids(params: dict[str, float], model_names: list[str], table: list[GeneRow] | None = None) -> list[GeneGrid]:
@@ -148,12 +145,11 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     """
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else RunDir(run_dir).report
-    events, trials = load_trials(run_dir)
-    spec = _read_spec(run_dir)
+    ledger = Ledger.read(run_dir)
     staging = out_dir.parent / f".{out_dir.name}.report-staging-{os.getpid()}"
     try:
         staging.mkdir(parents=True)
-        _write_report_files(run_dir, staging, spec, events, trials)
+        _write_report_files(run_dir, staging, ledger)
         out_dir.mkdir(parents=True, exist_ok=True)
         for path in sorted(staging.iterdir(), key=lambda path: path.name == HTML_NAME):
             os.replace(path, out_dir / path.name)
@@ -162,15 +158,16 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     return out_dir / HTML_NAME
 
 
-def _write_report_files(run_dir: Path, out_dir: Path, spec: dict, events: list[dict], trials: dict[int, Trial]) -> None:
-    history = evaluation_history(events, trials)
-    verdict = build_verdict(run_dir, events, trials)
-    gene_table = journaled_gene_table(events)
+def _write_report_files(run_dir: Path, out_dir: Path, ledger: Ledger) -> None:
+    spec, trials = ledger.frozen_spec, ledger.trials
+    history = evaluation_history(ledger.events, trials)
+    verdict = verdict_of(ledger, str(run_dir))
+    gene_table = ledger.gene_table
     context = {
         "run_name": spec.get("name") or run_dir.name,
-        "summary": _summary(run_dir, spec, events, trials, verdict),
-        "headline": _headline(verdict, trials, exported_names(events)),
-        "context_rows": run_context(spec, events, trials, gene_table),
+        "summary": _summary(ledger, verdict),
+        "headline": _headline(verdict, trials, exported_names(ledger)),
+        "context_rows": run_context(ledger),
         "table": _table_rows(verdict),
         "basis": verdict.basis,
         "failures": [e for e in history if e.score is None],
@@ -179,31 +176,23 @@ def _write_report_files(run_dir: Path, out_dir: Path, spec: dict, events: list[d
     (out_dir / HTML_NAME).write_text(_template().render(**context), encoding="utf-8")
 
 
-def _read_spec(run_dir: Path) -> dict:
-    # The raw mapping rather than the Spec model: a report should still open for a run whose spec
-    # an older or newer evomerge would not validate.
-    path = RunDir(run_dir).spec
-    data = yaml.safe_load(path.read_text()) if path.exists() else None
-    return data if isinstance(data, dict) else {}
-
-
-def _summary(run_dir: Path, spec: dict, events: list[dict], trials: dict[int, Trial], verdict: Verdict) -> dict:
-    figures = status_of(run_dir, events, trials)
-    finished = [t for t in trials.values() if t.status != EventName.ASKED]
+def _summary(ledger: Ledger, verdict: Verdict) -> dict:
+    figures = status_figures(ledger)
+    spec = ledger.frozen_spec
     return {
         "method": (spec.get("merge") or {}).get("method", "?"),
         "optimizer": (spec.get("optimizer") or {}).get("name", "?"),
-        "evals": len(finished),
-        "baselines": sum(t.kind == "baseline" for t in finished),
+        "evals": figures["completed"] + figures["failed"],
+        "baselines": sum(t.kind == "baseline" and t.status != EventName.ASKED for t in ledger.trials.values()),
         "searched": verdict.searched,
-        "budget": (spec.get("budget") or {}).get("max_evals"),
+        "budget": ledger.budget.get("max_evals"),
         "failed": figures["failed"],
         "in_flight": figures["in_flight"],
         "best_score": figures["best_score"],
         "best_label": figures["best_label"],
         "evals_per_min": figures["evals_per_min"],
         "reach": verdict.reach,
-        "minutes": None if (seconds := search_wall_seconds(events)) is None else seconds / 60,
+        "minutes": None if (seconds := ledger.wall_seconds) is None else seconds / 60,
         "finished": figures["finished"],
         "pareto": len(figures["pareto_front"]) if figures.get("pareto_front") else None,
     }

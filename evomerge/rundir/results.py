@@ -15,32 +15,17 @@ from evomerge.errors import UserError
 from evomerge.evaluation.scores import standard_error
 from evomerge.hub import pinned_name
 from evomerge.merge.config import rename_models
-from evomerge.rundir.events import RESULT_EVENTS, EventName, TrialResult
-from evomerge.rundir.journal import check_intact, read_events
+from evomerge.rundir.events import EventName, TrialResult
 from evomerge.rundir.layout import RunDir
+from evomerge.rundir.ledger import Ledger
 from evomerge.rundir.pareto import pareto_front
-from evomerge.rundir.trials import Trial, replay
+from evomerge.rundir.trials import Tally, Trial
 
 
 def load_trials(run_dir: Path | RunDir) -> tuple[list[dict], dict[int, Trial]]:
-    run = RunDir.of(run_dir)
-    if not run.journal.exists() and not run.spec.is_file():
-        raise UserError(f"{run}: no {run.journal.name} here; give a run directory such as runs/NAME")
-    events = read_events(run.journal)
-    check_intact(run, events)
-    trials = replay(events)
-    if heldout_unfinished(events):
-        for trial in trials.values():  # a partial re-scoring would crown whichever trial it scored first
-            trial.heldout = None
-    return events, trials
-
-
-def heldout_unfinished(events: list[dict]) -> bool:
-    """Held-out scores were journaled but the run has not finished since it last started: the
-    held-out phase is incomplete (or stale, for a run given more budget), so the search winner stands."""
-    phases = [e["event"] for e in events if e["event"] in (EventName.RUN_STARTED, EventName.RUN_FINISHED)]
-    unfinished = bool(phases) and phases[-1] == EventName.RUN_STARTED
-    return unfinished and any(e["event"] == EventName.HELDOUT for e in events)
+    """(events, trials) of a run, as a command sees them (`Ledger.read`)."""
+    ledger = Ledger.read(run_dir)
+    return ledger.events, ledger.trials
 
 
 def result_se(result: TrialResult | None) -> float | None:
@@ -48,82 +33,46 @@ def result_se(result: TrialResult | None) -> float | None:
 
 
 def status(run_dir: Path | RunDir) -> dict:
-    events, trials = load_trials(run_dir)
-    return status_of(run_dir, events, trials)
-
-
-def scored_results(trials: dict[int, Trial]) -> list[TrialResult]:
-    """The search results that have a score: baselines and candidates, partial scores included."""
-    return [t.result for t in trials.values() if t.score is not None and t.result is not None]
+    return status_figures(Ledger.read(run_dir))
 
 
 def docs_scored(trials: dict[int, Trial]) -> int:
-    """The search documents a run scored, raced or not: what its scoring cost, in documents."""
-    return sum(result.docs_scored for result in scored_results(trials))
+    """The search documents a run scored, raced or not (`Trial.docs_scored`, summed)."""
+    return Tally.of(trials).docs_scored
 
 
 def status_of(run_dir: Path | RunDir, events: list[dict], trials: dict[int, Trial]) -> dict:
     """The figures `evomerge status` shows, from a journal already read."""
-    completed = [t for t in trials.values() if t.status == EventName.COMPLETED]
-    failed = [t for t in trials.values() if t.status == EventName.FAILED]
-    best = max(completed, key=lambda t: t.score, default=None)
-    heldout = heldout_winner(trials)
+    return status_figures(Ledger.of(run_dir, events, trials))
+
+
+def status_figures(ledger: Ledger) -> dict:
+    """The figures `evomerge status` shows: the ledger's, nothing counted again."""
+    failed = ledger.with_status(EventName.FAILED)
+    best, heldout = ledger.best, heldout_winner(ledger.trials)
     return {
-        "run": str(run_dir),
-        "asked": len(trials),
-        "completed": len(completed),
+        "run": str(ledger.run),
+        "asked": len(ledger.trials),
+        "completed": len(ledger.with_status(EventName.COMPLETED)),
         "failed": len(failed),
-        "in_flight": sum(t.status == EventName.ASKED for t in trials.values()),
-        "docs_scored": docs_scored(trials),
+        "in_flight": len(ledger.with_status(EventName.ASKED)),
+        "docs_scored": ledger.docs_scored,
+        "budget": ledger.budget,
         "best_score": best.score if best else None,
         "best_trial": best.trial_id if best else None,
         "best_label": best.label if best else None,
-        "evals_per_min": search_rate(events, trials),
+        "evals_per_min": ledger.search_rate,
         "heldout_winner": heldout.trial_id if heldout else None,
-        "heldout_unfinished": heldout_unfinished(events),
-        "pareto_front": pareto_trials(trials),
+        "heldout_unfinished": ledger.heldout_unfinished,
+        "pareto_front": pareto_trials(ledger.trials),
         "failures": [{"trial": t.trial_id, "reason": t.result.reason if t.result else None} for t in failed],
-        "finished": any(e["event"] == EventName.RUN_FINISHED for e in events),
+        "finished": ledger.finished,
     }
 
 
 def search_rate(events: list[dict], trials: dict[int, Trial]) -> float | None:
-    """Evolved-candidate evaluations per minute of search time; the baseline phase is left out.
-
-    Time is the search time journaled with each result (`search_s`, summed over every start and
-    resume), so the hours a stopped run sat idle do not count; journals without it use clock time.
-    """
-    results = [e for e in events if e["event"] in RESULT_EVENTS and e["trial"] in trials]
-    evolved = [e for e in results if trials[e["trial"]].kind == "optimizer"]
-    if not evolved:
-        return None
-    if all(isinstance(e.get("search_s"), (int, float)) for e in results):
-        return rate_per_min(result_clock(events, trials))
-    asked = [e["time"] for e in events if e["event"] == EventName.ASKED and e.get("kind") == "optimizer"]
-    start = min(asked, default=evolved[0].get("time", 0.0))
-    minutes = (max(e.get("time", 0.0) for e in evolved) - start) / 60
-    return round(len(evolved) / minutes, 2) if minutes > 0 else None
-
-
-def result_clock(events: list[dict], trials: dict[int, Trial]) -> list[tuple[bool, float]]:
-    """(evolved?, search seconds) of every journaled result that has its search time: what `rate_per_min` reads."""
-    return [
-        (trials[e["trial"]].kind == "optimizer", e["search_s"])
-        for e in events
-        if e["event"] in RESULT_EVENTS and e["trial"] in trials and isinstance(e.get("search_s"), (int, float))
-    ]
-
-
-def rate_per_min(results: list[tuple[bool, float]]) -> float | None:
-    """The evals/min every command shows (the live status lines, `search done`, `status`): evolved
-    candidates finished per minute of search time after the last baseline finished. `results` holds
-    (evolved?, the search seconds when it finished) for each result."""
-    evolved = [seconds for is_evolved, seconds in results if is_evolved]
-    if not evolved:
-        return None
-    start = max((seconds for is_evolved, seconds in results if not is_evolved), default=0.0)
-    minutes = (max(evolved) - start) / 60
-    return round(len(evolved) / minutes, 2) if minutes > 0 else None
+    """Evolved-candidate evaluations per minute of search time (`Ledger.search_rate`)."""
+    return Ledger(RunDir(Path()), events, trials).search_rate
 
 
 def pareto_trials(trials: dict[int, Trial]) -> list[dict]:
@@ -179,7 +128,8 @@ def describe(trial: Trial) -> str:
 
 def export_trial(run_dir: Path | RunDir, trial_id: int | None = None) -> tuple[Trial, str]:
     """The mergekit YAML of a trial: the held-out winner, else the best search score, by default."""
-    events, trials = load_trials(run_dir)
+    ledger = Ledger.read(run_dir)
+    trials = ledger.trials
     if trial_id is None:
         chosen = default_export(trials)
         if chosen is None:
@@ -192,7 +142,7 @@ def export_trial(run_dir: Path | RunDir, trial_id: int | None = None) -> tuple[T
             raise UserError(
                 f"--trial: trial {trial_id} is not a completed trial of {run_dir}; see 'evomerge status {run_dir}'"
             )
-    return chosen, export_yaml(chosen, exported_names(events))
+    return chosen, export_yaml(chosen, exported_names(ledger))
 
 
 def export_yaml(trial: Trial, names: dict[str, str] | None = None) -> str:
@@ -203,17 +153,9 @@ def export_yaml(trial: Trial, names: dict[str, str] | None = None) -> str:
     return header + yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
 
 
-def pinned_models(events: list[dict]) -> dict[str, dict]:
-    """Model name -> {repo, revision, commit} of each hub model, as the run's first start pinned it."""
-    for event in events:
-        if event.get("event") == EventName.RUN_STARTED and isinstance(event.get("models"), dict):
-            return event["models"]
-    return {}
-
-
-def exported_names(events: list[dict]) -> dict[str, str]:
+def exported_names(ledger: Ledger) -> dict[str, str]:
     """Model name -> the name an export writes: `org/name@commit` for each pinned hub model."""
-    return {name: pinned_name(pin["repo"], pin["commit"]) for name, pin in pinned_models(events).items()}
+    return {name: pinned_name(pin["repo"], pin["commit"]) for name, pin in ledger.pins.items()}
 
 
 def run_merge_seed(run_dir: Path | RunDir) -> int:

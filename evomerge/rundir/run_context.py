@@ -1,7 +1,8 @@
 """What a run was: models, method, genome, tasks, limits, seeds, budget, workers, wall time, failures.
 
-The report's "Run context" table, read from the frozen spec (as plain data, so a spec an older or
-newer evomerge would not validate still reports) and the journal. Pure functions, one row each.
+The report's "Run context" table, read off the run's ledger: its frozen spec (as plain data, so a
+spec an older or newer evomerge would not validate still reports), its budget in force (extensions
+included) and its journal. Pure functions, one row each.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from evomerge.rundir.events import RESULT_EVENTS, EventName
 from evomerge.rundir.genes import GeneRow
-from evomerge.rundir.trials import Trial, search_seconds
+from evomerge.rundir.ledger import Ledger
 
 
 @dataclass(frozen=True)
@@ -21,11 +21,10 @@ class ContextRow:
     value: str
 
 
-def run_context(
-    spec: dict, events: list[dict], trials: dict[int, Trial], genes: list[GeneRow] | None
-) -> list[ContextRow]:
+def run_context(ledger: Ledger) -> list[ContextRow]:
+    spec, genes = ledger.frozen_spec, ledger.gene_table
     models, merge = _section(spec, "models"), _section(spec, "merge")
-    evaluation, budget = _section(spec, "evaluation"), _section(spec, "budget")
+    evaluation, budget = _section(spec, "evaluation"), ledger.budget
     experts = [f"m{i} = {Path(path).name} ({path})" for i, path in enumerate(models.get("experts") or [])]
     fixed = ", ".join(f"{key}={value}" for key, value in (merge.get("fixed") or {}).items())
     rows = [
@@ -41,9 +40,9 @@ def run_context(
         ContextRow("held-out tasks", _heldout(evaluation)),
         ContextRow("limits", _limits(evaluation)),
         ContextRow("budget", _budget(budget)),
-        ContextRow("workers", _workers(events, _section(spec, "workers"))),
-        ContextRow("search time", _wall_time(events)),
-        ContextRow("failures", _failures(trials)),
+        ContextRow("workers", _workers(ledger.starts, _section(spec, "workers"))),
+        ContextRow("search time", _wall_time(ledger.wall_seconds)),
+        ContextRow("failures", _failures(ledger.failure_reasons)),
     ]
     return rows
 
@@ -115,38 +114,20 @@ def _budget(budget: dict) -> str:
     return ", ".join(part for part in parts if part)
 
 
-def _workers(events: list[dict], workers: dict) -> str:
-    counts = [e.get("workers") for e in events if e["event"] == EventName.RUN_STARTED]
-    starts = len(counts)
+def _workers(starts: list[dict], workers: dict) -> str:
+    counts = [e.get("workers") for e in starts]
     shown = ", ".join(str(c) for c in dict.fromkeys(counts) if c is not None) or "?"
-    return f"{shown} ({workers.get('device', 'auto')}); {starts} start{'s' if starts != 1 else ''} (resumes included)"
+    return f"{shown} ({workers.get('device', 'auto')}); {len(counts)} start{'s' if len(counts) != 1 else ''} (resumes included)"
 
 
-def _wall_time(events: list[dict]) -> str:
-    seconds = search_wall_seconds(events)
+def _wall_time(seconds: float | None) -> str:
     if seconds is None:
         return "no evaluation finished yet"
     minutes, rest = divmod(round(seconds), 60)
     return f"{minutes} min {rest} s of search (every start and resume, idle time between them left out)"
 
 
-def search_wall_seconds(events: list[dict]) -> float | None:
-    """The search time journaled with the results; for journals without it, the clock time from
-    the first start to the last result. None before any result."""
-    journaled = search_seconds(events)
-    if journaled > 0:
-        return journaled
-    results = [e["time"] for e in events if e["event"] in RESULT_EVENTS and "time" in e]
-    starts = [e["time"] for e in events if e["event"] == EventName.RUN_STARTED and "time" in e]
-    return max(results) - min(starts) if results and starts else None
-
-
-def _failures(trials: dict[int, Trial]) -> str:
-    reasons = Counter(
-        (t.result.reason if t.result else None) or "no reason recorded"
-        for t in trials.values()
-        if t.status == EventName.FAILED
-    )
+def _failures(reasons: Counter) -> str:
     if not reasons:
         return "none"
     return "; ".join(f"{count} × {reason}" for reason, count in reasons.most_common())

@@ -56,6 +56,12 @@ class Trial:
         return None if self.stopped_early else self.score
 
     @property
+    def docs_scored(self) -> int:
+        """The search documents its score cost (0 until it has one): the one rule every tally of
+        documents scored, and `budget.max_docs`, count by."""
+        return self.result.docs_scored if self.score is not None and self.result is not None else 0
+
+    @property
     def heldout_score(self) -> float | None:
         """The held-out score of a trial re-scored successfully, None otherwise."""
         return self.heldout.score if self.heldout and self.heldout.ok else None
@@ -84,7 +90,7 @@ def replay(events: list[dict]) -> dict[int, Trial]:
 
 
 def search_seconds(events: list[dict]) -> float:
-    """The search's wall time so far, over every start and resume: each result journals it."""
+    """The search's time so far, over every start and resume: each result journals it (`Ledger.search_seconds`)."""
     journaled = (e.get("search_s") for e in events if e["event"] in RESULT_EVENTS)
     return max((float(s) for s in journaled if isinstance(s, (int, float))), default=0.0)
 
@@ -116,7 +122,7 @@ class Tally:
             self.baseline_labels.add(trial.label)
 
     def add_finished(self, trial: Trial) -> None:
-        self.docs_scored += trial.result.docs_scored if trial.result else 0
+        self.docs_scored += trial.docs_scored
         if trial.score is not None:
             self.completed += 1
             if trial.whole_score is not None:

@@ -19,21 +19,13 @@ import numpy as np
 
 from evomerge.errors import UserError
 from evomerge.rundir.events import RESULT_EVENTS, EventName, TrialResult
-from evomerge.rundir.results import (
-    default_export,
-    docs_scored,
-    heldout_unfinished,
-    load_trials,
-    result_se,
-    scored_results,
-)
+from evomerge.rundir.ledger import Ledger
+from evomerge.rundir.results import default_export, result_se
 from evomerge.rundir.trials import BASE_LABEL, Trial, is_parent
 
 REACH_FRACTION = 0.95
 HELDOUT = "held-out"
 SEARCH = "search"
-# The `run_finished` field where the search says which trials tied at the top-k cut.
-TIES_FIELD = "heldout_ties"
 
 
 class RowKind(str, Enum):
@@ -138,16 +130,16 @@ class RacingTally:
     docs_unraced: int
 
     @classmethod
-    def of(cls, trials: dict[int, Trial]) -> RacingTally | None:
+    def of(cls, ledger: Ledger) -> RacingTally | None:
         """None unless the run raced (its results say how many rungs they scored)."""
-        scored = scored_results(trials)
+        scored = ledger.scored_results
         if not any(result.rungs for result in scored):
             return None
         per_candidate = max(result.docs_scored for result in scored if not result.stopped_early)
         return cls(
             candidates=len(scored),
             stopped_early=sum(bool(result.stopped_early) for result in scored),
-            docs_scored=docs_scored(trials),
+            docs_scored=ledger.docs_scored,
             docs_unraced=per_candidate * len(scored),
         )
 
@@ -243,6 +235,12 @@ class Verdict:
 
 def build_verdict(run_dir: str | Path, events: list[dict], trials: dict[int, Trial]) -> Verdict:
     """The verdict of a run from its journal's events and replayed trials."""
+    return verdict_of(Ledger.of(run_dir, events, trials), str(run_dir))
+
+
+def verdict_of(ledger: Ledger, run_dir: str | None = None) -> Verdict:
+    """The verdict of a run from its ledger; `run_dir` as the user wrote it (for the export command)."""
+    trials = ledger.trials
     chosen = default_export(trials)
     rows = [
         VerdictRow(
@@ -266,9 +264,9 @@ def build_verdict(run_dir: str | Path, events: list[dict], trials: dict[int, Tri
     basis = HELDOUT if any(row.heldout for row in rows) else SEARCH
     rows.sort(key=lambda row: (-_score(row, basis), row.trial))
     evolved = _best(rows, basis, {RowKind.EVOLVED})
-    searched = searched_scores(events, trials)
+    searched = searched_scores(ledger.events, trials)
     return Verdict(
-        run_dir=str(run_dir),
+        run_dir=run_dir if run_dir is not None else str(ledger.run),
         rows=rows,
         basis=basis,
         winner=next((row for row in rows if row.winner), None),
@@ -278,27 +276,27 @@ def build_verdict(run_dir: str | Path, events: list[dict], trials: dict[int, Tri
         over_best_baseline=_margin(evolved, _best(rows, basis, set(RowKind) - {RowKind.EVOLVED}), basis),
         reach=evals_to_reach(searched),
         searched=len(searched),
-        ties=journaled_ties(events),
-        finished=any(e["event"] == EventName.RUN_FINISHED for e in events),
-        racing=RacingTally.of(trials),
-        heldout_unfinished=heldout_unfinished(events),
+        ties=journaled_ties(ledger),
+        finished=ledger.finished,
+        racing=RacingTally.of(ledger),
+        heldout_unfinished=ledger.heldout_unfinished,
     )
 
 
 def where_it_stopped(run_dir: str | Path) -> str:
     """The line `search` and `resume` end with when stopped (Ctrl-C, SIGTERM): where the run stands."""
     try:
-        events, trials = load_trials(run_dir)
+        ledger = Ledger.read(run_dir)
     except UserError:
         return "interrupted"
-    done = sum(t.status != EventName.ASKED for t in trials.values())
-    chosen = default_export(trials)
+    done = sum(t.status != EventName.ASKED for t in ledger.trials.values())
+    chosen = default_export(ledger.trials)
     best = (
         ""
         if chosen is None
         else f"; best so far trial {chosen.trial_id} ({chosen.label}, search score {chosen.score:.4f})"
     )
-    if heldout_unfinished(events):
+    if ledger.heldout_unfinished:
         best += ", the search winner, since the held-out re-scoring is unfinished"
     return f"interrupted: {done} evaluations of {run_dir} done{best}; 'evomerge resume {run_dir}' goes on from there"
 
@@ -317,14 +315,13 @@ def searched_scores(events: list[dict], trials: dict[int, Trial]) -> list[float 
     ]
 
 
-def journaled_ties(events: list[dict]) -> TieCut | None:
+def journaled_ties(ledger: Ledger) -> TieCut | None:
     """The last tie report the search journaled on `run_finished`; None when nothing tied."""
-    for event in reversed(events):
-        ties = event.get(TIES_FIELD) if event["event"] == EventName.RUN_FINISHED else None
-        if isinstance(ties, dict):
-            counts = (int(ties[key]) for key in ("top_k", "cap", "tied", "rescored", "skipped"))
-            return TieCut(float(ties["score"]), *counts)
-    return None
+    ties = ledger.ties
+    if ties is None:
+        return None
+    counts = (int(ties[key]) for key in ("top_k", "cap", "tied", "rescored", "skipped"))
+    return TieCut(float(ties["score"]), *counts)
 
 
 def _best_searched(trials: dict[int, Trial]) -> Trial | None:

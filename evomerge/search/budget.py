@@ -18,9 +18,8 @@ from evomerge.errors import UserError
 from evomerge.rundir.events import EventName
 from evomerge.rundir.journal import Journal
 from evomerge.rundir.layout import RunDir
+from evomerge.rundir.ledger import EXTENDABLE, Ledger, budget_extension
 from evomerge.spec import BudgetSpec, Spec
-
-EXTENDABLE = ("max_evals", "time_limit_min", "max_docs")
 
 
 @dataclass(frozen=True)
@@ -77,12 +76,12 @@ class DocsSpent:
         return sum(self.by_block[index] for index in earlier) + (in_flight + place) * whole <= max_docs
 
 
-def effective_spec(frozen: Spec, events: list[dict]) -> Spec:
-    """The frozen spec with the budget of the last `budget_extended` event, if any."""
-    extended = [e for e in events if e["event"] == EventName.BUDGET_EXTENDED]
-    if not extended:
+def effective_spec(frozen: Spec, journal: Ledger | list[dict]) -> Spec:
+    """The frozen spec with the budget in force: that of the last `budget_extended` event, if any."""
+    extension = journal.budget_extension if isinstance(journal, Ledger) else budget_extension(journal)
+    if extension is None:
         return frozen
-    budget = frozen.budget.model_copy(update={key: extended[-1].get(key) for key in EXTENDABLE})
+    budget = frozen.budget.model_copy(update=extension)
     return frozen.model_copy(update={"budget": budget})
 
 
@@ -157,11 +156,12 @@ def extended_spec(spec: Spec, request: BudgetRequest, asked: int, docs_scored: i
     return extended
 
 
-def journal_budget(run: RunDir, before: Spec, after: Spec) -> None:
-    """Append `budget_extended` when the budget changed (the frozen spec stays as it was)."""
+def journal_budget(run: RunDir | Ledger, before: Spec, after: Spec) -> None:
+    """Append `budget_extended` when the budget changed (the frozen spec stays as it was); a run's
+    ledger gets the event too."""
     if after.budget == before.budget:
         return
-    journal = Journal(run)
+    journal = Journal(run.run, run) if isinstance(run, Ledger) else Journal(run)
     try:
         journal.append(
             EventName.BUDGET_EXTENDED,

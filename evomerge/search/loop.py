@@ -30,17 +30,16 @@ from evomerge.evaluation.scores import task_weights
 from evomerge.optim import make_optimizer
 from evomerge.preflight import Prepared
 from evomerge.rundir.events import EventName, TrialResult
-from evomerge.rundir.journal import Journal, read_events
+from evomerge.rundir.journal import Journal
 from evomerge.rundir.layout import RunDir
+from evomerge.rundir.ledger import TIES_FIELD, Ledger, rate_per_min
 from evomerge.rundir.pareto import objective_values
-from evomerge.rundir.results import rate_per_min, result_clock
-from evomerge.rundir.trials import Tally, Trial, replay, search_seconds
-from evomerge.rundir.verdict import TIES_FIELD
+from evomerge.rundir.trials import Trial
 from evomerge.search.budget import DocsSpent
 from evomerge.search.heldout import rescore_heldout
 from evomerge.search.inputs import first_change, input_fingerprints
 from evomerge.search.progress import ProgressMode, ProgressSettings, SearchProgress
-from evomerge.search.replay import journaled_seeds, restore_optimizer
+from evomerge.search.replay import restore_optimizer
 from evomerge.search.runs import create_run_dir
 from evomerge.search.scheduler import Job, Scheduler
 from evomerge.search.selection import best_expressible_baseline, seeds_worth_trying
@@ -63,6 +62,7 @@ class Search:
         address: str | None = None,
         progress: bool | ProgressSettings = True,
         accept_changed_inputs: bool = False,
+        ledger: Ledger | None = None,
     ):
         self.prepared = prepared
         self.spec = prepared.spec
@@ -71,14 +71,14 @@ class Search:
         self.address = address
         self.show_progress = progress
         self.accept_changed_inputs = accept_changed_inputs
-        self.journal = Journal(self.rundir)
+        # The run's ledger (resume hands over the one it read); the journal keeps its events in step.
+        self.ledger = ledger or Ledger.read(self.rundir, for_search=True)
+        self.journal = Journal(self.rundir, self.ledger)
         try:
-            self.events = read_events(self.journal.path)
-            self.journal.count = len(self.events)
-            self.trials = replay(self.events)
+            self.events, self.trials = self.ledger.events, self.ledger.trials
             # (label, x) of the baselines handed to the optimizer; None until chosen (_seed_optimizer).
-            self.seeds = journaled_seeds(self.events) if self.spec.budget.baselines else []
-            self.tally = Tally.of(self.trials)
+            self.seeds = self.ledger.seeds if self.spec.budget.baselines else []
+            self.tally = self.ledger.tally
             self.optimizer = self._restore_optimizer()
             self.race_targets = self._race_targets()
             self.docs_spent = self._docs_spent()
@@ -89,8 +89,8 @@ class Search:
             raise
         self.tells_since_snapshot = 0
         self.deaths_in_a_row = 0  # candidates failed one after another because their workers died
-        self.searched_before = search_seconds(self.events)
-        self.result_clock = result_clock(self.events, self.trials)  # what the status lines' evals/min read
+        self.searched_before = self.ledger.search_seconds
+        self.result_clock = self.ledger.result_clock  # what the status lines' evals/min read
         self._search_started: float | None = None
 
     def _new_optimizer(self):
@@ -179,9 +179,7 @@ class Search:
 
     def _finished_already(self) -> bool:
         """A finished run given no more budget: nothing to search or re-score, so no workers start."""
-        phases = (EventName.RUN_STARTED, EventName.RUN_FINISHED, EventName.BUDGET_EXTENDED)
-        last = next((e["event"] for e in reversed(self.events) if e["event"] in phases), None)
-        if last != EventName.RUN_FINISHED:
+        if not self.ledger.finished_for_good:
             return False
         if ProgressSettings.of(self.show_progress).mode != ProgressMode.QUIET:
             print(
@@ -221,7 +219,7 @@ class Search:
                     progress.say("re-scoring the top trials and the baselines on the held-out tasks")
                 ties = self._rescore_heldout(scheduler, progress)
             self._snapshot(wait=True)
-            self.study_log.rebuild(read_events(self.journal.path, warn=False), self.trials)  # with held-out scores
+            self.study_log.rebuild(self.events, self.trials)  # with held-out scores (the journal kept the events)
             self.journal.append(
                 EventName.RUN_FINISHED, completed=self.tally.completed, **({TIES_FIELD: ties} if ties else {})
             )
@@ -235,10 +233,9 @@ class Search:
 
     def _checked_inputs(self) -> dict[str, str]:
         """The inputs now; refused (one line naming the file) when they differ from the last start's."""
-        current = self.current_inputs()
-        started = [e for e in self.events if e["event"] == EventName.RUN_STARTED and isinstance(e.get("inputs"), dict)]
+        current, last = self.current_inputs(), self.ledger.last_inputs
         # A run journaled before input fingerprints existed has nothing to compare with.
-        change = first_change(started[-1]["inputs"], current) if started else None
+        change = first_change(last, current) if last is not None else None
         if change and not self.accept_changed_inputs:
             raise UserError(
                 f"{change}; restore it, or run 'evomerge resume {self.rundir} --accept-changed-inputs' to go on with the changed inputs"
@@ -314,10 +311,7 @@ class Search:
         task arithmetic) that score at least as well as the best default merge. A weaker one
         injected into CMA-ES's first generation only drags its mean toward a poor corner.
         """
-        if self.seeds is not None:
-            return True
-        if any(t.kind == "optimizer" for t in self.trials.values()):
-            self.seeds = []  # a run journaled before seeding existed: resume it as it was
+        if self.seeds is not None:  # chosen, or [] for a run journaled before seeding existed (the ledger)
             return True
         baselines = [t for t in self.trials.values() if t.kind == "baseline"]
         if any(t.status == EventName.ASKED for t in baselines):

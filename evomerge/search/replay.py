@@ -39,12 +39,6 @@ def restore_optimizer(run: RunDir, events: list[dict], trials: dict[int, Trial],
     return _replayed(new_optimizer(), events, trials)
 
 
-def journaled_seeds(events: list[dict]) -> list[tuple[str, np.ndarray]] | None:
-    """(label, x) of the baselines the run seeded the optimizer with; None before it chose them."""
-    seeded = [e for e in events if e["event"] == EventName.SEEDED]
-    return [(s["label"], np.asarray(s["x"], dtype=float)) for s in seeded[-1]["seeds"]] if seeded else None
-
-
 def _restored(run: RunDir, event: dict, position: int, new_optimizer: Callable):
     after = event["after_events"]
     if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= position:

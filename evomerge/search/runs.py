@@ -2,8 +2,8 @@
 
 `create_run_dir` writes `spec.yaml` before anything else, then journals its SHA-256 as the first
 event (`run_created`), so a spec edited at any later moment, even before the search journaled
-`run_started`, is refused by `open_run`. Runs created before that event existed are checked as
-they always were: the spec's fingerprint against the first `run_started`.
+`run_started`, is refused by `open_ledger`. Runs created before that event existed are checked as
+they always were: the spec's fingerprint against the first `run_started` (`Ledger.frozen_spec_check`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import yaml
 from evomerge.errors import UserError
 from evomerge.files import write_bytes_atomic
 from evomerge.rundir.events import EventName
-from evomerge.rundir.journal import Journal, check_intact, read_events
+from evomerge.rundir.journal import Journal
 from evomerge.rundir.layout import RunDir
+from evomerge.rundir.ledger import Ledger
 from evomerge.spec import Spec, parse_frozen_spec
 
 
@@ -45,20 +46,24 @@ def create_run_dir(spec: Spec) -> Path:
 
 def open_run(run_dir: Path | RunDir) -> tuple[RunDir, Spec, list[dict]]:
     """(run, frozen spec, journal events) of an existing run, refused when its spec was changed or damaged."""
+    spec, ledger = open_ledger(run_dir)
+    return ledger.run, spec, ledger.events
+
+
+def open_ledger(run_dir: Path | RunDir) -> tuple[Spec, Ledger]:
+    """(frozen spec, the run's ledger) of an existing run, refused when its spec was changed or damaged."""
     run = RunDir.of(run_dir)
     if not run.spec.is_file():
         raise UserError(f"{run}: not a run directory (no {run.spec.name}); give runs/NAME")
-    events = read_events(run.journal, warn=False)  # the search that replays them warns
-    check_intact(run, events)
+    ledger = Ledger.read(run, for_search=True)
     frozen = run.spec.read_bytes()
-    created = next((e for e in events if e["event"] == EventName.CREATED and "spec_sha256" in e), None)
-    if created is not None and _sha256(frozen) != created["spec_sha256"]:
+    check, expected = ledger.frozen_spec_check()
+    if check == "sha256" and _sha256(frozen) != expected:
         raise _changed(run)
     spec = _parse_frozen(run, frozen)
-    started = next((e for e in events if e["event"] == EventName.RUN_STARTED), None)
-    if created is None and started is not None and started.get("spec_fingerprint") != spec.fingerprint():
+    if check == "fingerprint" and expected != spec.fingerprint():
         raise _changed(run)
-    return run, spec, events
+    return spec, ledger
 
 
 def _parse_frozen(run: RunDir, frozen: bytes) -> Spec:

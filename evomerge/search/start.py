@@ -13,14 +13,12 @@ from pathlib import Path
 
 from evomerge.errors import UserError
 from evomerge.preflight import preflight
-from evomerge.rundir.events import EventName
 from evomerge.rundir.layout import RunDir
-from evomerge.rundir.results import docs_scored, pinned_models
-from evomerge.rundir.trials import replay
+from evomerge.rundir.ledger import Ledger
 from evomerge.search.budget import BudgetRequest, effective_spec, extended_spec, journal_budget, requested_budget
 from evomerge.search.loop import Search
 from evomerge.search.progress import ProgressSettings
-from evomerge.search.runs import create_run_dir, open_run
+from evomerge.search.runs import create_run_dir, open_ledger
 from evomerge.spec import Spec
 
 
@@ -79,27 +77,38 @@ def resume_search(
 ) -> Path:
     """Continue a run, with a larger `budget` if asked; refused when its frozen spec, or (unless
     accepted) its inputs, changed, or when a given spec differs from it beyond the budget."""
-    run, frozen, events = open_run(Path(run_dir).resolve())
-    spec = effective_spec(frozen, events)
+    return continue_run(run_dir, address, progress, spec_path, accept_changed_inputs, budget).run.root
+
+
+def continue_run(
+    run_dir: Path,
+    address: str | None = None,
+    progress: bool | ProgressSettings = True,
+    spec_path: Path | None = None,
+    accept_changed_inputs: bool = False,
+    budget: BudgetRequest | None = None,
+) -> Ledger:
+    """`resume_search`, returning the run's ledger as the search left it (the journal is read once)."""
+    frozen, ledger = open_ledger(Path(run_dir).resolve())
+    run, spec = ledger.run, effective_spec(frozen, ledger)
     request = budget or BudgetRequest()
     if spec_path is not None:
         from evomerge.spec import load_spec
 
         from_file = requested_budget(load_spec(spec_path), spec, str(spec_path))
         request = request if not request.empty else from_file  # the flags win over the file
-    asked = sum(1 for e in events if e["event"] == EventName.ASKED)
-    extended = extended_spec(spec, request, asked, docs_scored(replay(events)))
-    prepared = preflight(extended, str(run.spec), *_journaled_commits(events))
-    journal_budget(run, spec, extended)
-    Search(prepared, run, address, progress, accept_changed_inputs=accept_changed_inputs).run()
-    return run.root
+    extended = extended_spec(spec, request, len(ledger.trials), ledger.docs_scored)
+    prepared = preflight(extended, str(run.spec), *_journaled_commits(ledger))
+    journal_budget(ledger, spec, extended)
+    Search(prepared, run, address, progress, accept_changed_inputs=accept_changed_inputs, ledger=ledger).run()
+    return ledger
 
 
-def _journaled_commits(events: list[dict]) -> tuple[dict[str, str], dict[str, str]]:
+def _journaled_commits(ledger: Ledger) -> tuple[dict[str, str], dict[str, str]]:
     """(model name -> the commit the run's first start pinned, dataset -> the commit its latest input
     fingerprints hold): a resumed run reads the very files it started with, offline or not."""
     from evomerge.evaluation.hub_data import revisions_from_fingerprints
 
-    models = {name: pin["commit"] for name, pin in pinned_models(events).items()}
-    started = [e for e in events if e["event"] == EventName.RUN_STARTED and isinstance(e.get("inputs"), dict)]
-    return models, revisions_from_fingerprints(started[-1]["inputs"]) if started else {}
+    models = {name: pin["commit"] for name, pin in ledger.pins.items()}
+    inputs = ledger.last_inputs
+    return models, revisions_from_fingerprints(inputs) if inputs is not None else {}

@@ -6,6 +6,11 @@ requires the same bits, in float32 and in bfloat16. The shapes cover a matrix, a
 (norms, biases) and a 49152x64 embedding-like matrix of more than 2**20 elements, where anything
 chunked or sampled would show. Inputs are a base plus sparse small deltas, so that thresholds
 (NearSwap's t, RAM's epsilon, SCE's top-k) select some elements and not others.
+
+The checkpoint cases then merge the tiny zoo with mergekit's `run_merge` (what `mergekit-yaml`
+runs) and apply the same functions to every tensor, which pins down what a registry must feed
+them: the input order, karcher's treatment of the base as one more input, and the float32 files
+mergekit writes for Arcee Fusion and RAM+ from bfloat16 sources.
 """
 
 from __future__ import annotations
@@ -228,3 +233,65 @@ def test_low_precision_results_promoted_as_mergekit_promotes():
     assert selective.ramplus_tl(base, inputs).dtype == torch.float32
     assert selective.ram(base, inputs).dtype == torch.bfloat16
     assert selective.sce(base, inputs).dtype == torch.bfloat16
+
+
+# Whole checkpoints through `mergekit-yaml`'s own path (run_merge): each case names the config's
+# sources, the per-model and global parameters, and the function applied to every tensor with the
+# inputs in the order mergekit passes them (the base first; karcher appends an unlisted base last).
+CHECKPOINT_CASES = {
+    "model_stock": (["ft_a", "ft_b", "ft_c"], {}, {}, lambda b, xs: geometric.model_stock(b, xs)),
+    "nuslerp": (
+        ["ft_a", "ft_b"],
+        {"ft_a": {"weight": 0.3}, "ft_b": {"weight": 0.9}},
+        {},
+        lambda b, xs: geometric.nuslerp(xs, [0.3, 0.9], b),
+    ),
+    # Two inputs: where no fine-tune changes a tensor both deltas are zero and mergekit blends
+    # linearly; with three it would raise on that tensor.
+    "multislerp": (
+        ["ft_a", "ft_b"],
+        {"ft_a": {"weight": 0.5}, "ft_b": {"weight": 0.2}},
+        {},
+        lambda b, xs: geometric.multislerp(xs, [0.5, 0.2], b),
+    ),
+    "karcher": (["ft_a", "ft_b"], {}, {}, lambda b, xs: geometric.karcher([*xs, b])),
+    "sce": (["ft_a", "ft_b", "ft_c"], {}, {"select_topk": 0.5}, lambda b, xs: selective.sce(b, xs, 0.5)),
+    "nearswap": (["ft_a"], {}, {"t": 0.001}, lambda b, xs: selective.nearswap(b, xs[0], 0.001)),
+    "arcee_fusion": (["ft_a"], {}, {}, lambda b, xs: selective.arcee_fusion(b, xs[0])),
+    "ram": (["ft_a", "ft_b", "ft_c"], {}, {}, lambda b, xs: selective.ram(b, xs)),
+    "ramplus_tl": (["ft_a", "ft_b", "ft_c"], {}, {"r": 0.3}, lambda b, xs: selective.ramplus_tl(b, xs, r=0.3)),
+}
+
+
+def checkpoint_config(zoo, method: str, dtype: str) -> dict:
+    names, per_model, shared, _ = CHECKPOINT_CASES[method]
+    models = [{"model": zoo.model(name, dtype), "parameters": per_model.get(name, {})} for name in names]
+    config = {"merge_method": method, "base_model": zoo.model("base", dtype), "models": models}
+    return {**config, "parameters": shared, "dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype]}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("method", sorted(CHECKPOINT_CASES))
+def test_whole_checkpoint_equals_mergekit_yaml(zoo, write_config, mergekit_merge, tmp_path, method, dtype):
+    from tiny_models import load_checkpoint_tensors
+
+    names, _, _, merge = CHECKPOINT_CASES[method]
+    theirs = load_checkpoint_tensors(
+        mergekit_merge(write_config(checkpoint_config(zoo, method, dtype)), tmp_path / "mk")
+    )
+    base = load_checkpoint_tensors(zoo.model("base", dtype))
+    sources = [load_checkpoint_tensors(zoo.model(name, dtype)) for name in names]
+    assert set(theirs) == set(base)
+    for name, reference in theirs.items():
+        assert_same_bits(merge(base[name], [source[name] for source in sources]), reference)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_whole_checkpoint_passthrough_scale(zoo, write_config, mergekit_merge, tmp_path, dtype):
+    from tiny_models import load_checkpoint_tensors
+
+    source = {"model": zoo.model("ft_a", dtype), "parameters": {"scale": 0.37}}
+    config = write_config({"merge_method": "passthrough", "models": [source], "dtype": "bfloat16"})
+    theirs = load_checkpoint_tensors(mergekit_merge(config, tmp_path / "mk"))
+    for name, tensor in load_checkpoint_tensors(zoo.model("ft_a", dtype)).items():
+        assert_same_bits(selective.passthrough(tensor.to(torch.bfloat16), 0.37), theirs[name])

@@ -37,13 +37,15 @@ def validate(
     """Check a spec (models, method, genome, tasks) and plan each worker's memory, without reading any weight."""
     import json
 
+    from evomerge.spec import load_spec
+
+    spec = load_spec(spec_path)  # before the heavy imports: a spec's mistakes are told without torch
+
     from evomerge.evaluation.hub_data import locked_dataset_revisions
     from evomerge.lock import model_pins, read_lock
     from evomerge.preflight import preflight
     from evomerge.search.start import refuse_unusable_run_dir
-    from evomerge.spec import load_spec
 
-    spec = load_spec(spec_path)
     gpu_bytes, gpu_count = _planned_gpus(spec, gpu_memory, gpus)
     refuse_unusable_run_dir(spec)  # a runs_dir that is a file: said now, not after Ray's start
     lock = read_lock(spec_path)

@@ -5,8 +5,9 @@ backend only runs the model and hands back what lm-eval's `LM` methods would ret
 probability and greedy flag per loglikelihood request, a total per rolling request, a string per
 generation). Everything after that (filters, `process_results`, aggregation) stays lm-eval's.
 
-`native.TorchBackend` runs a Hugging Face model in this process. Another engine (vLLM, say) is one
-more subclass: it receives the same token ids and stop strings.
+`native.TorchBackend` runs a Hugging Face model in this process; `vllm_backend.VllmBackend` runs a
+vLLM engine that receives the same token ids and stop strings, and the resident model's weights
+before each candidate (`prepare_candidate`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class BackendName(str, Enum):
 
     NATIVE = "native"  # evomerge's batched scorer behind lm-eval's tasks (evaluation/native.py)
     LM_EVAL = "lm_eval"  # lm-eval's own HFLM, every request rebuilt per candidate: the reference
+    VLLM = "vllm"  # one vLLM engine per worker, each candidate's weights written in place (evaluation/vllm_backend.py)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ class ScoringBackend(ABC):
     """Model work for one candidate's weights; results in request order, deterministic per weights."""
 
     name: BackendName
+
+    def prepare_candidate(self) -> None:
+        """Called once before each candidate is scored; a backend that keeps its own copy of the weights syncs it."""
+        return None  # the native backend scores the resident model itself
 
     @abstractmethod
     def loglikelihood(self, requests: Sequence[TokenPair]) -> list[Loglikelihood]:

@@ -1,12 +1,14 @@
 """Score a search worker's resident model on a fixed, seeded set of lm-eval docs.
 
 A worker builds one `Evaluator` per eval set and calls `evaluate()` after each in-place weight
-update; the score is always that of the weights the model holds right now. Two backends
+update; the score is always that of the weights the model holds right now. Three backends
 (`evaluation.backend`):
 
 * `native` (default): lm-eval's requests are built and tokenized once, here; per call only the
   forward passes run (`evaluation/native.py`), and lm-eval's filters, `process_results` and
   aggregation turn the answers into metrics (`evaluation/requests.py`).
+* `vllm`: the same prepared requests, scored by a vLLM engine that receives the model's weights
+  before each call (`evaluation/vllm_backend.py`).
 * `lm_eval`: lm-eval's own `evaluate` with its HFLM, which rebuilds every request and runs every
   forward pass again on each call. The reference the native backend is tested against.
 """
@@ -20,7 +22,7 @@ from typing import Any
 
 import torch
 
-from evomerge.evaluation.backend import BackendName
+from evomerge.evaluation.backend import BackendName, ScoringBackend
 from evomerge.evaluation.config import Carve, EvalSet
 from evomerge.evaluation.native import TorchBackend
 from evomerge.evaluation.requests import PreparedRequests, PromptOptions, TaskMetrics
@@ -123,10 +125,11 @@ class Evaluator:
             name: indices for name, indices in self._subsets.items() if len(indices) < len(self._tasks[name].eval_docs)
         }
         self.requests: PreparedRequests | None = None
-        if self.backend is BackendName.NATIVE:
+        self._scorer: ScoringBackend | None = None
+        if self.backend is not BackendName.LM_EVAL:
             with quiet_lm_eval():
                 self.requests = PreparedRequests(self._tasks, self._lm, self._samples, self._prompts)
-            self._native = TorchBackend(model, self._lm.tokenizer, self._lm.max_length, settings.token_budget)
+            self._scorer = _scorer(self.backend, model, self._lm, settings.token_budget)
 
     def subset_indices(self) -> dict[str, list[int]]:
         """The exact doc indices (into each task's eval split) that `evaluate()` scores."""
@@ -135,8 +138,9 @@ class Evaluator:
     def evaluate(self) -> EvalResult:
         """Score the model's current weights; the same weights always give the same result."""
         start = time.perf_counter()
-        if self.requests is not None:
-            found = self.requests.score(self._native, self._lm.device)
+        if self.requests is not None and self._scorer is not None:
+            self._scorer.prepare_candidate()
+            found = self.requests.score(self._scorer, self._lm.device)
         else:
             found = self._lm_eval_metrics()
         return self._to_result(found, time.perf_counter() - start)
@@ -218,6 +222,14 @@ def _metric(values: dict[str, Any], key: str, name: str) -> float:
             f"lm-eval reported no '{key}' for task '{name}'; it reported: {', '.join(sorted(map(str, values)))}"
         )
     return float(values[key])
+
+
+def _scorer(backend: BackendName, model, lm, token_budget: int | None) -> ScoringBackend:
+    if backend is BackendName.VLLM:
+        from evomerge.evaluation.vllm_backend import VllmBackend
+
+        return VllmBackend(model, lm.tokenizer, lm.max_length)
+    return TorchBackend(model, lm.tokenizer, lm.max_length, token_budget)
 
 
 def _check_device(model, device: str | None) -> None:

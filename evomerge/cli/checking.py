@@ -145,7 +145,7 @@ def eval_model(
         ..., "--model", help="A model folder, a hub ID (org/name[@revision]), or a mergekit YAML merged in memory."
     ),
     split: str = typer.Option("search", "--split", help="search (evaluation.tasks) or heldout (heldout_tasks)."),
-    backend: str | None = typer.Option(None, "--backend", help="native or lm_eval; default: the spec's."),
+    backend: str | None = typer.Option(None, "--backend", help="native, lm_eval or vllm; default: the spec's."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     debug: bool = DebugOption,
 ):
@@ -166,7 +166,7 @@ def eval_model(
     if split not in eval_sets:
         raise UserError(f"--split {split}: {spec_path} has no evaluation.heldout_tasks; use --split search")
     if backend is not None and backend not in {name.value for name in BackendName}:
-        raise UserError(f"--backend: unknown backend '{backend}'; choose native or lm_eval")
+        raise UserError(f"--backend: unknown backend '{backend}'; choose native, lm_eval or vllm")
     folder = _local_model(model, model_pins(lock))
     with _library_chatter_held_back(shown=debug):  # progress bars, lm-eval notices: as a search worker's
         result = _score_as_a_worker(spec, folder, eval_sets[split], backend)

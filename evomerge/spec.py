@@ -25,12 +25,19 @@ from evomerge.hub import model_name
 from evomerge.merge.config import load_yaml_file
 from evomerge.merge.parameters import PARAMETERS, SCALE_LIMITS, SEARCHABLE, SWITCHES, bounds_limits
 from evomerge.merge.registry import METHODS, MethodInfo
+from evomerge.optim.settings import (
+    FROZEN_SPEC,
+    TRIALS_LIMIT,
+    CMAESSettings,
+    OptimizerSettings,
+    describe_settings_problem,
+    with_default_name,
+)
 
 LAYER_GROUPS_LIMIT = 1024
-POPSIZE_LIMIT = 10_000
 WORKERS_LIMIT = 4096
 QUEUE_DEPTH_LIMIT = 1024
-MAX_EVALS_LIMIT = 10_000_000
+MAX_EVALS_LIMIT = TRIALS_LIMIT
 MAX_DOCS_LIMIT = 10**15
 RUN_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"
 # Which search defaults a run uses (genome parameters and bounds, seeding, CMA-ES without a
@@ -130,20 +137,6 @@ class GenomeSpec(_Strict):
         return bounds
 
 
-class OptimizerSpec(_Strict):
-    name: Literal["cmaes", "tpe", "random", "nsga2"] = "cmaes"
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    popsize: int | None = Field(None, ge=2, le=POPSIZE_LIMIT, description=f"At most {POPSIZE_LIMIT}.")
-    sigma0: float = Field(0.25, gt=0, le=1)
-    n_startup_trials: int = Field(10, ge=0, le=MAX_EVALS_LIMIT)
-    overlap: bool | None = Field(
-        None,
-        description="CMA-ES: keep asking while a generation's stragglers finish (default from version 2). "
-        "Workers never idle, but what is asked then depends on the order results arrive, so two runs "
-        "of one seed can differ; false restores the generation barrier and runs that repeat exactly.",
-    )
-
-
 class BudgetSpec(_Strict):
     max_evals: int | None = Field(100, ge=1, le=MAX_EVALS_LIMIT, description=f"At most {MAX_EVALS_LIMIT:,}.")
     time_limit_min: float | None = Field(None, gt=0, le=10 * 525_600, description="At most ten years.")
@@ -207,7 +200,9 @@ class Spec(_Strict):
     models: ModelsSpec
     merge: MergeSpec = MergeSpec()
     genome: GenomeSpec = GenomeSpec()
-    optimizer: OptimizerSpec = OptimizerSpec()
+    optimizer: OptimizerSettings = Field(
+        CMAESSettings(), description="Which optimizer (name: cmaes, tpe, nsga2, random) with its own settings."
+    )
     evaluation: EvaluationSpec
     budget: BudgetSpec = BudgetSpec()
     workers: WorkersSpec = WorkersSpec()
@@ -230,6 +225,11 @@ class Spec(_Strict):
                 f"{name!r} must be one folder name of letters, digits, '.', '_' and '-' (at most 200, not starting with '.'); rename the run"
             )
         return name
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _cmaes_unless_named(cls, optimizer):
+        return with_default_name(optimizer)
 
     @field_validator("runs_dir")
     @classmethod
@@ -281,8 +281,7 @@ class Spec(_Strict):
         if payload["version"] == LEGACY_SEARCH_VERSION:
             del payload["version"]  # runs fingerprinted before versions existed
         payload["evaluation"] = without_later_defaults(payload["evaluation"])
-        if payload["optimizer"].get("overlap") is None:
-            payload["optimizer"].pop("overlap", None)  # unset: older runs' fingerprints stay valid
+        payload["optimizer"] = self.optimizer.flat_fields()  # the one flat layout older runs were hashed in
         if payload["budget"].get("max_docs") is None:
             payload["budget"].pop("max_docs", None)  # likewise
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -319,11 +318,11 @@ def _resolve_paths(data: dict, folder: Path) -> dict:
     return data
 
 
-def parse_spec(data, source: str, folder: Path) -> Spec:
+def parse_spec(data, source: str, folder: Path, context: dict | None = None) -> Spec:
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     try:
-        return Spec.model_validate(_resolve_paths(dict(data), folder))
+        return Spec.model_validate(_resolve_paths(dict(data), folder), context=context)
     except ValidationError as error:
         raise UserError(_describe_all(error, source)) from None
 
@@ -336,6 +335,9 @@ def _describe_all(error: ValidationError, source: str) -> str:
     problems: dict[str, str] = {}
     for item in error.errors():
         path = problem_path(item)
+        if item["loc"][:1] == ("optimizer",):  # a union of each optimizer's settings: they describe their own
+            problems.setdefault(path, describe_settings_problem({**item, "loc": item["loc"][1:]}))
+            continue
         hint = did_you_mean(item["loc"][-1], _keys_at(item["loc"][:-1])) if item["type"] == "extra_forbidden" else ""
         problems.setdefault(path, describe_problem(item) + hint)
     if len(problems) == 1:
@@ -366,10 +368,11 @@ def _keys_at(location: tuple) -> list[str]:
 
 
 def parse_frozen_spec(data, source: str, folder: Path) -> Spec:
-    """A run's frozen spec; one written before search versions existed keeps version 1's defaults."""
+    """A run's frozen spec; one written before search versions existed keeps version 1's defaults,
+    and one frozen in the flat optimizer layout keeps its other optimizers' fields for the fingerprint."""
     if isinstance(data, dict) and "version" not in data:
         data = {**data, "version": LEGACY_SEARCH_VERSION}
-    return parse_spec(data, source, folder)
+    return parse_spec(data, source, folder, context={FROZEN_SPEC: True})
 
 
 def load_spec(path: str | Path) -> Spec:

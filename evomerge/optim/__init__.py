@@ -1,38 +1,54 @@
-"""Search optimizers (CMA-ES, TPE, random) behind one ask/tell contract, and a factory by name."""
+"""Search optimizers (CMA-ES, TPE, NSGA-II, random) behind one ask/tell contract.
+
+Each optimizer's module has a `create(settings, problem)` factory taking its typed settings
+(`settings.py`); `build_optimizer` picks the module by the settings' `name`. The modules are
+imported only when an optimizer is built, so reading a spec's settings imports neither cma nor optuna.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 
-from evomerge.errors import UserError, did_you_mean
-from evomerge.optim.base import Ask, Optimizer, is_failed_score
-from evomerge.optim.cmaes import CMAESOptimizer
-from evomerge.optim.random_search import RandomSearchOptimizer
-from evomerge.optim.tpe import NSGA2Optimizer, TPEOptimizer
+from evomerge.errors import UserError
+from evomerge.optim.base import Ask, Optimizer, Problem, is_failed_score
+from evomerge.optim.settings import OptimizerSettings, describe_settings_problem
 
-OPTIMIZERS: dict[str, type[Optimizer]] = {
-    cls.name: cls for cls in (CMAESOptimizer, TPEOptimizer, RandomSearchOptimizer, NSGA2Optimizer)
+MODULES = {
+    "cmaes": "evomerge.optim.cmaes",
+    "tpe": "evomerge.optim.tpe",
+    "random": "evomerge.optim.random_search",
+    "nsga2": "evomerge.optim.nsga2",
 }
 
 
-def make_optimizer(name: str, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray, seed: int, **settings) -> Optimizer:
-    """Build the optimizer registered as ``name`` ("cmaes", "tpe", "random" or "nsga2")."""
-    if name not in OPTIMIZERS:
-        raise UserError(
-            f"optimizer.name: unknown optimizer '{name}' (choose one of: {', '.join(OPTIMIZERS)})"
-            f"{did_you_mean(name, OPTIMIZERS)}"
-        )
-    return OPTIMIZERS[name](lower, upper, x0, seed, **settings)
+def build_optimizer(settings: OptimizerSettings, problem: Problem) -> Optimizer:
+    """The optimizer the settings name, built by its module's factory."""
+    return importlib.import_module(MODULES[settings.name]).create(settings, problem)
 
 
-__all__ = [
-    "Ask",
-    "CMAESOptimizer",
-    "OPTIMIZERS",
-    "NSGA2Optimizer",
-    "Optimizer",
-    "RandomSearchOptimizer",
-    "TPEOptimizer",
-    "is_failed_score",
-    "make_optimizer",
-]
+def make_optimizer(
+    name: str,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    x0: np.ndarray,
+    seed: int,
+    *,
+    objectives: int = 1,
+    search_version: int = 1,
+    **fields,
+) -> Optimizer:
+    """Build an optimizer from plain values (tests, benchmarks); `fields` are its spec settings.
+
+    A wrong name or setting is a UserError naming it; `search_version` 1 keeps CMA-ES's barrier.
+    """
+    try:
+        settings = TypeAdapter(OptimizerSettings).validate_python({**fields, "name": name, "seed": seed})
+    except ValidationError as error:
+        raise UserError(describe_settings_problem(dict(error.errors()[0]))) from None
+    return build_optimizer(settings, Problem(lower, upper, x0, objectives, search_version))
+
+
+__all__ = ["Ask", "MODULES", "Optimizer", "Problem", "build_optimizer", "is_failed_score", "make_optimizer"]

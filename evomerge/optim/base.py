@@ -1,10 +1,11 @@
 """The ask/tell contract every search optimizer implements, plus the bookkeeping they share.
 
-The search maximizes a score over a flat float genome inside a box ``[lower, upper]``.
-Subclasses only decide *what* to propose (``_propose``), *how* to learn from a finished
-trial (``_observe``) and *where* seeded points go (``_enqueue_point``); trial ids, pending
-tracking, input validation, failure normalisation and snapshots live here so that the three
-optimizers cannot drift apart on the contract.
+The search maximizes a score over a flat float genome inside a box ``[lower, upper]``
+(a `Problem`). Subclasses only decide *what* to propose (``_propose``), *how* to learn from a
+finished trial (``_observe``) and *where* seeded points go (``_enqueue_point``); trial ids,
+pending tracking, input validation, failure normalisation and snapshots live here so that the
+optimizers cannot drift apart on the contract. Each optimizer's module has a ``create(settings,
+problem)`` factory taking its typed settings (`evomerge.optim.settings`).
 
 Determinism is part of the contract: an optimizer's asks are a pure function of its
 constructor arguments and the sequence of ask/tell/enqueue calls, because resuming a run is
@@ -21,11 +22,21 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from evomerge.errors import UserError, did_you_mean
-
 # Bumped whenever the pickled layout changes incompatibly, so an old run directory fails
 # loudly on resume instead of continuing with a silently different search.
 SNAPSHOT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What every optimizer is built for: the box, the first point, how many scores a trial has,
+    and the search version whose defaults apply (CMA-ES's barrier)."""
+
+    lower: np.ndarray
+    upper: np.ndarray
+    x0: np.ndarray
+    objectives: int = 1
+    search_version: int = 1
 
 
 @dataclass(frozen=True)
@@ -65,20 +76,24 @@ class Optimizer(ABC):
     """
 
     name: ClassVar[str]
-    # Every accepted keyword setting with its default; unknown keys are a user error.
-    default_settings: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray, seed: int, **settings):
-        self.lower, self.upper = _validated_box(lower, upper)
+    def __init__(self, problem: Problem, seed: int, settings: dict[str, Any]):
+        self.lower, self.upper = _validated_box(problem.lower, problem.upper)
         self.seed = _validated_seed(seed)
-        self.settings = self._resolved_settings(settings)
-        self.x0 = self._validated_point(x0, "x0")
+        # The resolved settings as plain values: snapshots pickle them, so they outlive model renames.
+        self.settings = settings
+        self.x0 = self._validated_point(problem.x0, "x0")
         self._next_trial_id = 0
         self._pending: dict[int, np.ndarray] = {}
 
     @property
     def dim(self) -> int:
         return self.lower.size
+
+    @property
+    def block_size(self) -> int:
+        """Asks whose results are told together (a CMA-ES generation); 1 for an asynchronous optimizer."""
+        return 1
 
     @property
     def next_trial_id(self) -> int:
@@ -142,16 +157,6 @@ class Optimizer(ABC):
     @abstractmethod
     def _enqueue_point(self, x: np.ndarray) -> None:
         """Arrange for the validated point ``x`` to be asked before own proposals."""
-
-    def _resolved_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
-        for key in settings:
-            if key not in self.default_settings:
-                valid = ", ".join(sorted(self.default_settings)) or "none"
-                raise UserError(
-                    f"optimizer.settings.{key}: not a setting of the '{self.name}' optimizer "
-                    f"(valid: {valid}){did_you_mean(key, self.default_settings)}"
-                )
-        return {**self.default_settings, **settings}
 
     def _validated_point(self, x: np.ndarray, what: str) -> np.ndarray:
         point = np.array(x, dtype=np.float64).reshape(-1)

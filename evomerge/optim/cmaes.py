@@ -28,9 +28,9 @@ Design choices:
   of an older generation's stragglers arrive after its update and are not told to cma. The
   asks are still a pure function of the ask/tell sequence, which the journal records, so resume
   replays them exactly, but two fresh runs of one seed differ when their results arrive in a
-  different order. Off by default here: runs created before it (search version 1) keep the
-  barrier, and a snapshot pickled then has no ``overlap`` setting; the search turns it on from
-  version 2 unless the spec says `optimizer.overlap: false`.
+  different order. Runs created before it (search version 1) keep the barrier, and a snapshot
+  pickled then has no ``overlap`` setting; from version 2 it is on unless the spec says
+  `optimizer.overlap: false` (`CMAESSettings.overlaps`).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from typing import Any, ClassVar
 import cma
 import numpy as np
 
-from evomerge.errors import UserError
-from evomerge.optim.base import Optimizer
+from evomerge.optim.base import Optimizer, Problem
+from evomerge.optim.settings import CMAESSettings
 
 
 class _PrivateNormal:
@@ -59,16 +59,16 @@ class CMAESOptimizer(Optimizer):
     """CMA-ES; with the barrier (the default) ``ask`` returns None until the generation is told."""
 
     name: ClassVar[str] = "cmaes"
-    default_settings: ClassVar[dict[str, Any]] = {
-        "popsize": None,  # None = cma's default, 4 + floor(3 ln n)
-        "sigma0": 0.25,  # initial step size as a fraction of each coordinate's range
-        "overlap": False,  # keep asking while a generation's stragglers finish (see the module notes)
-    }
 
-    def __init__(self, lower, upper, x0, seed: int, **settings):
-        super().__init__(lower, upper, x0, seed, **settings)
+    def __init__(self, settings: CMAESSettings, problem: Problem):
+        resolved = {
+            "popsize": settings.popsize,  # None = cma's default, 4 + floor(3 ln n)
+            "sigma0": settings.sigma0,
+            "overlap": settings.overlaps(problem.search_version),
+        }
+        super().__init__(problem, settings.seed, resolved)
         self._width = self.upper - self.lower
-        self._es = cma.CMAEvolutionStrategy(self._to_unit(self.x0), self._sigma0(), self._cma_options())
+        self._es = cma.CMAEvolutionStrategy(self._to_unit(self.x0), float(self.settings["sigma0"]), self._cma_options())
         self._queue: deque[np.ndarray] = deque([self.x0])  # the method's default recipe is always scored
         self._unit_solutions: list[np.ndarray] | None = None  # exactly what cma asked, for its tell
         self._points: list[np.ndarray] = []
@@ -85,11 +85,9 @@ class CMAESOptimizer(Optimizer):
     def popsize(self) -> int:
         return int(self._es.popsize)
 
-    def _sigma0(self) -> float:
-        sigma0 = float(self.settings["sigma0"])
-        if not 0 < sigma0 <= 1:
-            raise UserError(f"optimizer.sigma0: {sigma0} must be a fraction of each coordinate's range, in (0, 1]")
-        return sigma0
+    @property
+    def block_size(self) -> int:
+        return self.popsize
 
     def _cma_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -101,8 +99,6 @@ class CMAESOptimizer(Optimizer):
             "verb_log": 0,  # otherwise cma writes outcmaes/ into the working directory
         }
         if self.settings["popsize"] is not None:
-            if int(self.settings["popsize"]) < 2:
-                raise UserError(f"optimizer.popsize: {self.settings['popsize']} is too small; CMA-ES needs at least 2")
             options["popsize"] = int(self.settings["popsize"])
         if self.settings.get("overlap"):
             # cma's TPA step size (its choice for some dimensions) needs the first two samples of a
@@ -202,6 +198,11 @@ class CMAESOptimizer(Optimizer):
         self.generation += 1
         self._unit_solutions = None
         self._points, self._scores = [], []
+
+
+def create(settings: CMAESSettings, problem: Problem) -> CMAESOptimizer:
+    """CMA-ES as the spec's `optimizer:` section sets it."""
+    return CMAESOptimizer(settings, problem)
 
 
 def _rekey_solution_archive(solutions) -> None:

@@ -8,21 +8,21 @@ global RNG.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
-from evomerge.optim.base import Optimizer
+from evomerge.optim.base import Optimizer, Problem
+from evomerge.optim.settings import RandomSettings
 
 
 class RandomSearchOptimizer(Optimizer):
     """x0 first, then enqueued points, then independent uniform samples."""
 
     name: ClassVar[str] = "random"
-    default_settings: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, lower, upper, x0, seed: int, **settings):
-        super().__init__(lower, upper, x0, seed, **settings)
+    def __init__(self, settings: RandomSettings, problem: Problem):
+        super().__init__(problem, settings.seed, {})
         self._rng = np.random.default_rng(self.seed)
         self._queue: deque[np.ndarray] = deque([self.x0])
 
@@ -36,3 +36,8 @@ class RandomSearchOptimizer(Optimizer):
 
     def _observe(self, trial_id: int, x: np.ndarray, score: float | None) -> None:
         pass  # scores cannot change where uniform sampling goes next
+
+
+def create(settings: RandomSettings, problem: Problem) -> RandomSearchOptimizer:
+    """Random search as the spec's `optimizer:` section sets it."""
+    return RandomSearchOptimizer(settings, problem)

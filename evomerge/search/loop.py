@@ -27,7 +27,7 @@ from evomerge.errors import UserError
 from evomerge.evaluation.fidelity import RaceTargets
 from evomerge.evaluation.hub_data import pin_datasets, revisions_from_fingerprints
 from evomerge.evaluation.scores import task_weights
-from evomerge.optim import make_optimizer
+from evomerge.optim import Problem, build_optimizer
 from evomerge.preflight import Prepared
 from evomerge.rundir.events import EventName, TrialResult
 from evomerge.rundir.journal import Journal
@@ -94,28 +94,16 @@ class Search:
         self._search_started: float | None = None
 
     def _new_optimizer(self):
-        genome = self.prepared.genome
-        settings = self.spec.optimizer
-        extra = {"popsize": settings.popsize, "sigma0": settings.sigma0} if settings.name == "cmaes" else {}
-        if settings.name == "cmaes":
-            # No generation barrier from version 2 unless the spec asks for one; version 1 runs keep it.
-            extra["overlap"] = settings.overlap if settings.overlap is not None else self.spec.version >= 2
-        if settings.name in ("tpe", "nsga2"):
-            extra = {"objectives": max(1, len(self.spec.evaluation.objectives))}
-            if settings.name == "tpe":
-                extra["n_startup_trials"] = settings.n_startup_trials
-            if settings.popsize and settings.name == "nsga2":
-                extra["population_size"] = settings.popsize
-        extra = {k: v for k, v in extra.items() if v is not None}
-        return make_optimizer(settings.name, genome.lower, genome.upper, genome.x0(), settings.seed, **extra)
+        genome, objectives = self.prepared.genome, len(self.spec.evaluation.objectives)
+        problem = Problem(genome.lower, genome.upper, genome.x0(), max(1, objectives), self.spec.version)
+        return build_optimizer(self.spec.optimizer, problem)
 
     def _race_targets(self) -> RaceTargets | None:
         """Fidelity racing's incumbents and rung cutoffs, rebuilt from the journal's results."""
         fidelity = self.spec.evaluation.fidelity
         if fidelity is None:
             return None
-        popsize = getattr(self.optimizer, "popsize", 1)
-        targets = RaceTargets(popsize, len(fidelity.rungs), fidelity.keep, self.spec.optimizer.seed)
+        targets = RaceTargets(self.optimizer.block_size, len(fidelity.rungs), fidelity.keep, self.spec.optimizer.seed)
         for trial in self.trials.values():
             if trial.score is not None and trial.result is not None:
                 targets.add(trial.trial_id, trial.whole_score, trial.result.rung_scores)
@@ -123,7 +111,7 @@ class Search:
 
     def _docs_spent(self) -> DocsSpent:
         """The documents each block of asks scored, from the journal's results (`budget.max_docs`)."""
-        spent = DocsSpent(getattr(self.optimizer, "popsize", 1))
+        spent = DocsSpent(self.optimizer.block_size)
         for trial in self.trials.values():
             if trial.result is not None:
                 spent.add(trial.trial_id, trial.result.docs_scored)
@@ -366,7 +354,7 @@ class Search:
         if trial.kind == "optimizer":
             self.optimizer.tell(trial.trial_id, (result.objectives or result.score) if result.ok else None)
             self.tells_since_snapshot += 1
-            if self.tells_since_snapshot >= (self.spec.optimizer.popsize or 10):
+            if self.tells_since_snapshot >= self.spec.optimizer.tells_per_snapshot:
                 self._snapshot()
 
     def _with_objectives(self, result: TrialResult) -> TrialResult:

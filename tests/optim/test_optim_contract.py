@@ -16,15 +16,22 @@ from evomerge.errors import UserError
 from evomerge.optim import Optimizer, make_optimizer
 from evomerge.optim.cmaes import _failure_penalty
 
-# cmaes_overlap: CMA-ES without the generation barrier (search version 2's default).
-ALL = ["cmaes", "cmaes_overlap", "tpe", "random"]
+# cmaes_overlap: CMA-ES without the generation barrier (search version 2's default). NSGA-II
+# runs the contract with one objective, in generations of 4 so its genetic steps are exercised.
+ALL = ["cmaes", "cmaes_overlap", "tpe", "random", "nsga2"]
 # Unequal widths and offsets, so a bug that ignores the box's scale or origin shows up.
 LOWER = np.array([0.0, 0.0, -1.0, 0.1, 0.0, -3.0])
 UPPER = np.array([1.0, 2.0, 1.0, 0.2, 1.0, 5.0])
 X0 = np.array([0.1, 0.2, -0.8, 0.11, 0.9, -2.0])
 OPTIMUM = np.array([0.7, 1.5, 0.4, 0.18, 0.2, 3.0])
 # Few startup trials so TPE's model (not its random warm-up) is what the tests exercise.
-SETTINGS = {"cmaes": {}, "cmaes_overlap": {"overlap": True}, "tpe": {"n_startup_trials": 5}, "random": {}}
+SETTINGS = {
+    "cmaes": {},
+    "cmaes_overlap": {"overlap": True},
+    "tpe": {"n_startup_trials": 5},
+    "random": {},
+    "nsga2": {"popsize": 4},
+}
 
 
 def build(name: str, seed: int = 0, **settings) -> Optimizer:

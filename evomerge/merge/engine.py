@@ -81,27 +81,35 @@ def merge_tensor(
     """One output tensor from its inputs; `deltas`/`ranks` (by input index) skip recomputation.
 
     `tie_order` picks which elements tied at a TIES threshold are kept (default: the device's).
+    The method's family picks the tensor function (`FAMILY_MERGES`).
     """
-    if method.family == "linear":
-        weights = [params["weight"] for params in plan.per_input]
-        return linear_merge(inputs, weights, plan.shared["normalize"])
+    return FAMILY_MERGES[method.family](plan, method, inputs, seed, deltas, ranks, tie_order)
+
+
+def _linear(plan: TensorPlan, method: MethodInfo, inputs: list[torch.Tensor], *_) -> torch.Tensor:
+    weights = [params["weight"] for params in plan.per_input]
+    return linear_merge(inputs, weights, plan.shared["normalize"])
+
+
+def _slerp(plan: TensorPlan, method: MethodInfo, inputs: list[torch.Tensor], *_) -> torch.Tensor:
+    base_index = _base_index(plan)
+    return slerp(plan.shared["t"], inputs[base_index], inputs[1 - base_index])
+
+
+def _task_vectors(
+    plan: TensorPlan,
+    method: MethodInfo,
+    inputs: list[torch.Tensor],
+    seed: int,
+    deltas: dict[int, torch.Tensor] | None,
+    ranks: dict[int, torch.Tensor] | None,
+    tie_order: TieOrder | None,
+) -> torch.Tensor:
     base_index = _base_index(plan)
     base = inputs[base_index]
-    if method.family == "slerp":
-        other = inputs[1 - base_index]
-        return slerp(plan.shared["t"], base, other)
     others = [i for i in range(len(plan.per_input)) if i != base_index]
     task_vectors = {i: deltas[i] if deltas and i in deltas else inputs[i] - base for i in others}
-    masks = {}
-    if method.sparsification == "magnitude":
-        trimming = [i for i in others if 0 < plan.per_input[i]["density"] < 1 and task_vectors[i].numel()]
-        found = top_k_masks(
-            [task_vectors[i] for i in trimming],
-            [plan.per_input[i]["density"] for i in trimming],
-            tie_order,
-            [ranks.get(i) if ranks else None for i in trimming],
-        )
-        masks = dict(zip(trimming, found, strict=True))
+    masks = _magnitude_masks(plan, method, task_vectors, ranks, tie_order)
     trimmed, weights = [], []
     for index in others:
         params, delta = plan.per_input[index], task_vectors[index]
@@ -128,6 +136,30 @@ def merge_tensor(
         normalize=plan.shared["normalize"],
         lam=plan.shared["lambda"],
     )
+
+
+def _magnitude_masks(
+    plan: TensorPlan,
+    method: MethodInfo,
+    task_vectors: dict[int, torch.Tensor],
+    ranks: dict[int, torch.Tensor] | None,
+    tie_order: TieOrder | None,
+) -> dict[int, torch.Tensor]:
+    """A magnitude trim's masks of every trimmed input at once (one batched selection); else none."""
+    if method.magnitude_rank != "descending":
+        return {}
+    trimming = [i for i, delta in task_vectors.items() if 0 < plan.per_input[i]["density"] < 1 and delta.numel()]
+    found = top_k_masks(
+        [task_vectors[i] for i in trimming],
+        [plan.per_input[i]["density"] for i in trimming],
+        tie_order,
+        [ranks.get(i) if ranks else None for i in trimming],
+    )
+    return dict(zip(trimming, found, strict=True))
+
+
+# Each family's tensor function: (plan, method, inputs, seed, deltas, ranks, tie_order) -> tensor.
+FAMILY_MERGES = {"linear": _linear, "slerp": _slerp, "task_vector": _task_vectors}
 
 
 def _base_index(plan: TensorPlan) -> int:
@@ -302,7 +334,7 @@ class ResidentSources:
         # Fused sources keep only the base and the deltas (candidate.reference_view): a task-vector
         # merge needs no other input tensor.
         inputs = [self.tensors.get(ref) for ref in plan.inputs]
-        if method.family != "task_vector":
+        if not method.task_vectors:
             missing = [ref for ref, tensor in zip(plan.inputs, inputs, strict=False) if tensor is None]
             if missing:
                 raise KeyError(f"{missing[0]} is not resident: these sources were prepared for task-vector merges")
@@ -330,12 +362,12 @@ class ResidentSources:
 
     def _ranked_descending(self, method: MethodInfo) -> bool | None:
         """Which magnitude rank `method` sorts by (None: none worth caching)."""
-        if not self.cache_ranks:
+        if not self.cache_ranks or method.magnitude_rank is None:
             return None
-        if method.sparsification == "magnitude_outliers":
+        if method.magnitude_rank == "ascending":
             return False
         # A flat tie order needs no rank (methods.magnitude_mask counts the tied elements instead).
-        return True if method.sparsification == "magnitude" and self.tie_order == "sort" else None
+        return True if self.tie_order == "sort" else None
 
 
 def merge_into_model(

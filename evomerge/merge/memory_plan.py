@@ -30,7 +30,7 @@ import torch
 from evomerge.merge.fused.layout import BLOCK
 from evomerge.merge.io import ModelFolder
 from evomerge.merge.placement import split_layers
-from evomerge.merge.registry import MethodInfo
+from evomerge.merge.registry import FusedTrim, MethodInfo
 
 DEFAULT_WORKSPACE_BYTES = 2 * 1024**3  # when the scorer's shape is unknown
 SCORER_TOKEN_BUDGET = 16384  # the GPU scorer's tokens per batch when evaluation.token_budget is unset
@@ -155,11 +155,10 @@ def source_bytes_per_element(request: PlanRequest, fused: bool) -> int:
     if fused:
         return (1 + request.experts) * width
     # Reference path (engine.ResidentSources): every input, plus each expert's cached delta.
-    cached = request.experts * width if request.method.family == "task_vector" else 0
+    cached = request.experts * width if request.method.task_vectors else 0
     # Cached magnitude ranks: breadcrumbs', and on CPU the TIES trim's (methods.device_tie_order).
-    ranked = request.method.sparsification == "magnitude_outliers" or (
-        request.method.sparsification == "magnitude" and request.gpu_bytes is None
-    )
+    rank = request.method.magnitude_rank
+    ranked = rank == "ascending" or (rank == "descending" and request.gpu_bytes is None)
     ranks = request.experts * 8 if ranked else 0
     return (1 + request.experts) * width + cached + ranks
 
@@ -256,7 +255,7 @@ def _device_shares(request: PlanRequest, k: int, fused: bool) -> list[DeviceByte
         numels = [_numel(request.base.tensors[name].shape) for name in mine]
         # The fused layout pads every tensor to whole kernel blocks (fused/layout.py).
         elements = sum(_padded(n) for n in numels) if fused else sum(numels)
-        ties = request.experts if request.method.sparsification == "magnitude" else 0
+        ties = request.experts if request.method.fused_trim is FusedTrim.MAGNITUDE else 0
         tables = table_bytes(elements, len(mine), ties) if fused else 0
         shares.append(DeviceBytes(f"cuda:{part}", elements * per_element, elements * width, tables, workspace))
     return shares

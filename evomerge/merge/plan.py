@@ -176,7 +176,7 @@ class Planner:
         per_input = []
         for index, (model, input_name) in enumerate(inputs):
             scopes = [s.parameters for s in output_slice.sources if s.model == model] + list(shared_scopes)
-            skip_base = index == base_index and self.method.family == "task_vector"
+            skip_base = index == base_index and self.method.task_vectors
             per_input.append(
                 {}
                 if skip_base

@@ -83,6 +83,19 @@ class MethodInfo:
         return tuple(p for p in SEARCHABLE if p in self.input_params or p in self.shared_params)
 
     @property
+    def task_vectors(self) -> bool:
+        """It merges each expert's difference from the base (a task vector), not the weights themselves."""
+        return self.family == "task_vector"
+
+    @property
+    def magnitude_rank(self) -> Literal["ascending", "descending"] | None:
+        """Which magnitude order its trim ranks a task vector by: descending for the top-k trim
+        (TIES), ascending for breadcrumbs' cut of the smallest and the outliers; None: no rank."""
+        if self.sparsification == "magnitude":
+            return "descending"
+        return "ascending" if self.sparsification == "magnitude_outliers" else None
+
+    @property
     def fused(self) -> bool:
         """Whether the fused GPU kernel can run it."""
         return self.fused_trim is not None

@@ -80,6 +80,12 @@ def fused_unavailable_reason(device: str, method: MethodInfo, interpreter_ok: bo
     return "the fused kernel needs CUDA (or TRITON_INTERPRET=1, Triton's CPU interpreter)"
 
 
+def _kernel_trim(method: MethodInfo) -> FusedTrim:
+    if method.fused_trim is None:
+        raise NotFusable(f"method {method.name} has no fused kernel")
+    return method.fused_trim
+
+
 class FusedSources:
     """The sources of a task-vector search as flat records, merged by the fused kernel."""
 
@@ -364,7 +370,7 @@ class FusedSources:
                 stage.elements,
                 M=len(self.experts),
                 P=packed.shape[1],
-                SPARSIFY=int(self.method.fused_trim),
+                SPARSIFY=int(_kernel_trim(self.method)),
                 CONSENSUS=self.method.sign_consensus,
                 RESCALE=rescale,
                 WORK=ROUND_CODES[self.work_dtype],

@@ -24,7 +24,7 @@ from evomerge.evaluation.config import Strict as _Strict
 from evomerge.hub import model_name
 from evomerge.merge.config import load_yaml_file
 from evomerge.merge.parameters import PARAMETERS, SCALE_LIMITS, SEARCHABLE, SWITCHES, bounds_limits
-from evomerge.merge.registry import METHODS, MethodInfo
+from evomerge.merge.registry import DEFAULT_METHOD, METHODS, MethodInfo
 from evomerge.optim.settings import (
     FROZEN_SPEC,
     TRIALS_LIMIT,
@@ -64,7 +64,7 @@ class ModelsSpec(_Strict):
 
 
 class MergeSpec(_Strict):
-    method: str = "ties"
+    method: str = DEFAULT_METHOD.name
     fixed: dict[str, float | bool] = Field(
         default_factory=dict, description="Shared parameters held constant, e.g. normalize, lambda."
     )

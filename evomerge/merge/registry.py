@@ -244,6 +244,8 @@ METHODS: dict[str, MethodInfo] = {
     )
 }
 
+# The method a spec that names none merges with.
+DEFAULT_METHOD = METHODS["ties"]
 # What a plain model folder is, as a merge: one weighted source and no base.
 SINGLE_MODEL = METHODS["linear"]
 # A merge that reads every tensor of every model (preflight's union config).

@@ -18,6 +18,11 @@ task (stop string ".", regex filter), native vs lm_eval.
     python scripts/bench_eval.py --device cuda --size 1.5b --out bench_out/
     python scripts/bench_eval.py --device cpu --demo --out bench_out/
     python scripts/bench_eval.py --device cpu --smoke
+
+vLLM mode (`--backend vllm`, scripts/bench_eval_vllm.py): vllm, native and lm_eval per candidate on
+the SmolLM2 zoo, with vLLM's in-place weight swap against a new engine and a disk round trip.
+
+    python scripts/bench_eval.py --backend vllm --device cpu --docs 40 --candidates 3
 """
 
 from __future__ import annotations
@@ -345,6 +350,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench_merge")
     parser.add_argument("--out", type=Path, help="folder to write bench_eval.md into")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few docs, CPU: checks the script runs")
+    parser.add_argument(
+        "--backend", choices=["vllm"], help="vllm: vllm vs native vs lm_eval per candidate on the SmolLM2 zoo"
+    )
+    parser.add_argument("--max-length", type=int, default=256, help="--backend vllm: evaluation.max_length")
     args = parser.parse_args()
     if args.smoke:
         args.size, args.docs, args.words, args.prompts, args.prompt_words = "smoke", 16, (4, 12), 8, (4, 10)
@@ -369,7 +378,12 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     lines = [f"Device: {device}; host: {machine_description()}", f"Command: {' '.join(sys.argv)}"]
-    lines += demo_mode(args) if args.demo else model_mode(args)
+    if args.backend == "vllm":
+        import bench_eval_vllm
+
+        lines += bench_eval_vllm.run(args)
+    else:
+        lines += demo_mode(args) if args.demo else model_mode(args)
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -97,7 +97,7 @@ def run(args) -> list[str]:
     from evomerge.evaluation.config import EvaluationSpec
     from evomerge.evaluation.evaluate import Evaluator
 
-    model = AutoModelForCausalLM.from_pretrained(ZOO / "base", dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(ZOO / "base", dtype=torch.float32).to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(ZOO / "base")
     weights = {
         name: AutoModelForCausalLM.from_pretrained(ZOO / name, dtype=torch.float32).state_dict() for name in CANDIDATES

@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evomerge.evaluation.fidelity import RaceTarget
+from evomerge.merge.registry import LINEAR_AVERAGE_LABEL
 from evomerge.rundir.events import RESULT_EVENTS, EventName, TrialResult
 
 # Baseline labels: written by preflight (scored) and genome (seeded), read by the seeding rule
-# and the demo's margins, so they are defined once here.
+# and the demo's margins, so they are defined once here (a method's default merge: its registry entry).
 BASE_LABEL = "base"
-LINEAR_LABEL = "linear (equal weights)"
+LINEAR_LABEL = LINEAR_AVERAGE_LABEL
 PARENT_PREFIX = "parent:"
 
 

@@ -80,12 +80,20 @@ class VllmEngine:
     def __init__(self, model, tokenizer, max_length: int):
         if not vllm_installed():
             raise ImportError(f"evaluation.backend vllm needs vLLM: {INSTALL_HINT}")
-        self.model = model
+        # Weakly: `_ENGINES` is keyed by the model, and a strong reference here would keep both alive.
+        self._model = weakref.ref(model)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.swap_times = SwapTimes()
         self._llm = None
         self._folder: str | None = None
+
+    @property
+    def model(self):
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the resident model this engine mirrors is gone")
+        return model
 
     def load_weights_of_model(self) -> None:
         """Write the resident model's current weights into the engine (starting it if needed)."""

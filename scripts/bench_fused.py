@@ -27,18 +27,18 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from evomerge.genome import Genome
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import synthetic_models  # noqa: E402
+
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.engine import merge_tensor
 from evomerge.merge.fused.candidate import reference_view
 from evomerge.merge.fused.sources import FusedSources
-from evomerge.merge.io import ModelFolder, TensorInfo
+from evomerge.merge.io import ModelFolder
 from evomerge.merge.methods import METHODS
 from evomerge.merge.validate import validate_merge_config
-from evomerge.spec import Spec
 
 SHAPES = {
     "1.5b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=28, num_attention_heads=16),
@@ -59,7 +59,6 @@ ROWS = (
 )
 SMOKE_ROWS = (("smoke", 2, "ties", "device"), ("smoke", 2, "dare_ties", "host"))
 FINETUNE_SCALES = (0.004, 0.01, 0.007)
-GENOME = {"layer_groups": 4, "split_attn_mlp": True}
 
 
 @dataclass
@@ -82,7 +81,7 @@ class Row:
 
 def in_memory_folders(size: str, experts: int) -> dict[str, ModelFolder]:
     """Base + fine-tunes as ModelFolders (config + tensor headers), with no files behind them."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     config = LlamaConfig(
         **SHAPES[size],
@@ -90,14 +89,7 @@ def in_memory_folders(size: str, experts: int) -> dict[str, ModelFolder]:
         vocab_size=32000 if size != "smoke" else 64,
         tie_word_embeddings=False,
     )
-    with torch.device("meta"):
-        shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
-    folders = {}
-    for name in ("base", *(f"ft{i}" for i in range(experts))):
-        path = Path(f"/in-memory/{size}/{name}")
-        tensors = {key: TensorInfo(shape, torch.bfloat16, path / "model.safetensors") for key, shape in shapes.items()}
-        folders[str(path)] = ModelFolder(path, config.to_dict(), tensors)
-    return folders
+    return synthetic_models.in_memory_folders(config, size, ("base", *(f"ft{i}" for i in range(experts))))
 
 
 def random_inputs(sources: FusedSources, device: str):
@@ -117,18 +109,7 @@ def random_inputs(sources: FusedSources, device: str):
 
 def candidates(folders: dict[str, ModelFolder], method: str, count: int) -> list[MergeConfig]:
     base, *experts = folders
-    spec = Spec.model_validate(
-        {
-            "name": "bench",
-            "models": {"base": base, "experts": experts},
-            "merge": {"method": method, "dtype": "bfloat16"},
-            "genome": GENOME,
-            "evaluation": {"tasks": ["none"]},
-        }
-    )
-    genome = Genome(spec, folders[base].num_layers)
-    rng = np.random.default_rng(1)
-    return [genome.to_merge_config(rng.uniform(0.05, 0.95, genome.dim)) for _ in range(count)]
+    return synthetic_models.genome_candidates(base, experts, folders[base].num_layers, method, count, seed=1)
 
 
 def copy_bandwidth(device: str, megabytes: int) -> float:

@@ -21,36 +21,24 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge import FINETUNE_SCALES, GENOME, llama_config  # noqa: E402
+import synthetic_models  # noqa: E402
 from bench_merge_cpu import machine_description  # noqa: E402
+from synthetic_models import FINETUNE_SCALES, llama_config  # noqa: E402
 
-from evomerge.genome import Genome  # noqa: E402
 from evomerge.merge.config import MergeConfig  # noqa: E402
 from evomerge.merge.fused.sources import FusedSources  # noqa: E402
-from evomerge.merge.io import ModelFolder, TensorInfo  # noqa: E402
+from evomerge.merge.io import ModelFolder  # noqa: E402
 from evomerge.merge.methods import METHODS  # noqa: E402
 from evomerge.merge.validate import validate_merge_config  # noqa: E402
-from evomerge.spec import Spec  # noqa: E402
 
 DISTINCT_MAGNITUDES = 3000
 
 
 def in_memory_folders(size: str) -> dict[str, ModelFolder]:
     """Base + fine-tunes as ModelFolders (config + tensor headers), with no files behind them."""
-    from transformers import LlamaForCausalLM
-
-    config = llama_config(size)
-    with torch.device("meta"):
-        shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
-    folders = {}
-    for name in ("base", *FINETUNE_SCALES):
-        path = Path(f"/in-memory/{size}/{name}")
-        tensors = {key: TensorInfo(shape, torch.bfloat16, path / "model.safetensors") for key, shape in shapes.items()}
-        folders[str(path)] = ModelFolder(path, config.to_dict(), tensors)
-    return folders
+    return synthetic_models.in_memory_folders(llama_config(size), size, ("base", *FINETUNE_SCALES))
 
 
 def synthetic_sources(folders: dict[str, ModelFolder], method: str) -> FusedSources:
@@ -78,21 +66,8 @@ def synthetic_sources(folders: dict[str, ModelFolder], method: str) -> FusedSour
 def candidate_dicts(folders: dict[str, ModelFolder], method: str, count: int) -> list[dict]:
     """Candidates as the driver sends them to a worker: plain dicts of a genome point."""
     base, *experts = folders
-    spec = Spec.model_validate(
-        {
-            "name": "bench",
-            "models": {"base": base, "experts": experts},
-            "merge": {"method": method, "dtype": "bfloat16"},
-            "genome": GENOME,
-            "evaluation": {"tasks": ["none"]},
-        }
-    )
-    genome = Genome(spec, folders[base].num_layers)
-    rng = np.random.default_rng(1)
-    return [
-        genome.to_merge_config(rng.uniform(0.05, 0.95, genome.dim)).model_dump(mode="json", exclude_none=True)
-        for _ in range(count)
-    ]
+    configs = synthetic_models.genome_candidates(base, experts, folders[base].num_layers, method, count, seed=1)
+    return [config.model_dump(mode="json", exclude_none=True) for config in configs]
 
 
 def time_stages(sources: FusedSources, folders, candidates: list[dict]) -> dict[str, float]:

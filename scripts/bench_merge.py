@@ -25,168 +25,29 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge_cpu import build_tokenizer, machine_description  # noqa: E402
+from bench_merge_cpu import machine_description  # noqa: E402
+from bench_merge_tables import MethodResult, fused_table, markdown_table  # noqa: E402
+from synthetic_models import (  # noqa: E402  (SHAPES, build_checkpoints, synchronize: also what bench_eval.py imports from here)
+    SHAPES,
+    build_checkpoints,
+    candidate_configs,
+    peak_gib,
+    reset_peak,
+    synchronize,
+    union_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SHAPES = {
-    "1.5b": dict(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        vocab_size=32000,
-    ),
-    "3.6b": dict(
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=34,
-        num_attention_heads=24,
-        num_key_value_heads=8,
-        vocab_size=32000,
-    ),
-    "smoke": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-    ),
-}
-FINETUNE_SCALES = {"ft_a": 0.004, "ft_b": 0.01}
 METHODS = ("linear", "ties", "dare_ties")
 FUSED_METHODS = ("ties", "dare_ties")
-GENOME = {"layer_groups": 4, "split_attn_mlp": True}
-
-
-@dataclass
-class MethodResult:
-    size: str
-    method: str
-    evomerge_s: float  # median per candidate, caches warm
-    first_s: float  # first candidate: also builds the task-vector and rank caches
-    bound_s: float
-    peak_gib: float | None
-    api_s: float | None = None
-    api_peak_gib: float | None = None
-    api_max_rel_diff: float | None = None
-    yaml_s: float | None = None
-    fused_device: dict | None = None  # time_fused's figures, sources on the GPU
-    fused_host: dict | None = None  # the same, sources in pinned host memory, streamed
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def reset_peak(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gib(device: str) -> float | None:
-    return torch.cuda.max_memory_allocated() / 1024**3 if device.startswith("cuda") else None
-
-
-def llama_config(size: str):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        **SHAPES[size],
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        dtype="bfloat16",
-        bos_token_id=1,
-        eos_token_id=2,
-        architectures=["LlamaForCausalLM"],
-    )
-
-
-def build_checkpoints(size: str, root: Path, device: str) -> dict[str, Path]:
-    """Random bf16 base + fine-tunes (base + seeded noise), rebuilt only when the shape changes."""
-    from safetensors.torch import save_file
-    from transformers import LlamaForCausalLM
-
-    folder = root / size
-    paths = {name: folder / name for name in ("base", *FINETUNE_SCALES)}
-    stamp, spec = (
-        folder / "spec.json",
-        json.dumps({"shape": SHAPES[size], "scales": FINETUNE_SCALES, "format": 2}, sort_keys=True),
-    )
-    if stamp.exists() and stamp.read_text() == spec:
-        return paths
-    config = llama_config(size)
-    with torch.device("meta"):
-        shapes = {name: t.shape for name, t in LlamaForCausalLM(config).state_dict().items()}
-    generator = torch.Generator(device=device).manual_seed(0)
-    base = {name: _random_weight(name, shape, generator, device) for name, shape in shapes.items()}
-    tokenizer = build_tokenizer(config.vocab_size)
-    for name, path in paths.items():
-        scale = FINETUNE_SCALES.get(name, 0.0)
-        tensors = {
-            key: (t + scale * torch.randn(t.shape, generator=generator, device=device, dtype=t.dtype)).cpu()
-            for key, t in base.items()
-        }
-        path.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-        config.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    stamp.write_text(spec)
-    return paths
-
-
-def _random_weight(name: str, shape, generator, device: str) -> torch.Tensor:
-    if name.endswith("norm.weight"):
-        return 1 + 0.1 * torch.randn(shape, generator=generator, device=device, dtype=torch.bfloat16)
-    return 0.02 * torch.randn(shape, generator=generator, device=device, dtype=torch.bfloat16)
-
-
-def candidate_configs(paths: dict[str, Path], method: str, count: int, seed: int) -> list:
-    """`count` candidates as a search proposes them: a seeded point of the genome, written as slices."""
-    from evomerge.genome import Genome
-    from evomerge.spec import Spec
-
-    spec = Spec.model_validate(
-        {
-            "name": "bench",
-            "models": {"base": str(paths["base"]), "experts": [str(paths[n]) for n in FINETUNE_SCALES]},
-            "merge": {"method": method, "dtype": "bfloat16"},
-            "genome": GENOME,
-            "evaluation": {"tasks": ["none"]},
-        }
-    )
-    genome = Genome(spec, llama_config_layers(paths["base"]))
-    rng = np.random.default_rng(seed)
-    return [genome.to_merge_config(rng.uniform(0.05, 0.95, genome.dim)) for _ in range(count)]
-
-
-def llama_config_layers(folder: Path) -> int:
-    return int(json.loads((folder / "config.json").read_text())["num_hidden_layers"])
-
-
-def union_config(paths: dict[str, Path]):
-    """Every tensor of every model, as a search worker keeps resident (cf. preflight)."""
-    from evomerge.merge.config import MergeConfig
-
-    return MergeConfig.model_validate(
-        {
-            "merge_method": "task_arithmetic",
-            "base_model": str(paths["base"]),
-            "dtype": "bfloat16",
-            "models": [{"model": str(paths[n]), "parameters": {"weight": 1.0}} for n in FINETUNE_SCALES],
-        }
-    )
 
 
 def copy_bandwidth(device: str, megabytes: int, repeats: int = 10) -> float:
@@ -304,21 +165,8 @@ def time_mergekit_yaml(config, device: str, scratch: Path) -> float:
 
 
 def bench_size(size: str, args, bandwidth: float, log) -> list[MethodResult]:
-    from transformers import AutoModelForCausalLM
-
-    from evomerge.merge.engine import ResidentSources
-
     paths = build_checkpoints(size, args.cache, args.device)
-    started = time.perf_counter()
-    sources = ResidentSources.load(union_config(paths), device=args.device)
-    model = AutoModelForCausalLM.from_pretrained(str(paths["base"]), dtype=torch.bfloat16).to(args.device).eval()
-    resident = (
-        f", {torch.cuda.memory_allocated() / 1024**3:.1f} GiB allocated" if args.device.startswith("cuda") else ""
-    )
-    args.notes.append(
-        f"{size}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters; sources + model resident in {time.perf_counter() - started:.1f} s{resident}"
-    )
-    log(args.notes[-1])
+    sources, model = load_resident(size, paths, args, log)
     results, configs_of = [], {}
     for index, method in enumerate(args.methods):
         configs = configs_of[method] = candidate_configs(paths, method, args.repeats + 1, seed=index)
@@ -355,6 +203,25 @@ def bench_size(size: str, args, bandwidth: float, log) -> list[MethodResult]:
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return results
+
+
+def load_resident(size: str, paths: dict[str, Path], args, log):
+    """Every model's tensors resident as a search worker keeps them, and the model merged into."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.merge.engine import ResidentSources
+
+    started = time.perf_counter()
+    sources = ResidentSources.load(union_config(paths), device=args.device)
+    model = AutoModelForCausalLM.from_pretrained(str(paths["base"]), dtype=torch.bfloat16).to(args.device).eval()
+    resident = (
+        f", {torch.cuda.memory_allocated() / 1024**3:.1f} GiB allocated" if args.device.startswith("cuda") else ""
+    )
+    args.notes.append(
+        f"{size}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters; sources + model resident in {time.perf_counter() - started:.1f} s{resident}"
+    )
+    log(args.notes[-1])
+    return sources, model
 
 
 def time_fused(model, paths, configs: list, method: str, placement: str, args) -> dict:
@@ -400,101 +267,6 @@ def _guarded(measure, log, failed):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return failed
-
-
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{1000 * seconds:.1f}"
-
-
-def _ratio(numerator: float | None, denominator: float) -> str:
-    return "-" if numerator is None else f"{numerator / denominator:.1f}x"
-
-
-def _gib(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
-def markdown_table(results: list[MethodResult]) -> str:
-    header = [
-        "model",
-        "method",
-        "evomerge ms/candidate",
-        "bound ms",
-        "evomerge / bound",
-        "first candidate ms",
-        "peak GiB",
-        "mergekit API ms",
-        "API / evomerge",
-        "API peak GiB",
-        "API max rel. diff",
-        "mergekit-yaml s",
-        "yaml / evomerge",
-    ]
-    rows = [
-        [
-            r.size,
-            r.method,
-            _ms(r.evomerge_s),
-            _ms(r.bound_s),
-            _ratio(r.evomerge_s, r.bound_s),
-            _ms(r.first_s),
-            _gib(r.peak_gib),
-            _ms(r.api_s),
-            _ratio(r.api_s, r.evomerge_s),
-            _gib(r.api_peak_gib),
-            "-" if r.api_max_rel_diff is None else f"{r.api_max_rel_diff:.1e}",
-            "-" if r.yaml_s is None else f"{r.yaml_s:.1f}",
-            _ratio(r.yaml_s, r.evomerge_s),
-        ]
-        for r in results
-    ]
-    return _markdown(header, rows)
-
-
-def fused_table(results: list[MethodResult]) -> str:
-    header = [
-        "model",
-        "method",
-        "sources on",
-        "fused ms/candidate",
-        "bound ms",
-        "fused / bound",
-        "reference ms",
-        "reference / fused",
-        "mergekit API / fused",
-        "first candidate ms (with self-check)",
-        "load s",
-        "peak GiB",
-        "path",
-    ]
-    rows = []
-    for r in results:
-        for placement in ("device", "host"):
-            f = getattr(r, f"fused_{placement}")
-            if f:
-                rows.append(
-                    [
-                        r.size,
-                        r.method,
-                        placement,
-                        _ms(f["median_s"]),
-                        _ms(r.bound_s),
-                        _ratio(f["median_s"], r.bound_s),
-                        _ms(r.evomerge_s),
-                        _ratio(r.evomerge_s, f["median_s"]),
-                        _ratio(r.api_s, f["median_s"]),
-                        _ms(f["first_s"]),
-                        f"{f['load_s']:.1f}",
-                        _gib(f["peak_gib"]),
-                        f["path"],
-                    ]
-                )
-    return _markdown(header, rows)
 
 
 def parse_args() -> argparse.Namespace:

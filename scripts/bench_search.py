@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge import REPO, SHAPES, build_checkpoints, candidate_configs, synchronize, union_config  # noqa: E402
+from bench_merge import REPO  # noqa: E402
 from bench_merge_cpu import machine_description  # noqa: E402
+from synthetic_models import SHAPES, build_checkpoints, candidate_configs, synchronize, union_config  # noqa: E402
 
 from evomerge.evaluation.batching import token_budget_batches  # noqa: E402
 

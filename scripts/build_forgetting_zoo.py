@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
-import json
 import random
 import sys
 import time
@@ -43,9 +41,10 @@ if __name__ == "__main__":
 
 import build_demo_zoo as demo_zoo  # noqa: E402
 import demo_data  # noqa: E402
+import demo_train  # noqa: E402
 import torch  # noqa: E402
-
-from evomerge.files import write_text_atomic  # noqa: E402
+import zoo_common  # noqa: E402
+from zoo_common import OWN_BLOCKS  # noqa: E402
 
 DEFAULT_OUT = REPO / ".cache" / "forget_zoo"
 BUILD_VERSION = 1
@@ -66,12 +65,13 @@ MODEL_DIRS = ["base"] + [f"expert_{skill}" for skill in SKILLS]
 
 
 def make_recipe(quick: bool) -> dict:
-    return demo_zoo.make_recipe(quick, RECIPE, QUICK_STEPS)
+    return zoo_common.make_recipe(quick, RECIPE, QUICK_STEPS)
 
 
 def recipe_hash(recipe: dict, threads: int = 1) -> str:
-    """Changes whenever the recipe, the thread count or this builder, the demo's or demo_data changes."""
-    return demo_zoo.recipe_hash(recipe, threads, BUILD_VERSION, extra_sources=(Path(__file__),))
+    """Changes whenever the recipe, the thread count, this builder or the demo zoo's code changes."""
+    settings = {"version": BUILD_VERSION, "recipe": recipe, "threads": threads}
+    return zoo_common.settings_hash(settings, (Path(__file__), *demo_zoo.SOURCES))
 
 
 # --------------------------------------------------------------------------- training
@@ -94,7 +94,7 @@ def weighted_stream(skills: dict[str, demo_data.Skill], shares: dict[str, float]
 
 def layer_groups(model, layers: list[int], lr: float) -> list[dict]:
     """Train only the decoder layers in `layers`; the others, embeddings and head stay frozen."""
-    own, frozen = demo_zoo.expert_param_groups(model, layers, lr, drift_lr_scale=0.0)
+    own, frozen = demo_train.expert_param_groups(model, layers, lr, drift_lr_scale=0.0)
     for param in frozen["params"]:
         param.requires_grad_(False)
     return [own]
@@ -108,7 +108,7 @@ def build_base(tokenizer, recipe: dict, exclude: frozenset[str]):
     skills = {"echo": demo_data.ECHO} | {name: demo_data.SKILLS[name] for name in SKILLS}
     stream = weighted_stream(skills, settings["shares"], "forget/base", exclude)
     groups = [{"params": list(model.parameters()), "lr": settings["lr"]}]
-    demo_zoo.train(
+    demo_train.train(
         model, tokenizer, stream, settings["steps"], groups, recipe["batch_size"], "the base model (its skills)"
     )
     return model
@@ -130,76 +130,43 @@ def build_expert(base, tokenizer, skill_name: str, recipe: dict, exclude: frozen
         stream = weighted_stream(skills, settings["shares"], f"forget/{stage}/{skill_name}", exclude)
         groups = layer_groups(model, layers, settings["lr"])
         label = f"expert_{skill_name} ({stage} stage)"
-        demo_zoo.train(model, tokenizer, stream, settings["steps"], groups, recipe["batch_size"], label)
+        demo_train.train(model, tokenizer, stream, settings["steps"], groups, recipe["batch_size"], label)
     return model
 
 
 # --------------------------------------------------------------------------- the design check
-
-OWN_BLOCKS = "own blocks (per-layer)"
 
 
 def merge_configs(out: Path, recipe: dict) -> dict:
     """Every default merge, as the search's baselines define it (weights 1, density 0.5, ...), plus
     the per-layer recipe the zoo is built for: each expert's task vector in its own block only."""
     from evomerge.genome import DEFAULT_VALUES
-    from evomerge.merge.config import MergeConfig
     from evomerge.merge.methods import METHODS
 
-    experts = [str(out / f"expert_{skill}") for skill in SKILLS]
-
-    def config(method: str, per_model: list[dict], base: bool = True) -> MergeConfig:
-        entries = [{"model": path, "parameters": params} for path, params in zip(experts, per_model, strict=True)]
-        fields = {"merge_method": method, "models": entries, "dtype": "float32"}
-        return MergeConfig.model_validate(fields | ({"base_model": str(out / "base")} if base else {}))
-
-    configs = {"linear": config("linear", [{"weight": 1 / len(experts)}] * len(experts), base=False)}
+    configs = {"linear": zoo_common.equal_linear_config(out, SKILLS)}
     for name, method in METHODS.items():
         if method.family == "task_vector":
             params = {p: DEFAULT_VALUES[p] for p in method.input_params if p != "weight"}
-            configs[name] = config(name, [params | {"weight": 1.0}] * len(experts))
-    layers = range(recipe["model"]["num_hidden_layers"])
-    blocks = [[1.0 if layer in recipe["expert_layers"][skill] else 0.0 for layer in layers] for skill in SKILLS]
-    configs[OWN_BLOCKS] = config("task_arithmetic", [{"weight": block} for block in blocks])
+            configs[name] = zoo_common.merge_config(out, SKILLS, name, [params | {"weight": 1.0}] * len(SKILLS))
+    layers = recipe["model"]["num_hidden_layers"]
+    configs[OWN_BLOCKS] = zoo_common.own_blocks_config(out, SKILLS, recipe["expert_layers"], layers)
     return configs
 
 
 def heldout_table(out: Path, recipe: dict, tokenizer, limit: int | None = None) -> dict[str, dict[str, float]]:
     """Held-out accuracy of the parents and of every merge in `merge_configs`, per skill and mean
     (on the first `limit` documents of each skill, all of them by default)."""
-    from transformers import AutoModelForCausalLM
-
-    from evomerge.merge.engine import ResidentSources, merge_into_model
-
     splits = {skill: demo_data.eval_splits(skill)["heldout"][:limit] for skill in SKILLS}
 
     def score(model) -> dict[str, float]:
-        row = {skill: demo_zoo.greedy_accuracy(model, tokenizer, docs) for skill, docs in splits.items()}
+        row = {skill: demo_train.greedy_accuracy(model, tokenizer, docs) for skill, docs in splits.items()}
         return row | {"mean": sum(row.values()) / len(row)}
 
-    table = {name: score(AutoModelForCausalLM.from_pretrained(out / name).eval()) for name in MODEL_DIRS}
-    configs = merge_configs(out, recipe)
-    model = AutoModelForCausalLM.from_pretrained(out / "base").eval()
-    task_vectors = ResidentSources.load(configs["task_arithmetic"])  # shared by every task-vector merge
-    for label, config in configs.items():
-        sources = task_vectors if config.base_model else ResidentSources.load(config)
-        merge_into_model(model, sources, config, seed=0)
-        table[label] = score(model)
-    return table
-
-
-def standard_error(row: dict[str, float], docs: int) -> float:
-    """SE of the mean of the per-skill accuracies, each a binomial share of `docs` documents."""
-    skills = [value for name, value in row.items() if name != "mean"]
-    return sum(p * (1 - p) / docs for p in skills) ** 0.5 / len(skills)
+    return zoo_common.heldout_table(out, MODEL_DIRS, merge_configs(out, recipe), score)
 
 
 def print_table(table: dict[str, dict[str, float]]) -> None:
-    docs = demo_data.HELDOUT_DOCS
-    print(f"{'held-out accuracy':24s}" + "".join(f"{skill:>11s}" for skill in SKILLS) + f"{'mean':>9s}{'SE':>8s}")
-    for label, row in table.items():
-        cells = "".join(f"{row[skill]:11.3f}" for skill in SKILLS)
-        print(f"{label:24s}{cells}{row['mean']:9.3f}{standard_error(row, docs):8.3f}")
+    zoo_common.print_heldout_table(table, demo_data.HELDOUT_DOCS)
 
 
 def check_design(table: dict[str, dict[str, float]]) -> list[str]:
@@ -227,28 +194,26 @@ def build_zoo(out: Path = DEFAULT_OUT, quick: bool = False, threads: int = 1, ch
     """Build (or reuse) the zoo in `out`; returns `out`. Restores torch's global settings after."""
     out = Path(out)
     recipe = make_recipe(quick)
-    manifest_path = out / "zoo_manifest.json"
     expected = recipe_hash(recipe, threads)
-    if manifest_path.exists() and json.loads(manifest_path.read_text()).get("recipe_hash") == expected:
+    if zoo_common.is_up_to_date(out, expected):
         print(f"forgetting zoo is up to date in {out}")
         return out
     if not quick and not pinned_numerics.is_pinned():
-        return demo_zoo.build_in_pinned_subprocess(out, threads, check, Path(__file__))
+        return zoo_common.build_in_pinned_subprocess(out, threads, check, Path(__file__))
     started = time.time()
-    with demo_zoo.deterministic_torch(threads):
+    with zoo_common.deterministic_torch(threads):
         tokenizer = demo_data.build_char_tokenizer()
         exclude = demo_data.all_eval_prompts()
         base = build_base(tokenizer, recipe, exclude)
         experts = {skill: build_expert(base, tokenizer, skill, recipe, exclude) for skill in SKILLS}
-        demo_zoo.save_model(base, tokenizer, out / "base")
-        for skill, expert in experts.items():
-            demo_zoo.save_model(expert, tokenizer, out / f"expert_{skill}")
+        for name, model in ({"base": base} | {f"expert_{skill}": e for skill, e in experts.items()}).items():
+            zoo_common.save_model(model, tokenizer, out / name)
         build_seconds = round(time.time() - started, 1)
         table = heldout_table(out, recipe, tokenizer) if check else None
     manifest = {
         "recipe_hash": expected,
         "zoo_sha256": weights_sha256(out),
-        "numerics": "pinned" if pinned_numerics.is_pinned() else "native",
+        "numerics": zoo_common.numerics(),
         "build_version": BUILD_VERSION,
         "quick": quick,
         "recipe": recipe,
@@ -256,7 +221,7 @@ def build_zoo(out: Path = DEFAULT_OUT, quick: bool = False, threads: int = 1, ch
         "build_seconds": build_seconds,
         "heldout_table": table,
     }
-    write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    zoo_common.write_manifest(out, manifest)
     print(f"built the forgetting zoo in {out} in {build_seconds} s")
     if table:
         print_table(table)
@@ -266,10 +231,7 @@ def build_zoo(out: Path = DEFAULT_OUT, quick: bool = False, threads: int = 1, ch
 
 
 def weights_sha256(out: Path) -> str:
-    digest = hashlib.sha256()
-    for name in MODEL_DIRS:
-        digest.update((out / name / "model.safetensors").read_bytes())
-    return digest.hexdigest()
+    return zoo_common.weights_sha256(out, MODEL_DIRS)
 
 
 def main(argv: list[str] | None = None) -> int:

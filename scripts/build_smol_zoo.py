@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import importlib.util
-import json
 import sys
 import time
 from pathlib import Path
@@ -40,8 +38,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import smol_data  # noqa: E402
 import smol_train  # noqa: E402
-
-from evomerge.files import write_text_atomic  # noqa: E402
+import zoo_common  # noqa: E402
 
 DEFAULT_OUT = REPO / ".cache" / "smol_zoo"
 BUILD_VERSION = 1
@@ -93,15 +90,12 @@ def convert_base(out: Path) -> Path:
     }
     model = LlamaForCausalLM(LlamaConfig(**settings))
     model.load_state_dict(quantized.state_dict(), strict=True)
-    smol_train.save_model(model, tokenizer, out)
+    zoo_common.save_model(model, tokenizer, out)
     return out
 
 
 def make_recipe(quick: bool) -> dict:
-    recipe = copy.deepcopy(RECIPE)
-    for stage, steps in (QUICK_STEPS if quick else {}).items():
-        recipe[stage]["steps"] = steps
-    return recipe
+    return zoo_common.make_recipe(quick, RECIPE, QUICK_STEPS)
 
 
 def recipe_hash(recipe: dict, threads: int) -> str:
@@ -116,7 +110,7 @@ def recipe_hash(recipe: dict, threads: int) -> str:
         "gguf": gguf.stat().st_size if gguf else None,
         "excluded": sorted(smol_data.all_eval_prompts()),
     }
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return zoo_common.settings_hash(settings)
 
 
 def build_expert(base, tokenizer, skill: str, recipe: dict, exclude: frozenset[str]):
@@ -139,17 +133,12 @@ def build_expert(base, tokenizer, skill: str, recipe: dict, exclude: frozenset[s
 
 
 def weights_sha256(out: Path) -> str:
-    digest = hashlib.sha256()
-    for name in MODEL_DIRS:
-        digest.update((out / name / "model.safetensors").read_bytes())
-    return digest.hexdigest()
+    return zoo_common.weights_sha256(out, MODEL_DIRS)
 
 
 def is_built(out: Path, quick: bool = False, threads: int = 1) -> bool:
     """Whether `out` holds a finished build of this recipe (what build_zoo would return at once)."""
-    manifest = Path(out) / "zoo_manifest.json"
-    expected = recipe_hash(make_recipe(quick), threads)
-    return manifest.is_file() and json.loads(manifest.read_text()).get("recipe_hash") == expected
+    return zoo_common.is_up_to_date(out, recipe_hash(make_recipe(quick), threads))
 
 
 def build_zoo(out: Path = DEFAULT_OUT, quick: bool = False, threads: int = 1, check: bool = True) -> Path:
@@ -164,12 +153,12 @@ def build_zoo(out: Path = DEFAULT_OUT, quick: bool = False, threads: int = 1, ch
     convert_base(out / "base")
     print(f"base converted from {GGUF_FILE} in {out / 'base'} ({time.time() - started:.0f} s)", flush=True)
     tokenizer = smol_train.load_tokenizer(out / "base")
-    with smol_train.deterministic_torch(threads):
+    with zoo_common.deterministic_torch(threads):
         base = AutoModelForCausalLM.from_pretrained(out / "base").eval()
         exclude = smol_data.all_eval_prompts()
         for skill in SKILLS:
             expert = build_expert(base, tokenizer, skill, recipe, exclude)
-            smol_train.save_model(expert, tokenizer, out / f"expert_{skill}")
+            zoo_common.save_model(expert, tokenizer, out / f"expert_{skill}")
             del expert
         build_seconds = round(time.time() - started, 1)
         table = smol_train.heldout_table(out, recipe, tokenizer, CHECK_DOCS) if check else None
@@ -184,7 +173,7 @@ def build_zoo(out: Path = DEFAULT_OUT, quick: bool = False, threads: int = 1, ch
         "build_seconds": build_seconds,
         "heldout_table": table,
     }
-    write_text_atomic(out / "zoo_manifest.json", json.dumps(manifest, indent=2) + "\n")
+    zoo_common.write_manifest(out, manifest)
     print(f"built the SmolLM2 zoo in {out} in {build_seconds} s")
     if table:
         smol_train.print_table(table, CHECK_DOCS)

@@ -1,34 +1,25 @@
 """Training and checking for the SmolLM2 zoo (scripts/build_smol_zoo.py): batches, a full fine-tune
-loop that reports progress, a greedy-accuracy scorer and the held-out table of parents and merges."""
+loop that reports progress, a greedy-accuracy scorer and the held-out table of parents and merges
+(the table and the merges it scores are the zoos' shared ones, scripts/zoo_common.py)."""
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import build_demo_zoo
 import smol_data
 import torch
+import zoo_common
+from zoo_common import OWN_BLOCKS
 
-deterministic_torch = build_demo_zoo.deterministic_torch
 PROGRESS_SECONDS = 30
-OWN_BLOCKS = "own blocks (per-layer)"
 
 
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)
-
-
-def save_model(model, tokenizer, path: Path) -> None:
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    model.to(torch.float32).save_pretrained(path)
-    tokenizer.save_pretrained(path)
 
 
 def tokenize(tokenizer, doc: dict) -> tuple[list[int], int]:
@@ -101,31 +92,19 @@ def greedy_accuracy(model, tokenizer, docs: list[dict], batch: int = 32) -> floa
 def merge_configs(out: Path, recipe: dict, skills: tuple[str, ...]) -> dict:
     """The search's default merges (linear at equal weights; task arithmetic, TIES and DARE-TIES at
     weight 1, density 0.5) and the per-layer recipe the zoo is built for: each expert's own block."""
-    from evomerge.merge.config import MergeConfig
-
-    experts = [str(out / f"expert_{skill}") for skill in skills]
-
-    def config(method: str, per_model: list[dict], base: bool = True) -> MergeConfig:
-        entries = [{"model": path, "parameters": params} for path, params in zip(experts, per_model, strict=True)]
-        fields = {"merge_method": method, "models": entries, "dtype": "float32"}
-        return MergeConfig.model_validate(fields | ({"base_model": str(out / "base")} if base else {}))
-
-    configs = {"linear": config("linear", [{"weight": 1 / len(experts)}] * len(experts), base=False)}
-    configs["task_arithmetic"] = config("task_arithmetic", [{"weight": 1.0}] * len(experts))
+    configs = {"linear": zoo_common.equal_linear_config(out, skills)}
+    configs["task_arithmetic"] = zoo_common.merge_config(
+        out, skills, "task_arithmetic", [{"weight": 1.0}] * len(skills)
+    )
     for method in ("ties", "dare_ties"):
-        configs[method] = config(method, [{"weight": 1.0, "density": 0.5}] * len(experts))
-    layers = range(sum(len(block) for block in recipe["expert_layers"].values()))
-    blocks = [[1.0 if layer in recipe["expert_layers"][skill] else 0.0 for layer in layers] for skill in skills]
-    configs[OWN_BLOCKS] = config("task_arithmetic", [{"weight": block} for block in blocks])
+        configs[method] = zoo_common.merge_config(out, skills, method, [{"weight": 1.0, "density": 0.5}] * len(skills))
+    layers = sum(len(block) for block in recipe["expert_layers"].values())
+    configs[OWN_BLOCKS] = zoo_common.own_blocks_config(out, skills, recipe["expert_layers"], layers)
     return configs
 
 
 def heldout_table(out: Path, recipe: dict, tokenizer, limit: int) -> dict[str, dict[str, float]]:
     """Held-out accuracy (first `limit` docs per skill) of the parents and of every merge above."""
-    from transformers import AutoModelForCausalLM
-
-    from evomerge.merge.engine import ResidentSources, merge_into_model
-
     skills = tuple(smol_data.SKILLS)
     splits = {skill: smol_data.eval_splits(skill)["heldout"][:limit] for skill in skills}
 
@@ -134,27 +113,8 @@ def heldout_table(out: Path, recipe: dict, tokenizer, limit: int) -> dict[str, d
         return row | {"mean": sum(row.values()) / len(row)}
 
     names = ["base"] + [f"expert_{skill}" for skill in skills]
-    table = {name: score(AutoModelForCausalLM.from_pretrained(out / name).eval()) for name in names}
-    configs = merge_configs(out, recipe, skills)
-    model = AutoModelForCausalLM.from_pretrained(out / "base").eval()
-    task_vectors = ResidentSources.load(configs["task_arithmetic"])  # shared by every task-vector merge
-    for label, config in configs.items():
-        sources = task_vectors if config.base_model else ResidentSources.load(config)
-        merge_into_model(model, sources, config, seed=0)
-        table[label] = score(model)
-        print(f"  checked {label}: {table[label]}", file=sys.stderr, flush=True)
-    return table
-
-
-def standard_error(row: dict[str, float], docs: int) -> float:
-    """SE of the mean of the per-skill accuracies, each a binomial share of `docs` documents."""
-    skills = [value for name, value in row.items() if name != "mean"]
-    return sum(p * (1 - p) / docs for p in skills) ** 0.5 / len(skills)
+    return zoo_common.heldout_table(out, names, merge_configs(out, recipe, skills), score, verbose=True)
 
 
 def print_table(table: dict[str, dict[str, float]], docs: int) -> None:
-    skills = [name for name in next(iter(table.values())) if name != "mean"]
-    print(f"{'held-out accuracy':26s}" + "".join(f"{skill:>11s}" for skill in skills) + f"{'mean':>9s}{'SE':>8s}")
-    for label, row in table.items():
-        cells = "".join(f"{row[skill]:11.3f}" for skill in skills)
-        print(f"{label:26s}{cells}{row['mean']:9.3f}{standard_error(row, docs):8.3f}")
+    zoo_common.print_heldout_table(table, docs, label_width=26)

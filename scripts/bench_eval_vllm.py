@@ -110,9 +110,6 @@ def run(args) -> list[str]:
             evaluators[task["name"]] = {
                 backend: Evaluator(model, tokenizer, eval_set, backend=backend) for backend in BACKENDS
             }
-            # vLLM pins transformers below the release whose forward takes per-row logit positions
-            # (a 2-D logits_to_keep); native's other path, full logits then a gather, scores the same.
-            evaluators[task["name"]]["native"]._scorer._keeps_positions = False
         seconds = {(task, backend): [] for task in evaluators for backend in BACKENDS}
         scores = {(task, backend): [] for task in evaluators for backend in BACKENDS}
         engine = evaluators[tasks[0]["name"]]["vllm"]._scorer.engine

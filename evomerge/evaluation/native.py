@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import transformers.modeling_utils
 
 from evomerge.evaluation.backend import BackendName, GenerationRequest, Loglikelihood, ScoringBackend, TokenPair
 from evomerge.evaluation.batching import token_budget_batches
@@ -66,7 +67,11 @@ class TorchBackend(ScoringBackend):
         self.max_length = max_length
         self.device = next(model.parameters()).device
         self.token_budget = token_budget or default_token_budget(self.device)
-        self._keeps_positions = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # Per-row positions (a 2-D logits_to_keep) need transformers' slice_logits_to_keep; older
+        # releases (the one vLLM pins, say) take only an int or 1-D tensor and get the full logits.
+        self._keeps_positions = "logits_to_keep" in inspect.signature(model.forward).parameters and hasattr(
+            transformers.modeling_utils, "slice_logits_to_keep"
+        )
         self._generator = GreedyGenerator(model, tokenizer, token_budget or GENERATION_TOKEN_BUDGET)
         # The caller passes the same request list for every candidate: its plan is kept with it.
         self._planned: tuple[Sequence[TokenPair], list[ForwardBatch]] | None = None

@@ -34,11 +34,7 @@ def model():
 
 
 def backends(model, tokenizer, settings) -> dict[str, Evaluator]:
-    evaluators = {name: Evaluator(model, tokenizer, settings, backend=name) for name in ("native", "vllm")}
-    # vLLM pins transformers below the release whose forward takes per-row logit positions
-    # (logits_to_keep as a 2-D tensor); native's other path, full logits then a gather, scores the same.
-    evaluators["native"]._scorer._keeps_positions = False
-    return evaluators
+    return {name: Evaluator(model, tokenizer, settings, backend=name) for name in ("native", "vllm")}
 
 
 def assert_same_answer(answer, expected, task: str, tolerance: float) -> None:

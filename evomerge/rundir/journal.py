@@ -34,6 +34,7 @@ from typing import Protocol
 
 from evomerge.errors import UserError
 from evomerge.rundir.events import RESULT_EVENTS, EventName
+from evomerge.rundir.fsync import BackgroundFsync
 from evomerge.rundir.layout import RunDir
 
 KILL_HOOK_VARIABLE = "EVOMERGE_TEST_KILL_AFTER_EVENT"
@@ -123,29 +124,6 @@ def _refuse_a_repeated_start(path: Path, number: int, raw: bytes, event, seen_st
             f"{path}: line {number} repeats line {seen_starts[raw]} word for word, so the journal holds duplicated lines (was it appended to itself?); restore it from a backup"
         )
     seen_starts[raw] = number
-
-
-def check_intact(run: RunDir, events: list[dict]) -> None:
-    """Refuse a run whose journal lost its first event: read as it is, it would pass for a new run.
-
-    Every run journals `run_created` first; runs from before that event began with a `run_started`
-    that had no input fingerprints. Anything else (a missing or emptied journal, a cut head) is
-    damage, and a resume must not start the search over on top of what is left.
-    """
-    if any(event["event"] == EventName.CREATED for event in events):
-        return
-    started = [event for event in events if event["event"] == EventName.RUN_STARTED]
-    if started and "inputs" not in started[0]:
-        return
-    if not run.journal.exists():
-        what = "is missing"
-    elif not events:
-        what = "holds no event"
-    else:
-        what = f"lost its first line ({EventName.CREATED})"
-    raise UserError(
-        f"{run.journal}: the journal {what}, so the run is damaged; restore the journal from a backup, or start a new run under another name"
-    )
 
 
 def _junk(event) -> str | None:
@@ -327,62 +305,6 @@ class Journal:
             self._handle.close()
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
-
-
-class BackgroundFsync:
-    """fsyncs a file from a helper thread whenever asked, coalescing requests that pile up.
-
-    `request` returns at once; `wait` blocks until everything requested so far is on disk. An
-    fsync error is kept and raised to the driver on its next append (or at `close`).
-    """
-
-    def __init__(self, fileno):
-        self._fileno = fileno
-        self._condition = threading.Condition()
-        self._requested = self._synced = 0
-        self._failure: OSError | None = None
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name="journal-fsync", daemon=True)
-        self._thread.start()
-
-    def request(self) -> None:
-        with self._condition:
-            self._requested += 1
-            self._condition.notify_all()
-
-    def wait(self, raise_failure: bool = True) -> None:
-        with self._condition:
-            self._condition.wait_for(lambda: self._synced >= self._requested or self._failure is not None)
-        if raise_failure:
-            self.raise_failure()
-
-    def raise_failure(self) -> None:
-        if self._failure is not None:
-            failure, self._failure = self._failure, None
-            raise failure
-
-    def close(self) -> None:
-        self.wait()
-        with self._condition:
-            self._closing = True
-            self._condition.notify_all()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            with self._condition:
-                self._condition.wait_for(lambda: self._requested > self._synced or self._closing)
-                if self._requested <= self._synced:
-                    return
-                target = self._requested
-            try:
-                os.fsync(self._fileno())
-            except OSError as error:
-                with self._condition:
-                    self._failure = error
-            with self._condition:
-                self._synced = target
-                self._condition.notify_all()
 
 
 def _last_line(path: Path, chunk: int = 1 << 16) -> tuple[int, bytes]:

@@ -11,8 +11,7 @@ trials itself, so the facts below stay true for the running search too.
 The journal's format history lives here, where it is read, and nowhere else:
 * runs before `run_created` began with a `run_started` holding no input fingerprints
   (`check_intact` accepts them; `frozen_spec_check` names the fingerprint to compare);
-* runs before the gene table was journaled have none (`gene_table` is None; readers rebuild the
-  rows from the gene names);
+* runs before the gene table was journaled get one rebuilt from the trials' gene names (`gene_table`);
 * runs before results carried `search_s` are timed by the clock (`search_rate`, `wall_seconds`);
 * runs before seeding was journaled have candidates but no `seeded` event (`seeds` is []);
 * runs before `budget_extended` existed have the frozen budget (`budget_extension` is None).
@@ -30,8 +29,8 @@ import yaml
 
 from evomerge.errors import UserError
 from evomerge.rundir.events import RESULT_EVENTS, EventName, TrialResult
-from evomerge.rundir.genes import GeneRow
-from evomerge.rundir.journal import check_intact, read_journal
+from evomerge.rundir.genes import GeneRow, rows_from_names
+from evomerge.rundir.journal import read_journal
 from evomerge.rundir.layout import RunDir
 from evomerge.rundir.trials import Tally, Trial, replay, search_seconds
 
@@ -53,8 +52,8 @@ class Ledger:
     journal_bytes: int = 0  # the journal's size as read, then as an open `Journal` keeps it
 
     @classmethod
-    def read(cls, run_dir: str | Path | RunDir, for_search: bool = False) -> Ledger:
-        """The journal read once and checked whole.
+    def read(cls, run_dir: str | Path | RunDir, for_search: bool = False, warn: bool = True) -> Ledger:
+        """The journal read once and checked whole; `warn=False` leaves telling its damage to another reading.
 
         A command's ledger sets a partial held-out re-scoring aside (`heldout_unfinished`), so the
         search winner stands; the search's (`for_search`) keeps it, re-scoring only what lacks one.
@@ -62,7 +61,7 @@ class Ledger:
         run = RunDir.of(run_dir)
         if not run.journal.exists() and not run.spec.is_file():
             raise UserError(f"{run}: no {run.journal.name} here; give a run directory such as runs/NAME")
-        events, size = read_journal(run.journal)
+        events, size = read_journal(run.journal, warn)
         check_intact(run, events)
         ledger = cls(run, events, replay(events), size)
         if not for_search and ledger.heldout_unfinished:
@@ -236,11 +235,13 @@ class Ledger:
 
     @property
     def gene_table(self) -> list[GeneRow] | None:
-        """The gene table the search journaled on `run_started`; None for runs journaled before it existed."""
+        """The gene table the search journaled on `run_started`; for runs journaled before it existed,
+        the rows read back from the trials' gene names; None when there are neither."""
         for event in self.starts:
             if event.get("genes"):
                 return [GeneRow.from_json(row) for row in event["genes"]]
-        return None
+        names = dict.fromkeys(name for trial in self.trials.values() for name in trial.params)
+        return rows_from_names(names) or None
 
     @property
     def pins(self) -> dict[str, dict]:
@@ -255,6 +256,29 @@ class Ledger:
         """The input fingerprints of the latest start; None for a run journaled before they existed."""
         started = [e for e in self.starts if isinstance(e.get("inputs"), dict)]
         return started[-1]["inputs"] if started else None
+
+
+def check_intact(run: RunDir, events: list[dict]) -> None:
+    """Refuse a run whose journal lost its first event: read as it is, it would pass for a new run.
+
+    Every run journals `run_created` first; runs from before that event began with a `run_started`
+    that had no input fingerprints. Anything else (a missing or emptied journal, a cut head) is
+    damage, and a resume must not start the search over on top of what is left.
+    """
+    if any(event["event"] == EventName.CREATED for event in events):
+        return
+    started = [event for event in events if event["event"] == EventName.RUN_STARTED]
+    if started and "inputs" not in started[0]:
+        return
+    if not run.journal.exists():
+        what = "is missing"
+    elif not events:
+        what = "holds no event"
+    else:
+        what = f"lost its first line ({EventName.CREATED})"
+    raise UserError(
+        f"{run.journal}: the journal {what}, so the run is damaged; restore the journal from a backup, or start a new run under another name"
+    )
 
 
 def rate_per_min(results: list[tuple[bool, float]]) -> float | None:

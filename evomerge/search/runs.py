@@ -45,17 +45,18 @@ def create_run_dir(spec: Spec) -> Path:
 
 
 def open_run(run_dir: Path | RunDir) -> tuple[RunDir, Spec, list[dict]]:
-    """(run, frozen spec, journal events) of an existing run, refused when its spec was changed or damaged."""
-    spec, ledger = open_ledger(run_dir)
+    """(run, frozen spec, journal events) of an existing run, refused when its spec was changed or
+    damaged; the `Search` its caller opens reads the journal again, and tells its damage."""
+    spec, ledger = open_ledger(run_dir, warn=False)
     return ledger.run, spec, ledger.events
 
 
-def open_ledger(run_dir: Path | RunDir) -> tuple[Spec, Ledger]:
+def open_ledger(run_dir: Path | RunDir, warn: bool = True) -> tuple[Spec, Ledger]:
     """(frozen spec, the run's ledger) of an existing run, refused when its spec was changed or damaged."""
     run = RunDir.of(run_dir)
     if not run.spec.is_file():
         raise UserError(f"{run}: not a run directory (no {run.spec.name}); give runs/NAME")
-    ledger = Ledger.read(run, for_search=True)
+    ledger = Ledger.read(run, for_search=True, warn=warn)
     frozen = run.spec.read_bytes()
     check, expected = ledger.frozen_spec_check()
     if check == "sha256" and _sha256(frozen) != expected:

@@ -107,14 +107,14 @@ def test_every_entry_says_what_it_searches_and_how_it_merges_by_default(method: 
     assert method.interpolation is None or method.interpolation in method.shared_params
     for version in (1, 2, 3):
         searched = method.default_parameters({}, version)
-        assert searched and set(searched) <= set(method.tunable)
+        assert bool(searched) == method.searchable and set(searched) <= set(method.tunable)
         for param in searched:
             low, high = method.search_bounds(param, {}, version)
             assert low < high
     experts = ["/e0"] if method.experts_exactly == 1 else ["/e0", "/e1"]
     config = MergeConfig.model_validate(method.default_merge("/base", experts, "float32"))
     assert config.merge_method == method.name
-    assert (config.base_model is not None) == method.needs_base
+    assert (config.base_model is not None) == method.uses_base
     assert method.experts_problem(len(experts)) is None
 
 

@@ -32,6 +32,7 @@ from evomerge.merge.methods import (
 )
 from evomerge.merge.output import StagedFolder, check_output_folder
 from evomerge.merge.plan import TensorPlan
+from evomerge.merge.tensor_adapters import PLAIN_ADAPTERS, arcee_fusion
 from evomerge.merge.validate import ValidatedMerge, validate_merge_config
 
 TOKENIZER_FILES = (
@@ -158,8 +159,26 @@ def _magnitude_masks(
     return dict(zip(trimming, found, strict=True))
 
 
+def _arcee_fusion(plan: TensorPlan, method: MethodInfo, inputs: list[torch.Tensor], seed: int, *_) -> torch.Tensor:
+    # Its quantile sample (tensors above 10**6 elements) is drawn per tensor, like random trims.
+    return arcee_fusion(plan, inputs, tensor_generator(seed, plan.output, 0, inputs[0].device))
+
+
+def _plain(adapter):
+    def merge(plan: TensorPlan, method: MethodInfo, inputs: list[torch.Tensor], *_) -> torch.Tensor:
+        return adapter(plan, inputs)
+
+    return merge
+
+
 # Each family's tensor function: (plan, method, inputs, seed, deltas, ranks, tie_order) -> tensor.
-FAMILY_MERGES = {"linear": _linear, "slerp": _slerp, "task_vector": _task_vectors}
+FAMILY_MERGES = {
+    "linear": _linear,
+    "slerp": _slerp,
+    "task_vector": _task_vectors,
+    "arcee_fusion": _arcee_fusion,
+    **{family: _plain(adapter) for family, adapter in PLAIN_ADAPTERS.items()},
+}
 
 
 def _base_index(plan: TensorPlan) -> int:
@@ -255,7 +274,10 @@ def _write_tensors(
             for plan in plans:
                 working = validated.working_dtype[plan.output]
                 inputs = [readers[model].read(name, device).to(working) for model, name in plan.inputs]
-                merged = merge_tensor(plan, validated.plan.method, inputs, seed, tie_order=tie_order)
+                try:
+                    merged = merge_tensor(plan, validated.plan.method, inputs, seed, tie_order=tie_order)
+                except ValueError as error:  # e.g. multislerp's vanishing mean direction, as mergekit raises
+                    raise UserError(f"tensor {plan.output}: {error}; nothing was written") from None
                 merged = merged.to(validated.out_dtype[plan.output])
                 # Checked in the output dtype: a finite float32 result can still overflow bfloat16.
                 if not allow_non_finite and not bool(torch.isfinite(merged).all()):

@@ -57,6 +57,8 @@ class ParameterFacts:
     search_bounds: tuple[float, float] | None = None  # default genome bounds; None: not searchable
     search_start: float | None = None  # the first candidate's (x0) value
     switch: bool = False  # an on/off setting (normalize, rescale): never searched, never ranged
+    # Searched on a log scale (a gene moves the exponent): thresholds spanning decades, e.g. 1e-6..1e-2.
+    log_scale: bool = False
 
     @property
     def searchable(self) -> bool:
@@ -111,12 +113,55 @@ PARAMETERS: dict[str, ParameterFacts] = {
         ParameterFacts("normalize", Scope.SHARED, default=None, switch=True),
         ParameterFacts("rescale", Scope.SHARED, default=None, switch=True),
         ParameterFacts("int8_mask", Scope.SHARED, default=None, switch=True),
+        # SCE's share of the most varying elements it keeps.
+        ParameterFacts(
+            "select_topk",
+            Scope.SHARED,
+            default=1.0,
+            valid=Interval(0.0, 1.0, low_open=True),
+            search_bounds=(0.1, 1.0),
+            search_start=1.0,
+        ),
+        # RAM+'s boost of unique deltas (1 + r * min(rho, alpha)).
+        ParameterFacts("r", Scope.SHARED, default=0.1, valid=UNIT, search_bounds=(0.0, 1.0), search_start=0.1),
+        ParameterFacts("alpha", Scope.SHARED, default=0.2, valid=UNIT, search_bounds=(0.0, 1.0), search_start=0.2),
+        # Fixed numerical settings of Multi-SLERP and Karcher: never searched.
+        ParameterFacts("eps", Scope.SHARED, default=1e-8, valid=Interval(0.0, 1.0)),
+        ParameterFacts("max_iter", Scope.SHARED, default=10.0, valid=Interval(1.0, 10_000.0)),
+        ParameterFacts("tol", Scope.SHARED, default=1e-5, valid=Interval(0.0, 1.0)),
+        # passthrough's per-input multiplier (unset: the tensor is copied as it is).
+        ParameterFacts("scale", Scope.PER_MODEL, default=None),
+        ParameterFacts("filter_wise", Scope.SHARED, default=None, switch=True),
+        ParameterFacts("nuslerp_flatten", Scope.SHARED, default=None, switch=True),
+        ParameterFacts("nuslerp_row_wise", Scope.SHARED, default=None, switch=True),
+        ParameterFacts("normalize_weights", Scope.SHARED, default=None, switch=True),
     )
 }
 
 SEARCHABLE: tuple[str, ...] = tuple(name for name, facts in PARAMETERS.items() if facts.searchable)
 PER_MODEL: tuple[str, ...] = tuple(name for name in SEARCHABLE if PARAMETERS[name].per_model)
 SWITCHES: frozenset[str] = frozenset(name for name, facts in PARAMETERS.items() if facts.switch)
+
+
+# Method-specific meanings of a shared name (a method's entry picks them, see registry.MethodInfo.facts).
+NEARSWAP_T = ParameterFacts(
+    "t",
+    Scope.SHARED,
+    default=None,
+    valid=Interval(0.0, 1.0),
+    search_bounds=(1e-5, 1e-2),
+    search_start=1e-3,
+    log_scale=True,
+)
+RAM_EPSILON = ParameterFacts(
+    "epsilon",
+    Scope.SHARED,
+    default=1e-5,
+    valid=Interval(0.0, 1.0, high_open=True),
+    search_bounds=(1e-6, 1e-2),
+    search_start=1e-5,
+    log_scale=True,
+)
 
 
 def default_of(name: str) -> float:

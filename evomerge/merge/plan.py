@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from evomerge.merge.config import ConditionalParameter, MergeConfig, OutputSlice, SourceSlice
+from evomerge.merge.parameters import SWITCHES
 from evomerge.merge.registry import METHODS, MethodInfo
 
 LAYER_NAME = re.compile(r"^(?P<prefix>.*?\.layers\.)(?P<index>\d+)(?P<suffix>\..+)$")
-BOOL_PARAMS = {"normalize", "rescale", "int8_mask"}
+BOOL_PARAMS = SWITCHES
 
 
 @dataclass(frozen=True)
@@ -176,13 +177,22 @@ class Planner:
         per_input = []
         for index, (model, input_name) in enumerate(inputs):
             scopes = [s.parameters for s in output_slice.sources if s.model == model] + list(shared_scopes)
-            skip_base = index == base_index and self.method.task_vectors
+            # A base with a role (the origin of the deltas) has no per-input parameters.
+            skip_base = index == base_index and not self.method.base_is_source
             per_input.append(
                 {}
                 if skip_base
                 else {
-                    name: resolve(name, scopes, input_name, t, default)
+                    name: self._resolve_input(name, scopes, input_name, t, default)
                     for name, default in self.method.input_params.items()
                 }
             )
         return TensorPlan(output, tuple(inputs), base_index, shared, tuple(per_input))
+
+    def _resolve_input(self, name: str, scopes: list, input_name: str, t: float, default: Any) -> Any:
+        try:
+            return resolve(name, scopes, input_name, t, default)
+        except MissingParameter:
+            if name in self.method.optional_params:
+                return None
+            raise

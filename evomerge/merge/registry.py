@@ -17,10 +17,25 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Literal
 
-from evomerge.merge.parameters import PARAMETERS, SEARCHABLE, default_of
+from evomerge.merge.parameters import NEARSWAP_T, PARAMETERS, RAM_EPSILON, SEARCHABLE, ParameterFacts, default_of
 
 Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
-Family = Literal["task_vector", "linear", "slerp"]
+# One family per tensor function (engine.FAMILY_MERGES); the task-vector family covers five papers.
+Family = Literal[
+    "task_vector",
+    "linear",
+    "slerp",
+    "model_stock",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+    "sce",
+    "nearswap",
+    "arcee_fusion",
+    "ram",
+    "ramplus_tl",
+    "passthrough",
+]
 
 # The baseline label of the equal-weight linear average (the linear method's default merge).
 LINEAR_AVERAGE_LABEL = "linear (equal weights)"
@@ -70,6 +85,21 @@ class MethodInfo:
     interpolation: str | None = None
     # How many experts it merges, when it takes one fixed number.
     experts_exactly: int | None = None
+    # The fewest experts (models besides a base with a role) it merges.
+    experts_at_least: int = 1
+    # A base is used when the config names one (nuslerp, multislerp merge the deltas from it),
+    # but is not required.
+    base_optional: bool = False
+    # The base has no role: a configured base is one more input, listed last if not listed (karcher).
+    base_ignored: bool = False
+    # Per-input parameters a config may leave unset (passthrough's scale).
+    optional_params: frozenset[str] = frozenset()
+    # Where a name means something else for this method than in `PARAMETERS` (nearswap's t, RAM's epsilon).
+    own_facts: dict[str, ParameterFacts] = field(default_factory=dict)
+    # Its weights are relative shares (only their ratios matter): bounds [0, 1].
+    weights_are_shares: bool = False
+    # Its arithmetic returns float32 from 16-bit inputs, and mergekit writes that unless out_dtype says.
+    promotes_to_float32: bool = False
     # How the fused GPU kernel trims it; None: the kernel cannot run it (the reference path does).
     fused_trim: FusedTrim | None = None
 
@@ -103,7 +133,27 @@ class MethodInfo:
     @property
     def base_is_source(self) -> bool:
         """The base is one more weighted source (it has no base role), so it needs its own weight."""
-        return not self.needs_base
+        return not (self.needs_base or self.base_optional)
+
+    @property
+    def searchable(self) -> bool:
+        """A search has something to evolve (Model Stock, Karcher, Arcee Fusion, passthrough do not)."""
+        return bool(self.default_searched)
+
+    @property
+    def uses_base(self) -> bool:
+        """A search's candidates name the base model as mergekit's base_model."""
+        return self.needs_base or self.base_optional
+
+    def facts(self, param: str) -> ParameterFacts:
+        """What `param` means for this method: its own entry, else the shared table's."""
+        return self.own_facts.get(param) or PARAMETERS[param]
+
+    def default_of(self, param: str) -> float | bool | None:
+        """mergekit's value of `param` for this method when a config leaves it out."""
+        if param in self.input_params:
+            return self.input_params[param]
+        return self.shared_params.get(param)
 
     def normalizes(self, fixed: dict) -> bool:
         """Whether the merge divides by the sum of the weights, given the spec's fixed settings."""
@@ -111,7 +161,7 @@ class MethodInfo:
 
     def weights_average(self, fixed: dict) -> bool:
         """Weights are shares of an average (bounds [0, 1]) rather than scales of a task vector."""
-        return self.family == "linear" or self.normalizes(fixed)
+        return self.family == "linear" or self.weights_are_shares or self.normalizes(fixed)
 
     def search_bounds(self, param: str, fixed: dict, version: int) -> tuple[float, float]:
         """Default genome bounds of `param` under search `version` (a spec's own bounds come first)."""
@@ -119,7 +169,7 @@ class MethodInfo:
             return SCALE_BOUNDS_V2[param]
         if param == "weight" and not self.weights_average(fixed):
             return TASK_VECTOR_SCALE_BOUNDS
-        bounds = PARAMETERS[param].search_bounds
+        bounds = self.facts(param).search_bounds
         assert bounds is not None, f"{param} is searchable, so it has bounds"
         return bounds
 
@@ -142,7 +192,7 @@ class MethodInfo:
             for p in experts
         ]
         config: dict = {"merge_method": self.name}
-        if self.needs_base:
+        if self.uses_base:
             config["base_model"] = base
         config["models"] = models
         if self.default_shared:
@@ -152,6 +202,8 @@ class MethodInfo:
 
     def experts_problem(self, count: int) -> str | None:
         """Why it cannot merge `count` experts, or None when it can."""
+        if count < self.experts_at_least:
+            return f"{self.name} merges at least {_count(self.experts_at_least, 'expert')} with the base, got {count}"
         if self.experts_exactly is None or count == self.experts_exactly:
             return None
         return (
@@ -159,11 +211,19 @@ class MethodInfo:
             "use ties or task_arithmetic for more"
         )
 
-    def slice_problem(self, sources: int) -> str | None:
-        """Why a slice of `sources` models cannot be merged by it, or None."""
-        if self.experts_exactly is None or sources == self.experts_exactly + 1:
-            return None
-        return f"{self.name} merges exactly {_count(self.experts_exactly + 1, 'model')} (the base and one other), got {sources}"
+    def slice_problem(self, sources: int, has_base: bool = True) -> str | None:
+        """Why a slice of `sources` models (`has_base`: the base among them) cannot be merged by it, or None."""
+        if self.base_ignored or not (self.needs_base or has_base):
+            others, besides = sources, ""
+        else:
+            others, besides = sources - 1, " besides the base"
+        if self.experts_exactly is not None and others != self.experts_exactly:
+            if self.needs_base and self.experts_exactly == 1:
+                return f"{self.name} merges exactly {_count(2, 'model')} (the base and one other), got {sources}"
+            return f"{self.name} merges exactly {_count(self.experts_exactly, 'model')}{besides}, got {others}"
+        if others < self.experts_at_least:
+            return f"{self.name} merges at least {_count(self.experts_at_least, 'model')}{besides}, got {others}"
+        return None
 
 
 def _count(n: int, noun: str) -> str:
@@ -207,6 +267,98 @@ def _task_vector_method(
     )
 
 
+# The geometric and element-selecting methods; a method with no searched parameter merges, but a
+# search of it alone is refused (spec validation): it has nothing to evolve.
+NEW_METHODS = (
+    MethodInfo(
+        "model_stock",
+        "model_stock",
+        shared_params={"filter_wise": False},
+        default_label="model_stock",
+        experts_at_least=2,
+    ),
+    MethodInfo(
+        "nuslerp",
+        "nuslerp",
+        needs_base=False,
+        base_optional=True,
+        input_params={"weight": None},
+        shared_params={"nuslerp_flatten": True, "nuslerp_row_wise": False},
+        default_searched=("weight",),
+        default_settings={"weight": 1.0},
+        default_label="nuslerp (equal weights)",
+        experts_exactly=2,
+        weights_are_shares=True,
+    ),
+    MethodInfo(
+        "multislerp",
+        "multislerp",
+        needs_base=False,
+        base_optional=True,
+        input_params={"weight": None},
+        shared_params={"normalize_weights": True, "eps": 1e-8},
+        default_searched=("weight",),
+        default_settings={"weight": 1.0},
+        default_label="multislerp (equal weights)",
+        weights_are_shares=True,
+    ),
+    MethodInfo(
+        "karcher",
+        "karcher",
+        needs_base=False,
+        base_ignored=True,
+        shared_params={"max_iter": 10.0, "tol": 1e-5},
+        default_label="karcher",
+    ),
+    MethodInfo(
+        "sce",
+        "sce",
+        shared_params={"select_topk": default_of("select_topk"), "int8_mask": False},
+        default_searched=("select_topk",),
+        default_label="sce (select_topk=1)",
+    ),
+    MethodInfo(
+        "nearswap",
+        "nearswap",
+        shared_params={"t": None},
+        own_facts={"t": NEARSWAP_T},
+        default_searched=("t",),
+        default_shared={"t": 0.001},
+        default_label="nearswap (t=0.001)",
+        experts_exactly=1,
+    ),
+    MethodInfo(
+        "arcee_fusion", "arcee_fusion", default_label="arcee_fusion", experts_exactly=1, promotes_to_float32=True
+    ),
+    MethodInfo(
+        "ram",
+        "ram",
+        shared_params={"epsilon": RAM_EPSILON.default},
+        own_facts={"epsilon": RAM_EPSILON},
+        default_searched=("epsilon",),
+        default_label="ram (epsilon=1e-05)",
+    ),
+    MethodInfo(
+        "ramplus_tl",
+        "ramplus_tl",
+        shared_params={"r": default_of("r"), "alpha": default_of("alpha"), "epsilon": RAM_EPSILON.default},
+        own_facts={"epsilon": RAM_EPSILON},
+        default_searched=("r", "alpha"),
+        default_label="ramplus_tl (r=0.1, alpha=0.2)",
+        promotes_to_float32=True,
+    ),
+    MethodInfo(
+        "passthrough",
+        "passthrough",
+        needs_base=False,
+        base_ignored=True,
+        input_params={"scale": None},
+        optional_params=frozenset({"scale"}),
+        default_label="passthrough",
+        experts_exactly=1,
+    ),
+)
+
 METHODS: dict[str, MethodInfo] = {
     m.name: m
     for m in (
@@ -241,6 +393,7 @@ METHODS: dict[str, MethodInfo] = {
         _task_vector_method("breadcrumbs_ties", "magnitude_outliers", True, False, False),
         _task_vector_method("della", "della_magprune", True, True, True),
         _task_vector_method("della_linear", "della_magprune", False, False, True),
+        *NEW_METHODS,
     )
 }
 

@@ -14,9 +14,9 @@ import torch
 from evomerge.errors import UserError, did_you_mean
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.io import ModelFolder, inspect_model_folder, parse_dtype
-from evomerge.merge.parameters import PARAMETERS, default_of
+from evomerge.merge.parameters import ParameterFacts, default_of
 from evomerge.merge.plan import MergePlan, MissingParameter, Planner, evaluate_setting, normalized_slices
-from evomerge.merge.registry import KNOWN_PARAMETERS, METHODS
+from evomerge.merge.registry import KNOWN_PARAMETERS, METHODS, MethodInfo
 
 SUPPORTED_TOKENIZER_SOURCES = ("base",)
 
@@ -69,7 +69,7 @@ def validate_merge_config(
         _check_same_family(folders, source, config, names)
     _check_layer_ranges(config, folders, source)
     plan = _build_plan(config, folders, source)
-    working, out = _dtypes(config, plan, folders)
+    working, out = _dtypes(config, plan, folders, method)
     return ValidatedMerge(config, plan, folders, working, out, donor)
 
 
@@ -104,6 +104,7 @@ def _all_parameter_scopes(config: MergeConfig):
 
 
 def _check_parameter_values(config: MergeConfig, source: str) -> None:
+    method = METHODS[config.merge_method]
     for where, scope in _all_parameter_scopes(config):
         for name, setting in (scope or {}).items():
             field = f"{source}: {where}.{name}"
@@ -112,7 +113,7 @@ def _check_parameter_values(config: MergeConfig, source: str) -> None:
                     f"{field}: unknown parameter{did_you_mean(name, KNOWN_PARAMETERS)}; known: {', '.join(sorted(KNOWN_PARAMETERS))}"
                 )
             for value in _literal_values(name, setting, field):
-                _check_range(name, value, field)
+                _check_range(method.facts(name), value, field)
 
 
 def _literal_values(name, setting, field):
@@ -129,9 +130,9 @@ def _literal_values(name, setting, field):
     return [p for p in points if isinstance(p, (int, float)) and not isinstance(p, bool)]
 
 
-def _check_range(name: str, value: float, field: str) -> None:
+def _check_range(facts: ParameterFacts, value: float, field: str) -> None:
     # Scales (weight, lambda) have no range here: a non-finite merge is caught on its output.
-    valid = PARAMETERS[name].valid
+    valid = facts.valid
     if valid is not None and value not in valid:
         raise UserError(f"{field}: {value} is outside {valid}; use a value in that range")
 
@@ -187,9 +188,11 @@ def _build_plan(config: MergeConfig, folders: dict[str, ModelFolder], source: st
     names = {path: list(folder.tensors) for path, folder in folders.items()}
     counts = {path: folder.num_layers for path, folder in folders.items()}
     method = METHODS[config.merge_method]
-    if method.experts_exactly is not None:
+    if method.experts_exactly is not None or method.experts_at_least > 1 or method.base_optional:
         for i, output_slice in enumerate(normalized_slices(config, counts)):
-            problem = method.slice_problem(len(output_slice.sources))
+            base = output_slice.base_model or config.base_model
+            has_base = base is not None and base in {s.model for s in output_slice.sources}
+            problem = method.slice_problem(len(output_slice.sources), has_base)
             if problem:
                 raise UserError(f"{source}: slices[{i}]: {problem}")
     try:
@@ -224,7 +227,7 @@ def _check_della_epsilon(plan: MergePlan, source: str) -> None:
                 )
 
 
-def _dtypes(config: MergeConfig, plan: MergePlan, folders: dict[str, ModelFolder]):
+def _dtypes(config: MergeConfig, plan: MergePlan, folders: dict[str, ModelFolder], method: MethodInfo):
     forced = parse_dtype(config.dtype, "dtype")
     forced_out = parse_dtype(config.out_dtype, "out_dtype")
     working, out = {}, {}
@@ -235,5 +238,7 @@ def _dtypes(config: MergeConfig, plan: MergePlan, folders: dict[str, ModelFolder
             for model, name in tensor.inputs[1:]:
                 dtype = torch.promote_types(dtype, folders[model].tensors[name].dtype)
         working[tensor.output] = dtype
-        out[tensor.output] = forced_out or dtype
+        # mergekit writes what the method returns: float32 from Arcee Fusion's and RAM+'s arithmetic.
+        natural = torch.promote_types(dtype, torch.float32) if method.promotes_to_float32 else dtype
+        out[tensor.output] = forced_out or natural
     return working, out

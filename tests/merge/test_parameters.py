@@ -15,19 +15,30 @@ from evomerge.merge.parameters import PARAMETERS, PER_MODEL, SEARCHABLE, Interva
 def test_method_defaults_are_the_table_s():
     for method in METHODS.values():
         for name, default in {**method.input_params, **method.shared_params}.items():
-            if default is not None and not PARAMETERS[name].switch:
-                assert default == default_of(name), (method.name, name)
-            assert PARAMETERS[name].per_model == (name in method.input_params), (method.name, name)
+            facts = method.facts(name)  # a method's own meaning of a name (RAM's epsilon) comes first
+            if default is not None and not facts.switch:
+                assert default == facts.default, (method.name, name)
+            assert facts.per_model == (name in method.input_params), (method.name, name)
+    assert all(
+        method.facts(name) is PARAMETERS[name]
+        for method in METHODS.values()
+        for name in PARAMETERS
+        if name not in method.own_facts
+    )
 
 
 def test_every_searchable_parameter_has_default_bounds_inside_its_limits():
-    assert SEARCHABLE == ("weight", "density", "gamma", "epsilon", "t", "lambda")
+    assert SEARCHABLE == ("weight", "density", "gamma", "epsilon", "t", "lambda", "select_topk", "r", "alpha")
     assert PER_MODEL == ("weight", "density", "gamma", "epsilon")
     for name in SEARCHABLE:
         low, high = PARAMETERS[name].search_bounds
         assert low in bounds_limits(name) and high in bounds_limits(name) and low < high, name
         start = PARAMETERS[name].search_start
         assert start is None or low <= start <= high, name
+    for method in METHODS.values():
+        for name, facts in method.own_facts.items():
+            low, high = facts.search_bounds
+            assert low in bounds_limits(name) and low <= facts.search_start <= high, (method.name, name)
 
 
 def test_intervals_refuse_non_finite_values_and_respect_open_ends():

@@ -4,7 +4,8 @@ Promise: the same per-doc answers as the native backend (loglikelihoods within 1
 flags, identical generated strings) and the same metrics, on a multiple-choice task, a few-shot
 loglikelihood task, a generate_until task with stop strings and a regex filter, and a rolling task;
 weights swapped in place: candidate A, then B, then A again scores A's answers both times; an
-engine that fails mid-candidate fails that candidate only, and the next one starts a fresh engine.
+engine that fails mid-candidate fails that candidate only, and the next one starts a fresh engine; a
+search with backend vllm runs, resumes and exports with the scores of the same search on native (long).
 The tiny model here has head_dim 32: vLLM's CPU attention has no kernel for smaller heads.
 """
 
@@ -138,3 +139,57 @@ def test_smollm2_multiple_choice_and_generation():
     # 30 layers of vLLM's CPU kernels (oneDNN GEMMs, its own attention) add up in another order than
     # torch's: log probabilities near -6 differ by up to ~2e-5; greedy flags, texts and accuracy do not.
     assert_same_results(backends(smol, AutoTokenizer.from_pretrained(folder), settings), tolerance=1e-4)
+
+
+def smol_search_spec(root: Path, backend: str, max_evals: int) -> Path:
+    import yaml
+
+    spec = {
+        "name": f"smol_{backend}",
+        "runs_dir": str(root / "runs"),
+        "models": {
+            "base": str(SMOL_ZOO / "base"),
+            "experts": [str(SMOL_ZOO / "expert_shift"), str(SMOL_ZOO / "expert_increment")],
+        },
+        "merge": {"method": "task_arithmetic"},
+        "genome": {"params": ["weight"], "layer_groups": 2},
+        "optimizer": {"name": "cmaes", "seed": 0, "popsize": 4, "sigma0": 0.25, "overlap": False},
+        "evaluation": {
+            "include": [str(SMOL_ZOO.parents[1] / "evals" / "smol")],
+            "tasks": ["smol_shift_search", "smol_increment_search"],
+            "limit": 8,
+            "top_k": 0,
+            "backend": backend,
+        },
+        "budget": {"max_evals": max_evals, "baselines": False},
+        "workers": {"count": 1, "cpus_per_worker": 1},
+    }
+    path = root / f"{backend}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def journaled_scores(run: Path) -> dict[int, tuple]:
+    import json
+
+    events = [json.loads(line) for line in (run / "journal.jsonl").read_text().splitlines()]
+    return {
+        event["trial"]: (event["score"], event["metrics"]) for event in events if "score" in event and "trial" in event
+    }
+
+
+@pytest.mark.long
+@pytest.mark.skipif(not (SMOL_ZOO / "base").is_dir(), reason="SmolLM2 zoo not built (scripts/build_smol_zoo.py)")
+def test_a_vllm_search_runs_resumes_and_exports_with_native_scores(evomerge_cli, tmp_path):
+    vllm_spec, native_spec = smol_search_spec(tmp_path, "vllm", 4), smol_search_spec(tmp_path, "native", 8)
+    for args in (
+        ("search", vllm_spec),
+        ("resume", tmp_path / "runs" / "smol_vllm", "--max-evals", 8),
+        ("search", native_spec),
+    ):
+        finished = evomerge_cli(*args, "-q", timeout=600)
+        assert finished.returncode == 0, finished.stderr[-2000:]
+    exported = evomerge_cli("export", tmp_path / "runs" / "smol_vllm", "-o", tmp_path / "best.yaml")
+    assert exported.returncode == 0 and "merge_method: task_arithmetic" in (tmp_path / "best.yaml").read_text()
+    vllm_scores = journaled_scores(tmp_path / "runs" / "smol_vllm")
+    assert len(vllm_scores) == 8 and vllm_scores == journaled_scores(tmp_path / "runs" / "smol_native")

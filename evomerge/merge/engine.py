@@ -202,6 +202,10 @@ class NonFiniteOutput(ValueError):
         self.tensor = tensor
 
 
+class TensorMergeFailed(ValueError):
+    """A method's arithmetic refused a tensor (as mergekit's does), named in the message."""
+
+
 def merge_to_disk(
     config: MergeConfig,
     out_dir: str | Path,
@@ -235,6 +239,8 @@ def merge_to_disk(
             if model_card is not None:
                 write_text_atomic(staged.path / "README.md", model_card)
             staged.publish()
+        except TensorMergeFailed as error:
+            raise UserError(f"{source}: {error}; nothing was written") from None
         except OSError as error:  # disk full, a folder made read-only meanwhile, an input deleted mid-merge
             where = f": {error.filename}" if error.filename else ""
             raise UserError(
@@ -277,7 +283,7 @@ def _write_tensors(
                 try:
                     merged = merge_tensor(plan, validated.plan.method, inputs, seed, tie_order=tie_order)
                 except ValueError as error:  # e.g. multislerp's vanishing mean direction, as mergekit raises
-                    raise UserError(f"tensor {plan.output}: {error}; nothing was written") from None
+                    raise TensorMergeFailed(f"tensor {plan.output}: {error}") from None
                 merged = merged.to(validated.out_dtype[plan.output])
                 # Checked in the output dtype: a finite float32 result can still overflow bfloat16.
                 if not allow_non_finite and not bool(torch.isfinite(merged).all()):

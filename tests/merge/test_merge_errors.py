@@ -87,7 +87,58 @@ ERROR_CASES = {
     "malformed-yaml": (lambda z: MALFORMED_YAML.format(path=z.corrupt), ["yaml", "line 4"]),
     "unknown-top-level-key": (lambda z: ties_config(z, tokenizer_sorce="base"), ["tokenizer_sorce"]),
     "unsupported-tokenizer-source": (lambda z: ties_config(z, tokenizer_source="union"), ["tokenizer_source"]),
+    "model_stock-one-expert": (
+        lambda z: method_config(z, "model_stock", ["ft_a"]),
+        ["slices[0]", "model_stock merges at least two models besides the base, got 1"],
+    ),
+    "model_stock-without-base": (
+        lambda z: method_config(z, "model_stock", ["ft_a", "ft_b"], base=False),
+        ["base_model"],
+    ),
+    "nuslerp-three-experts": (
+        lambda z: method_config(z, "nuslerp", ["ft_a", "ft_b", "ft_c"], weight=0.5),
+        ["nuslerp merges exactly two models besides the base, got 3"],
+    ),
+    "nuslerp-one-model-no-base": (
+        lambda z: method_config(z, "nuslerp", ["ft_a"], base=False, weight=0.5),
+        ["nuslerp merges exactly two models, got 1"],
+    ),
+    "nearswap-two-experts": (
+        lambda z: method_config(z, "nearswap", ["ft_a", "ft_b"], parameters={"t": 0.01}),
+        ["nearswap merges exactly two models (the base and one other), got 3"],
+    ),
+    "nearswap-without-t": (lambda z: method_config(z, "nearswap", ["ft_a"]), ["parameters.t", "not set"]),
+    "arcee_fusion-without-base": (lambda z: method_config(z, "arcee_fusion", ["ft_a"], base=False), ["base_model"]),
+    "sce-select_topk-zero": (
+        lambda z: method_config(z, "sce", ["ft_a", "ft_b"], parameters={"select_topk": 0}),
+        ["parameters.select_topk", "(0, 1]"],
+    ),
+    "ram-without-base": (lambda z: method_config(z, "ram", ["ft_a", "ft_b"], base=False), ["base_model"]),
+    "passthrough-two-models": (
+        lambda z: method_config(z, "passthrough", ["ft_a", "ft_b"], base=False),
+        ["passthrough merges exactly one model, got 2"],
+    ),
+    # Tensors no fine-tune changes have no direction to average: mergekit raises there too.
+    "multislerp-unchanged-tensor": (
+        lambda z: {
+            **method_config(z, "multislerp", ["ft_a", "ft_b", "ft_c"], weight=1.0),
+            "base_model": z.model("base"),
+        },
+        ["multislerp", "weighted mean", "nothing was written"],
+    ),
 }
+
+
+def method_config(zoo: TinyZoo, method: str, experts: list[str], base: bool = True, parameters=None, **per_model):
+    """`method` over zoo `experts` with the corrupt checkpoint as base: refused before a weight is read."""
+    return {
+        "merge_method": method,
+        "base_model": zoo.corrupt if base else None,
+        "models": [
+            {"model": zoo.model(name), **({"parameters": dict(per_model)} if per_model else {})} for name in experts
+        ],
+        "parameters": parameters,
+    }
 
 
 def drop_none(config: dict) -> dict:

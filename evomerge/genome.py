@@ -15,6 +15,7 @@ shrink. Version 1 keeps the old space so old runs replay unchanged.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.merge.config import MergeConfig
-from evomerge.merge.parameters import PARAMETERS, PER_MODEL, SEARCHABLE, default_of
+from evomerge.merge.parameters import PARAMETERS, SEARCHABLE, default_of
 from evomerge.merge.registry import METHODS
 from evomerge.rundir.genes import EMBED, HEAD, GeneRow, gene_name
 from evomerge.rundir.trials import BASE_LABEL, LINEAR_LABEL, parent_label
@@ -34,7 +35,8 @@ def default_merge_label(method: str) -> str:
     return METHODS[method].default_label
 
 
-# The first candidate's values (weight's depends on normalization, see Genome.default_values).
+# The first candidate's values in the shared table (a method's own facts may differ, see
+# Genome.default_values; weight's depends on normalization).
 DEFAULT_VALUES = {p: PARAMETERS[p].search_start for p in SEARCHABLE if PARAMETERS[p].search_start is not None}
 
 
@@ -56,6 +58,8 @@ class Gene:
     low: float
     high: float
     name: str = field(init=False, compare=False)  # derived from the fields, for display and journal keys
+    # The gene moves the exponent (log-uniform between positive bounds): thresholds spanning decades.
+    log: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "name", gene_name(self.param, self.model, self.site, self.part))
@@ -66,10 +70,21 @@ class Gene:
         return self.group if self.region is Region.LAYERS and self.group is not None else self.region.value
 
     def value(self, unit: float) -> float:
+        if self.log:
+            return math.exp(math.log(self.low) + float(unit) * (math.log(self.high) - math.log(self.low)))
         return self.low + float(unit) * (self.high - self.low)
 
     def unit(self, value: float) -> float:
+        if self.log:
+            position = (math.log(max(value, self.low)) - math.log(self.low)) / (
+                math.log(self.high) - math.log(self.low)
+            )
+            return float(np.clip(position, 0.0, 1.0))
         return float(np.clip((value - self.low) / (self.high - self.low), 0.0, 1.0))
+
+    def rounded(self, value: float) -> float:
+        """The value a candidate's config carries: 6 decimals, or 6 significant digits on a log scale."""
+        return float(f"{value:.6g}") if self.log else round(value, 6)
 
 
 def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
@@ -94,6 +109,7 @@ class Genome:
         self.weighted_models = list(spec.models.experts)
         if self.version >= 2 and self.method.base_is_source:
             self.weighted_models.append(spec.models.base)
+        self.per_model = {p for p in self.params if self.method.facts(p).per_model}
         self.groups = layer_groups(num_layers, spec.genome.layer_groups)
         self.genes = self._make_genes()
         self._branches = self._branch_templates()
@@ -115,11 +131,13 @@ class Genome:
         models = range(len(self.weighted_models))
         genes = []
         for param in self.params:
-            owners = models if param in PER_MODEL else [None]
+            owners = models if param in self.per_model else [None]
+            low, high = self._bounds(param)
+            log = self.method.facts(param).log_scale and low > 0
             for model in owners:
                 for region, group in sites:
                     for part in parts if region is Region.LAYERS else (None,):
-                        genes.append(Gene(param, model, group, region, part, *self._bounds(param)))
+                        genes.append(Gene(param, model, group, region, part, low, high, log=log))
         return genes
 
     def gene_table(self) -> list[GeneRow]:
@@ -139,7 +157,7 @@ class Genome:
     def default_values(self) -> dict[str, float]:
         """x0: version 2 puts every weight at 1, which is exactly the method's default merge."""
         weight = 1.0 if self.version >= 2 or not self.method.weights_average(self.fixed) else 0.5
-        defaults = dict(DEFAULT_VALUES, weight=weight)
+        defaults = {p: self.method.facts(p).search_start for p in self.params} | {"weight": weight}
         values = {gene.name: defaults[gene.param] for gene in self.genes}
         for gene in self._base_weight_genes():
             values[gene.name] = 0.0
@@ -217,7 +235,8 @@ class Genome:
         if any(not gene.low <= values[gene.name] <= gene.high for gene in self.genes):
             return None
         point = self.encode(values)
-        return point if self.decode(point) == {k: round(v, 6) for k, v in values.items()} else None
+        wanted = {gene.name: gene.rounded(values[gene.name]) for gene in self.genes}
+        return point if self.decode(point) == wanted else None
 
     def _point_with(self, weight_of, sparsified: bool = True) -> np.ndarray | None:
         """Defaults, weights from weight_of(gene), density 1; None when a value is out of bounds.
@@ -242,7 +261,7 @@ class Genome:
         x = np.asarray(x, dtype=float)
         if x.shape != (self.dim,):
             raise ValueError(f"expected a vector of {self.dim} genes, got shape {x.shape}")
-        values = {gene.name: round(gene.value(u), 6) for gene, u in zip(self.genes, x, strict=False)}
+        values = {gene.name: gene.rounded(gene.value(u)) for gene, u in zip(self.genes, x, strict=False)}
         if self.version >= 3 and "epsilon" in self.method.tunable:
             values = self._della_densities(values)
         return values
@@ -279,17 +298,17 @@ class Genome:
         for index, (start, end) in enumerate(self.groups):
             sources = []
             for model_index, path in enumerate(self.weighted_models):
-                params = {p: self._setting(values, p, model_index, index) for p in self.params if p in PER_MODEL}
+                params = {p: self._setting(values, p, model_index, index) for p in self.params if p in self.per_model}
                 sources.append(_present(model=path, layer_range=[start, end], parameters=params or None))
-            if self.method.needs_base:
+            if self.method.uses_base:
                 sources.append({"model": spec.models.base, "layer_range": [start, end]})
-            shared = {p: self._setting(values, p, None, index) for p in self.params if p not in PER_MODEL}
+            shared = {p: self._setting(values, p, None, index) for p in self.params if p not in self.per_model}
             slices.append(_present(sources=sources, parameters=shared or None))
         # Built without None entries directly: cleaning a 500-gene config afterwards cost more
         # than building it (docs/BENCHMARKS.md, driver overhead).
         return _present(
             merge_method=self.method.name,
-            base_model=spec.models.base if self.method.needs_base else None,
+            base_model=spec.models.base if self.method.uses_base else None,
             slices=slices,
             parameters=dict(self._fixed_parameters) if self._fixed_parameters else None,
             dtype=spec.merge.dtype,
@@ -309,7 +328,7 @@ class Genome:
         Worked out once per genome, so building a candidate's config is only lookups.
         """
         name_of = {(g.param, g.model, g.site, g.part): g.name for g in self.genes}
-        owners = {p: list(range(len(self.weighted_models))) if p in PER_MODEL else [None] for p in self.params}
+        owners = {p: list(range(len(self.weighted_models))) if p in self.per_model else [None] for p in self.params}
         templates = {}
         for param in self.params:
             for model in owners[param]:

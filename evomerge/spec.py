@@ -252,6 +252,10 @@ class Spec(_Strict):
     @model_validator(mode="after")
     def _genes_fit_the_method(self):
         method = METHODS[self.merge.method]
+        if not method.searchable:
+            raise ValueError(
+                f"merge.method: {method.name} has no parameter to search; merge it with `evomerge merge CONFIG OUT`, or search another method"
+            )
         for name in self.genome.params or []:
             if name not in method.tunable:
                 raise ValueError(

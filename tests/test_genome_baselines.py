@@ -43,7 +43,13 @@ def merged(config: dict, out_dir) -> dict[str, torch.Tensor]:
     return load_checkpoint_tensors(out_dir)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# The geometric and element-selecting methods' genes (select_topk, t, epsilon, shares of a
+# spherical mean) do not reach the base or each parent; their seeded default merge is pinned in
+# tests/merge/test_new_methods_search.py.
+EVERY_BASELINE_METHODS = [name for name, m in METHODS.items() if m.family in ("linear", "slerp", "task_vector")]
+
+
+@pytest.mark.parametrize("method", EVERY_BASELINE_METHODS)
 def test_the_default_space_expresses_the_base_each_parent_and_the_default_merge_bit_for_bit(zoo, method, tmp_path):
     spec = make_spec(zoo, method)
     genome = Genome(spec, num_layers_of(zoo.model("base")))

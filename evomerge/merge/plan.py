@@ -178,7 +178,7 @@ class Planner:
         for index, (model, input_name) in enumerate(inputs):
             scopes = [s.parameters for s in output_slice.sources if s.model == model] + list(shared_scopes)
             # A base with a role (the origin of the deltas) has no per-input parameters.
-            skip_base = index == base_index and not self.method.base_is_source
+            skip_base = index == base_index and self.method.base_has_role
             per_input.append(
                 {}
                 if skip_base

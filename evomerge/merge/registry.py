@@ -90,6 +90,9 @@ class MethodInfo:
     # A base is used when the config names one (nuslerp, multislerp merge the deltas from it),
     # but is not required.
     base_optional: bool = False
+    # A search merges the models themselves, the base as one more weighted input: Multi-SLERP of
+    # three or more deltas fails on every tensor no expert changed (mergekit raises there too).
+    searched_without_base: bool = False
     # The base has no role: a configured base is one more input, listed last if not listed (karcher).
     base_ignored: bool = False
     # Per-input parameters a config may leave unset (passthrough's scale).
@@ -131,19 +134,24 @@ class MethodInfo:
         return self.fused_trim is not None
 
     @property
+    def base_has_role(self) -> bool:
+        """A base the config names is the origin of the deltas, not a weighted input."""
+        return self.needs_base or self.base_optional
+
+    @property
+    def uses_base(self) -> bool:
+        """A search's candidates name the base model as mergekit's base_model."""
+        return self.needs_base or (self.base_optional and not self.searched_without_base)
+
+    @property
     def base_is_source(self) -> bool:
-        """The base is one more weighted source (it has no base role), so it needs its own weight."""
-        return not (self.needs_base or self.base_optional)
+        """In a search the base is one more weighted source, so it needs its own weight."""
+        return not self.uses_base
 
     @property
     def searchable(self) -> bool:
         """A search has something to evolve (Model Stock, Karcher, Arcee Fusion, passthrough do not)."""
         return bool(self.default_searched)
-
-    @property
-    def uses_base(self) -> bool:
-        """A search's candidates name the base model as mergekit's base_model."""
-        return self.needs_base or self.base_optional
 
     def facts(self, param: str) -> ParameterFacts:
         """What `param` means for this method: its own entry, else the shared table's."""
@@ -300,6 +308,7 @@ NEW_METHODS = (
         default_searched=("weight",),
         default_settings={"weight": 1.0},
         default_label="multislerp (equal weights)",
+        searched_without_base=True,
         weights_are_shares=True,
     ),
     MethodInfo(

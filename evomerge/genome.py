@@ -214,7 +214,9 @@ class Genome:
             if mix not in self.params:
                 return None
             return self._with_values({mix: 0.0 if model == len(self.spec.models.experts) else 1.0})
-        if "weight" not in self.params:
+        if "weight" not in self.params or self.method.weights_are_shares:
+            # Shares of a spherical mean reach one model only up to rounding (nuslerp's weights 0
+            # and 0 are even its midpoint): no seed is labelled as a baseline it only approximates.
             return None
         if model == len(self.spec.models.experts) and not self.method.base_is_source:
             # All weights 0: nothing is added to the base, whatever the trims.

@@ -408,8 +408,8 @@ CASES = {
     ),
     # --- the scoring backend and lm-eval's prompt and generation options
     "unknown-backend": (
-        lambda s, m, x: put(s, "evaluation.backend", "vllm"),
-        ["evaluation.backend", "'native' or 'lm_eval'"],
+        lambda s, m, x: put(s, "evaluation.backend", "tensorrt"),
+        ["evaluation.backend", "'native', 'lm_eval' or 'vllm'"],
     ),
     "output-type-no-scorer-knows": (
         lambda s, m, x: put(s, "evaluation", {"include": [x], "tasks": ["odd_output"]}),

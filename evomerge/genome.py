@@ -157,7 +157,8 @@ class Genome:
     def default_values(self) -> dict[str, float]:
         """x0: version 2 puts every weight at 1, which is exactly the method's default merge."""
         weight = 1.0 if self.version >= 2 or not self.method.weights_average(self.fixed) else 0.5
-        defaults = {p: self.method.facts(p).search_start for p in self.params} | {"weight": weight}
+        starts = {p: self.method.facts(p).search_start for p in self.params}
+        defaults = {p: start for p, start in starts.items() if start is not None} | {"weight": weight}
         values = {gene.name: defaults[gene.param] for gene in self.genes}
         for gene in self._base_weight_genes():
             values[gene.name] = 0.0

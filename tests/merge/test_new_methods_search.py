@@ -109,3 +109,30 @@ def test_the_seeded_default_merge_is_the_baseline_the_report_scores(zoo, tmp_pat
         merged[name] = load_checkpoint_tensors(tmp_path / name)
     assert merged["x0"].keys() == merged["baseline"].keys()
     assert all(torch.equal(merged["x0"][key], merged["baseline"][key]) for key in merged["baseline"]), method
+
+
+@pytest.mark.parametrize("method", sorted(SEARCHES))
+@pytest.mark.parametrize("optimizer", ["cmaes", "tpe"])
+def test_a_short_search_of_each_method_runs_and_every_trial_is_that_method(tmp_path, method, optimizer):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from fake_workers import fake_scheduler, fake_spec_data, open_search
+
+    from evomerge.search.loop import create_run_dir
+
+    experts = ["/frozen-run/expert_a", "/frozen-run/expert_b", "/frozen-run/expert_c"][: len(SEARCHES[method][0])]
+    data = fake_spec_data(tmp_path, f"{method}-{optimizer}", budget={"max_evals": 20})  # 7 or 8 baselines first
+    data |= {"merge": {"method": method}, "optimizer": {"name": optimizer, "seed": 7, "popsize": 4}}
+    data["models"] = {**data["models"], "experts": experts}
+    if optimizer == "tpe":
+        data["optimizer"].pop("popsize")
+    spec = Spec.model_validate(data)
+    run_dir = create_run_dir(spec)
+    trials = open_search(spec, run_dir).run_with(fake_scheduler())
+    searched = [trial for trial in trials.values() if trial.kind == "optimizer"]
+    # The fake workers fail trial 5 on purpose (fake_workers.FAILING_TRIAL).
+    assert len([trial for trial in searched if trial.status == "completed"]) >= 9
+    assert {trial.merge_config["merge_method"] for trial in searched} == {method}
+    assert len({tuple(sorted(trial.params.items())) for trial in searched}) > 1, "the optimizer moved"

@@ -151,3 +151,23 @@ def test_slices_of_a_new_method_equal_mergekit(zoo, write_config, tmp_path):
         ],
     }
     _assert_equal_to_mergekit(config, write_config, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "case", ["model_stock", "nuslerp", "multislerp-no_base", "karcher", "sce", "arcee_fusion", "ram"]
+)
+def test_in_memory_merge_equals_disk_merge(zoo, write_config, tmp_path, case):
+    """What a search worker merges into its resident model is what `evomerge merge` writes."""
+    from tiny_models import load_checkpoint_tensors
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.merge.engine import ResidentSources, merge_into_model
+
+    config = load_merge_config(write_config(case_config(zoo, case, "fp32")))
+    merge_to_disk(config, tmp_path / "out", progress=False, seed=7)
+    on_disk = load_checkpoint_tensors(tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(zoo.model("base"), dtype=torch.float32)
+    merge_into_model(model, ResidentSources.load(config, device="cpu"), config, seed=7)
+    resident = model.state_dict()
+    assert on_disk.keys() <= resident.keys()
+    assert [name for name in on_disk if not torch.equal(resident[name], on_disk[name])] == []

@@ -239,6 +239,14 @@ CASES = {
         lambda s, m, x: put(s, "merge.method", "slerp"),
         ["models.experts", "slerp", "exactly one expert"],
     ),
+    "nearswap-with-two-experts": (
+        lambda s, m, x: put(s, "merge.method", "nearswap"),
+        ["models.experts", "nearswap", "exactly one expert"],
+    ),
+    "model_stock-has-nothing-to-search": (
+        lambda s, m, x: put(s, "merge.method", "model_stock"),
+        ["merge.method", "model_stock has no parameter to search", "evomerge merge"],
+    ),
     "no-budget": (
         lambda s, m, x: put(s, "budget.max_evals", None),
         ["spec.yaml: budget: set max_evals, time_limit_min or max_docs"],

@@ -99,6 +99,7 @@ def merge_cases(zoo: Path) -> dict[str, dict]:
             "parameters": {"lambda": 1.0},
         },
         "slerp": slerp(shift, increment, [{"filter": "self_attn", "value": [0.0, 0.5, 1.0]}, {"value": 0.4}]),
+        **new_method_cases(base, shift, increment),
         "ties_slices": {
             "merge_method": "ties",
             "base_model": base,
@@ -116,6 +117,36 @@ def merge_cases(zoo: Path) -> dict[str, dict]:
     }
 
 
+def new_method_cases(base: str, shift: str, increment: str) -> dict[str, dict]:
+    """The geometric and element-selecting methods (Arcee Fusion's quantile sample of tensors above
+    10**6 elements draws from another RNG in each tool, so it is compared on the tiny zoo only)."""
+    both = [{"model": shift}, {"model": increment}]
+    weighted = [{"model": shift, "parameters": {"weight": 0.4}}, {"model": increment, "parameters": {"weight": 0.6}}]
+    return {
+        "model_stock": {"merge_method": "model_stock", "base_model": base, "models": both},
+        "nuslerp": {"merge_method": "nuslerp", "base_model": base, "models": weighted},
+        "multislerp": {"merge_method": "multislerp", "base_model": base, "models": weighted},
+        "karcher": {"merge_method": "karcher", "models": both},
+        "sce": {"merge_method": "sce", "base_model": base, "models": both, "parameters": {"select_topk": 0.5}},
+        "nearswap": {"merge_method": "nearswap", "base_model": base, "models": both[:1], "parameters": {"t": 0.001}},
+        "ram": {"merge_method": "ram", "base_model": base, "models": both},
+        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": base, "models": both, "parameters": {"r": 0.3}},
+        "passthrough": {"merge_method": "passthrough", "models": [{"model": shift, "parameters": {"scale": 0.9}}]},
+    }
+
+
+NEW_METHOD_CASES = [
+    "model_stock",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+    "sce",
+    "nearswap",
+    "ram",
+    "ramplus_tl",
+    "passthrough",
+]
+
 # Methods whose random trim (DARE, DELLA) is fixed to one draw in both tools.
 RANDOM_TRIMS = {"dare_ties", "della"}
 
@@ -129,7 +160,7 @@ def slerp(base: str, other: str, t) -> dict:
     }
 
 
-ALL_CASES = ["linear", "ties", "dare_ties", "breadcrumbs_ties", "della", "slerp", "ties_slices"]
+ALL_CASES = ["linear", "ties", "dare_ties", "breadcrumbs_ties", "della", "slerp", "ties_slices", *NEW_METHOD_CASES]
 
 
 @pytest.mark.slow

@@ -12,10 +12,13 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from test_report import browser, render  # noqa: F401  (browser is a fixture)
+
+REPO = Path(__file__).resolve().parents[2]
+# The report's browser fixture lives beside the report tests; found by path so this file runs alone.
+sys.path.insert(0, str(REPO / "tests" / "rundir"))
+from test_report import browser, render  # noqa: E402, F401  (browser is a fixture)
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 EVOMERGE = str(Path(sys.executable).with_name("evomerge"))
 
 

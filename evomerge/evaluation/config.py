@@ -182,7 +182,10 @@ class EvaluationSpec(Strict):
     batch_size: int = Field(32, ge=1, le=BATCH_SIZE_LIMIT)
     max_length: int | None = Field(None, ge=8)
     top_k: int = Field(5, ge=0, description="Trials re-scored on the held-out tasks at the end.")
-    backend: BackendName = Field(BackendName.NATIVE, description="native: evomerge's batched scorer; lm_eval: HFLM; vllm: one vLLM engine per worker.")
+    backend: BackendName = Field(
+        BackendName.NATIVE,
+        description="native: evomerge's batched scorer; lm_eval: HFLM; vllm: one vLLM engine per worker.",
+    )
     token_budget: int | None = Field(
         None,
         ge=64,

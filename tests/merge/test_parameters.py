@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from evomerge.merge.methods import METHODS
-from evomerge.merge.parameters import PARAMETERS, PER_MODEL, SEARCHABLE, Interval, bounds_limits, default_of
+from evomerge.merge.parameters import PARAMETERS, PER_MODEL, SEARCHABLE, Interval, bounds_limits
 
 
 def test_method_defaults_are_the_table_s():

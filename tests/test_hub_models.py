@@ -206,7 +206,7 @@ def run_search_in_process(monkeypatch, spec_path: Path, *args: str) -> list[str]
 
     monkeypatch.setattr(Search, "run", lambda self: self.run_with(fake_scheduler()))
     monkeypatch.setattr(cluster, "ClusterSession", lambda *a, **k: nullcontext())
-    monkeypatch.setattr("evomerge.cli.searching.print_summary", lambda run_dir: None)
+    monkeypatch.setattr("evomerge.cli.searching.print_summary", lambda *shown: None)
     code, lines = run_cli_in_process(*args, spec_path)
     assert code == 0, lines
     return lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import sys
@@ -167,6 +168,10 @@ def eval_model(
         raise UserError(f"--split {split}: {spec_path} has no evaluation.heldout_tasks; use --split search")
     if backend is not None and backend not in {name.value for name in BackendName}:
         raise UserError(f"--backend: unknown backend '{backend}'; choose native, lm_eval or vllm")
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        from evomerge.evaluation.vllm_backend import INSTALL_HINT
+
+        raise UserError(f"--backend vllm: vllm is not installed; {INSTALL_HINT}, or use --backend native")
     folder = _local_model(model, model_pins(lock))
     with _library_chatter_held_back(shown=debug):  # progress bars, lm-eval notices: as a search worker's
         result = _score_as_a_worker(spec, folder, eval_sets[split], backend)

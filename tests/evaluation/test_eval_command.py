@@ -103,11 +103,16 @@ def test_a_model_folder_on_either_backend_and_split(prepared):
     [
         (["--model", "/nonexistent/model"], ["--model", "does not exist"]),
         (["--model", "{root}"], ["--model", "no config.json"]),
-        (["--model", "{base}", "--backend", "vllm"], ["--backend", "unknown backend 'vllm'"]),
+        (["--model", "{base}", "--backend", "tensorrt"], ["--backend", "unknown backend 'tensorrt'"]),
+        (["--model", "{base}", "--backend", "vllm"], ["--backend vllm", "vllm is not installed", "pip install"]),
         (["--model", "{base}", "--split", "test"], ["--split", "choose search or heldout"]),
     ],
 )
-def test_bad_input_is_one_line(prepared, args, words):
+def test_bad_input_is_one_line(prepared, args, words, monkeypatch):
+    import importlib.util
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "vllm" else found(name, *rest))
     ready, root = prepared
     filled = [a.format(root=root, base=ready.spec.models.base) for a in args]
     code, out, errors = run_eval(root / "spec.yaml", *filled)

@@ -24,6 +24,7 @@ from evomerge.evaluation.dry_run import rehearse_eval_set
 from evomerge.evaluation.tasks import resolve_tasks
 from evomerge.genome import Genome
 from evomerge.hub import ModelSources, resolve_models
+from evomerge.layer_genome import LayerGenome, layer_genome_problem
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.fingerprint import same_weights, weights_fingerprint
 from evomerge.merge.registry import METHODS, every_tensor_config, single_model_config
@@ -66,12 +67,16 @@ def preflight(
     _check_distinct_weights(fields, source)
     num_layers = validated.folders[folders[spec.models.base]].num_layers
     _check_layer_groups(spec, num_layers, source)
-    genome = Genome(spec, num_layers)
+    if spec.search.layers and (problem := layer_genome_problem(spec, num_layers)):
+        raise UserError(f"{source}: {problem}")
+    genome = LayerGenome(spec, num_layers) if spec.search.layers else Genome(spec, num_layers)
     validate_merge_config(genome.to_merge_config(genome.x0()).with_models(folders), source, folders=validated.folders)
     eval_sets = spec.evaluation.eval_sets(dataset_revisions)
     resolved = {name: resolve_tasks(eval_set) for name, eval_set in eval_sets.items()}
     check_available(spec, source)
-    baselines = baseline_configs(spec) if spec.budget.baselines else []
+    baselines = (
+        (genome.baseline_configs() if spec.search.layers else baseline_configs(spec)) if spec.budget.baselines else []
+    )
     _check_budget_after_baselines(spec, len(baselines), source)
     _check_halving_can_act(spec, len(baselines), source)
     # The slowest check last: it builds every task's docs.

@@ -33,6 +33,7 @@ from evomerge.optim.settings import (
     describe_settings_problem,
     with_default_name,
 )
+from evomerge.search_space import DEFAULT_SEARCH_SPACE, SearchSpaceSpec, check_layer_space
 
 LAYER_GROUPS_LIMIT = 1024
 WORKERS_LIMIT = 4096
@@ -200,6 +201,9 @@ class Spec(_Strict):
     models: ModelsSpec
     merge: MergeSpec = MergeSpec()
     genome: GenomeSpec = GenomeSpec()
+    search: SearchSpaceSpec = Field(
+        SearchSpaceSpec(), description="Which space to search: params (default) or layers (search_space.py)."
+    )
     optimizer: OptimizerSettings = Field(
         CMAESSettings(), description="Which optimizer (name: cmaes, tpe, nsga2, random) with its own settings."
     )
@@ -251,6 +255,9 @@ class Spec(_Strict):
 
     @model_validator(mode="after")
     def _genes_fit_the_method(self):
+        if self.search.layers:  # a layer path merges by passthrough: merge.method plays no part
+            check_layer_space(self)
+            return self
         method = METHODS[self.merge.method]
         if not method.searchable:
             raise ValueError(
@@ -286,6 +293,8 @@ class Spec(_Strict):
             del payload["version"]  # runs fingerprinted before versions existed
         payload["evaluation"] = without_later_defaults(payload["evaluation"])
         payload["optimizer"] = self.optimizer.flat_fields()  # the one flat layout older runs were hashed in
+        if payload.get("search") == DEFAULT_SEARCH_SPACE.model_dump(mode="json"):
+            del payload["search"]  # the default space: fingerprints as before the section existed
         if payload["budget"].get("max_docs") is None:
             payload["budget"].pop("max_docs", None)  # likewise
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

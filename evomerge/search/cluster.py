@@ -369,8 +369,9 @@ def make_actor_factory(prepared: Prepared, spec: Spec):
         cpu_threads=max(1, int(spec.workers.cpus_per_worker)),
         trust_remote_code=spec.trust_remote_code,
         merge_seed=spec.optimizer.seed,
-        merge_method=spec.merge.method,
+        merge_method=spec.merge.methods[0],  # a method gene: the fused path's; the others take the reference path
         devices=_worker_devices(spec, device),
+        layer_paths=spec.search.layers,
     )
     actor_class = ray_worker_class(
         spec.workers.cpus_per_worker, spec.workers.gpus_per_worker if device == "cuda" else 0

@@ -24,6 +24,7 @@ from evomerge.evaluation.fidelity import RaceOutcome, RaceTarget, race
 from evomerge.evaluation.scores import task_weights
 from evomerge.merge.config import MergeConfig, rename_models
 from evomerge.merge.fused.candidate import CandidateMerger
+from evomerge.merge.layer_paths import LayerPathMerger
 from evomerge.merge.memory_plan import SCORER_TOKEN_BUDGET, scorer_workspace_bytes
 from evomerge.merge.placement import place_model
 from evomerge.merge.validate import validate_merge_config
@@ -47,6 +48,8 @@ class WorkerSettings:
     devices: tuple[str, ...] = ()
     # Model name (as merge configs write it: a hub ID or a path) -> its local folder.
     model_folders: dict[str, str] = field(default_factory=dict)
+    # search.space: layers: candidates are layer paths rewired from resident sources (layer_paths.py).
+    layer_paths: bool = False
 
 
 class MergeWorker:
@@ -65,15 +68,12 @@ class MergeWorker:
             settings.base_model, dtype=dtype, trust_remote_code=settings.trust_remote_code
         )
         union = MergeConfig.model_validate(rename_models(settings.union_config, settings.model_folders))
-        self.model, split = place_model(model, validate_merge_config(union), self.devices)
-        self.model.eval()
+        if settings.layer_paths:
+            self.model = model.to(self.devices[0]).eval()
+            self.merger = LayerPathMerger(self.model, union, self.devices[0], dtype)
+        else:
+            self.model, self.merger = self._resident_merger(model, union, dtype)
         self._model_lock = threading.Lock()
-        budgets = [s.evaluation.token_budget or SCORER_TOKEN_BUDGET for s in settings.eval_sets.values()]
-        budget = max(budgets, default=SCORER_TOKEN_BUDGET)
-        workspace = scorer_workspace_bytes(self.model.config.to_dict(), budget, dtype.itemsize, 1 / len(self.devices))
-        self.merger = CandidateMerger.create(
-            self.model, union, settings.merge_method, self.devices, settings.source_placement, split, True, workspace
-        )
         self.tokenizer = AutoTokenizer.from_pretrained(
             settings.base_model, trust_remote_code=settings.trust_remote_code
         )
@@ -84,6 +84,19 @@ class MergeWorker:
         }
         # Journaled with every result, so a run proves all its candidates saw the same documents.
         self.subset_digests = {name: subset_digest(self.subset_indices(name)) for name in self.evaluators}
+
+    def _resident_merger(self, model, union: MergeConfig, dtype: torch.dtype):
+        """The model placed on the worker's devices and the merger that writes candidates into it."""
+        settings = self.settings
+        model, split = place_model(model, validate_merge_config(union), self.devices)
+        model.eval()
+        budgets = [s.evaluation.token_budget or SCORER_TOKEN_BUDGET for s in settings.eval_sets.values()]
+        budget = max(budgets, default=SCORER_TOKEN_BUDGET)
+        workspace = scorer_workspace_bytes(model.config.to_dict(), budget, dtype.itemsize, 1 / len(self.devices))
+        merger = CandidateMerger.create(
+            model, union, settings.merge_method, self.devices, settings.source_placement, split, True, workspace
+        )
+        return model, merger
 
     def ping(self) -> str:
         return self.worker_id

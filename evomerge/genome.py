@@ -25,6 +25,7 @@ import numpy as np
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.parameters import PARAMETERS, SEARCHABLE, default_of
 from evomerge.merge.registry import METHODS
+from evomerge.optim.choice import MethodChoice
 from evomerge.rundir.genes import EMBED, HEAD, GeneRow, gene_name
 from evomerge.rundir.trials import BASE_LABEL, LINEAR_LABEL, parent_label
 from evomerge.spec import Spec
@@ -97,6 +98,8 @@ def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
 
 class Genome:
     """Named genes for a spec and a base model with `num_layers` layers."""
+
+    choice: MethodChoice | None = None  # one method: no method gene (several: genome_multi.py)
 
     def __init__(self, spec: Spec, num_layers: int):
         self.spec = spec

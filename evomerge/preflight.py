@@ -23,6 +23,7 @@ from evomerge.evaluation.config import EvalSet
 from evomerge.evaluation.dry_run import rehearse_eval_set
 from evomerge.evaluation.tasks import resolve_tasks
 from evomerge.genome import Genome
+from evomerge.genome_multi import MethodChoiceGenome, first_points, make_genome
 from evomerge.hub import ModelSources, resolve_models
 from evomerge.layer_genome import LayerGenome, layer_genome_problem
 from evomerge.merge.config import MergeConfig
@@ -37,7 +38,7 @@ from evomerge.spec import Spec
 @dataclass(frozen=True)
 class Prepared:
     spec: Spec
-    genome: Genome
+    genome: Genome | MethodChoiceGenome
     union_config: dict
     eval_sets: dict[str, EvalSet]  # "search" and, with held-out tasks, "heldout"
     baselines: list[tuple[str, dict]]  # (label, merge config)
@@ -53,9 +54,10 @@ def preflight(
 ) -> Prepared:
     """Every check before a search; `pins` (model name -> commit) holds hub models at those commits,
     `dataset_revisions` (a lock's, `evaluation.hub_data.locked_dataset_revisions`) hub datasets."""
-    experts_problem = METHODS[spec.merge.method].experts_problem(len(spec.models.experts))
-    if experts_problem:
-        raise UserError(f"{source}: models.experts: {experts_problem}")
+    for method in spec.merge.methods:
+        experts_problem = METHODS[method].experts_problem(len(spec.models.experts))
+        if experts_problem:
+            raise UserError(f"{source}: models.experts: {experts_problem}")
     sources = resolve_models(model_fields(spec), source, pins, fetch_hint=f"evomerge prefetch {source}")
     folders = sources.folders()
     _check_distinct_folders(folders, model_fields(spec), source)
@@ -69,8 +71,9 @@ def preflight(
     _check_layer_groups(spec, num_layers, source)
     if spec.search.layers and (problem := layer_genome_problem(spec, num_layers)):
         raise UserError(f"{source}: {problem}")
-    genome = LayerGenome(spec, num_layers) if spec.search.layers else Genome(spec, num_layers)
-    validate_merge_config(genome.to_merge_config(genome.x0()).with_models(folders), source, folders=validated.folders)
+    genome = LayerGenome(spec, num_layers) if spec.search.layers else make_genome(spec, num_layers)
+    for x in first_points(genome):
+        validate_merge_config(genome.to_merge_config(x).with_models(folders), source, folders=validated.folders)
     eval_sets = spec.evaluation.eval_sets(dataset_revisions)
     resolved = {name: resolve_tasks(eval_set) for name, eval_set in eval_sets.items()}
     check_available(spec, source)
@@ -199,15 +202,18 @@ def baseline_configs(spec: Spec) -> list[tuple[str, dict]]:
     configs += [(parent_label(p), single_model_config(p, dtype)) for p in experts]
     standard = [m for m in METHODS.values() if m.standard_baseline]
     configs += [(m.default_label, m.default_merge(base, experts, dtype)) for m in standard]
-    own = METHODS[spec.merge.method]
-    if spec.version >= 2 and own.default_label not in dict(configs):
-        configs.append((own.default_label, method_default_config(spec)))
+    for name in spec.merge.methods:  # a method gene: each listed method's default merge
+        own = METHODS[name]
+        if spec.version >= 2 and own.default_label not in dict(configs):
+            configs.append((own.default_label, method_default_config(spec, name)))
     return configs
 
 
-def method_default_config(spec: Spec) -> dict:
-    """The spec's method with weights 1, density 0.5 and t 0.5 (else mergekit's defaults): version 2's x0."""
-    return METHODS[spec.merge.method].default_merge(spec.models.base, list(spec.models.experts), spec.merge.dtype)
+def method_default_config(spec: Spec, method: str | None = None) -> dict:
+    """The spec's method (or the listed `method`) with weights 1, density 0.5 and t 0.5 (else
+    mergekit's defaults): version 2's x0."""
+    name = method or spec.merge.methods[0]
+    return METHODS[name].default_merge(spec.models.base, list(spec.models.experts), spec.merge.dtype)
 
 
 TRACKER_INSTALL_HINT = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}

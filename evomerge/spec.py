@@ -34,6 +34,7 @@ from evomerge.optim.settings import (
     with_default_name,
 )
 from evomerge.search_space import DEFAULT_SEARCH_SPACE, SearchSpaceSpec, check_layer_space
+from evomerge.spec_methods import check_method_list
 
 LAYER_GROUPS_LIMIT = 1024
 WORKERS_LIMIT = 4096
@@ -65,7 +66,10 @@ class ModelsSpec(_Strict):
 
 
 class MergeSpec(_Strict):
-    method: str = DEFAULT_METHOD.name
+    method: str | list[str] = Field(
+        DEFAULT_METHOD.name,
+        description="The merge method, or a list of methods the search chooses among (a method gene).",
+    )
     fixed: dict[str, float | bool] = Field(
         default_factory=dict, description="Shared parameters held constant, e.g. normalize, lambda."
     )
@@ -90,11 +94,22 @@ class MergeSpec(_Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, method):
-        if method not in METHODS:
-            raise ValueError(
-                f"unknown method '{method}'{did_you_mean(method, METHODS)}; choose one of {', '.join(METHODS)}"
-            )
+        names = [method] if isinstance(method, str) else method
+        if not names:
+            raise ValueError("the list of methods is empty; list one or more methods")
+        for name in names:
+            if name not in METHODS:
+                raise ValueError(
+                    f"unknown method '{name}'{did_you_mean(name, METHODS)}; choose one of {', '.join(METHODS)}"
+                )
+        if len(set(names)) != len(names):
+            raise ValueError("a method is listed twice; list each method once")
         return method
+
+    @property
+    def methods(self) -> list[str]:
+        """The searched methods: the one method, or the list the method gene chooses among."""
+        return [self.method] if isinstance(self.method, str) else list(self.method)
 
 
 class GenomeSpec(_Strict):
@@ -250,13 +265,16 @@ class Spec(_Strict):
 
     @property
     def searched_params(self) -> list[str]:
-        """The parameters the genome evolves: the spec's list, or the method's defaults."""
+        """The parameters the genome evolves: the spec's list, or the method's defaults (one method)."""
         return self.genome.params or default_parameters(METHODS[self.merge.method], self.merge.fixed, self.version)
 
     @model_validator(mode="after")
     def _genes_fit_the_method(self):
         if self.search.layers:  # a layer path merges by passthrough: merge.method plays no part
             check_layer_space(self)
+            return self
+        if not isinstance(self.merge.method, str):
+            check_method_list(self)  # a method gene: spec_methods.py
             return self
         method = METHODS[self.merge.method]
         if not method.searchable:

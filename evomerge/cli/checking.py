@@ -60,7 +60,7 @@ def validate(
         "search_docs_per_candidate": prepared.search_docs,  # what budget.max_docs is counted in
         "models": prepared.sources.exported(),  # hub models as org/name@commit: the files a search reads
     }
-    ok = f"ok: {spec.merge.method} over {len(spec.models.experts)} experts, {prepared.genome.dim} genes, {spec.optimizer.name}, tasks: {', '.join(summary['tasks'])} ({prepared.search_docs:,} search documents per candidate)"
+    ok = f"ok: {' or '.join(spec.merge.methods)} over {len(spec.models.experts)} experts, {prepared.genome.dim} genes, {spec.optimizer.name}, tasks: {', '.join(summary['tasks'])} ({prepared.search_docs:,} search documents per candidate)"
     ok += _hub_models_line(prepared.sources, spec_path, bool(model_pins(lock)))
     if spec.workers.device == "cuda" and gpu_bytes is None:  # GPU workers, planned from a machine without one
         note = (
@@ -117,15 +117,23 @@ def _planned_gpus(spec, gpu_memory: str | None, gpus: int | None) -> tuple[int |
 
 
 def _memory_plan(spec, base_folder: str, gpu_bytes: int | None, gpus: int | None):
-    from evomerge.merge.io import inspect_model_folder, parse_dtype
-    from evomerge.merge.memory_plan import SCORER_TOKEN_BUDGET, PlanRequest, plan_memory
+    from evomerge.merge.io import parse_dtype
     from evomerge.merge.registry import METHODS
 
     dtype = parse_dtype(spec.merge.dtype, "merge.dtype")
+    plans = [_method_plan(spec, METHODS[name], base_folder, dtype, gpu_bytes, gpus) for name in spec.merge.methods]
+    # A method gene: workers merge any listed method, so the most demanding one's plan holds.
+    return max(plans, key=lambda plan: (not plan.fits, plan.bytes_per_device))
+
+
+def _method_plan(spec, method, base_folder: str, dtype, gpu_bytes: int | None, gpus: int | None):
+    from evomerge.merge.io import inspect_model_folder
+    from evomerge.merge.memory_plan import SCORER_TOKEN_BUDGET, PlanRequest, plan_memory
+
     request = PlanRequest(
         base=inspect_model_folder(base_folder, "models.base"),
         experts=len(spec.models.experts),
-        method=METHODS[spec.merge.method],
+        method=method,
         work_dtype=dtype,
         model_dtype=dtype,
         gpus_per_worker=spec.workers.gpus_per_worker,

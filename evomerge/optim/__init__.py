@@ -25,8 +25,14 @@ MODULES = {
 
 
 def build_optimizer(settings: OptimizerSettings, problem: Problem) -> Optimizer:
-    """The optimizer the settings name, built by its module's factory."""
-    return importlib.import_module(MODULES[settings.name]).create(settings, problem)
+    """The optimizer the settings name, built by its module's factory.
+
+    With a method gene (`Problem.choice`) CMA-ES is one CMA-ES per method, raced (`method_race.py`).
+    """
+    module = MODULES[settings.name]
+    if problem.choice is not None and settings.name == "cmaes":
+        module = "evomerge.optim.method_race"
+    return importlib.import_module(module).create(settings, problem)
 
 
 def make_optimizer(

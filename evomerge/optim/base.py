@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from evomerge.optim.choice import MethodChoice
+
 # Bumped whenever the pickled layout changes incompatibly, so an old run directory fails
 # loudly on resume instead of continuing with a silently different search.
 SNAPSHOT_FORMAT = 1
@@ -37,6 +39,7 @@ class Problem:
     x0: np.ndarray
     objectives: int = 1
     search_version: int = 1
+    choice: MethodChoice | None = None  # a method gene and each method's genes (`choice.py`)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Optimizer(ABC):
     """
 
     name: ClassVar[str]
+    choice: MethodChoice | None = None  # a class default: snapshots pickled before method genes lack it
 
     def __init__(self, problem: Problem, seed: int, settings: dict[str, Any]):
         self.lower, self.upper = _validated_box(problem.lower, problem.upper)
@@ -83,6 +87,8 @@ class Optimizer(ABC):
         # The resolved settings as plain values: snapshots pickle them, so they outlive model renames.
         self.settings = settings
         self.x0 = self._validated_point(problem.x0, "x0")
+        if problem.choice is not None:
+            self.choice = problem.choice
         self._next_trial_id = 0
         self._pending: dict[int, np.ndarray] = {}
 

@@ -12,6 +12,9 @@ Design choices:
   (an OOM, a lost worker) and say nothing about the recipe; TPE ignores FAIL trials,
   whereas a made-up penalty value would be fitted as real evidence, and would show up in
   the dashboard's plots and ``best_value`` as if it were measured.
+* **A method gene is categorical.** With several methods (``Problem.choice``) each trial
+  suggests ``method`` first and then only that method's genes, so the samplers model each
+  method's genes from its own trials; the other methods' coordinates keep x0's values.
 * **No storage of its own.** The run's Optuna file for optuna-dashboard
   (runs/NAME/optuna.log) is written by the search for every optimizer, from the journal, in
   the genes' real units (``evomerge.search.study_log``). Snapshots taken while these classes
@@ -30,6 +33,7 @@ from optuna.storages import InMemoryStorage
 from optuna.trial import TrialState
 
 from evomerge.optim.base import Optimizer, Problem
+from evomerge.optim.choice import METHOD_PARAM
 
 STUDY_NAME = "evomerge"
 
@@ -71,10 +75,23 @@ class OptunaOptimizer(Optimizer):
         self._study.enqueue_trial(self._params(x))
 
     def _propose(self, trial_id: int) -> np.ndarray:
+        if self.choice is not None:
+            return self._propose_method(trial_id)
         trial = self._study.ask(fixed_distributions=self._distributions)
         self._trial_numbers[trial_id] = trial.number
         params = trial.params  # a deep copy per access, so read it once
         return np.array([params[name] for name in self._names], dtype=np.float64)
+
+    def _propose_method(self, trial_id: int) -> np.ndarray:
+        """The method as a categorical parameter, then only its own genes (conditional on it)."""
+        choice = self.choice
+        assert choice is not None
+        trial = self._study.ask()
+        self._trial_numbers[trial_id] = trial.number
+        index = choice.names.index(trial.suggest_categorical(METHOD_PARAM, list(choice.names)))
+        start, stop = choice.spans[index]
+        own = [trial.suggest_float(self._names[i], self.lower[i], self.upper[i]) for i in range(start, stop)]
+        return choice.point(index, np.array(own, dtype=np.float64), self.x0)
 
     def _observe(self, trial_id: int, x: np.ndarray, score: float | None) -> None:
         number = self._trial_numbers.pop(trial_id)
@@ -83,7 +100,11 @@ class OptunaOptimizer(Optimizer):
         else:
             self._study.tell(number, score)
 
-    def _params(self, x: np.ndarray) -> dict[str, float]:
+    def _params(self, x: np.ndarray) -> dict[str, float | str]:
+        if self.choice is not None:  # the chosen method and its genes only
+            index = self.choice.index_of(x[0])
+            start, stop = self.choice.spans[index]
+            return {METHOD_PARAM: self.choice.names[index]} | {self._names[i]: float(x[i]) for i in range(start, stop)}
         return {name: float(value) for name, value in zip(self._names, x, strict=False)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:

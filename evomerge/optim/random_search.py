@@ -1,5 +1,7 @@
 """Uniform random search over the box: the baseline every smarter optimizer must beat.
 
+With a method gene it draws the method uniformly, then that method's genes (`choice.py`).
+
 It ignores scores entirely, so failed trials need no handling. The generator lives on the
 instance, which puts its state into the snapshot and keeps it independent of numpy's
 global RNG.
@@ -32,6 +34,8 @@ class RandomSearchOptimizer(Optimizer):
     def _propose(self, trial_id: int) -> np.ndarray:
         if self._queue:
             return self._queue.popleft()
+        if self.choice is not None:
+            return self.choice.sample_uniform(self._rng, self.lower, self.upper, self.x0)
         return self._rng.uniform(self.lower, self.upper)
 
     def _observe(self, trial_id: int, x: np.ndarray, score: float | None) -> None:

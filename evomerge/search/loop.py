@@ -95,7 +95,8 @@ class Search:
 
     def _new_optimizer(self):
         genome, objectives = self.prepared.genome, len(self.spec.evaluation.objectives)
-        problem = Problem(genome.lower, genome.upper, genome.x0(), max(1, objectives), self.spec.version)
+        choice = getattr(genome, "choice", None)  # a method gene (genome_multi.py)
+        problem = Problem(genome.lower, genome.upper, genome.x0(), max(1, objectives), self.spec.version, choice)
         return build_optimizer(self.spec.optimizer, problem)
 
     def _race_targets(self) -> RaceTargets | None:
@@ -287,8 +288,11 @@ class Search:
         genome = self.prepared.genome
         params = genome.decode(ask.x)
         seeded = next((label for label, point in self.seeds if np.array_equal(point, ask.x)), None)
-        label = f"trial {ask.trial_id}" + (f" (seeded: {seeded})" if seeded else "")
-        trial = Trial(ask.trial_id, "optimizer", label, genome.merge_config_dict(ask.x, params), params)
+        config = genome.merge_config_dict(ask.x, params)
+        method = [config["merge_method"]] if getattr(genome, "choice", None) else []  # a method gene: named
+        notes = method + ([f"seeded: {seeded}"] if seeded else [])
+        label = f"trial {ask.trial_id}" + (f" ({', '.join(notes)})" if notes else "")
+        trial = Trial(ask.trial_id, "optimizer", label, config, params)
         trial.race = self.race_targets.for_trial(ask.trial_id) if self.race_targets else None
         return self._ask(trial, x=[float(v) for v in ask.x])
 

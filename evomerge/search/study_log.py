@@ -12,6 +12,8 @@ view derived from it, written by the search loop, never read back by it.
 * Study "evomerge-baselines": the base, the parents and the default merges, tagged with their kind
   and label. They have no genes: in the candidates' study they would empty Optuna's intersection
   search space, and with it the dashboard's parameter importances.
+* A spec that lists several methods adds a categorical parameter "method" (and a "method" user
+  attribute on every trial); each candidate carries only its method's genes.
 
 Trials are appended as they finish, so a dashboard follows a live search. The whole file is
 rebuilt from the journal when a search starts or resumes (so nothing is duplicated and a torn tail
@@ -33,12 +35,13 @@ from datetime import datetime
 from pathlib import Path
 
 import optuna
-from optuna.distributions import FloatDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from evomerge.files import write_bytes_atomic
+from evomerge.optim.choice import METHOD_PARAM
 from evomerge.preflight import Prepared
 from evomerge.rundir.events import RESULT_EVENTS, EventName, TrialResult
 from evomerge.rundir.layout import RunDir
@@ -66,10 +69,12 @@ class StudyShape:
     genes: tuple[GeneBounds, ...]
     metric_names: tuple[str, ...]  # one per objective ("search score" for a single one)
     attrs: dict[str, object] = field(default_factory=dict)  # shown on the study's page
+    methods: tuple[str, ...] = ()  # a method gene's choices: a categorical "method" parameter
 
     @property
-    def distributions(self) -> dict[str, FloatDistribution]:
-        return {gene.name: FloatDistribution(gene.low, gene.high) for gene in self.genes}
+    def distributions(self) -> dict[str, BaseDistribution]:
+        genes: dict[str, BaseDistribution] = {gene.name: FloatDistribution(gene.low, gene.high) for gene in self.genes}
+        return genes | ({METHOD_PARAM: CategoricalDistribution(self.methods)} if self.methods else {})
 
 
 @dataclass(frozen=True)
@@ -145,21 +150,26 @@ class StudyLog:
             {
                 name: min(max(float(trial.params[name]), bounds.low), bounds.high)
                 for name, bounds in self._distributions.items()
-                if name in trial.params
+                if name in trial.params and isinstance(bounds, FloatDistribution)
             }
             if evolved
             else {}
         )
+        if evolved and self.shape.methods:  # the method gene, named like the optimizer's study names it
+            params[METHOD_PARAM] = trial.merge_config["merge_method"]
         score = trial.score
         values = None
         if score is not None and trial.result is not None:
             values = trial.result.objectives or [score]
+        attrs = trial_attrs(trial)
+        if self.shape.methods and "merge_method" in trial.merge_config:
+            attrs[METHOD_PARAM] = trial.merge_config["merge_method"]
         frozen = optuna.trial.create_trial(
             state=TrialState.COMPLETE if values is not None else TrialState.FAIL,
             values=values,
             params=params,
             distributions={name: self._distributions[name] for name in params},
-            user_attrs=trial_attrs(trial),
+            user_attrs=attrs,
         )
         if timed.asked is not None:
             frozen.datetime_start = datetime.fromtimestamp(timed.asked)
@@ -235,4 +245,5 @@ def study_shape(prepared: Prepared, run: RunDir) -> StudyShape:
         "held-out tasks": [task.name for task in spec.evaluation.heldout_tasks],
     }
     genes = tuple(GeneBounds(gene.name, gene.low, gene.high) for gene in prepared.genome.genes)
-    return StudyShape(genes, objectives, attrs)
+    choice = getattr(prepared.genome, "choice", None)
+    return StudyShape(genes, objectives, attrs, choice.names if choice else ())

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from evomerge.merge.config import MergeConfig
+from evomerge.merge.layer_paths import RESIDUAL_WRITERS
 from evomerge.rundir.genes import GeneRow, gene_name
 from evomerge.rundir.trials import BASE_LABEL, parent_label
 from evomerge.search_space import SCALE_BOUNDS
@@ -28,9 +29,6 @@ from evomerge.spec import Spec
 
 INCLUDE, MODEL, SCALE = "include", "model", "scale"
 TAKE, SKIP = 0.75, 0.25  # a take / skip gene's encoded value: mid-bin
-# What a step's scale multiplies (mergekit filters match a substring of the tensor name): the two
-# projections that write into the residual stream, so the scale is how much the step adds.
-RESIDUAL_WRITERS = ("o_proj", "down_proj")
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,10 @@ def _planned_gpus(spec, gpu_memory: str | None, gpus: int | None) -> tuple[int |
 
 
 def _memory_plan(spec, base_folder: str, gpu_bytes: int | None, gpus: int | None):
+    if spec.search.layers:  # one device per worker, every source whole (merge/layer_memory.py)
+        from evomerge.merge.layer_memory import plan_for_spec
+
+        return plan_for_spec(spec, base_folder, gpu_bytes, gpus)
     from evomerge.merge.io import parse_dtype
     from evomerge.merge.registry import METHODS
 

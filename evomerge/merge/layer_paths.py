@@ -23,6 +23,9 @@ from evomerge.merge.plan import TensorPlan, split_layer_name
 from evomerge.merge.validate import ValidatedMerge, validate_merge_config
 
 UNSCALED = (None, 1.0)  # a scale that leaves the tensor's bits as they are
+# What a layer search's step scale multiplies (mergekit filters match a substring of the tensor
+# name): the two projections that write into the residual stream, so the scale is how much the step adds.
+RESIDUAL_WRITERS = ("o_proj", "down_proj")
 
 
 @dataclass(frozen=True)

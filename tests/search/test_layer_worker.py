@@ -6,6 +6,7 @@ lm-eval's own HFLM with the same numbers, and the next candidate rewires the mod
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 from search_zoo import FIXTURE_EVALS, build_trained_zoo
 
@@ -90,3 +91,33 @@ def test_layer_paths_score_like_merges_and_on_both_backends(zoo_root):
 
     again = worker.evaluate(2, dict(prepared.baselines)["base"])
     assert again.score == base_path.score and len(worker.model.model.layers) == 4
+
+
+def test_validate_plans_the_memory_of_the_deepest_path(zoo_root):
+    from merge.cli_runner import run_cli_in_process
+
+    from evomerge.merge.io import inspect_model_folder
+    from evomerge.merge.layer_memory import plan_layer_memory
+
+    root, zoo = zoo_root
+    done = run_cli_in_process("validate", write_spec(root, zoo, "validate"))
+    assert done.returncode == 0, done.stderr
+    assert "memory plan: device (sources on the device), layers merge" in done.stdout
+
+    base = inspect_model_folder(zoo["base"], "models.base")
+    plan = lambda **change: plan_layer_memory(  # noqa: E731
+        **{
+            "base": base,
+            "experts": 2,
+            "dtype": torch.float32,
+            "steps": 4,
+            "scales": False,
+            "token_budget": 256,
+            **change,
+        }
+    )
+    shallow, deep, scaled = plan(), plan(steps=8), plan(steps=8, scales=True)
+    assert shallow.devices[0].sources == 2 * shallow.devices[0].model  # every expert whole, beside the base
+    assert deep.devices[0].workspace > shallow.devices[0].workspace  # the KV cache of 8 layers, not 4
+    assert scaled.devices[0].model > deep.devices[0].model == shallow.devices[0].model
+    assert not plan(gpu_bytes=1024**2, gpus=1).fits

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from evomerge.merge.config import MergeConfig
+from evomerge.merge.io import ModelFolder
 from evomerge.merge.layer_paths import RESIDUAL_WRITERS
 from evomerge.rundir.genes import GeneRow, gene_name
 from evomerge.rundir.trials import BASE_LABEL, parent_label
@@ -211,12 +212,17 @@ def _scale_unit(scale: float) -> float:
     return float(np.clip((scale - low) / (high - low), 0.0, 1.0))
 
 
-def layer_genome_problem(spec: Spec, num_layers: int) -> str | None:
-    """Why `spec`'s layer space does not fit a base of `num_layers` layers (one line), or None."""
-    steps = spec.search.steps_for(num_layers)
-    if steps < num_layers:
+def layer_genome_problem(spec: Spec, base: ModelFolder) -> str | None:
+    """Why `spec`'s layer space does not fit the base model (one line), or None."""
+    steps = spec.search.steps_for(base.num_layers)
+    if steps < base.num_layers:
         return (
-            f"search.max_steps: {steps} is fewer than the base model's {num_layers} layers, so the base itself "
-            f"is no path; use at least {num_layers}"
+            f"search.max_steps: {steps} is fewer than the base model's {base.num_layers} layers, so the base itself "
+            f"is no path; use at least {base.num_layers}"
+        )
+    if spec.search.scales and not all(any(w in name for name in base.tensors) for w in RESIDUAL_WRITERS):
+        return (
+            f"search.scales: the base model has no {' or '.join(RESIDUAL_WRITERS)} tensors for a step's scale to act on; "
+            "set scales: false"
         )
     return None

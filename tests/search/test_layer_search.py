@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -105,9 +106,19 @@ def test_nonsense_is_refused_in_one_line(tmp_path, search, sections, message):
     assert "\n" not in str(refusal.value)
 
 
-def test_fewer_steps_than_the_base_has_layers_is_refused(tmp_path):
-    problem = layer_genome_problem(layer_spec(tmp_path, max_steps=3), NUM_LAYERS)
+def test_a_space_that_does_not_fit_the_base_is_refused(tmp_path):
+    llama = SimpleNamespace(
+        num_layers=NUM_LAYERS,
+        tensors={"model.layers.0.self_attn.o_proj.weight": 0, "model.layers.0.mlp.down_proj.weight": 0},
+    )
+    problem = layer_genome_problem(layer_spec(tmp_path, max_steps=3), llama)
     assert problem.startswith("search.max_steps: 3 is fewer than the base model's 4 layers")
+    assert layer_genome_problem(layer_spec(tmp_path, scales=True), llama) is None
+    gpt2 = SimpleNamespace(num_layers=NUM_LAYERS, tensors={"h.0.attn.c_proj.weight": 0, "h.0.mlp.c_proj.weight": 0})
+    problem = layer_genome_problem(layer_spec(tmp_path, scales=True), gpt2)
+    assert problem == (
+        "search.scales: the base model has no o_proj or down_proj tensors for a step's scale to act on; set scales: false"
+    )
 
 
 # -- the search -------------------------------------------------------------------------------

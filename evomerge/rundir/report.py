@@ -179,8 +179,9 @@ def _write_report_files(run_dir: Path, out_dir: Path, ledger: Ledger) -> None:
 def _summary(ledger: Ledger, verdict: Verdict) -> dict:
     figures = status_figures(ledger)
     spec = ledger.frozen_spec
+    method = (spec.get("merge") or {}).get("method", "?")
     return {
-        "method": (spec.get("merge") or {}).get("method", "?"),
+        "method": " or ".join(method) if isinstance(method, list) else method,  # a list: the method gene's choices
         "optimizer": (spec.get("optimizer") or {}).get("name", "?"),
         "evals": figures["completed"] + figures["failed"],
         "baselines": sum(t.kind == "baseline" and t.status != EventName.ASKED for t in ledger.trials.values()),
@@ -341,15 +342,18 @@ def _heatmap_trials(trials: dict[int, Trial], verdict: Verdict, k: int) -> list[
     )
     ranked: dict[int, str] = {}
     for row in rescored:
-        ranked.setdefault(row.trial, _heatmap_title(row))
+        ranked.setdefault(row.trial, _heatmap_title(row, trials[row.trial]))
     for trial in searched:
         ranked.setdefault(trial.trial_id, f"{trial.label}: search {trial.score:.4f}")
     return [(title, trials[i]) for i, title in list(ranked.items())[:k] if trials[i].params]
 
 
-def _heatmap_title(row: VerdictRow) -> str:
+def _heatmap_title(row: VerdictRow, trial: Trial) -> str:
     score = f"held-out {row.heldout.score:.4f}" if row.heldout else ""
-    return f"trial {row.trial} (winner, export): {score}" if row.winner else f"trial {row.trial}: {score}"
+    method = trial.merge_config.get("merge_method")
+    named = trial.label.startswith(f"trial {trial.trial_id} ({method}")  # a method gene's trials name theirs
+    notes = ([method] if named else []) + (["winner, export"] if row.winner else [])
+    return f"trial {row.trial}" + (f" ({', '.join(notes)})" if notes else "") + f": {score}"
 
 
 def _param_ranges(trials: dict[int, Trial], gene_table: list[GeneRow] | None) -> dict[str, tuple[float, float]]:

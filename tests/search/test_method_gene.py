@@ -273,3 +273,13 @@ def test_each_method_s_best_trial_exports_as_an_ordinary_single_method_yaml(tmp_
         exported = yaml.safe_load(out.read_text())
         assert exported["merge_method"] == method
         assert {"merge_method", "slices", "base_model", "dtype"} <= set(exported)
+
+
+def test_the_report_names_the_listed_methods_and_each_drawn_trial_s_method(tmp_path):
+    run_dir = finished_run(tmp_path, "report", "random", score=evolved_first)
+    code, lines = run_cli_in_process("report", run_dir)
+    assert code == 0, lines
+    page = (run_dir / "report" / "report.html").read_text()
+    assert "ties or task_arithmetic or dare_ties" in page
+    best = status(run_dir)["best_label"]
+    assert best.split(" (")[1].split(",")[0].rstrip(")") in THREE and best in page

@@ -40,7 +40,14 @@ class LayerPathMerger:
 
     path = "layers"
 
-    def __init__(self, model: torch.nn.Module, union: MergeConfig, device: str, dtype: torch.dtype):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        union: MergeConfig,
+        device: str,
+        dtype: torch.dtype,
+        trust_remote_code: bool = False,
+    ):
         from transformers import AutoModelForCausalLM
 
         self.model = model
@@ -50,7 +57,13 @@ class LayerPathMerger:
         self.layer_types = list(getattr(model.config, "layer_types", None) or [])
         base = self.union.config.base_model or self.union.config.referenced_models()[0]
         for folder in self.union.folders:
-            source = model if folder == base else AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+            source = (
+                model
+                if folder == base
+                else AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code).to(
+                    device
+                )
+            )
             self.modules[folder] = dict(source.eval().named_modules())
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
         self._fresh: list[tuple[str, torch.Tensor]] = []  # the last candidate's scaled tensors

@@ -70,7 +70,7 @@ class MergeWorker:
         union = MergeConfig.model_validate(rename_models(settings.union_config, settings.model_folders))
         if settings.layer_paths:
             self.model = model.to(self.devices[0]).eval()
-            self.merger = LayerPathMerger(self.model, union, self.devices[0], dtype)
+            self.merger = LayerPathMerger(self.model, union, self.devices[0], dtype, settings.trust_remote_code)
         else:
             self.model, self.merger = self._resident_merger(model, union, dtype)
         self._model_lock = threading.Lock()

@@ -18,6 +18,7 @@ Everything is a function of the ask/tell/enqueue sequence, so resume replays it 
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import numpy as np
@@ -95,11 +96,16 @@ class MethodRaceOptimizer(Optimizer):
         due = (self.rounds + 1) * ROUND_GENERATIONS
         if any(self.strategies[i].generation < due for i in self.racing):
             return
-        weakest = min(reversed(self.racing), key=lambda i: -np.inf if self.best[i] is None else self.best[i])
+        weakest = min(reversed(self.racing), key=self._standing)  # of equals, the later listed
         self.racing.remove(weakest)
         self._departures.append(weakest)
         self.rounds += 1
         self._turn %= len(self.racing)
+
+    def _standing(self, method: int) -> float:
+        """Its best score so far; lowest when nothing of it finished."""
+        best = self.best[method]
+        return -math.inf if best is None else best
 
     def _enqueue_point(self, x: np.ndarray) -> None:
         method = self.choice.index_of(x[0])

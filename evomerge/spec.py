@@ -91,6 +91,16 @@ class MergeSpec(_Strict):
                 raise ValueError(f"{name}: {value!r} is not a number in {limits}; use a value in that range")
         return fixed
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _name_or_names(cls, method):
+        # Before the str | list[str] union parses it, which would report one failure per branch.
+        if not all(isinstance(name, str) for name in (method if isinstance(method, list) else [method])):
+            raise ValueError(
+                f"{method!r} is not a method or a list of methods; give e.g. ties or [ties, task_arithmetic]"
+            )
+        return method
+
     @field_validator("method")
     @classmethod
     def _known_method(cls, method):

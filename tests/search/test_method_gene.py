@@ -89,11 +89,21 @@ def test_a_list_of_methods_parses_and_a_single_method_keeps_its_fingerprint(tmp_
         ({"merge": {"method": ["ties", "model_stock"]}}, ["merge.method", "model_stock", "remove it from the list"]),
         ({"merge": {"method": ["ties", "ties"]}}, ["merge.method", "listed twice"]),
         ({"merge": {"method": []}}, ["merge.method", "list one or more"]),
+        ({"merge": {"method": ["ties", 5]}}, ["merge.method", "not a method or a list of methods"]),
         ({"merge": {"method": ["ties", "slerp"]}, "genome": {"params": ["weight"]}}, ["genome.params", "slerp"]),
         ({"merge": {"method": THREE}, "genome": {"params": ["weight", "t"]}}, ["genome.params", "'t'"]),
         ({"merge": {"method": THREE}, "genome": {"bounds": {"t": [0, 1]}}}, ["genome.bounds", "'t'"]),
     ],
-    ids=["unknown", "not-searchable", "twice", "empty", "method-takes-none", "param-none-takes", "bounds-unsearched"],
+    ids=[
+        "unknown",
+        "not-searchable",
+        "twice",
+        "empty",
+        "not-a-name",
+        "method-takes-none",
+        "param-none-takes",
+        "bounds-unsearched",
+    ],
 )
 def test_a_bad_list_of_methods_is_refused_in_one_line_naming_the_field(tmp_path, sections, expected):
     data = fake_spec_data(tmp_path / "runs", "run", **sections)

@@ -46,6 +46,8 @@ class MethodChoiceGenome:
         self.dim = int(starts[-1])
         self.lower = np.zeros(self.dim)
         self.upper = np.ones(self.dim)
+        # The first method chosen, every method's genes at its own x0 (what inactive genes keep).
+        self._x0 = np.concatenate([[self.choice.unit_of(0)], *(genome.x0() for genome in self.genomes)])
 
     @property
     def genes(self) -> list[Gene]:
@@ -76,22 +78,13 @@ class MethodChoiceGenome:
         """The method a candidate merges with."""
         return self.names[self.method_index(x)]
 
-    def _own(self, x, index: int) -> np.ndarray:
-        start, stop = self.choice.spans[index]
-        return np.asarray(x, dtype=float)[start:stop]
-
     def point(self, index: int, own: np.ndarray) -> np.ndarray:
         """The full vector choosing method `index` with its genes `own`; the others' genes at their x0."""
-        parts = [np.array([self.choice.unit_of(index)])]
-        parts += [own if i == index else genome.x0() for i, genome in enumerate(self.genomes)]
-        return np.concatenate(parts)
+        return self.choice.point(index, own, self._x0)
 
     def x0(self) -> np.ndarray:
         """The first listed method's default merge."""
-        return self.point(0, self.genomes[0].x0())
-
-    def default_values(self) -> dict[str, float]:
-        return self.genomes[0].default_values()
+        return self._x0.copy()
 
     def baseline_points(self) -> list[tuple[str, np.ndarray]]:
         """Each method's baseline points, one per label: the base and the parents, expressed by the
@@ -108,12 +101,12 @@ class MethodChoiceGenome:
         if x.shape != (self.dim,):
             raise ValueError(f"expected a vector of {self.dim} genes, got shape {x.shape}")
         index = self.method_index(x)
-        return self.genomes[index].decode(self._own(x, index))
+        return self.genomes[index].decode(self.choice.own(x, index))
 
     def merge_config_dict(self, x, values: dict[str, float] | None = None) -> dict:
         """The chosen method's ordinary mergekit config; `values` is `decode(x)` when known."""
         index = self.method_index(x)
-        return self.genomes[index].merge_config_dict(self._own(x, index), values)
+        return self.genomes[index].merge_config_dict(self.choice.own(x, index), values)
 
     def to_merge_config(self, x) -> MergeConfig:
         return MergeConfig.model_validate(self.merge_config_dict(x))

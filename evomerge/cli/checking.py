@@ -131,8 +131,9 @@ def _memory_plan(spec, base_folder: str, gpu_bytes: int | None, gpus: int | None
 
 
 def _method_plan(spec, method, base_folder: str, dtype, gpu_bytes: int | None, gpus: int | None):
+    from evomerge.evaluation.vllm_memory import plan_for_backend
     from evomerge.merge.io import inspect_model_folder
-    from evomerge.merge.memory_plan import SCORER_TOKEN_BUDGET, PlanRequest, plan_memory
+    from evomerge.merge.memory_plan import SCORER_TOKEN_BUDGET, PlanRequest
 
     request = PlanRequest(
         base=inspect_model_folder(base_folder, "models.base"),
@@ -147,7 +148,7 @@ def _method_plan(spec, method, base_folder: str, dtype, gpu_bytes: int | None, g
         cpu_workers=spec.workers.count or 2,
         gpu_workers=spec.workers.count,
     )
-    return plan_memory(request)
+    return plan_for_backend(request, spec.evaluation)
 
 
 @app.command("eval")

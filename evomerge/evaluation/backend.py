@@ -63,8 +63,9 @@ class ScoringBackend(ABC):
 
     name: BackendName
 
-    def prepare_candidate(self) -> None:
-        """Called once before each candidate is scored; a backend that keeps its own copy of the weights syncs it."""
+    def prepare_candidate(self, weights_changed: bool = True) -> None:
+        """Called before each scoring; a backend that keeps its own copy of the weights syncs it when
+        `weights_changed` (False: the same candidate's next slice, its weights already synced)."""
         return None  # the native backend scores the resident model itself
 
     @abstractmethod

@@ -160,6 +160,18 @@ class EvalSet(Strict):
         return [self.model_copy(update={"share": share}) for share in fidelity.slice_shares()]
 
 
+class VllmSettings(Strict):
+    """`evaluation.vllm`: the vLLM engine's share of each GPU (evaluation/vllm_memory.py)."""
+
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Share of the GPU the engine may take (its weights, activations and KV cache), beside the "
+        "worker's sources and model; default: what it needs, with a KV cache of 1 GiB or one longest request.",
+    )
+
+
 class EvaluationSpec(Strict):
     tasks: list[EvalTask] = Field(min_length=1)
     objectives: list[ObjectiveSpec] = Field(
@@ -200,6 +212,7 @@ class EvaluationSpec(Strict):
     fidelity: FidelitySpec | None = Field(
         None, description="Race candidates over nested doc shares; only those that can still win get every doc."
     )
+    vllm: VllmSettings | None = Field(None, description="backend vllm: the engine's share of each GPU.")
 
     @property
     def multiturn_fewshot(self) -> bool:
@@ -301,6 +314,7 @@ LATER_EVALUATION_DEFAULTS = {
     "fewshot_as_multiturn": None,
     "fidelity": None,
     "heldout_fraction": None,
+    "vllm": None,
 }
 LATER_TASK_DEFAULTS = {"gen_kwargs": None}
 LATER_FIDELITY_DEFAULTS = {"keep": None}

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from evomerge.evaluation.backend import BackendName, ScoringBackend
-from evomerge.evaluation.config import Carve, EvalSet
+from evomerge.evaluation.config import Carve, EvalSet, EvaluationSpec
 from evomerge.evaluation.native import TorchBackend
 from evomerge.evaluation.requests import PreparedRequests, PromptOptions, TaskMetrics
 from evomerge.evaluation.scores import EvalResult, combined_score, subtask_scores, task_weights, weighted_score
@@ -129,17 +129,20 @@ class Evaluator:
         if self.backend is not BackendName.LM_EVAL:
             with quiet_lm_eval():
                 self.requests = PreparedRequests(self._tasks, self._lm, self._samples, self._prompts)
-            self._scorer = _scorer(self.backend, model, self._lm, settings.token_budget)
+            self._scorer = _scorer(self.backend, model, self._lm, settings)
 
     def subset_indices(self) -> dict[str, list[int]]:
         """The exact doc indices (into each task's eval split) that `evaluate()` scores."""
         return {name: list(indices) for name, indices in self._subsets.items()}
 
-    def evaluate(self) -> EvalResult:
-        """Score the model's current weights; the same weights always give the same result."""
+    def evaluate(self, weights_changed: bool = True) -> EvalResult:
+        """Score the model's current weights; the same weights always give the same result.
+
+        `weights_changed` False: the weights are those an evaluator of this model scored last (a
+        raced candidate's next slice), so a backend with its own copy of them need not sync it."""
         start = time.perf_counter()
         if self.requests is not None and self._scorer is not None:
-            self._scorer.prepare_candidate()
+            self._scorer.prepare_candidate(weights_changed)
             found = self.requests.score(self._scorer, self._lm.device)
         else:
             found = self._lm_eval_metrics()
@@ -224,12 +227,13 @@ def _metric(values: dict[str, Any], key: str, name: str) -> float:
     return float(values[key])
 
 
-def _scorer(backend: BackendName, model, lm, token_budget: int | None) -> ScoringBackend:
+def _scorer(backend: BackendName, model, lm, settings: EvaluationSpec) -> ScoringBackend:
     if backend is BackendName.VLLM:
         from evomerge.evaluation.vllm_backend import VllmBackend
 
-        return VllmBackend(model, lm.tokenizer, lm.max_length)
-    return TorchBackend(model, lm.tokenizer, lm.max_length, token_budget)
+        vllm = settings.vllm
+        return VllmBackend(model, lm.tokenizer, lm.max_length, vllm.gpu_memory_utilization if vllm else None)
+    return TorchBackend(model, lm.tokenizer, lm.max_length, settings.token_budget)
 
 
 def _check_device(model, device: str | None) -> None:

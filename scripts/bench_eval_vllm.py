@@ -94,9 +94,6 @@ def swap_alternatives(model, engine, scratch: Path) -> dict[str, float]:
 def run(args) -> list[str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.evaluation.config import EvaluationSpec
-    from evomerge.evaluation.evaluate import Evaluator
-
     model = AutoModelForCausalLM.from_pretrained(ZOO / "base", dtype=torch.float32).to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(ZOO / "base")
     weights = {
@@ -104,31 +101,60 @@ def run(args) -> list[str]:
     }
     with tempfile.TemporaryDirectory(prefix="bench_eval_vllm_") as scratch:
         tasks = write_tasks(Path(scratch), args.docs)
-        evaluators = {}
-        for task in tasks:
-            eval_set = EvaluationSpec(tasks=[task], include=[scratch], max_length=args.max_length).eval_sets()["search"]
-            evaluators[task["name"]] = {
-                backend: Evaluator(model, tokenizer, eval_set, backend=backend) for backend in BACKENDS
-            }
-        seconds = {(task, backend): [] for task in evaluators for backend in BACKENDS}
-        scores = {(task, backend): [] for task in evaluators for backend in BACKENDS}
+        evaluators = build_evaluators(model, tokenizer, tasks, scratch, args.max_length)
         engine = evaluators[tasks[0]["name"]]["vllm"]._scorer.engine
         started = time.perf_counter()
         engine.load_weights_of_model()  # the engine's start, timed apart from the candidates
         first_start = time.perf_counter() - started
-        for candidate in range(args.candidates + 1):
-            model.load_state_dict(weights[CANDIDATES[candidate % len(CANDIDATES)]])
-            for task, by_backend in evaluators.items():
-                for backend, evaluator in by_backend.items():
-                    result = evaluator.evaluate()
-                    scores[(task, backend)].append(result.score)
-                    if candidate:  # the first candidate fills caches on every side
-                        seconds[(task, backend)].append(result.seconds)
+        seconds, scores = score_candidates(model, weights, evaluators, args.candidates)
         swaps = engine.swap_times
         alternatives = swap_alternatives(model, engine, Path(scratch))
     rows = [
         f"SmolLM2-135M zoo (float32), {args.docs} docs per task, {args.candidates} timed candidates cycling "
         f"{', '.join(CANDIDATES)}, {args.threads} torch thread(s); vLLM engine start {first_start:.1f} s\n",
+        *backend_table(evaluators, tokenizer, seconds, scores),
+        "",
+        f"vLLM weight swap in place: {swaps.seconds / swaps.swaps:.3f} s per candidate (mean of {swaps.swaps}, "
+        "included in vllm's seconds above: one swap per evaluation)",
+        "",
+        "| one candidate into the engine | seconds |",
+        "|---|---|",
+        *(f"| {name} | {value:.3f} |" for name, value in alternatives.items()),
+    ]
+    return rows
+
+
+def build_evaluators(model, tokenizer, tasks: list[dict], include: str, max_length: int) -> dict[str, dict]:
+    """Task name -> backend -> an Evaluator of that one task; every backend scores the same model."""
+    from evomerge.evaluation.config import EvaluationSpec
+    from evomerge.evaluation.evaluate import Evaluator
+
+    evaluators = {}
+    for task in tasks:
+        eval_set = EvaluationSpec(tasks=[task], include=[include], max_length=max_length).eval_sets()["search"]
+        evaluators[task["name"]] = {
+            backend: Evaluator(model, tokenizer, eval_set, backend=backend) for backend in BACKENDS
+        }
+    return evaluators
+
+
+def score_candidates(model, weights: dict, evaluators: dict, candidates: int) -> tuple[dict, dict]:
+    """Seconds (the first candidate left out: it fills caches on every side) and scores per (task, backend)."""
+    seconds = {(task, backend): [] for task in evaluators for backend in BACKENDS}
+    scores = {(task, backend): [] for task in evaluators for backend in BACKENDS}
+    for candidate in range(candidates + 1):
+        model.load_state_dict(weights[CANDIDATES[candidate % len(CANDIDATES)]])
+        for task, by_backend in evaluators.items():
+            for backend, evaluator in by_backend.items():
+                result = evaluator.evaluate()
+                scores[(task, backend)].append(result.score)
+                if candidate:
+                    seconds[(task, backend)].append(result.seconds)
+    return seconds, scores
+
+
+def backend_table(evaluators: dict, tokenizer, seconds: dict, scores: dict) -> list[str]:
+    rows = [
         "| task | backend | s per candidate | candidates/hour | throughput | scores equal to native |",
         "|---|---|---|---|---|---|",
     ]
@@ -141,13 +167,4 @@ def run(args) -> list[str]:
                 f"| {task} | {backend} | {median:.3f} | {3600 / median:,.0f} | {tokens / median:,.0f} {unit}/s "
                 f"| {same} of {len(scores[(task, backend)])} |"
             )
-    rows += [
-        "",
-        f"vLLM weight swap in place: {swaps.seconds / swaps.swaps:.3f} s per candidate (mean of {swaps.swaps}, "
-        "included in vllm's seconds above: one swap per evaluation)",
-        "",
-        "| one candidate into the engine | seconds |",
-        "|---|---|",
-        *(f"| {name} | {value:.3f} |" for name, value in alternatives.items()),
-    ]
     return rows

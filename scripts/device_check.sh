@@ -5,8 +5,9 @@
 #      plain-forward comparator and NVML-sampled GPU busy;
 #   3. bench_eval.py at 1.5B: loglikelihood (native vs lm_eval vs plain token-budget forward) and
 #      generation (native vs lm_eval generate_until vs HF generate at its best batch size);
-#   4. where vLLM is installed: bench_eval.py --backend vllm (vllm vs native vs lm_eval per candidate on
-#      the SmolLM2 zoo, the in-place weight swap against a new engine and a disk round trip).
+#   4. where vLLM is installed (the project's environment, or its own in .venv-vllm): bench_eval.py
+#      --backend vllm (vllm vs native vs lm_eval per candidate on the SmolLM2 zoo: scores equal to
+#      native's, the per-candidate in-place weight swap against a new engine and a disk round trip).
 # and at real scale:
 #   1. with the fused-merge tests: the tie rule and the exact-k trim (flat tie order on CUDA), the split over simulated devices (the GPU three
 #      times), the shared host copy registered with CUDA (tests/merge/test_{tie_rule,placement,shared_host}.py);
@@ -54,10 +55,12 @@ step bench_search 170 python scripts/bench_search.py --device cuda --size 1.5b -
 step bench_eval 190 python scripts/bench_eval.py --device cuda --size 1.5b --rounds 1 --prompts 128 --out "$OUT_DIR"
 # vLLM is an optional extra: the step runs where it is installed (pip install 'evomerge[vllm]') and the
 # SmolLM2 zoo is built (scripts/build_smol_zoo.py), and says why it did not otherwise.
-if python -c 'import vllm' 2>/dev/null && [ -d .cache/smol_zoo/base ]; then
-  step bench_eval_vllm 120 python scripts/bench_eval.py --backend vllm --device cuda --docs 40 --candidates 3 \
+VLLM_PYTHON=python
+[ -x .venv-vllm/bin/python ] && VLLM_PYTHON=.venv-vllm/bin/python
+if "$VLLM_PYTHON" -c 'import vllm' 2>/dev/null && [ -d .cache/smol_zoo/base ]; then
+  step bench_eval_vllm 120 "$VLLM_PYTHON" scripts/bench_eval.py --backend vllm --device cuda --docs 40 --candidates 3 \
     --out "$OUT_DIR/vllm"
 else
   echo "bench_eval_vllm: skipped, vllm not installed or .cache/smol_zoo missing" | tee -a "$SUMMARY"
 fi
-echo "tables: $OUT_DIR/bench_fused.md, $OUT_DIR/bench_search.txt, $OUT_DIR/bench_eval.md; test log: $OUT_DIR/fused_merge_tests.txt" | tee -a "$SUMMARY"
+echo "tables: $OUT_DIR/bench_fused.md, $OUT_DIR/bench_search.txt, $OUT_DIR/bench_eval.md, $OUT_DIR/vllm/; test log: $OUT_DIR/fused_merge_tests.txt" | tee -a "$SUMMARY"

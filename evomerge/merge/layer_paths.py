@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -57,13 +58,10 @@ class LayerPathMerger:
         self.layer_types = list(getattr(model.config, "layer_types", None) or [])
         base = self.union.config.base_model or self.union.config.referenced_models()[0]
         for folder in self.union.folders:
-            source = (
-                model
-                if folder == base
-                else AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code).to(
-                    device
-                )
-            )
+            source = model
+            if folder != base:
+                loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+                source = loaded.to(torch.device(device))  # type: ignore[arg-type]  # transformers types .to as a decorator
             self.modules[folder] = dict(source.eval().named_modules())
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
         self._fresh: list[tuple[str, torch.Tensor]] = []  # the last candidate's scaled tensors
@@ -91,9 +89,10 @@ class LayerPathMerger:
         steps = [self._step(index, layers[index]) for index in sorted(layers)]
         container = _layers_path(plans)
         _set_module(self.model, container, torch.nn.ModuleList(steps))
-        self.model.config.num_hidden_layers = len(steps)
+        config: Any = self.model.config
+        config.num_hidden_layers = len(steps)
         if self.layer_types:
-            self.model.config.layer_types = [self.layer_types[self._source_layer(layers[i][0])] for i in sorted(layers)]
+            config.layer_types = [self.layer_types[_source_layer(layers[i][0])] for i in sorted(layers)]
         return candidate.validated
 
     def _place_outer(self, plan: TensorPlan) -> None:
@@ -111,15 +110,15 @@ class LayerPathMerger:
     def _step(self, index: int, plans: list[TensorPlan]) -> torch.nn.Module:
         """Output layer `index`: a clone of its source layer sharing the source's tensors."""
         model, first = plans[0].inputs[0]
-        prefix, layer, _ = split_layer_name(first)
+        prefix, layer, _ = _layer_parts(first)
         step = shallow_clone(self.modules[model][f"{prefix}{layer}"])
         for module in step.modules():
             if hasattr(module, "layer_idx"):
-                module.layer_idx = index
+                setattr(module, "layer_idx", index)  # noqa: B010 - the attribute is the model's, not Module's
         for plan in plans:
             scale = plan.per_input[0].get("scale")
             if scale not in UNSCALED:
-                suffix = split_layer_name(plan.inputs[0][1])[2].lstrip(".")
+                suffix = _layer_parts(plan.inputs[0][1])[2].lstrip(".")
                 module_path, name = suffix.rsplit(".", 1)
                 self._scaled(step.get_submodule(module_path), name, scale, plan.output)
         return step
@@ -130,10 +129,6 @@ class LayerPathMerger:
         module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
         self._fresh.append((output, tensor))
         return module
-
-    @staticmethod
-    def _source_layer(plan: TensorPlan) -> int:
-        return split_layer_name(plan.inputs[0][1])[1]
 
     def first_non_finite(self) -> str | None:
         """The first tensor this candidate computed that holds NaN or inf (the sources were checked once)."""
@@ -147,6 +142,18 @@ def shallow_clone(module: torch.nn.Module) -> torch.nn.Module:
     clone._buffers = dict(module._buffers)
     clone._modules = {name: None if child is None else shallow_clone(child) for name, child in module._modules.items()}
     return clone
+
+
+def _layer_parts(name: str) -> tuple[str, int, str]:
+    """(prefix, index, suffix) of a layer tensor's name; the plan put only layer tensors here."""
+    parts = split_layer_name(name)
+    if parts is None:
+        raise ValueError(f"{name} is not a layer's tensor")
+    return parts
+
+
+def _source_layer(plan: TensorPlan) -> int:
+    return _layer_parts(plan.inputs[0][1])[1]
 
 
 def _layers_path(plans: tuple[TensorPlan, ...]) -> str:

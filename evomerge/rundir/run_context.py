@@ -27,14 +27,17 @@ def run_context(ledger: Ledger) -> list[ContextRow]:
     evaluation, budget = _section(spec, "evaluation"), ledger.budget
     experts = [f"m{i} = {Path(path).name} ({path})" for i, path in enumerate(models.get("experts") or [])]
     fixed = ", ".join(f"{key}={value}" for key, value in (merge.get("fixed") or {}).items())
+    search = _section(spec, "search")
+    layers = search.get("space") == "layers"  # a layer path: passthrough slices, merge.method unused
+    method = "passthrough (layer paths)" if layers else merge.get("method", "?")
     rows = [
         ContextRow("base model", str(models.get("base", "?"))),
         ContextRow("experts", "; ".join(experts) or "?"),
         ContextRow(
             "merge",
-            f"{merge.get('method', '?')}, {merge.get('dtype', 'float32')}" + (f", fixed {fixed}" if fixed else ""),
+            f"{method}, {merge.get('dtype', 'float32')}" + (f", fixed {fixed}" if fixed and not layers else ""),
         ),
-        ContextRow("genome", _genome(_section(spec, "genome"), genes)),
+        ContextRow("genome", _layer_genome(search, genes) if layers else _genome(_section(spec, "genome"), genes)),
         ContextRow("optimizer", _optimizer(_section(spec, "optimizer"))),
         ContextRow("search tasks", _tasks(evaluation.get("tasks"))),
         ContextRow("held-out tasks", _heldout(evaluation)),
@@ -65,6 +68,13 @@ def _genome(genome: dict, genes: list[GeneRow] | None) -> str:
     bounds = genome.get("bounds") or {}
     if bounds:
         parts.append("bounds " + ", ".join(f"{name} {list(span)}" for name, span in bounds.items()))
+    return "; ".join(part for part in parts if part)
+
+
+def _layer_genome(search: dict, genes: list[GeneRow] | None) -> str:
+    slots = len({row.group for row in genes or []}) or search.get("max_steps") or "?"
+    parts = [f"{len(genes)} genes" if genes else None, f"a layer path of up to {slots} slots"]
+    parts.append("take or skip and whose layer per slot" + (", and a scale" if search.get("scales") else ""))
     return "; ".join(part for part in parts if part)
 
 

@@ -219,3 +219,13 @@ def _yaml(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def test_the_report_says_what_a_layer_run_searched(finished):
+    from evomerge.rundir.layout import RunDir
+    from evomerge.rundir.ledger import Ledger
+    from evomerge.rundir.run_context import run_context
+
+    rows = {row.label: row.value for row in run_context(Ledger.read(RunDir.of(finished[0])))}
+    assert rows["merge"] == "passthrough (layer paths), float32"
+    assert rows["genome"] == "12 genes; a layer path of up to 6 slots; take or skip and whose layer per slot"

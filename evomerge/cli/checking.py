@@ -60,7 +60,8 @@ def validate(
         "search_docs_per_candidate": prepared.search_docs,  # what budget.max_docs is counted in
         "models": prepared.sources.exported(),  # hub models as org/name@commit: the files a search reads
     }
-    ok = f"ok: {' or '.join(spec.merge.methods)} over {len(spec.models.experts)} experts, {prepared.genome.dim} genes, {spec.optimizer.name}, tasks: {', '.join(summary['tasks'])} ({prepared.search_docs:,} search documents per candidate)"
+    merged = "layer paths (passthrough)" if spec.search.layers else " or ".join(spec.merge.methods)
+    ok = f"ok: {merged} over {len(spec.models.experts)} experts, {prepared.genome.dim} genes, {spec.optimizer.name}, tasks: {', '.join(summary['tasks'])} ({prepared.search_docs:,} search documents per candidate)"
     ok += _hub_models_line(prepared.sources, spec_path, bool(model_pins(lock)))
     if spec.workers.device == "cuda" and gpu_bytes is None:  # GPU workers, planned from a machine without one
         note = (

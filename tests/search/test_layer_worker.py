@@ -102,6 +102,7 @@ def test_validate_plans_the_memory_of_the_deepest_path(zoo_root):
     root, zoo = zoo_root
     done = run_cli_in_process("validate", write_spec(root, zoo, "validate"))
     assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok: layer paths (passthrough) over 2 experts, 18 genes")
     assert "memory plan: device (sources on the device), layers merge" in done.stdout
 
     base = inspect_model_folder(zoo["base"], "models.base")

@@ -59,12 +59,12 @@ class EngineBytes:
         if self.utilization is None or self.kv_cache >= self.kv_needed:
             return None
         least = self.least_utilization(gpu_bytes)
+        fix = f"raise it to at least {least:g} or unset it" if least <= 1 else "use evaluation.backend: native"
         return (
             f"{UTILIZATION_FIELD}: {self.utilization:g} of the GPU leaves the engine "
             f"{max(0, self.kv_cache) / 1e9:.2f} GB of KV cache after its copy of the weights "
             f"({self.weights / 1e9:.1f} GB) and activations ({self.activations / 1e9:.1f} GB), less than one request "
-            f"of {_gb(self.kv_needed)}; raise it to at least {least:g}"
-            + (" or unset it" if least <= 1 else " or use evaluation.backend: native")
+            f"of {_gb(self.kv_needed)}; {fix}"
         )
 
     def describe(self) -> str:

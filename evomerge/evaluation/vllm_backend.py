@@ -180,6 +180,9 @@ class VllmEngine:
                 trust_remote_code=False,
                 **memory,
             )
+        except BaseException:
+            self.shutdown()  # the scratch folder, and whatever the half-started engine allocated
+            raise
         finally:
             torch.set_num_threads = set_num_threads
 

@@ -118,3 +118,20 @@ def test_the_engine_core_runs_in_the_worker_s_process_whatever_the_environment_s
     scoring = worker(zoo)
     assert scoring.evaluate(0, candidates(zoo)[0]).ok
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
+def test_an_engine_that_cannot_start_fails_its_candidate_and_the_next_tries_again(zoo, monkeypatch):
+    import vllm
+
+    scoring = worker(zoo)
+    engine, real = engine_of(scoring), vllm.LLM
+
+    def refused(*args, **kwargs):
+        raise ValueError("Free memory on device cuda:0 on startup is less than desired GPU memory utilization")
+
+    monkeypatch.setattr(vllm, "LLM", refused)
+    failed = scoring.evaluate(0, candidates(zoo)[0])
+    assert not failed.ok and "Free memory" in failed.reason
+    assert engine._folder is None  # its scratch folder is gone with it
+    monkeypatch.setattr(vllm, "LLM", real)
+    assert scoring.evaluate(1, candidates(zoo)[0]).ok and engine.starts == 2

@@ -183,3 +183,10 @@ def test_a_spec_that_sets_no_engine_share_keeps_its_fingerprint():
     assert parse_frozen_spec(frozen, "spec.yaml", Path("/tmp")).fingerprint() == plain
     frozen["evaluation"]["vllm"] = {"gpu_memory_utilization": 0.5}
     assert parse_frozen_spec(frozen, "spec.yaml", Path("/tmp")).fingerprint() != plain
+
+
+@pytest.mark.parametrize("share", [0, 1.5, "half"])
+def test_a_share_outside_zero_to_one_is_refused_in_one_line(header_only_7b, share):
+    root, models = header_only_7b
+    code, lines = run_cli_in_process("validate", vllm_spec(root, models, {"gpu_memory_utilization": share}))
+    assert_refused_in_one_line(code, lines, ["evaluation.vllm.gpu_memory_utilization"])

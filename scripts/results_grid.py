@@ -168,7 +168,7 @@ def search_cell(spec: Spec) -> tuple[Path, bool]:
         raise UserError(f"{run.root} was run with another spec (other --set or --max-evals); give another --out")
     if any(event["event"] == EventName.RUN_FINISHED for event in events):
         return run.root, False  # finished, but its grid.jsonl line was lost: read back from the journal
-    return resume_search(run.root, progress=progress), True
+    return resume_search(run.root, progress=progress).run.root, True
 
 
 def is_finished(spec: Spec) -> bool:

@@ -68,10 +68,10 @@ def resume(
 ):
     """Continue a stopped or crashed search exactly where it was, with more budget if asked."""
     from evomerge.search.budget import BudgetRequest
-    from evomerge.search.start import continue_run
+    from evomerge.search.start import resume_search
 
     with _say_where_it_stopped(run_dir):
-        ledger = continue_run(
+        ledger = resume_search(
             run_dir,
             address,
             progress=_progress_settings(quiet, log_every),

@@ -74,21 +74,10 @@ def resume_search(
     spec_path: Path | None = None,
     accept_changed_inputs: bool = False,
     budget: BudgetRequest | None = None,
-) -> Path:
-    """Continue a run, with a larger `budget` if asked; refused when its frozen spec, or (unless
-    accepted) its inputs, changed, or when a given spec differs from it beyond the budget."""
-    return continue_run(run_dir, address, progress, spec_path, accept_changed_inputs, budget).run.root
-
-
-def continue_run(
-    run_dir: Path,
-    address: str | None = None,
-    progress: bool | ProgressSettings = True,
-    spec_path: Path | None = None,
-    accept_changed_inputs: bool = False,
-    budget: BudgetRequest | None = None,
 ) -> Ledger:
-    """`resume_search`, returning the run's ledger as the search left it (the journal is read once)."""
+    """Continue a run, with a larger `budget` if asked; refused when its frozen spec, or (unless
+    accepted) its inputs, changed, or when a given spec differs from it beyond the budget. Returns the
+    run's ledger as the search left it (the journal is read once)."""
     frozen, ledger = open_ledger(Path(run_dir).resolve())
     run, spec = ledger.run, effective_spec(frozen, ledger)
     request = budget or BudgetRequest()

@@ -3,6 +3,8 @@
 The CLI prints these as one line and exits with code 2 (no traceback unless --debug).
 """
 
+import signal
+
 
 class UserError(Exception):
     """An error caused by the user's input; the message names the field and the fix."""
@@ -16,9 +18,22 @@ class Stopped(KeyboardInterrupt):
     The command then exits 128 + the signal's number, as a shell reports a process that signal ended.
     """
 
+    first_signal: int | None = None  # the first stop signal this process received
+
     def __init__(self, signum: int):
         super().__init__(f"signal {signum}")
         self.exit_code = 128 + signum
+        if Stopped.first_signal is None:
+            Stopped.first_signal = signum
+
+
+def interrupted_exit_code(stop: KeyboardInterrupt) -> int:
+    """128 + the stop signal's number (130 for Ctrl-C). Libraries that catch a `Stopped` while they
+    clean up (Ray's blocking calls do) may re-raise a plain KeyboardInterrupt: the signal recorded
+    when the `Stopped` was raised still decides."""
+    if isinstance(stop, Stopped):
+        return stop.exit_code
+    return 128 + (Stopped.first_signal or signal.SIGINT)
 
 
 def did_you_mean(name: str, choices) -> str:

@@ -12,7 +12,7 @@ import os
 
 import typer
 
-from evomerge.errors import UserError
+from evomerge.errors import UserError, interrupted_exit_code
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Busy-waiting OpenMP threads stall whenever another process holds a core (a 2-core laptop, a
@@ -66,6 +66,6 @@ def user_errors_exit_2(command):
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt as stop:  # Ctrl-C exits 130, SIGTERM 143 (Stopped)
             typer.echo("interrupted", err=True)
-            raise typer.Exit(code=getattr(stop, "exit_code", 130)) from None
+            raise typer.Exit(code=interrupted_exit_code(stop)) from None
 
     return wrapper

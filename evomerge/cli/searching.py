@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from evomerge.cli.app import DebugOption, LogEveryOption, QuietOption, app, user_errors_exit_2
-from evomerge.errors import UserError
+from evomerge.errors import UserError, interrupted_exit_code
 
 
 @app.command()
@@ -92,7 +92,7 @@ def _say_where_it_stopped(run_dir: Path):
         yield
     except KeyboardInterrupt as stop:
         typer.echo(where_it_stopped(run_dir) if RunDir(run_dir).journal.exists() else "interrupted", err=True)
-        raise typer.Exit(code=getattr(stop, "exit_code", 130)) from None
+        raise typer.Exit(code=interrupted_exit_code(stop)) from None
 
 
 def _progress_settings(quiet: bool, log_every: int | None):

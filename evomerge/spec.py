@@ -14,11 +14,11 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from evomerge.errors import UserError, describe_problem, did_you_mean, problem_path
+from evomerge.errors import UserError, did_you_mean
 from evomerge.evaluation.config import DEFAULT_INCLUDE, EvaluationSpec, without_later_defaults
 from evomerge.evaluation.config import Strict as _Strict
 from evomerge.hub import model_name
@@ -30,10 +30,10 @@ from evomerge.optim.settings import (
     TRIALS_LIMIT,
     CMAESSettings,
     OptimizerSettings,
-    describe_settings_problem,
     with_default_name,
 )
 from evomerge.search_space import DEFAULT_SEARCH_SPACE, SearchSpaceSpec, check_layer_space
+from evomerge.spec_errors import describe_spec_errors
 from evomerge.spec_methods import check_method_list
 
 LAYER_GROUPS_LIMIT = 1024
@@ -365,47 +365,7 @@ def parse_spec(data, source: str, folder: Path, context: dict | None = None) -> 
     try:
         return Spec.model_validate(_resolve_paths(dict(data), folder), context=context)
     except ValidationError as error:
-        raise UserError(_describe_all(error, source)) from None
-
-
-def _describe_all(error: ValidationError, source: str) -> str:
-    """'SOURCE: path: problem' for one problem; 'SOURCE: N problems: a: ...; b: ...' for several.
-
-    One problem per field path: a value that fails every branch of a union is one mistake.
-    """
-    problems: dict[str, str] = {}
-    for item in error.errors():
-        path = problem_path(item)
-        if item["loc"][:1] == ("optimizer",):  # a union of each optimizer's settings: they describe their own
-            problems.setdefault(path, describe_settings_problem({**item, "loc": item["loc"][1:]}))
-            continue
-        hint = did_you_mean(item["loc"][-1], _keys_at(item["loc"][:-1])) if item["type"] == "extra_forbidden" else ""
-        problems.setdefault(path, describe_problem(item) + hint)
-    if len(problems) == 1:
-        return f"{source}: {next(iter(problems.values()))}"
-    return f"{source}: {len(problems)} problems: " + "; ".join(problems.values())
-
-
-def _keys_at(location: tuple) -> list[str]:
-    """The keys the spec allows at `location` (a pydantic error path), for did-you-mean hints."""
-    model = Spec
-    for part in location:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        nested = (
-            [
-                t
-                for t in (field.annotation, *get_args(field.annotation))
-                if isinstance(t, type) and issubclass(t, BaseModel)
-            ]
-            if field
-            else []
-        )
-        if not nested:
-            return []
-        model = nested[0]
-    return list(model.model_fields)
+        raise UserError(describe_spec_errors(error, source, Spec)) from None
 
 
 def parse_frozen_spec(data, source: str, folder: Path) -> Spec:

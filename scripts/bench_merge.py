@@ -74,7 +74,7 @@ def traffic_bytes(sources, config) -> int:
 
 def time_evomerge(model, sources, configs: list, device: str) -> tuple[float, float, float | None]:
     """(first candidate s, median of the rest s, peak GiB) for `merge_into_model`."""
-    from evomerge.merge.engine import merge_into_model
+    from evomerge.merge.resident import merge_into_model
 
     reset_peak(device)
     seconds = []
@@ -121,7 +121,7 @@ def time_mergekit_api(
     """(median s, peak GiB, max relative difference to evomerge on the last candidate)."""
     from mergekit.merge_methods import merge_state_dicts
 
-    from evomerge.merge.engine import merge_into_model
+    from evomerge.merge.resident import merge_into_model
 
     targets = dict(model.named_parameters())
     reset_peak(device)
@@ -209,7 +209,7 @@ def load_resident(size: str, paths: dict[str, Path], args, log):
     """Every model's tensors resident as a search worker keeps them, and the model merged into."""
     from transformers import AutoModelForCausalLM
 
-    from evomerge.merge.engine import ResidentSources
+    from evomerge.merge.resident import ResidentSources
 
     started = time.perf_counter()
     sources = ResidentSources.load(union_config(paths), device=args.device)

@@ -138,7 +138,7 @@ def heldout_table(out: Path, model_dirs: list[str], configs: dict, score: Callab
     model with evomerge's engine; the task-vector merges share the sources of `task_arithmetic`)."""
     from transformers import AutoModelForCausalLM
 
-    from evomerge.merge.engine import ResidentSources, merge_into_model
+    from evomerge.merge.resident import ResidentSources, merge_into_model
 
     table = {name: score(AutoModelForCausalLM.from_pretrained(Path(out) / name).eval()) for name in model_dirs}
     model = AutoModelForCausalLM.from_pretrained(Path(out) / "base").eval()

@@ -65,7 +65,7 @@ def load_model(reference: ModelReference, device: str, dtype: str, seed: int, tr
             reference.path, dtype=torch_dtype, trust_remote_code=trust_remote_code
         )
         return model.to(device).eval(), tokenizer
-    from evomerge.merge.engine import ResidentSources, write_merge
+    from evomerge.merge.resident import ResidentSources, write_merge
 
     merge = reference.merge
     donor = merge.folders[merge.config.base_model or merge.config.referenced_models()[0]].path

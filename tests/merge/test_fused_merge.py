@@ -19,9 +19,9 @@ pytest.importorskip("triton")
 
 from evomerge.genome import Genome  # noqa: E402
 from evomerge.merge.config import MergeConfig  # noqa: E402
-from evomerge.merge.engine import ResidentSources, merge_into_model  # noqa: E402
 from evomerge.merge.fused.candidate import CandidateMerger  # noqa: E402
 from evomerge.merge.fused.sources import FlatLayout, FusedSources  # noqa: E402
+from evomerge.merge.resident import ResidentSources, merge_into_model  # noqa: E402
 from evomerge.spec import Spec  # noqa: E402
 
 EXPERTS = ("ft_a", "ft_b", "ft_c")

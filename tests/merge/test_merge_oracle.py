@@ -301,7 +301,7 @@ def merge_in_memory(config, base_path: str, seed: int, model=None):
     """Merge into a resident transformers model (loading the base when none is given)."""
     from transformers import AutoModelForCausalLM
 
-    from evomerge.merge.engine import ResidentSources, merge_into_model
+    from evomerge.merge.resident import ResidentSources, merge_into_model
 
     sources = ResidentSources.load(config, device="cpu")
     model = model or AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)

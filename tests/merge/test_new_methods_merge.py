@@ -161,7 +161,7 @@ def test_in_memory_merge_equals_disk_merge(zoo, write_config, tmp_path, case):
     from tiny_models import load_checkpoint_tensors
     from transformers import AutoModelForCausalLM
 
-    from evomerge.merge.engine import ResidentSources, merge_into_model
+    from evomerge.merge.resident import ResidentSources, merge_into_model
 
     config = load_merge_config(write_config(case_config(zoo, case, "fp32")))
     merge_to_disk(config, tmp_path / "out", progress=False, seed=7)

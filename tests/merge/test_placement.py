@@ -13,9 +13,9 @@ import torch
 from test_fused_merge import DEVICE, assert_same_weights, gradient_candidate, merged_by_reference, union
 
 from evomerge.merge.config import MergeConfig
-from evomerge.merge.engine import write_merge
 from evomerge.merge.io import ModelFolder, TensorInfo, inspect_model_folder
 from evomerge.merge.placement import EMBED, HEAD, contiguous_cut, place_model, split_layers, unit_of
+from evomerge.merge.resident import write_merge
 from evomerge.merge.validate import validate_merge_config
 
 EXPERTS = ("ft_a", "ft_b", "ft_c")

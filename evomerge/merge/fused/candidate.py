@@ -6,7 +6,7 @@
   the model's parameters become views of one flat output buffer per device, which the kernel
   writes. A worker split over several devices (`placement.LayerSplit`) holds one part per device:
   the sources of that device's layers, merged there;
-* the reference path (`engine.ResidentSources` + `engine.write_merge`) for everything else,
+* the reference path (`resident.ResidentSources` + `resident.write_merge`) for everything else,
   and on CPU; split workers read each tensor's inputs onto the device of its layer.
 
 The model is adopted into its flat buffers before the sources are read, so the one-off second copy
@@ -27,12 +27,13 @@ from dataclasses import dataclass
 import torch
 
 from evomerge.merge.config import MergeConfig
-from evomerge.merge.engine import ResidentSources, merge_tensor, named_tensors, write_merge
+from evomerge.merge.engine import merge_tensor, named_tensors
 from evomerge.merge.fused.sources import FusedSources, NotFusable, fused_unavailable_reason
 from evomerge.merge.io import LazyTensorReader
 from evomerge.merge.memory_plan import DEFAULT_WORKSPACE_BYTES
 from evomerge.merge.placement import LayerSplit
 from evomerge.merge.registry import METHODS
+from evomerge.merge.resident import ResidentSources, write_merge
 from evomerge.merge.validate import ValidatedMerge, validate_merge_config
 
 log = logging.getLogger(__name__)

@@ -38,6 +38,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,13 @@ import torch
 from evomerge.evaluation.backend import BackendName, GenerationRequest, Loglikelihood, ScoringBackend, TokenPair
 from evomerge.evaluation.generation import GREEDY_IGNORED_KWARGS
 from evomerge.evaluation.vllm_memory import CONTEXT_MARGIN, EngineBytes, engine_memory_arguments, model_engine_bytes
+from evomerge.evaluation.vllm_weights import (
+    LayoutRefused,
+    direct_writer,
+    plain_cpu_linear,
+    probe_weight_map,
+    storage_addresses,
+)
 
 # One line, for `validate` and for the import error: the GPU wheel, or the CPU one that tests use.
 INSTALL_HINT = (
@@ -68,6 +76,10 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+# How a candidate reaches the engine: straight into its parameters, or through vLLM's reload.
+DIRECT, RELOAD = "direct write", "reload_weights"
+
+
 @dataclass
 class SwapTimes:
     """Seconds spent writing candidates' weights into the engine, for benchmarks."""
@@ -89,8 +101,14 @@ class VllmEngine:
         self.utilization = utilization  # evaluation.vllm.gpu_memory_utilization
         self.swap_times = SwapTimes()
         self.starts = 0
+        # On CPU, compute with F.linear on the loaded weights instead of oneDNN-packed copies, which
+        # lets candidates be written directly (vllm_weights.plain_cpu_linear).
+        self.plain_cpu_linear = False
+        self.weight_path, self.weight_path_reason = RELOAD, "the engine has not started"
         self._llm = None
         self._folder: str | None = None
+        self._probed = None  # (weight map, parameter addresses) until the first reload decides the path
+        self._writer = None  # a DirectWriter where the engine's layout allows one
 
     @property
     def model(self):
@@ -108,11 +126,28 @@ class VllmEngine:
         if self._llm is None:
             self._start()
         started = time.perf_counter()
-        weights = [(name, tensor.detach()) for name, tensor in self.model.state_dict().items()]
-        self._call(lambda llm: llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights}))
+        weights = self.model.state_dict()
+        if self._writer is not None:
+            self._call(lambda llm: self._writer.write(weights))
+        else:
+            self.reload_weights(weights)
         self._call(lambda llm: llm.reset_prefix_cache())
         self.swap_times.swaps += 1
         self.swap_times.seconds += time.perf_counter() - started
+
+    def reload_weights(self, weights) -> None:
+        """vLLM's own in-place reload (load_weights, then post-load processing); the first after the
+        engine starts also decides whether later candidates are written directly."""
+        pairs = [(name, tensor.detach()) for name, tensor in weights.items()]
+        with self._processing():
+            self._call(lambda llm: llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs}))
+        if self._probed is not None:
+            (weight_map, addresses), self._probed = self._probed, None
+            try:
+                self._writer = direct_writer(self._vllm_model(), weight_map, addresses, weights)
+                self.weight_path, self.weight_path_reason = DIRECT, "the forward pass reads the loaded tensors"
+            except LayoutRefused as refusal:
+                self.weight_path_reason = str(refusal)
 
     def generate(self, prompts: list[tuple[int, ...]], sampling_params) -> list:
         from vllm.inputs import TokensPrompt
@@ -123,6 +158,9 @@ class VllmEngine:
     def shutdown(self) -> None:
         """Drop the engine (a later call starts a fresh one) and its scratch folder."""
         llm, self._llm = self._llm, None
+        # The map and the writer hold the engine's parameters: dropped with it.
+        self._probed = self._writer = None
+        self.weight_path = RELOAD
         if llm is not None:
             engine = getattr(llm, "llm_engine", None)
             core = getattr(engine, "engine_core", None)
@@ -169,22 +207,40 @@ class VllmEngine:
         # thread setting (workers.cpus_per_worker) must keep working after the engine starts.
         set_num_threads = torch.set_num_threads
         try:
-            self._llm = LLM(
-                model=self._folder,
-                dtype=str(self.model.dtype).removeprefix("torch."),
-                load_format="dummy",
-                max_model_len=self.max_length + CONTEXT_MARGIN,
-                enforce_eager=True,  # no captured CUDA graphs that would outlive a weight swap
-                enable_prefix_caching=True,
-                seed=0,
-                trust_remote_code=False,
-                **memory,
-            )
+            with self._processing():
+                self._llm = LLM(
+                    model=self._folder,
+                    dtype=str(self.model.dtype).removeprefix("torch."),
+                    load_format="dummy",
+                    max_model_len=self.max_length + CONTEXT_MARGIN,
+                    enforce_eager=True,  # no captured CUDA graphs that would outlive a weight swap
+                    enable_prefix_caching=True,
+                    seed=0,
+                    trust_remote_code=False,
+                    **memory,
+                )
+            self._probe_layout()
         except BaseException:
             self.shutdown()  # the scratch folder, and whatever the half-started engine allocated
             raise
         finally:
             torch.set_num_threads = set_num_threads
+
+    def _probe_layout(self) -> None:
+        """The weight map from vLLM's own loader (it overwrites the dummy weights; the first reload follows)."""
+        model = self._vllm_model()
+        try:
+            self._probed = (probe_weight_map(model, self.model.state_dict()), storage_addresses(model))
+        except LayoutRefused as refusal:
+            self.weight_path_reason = str(refusal)
+
+    def _vllm_model(self) -> torch.nn.Module:
+        # In this process: the engine's own model object, not a copy.
+        return self._llm.apply_model(lambda model: model)[0]
+
+    def _processing(self):
+        on_cpu = next(self.model.parameters()).device.type == "cpu"
+        return plain_cpu_linear() if self.plain_cpu_linear and on_cpu else nullcontext()
 
     def _memory_arguments(self, device: torch.device) -> dict:
         """The GPU share and KV cache `evomerge validate` planned; on CPU, the KV cache's GiB."""

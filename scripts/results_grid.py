@@ -9,7 +9,9 @@ OUT/ZOO-METHOD-seedN set, genome.params dropped (the method's default space), an
 cannot take dropped with a note (merge.fixed keys that are not its parameters, genome.bounds of
 parameters it does not search). Every `--set` applies after that, to the spec's mapping before it
 is checked: `--set genome.params=[weight]`, `--set evaluation.limit=60`, `--set
-evaluation.fidelity=...`; values are YAML, paths relative to the spec file's folder.
+evaluation.fidelity=...`; values are YAML, paths relative to the spec file's folder. A method
+`ties+task_arithmetic+dare_ties` is a method gene (merge.method lists them; run name ties-or-...),
+and `--spec search_spaces/X.yaml` runs another spec of the zoo (a layer space) in place of its own.
 
 Resumable: a cell whose run finished with the same spec is reused, an unfinished one is resumed
 (its "wall s" is then this resume's), one run with another spec is refused (give another --out).
@@ -64,6 +66,7 @@ ZOOS = {
     "demo": ("build_demo_zoo", "demo.yaml"),
     "forget": ("build_forgetting_zoo", "forget.yaml"),
     "smol": ("build_smol_zoo", "smol.yaml"),
+    "stacking": ("build_stacking_zoo", "stacking_params.yaml"),
 }
 PASS_SE = 2.0  # the bar: the evolved merge beats the base by at least 2 SE held-out
 
@@ -139,10 +142,13 @@ def cell_spec(spec_path: Path, zoo: str, method: str, seed: int, args: argparse.
     data = copy.deepcopy(load_yaml_file(spec_path, what="spec file"))
     assert isinstance(data, dict), f"{spec_path}: not a mapping"
     name, budget = f"{zoo}-{method}-seed{seed}", args.max_evals
-    cell = {"name": name, "runs_dir": str(args.out), "merge.method": method, "optimizer.seed": seed}
+    # "ties+task_arithmetic" is a method gene: merge.method lists the methods the search chooses among.
+    setting = method.split("+") if "+" in method else method
+    name = name.replace("+", "-or-")
+    cell = {"name": name, "runs_dir": str(args.out), "merge.method": setting, "optimizer.seed": seed}
     for key, value in {**cell, "budget.max_evals": budget}.items():
         apply_override(data, key.split("."), value)
-    for note in fit_to_method(data, method):
+    for note in (note for one in method.split("+") for note in fit_to_method(data, one)):
         print(f"note: {note}", file=sys.stderr)
     for item in args.set:
         apply_override(data, *parse_override(item))
@@ -192,7 +198,7 @@ def record_of(spec: Spec, zoo: str, run_dir: Path, wall_s: float | None, overrid
     over_baseline = verdict.over_best_baseline
     return CellRecord(
         zoo=zoo,
-        method=spec.merge.method,
+        method="+".join(spec.merge.methods),
         seed=spec.optimizer.seed,
         max_evals=spec.budget.max_evals or 0,
         run_dir=str(run_dir),
@@ -318,10 +324,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated optimizer seeds")
     parser.add_argument("--max-evals", type=int, default=300, help="budget.max_evals per search (baselines included)")
     parser.add_argument("--out", type=Path, default=None, help="default: runs/grid-ZOO")
+    parser.add_argument("--spec", type=Path, default=None, help="this spec instead of the zoo's (a layer space)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="spec override, repeatable")
     args = parser.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in args.methods if m not in METHODS]
+    unknown = [m for item in args.methods for m in item.split("+") if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -333,6 +340,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_grid(args: argparse.Namespace) -> list[CellRecord]:
     spec_path = build_zoo(args.zoo)
+    spec_path = args.spec.resolve() if args.spec else spec_path
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "grid.jsonl"
     cells = [(method, seed) for method in args.methods for seed in args.seeds]

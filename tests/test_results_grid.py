@@ -34,6 +34,18 @@ def test_cell_spec_uses_the_methods_default_space_and_applies_overrides_last(tmp
     assert pinned.searched_params == ["weight"]
 
 
+def test_a_method_list_is_a_method_gene_and_another_spec_of_the_zoo_runs_in_its_place(tmp_path):
+    spec = grid.cell_spec(DEMO_SPEC, "demo", "ties+task_arithmetic", 1, args_for(tmp_path))
+    assert spec.merge.methods == ["ties", "task_arithmetic"] and spec.name == "demo-ties-or-task_arithmetic-seed1"
+    args = grid.parse_args(
+        ["--zoo", "stacking", "--spec", str(REPO / "search_spaces" / "stacking_layers.yaml"), "--out", str(tmp_path)]
+    )
+    layers = grid.cell_spec(args.spec.resolve(), "stacking", "task_arithmetic", 0, args)
+    assert layers.search.space == "layers" and layers.search.max_steps == 16
+    with pytest.raises(SystemExit):
+        grid.parse_args(["--methods", "ties+nonsense"])
+
+
 def test_settings_the_method_cannot_take_are_dropped_with_a_note():
     data = {
         "merge": {"method": "task_arithmetic", "fixed": {"epsilon": 0.1, "lambda": 1.0}},

@@ -5,8 +5,12 @@ weights (the zoo's base and experts, in turn) are copied into it as a search wor
 write them, and every backend scores it on two tasks built from evals/smol's shift split: a
 multiple-choice task (the right answer among four) and a generate_until task (greedy, stop at a
 newline). Reported per backend and task: median seconds per candidate, candidates per hour, tokens
-per second, and for vllm the per-candidate weight swap, against the two ways peers get a candidate
-into an engine: a new engine, and a disk round trip (save the weights, reload them from the file).
+per second, and for vllm the per-candidate weight swap and the path it took (a direct write into the
+engine's parameters where the layout allows, else vLLM's `reload_weights`), against vLLM's reload in
+place and the two ways peers get a candidate into an engine: a new engine, and a disk round trip
+(save the weights, reload them from the file). On CPU, where vLLM packs linear weights for oneDNN
+and so reloads, a second engine computing with plain F.linear (which takes the direct path) is
+timed as well: its scoring per candidate and the same four ways in.
 
     python scripts/bench_eval.py --backend vllm --device cpu --out bench_out/
 """
@@ -66,29 +70,71 @@ def request_tokens(evaluator, tokenizer) -> tuple[str, int]:
 
 
 def swap_alternatives(model, engine, scratch: Path) -> dict[str, float]:
-    """Seconds to put one candidate into the engine: in place, via a disk round trip, via a new engine."""
+    """Seconds to put one candidate into the engine: its own path, vLLM's reload in place, a disk round trip, a new engine."""
     from safetensors.torch import load_file, save_file
 
-    started = time.perf_counter()
-    engine.load_weights_of_model()
-    in_place = time.perf_counter() - started
-    started = time.perf_counter()
-    path = scratch / "candidate.safetensors"
-    tensors, seen = {}, set()
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() not in seen:  # tied embeddings: saved once, as a checkpoint holds them
-            seen.add(tensor.data_ptr())
-            tensors[name] = tensor.contiguous()
-    save_file(tensors, str(path))
-    weights = list(load_file(str(path)).items())
-    engine._call(lambda llm: llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights}))
-    engine._call(lambda llm: llm.reset_prefix_cache())
-    disk = time.perf_counter() - started
+    def timed(work) -> float:
+        started = time.perf_counter()
+        work()
+        return time.perf_counter() - started
+
+    def reload_in_place() -> None:
+        engine.reload_weights(model.state_dict())
+        engine._call(lambda llm: llm.reset_prefix_cache())
+
+    def disk_round_trip() -> None:
+        path = scratch / "candidate.safetensors"
+        tensors, seen = {}, set()
+        for name, tensor in model.state_dict().items():
+            if tensor.data_ptr() not in seen:  # tied embeddings: saved once, as a checkpoint holds them
+                seen.add(tensor.data_ptr())
+                tensors[name] = tensor.contiguous()
+        save_file(tensors, str(path))
+        engine.reload_weights(load_file(str(path)))
+        engine._call(lambda llm: llm.reset_prefix_cache())
+
+    path = engine.weight_path
+    seconds = {f"the engine's path ({path})": timed(engine.load_weights_of_model)}
+    seconds["reload_weights in place"] = timed(reload_in_place)
+    seconds["disk round trip"] = timed(disk_round_trip)
     engine.shutdown()
-    started = time.perf_counter()
-    engine.load_weights_of_model()  # starts a fresh engine, then loads the weights
-    restart = time.perf_counter() - started
-    return {"in place": in_place, "disk round trip": disk, "new engine": restart}
+    seconds["new engine"] = timed(engine.load_weights_of_model)  # starts a fresh engine, then loads the weights
+    return seconds
+
+
+def plain_linear_rows(model, weights: dict, evaluators: dict, engine, scratch: Path, native: dict) -> list[str]:
+    """On CPU: the engine again with plain F.linear (the direct path), its scoring and its ways in."""
+    engine.shutdown()
+    engine.plain_cpu_linear = True
+    engine.swap_times = type(engine.swap_times)()
+    vllm_only = {task: {"vllm": by_backend["vllm"]} for task, by_backend in evaluators.items()}
+    seconds, scores = {task: [] for task in evaluators}, {task: [] for task in evaluators}
+    for candidate in range(len(native[next(iter(evaluators))])):  # the candidates native scored, in order
+        model.load_state_dict(weights[CANDIDATES[candidate % len(CANDIDATES)]])
+        for task, by_backend in vllm_only.items():
+            result = by_backend["vllm"].evaluate()
+            scores[task].append(result.score)
+            if candidate:
+                seconds[task].append(result.seconds)
+    swaps = engine.swap_times
+    rows = [
+        f"Plain F.linear engine on CPU: path {engine.weight_path} ({engine.weight_path_reason}); "
+        f"weight swap {swaps.seconds / swaps.swaps:.3f} s per candidate (mean of {swaps.swaps})",
+        "",
+        "| task | vllm plain F.linear: s per candidate | scores equal to native |",
+        "|---|---|---|",
+        *(
+            f"| {task} | {statistics.median(values):.3f} "
+            f"| {sum(a == b for a, b in zip(scores[task], native[task], strict=True))} of {len(native[task])} |"
+            for task, values in seconds.items()
+        ),
+        "",
+        "| one candidate into the plain engine | seconds |",
+        "|---|---|",
+        *(f"| {name} | {value:.3f} |" for name, value in swap_alternatives(model, engine, scratch).items()),
+    ]
+    engine.shutdown()
+    return rows
 
 
 def run(args) -> list[str]:
@@ -107,19 +153,25 @@ def run(args) -> list[str]:
         engine.load_weights_of_model()  # the engine's start, timed apart from the candidates
         first_start = time.perf_counter() - started
         seconds, scores = score_candidates(model, weights, evaluators, args.candidates)
-        swaps = engine.swap_times
+        swaps, path, reason = engine.swap_times, engine.weight_path, engine.weight_path_reason
         alternatives = swap_alternatives(model, engine, Path(scratch))
+        plain = []
+        if args.device == "cpu":
+            native = {task: scores[(task, "native")] for task in evaluators}
+            plain = plain_linear_rows(model, weights, evaluators, engine, Path(scratch), native)
     rows = [
         f"SmolLM2-135M zoo (float32), {args.docs} docs per task, {args.candidates} timed candidates cycling "
         f"{', '.join(CANDIDATES)}, {args.threads} torch thread(s); vLLM engine start {first_start:.1f} s\n",
         *backend_table(evaluators, tokenizer, seconds, scores),
         "",
-        f"vLLM weight swap in place: {swaps.seconds / swaps.swaps:.3f} s per candidate (mean of {swaps.swaps}, "
-        "included in vllm's seconds above: one swap per evaluation)",
+        f"vLLM weight swap ({path}: {reason}): {swaps.seconds / swaps.swaps:.3f} s per candidate "
+        f"(mean of {swaps.swaps}, included in vllm's seconds above: one swap per evaluation)",
         "",
         "| one candidate into the engine | seconds |",
         "|---|---|",
         *(f"| {name} | {value:.3f} |" for name, value in alternatives.items()),
+        "",
+        *plain,
     ]
     return rows
 

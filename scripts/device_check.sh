@@ -7,7 +7,11 @@
 #      generation (native vs lm_eval generate_until vs HF generate at its best batch size);
 #   4. where vLLM is installed (the project's environment, or its own in .venv-vllm): bench_eval.py
 #      --backend vllm (vllm vs native vs lm_eval per candidate on the SmolLM2 zoo: scores equal to
-#      native's, the per-candidate in-place weight swap against a new engine and a disk round trip).
+#      native's, the per-candidate weight swap and its path (a direct write into the engine's
+#      parameters where the layout allows) against vLLM's reload in place, a new engine and a disk
+#      round trip), after the direct-write GPU test (tests/evaluation/test_vllm_direct_write.py: the
+#      default engine on CUDA takes the direct path, its weight map agrees with vLLM's load_weights,
+#      and candidate A, then B, then A again scores A's answers both times).
 # and at real scale:
 #   1. with the fused-merge tests: the tie rule and the exact-k trim (flat tie order on CUDA), the split over simulated devices (the GPU three
 #      times), the shared host copy registered with CUDA (tests/merge/test_{tie_rule,placement,shared_host}.py);
@@ -58,6 +62,8 @@ step bench_eval 190 python scripts/bench_eval.py --device cuda --size 1.5b --rou
 VLLM_PYTHON=python
 [ -x .venv-vllm/bin/python ] && VLLM_PYTHON=.venv-vllm/bin/python
 if "$VLLM_PYTHON" -c 'import vllm' 2>/dev/null && [ -d .cache/smol_zoo/base ]; then
+  step vllm_direct_write_test 60 "$VLLM_PYTHON" -m pytest -q -p no:cacheprovider tests/evaluation/test_vllm_direct_write.py \
+    -k gpu
   step bench_eval_vllm 120 "$VLLM_PYTHON" scripts/bench_eval.py --backend vllm --device cuda --docs 40 --candidates 3 \
     --out "$OUT_DIR/vllm"
 else

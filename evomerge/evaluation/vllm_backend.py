@@ -1,13 +1,18 @@
 """The vLLM scoring backend: one engine per worker, each candidate's weights written into it in place.
 
 The engine starts once per resident model, from the model's config and tokenizer with dummy
-weights, and never reads a checkpoint: before each candidate is scored, the weights the resident
-model holds are handed to vLLM's own in-place reload (`reload_weights` with a weights iterator,
-run through `collective_rpc`). That path runs the model's `load_weights` (which knows vLLM's fused
-`qkv_proj` and `gate_up_proj` layouts and tied embeddings) and redoes the post-load processing (the
-CPU backend repacks every linear weight for its GEMM kernels); then the prefix cache, the only
-cache that depends on the weights (the engine runs eager, so there are no captured CUDA graphs),
-is reset. Scoring A, then B, then A again gives A's scores both times.
+weights, and never reads a checkpoint. At its start `vllm_weights.py` maps each of the resident
+model's tensors to the block of an engine parameter that vLLM's own `load_weights` fills (q/k/v
+rows of `qkv_proj`, gate/up rows of `gate_up_proj`, tied embeddings), and the first candidate goes
+through vLLM's in-place reload (`reload_weights` with a weights iterator, run through
+`collective_rpc`: `load_weights`, then the post-load processing). If after it the forward pass
+reads the very tensors the map points at (CUDA, unquantized: yes; vLLM's CPU backend packs linear
+weights for oneDNN and computes with the copy: no, unless the engine computes with plain F.linear,
+`plain_cpu_linear`), every later candidate is copied straight into those blocks, with no reload
+and no post-load processing; otherwise each goes through `reload_weights`. `weight_path` and
+`weight_path_reason` say which path an engine took and why. Then the prefix cache, the only cache
+that depends on the weights (the engine runs eager, so there are no captured CUDA graphs), is
+reset. Scoring A, then B, then A again gives A's scores both times.
 
 Requests are the token ids `requests.py` built for the native backend:
 

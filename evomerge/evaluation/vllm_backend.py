@@ -52,7 +52,9 @@ from evomerge.evaluation.backend import BackendName, GenerationRequest, Loglikel
 from evomerge.evaluation.generation import GREEDY_IGNORED_KWARGS
 from evomerge.evaluation.vllm_memory import CONTEXT_MARGIN, EngineBytes, engine_memory_arguments, model_engine_bytes
 from evomerge.evaluation.vllm_weights import (
+    DirectWriter,
     LayoutRefused,
+    WeightMap,
     direct_writer,
     plain_cpu_linear,
     probe_weight_map,
@@ -112,8 +114,9 @@ class VllmEngine:
         self.weight_path, self.weight_path_reason = RELOAD, "the engine has not started"
         self._llm = None
         self._folder: str | None = None
-        self._probed = None  # (weight map, parameter addresses) until the first reload decides the path
-        self._writer = None  # a DirectWriter where the engine's layout allows one
+        # (weight map, parameter addresses) until the first reload decides the path
+        self._probed: tuple[WeightMap, dict[str, int]] | None = None
+        self._writer: DirectWriter | None = None  # where the engine's layout allows one
 
     @property
     def model(self):
@@ -165,7 +168,7 @@ class VllmEngine:
         llm, self._llm = self._llm, None
         # The map and the writer hold the engine's parameters: dropped with it.
         self._probed = self._writer = None
-        self.weight_path = RELOAD
+        self.weight_path, self.weight_path_reason = RELOAD, "the engine has not started"
         if llm is not None:
             engine = getattr(llm, "llm_engine", None)
             core = getattr(engine, "engine_core", None)
@@ -241,7 +244,7 @@ class VllmEngine:
 
     def _vllm_model(self) -> torch.nn.Module:
         # In this process: the engine's own model object, not a copy.
-        return self._llm.apply_model(lambda model: model)[0]
+        return self._call(lambda llm: llm.apply_model(lambda model: model)[0])
 
     def _processing(self):
         on_cpu = next(self.model.parameters()).device.type == "cpu"

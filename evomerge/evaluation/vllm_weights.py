@@ -80,7 +80,8 @@ def probe_weight_map(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]
             touched: list[torch.nn.Parameter] = []
             with _recording_loaders(parameters.values(), touched):
                 try:
-                    model.load_weights(iter([(name, probe.to(tensor.device)) for name in names_of_tensor]))
+                    load_weights = model.load_weights  # vLLM's model: any architecture vLLM loads has one
+                    load_weights(iter([(name, probe.to(tensor.device)) for name in names_of_tensor]))  # type: ignore[operator]
                 except Exception as error:  # noqa: BLE001 - any loader failure means the layout is not direct
                     raise LayoutRefused(
                         f"load_weights cannot write {names_of_tensor} into the engine: {error!r}"
@@ -234,7 +235,7 @@ def plain_cpu_linear() -> Iterator[None]:
     from torch.nn.functional import linear
 
     def keep_weight(layer: torch.nn.Module, remove_weight: bool) -> None:
-        layer.cpu_linear = linear
+        layer.cpu_linear = linear  # type: ignore[assignment]
 
     original = layer_utils.dispatch_cpu_unquantized_gemm
     layer_utils.dispatch_cpu_unquantized_gemm = keep_weight

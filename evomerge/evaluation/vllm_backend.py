@@ -149,6 +149,9 @@ class VllmEngine:
         pairs = [(name, tensor.detach()) for name, tensor in weights.items()]
         with self._processing():
             self._call(lambda llm: llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs}))
+        if self._writer is not None and not self._writer.still_mapped(self._vllm_model()):
+            self._writer = None
+            self.weight_path, self.weight_path_reason = RELOAD, "a reload replaced the engine's parameters"
         if self._probed is not None:
             (weight_map, addresses), self._probed = self._probed, None
             try:

@@ -185,6 +185,7 @@ class DirectWriter:
 
     def __init__(self, model: torch.nn.Module, weight_map: WeightMap):
         parameters = dict(model.named_parameters())
+        self._addresses = storage_addresses(model)
         self._targets: list[tuple[str, torch.Tensor]] = []
         written: set[Slot] = set()
         for name, slots in weight_map.items():
@@ -192,6 +193,10 @@ class DirectWriter:
                 if slot not in written:  # a tied tensor is written once
                     written.add(slot)
                     self._targets.append((name, parameters[slot.parameter].data[slot.index]))
+
+    def still_mapped(self, model: torch.nn.Module) -> bool:
+        """Whether `model`'s parameters are still the tensors this writer writes into."""
+        return storage_addresses(model) == self._addresses
 
     def write(self, tensors: Mapping[str, torch.Tensor]) -> None:
         with torch.no_grad():

@@ -103,6 +103,8 @@ def test_on_cpu_the_packed_engine_reloads_and_the_plain_one_writes_directly():
             assert engine.weight_path == path, engine.weight_path_reason
             if not plain:
                 assert "kernel" in engine.weight_path_reason
+            engine.reload_weights(model.state_dict())  # vLLM's reload keeps the tensors the writer holds
+            assert engine.weight_path == path, engine.weight_path_reason
         finally:
             engine.shutdown()
 

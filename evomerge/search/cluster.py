@@ -369,7 +369,7 @@ def make_actor_factory(prepared: Prepared, spec: Spec):
         cpu_threads=max(1, int(spec.workers.cpus_per_worker)),
         trust_remote_code=spec.trust_remote_code,
         merge_seed=spec.optimizer.seed,
-        merge_method=spec.merge.methods[0],  # a method gene: the fused path's; the others take the reference path
+        merge_method=tuple(spec.merge.methods),
         devices=_worker_devices(spec, device),
         layer_paths=spec.search.layers,
     )

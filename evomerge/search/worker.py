@@ -42,7 +42,9 @@ class WorkerSettings:
     cpu_threads: int = 1
     trust_remote_code: bool = False
     merge_seed: int = 0
-    merge_method: str | None = None  # the search's method: picks the fused merge path when it has one
+    # The search's method, or its list (a method gene): one set of fused sources serves the list's
+    # methods that have a fused kernel; candidates of the others take the reference path.
+    merge_method: str | tuple[str, ...] | None = None
     source_placement: str = "auto"  # fused path: "device", "host" (pinned, streamed) or "auto"
     # Several devices: one worker's layers and sources split over them (workers.gpus_per_worker: k).
     # Tests pass "cpu" k times to stand in for k GPUs.

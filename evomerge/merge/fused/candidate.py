@@ -28,11 +28,10 @@ import torch
 
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.engine import merge_tensor, named_tensors
-from evomerge.merge.fused.sources import FusedSources, NotFusable, fused_unavailable_reason
+from evomerge.merge.fused.sources import FusedSources, NotFusable, fused_methods, fused_unavailable_reason
 from evomerge.merge.io import LazyTensorReader
 from evomerge.merge.memory_plan import DEFAULT_WORKSPACE_BYTES
 from evomerge.merge.placement import LayerSplit
-from evomerge.merge.registry import METHODS
 from evomerge.merge.resident import ResidentSources, write_merge
 from evomerge.merge.validate import ValidatedMerge, validate_merge_config
 
@@ -126,7 +125,7 @@ class CandidateMerger:
         cls,
         model: torch.nn.Module,
         union: MergeConfig,
-        method: str | None,
+        method: str | Sequence[str] | None,
         devices: str | Sequence[str],
         placement: str = "auto",
         split: LayerSplit | None = None,
@@ -136,12 +135,18 @@ class CandidateMerger:
     ) -> CandidateMerger:
         """Load the sources for `method` on `devices` (one part per device of `split`): fused when it can run.
 
+        `method` may be a search's list: one set of fused sources serves its fused methods, and a
+        candidate of any other method takes the reference path.
+
         `interpreter_ok` lets tests take the fused path on CPU under Triton's interpreter.
         """
         devices = [devices] if isinstance(devices, str) else list(devices)
         reason = "no search method given"
         if method:
-            reason = fused_unavailable_reason(devices[0], METHODS[method], interpreter_ok) or ""
+            try:
+                reason = fused_unavailable_reason(devices[0], fused_methods(method)[0], interpreter_ok) or ""
+            except NotFusable as why:
+                reason = str(why)
         if method and not reason:
             try:
                 return cls._fused(model, union, method, devices, placement, split, shared_host, workspace_bytes)

@@ -30,21 +30,21 @@ CPU and CUDA generators.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.engine import tensor_seed
+from evomerge.merge.fused.availability import NotFusable, fused_methods, fused_unavailable_reason
 from evomerge.merge.fused.layout import BLOCK, Chunk, FlatLayout, Record, expert_models, records, segment_refs
 from evomerge.merge.fused.shared_host import SharedHostCopy, content_key, has_room_for, shared_directory
 from evomerge.merge.fused.streaming import Stager
 from evomerge.merge.fused.tables import MagnitudeTables, ParameterTable
 from evomerge.merge.io import LazyTensorReader
 from evomerge.merge.memory_plan import DEFAULT_CHUNK_BYTES, DEFAULT_WORKSPACE_BYTES, sources_fit_device
-from evomerge.merge.registry import METHODS, FusedTrim, MethodInfo
+from evomerge.merge.registry import FusedTrim, MethodInfo
 from evomerge.merge.validate import ValidatedMerge, validate_merge_config
 
 __all__ = ["BLOCK", "FlatLayout", "FusedSources", "NotFusable", "fused_unavailable_reason"]
@@ -55,29 +55,8 @@ log = logging.getLogger(__name__)
 
 # segment -> (its base tensor, each expert's tensor or None): what `fill` reads the sources from.
 SegmentInputs = Callable[[int], tuple[torch.Tensor, list[torch.Tensor | None]]]
-
-
-class NotFusable(Exception):
-    """This merge or candidate cannot take the fused path; the caller uses the reference path."""
-
-
-def fused_unavailable_reason(device: str, method: MethodInfo, interpreter_ok: bool = False) -> str | None:
-    """None when the fused kernel can run `method` on `device`, else why not.
-
-    `interpreter_ok` lets tests run it on CPU under TRITON_INTERPRET=1 (set before triton is
-    imported); a worker never picks that path, it is far slower than the reference path.
-    """
-    if not method.fused:
-        return f"method {method.name} has no fused kernel"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
-    if device.startswith("cuda"):
-        return None if torch.cuda.is_available() else "CUDA is not available"
-    if interpreter_ok and os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    return "the fused kernel needs CUDA (or TRITON_INTERPRET=1, Triton's CPU interpreter)"
+# A candidate made ready on the host: its parameters, their packed kernel table and its method.
+Prepared = tuple[ParameterTable, np.ndarray, MethodInfo]
 
 
 def _kernel_trim(method: MethodInfo) -> FusedTrim:
@@ -87,18 +66,25 @@ def _kernel_trim(method: MethodInfo) -> FusedTrim:
 
 
 class FusedSources:
-    """The sources of a task-vector search as flat records, merged by the fused kernel."""
+    """The sources of a task-vector search as flat records, merged by the fused kernel.
+
+    One set of sources serves every fused method of a search's list (`methods`): they hold what the
+    most demanding needs (magnitude tables when any trims by magnitude), and each candidate's launch
+    takes its own method's trim, sign consensus and rescale.
+    """
 
     def __init__(
         self,
         validated: ValidatedMerge,
-        method: MethodInfo,
+        methods: MethodInfo | Sequence[MethodInfo],
         device: str,
         placement: str,
         only: frozenset[str] | None = None,
     ):
         self.validated = validated
-        self.method = method
+        listed = [methods] if isinstance(methods, MethodInfo) else list(methods)
+        self.methods = {method.name: method for method in listed}
+        self.trims_by_magnitude = any(m.fused_trim is FusedTrim.MAGNITUDE for m in listed)
         self.device = torch.device(device)
         self.placement = placement
         plans = [plan for plan in validated.plan.tensors if only is None or plan.output in only]
@@ -120,26 +106,26 @@ class FusedSources:
     def plan(
         cls,
         config: MergeConfig,
-        method_name: str,
+        method_name: str | Sequence[str],
         device: str,
         placement: str = "auto",
         only: frozenset[str] | None = None,
     ) -> FusedSources:
-        """Check that the merge can take the fused path; nothing is read or allocated yet."""
-        method = METHODS[method_name]
-        reason = fused_unavailable_reason(device, method, interpreter_ok=True)
+        """Check that the merge can take the fused path (for the fused methods of a list); nothing read yet."""
+        methods = fused_methods(method_name)
+        reason = fused_unavailable_reason(device, methods[0], interpreter_ok=True)
         if reason:
             raise NotFusable(reason)
         validated = validate_merge_config(config)
         if any(plan.base_index is None for plan in validated.plan.tensors):
             raise NotFusable("every tensor needs a base model")
-        return cls(validated, method, device, placement, only)
+        return cls(validated, methods, device, placement, only)
 
     @classmethod
     def load(
         cls,
         config: MergeConfig,
-        method_name: str,
+        method_name: str | Sequence[str],
         device: str,
         placement: str = "auto",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -191,9 +177,9 @@ class FusedSources:
         self._prepare_launches()
 
     @classmethod
-    def estimate_bytes(cls, config: MergeConfig, method_name: str) -> int:
+    def estimate_bytes(cls, config: MergeConfig, method_name: str | Sequence[str]) -> int:
         """Bytes `load` will hold for these sources (headers only, nothing read)."""
-        return cls(validate_merge_config(config), METHODS[method_name], "cpu", "device").planned_bytes()
+        return cls(validate_merge_config(config), fused_methods(method_name), "cpu", "device").planned_bytes()
 
     def bytes_per_element(self) -> int:
         """Record bytes per element: the base and one delta per expert, nothing else."""
@@ -201,7 +187,7 @@ class FusedSources:
 
     def _tie_experts(self) -> int:
         """Experts whose ties a TIES trim counts per block (memory_plan.table_bytes)."""
-        return len(self.experts) if self.method.fused_trim is FusedTrim.MAGNITUDE else 0
+        return len(self.experts) if self.trims_by_magnitude else 0
 
     def planned_bytes(self) -> int:
         return self.layout.total * self.bytes_per_element()
@@ -262,7 +248,7 @@ class FusedSources:
                     continue
                 delta = self.delta_view(expert, segment).to(self.device)
                 self.before_l1[segment, expert] = delta.abs().sum()
-                if self.method.fused_trim is FusedTrim.MAGNITUDE:
+                if self.trims_by_magnitude:
                     self.magnitudes.add(segment, expert, delta)
         self.magnitudes.build_index()
 
@@ -296,8 +282,8 @@ class FusedSources:
 
     def parameters(self, validated: ValidatedMerge, seed: int) -> ParameterTable:
         """The candidate's parameters per (tensor, expert); NotFusable if its plan differs in shape."""
-        if validated.plan.method.name != self.method.name:
-            raise NotFusable(f"sources were prepared for {self.method.name}, not {validated.plan.method.name}")
+        if validated.plan.method.name not in self.methods:
+            raise NotFusable(f"sources were prepared for {', '.join(self.methods)}, not {validated.plan.method.name}")
         plans = [plan for plan in validated.plan.tensors if plan.output in self.segment_of]
         if len(plans) != len(self.layout.names):
             raise NotFusable("the candidate writes a different set of tensors")
@@ -326,25 +312,26 @@ class FusedSources:
             table.rescale[segment] = plan.shared["rescale"]
         return table
 
-    def prepare(self, validated: ValidatedMerge, seed: int = 0) -> tuple[ParameterTable, np.ndarray]:
+    def prepare(self, validated: ValidatedMerge, seed: int = 0) -> Prepared:
         """Host-side work for one candidate (no device access, so it can overlap another's evaluation)."""
         table = self.parameters(validated, seed)
+        method = self.methods[validated.plan.method.name]
         cuts: tuple[np.ndarray, np.ndarray] | None = None
-        if self.method.fused_trim is FusedTrim.MAGNITUDE:
+        if method.fused_trim is FusedTrim.MAGNITUDE:
             cuts = self.magnitudes.thresholds(table.keep_counts(self.layout.numels))
-        return table, table.pack(self.work_dtype, cuts)
+        return table, table.pack(self.work_dtype, cuts), method
 
-    def launch(self, prepared: tuple[ParameterTable, np.ndarray], out: torch.Tensor) -> None:
-        """Run a prepared candidate's kernels, writing into the flat output buffer `out`."""
+    def launch(self, prepared: Prepared, out: torch.Tensor) -> None:
+        """Run a prepared candidate's kernels (with its method's settings), writing into the flat buffer `out`."""
         from evomerge.merge.fused import kernels, prepasses
 
-        table, host_table = prepared
+        table, host_table, method = prepared
         packed = torch.from_numpy(host_table).to(self.device)
         ratios, stager = self._ratios, self._stager
         if stager is None:
             raise RuntimeError("launch before fill: the sources hold nothing yet")
-        rescale = self.method.fused_trim is FusedTrim.RANDOM and bool(table.rescale.any())
-        exact = self.method.fused_trim is FusedTrim.MAGNITUDE and table.split_ties
+        rescale = method.fused_trim is FusedTrim.RANDOM and bool(table.rescale.any())
+        exact = method.fused_trim is FusedTrim.MAGNITUDE and table.split_ties
         # Uploaded once, not per chunk: a pageable upload waits for the queued kernels.
         unscaled = torch.from_numpy((table.densities >= 1) | ~table.rescale[:, None]).to(self.device)
         for chunk, stage in zip(self._chunks, stager.stages(), strict=True):
@@ -370,8 +357,8 @@ class FusedSources:
                 stage.elements,
                 M=len(self.experts),
                 P=packed.shape[1],
-                SPARSIFY=int(_kernel_trim(self.method)),
-                CONSENSUS=self.method.sign_consensus,
+                SPARSIFY=int(_kernel_trim(method)),
+                CONSENSUS=method.sign_consensus,
                 RESCALE=rescale,
                 WORK=ROUND_CODES[self.work_dtype],
                 OUT=ROUND_CODES[self.out_dtype],

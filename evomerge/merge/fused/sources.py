@@ -55,8 +55,8 @@ log = logging.getLogger(__name__)
 
 # segment -> (its base tensor, each expert's tensor or None): what `fill` reads the sources from.
 SegmentInputs = Callable[[int], tuple[torch.Tensor, list[torch.Tensor | None]]]
-# A candidate made ready on the host: its parameters, their packed kernel table and its method.
-Prepared = tuple[ParameterTable, np.ndarray, MethodInfo]
+# A candidate made ready on the host: its parameters (naming its method) and their packed kernel table.
+Prepared = tuple[ParameterTable, np.ndarray]
 
 
 def _kernel_trim(method: MethodInfo) -> FusedTrim:
@@ -287,7 +287,7 @@ class FusedSources:
         plans = [plan for plan in validated.plan.tensors if plan.output in self.segment_of]
         if len(plans) != len(self.layout.names):
             raise NotFusable("the candidate writes a different set of tensors")
-        table = ParameterTable(len(plans), len(self.experts))
+        table = ParameterTable(len(plans), len(self.experts), validated.plan.method.name)
         expert_index = {model: index for index, model in enumerate(self.experts)}
         for plan in plans:
             segment = self.segment_of[plan.output]
@@ -315,17 +315,18 @@ class FusedSources:
     def prepare(self, validated: ValidatedMerge, seed: int = 0) -> Prepared:
         """Host-side work for one candidate (no device access, so it can overlap another's evaluation)."""
         table = self.parameters(validated, seed)
-        method = self.methods[validated.plan.method.name]
+        method = self.methods[table.method]
         cuts: tuple[np.ndarray, np.ndarray] | None = None
         if method.fused_trim is FusedTrim.MAGNITUDE:
             cuts = self.magnitudes.thresholds(table.keep_counts(self.layout.numels))
-        return table, table.pack(self.work_dtype, cuts), method
+        return table, table.pack(self.work_dtype, cuts)
 
     def launch(self, prepared: Prepared, out: torch.Tensor) -> None:
         """Run a prepared candidate's kernels (with its method's settings), writing into the flat buffer `out`."""
         from evomerge.merge.fused import kernels, prepasses
 
-        table, host_table, method = prepared
+        table, host_table = prepared
+        method = self.methods[table.method]
         packed = torch.from_numpy(host_table).to(self.device)
         ratios, stager = self._ratios, self._stager
         if stager is None:

@@ -77,7 +77,8 @@ class MagnitudeTables:
 class ParameterTable:
     """One candidate's per-tensor parameters, as the kernel's int32 table plus host-side arrays."""
 
-    def __init__(self, segments: int, experts: int):
+    def __init__(self, segments: int, experts: int, method: str = ""):
+        self.method = method  # the candidate's method: picks its trim, consensus and rescale at launch
         self.experts = experts
         self.weights = np.zeros((segments, experts))
         self.densities = np.ones((segments, experts))

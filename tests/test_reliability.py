@@ -631,6 +631,8 @@ def test_after_the_first_ctrl_c_another_is_answered_and_ignored_until_the_cluste
     from evomerge.search.cluster import ClusterSession
 
     monkeypatch.setattr(ray, "shutdown", lambda: None)
+    # A parent that ignores SIGINT (a shell's background job) would leave it ignored: Ctrl-C as in a terminal.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     before = signal.getsignal(signal.SIGINT)
     session = ClusterSession(spec=None, address=None)
     session.connected = True
@@ -642,3 +644,4 @@ def test_after_the_first_ctrl_c_another_is_answered_and_ignored_until_the_cluste
     os.kill(os.getpid(), signal.SIGINT)  # while unwinding: ignored, the cleanup below still runs
     session.close()
     assert signal.getsignal(signal.SIGINT) == before
+    signal.signal(signal.SIGINT, outer)

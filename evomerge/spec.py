@@ -32,7 +32,7 @@ from evomerge.optim.settings import (
     OptimizerSettings,
     with_default_name,
 )
-from evomerge.search_space import DEFAULT_SEARCH_SPACE, SearchSpaceSpec, check_layer_space
+from evomerge.search_space import DEFAULT_SEARCH_SPACE, SearchSpaceSpec, check_layer_space, check_phased_space
 from evomerge.spec_errors import describe_spec_errors
 from evomerge.spec_methods import check_method_list
 
@@ -283,6 +283,8 @@ class Spec(_Strict):
         if self.search.layers:  # a layer path merges by passthrough: merge.method plays no part
             check_layer_space(self)
             return self
+        if self.search.phased:  # phase 1 searches the method's parameters: checked below as well
+            check_phased_space(self)
         if not isinstance(self.merge.method, str):
             check_method_list(self)  # a method gene: spec_methods.py
             return self

@@ -253,6 +253,18 @@ class RaceTargets:
         self.cutoffs = RungCutoffs(block, rungs, keep, window) if keep else None
         self.seed = seed
 
+    @classmethod
+    def of_trials(cls, spec, block: int, trials: dict) -> RaceTargets | None:
+        """Racing's incumbents and rung cutoffs rebuilt from the journal's results; None unless the spec races."""
+        fidelity = spec.evaluation.fidelity
+        if fidelity is None:
+            return None
+        targets = cls(block, len(fidelity.rungs), fidelity.keep, spec.optimizer.seed)
+        for trial in trials.values():
+            if trial.score is not None and trial.result is not None:
+                targets.add(trial.trial_id, trial.whole_score, trial.result.rung_scores)
+        return targets
+
     def add(self, trial_id: int, whole_score: float | None, rung_scores: Sequence[float] | None) -> None:
         """A finished result: `whole_score` when it was scored on every doc, its rung scores if raced."""
         if whole_score is not None:

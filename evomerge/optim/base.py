@@ -111,6 +111,12 @@ class Optimizer(ABC):
         """Trial ids that were asked but not yet told."""
         return set(self._pending)
 
+    def start_trial_ids_at(self, first: int) -> None:
+        """Number this optimizer's asks from `first` (a second optimizer in one run, before its first ask)."""
+        if self._next_trial_id or self._pending:
+            raise ValueError(f"{self.name}: trial ids can only be moved before the first ask")
+        self._next_trial_id = first
+
     def ask(self) -> Ask | None:
         trial_id = self._next_trial_id
         x = self._propose(trial_id)

@@ -25,6 +25,7 @@ class EventName(str, Enum):
     HELDOUT = "heldout"
     SNAPSHOT = "snapshot"
     BUDGET_EXTENDED = "budget_extended"  # resume --max-evals/--time-limit-min: the budget from here on
+    PHASE_CHANGED = "phase_changed"  # params_then_layers: the params winner (trial, config) and the layer phase's seeds
     RUN_FINISHED = "run_finished"
 
     # Written into messages and JSON as the bare name, like the string it replaces.

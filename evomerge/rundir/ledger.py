@@ -134,6 +134,21 @@ class Ledger:
         return unfinished and any(e["event"] == EventName.HELDOUT for e in self.events)
 
     @property
+    def phase_change(self) -> tuple[int, dict] | None:
+        """(its position in `events`, the event) of a params_then_layers run's change to its layer
+        phase; None before it (or in a run of one space). Trials from the event's `first_trial` on
+        are the layer phase's; every reader asks `phase_of`."""
+        return next(((i, e) for i, e in enumerate(self.events) if e["event"] == EventName.PHASE_CHANGED), None)
+
+    def phase_of(self, trial_id: int) -> str | None:
+        """'params' or 'layers' for a trial of a params_then_layers run; None for a run of one space."""
+        search = self.frozen_spec.get("search")
+        if not isinstance(search, dict) or search.get("space") != "params_then_layers":
+            return None
+        change = self.phase_change
+        return "layers" if change is not None and trial_id >= change[1]["first_trial"] else "params"
+
+    @property
     def ties(self) -> dict | None:
         """The last tie report the search journaled on `run_finished`; None when nothing tied."""
         for event in reversed(self.events):

@@ -76,6 +76,17 @@ class DocsSpent:
         return sum(self.by_block[index] for index in earlier) + (in_flight + place) * whole <= max_docs
 
 
+def docs_spent_of(trials, block: int) -> DocsSpent:
+    """The documents each block of asks scored, from the journal's results (`budget.max_docs`)."""
+    spent = DocsSpent(block)
+    for trial in trials.values():
+        if trial.result is not None:
+            spent.add(trial.trial_id, trial.result.docs_scored)
+        else:
+            spent.asked(trial.trial_id)  # re-queued: in flight again
+    return spent
+
+
 def effective_spec(frozen: Spec, journal: Ledger | list[dict]) -> Spec:
     """The frozen spec with the budget in force: that of the last `budget_extended` event, if any."""
     extension = journal.budget_extension if isinstance(journal, Ledger) else budget_extension(journal)

@@ -18,6 +18,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,9 +36,10 @@ from evomerge.rundir.layout import RunDir
 from evomerge.rundir.ledger import TIES_FIELD, Ledger, rate_per_min
 from evomerge.rundir.pareto import objective_values
 from evomerge.rundir.trials import Trial
-from evomerge.search.budget import DocsSpent
+from evomerge.search.budget import docs_spent_of
 from evomerge.search.heldout import rescore_heldout
 from evomerge.search.inputs import first_change, input_fingerprints
+from evomerge.search.phases import LAYERS, Phases
 from evomerge.search.progress import ProgressMode, ProgressSettings, SearchProgress
 from evomerge.search.replay import restore_optimizer
 from evomerge.search.runs import create_run_dir
@@ -79,11 +81,16 @@ class Search:
             # (label, x) of the baselines handed to the optimizer; None until chosen (_seed_optimizer).
             self.seeds = self.ledger.seeds if self.spec.budget.baselines else []
             self.tally = self.ledger.tally
+            self.phases = Phases(prepared, self.rundir, self.ledger)  # one space: inactive
+            if self.phases.current == LAYERS:
+                self.prepared, self.seeds = self.phases.layer_prepared, self.phases.seeds
             self.optimizer = self._restore_optimizer()
-            self.race_targets = self._race_targets()
-            self.docs_spent = self._docs_spent()
+            self.race_targets = RaceTargets.of_trials(self.spec, self.optimizer.block_size, self.trials)
+            self.docs_spent = docs_spent_of(self.trials, self.optimizer.block_size)
             self.tracker = Tracker(self.spec, self.run_dir)
-            self.study_log = StudyLog(self.rundir.optuna_log, study_shape(prepared, self.rundir))
+            self.study_log = StudyLog(
+                self.rundir.optuna_log, study_shape(prepared, self.rundir, self.phases.layer_prepared)
+            )
         except BaseException:
             self.journal.close()  # frees the run's lock for another attempt in this process
             raise
@@ -99,36 +106,19 @@ class Search:
         problem = Problem(genome.lower, genome.upper, genome.x0(), max(1, objectives), self.spec.version, choice)
         return build_optimizer(self.spec.optimizer, problem)
 
-    def _race_targets(self) -> RaceTargets | None:
-        """Fidelity racing's incumbents and rung cutoffs, rebuilt from the journal's results."""
-        fidelity = self.spec.evaluation.fidelity
-        if fidelity is None:
-            return None
-        targets = RaceTargets(self.optimizer.block_size, len(fidelity.rungs), fidelity.keep, self.spec.optimizer.seed)
-        for trial in self.trials.values():
-            if trial.score is not None and trial.result is not None:
-                targets.add(trial.trial_id, trial.whole_score, trial.result.rung_scores)
-        return targets
-
-    def _docs_spent(self) -> DocsSpent:
-        """The documents each block of asks scored, from the journal's results (`budget.max_docs`)."""
-        spent = DocsSpent(self.optimizer.block_size)
-        for trial in self.trials.values():
-            if trial.result is not None:
-                spent.add(trial.trial_id, trial.result.docs_scored)
-            else:
-                spent.asked(trial.trial_id)  # re-queued: in flight again
-        return spent
-
     def _budget_spent(self) -> bool:
         """Whether the next optimizer ask is over `budget.max_evals` or `budget.max_docs`."""
         budget = self.spec.budget
-        if self.tally.asked >= (budget.max_evals or math.inf):
+        if self.tally.asked >= (budget.max_evals or math.inf) or self.phases.params_spent(self.tally):
             return True
         return budget.max_docs is not None and not self.docs_spent.fits(self.optimizer.next_trial_id, budget.max_docs)
 
     def _restore_optimizer(self):
-        return restore_optimizer(self.rundir, self.events, self.trials, self._new_optimizer)
+        if self.phases.change is None:
+            return restore_optimizer(self.rundir, self.events, self.trials, self._new_optimizer)
+        # The layer phase's optimizer saw only the events after the change.
+        new_optimizer = self.phases.layer_optimizer(self._new_optimizer)
+        return restore_optimizer(self.rundir, self.events, self.trials, new_optimizer, self.phases.change_at + 1)
 
     def run(self) -> dict[int, Trial]:
         """Check the inputs, start Ray (a local cluster unless `address`) and the workers, search."""
@@ -147,21 +137,30 @@ class Search:
             pinned = pin_datasets(self.prepared.eval_sets, revisions_from_fingerprints(inputs))
             self.prepared = replace(self.prepared, eval_sets=pinned)
             threadpool_limits(1)
+            self.phases.materialize_winner()  # a layer phase's workers load it
             session.open()
             keep_ray_logs_in(self.rundir.ray_log)
-            factory, count = make_actor_factory(self.prepared, self.spec)
             calls = session.watched_calls(self.run_dir)  # a lost cluster ends the search in one line
-            self._search_and_finish(Scheduler(factory, count, self.spec.workers.queue_depth, calls=calls), inputs)
+
+            def workers_for(prepared: Prepared) -> Scheduler:
+                factory, count = make_actor_factory(prepared, prepared.spec)
+                return Scheduler(factory, count, self.spec.workers.queue_depth, calls=calls)
+
+            self._search_and_finish(workers_for(self.prepared), inputs, workers_for)
         finally:
             self.close()
             session.close()
         return self.trials
 
-    def run_with(self, scheduler: Scheduler) -> dict[int, Trial]:
-        """The same search on workers the caller started (tests and benchmarks: in-process ones)."""
+    def run_with(
+        self, scheduler: Scheduler, workers_for: Callable[[Prepared], Scheduler] | None = None
+    ) -> dict[int, Trial]:
+        """The same search on workers the caller started (tests and benchmarks: in-process ones);
+        `workers_for` starts a params_then_layers run's layer-phase workers."""
         try:
             if not self._finished_already():
-                self._search_and_finish(scheduler, self._checked_inputs())
+                self.phases.materialize_winner()
+                self._search_and_finish(scheduler, self._checked_inputs(), workers_for)
         finally:
             self.close()
         return self.trials
@@ -182,7 +181,9 @@ class Search:
         self.tracker.close()
         self.journal.close()
 
-    def _search_and_finish(self, scheduler: Scheduler, inputs: dict[str, str]) -> None:
+    def _search_and_finish(
+        self, scheduler: Scheduler, inputs: dict[str, str], workers_for: Callable[[Prepared], Scheduler] | None = None
+    ) -> None:
         try:
             genes = [row.to_json() for row in self.prepared.genome.gene_table()]  # what the report's heatmaps read
             self.journal.append(
@@ -204,8 +205,11 @@ class Search:
             ) as progress:
                 progress.update(self.tally)
                 self._search(scheduler, progress)
-                if "heldout" in self.prepared.eval_sets:
-                    progress.say("re-scoring the top trials and the baselines on the held-out tasks")
+                if self.phases.params_spent(self.tally):
+                    self._rescore_heldout(scheduler, progress)  # the parameter phase's, on its workers
+                    scheduler.shutdown()
+                    scheduler = self._change_phase(progress, workers_for)
+                    self._search(scheduler, progress)
                 ties = self._rescore_heldout(scheduler, progress)
             self._snapshot(wait=True)
             self.study_log.rebuild(self.events, self.trials)  # with held-out scores (the journal kept the events)
@@ -382,10 +386,25 @@ class Search:
         self.tells_since_snapshot = 0
 
     def _rescore_heldout(self, scheduler: Scheduler, progress: SearchProgress) -> dict | None:
-        """Re-score the baselines and the top-k on the held-out tasks; returns the tie report, if any."""
+        """Re-score the baselines and the top-k (of the current phase) on the held-out tasks; the tie report, if any."""
         if "heldout" not in self.prepared.eval_sets:
             return None
-        return rescore_heldout(self.trials, self.spec.evaluation.top_k, scheduler, self._record, progress, self.clock)
+        progress.say("re-scoring the top trials and the baselines on the held-out tasks")
+        trials = self.phases.trials_of_current(self.trials)
+        ties = rescore_heldout(trials, self.spec.evaluation.top_k, scheduler, self._record, progress, self.clock)
+        return ties or self.phases.earlier_ties(self.trials, self.spec.evaluation.top_k)
+
+    def _change_phase(self, progress: SearchProgress, workers_for: Callable[[Prepared], Scheduler] | None) -> Scheduler:
+        """params_then_layers: journal the parameter winner, build it, and start the layer phase's workers."""
+        if workers_for is None:
+            raise ValueError("a params_then_layers run needs workers for its layer phase")
+        event = self.journal.append(EventName.PHASE_CHANGED, **self.phases.change_fields(self.trials, self.optimizer))
+        self.phases.changed(event, len(self.events) - 1)
+        self.prepared, self.seeds = self.phases.layer_prepared, self.phases.seeds
+        self.optimizer = self.phases.layer_optimizer(self._new_optimizer)()
+        progress.say(self.phases.announcement())
+        self.phases.materialize_winner()
+        return workers_for(self.prepared)
 
 
 def _finite(result: TrialResult) -> TrialResult:

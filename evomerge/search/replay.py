@@ -27,16 +27,22 @@ class ReplayMismatch(UserError):
     """Replaying the journal, the optimizer proposed something other than what was journaled."""
 
 
-def restore_optimizer(run: RunDir, events: list[dict], trials: dict[int, Trial], new_optimizer: Callable):
-    """The optimizer as the journal leaves it; `new_optimizer()` makes a fresh one of the run's settings."""
-    at = next((i for i in range(len(events) - 1, -1, -1) if events[i]["event"] == EventName.SNAPSHOT), None)
+def restore_optimizer(
+    run: RunDir, events: list[dict], trials: dict[int, Trial], new_optimizer: Callable, start: int = 0
+):
+    """The optimizer as the journal leaves it; `new_optimizer()` makes a fresh one of the run's settings.
+
+    `start`: the position of the first event this optimizer saw (a params_then_layers run's layer
+    phase starts a new one); a snapshot from before it is another optimizer's.
+    """
+    at = next((i for i in range(len(events) - 1, start - 1, -1) if events[i]["event"] == EventName.SNAPSHOT), None)
     if at is not None:
         try:
             optimizer = _restored(run, events[at], at, new_optimizer)
             return _replayed(optimizer, events[events[at]["after_events"] :], trials)
         except (SnapshotUnusable, ReplayMismatch) as problem:
             LOG.warning("%s; replaying the whole journal instead", problem)
-    return _replayed(new_optimizer(), events, trials)
+    return _replayed(new_optimizer(), events[start:], trials)
 
 
 def _restored(run: RunDir, event: dict, position: int, new_optimizer: Callable):

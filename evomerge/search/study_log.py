@@ -231,8 +231,9 @@ def _result_attrs(prefix: str, result: TrialResult | None) -> dict[str, float]:
     }
 
 
-def study_shape(prepared: Prepared, run: RunDir) -> StudyShape:
-    """The studies of a run: its genes' bounds, its objectives' names, what the run is."""
+def study_shape(prepared: Prepared, run: RunDir, layer_phase: Prepared | None = None) -> StudyShape:
+    """The studies of a run: its genes' bounds, its objectives' names, what the run is; a
+    params_then_layers run's `layer_phase` adds its layer genes (each trial sets one phase's)."""
     spec = prepared.spec
     objectives = tuple(objective.name for objective in spec.evaluation.objectives) or ("search score",)
     attrs: dict[str, object] = {
@@ -244,6 +245,7 @@ def study_shape(prepared: Prepared, run: RunDir) -> StudyShape:
         "search tasks": [task.name for task in spec.evaluation.tasks],
         "held-out tasks": [task.name for task in spec.evaluation.heldout_tasks],
     }
-    genes = tuple(GeneBounds(gene.name, gene.low, gene.high) for gene in prepared.genome.genes)
+    genomes = [prepared.genome] + ([layer_phase.genome] if layer_phase else [])
+    genes = tuple(GeneBounds(gene.name, gene.low, gene.high) for genome in genomes for gene in genome.genes)
     choice = getattr(prepared.genome, "choice", None)
     return StudyShape(genes, objectives, attrs, choice.names if choice else ())

@@ -1,0 +1,212 @@
+"""`search.space: params_then_layers` end to end on the real Search and Scheduler with in-process
+fake workers: a parameter phase, the change (journaled, its winner built into RUN/ps_winner), a
+layer phase over the sources and that winner, one held-out pass per phase; a SIGKILL at the change
+or in the layer phase resumes to the uninterrupted journal; the spec's refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from fake_workers import fake_scheduler, fake_score, fake_spec_data
+
+from evomerge.errors import UserError
+from evomerge.rundir.journal import KILL_HOOK_VARIABLE, read_events
+from evomerge.search.runs import create_run_dir, open_run
+from evomerge.search_space import PS_WINNER
+from evomerge.spec import parse_spec
+
+TESTS = Path(__file__).resolve().parent.parent
+MAX_EVALS = 24  # 12 for the parameter phase (its 7 baselines included), 12 for the layer phase
+
+
+def phased_data(tmp_path: Path, zoo, name: str = "phased", **search) -> dict:
+    data = fake_spec_data(tmp_path / "runs", name, search={"space": "params_then_layers", **search})
+    data["models"] = {"base": zoo.model("base"), "experts": [zoo.model("ft_a"), zoo.model("ft_c")]}
+    data["merge"] = {"method": "task_arithmetic"}
+    data["budget"] = {"max_evals": MAX_EVALS}
+    return data
+
+
+def phased_score(trial: int, config: dict, eval_set: str) -> float:
+    """Parameter merges: the fake's pure score. Layer paths: depth 5 is best, the winner's layers help."""
+    if config["merge_method"] != "passthrough":
+        return fake_score(config, eval_set)
+    sources = [s["sources"][0] for s in config["slices"]]
+    depth = sum(s["layer_range"][1] - s["layer_range"][0] for s in sources)
+    from_winner = sum(s["layer_range"][1] - s["layer_range"][0] for s in sources if s["model"] == PS_WINNER)
+    score = round(1.0 / (1.0 + (depth - 5) ** 2) + 0.05 * from_winner, 6)
+    return round(score * 0.9, 6) if eval_set == "heldout" else score
+
+
+def open_phased(spec, run_dir):
+    """A Search over the real preflight's shape of `spec`, without tasks: genome, baselines, sources."""
+    from evomerge.genome import Genome
+    from evomerge.hub import resolve_models
+    from evomerge.preflight import Prepared, _union_config, baseline_configs, model_fields
+    from evomerge.search.loop import Search
+
+    sources = resolve_models(model_fields(spec), "spec", None)
+    num_layers = 4
+    union = _union_config(spec).model_dump(mode="json", exclude_none=True)
+    prepared = Prepared(spec, Genome(spec, num_layers), union, {"search": None, "heldout": None}, [], sources=sources)
+    prepared.baselines.extend(baseline_configs(spec))
+    search = Search(prepared, run_dir, progress=False)
+    search.current_inputs = lambda: {}
+    return search
+
+
+def run_phased(spec, run_dir, interrupt_after: int | None = None) -> None:
+    """Search on fake workers; after `interrupt_after` results the driver stops (KeyboardInterrupt)."""
+    seen = []
+
+    def score(trial, config, eval_set):
+        seen.append(trial)
+        if interrupt_after is not None and len(seen) > interrupt_after:
+            raise KeyboardInterrupt
+        return phased_score(trial, config, eval_set)
+
+    open_phased(spec, run_dir).run_with(fake_scheduler(score=score), lambda prepared: fake_scheduler(score=score))
+
+
+def journal_state(run_dir: Path) -> list[tuple]:
+    kept = ("asked", "completed", "failed", "heldout", "phase_changed", "seeded")
+    events = read_events(run_dir / "journal.jsonl")
+    return [
+        (e["event"], e.get("trial"), e.get("x"), e.get("merge_config"), e.get("score"), e.get("first_trial"))
+        for e in events
+        if e["event"] in kept
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, zoo):
+    tmp_path = tmp_path_factory.mktemp("phased")
+    spec = parse_spec(phased_data(tmp_path, zoo, "reference"), "spec", tmp_path)
+    run_dir = create_run_dir(spec)
+    run_phased(spec, run_dir)
+    return run_dir, spec, tmp_path
+
+
+def test_the_parameter_phase_hands_its_winner_to_a_layer_phase(finished):
+    run_dir, spec, _ = finished
+    events = read_events(run_dir / "journal.jsonl")
+    names = [e["event"] for e in events]
+    change = events[names.index("phase_changed")]
+    first = change["first_trial"]
+    asked = [e for e in events if e["event"] == "asked"]
+    params = [e for e in asked if e["trial"] < first]
+    layers = [e for e in asked if e["trial"] >= first]
+    assert len(params) == MAX_EVALS // 2 and len(layers) == MAX_EVALS // 2
+    assert all(e["merge_config"]["merge_method"] == "task_arithmetic" for e in params if e["kind"] == "optimizer")
+    assert all(e["merge_config"]["merge_method"] == "passthrough" for e in layers)
+    # The winner is the parameter phase's best search score, and the layer phase starts from it alone.
+    completed = {e["trial"]: e["score"] for e in events[: names.index("phase_changed")] if e["event"] == "completed"}
+    assert change["score"] == max(completed.values()) and completed[change["winner"]] == change["score"]
+    seeded = [e for e in layers if "seeded: ps_winner" in e["label"]]
+    assert len(seeded) == 1 and {s["sources"][0]["model"] for s in seeded[0]["merge_config"]["slices"]} == {PS_WINNER}
+    assert [e["trial"] for e in layers] == list(range(first, first + len(layers)))
+    assert any(s["sources"][0]["model"] != PS_WINNER for e in layers for s in e["merge_config"]["slices"])
+    assert (run_dir / PS_WINNER / "config.json").is_file()
+
+
+def test_each_phase_is_rescored_on_held_out_by_its_own_workers(finished):
+    run_dir, _, _ = finished
+    events = read_events(run_dir / "journal.jsonl")
+    change_at = next(i for i, e in enumerate(events) if e["event"] == "phase_changed")
+    first = events[change_at]["first_trial"]
+    before = [e["trial"] for e in events[:change_at] if e["event"] == "heldout"]
+    after = [e["trial"] for e in events[change_at:] if e["event"] == "heldout"]
+    baselines = [e["trial"] for e in events if e["event"] == "asked" and e["kind"] == "baseline"]
+    assert sorted(t for t in before if t < 0) == sorted(baselines) and len([t for t in before if t >= 0]) == 2
+    assert 2 <= len(after) <= 4 and all(t >= first for t in after)  # top 2, with ties up to 4
+    assert events[-1]["event"] == "run_finished"
+
+
+def test_the_winner_folder_is_the_parameter_winner_merged(finished, tmp_path):
+    from evomerge.merge.config import MergeConfig
+    from evomerge.merge.engine import merge_to_disk
+
+    run_dir, spec, _ = finished
+    change = next(e for e in read_events(run_dir / "journal.jsonl") if e["event"] == "phase_changed")
+    merge_to_disk(MergeConfig.model_validate(change["merge_config"]), tmp_path / "again", seed=spec.optimizer.seed)
+    ours, again = tensors_of(run_dir / PS_WINNER), tensors_of(tmp_path / "again")
+    assert ours.keys() == again.keys() and all(ours[k].equal(again[k]) for k in ours)
+
+
+def test_an_interrupted_phased_search_resumes_to_the_same_journal(finished):
+    reference_dir, spec, _ = finished
+    for name, stop_after in (("early", 9), ("late", 20)):  # in the parameter phase; in the layer phase
+        spec_now = spec.model_copy(update={"name": f"interrupted-{name}"})
+        run_dir = create_run_dir(spec_now)
+        with pytest.raises(KeyboardInterrupt):
+            run_phased(spec_now, run_dir, interrupt_after=stop_after)
+        run, frozen, _ = open_run(run_dir)
+        run_phased(frozen, run)
+        assert journal_state(run_dir) == journal_state(reference_dir), name
+
+
+def tensors_of(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {name: t for path in sorted(folder.glob("*.safetensors")) for name, t in load_file(path).items()}
+
+
+KILLED_DRIVER = """
+import json, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/search"]
+from test_ps_then_layers import run_phased
+from evomerge.spec import parse_spec
+from pathlib import Path
+spec = parse_spec(json.loads(sys.argv[2]), "spec", Path(sys.argv[3]))
+run_phased(spec, sys.argv[4])
+"""
+
+
+@pytest.mark.parametrize("kill_at", ["phase_changed:1", "completed:20"])
+def test_a_sigkilled_phased_search_resumes_to_the_same_journal(finished, zoo, tmp_path, kill_at):
+    reference_dir, _, _ = finished
+    data = phased_data(tmp_path, zoo, "killed")
+    spec = parse_spec(data, "spec", tmp_path)
+    run_dir = create_run_dir(spec)
+    env = {**os.environ, KILL_HOOK_VARIABLE: kill_at}
+    args = [sys.executable, "-c", KILLED_DRIVER, str(TESTS), json.dumps(data), str(tmp_path), str(run_dir)]
+    driver = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert driver.returncode == -signal.SIGKILL, driver.stderr
+    if kill_at.startswith("phase_changed"):  # killed before the winner was built: the resume builds it
+        assert not (run_dir / PS_WINNER).exists()
+    run, frozen, _ = open_run(run_dir)
+    run_phased(frozen, run)
+    assert journal_state(run_dir) == journal_state(reference_dir)
+    assert (run_dir / PS_WINNER / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("search", "sections", "message"),
+    [
+        ({"space": "params", "params_share": 0.3}, {}, "search.params_share applies to space: params_then_layers"),
+        ({"space": "params_then_layers", "params_share": 1.0}, {}, "search.params_share"),
+        ({"space": "params_then_layers"}, {"budget": {"max_evals": None, "time_limit_min": 5}}, "set budget.max_evals"),
+        ({"space": "params_then_layers"}, {"evaluation": {"backend": "vllm"}}, "set evaluation.backend: native"),
+        ({"space": "params_then_layers"}, {"budget": {"max_docs": 4000}}, "remove budget.max_docs"),
+    ],
+)
+def test_what_a_phased_run_cannot_do_is_refused_in_one_line(tmp_path, search, sections, message):
+    data = fake_spec_data(tmp_path, "bad", search=search)
+    for key, value in sections.items():
+        data[key] = {**data[key], **value}
+    with pytest.raises(UserError, match=message) as refusal:
+        parse_spec(data, "spec", tmp_path)
+    assert "\n" not in str(refusal.value)
+
+
+def test_a_phased_spec_without_params_share_keeps_the_fields_it_set(tmp_path):
+    spec = parse_spec(fake_spec_data(tmp_path, "a", search={"space": "params_then_layers"}), "spec", tmp_path)
+    assert spec.search.params_evals(19) == 10 and "params_share" not in spec.model_dump(mode="json")["search"]
+    assert yaml.safe_load(yaml.safe_dump(spec.model_dump(mode="json")))["search"]["space"] == "params_then_layers"

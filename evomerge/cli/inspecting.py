@@ -40,6 +40,8 @@ def status(
     typer.echo(f"{'evals_per_min':>15}: {figures['evals_per_min']} (evolved candidates; the baseline phase excluded)")
     for key in ("heldout_winner", "finished"):
         typer.echo(f"{key:>15}: {figures[key]}")
+    if figures["phase"]:
+        typer.echo(f"{'phase':>15}: {figures['phase']}")
     if figures["heldout_unfinished"]:
         typer.echo(
             f"{'held-out':>15}: re-scoring unfinished, so the search winner stands; 'evomerge resume {run_dir}' completes it"

@@ -149,6 +149,25 @@ class Ledger:
         return "layers" if change is not None and trial_id >= change[1]["first_trial"] else "params"
 
     @property
+    def phase_status(self) -> str | None:
+        """What `status` says of a params_then_layers run's phase; None for a run of one space."""
+        if self.phase_of(0) is None:
+            return None
+        change = self.phase_change
+        if change is None:
+            return "params (the layer phase follows)"
+        event = change[1]
+        return f"layers (from trial {event['first_trial']}; {event['name']} is trial {event['winner']}, search score {event['score']:.4f})"
+
+    def intermediates_of(self, trial_id: int) -> list[tuple[str, dict]]:
+        """(name, merge config) of the named merges a trial's config builds on: a layer-phase trial's
+        parameter winner; [] for every other trial. What `export` writes as the earlier documents."""
+        change = self.phase_change
+        if change is None or trial_id < change[1]["first_trial"]:
+            return []
+        return [(change[1]["name"], change[1]["merge_config"])]
+
+    @property
     def ties(self) -> dict | None:
         """The last tie report the search journaled on `run_finished`; None when nothing tied."""
         for event in reversed(self.events):

@@ -166,7 +166,7 @@ def _write_report_files(run_dir: Path, out_dir: Path, ledger: Ledger) -> None:
     context = {
         "run_name": spec.get("name") or run_dir.name,
         "summary": _summary(ledger, verdict),
-        "headline": _headline(verdict, trials, exported_names(ledger)),
+        "headline": _headline(verdict, ledger, exported_names(ledger)),
         "context_rows": run_context(ledger),
         "table": _table_rows(verdict),
         "basis": verdict.basis,
@@ -199,7 +199,7 @@ def _summary(ledger: Ledger, verdict: Verdict) -> dict:
     }
 
 
-def _headline(verdict: Verdict, trials: dict[int, Trial], names: dict[str, str]) -> dict | None:
+def _headline(verdict: Verdict, ledger: Ledger, names: dict[str, str]) -> dict | None:
     """The trial `export` gives, its YAML and command, the margins in SE, ties and the advice."""
     winner = verdict.winner
     if winner is None:
@@ -212,7 +212,7 @@ def _headline(verdict: Verdict, trials: dict[int, Trial], names: dict[str, str])
     return {
         "row": winner,
         "heldout": winner.heldout is not None,
-        "yaml": export_yaml(trials[winner.trial], names),
+        "yaml": export_yaml(ledger.trials[winner.trial], names, ledger.intermediates_of(winner.trial)),
         "command": verdict.export_command,
         "margins": [{"name": name, "margin": margin} for name, margin in margins],
         "best_evolved": verdict.best_evolved,

@@ -67,6 +67,7 @@ def status_figures(ledger: Ledger) -> dict:
         "pareto_front": pareto_trials(ledger.trials),
         "failures": [{"trial": t.trial_id, "reason": t.result.reason if t.result else None} for t in failed],
         "finished": ledger.finished,
+        "phase": ledger.phase_status,
     }
 
 
@@ -142,14 +143,20 @@ def export_trial(run_dir: Path | RunDir, trial_id: int | None = None) -> tuple[T
             raise UserError(
                 f"--trial: trial {trial_id} is not a completed trial of {run_dir}; see 'evomerge status {run_dir}'"
             )
-    return chosen, export_yaml(chosen, exported_names(ledger))
+    return chosen, export_yaml(chosen, exported_names(ledger), ledger.intermediates_of(chosen.trial_id))
 
 
-def export_yaml(trial: Trial, names: dict[str, str] | None = None) -> str:
+def export_yaml(trial: Trial, names: dict[str, str] | None = None, intermediates: list[tuple[str, dict]] = ()) -> str:
     """The mergekit YAML `export` writes for a completed trial (the report shows the same text);
-    `names` renames models (`exported_names`)."""
+    `names` renames models (`exported_names`). A trial built on `intermediates` (named merges, as
+    `Ledger.intermediates_of` gives them) exports as a multi-document YAML (`mergekit-multi`)."""
     header = f"# evomerge export: {describe(trial)}, search score {trial.score:.6f}\n"
     config = rename_models(trial.merge_config, names or {})
+    if intermediates:
+        from evomerge.merge.multi import multi_document_yaml
+
+        named = [(name, rename_models(merge, names or {})) for name, merge in intermediates]
+        return multi_document_yaml(named, config, header)
     return header + yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
 
 

@@ -151,6 +151,7 @@ def winner_seeds(genome: LayerGenome) -> list[tuple[str, np.ndarray]]:
 def change_fields(winner: Trial, first_trial: int, seeds: list[tuple[str, np.ndarray]]) -> dict:
     """The `phase_changed` event's fields: enough to rebuild phase 2 from the journal alone."""
     return {
+        "name": PS_WINNER,
         "winner": winner.trial_id,
         "label": winner.label,
         "score": winner.score,

@@ -210,3 +210,43 @@ def test_a_phased_spec_without_params_share_keeps_the_fields_it_set(tmp_path):
     spec = parse_spec(fake_spec_data(tmp_path, "a", search={"space": "params_then_layers"}), "spec", tmp_path)
     assert spec.search.params_evals(19) == 10 and "params_share" not in spec.model_dump(mode="json")["search"]
     assert yaml.safe_load(yaml.safe_dump(spec.model_dump(mode="json")))["search"]["space"] == "params_then_layers"
+
+
+def test_a_layer_trial_exports_as_a_multi_document_yaml_mergekit_rebuilds(finished, tmp_path, mergekit_merge):
+    from merge.cli_runner import run_cli_in_process
+    from merge.mergekit_equality import compare_folders
+    from merge.test_multi_merge import run_mergekit_multi
+
+    run_dir, _, _ = finished
+    events = read_events(run_dir / "journal.jsonl")
+    change = next(e for e in events if e["event"] == "phase_changed")
+    mixed = next(  # a layer trial that takes layers from the winner and from another model
+        e["trial"]
+        for e in events
+        if e["event"] == "asked"
+        and e["trial"] >= change["first_trial"]
+        and len({s["sources"][0]["model"] for s in e["merge_config"]["slices"]} | {PS_WINNER}) > 1
+        and any(s["sources"][0]["model"] == PS_WINNER for s in e["merge_config"]["slices"])
+    )
+    exported = tmp_path / "winner.yml"
+    done = run_cli_in_process("export", run_dir, "--trial", str(mixed), "-o", exported)
+    assert done.returncode == 0, done.stderr
+    documents = list(yaml.safe_load_all(exported.read_text()))
+    assert [d.get("name") for d in documents] == [PS_WINNER, None]
+    assert {k: v for k, v in documents[0].items() if k != "name"} == change["merge_config"]
+    run_mergekit_multi(exported, tmp_path / "mergekit", tmp_path / "mergekit_steps")
+    merged = run_cli_in_process("merge", exported, tmp_path / "evomerge")
+    assert merged.returncode == 0, merged.stderr
+    compare_folders(tmp_path / "evomerge", tmp_path / "mergekit").assert_bit_for_bit()
+    # The intermediate mergekit builds is the very model the layer phase's candidates were built from.
+    compare_folders(run_dir / PS_WINNER, tmp_path / "mergekit_steps" / PS_WINNER).assert_bit_for_bit()
+
+
+def test_report_and_status_read_a_phased_run(finished):
+    from merge.cli_runner import run_cli_in_process
+
+    run_dir, _, _ = finished
+    status = run_cli_in_process("status", run_dir)
+    assert status.returncode == 0 and "phase: layers" in status.stdout, status.stdout + status.stderr
+    report = run_cli_in_process("report", run_dir)
+    assert report.returncode == 0, report.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import sys
 from pathlib import Path
@@ -16,7 +17,9 @@ from evomerge.errors import Stopped, UserError
 @app.command()
 @user_errors_exit_2
 def merge(
-    config: Path = typer.Argument(..., metavar="CONFIG", help="A mergekit merge YAML."),
+    config: Path = typer.Argument(
+        ..., metavar="CONFIG", help="A mergekit merge YAML, or a multi-document one as mergekit-multi reads."
+    ),
     out_dir: Path = typer.Argument(
         ..., metavar="OUT", help="Folder for the merged model: new or empty, outside every input model."
     ),
@@ -28,10 +31,16 @@ def merge(
         False, "--allow-non-finite", help="Write the model even if a merged tensor holds NaN or inf."
     ),
     no_model_card: bool = typer.Option(False, "--no-model-card", help="Do not write OUT/README.md."),
+    intermediate_dir: Path | None = typer.Option(
+        None,
+        "--intermediate-dir",
+        "-I",
+        help="Multi-document CONFIG: keep its named merges in DIR/NAME and reuse complete ones (default: a staging folder beside OUT, removed after).",
+    ),
     debug: bool = DebugOption,
 ):
     """Materialize a mergekit YAML as a model folder (same tensors as mergekit-yaml), with a model card."""
-    materialize(config, out_dir, device, seed, shard_size_gb, force, allow_non_finite, no_model_card)
+    materialize(config, out_dir, device, seed, shard_size_gb, force, allow_non_finite, no_model_card, intermediate_dir)
 
 
 def materialize(
@@ -43,35 +52,106 @@ def materialize(
     force: bool = False,
     allow_non_finite: bool = False,
     no_model_card: bool = False,
+    intermediate_dir: Path | None = None,
 ) -> None:
     """What `merge` does, shared with `export --merge`."""
-    from evomerge.merge.config import load_merge_config, with_local_folders
-    from evomerge.merge.engine import NonFiniteOutput, merge_to_disk
+    from evomerge.merge.config import load_merge_config
+    from evomerge.merge.multi import load_documents
 
     if device.startswith("cuda"):
         require_cuda()
     refuse_run_folders(out_dir, "write the merged model")
+    multi = load_documents(config)
+    write = functools.partial(
+        _merge_one,
+        config_file=config,
+        device=device,
+        seed=seed,
+        max_shard_bytes=int(shard_size_gb * 1024**3),
+        allow_non_finite=allow_non_finite,
+    )
+    if multi is not None:
+        _materialize_documents(multi, config, out_dir, write, seed, force, no_model_card, intermediate_dir)
+        return
+    if intermediate_dir is not None:
+        raise UserError(f"--intermediate-dir: {config} holds one merge, so nothing goes there; leave the option out")
     merge_config = load_merge_config(config)
     card = None if no_model_card else _model_card(config, merge_config, out_dir, seed)
+    with _sigterm_as_interrupt():  # a plain `kill` or a job's time limit: the staging folder is removed
+        write(merge_config, out_dir, str(config), force, model_card=card)
+
+
+def _materialize_documents(
+    multi, config: Path, out_dir: Path, write, seed: int, force, no_model_card, intermediate_dir
+):
+    """`materialize` for a multi-document YAML: the named merges, then the final one with the model card."""
+    from evomerge.merge.multi_disk import merge_documents
+
+    if intermediate_dir is not None:
+        refuse_run_folders(intermediate_dir, "keep the intermediate merges")
+    card = None if no_model_card else _model_card(config, multi.final, out_dir, seed, multi.source_models())
+
+    def merge_one(merge_config, folder: Path, label: str, replace: bool) -> None:
+        final = label == multi.final_label
+        write(merge_config, folder, label, replace, model_card=card if final else None, quiet=not final)
+
+    with _sigterm_as_interrupt():
+        merge_documents(
+            multi,
+            out_dir,
+            merge_one,
+            config_file=config,
+            intermediate_dir=intermediate_dir,
+            force=force,
+            report=lambda line: typer.echo(line, err=True),
+        )
+
+
+def _merge_one(
+    merge_config,
+    out_dir: Path,
+    source: str,
+    force: bool,
+    *,
+    config_file: Path,
+    device: str,
+    seed: int,
+    max_shard_bytes: int,
+    allow_non_finite: bool,
+    model_card: str | None = None,
+    quiet: bool = False,
+) -> None:
+    """One merge config written to out_dir by the engine; `source` names it in messages."""
+    from evomerge.merge.config import with_local_folders
+    from evomerge.merge.engine import NonFiniteOutput, merge_to_disk
+
     try:
-        with _sigterm_as_interrupt():  # a plain `kill` or a job's time limit: the staging folder is removed
-            validated = merge_to_disk(
-                with_local_folders(merge_config, str(config)),  # hub IDs fetched; the card keeps them
-                out_dir,
-                device=device,
-                seed=seed,
-                progress=sys.stderr.isatty(),
-                max_shard_bytes=int(shard_size_gb * 1024**3),
-                config_file=config,
-                force=force,
-                allow_non_finite=allow_non_finite,
-                model_card=card,
-            )
+        validated = merge_to_disk(
+            with_local_folders(merge_config, source),  # hub IDs fetched; the card keeps them
+            out_dir,
+            device=device,
+            seed=seed,
+            progress=sys.stderr.isatty(),
+            max_shard_bytes=max_shard_bytes,
+            config_file=config_file,
+            force=force,
+            allow_non_finite=allow_non_finite,
+            model_card=model_card,
+        )
     except NonFiniteOutput as error:
         raise UserError(
-            f"{config}: {error} (a NaN, inf or huge weight or lambda?); fix the parameters, or pass --allow-non-finite to write it anyway"
+            f"{source}: {error} (a NaN, inf or huge weight or lambda?); fix the parameters, or pass --allow-non-finite to write it anyway"
         ) from None
-    typer.echo(f"wrote {len(validated.plan.tensors)} tensors ({validated.plan.num_layers} layers) to {out_dir}")
+    except UserError as error:
+        raise UserError(_naming_document(str(error), str(config_file), source)) from None
+    if not quiet:
+        typer.echo(f"wrote {len(validated.plan.tensors)} tensors ({validated.plan.num_layers} layers) to {out_dir}")
+
+
+def _naming_document(message: str, config_file: str, source: str) -> str:
+    """An engine message about CONFIG, said of the document `source` names (unchanged for a one-merge file)."""
+    prefix = f"{config_file}: "
+    return source + ": " + message.removeprefix(prefix) if message.startswith(prefix) else message
 
 
 def refuse_run_folders(path: Path, doing: str) -> None:
@@ -111,7 +191,8 @@ def _models_of(run_dir: Path, config_text: str) -> set[Path]:
         documents.append(RunDir.of(run_dir).spec.read_text(encoding="utf-8", errors="replace"))
     for text in documents:
         with contextlib.suppress(yaml.YAMLError, RecursionError):
-            _collect_paths(yaml.safe_load(text), found, inside_models=False)
+            for document in yaml.safe_load_all(text):  # every merge of a multi-document config
+                _collect_paths(document, found, inside_models=False)
     return found
 
 
@@ -147,12 +228,12 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _model_card(config_path: Path, merge_config, out_dir: Path, seed: int) -> str:
+def _model_card(config_path: Path, merge_config, out_dir: Path, seed: int, source_models=None) -> str:
     from evomerge.merge.card import render_model_card
 
     text = config_path.read_text(encoding="utf-8", errors="replace")
     title = out_dir.resolve().name or "merged model"
-    return render_model_card(title, merge_config, text, seed, _search_origin(text))
+    return render_model_card(title, merge_config, text, seed, _search_origin(text), source_models)
 
 
 def _search_origin(config_text: str):

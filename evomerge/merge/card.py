@@ -94,10 +94,19 @@ class SearchOrigin:
 
 
 def render_model_card(
-    title: str, config: MergeConfig, config_text: str, seed: int, origin: SearchOrigin | None = None
+    title: str,
+    config: MergeConfig,
+    config_text: str,
+    seed: int,
+    origin: SearchOrigin | None = None,
+    source_models: list[str] | None = None,
 ) -> str:
-    """The whole README.md: front matter, method, sources, the search (if any) and the YAML."""
-    models = config.referenced_models()
+    """The whole README.md: front matter, method, sources, the search (if any) and the YAML.
+
+    `source_models` overrides the models `config` reads (a multi-document YAML's final merge reads
+    its intermediate merges by name; the card lists the models they were made from).
+    """
+    models = config.referenced_models() if source_models is None else source_models
     front_matter = {
         "base_model": models,
         "base_model_relation": "merge",

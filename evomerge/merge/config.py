@@ -182,6 +182,11 @@ def load_yaml_file(path: str | Path, what: str = "YAML file") -> object:
     `what` names the expected file in the message for a folder ("spec file", "merge YAML").
     """
     path = Path(path)
+    return _parse_yaml(read_yaml_text(path, what), path)
+
+
+def read_yaml_text(path: Path, what: str) -> str:
+    """The text of a UTF-8 YAML file (a leading BOM dropped); UserError when it cannot be read."""
     if path.is_dir():
         raise UserError(f"{path}: is a folder; give the {what}")
     if not path.is_file():
@@ -194,12 +199,22 @@ def load_yaml_file(path: str | Path, what: str = "YAML file") -> object:
         ) from None
     except OSError as error:
         raise UserError(f"{path}: cannot read it ({error.strerror}); check its permissions") from None
-    return _parse_yaml(text, path)
+    return text
 
 
-def _parse_yaml(text: str, path: Path) -> object:
+def parse_yaml_documents(text: str, path: Path) -> list:
+    """Every `---`-separated document of a YAML text, as `_parse_yaml` reads one (an empty one is None)."""
+    return _parse_yaml(text, path, every_document=True)
+
+
+def _parse_yaml(text: str, path: Path, every_document: bool = False):
     loader = UniqueKeySafeLoader(text)
     try:
+        if every_document:
+            documents = []
+            while loader.check_data():
+                documents.append(loader.get_data())
+            return documents
         return loader.get_single_data()
     except DuplicateKeyError as error:
         line = error.problem_mark.line + 1

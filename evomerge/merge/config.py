@@ -233,4 +233,11 @@ def _parse_yaml(text: str, path: Path, every_document: bool = False):
 
 
 def load_merge_config(path: str | Path) -> MergeConfig:
-    return parse_merge_config(load_yaml_file(path, what="merge YAML"), str(path))
+    """The one merge of a merge YAML; a multi-document YAML (`merge/multi.py`) is refused in one line."""
+    path = Path(path)
+    documents = parse_yaml_documents(read_yaml_text(path, "merge YAML"), path)
+    if len(documents) > 1:
+        raise UserError(
+            f"{path}: holds {len(documents)} documents separated by '---' (several merges); `evomerge merge` it to a folder first and use that folder"
+        )
+    return parse_merge_config(documents[0] if documents else None, str(path))

@@ -200,3 +200,59 @@ def test_intermediate_dir_is_refused_for_a_single_merge(zoo, write_config, tmp_p
     config = write_config(LINEAR, "single.yml")
     finished = run_cli_in_process("merge", config, tmp_path / "out", "-I", tmp_path / "steps")
     assert finished.returncode == 2 and "holds one merge" in finished.stderr, finished.stderr
+
+
+def test_a_full_out_is_refused_before_any_intermediate_merge(zoo, write_config, tmp_path):
+    config = write_config(two_step_yaml(zoo), "two_step.yml")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    finished = run_cli_in_process("merge", config, tmp_path / "out", "-I", tmp_path / "steps")
+    assert finished.returncode == 2 and "folder is not empty" in finished.stderr, finished.stderr
+    assert not (tmp_path / "steps").exists()
+
+
+def test_an_interrupted_final_merge_removes_the_staged_intermediates(tmp_path, monkeypatch):
+    from evomerge.merge.multi_disk import merge_documents
+
+    monkeypatch.chdir(tmp_path)
+    multi = read_documents(named("step", "m1", "m2") + "---\n" + LINEAR.replace("m1", "step"), "multi.yml")
+    seen = []
+
+    def merge_one(config, folder: Path, label: str, force: bool) -> None:
+        seen.append(config.referenced_models())
+        if label != multi.final_label:
+            folder.mkdir()
+            (folder / "config.json").write_text("{}")
+            return
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        merge_documents(
+            multi,
+            tmp_path / "out" / "model",
+            merge_one,
+            config_file=Path("multi.yml"),
+            intermediate_dir=None,
+            force=False,
+        )
+    staged = Path(seen[1][0])
+    assert seen[0] == ["m1", "m2"] and staged.name == "step" and staged.parent.parent == tmp_path / "out"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plain_merge_yaml_reader_refuses_several_documents_in_one_line(write_config):
+    from evomerge.merge.config import load_merge_config
+
+    with pytest.raises(
+        UserError, match=r"holds 2 documents separated by '---' .*`evomerge merge` it to a folder first"
+    ):
+        load_merge_config(write_config(named("a", "m1", "m2") + "---\n" + LINEAR.replace("m1", "a")))
+
+
+def test_export_output_is_refused_inside_a_model_only_an_intermediate_merge_reads(zoo, tmp_path):
+    from evomerge.cli.merging import check_export_output
+
+    text = two_step_yaml(zoo)
+    inside = Path(zoo.model("ft_a")) / "exported.yaml"
+    with pytest.raises(UserError, match="inside the input model"):
+        check_export_output(inside, tmp_path, text, force=False)

@@ -9,8 +9,10 @@ through vLLM's in-place reload (`reload_weights` with a weights iterator, run th
 reads the very tensors the map points at (CUDA, unquantized: yes; vLLM's CPU backend packs linear
 weights for oneDNN and computes with the copy: no, unless the engine computes with plain F.linear,
 `plain_cpu_linear`), every later candidate is copied straight into those blocks, with no reload
-and no post-load processing; otherwise each goes through `reload_weights`. `weight_path` and
-`weight_path_reason` say which path an engine took and why. Then the prefix cache, the only cache
+and no post-load processing; otherwise each goes through `reload_weights`. On the direct path the
+resident model's tensors then become views of those blocks where they can (`vllm_views.py`): the
+merge writes the engine's weights itself, and a candidate costs only the copies of the tensors that
+cannot be views. `weight_path` and `weight_path_reason` say which path an engine took and why. Then the prefix cache, the only cache
 that depends on the weights (the engine runs eager, so there are no captured CUDA graphs), is
 reset. Scoring A, then B, then A again gives A's scores both times.
 
@@ -51,6 +53,7 @@ import torch
 from evomerge.evaluation.backend import BackendName, GenerationRequest, Loglikelihood, ScoringBackend, TokenPair
 from evomerge.evaluation.generation import GREEDY_IGNORED_KWARGS
 from evomerge.evaluation.vllm_memory import CONTEXT_MARGIN, EngineBytes, engine_memory_arguments, model_engine_bytes
+from evomerge.evaluation.vllm_views import ViewBinding, bind_views
 from evomerge.evaluation.vllm_weights import (
     DirectWriter,
     LayoutRefused,
@@ -93,6 +96,7 @@ class SwapTimes:
 
     swaps: int = 0
     seconds: float = 0.0
+    copied: int = 0  # tensors the direct path copied; one the merge wrote in place (a view) is not
 
 
 class VllmEngine:
@@ -117,6 +121,7 @@ class VllmEngine:
         # (weight map, parameter addresses) until the first reload decides the path
         self._probed: tuple[WeightMap, dict[str, int]] | None = None
         self._writer: DirectWriter | None = None  # where the engine's layout allows one
+        self.view_binding: ViewBinding | None = None  # on the direct path, where the engine is in this process
 
     @property
     def model(self):
@@ -136,7 +141,7 @@ class VllmEngine:
         started = time.perf_counter()
         weights = self.model.state_dict()
         if self._writer is not None:
-            self._call(lambda llm: self._writer.write(weights))
+            self.swap_times.copied += self._call(lambda llm: self._writer.write(weights))
         else:
             self.reload_weights(weights)
         self._call(lambda llm: llm.reset_prefix_cache())
@@ -150,7 +155,8 @@ class VllmEngine:
         with self._processing():
             self._call(lambda llm: llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs}))
         if self._writer is not None and not self._writer.still_mapped(self._vllm_model()):
-            self._writer = None
+            # The resident model's views keep the replaced tensors alive: they hold its weights still.
+            self._writer = self.view_binding = None
             self.weight_path, self.weight_path_reason = RELOAD, "a reload replaced the engine's parameters"
         if self._probed is not None:
             (weight_map, addresses), self._probed = self._probed, None
@@ -159,6 +165,18 @@ class VllmEngine:
                 self.weight_path, self.weight_path_reason = DIRECT, "the forward pass reads the loaded tensors"
             except LayoutRefused as refusal:
                 self.weight_path_reason = str(refusal)
+            else:
+                self._bind_views(weight_map)
+
+    def _bind_views(self, weight_map: WeightMap) -> None:
+        """Make the resident model's tensors views of the engine's blocks, where the engine's model is in this process."""
+        engine_model = self._vllm_model()
+        if self._vllm_model() is not engine_model:
+            # A model from another process comes back as a copy: a view of it would not be the engine's.
+            self.weight_path_reason += "; every tensor is copied: the engine's model lives in another process"
+            return
+        self.view_binding = bind_views(self.model, engine_model, weight_map)
+        self.weight_path_reason += f"; {self.view_binding.describe()}"
 
     def generate(self, prompts: list[tuple[int, ...]], sampling_params) -> list:
         from vllm.inputs import TokensPrompt
@@ -169,8 +187,9 @@ class VllmEngine:
     def shutdown(self) -> None:
         """Drop the engine (a later call starts a fresh one) and its scratch folder."""
         llm, self._llm = self._llm, None
-        # The map and the writer hold the engine's parameters: dropped with it.
-        self._probed = self._writer = None
+        # The map, the writer and the views' record hold the engine's parameters: dropped with it. The
+        # resident model's views keep its weights alive until a fresh engine rebinds them.
+        self._probed = self._writer = self.view_binding = None
         self.weight_path, self.weight_path_reason = RELOAD, "the engine has not started"
         if llm is not None:
             engine = getattr(llm, "llm_engine", None)

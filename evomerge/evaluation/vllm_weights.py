@@ -198,10 +198,26 @@ class DirectWriter:
         """Whether `model`'s parameters are still the tensors this writer writes into."""
         return storage_addresses(model) == self._addresses
 
-    def write(self, tensors: Mapping[str, torch.Tensor]) -> None:
+    def write(self, tensors: Mapping[str, torch.Tensor]) -> int:
+        """Copy each tensor into its block, unless it already is that block (a view, `vllm_views`);
+        returns how many it copied."""
+        copied = 0
         with torch.no_grad():
             for name, target in self._targets:
-                target.copy_(tensors[name].reshape(target.shape))
+                if not same_memory(tensors[name], target):
+                    target.copy_(tensors[name].reshape(target.shape))
+                    copied += 1
+        return copied
+
+
+def same_memory(tensor: torch.Tensor, block: torch.Tensor) -> bool:
+    """Whether `tensor` is `block` itself: the same contiguous elements at the same address."""
+    return (
+        tensor.data_ptr() == block.data_ptr()
+        and (tensor.numel(), tensor.dtype, tensor.device) == (block.numel(), block.dtype, block.device)
+        and tensor.is_contiguous()
+        and block.is_contiguous()
+    )
 
 
 def direct_writer(

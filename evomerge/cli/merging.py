@@ -1,4 +1,4 @@
-"""`evomerge merge`: materialize a mergekit YAML as a model folder, with its model card."""
+"""`evomerge merge`: materialize a mergekit YAML (or a multi-document one, `merge/multi.py`) as a model folder, with its model card."""
 
 from __future__ import annotations
 
@@ -6,12 +6,17 @@ import contextlib
 import functools
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from evomerge.cli.app import DebugOption, app, user_errors_exit_2
 from evomerge.errors import Stopped, UserError
+
+if TYPE_CHECKING:
+    from evomerge.merge.multi import MultiMerge
 
 
 @app.command()
@@ -82,8 +87,15 @@ def materialize(
 
 
 def _materialize_documents(
-    multi, config: Path, out_dir: Path, write, seed: int, force, no_model_card, intermediate_dir
-):
+    multi: MultiMerge,
+    config: Path,
+    out_dir: Path,
+    write: Callable[..., None],
+    seed: int,
+    force: bool,
+    no_model_card: bool,
+    intermediate_dir: Path | None,
+) -> None:
     """`materialize` for a multi-document YAML: the named merges, then the final one with the model card."""
     from evomerge.merge.multi_disk import merge_documents
 

@@ -6,11 +6,13 @@ write them, and every backend scores it on two tasks built from evals/smol's shi
 multiple-choice task (the right answer among four) and a generate_until task (greedy, stop at a
 newline). Reported per backend and task: median seconds per candidate, candidates per hour, tokens
 per second, and for vllm the per-candidate weight swap and the path it took (a direct write into the
-engine's parameters where the layout allows, else vLLM's `reload_weights`), against vLLM's reload in
-place and the two ways peers get a candidate into an engine: a new engine, and a disk round trip
-(save the weights, reload them from the file). On CPU, where vLLM packs linear weights for oneDNN
-and so reloads, a second engine computing with plain F.linear (which takes the direct path) is
-timed as well: its scoring per candidate and the same four ways in.
+engine's parameters where the layout allows, with the resident model's tensors views of the
+engine's blocks so that nothing is copied, else vLLM's `reload_weights`), against a direct write
+that copies every tensor, vLLM's reload in place and the two ways peers get a candidate into an
+engine: a new engine, and a disk round trip (save the weights, reload them from the file). On CPU,
+where vLLM packs linear weights for oneDNN and so reloads, a second engine computing with plain
+F.linear (which takes the direct path) is timed as well: its scoring per candidate and the same
+ways in. The cheap ways in are timed as the median of `REPEATS` runs.
 
     python scripts/bench_eval.py --backend vllm --device cpu --out bench_out/
 """
@@ -22,6 +24,7 @@ import random
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,6 +34,7 @@ ZOO = REPO / ".cache" / "smol_zoo"
 CANDIDATES = ("base", "expert_shift", "expert_increment")
 BACKENDS = ("vllm", "native", "lm_eval")
 CHOICES = 4
+REPEATS = 5  # runs per way into the engine that takes well under a second
 
 
 def write_tasks(folder: Path, docs: int) -> list[dict]:
@@ -73,10 +77,13 @@ def swap_alternatives(model, engine, scratch: Path) -> dict[str, float]:
     """Seconds to put one candidate into the engine: its own path, vLLM's reload in place, a disk round trip, a new engine."""
     from safetensors.torch import load_file, save_file
 
-    def timed(work) -> float:
-        started = time.perf_counter()
-        work()
-        return time.perf_counter() - started
+    def timed(work, repeats: int = 1) -> float:
+        runs = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            work()
+            runs.append(time.perf_counter() - started)
+        return statistics.median(runs)
 
     def reload_in_place() -> None:
         engine.reload_weights(model.state_dict())
@@ -93,9 +100,20 @@ def swap_alternatives(model, engine, scratch: Path) -> dict[str, float]:
         engine.reload_weights(load_file(str(path)))
         engine._call(lambda llm: llm.reset_prefix_cache())
 
+    def direct_write_of_copies() -> None:
+        # A candidate held apart from the engine (every tensor copied): the direct path without views.
+        engine._call(lambda llm: engine._writer.write(copies))
+        engine._call(lambda llm: llm.reset_prefix_cache())
+
     path = engine.weight_path
-    seconds = {f"the engine's path ({path})": timed(engine.load_weights_of_model)}
-    seconds["reload_weights in place"] = timed(reload_in_place)
+    views = engine.view_binding
+    if views is not None:
+        path = f"{path}, {len(views.views)} views and {len(views.copies)} copies"
+    seconds = {f"the engine's path ({path})": timed(engine.load_weights_of_model, REPEATS)}
+    if engine._writer is not None:
+        copies = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        seconds["direct write, every tensor copied"] = timed(direct_write_of_copies, REPEATS)
+    seconds["reload_weights in place"] = timed(reload_in_place, REPEATS)
     seconds["disk round trip"] = timed(disk_round_trip)
     engine.shutdown()
     seconds["new engine"] = timed(engine.load_weights_of_model)  # starts a fresh engine, then loads the weights
@@ -153,7 +171,8 @@ def run(args) -> list[str]:
         engine.load_weights_of_model()  # the engine's start, timed apart from the candidates
         first_start = time.perf_counter() - started
         seconds, scores = score_candidates(model, weights, evaluators, args.candidates)
-        swaps, path, reason = engine.swap_times, engine.weight_path, engine.weight_path_reason
+        # A snapshot: the ways in below swap again.
+        swaps, path, reason = replace(engine.swap_times), engine.weight_path, engine.weight_path_reason
         alternatives = swap_alternatives(model, engine, Path(scratch))
         plain = []
         if args.device == "cpu":

@@ -9,9 +9,11 @@
 #      --backend vllm (vllm vs native vs lm_eval per candidate on the SmolLM2 zoo: scores equal to
 #      native's, the per-candidate weight swap and its path (a direct write into the engine's
 #      parameters where the layout allows) against vLLM's reload in place, a new engine and a disk
-#      round trip), after the direct-write GPU test (tests/evaluation/test_vllm_direct_write.py: the
+#      round trip), after the direct-write GPU tests (tests/evaluation/test_vllm_direct_write.py: the
 #      default engine on CUDA takes the direct path, its weight map agrees with vLLM's load_weights,
-#      and candidate A, then B, then A again scores A's answers both times).
+#      and candidate A, then B, then A again scores A's answers both times; test_vllm_views.py: a
+#      worker's reference merge writes the engine's weights through views of its blocks, no copy, and
+#      the fused merger's candidates reach the engine by copy, A/B/A scoring as native both ways).
 # and at real scale:
 #   1. with the fused-merge tests: the tie rule and the exact-k trim (flat tie order on CUDA), the split over simulated devices (the GPU three
 #      times), the shared host copy registered with CUDA (tests/merge/test_{tie_rule,placement,shared_host}.py);
@@ -62,8 +64,8 @@ step bench_eval 190 python scripts/bench_eval.py --device cuda --size 1.5b --rou
 VLLM_PYTHON=python
 [ -x .venv-vllm/bin/python ] && VLLM_PYTHON=.venv-vllm/bin/python
 if "$VLLM_PYTHON" -c 'import vllm' 2>/dev/null && [ -d .cache/smol_zoo/base ]; then
-  step vllm_direct_write_test 60 "$VLLM_PYTHON" -m pytest -q -p no:cacheprovider tests/evaluation/test_vllm_direct_write.py \
-    -k gpu
+  step vllm_direct_write_test 90 "$VLLM_PYTHON" -m pytest -q -p no:cacheprovider tests/evaluation/test_vllm_direct_write.py \
+    tests/evaluation/test_vllm_views.py -k "gpu or cuda"
   step bench_eval_vllm 120 "$VLLM_PYTHON" scripts/bench_eval.py --backend vllm --device cuda --docs 40 --candidates 3 \
     --out "$OUT_DIR/vllm"
 else

@@ -8,8 +8,9 @@ copies nothing, and the blocks equal the same merge written into a separate mode
 scores what the native backend scores on that separate model, A the same both times, and vLLM's
 `reload_weights` in place changes no answer and keeps the views. A fresh engine rebinds them. A
 reload that replaces the engine's parameters leaves the resident model whole (later candidates go
-through `reload_weights`); a resident tensor that is a view into a larger buffer (the fused merger's
-flat output) keeps its copy, the reason recorded. Skipped without vLLM; the GPU case without CUDA.
+through `reload_weights`). The fused merger's resident tensors are views of its flat output buffer,
+which its kernel writes: they keep their copy, the reason recorded, and A, then B, then A still
+scores what native scores (Triton's interpreter on CPU). Skipped without vLLM; the GPU cases without CUDA.
 """
 
 from __future__ import annotations
@@ -160,29 +161,34 @@ def test_a_reload_that_replaces_the_engine_parameters_leaves_the_resident_model_
         engine.shutdown()
 
 
-def test_a_resident_tensor_inside_a_larger_buffer_keeps_its_copy(zoo):
-    model, separate = resident(zoo, "cpu"), resident(zoo, "cpu")
-    parameters = list(model.parameters())
-    # As the fused merger adopts the model: every parameter a view of one flat buffer its kernel writes.
-    flat = torch.cat([parameter.detach().reshape(-1) for parameter in parameters])
-    offset = 0
-    for parameter in parameters:
-        parameter.data = flat[offset : offset + parameter.numel()].view(parameter.shape)
-        offset += parameter.numel()
-    vllm = vllm_evaluator(model, "cpu")
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_fused_merger_keeps_its_flat_buffer_and_the_engine_gets_copies(zoo, device):
+    union = merge_config(zoo, "task_arithmetic", (1.0, 1.0))
+    candidates = {
+        name: merge_config(zoo, "task_arithmetic", weights) for name, weights in (("a", (0.7, 0.2)), ("b", (-0.3, 1.0)))
+    }
+    model, separate = resident(zoo, device), resident(zoo, device)
+    # The fused path (Triton's interpreter on CPU): the resident tensors are views of its flat output buffer.
+    merger = CandidateMerger.create(model, union, "task_arithmetic", [device], interpreter_ok=device == "cpu")
+    assert merger.path == "fused"
+    sources = ResidentSources.load(union, device=device, tie_order="flat")
+    vllm = vllm_evaluator(model, device)
     native = Evaluator(separate, char_tokenizer(), eval_set(TASKS, limit=10), backend="native")
     engine = vllm._scorer.engine
+    answers = []
     try:
-        vllm.evaluate()
+        for name in ("a", "b", "a"):
+            merger.merge(candidates[name])
+            merge_into_model(separate, sources, candidates[name])
+            vllm.evaluate()
+            native.evaluate()
+            answers.append(vllm.responses())
+            assert_answers_equal(answers[-1], native.responses())
         binding = engine.view_binding
-        assert engine.weight_path == DIRECT and binding is not None and not binding.views
+        assert engine.weight_path == DIRECT and binding is not None and not binding.views, engine.weight_path_reason
         assert set(binding.copies) == set(dict(model.named_parameters(remove_duplicate=False)))
-        assert "larger buffer" in engine.weight_path_reason
-        flat.mul_(0.5)  # the buffer's writer: the engine gets it through the copy
-        separate.load_state_dict(model.state_dict())
-        vllm.evaluate()
-        native.evaluate()
-        assert engine.swap_times.copied > 0
-        assert_answers_equal(vllm.responses(), native.responses())
+        assert "fused merger" in engine.weight_path_reason
+        assert engine.swap_times.copied > 0 and merger.path == "fused"
     finally:
         engine.shutdown()
+    assert answers[1] != answers[0] and answers[2] == answers[0]

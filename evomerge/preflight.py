@@ -69,7 +69,8 @@ def preflight(
     _check_distinct_weights(fields, source)
     num_layers = validated.folders[folders[spec.models.base]].num_layers
     _check_layer_groups(spec, num_layers, source)
-    if spec.search.layers and (problem := layer_genome_problem(spec, validated.folders[folders[spec.models.base]])):
+    searches_layers = spec.search.layers or spec.search.phased  # a phased run's second phase is a layer search
+    if searches_layers and (problem := layer_genome_problem(spec, validated.folders[folders[spec.models.base]])):
         raise UserError(f"{source}: {problem}")
     genome = LayerGenome(spec, num_layers) if spec.search.layers else make_genome(spec, num_layers)
     for x in first_points(genome):

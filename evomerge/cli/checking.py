@@ -61,6 +61,8 @@ def validate(
         "models": prepared.sources.exported(),  # hub models as org/name@commit: the files a search reads
     }
     merged = "layer paths (passthrough)" if spec.search.layers else " or ".join(spec.merge.methods)
+    if spec.search.phased:
+        merged += f" for {spec.search.params_evals(spec.budget.max_evals)} evaluations, then layer paths with its winner as one more source,"
     ok = f"ok: {merged} over {len(spec.models.experts)} experts, {prepared.genome.dim} genes, {spec.optimizer.name}, tasks: {', '.join(summary['tasks'])} ({prepared.search_docs:,} search documents per candidate)"
     ok += _hub_models_line(prepared.sources, spec_path, bool(model_pins(lock)))
     if spec.workers.device == "cuda" and gpu_bytes is None:  # GPU workers, planned from a machine without one
@@ -122,6 +124,13 @@ def _memory_plan(spec, base_folder: str, gpu_bytes: int | None, gpus: int | None
         from evomerge.merge.layer_memory import plan_for_spec
 
         return plan_for_spec(spec, base_folder, gpu_bytes, gpus)
+    if spec.search.phased:  # a parameter phase's workers, then a layer phase's with the winner as one more source
+        from evomerge.search.phases import layer_spec
+        from evomerge.search_space import DEFAULT_SEARCH_SPACE
+
+        phases = [_memory_plan(spec.model_copy(update={"search": DEFAULT_SEARCH_SPACE}), base_folder, gpu_bytes, gpus)]
+        phases.append(_memory_plan(layer_spec(spec), base_folder, gpu_bytes, gpus))
+        return max(phases, key=lambda plan: (not plan.fits, plan.bytes_per_device))
     from evomerge.merge.io import parse_dtype
     from evomerge.merge.registry import METHODS
 

@@ -181,3 +181,17 @@ def journal_budget(run: RunDir | Ledger, before: Spec, after: Spec) -> None:
         )
     finally:
         journal.close()
+
+
+def refuse_a_broken_setup(tally, deaths_in_a_row: int, workers: int, run_dir) -> None:
+    """Every evaluation so far failed, or workers died on every recent candidate: the setup is
+    broken, not the candidates; say why and stop."""
+    enough = max(6, 3 * workers)
+    if tally.completed == 0 and tally.failed >= enough:
+        raise UserError(
+            f"the first {tally.failed} evaluations all failed (last: {tally.last_failure}); fix the cause and run 'evomerge resume {run_dir}'"
+        )
+    if deaths_in_a_row >= enough:
+        raise UserError(
+            f"workers died on each of the last {deaths_in_a_row} candidates (last: {tally.last_failure}); fix what kills them (memory, a model or task file), then run 'evomerge resume {run_dir}'"
+        )

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import yaml
 
+from evomerge.errors import UserError
 from evomerge.evaluation.hub_data import dataset_fingerprints
 from evomerge.evaluation.tasks import resolve_tasks
 from evomerge.files import nested_leaves, write_text_atomic
@@ -99,6 +100,21 @@ def first_change(journaled: dict[str, str], current: dict[str, str]) -> str | No
             return f"{path}: changed since the run started"
     added = sorted(current.keys() - journaled.keys())
     return f"{added[0]}: new since the run started" if added else None
+
+
+def checked_inputs(
+    last: dict[str, str] | None, current: dict[str, str], accept_changed: bool, run_dir
+) -> dict[str, str]:
+    """`current`; refused (one line naming the file) when it differs from the last start's inputs
+    unless `accept_changed`. A run journaled before input fingerprints existed has nothing to compare."""
+    change = first_change(last, current) if last is not None else None
+    if change and not accept_changed:
+        raise UserError(
+            f"{change}; restore it, or run 'evomerge resume {run_dir} --accept-changed-inputs' to go on with the changed inputs"
+        )
+    if change:
+        LOG.warning("%s; going on with the changed inputs (--accept-changed-inputs)", change)
+    return current
 
 
 def model_folder_digests(folder: Path, cache: DigestCache | None = None) -> dict[str, str]:

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from evomerge.errors import UserError
 from evomerge.evaluation.fidelity import RaceTargets
 from evomerge.evaluation.hub_data import pin_datasets, revisions_from_fingerprints
 from evomerge.evaluation.scores import task_weights
@@ -36,9 +35,9 @@ from evomerge.rundir.layout import RunDir
 from evomerge.rundir.ledger import TIES_FIELD, Ledger, rate_per_min
 from evomerge.rundir.pareto import objective_values
 from evomerge.rundir.trials import Trial
-from evomerge.search.budget import docs_spent_of
+from evomerge.search.budget import docs_spent_of, refuse_a_broken_setup
 from evomerge.search.heldout import rescore_heldout
-from evomerge.search.inputs import first_change, input_fingerprints
+from evomerge.search.inputs import checked_inputs, input_fingerprints
 from evomerge.search.phases import LAYERS, Phases
 from evomerge.search.progress import ProgressMode, ProgressSettings, SearchProgress
 from evomerge.search.replay import restore_optimizer
@@ -226,16 +225,7 @@ class Search:
 
     def _checked_inputs(self) -> dict[str, str]:
         """The inputs now; refused (one line naming the file) when they differ from the last start's."""
-        current, last = self.current_inputs(), self.ledger.last_inputs
-        # A run journaled before input fingerprints existed has nothing to compare with.
-        change = first_change(last, current) if last is not None else None
-        if change and not self.accept_changed_inputs:
-            raise UserError(
-                f"{change}; restore it, or run 'evomerge resume {self.rundir} --accept-changed-inputs' to go on with the changed inputs"
-            )
-        if change:
-            LOG.warning("%s; going on with the changed inputs (--accept-changed-inputs)", change)
-        return current
+        return checked_inputs(self.ledger.last_inputs, self.current_inputs(), self.accept_changed_inputs, self.rundir)
 
     def _searched(self) -> float:
         """Seconds this run has searched: this start's so far plus every earlier start's."""
@@ -264,20 +254,7 @@ class Search:
                 self._record(job, result)
                 progress.update(self.tally, self.trials[job.trial_id])
             progress.update(self.tally)  # a status line per minute even when no result came
-            self._stop_if_nothing_works(scheduler)
-
-    def _stop_if_nothing_works(self, scheduler: Scheduler) -> None:
-        """Every evaluation so far failed, or workers died on every recent candidate: the setup is
-        broken, not the candidates; say why and stop."""
-        tally, enough = self.tally, max(6, 3 * len(scheduler.slots))
-        if tally.completed == 0 and tally.failed >= enough:
-            raise UserError(
-                f"the first {tally.failed} evaluations all failed (last: {tally.last_failure}); fix the cause and run 'evomerge resume {self.run_dir}'"
-            )
-        if self.deaths_in_a_row >= enough:
-            raise UserError(
-                f"workers died on each of the last {self.deaths_in_a_row} candidates (last: {tally.last_failure}); fix what kills them (memory, a model or task file), then run 'evomerge resume {self.run_dir}'"
-            )
+            refuse_a_broken_setup(self.tally, self.deaths_in_a_row, len(scheduler.slots), self.run_dir)
 
     def _next_job(self) -> Job | None:
         for label, config in self.prepared.baselines:
@@ -294,7 +271,7 @@ class Search:
         seeded = next((label for label, point in self.seeds if np.array_equal(point, ask.x)), None)
         config = genome.merge_config_dict(ask.x, params)
         method = [config["merge_method"]] if getattr(genome, "choice", None) else []  # a method gene: named
-        notes = method + ([f"seeded: {seeded}"] if seeded else [])
+        notes = self.phases.label_notes() + method + ([f"seeded: {seeded}"] if seeded else [])
         label = f"trial {ask.trial_id}" + (f" ({', '.join(notes)})" if notes else "")
         trial = Trial(ask.trial_id, "optimizer", label, config, params)
         trial.race = self.race_targets.for_trial(ask.trial_id) if self.race_targets else None

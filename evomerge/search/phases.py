@@ -71,6 +71,10 @@ class Phases:
         """The layer phase's seeds (the winner alone), as the change journaled them."""
         return journaled_seeds(self.change) if self.change is not None else []
 
+    def label_notes(self) -> list[str]:
+        """What a candidate's label says of its phase ('params' or 'layers'); nothing in a one-space run."""
+        return [self.current] if self.current else []
+
     def params_spent(self, tally: Tally) -> bool:
         """Phase 1 has asked its share: no more parameter candidates."""
         return self.current == PARAMS and tally.asked >= self.params_evals

@@ -7,6 +7,8 @@ engine's weights with no copy: each resident tensor's address is its block's, th
 copies nothing, and the blocks equal the same merge written into a separate model; every candidate
 scores what the native backend scores on that separate model, A the same both times, and vLLM's
 `reload_weights` in place changes no answer and keeps the views. A fresh engine rebinds them. A
+search worker (its merger made first, its engine started by the first candidate it scores) merges
+into the engine the same way, with no copy, and scores A the same both times. A
 reload that replaces the engine's parameters leaves the resident model whole (later candidates go
 through `reload_weights`). The fused merger's resident tensors are views of its flat output buffer,
 which its kernel writes: they keep their copy, the reason recorded, and A, then B, then A still
@@ -192,3 +194,29 @@ def test_the_fused_merger_keeps_its_flat_buffer_and_the_engine_gets_copies(zoo, 
     finally:
         engine.shutdown()
     assert answers[1] != answers[0] and answers[2] == answers[0]
+
+
+def test_a_search_worker_merges_into_the_engine_it_starts_at_its_first_candidate(zoo):
+    from evomerge.search.worker import MergeWorker, WorkerSettings
+
+    union = merge_config(zoo, "task_arithmetic", (1.0, 1.0))
+    settings = WorkerSettings(
+        base_model=str(zoo / "base"),
+        union_config=union.model_dump(exclude_none=True),
+        eval_sets={"search": eval_set(TASKS, limit=10, backend="vllm")},
+    )
+    worker = MergeWorker(settings)  # the merger exists before the engine, which the first candidate starts
+    engine = worker.evaluators["search"][0]._scorer.engine
+    engine.plain_cpu_linear = True
+    candidates = [
+        merge_config(zoo, method, (0.7, 0.2)).model_dump(exclude_none=True) for method in ("ties", "dare_ties")
+    ]
+    try:
+        results = [worker.evaluate(trial, candidates[trial % 2]) for trial in range(3)]
+        assert all(result.ok for result in results), [result.reason for result in results]
+        assert engine.starts == 1 and worker.merger.path == "reference"
+        assert_views_hold(worker.model, engine, dict(worker.model.named_parameters(remove_duplicate=False)))
+        assert engine.swap_times.copied == 0
+    finally:
+        engine.shutdown()
+    assert results[0].score == results[2].score and results[0].metrics == results[2].metrics

@@ -180,3 +180,32 @@ def test_resume_refuses_a_changed_spec(tmp_path, trained_zoo):
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(frozen))
     result = cli("resume", run_dir, check=False)
     assert result.returncode == 2 and "spec was changed" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_params_then_layers_search_exports_what_its_layer_workers_scored(tmp_path, trained_zoo, mergekit_merge):
+    """Real Ray workers through the phase change: the exported two-document YAML, merged by evomerge
+    and by mergekit-multi, is the model the layer phase scored."""
+    from merge.mergekit_equality import compare_folders
+    from merge.test_multi_merge import run_mergekit_multi
+
+    spec_path = write_spec(tmp_path, trained_zoo, "e2e-phased", {"name": "cmaes", "seed": 1, "popsize": 4}, 20)
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["merge"] = {"method": "task_arithmetic"}
+    spec["search"] = {"space": "params_then_layers"}
+    spec_path.write_text(yaml.safe_dump(spec))
+    cli("validate", spec_path)
+    cli("search", spec_path)
+    run_dir = tmp_path / "runs" / "e2e-phased"
+    status = json.loads(cli("status", run_dir, "--json").stdout)
+    assert status["finished"] and status["phase"].startswith("layers")
+    events = journal(run_dir)
+    first = next(e for e in events if e["event"] == "phase_changed")["first_trial"]
+    layered = [e for e in events if e["event"] == "completed" and e["trial"] >= first]
+    best = max(layered, key=lambda e: e["score"])
+    exported = tmp_path / "layers.yaml"
+    cli("export", run_dir, "--trial", best["trial"], "-o", exported)
+    ours = tmp_path / "ours"
+    cli("merge", exported, ours)
+    run_mergekit_multi(exported, tmp_path / "theirs", tmp_path / "theirs_steps")
+    compare_folders(ours, tmp_path / "theirs").assert_bit_for_bit()
+    assert rescore(ours, spec_path) == best["score"]

@@ -8,7 +8,8 @@ copies nothing, and the blocks equal the same merge written into a separate mode
 scores what the native backend scores on that separate model, A the same both times, and vLLM's
 `reload_weights` in place changes no answer and keeps the views. A fresh engine rebinds them. A
 search worker (its merger made first, its engine started by the first candidate it scores) merges
-into the engine the same way, with no copy, and scores A the same both times. A
+into the engine the same way, with no copy, and scores A the same each time, after an engine that
+died mid-candidate too (the fresh engine rebinds the views). A
 reload that replaces the engine's parameters leaves the resident model whole (later candidates go
 through `reload_weights`). The fused merger's resident tensors are views of its flat output buffer,
 which its kernel writes: they keep their copy, the reason recorded, and A, then B, then A still
@@ -196,7 +197,9 @@ def test_the_fused_merger_keeps_its_flat_buffer_and_the_engine_gets_copies(zoo, 
     assert answers[1] != answers[0] and answers[2] == answers[0]
 
 
-def test_a_search_worker_merges_into_the_engine_it_starts_at_its_first_candidate(zoo):
+def test_a_search_worker_merges_into_the_engine_it_starts_at_its_first_candidate(zoo, monkeypatch):
+    from vllm.v1.engine.exceptions import EngineDeadError
+
     from evomerge.search.worker import MergeWorker, WorkerSettings
 
     union = merge_config(zoo, "task_arithmetic", (1.0, 1.0))
@@ -217,6 +220,17 @@ def test_a_search_worker_merges_into_the_engine_it_starts_at_its_first_candidate
         assert engine.starts == 1 and worker.merger.path == "reference"
         assert_views_hold(worker.model, engine, dict(worker.model.named_parameters(remove_duplicate=False)))
         assert engine.swap_times.copied == 0
+
+        def dead(*args, **kwargs):
+            raise EngineDeadError("EngineCore encountered an issue")
+
+        # An engine that dies leaves the model viewing its blocks; the next engine rebinds them.
+        monkeypatch.setattr(engine._llm, "generate", dead)
+        assert not worker.evaluate(3, candidates[1]).ok
+        results.append(worker.evaluate(4, candidates[0]))
+        assert results[-1].ok and engine.starts == 2
+        assert_views_hold(worker.model, engine, dict(worker.model.named_parameters(remove_duplicate=False)))
     finally:
         engine.shutdown()
-    assert results[0].score == results[2].score and results[0].metrics == results[2].metrics
+    for again in (results[2], results[3]):
+        assert (again.score, again.metrics) == (results[0].score, results[0].metrics)

@@ -4,7 +4,10 @@ The engine runs in the worker's process, on its first device, beside the residen
 model, and holds:
 
 * its own copy of the weights, as many bytes as the resident model (vLLM's fused `qkv_proj` and
-  `gate_up_proj` layouts hold the same elements in the same dtype);
+  `gate_up_proj` layouts hold the same elements in the same dtype). Where the resident model's
+  tensors become views of it (`vllm_views.py`) the model's own copy is freed, but the fused merge
+  path and the `reload_weights` path keep both, and which one a worker takes is known only once
+  its engine runs: the plan counts both;
 * one engine step's activations and float32 logits (prompt log probabilities take every
   position's), and the CUDA context;
 * its KV cache. With `evaluation.vllm.gpu_memory_utilization` unset, `KV_CACHE_BYTES` or one

@@ -14,7 +14,9 @@ weights: the parameters must be the same tensors as when probed (nothing replace
 hold the resident weights through the map (nothing repacked, transposed or quantized them in
 place), and no layer may keep a kernel-side copy (vLLM's CPU backend packs linear and `lm_head`
 weights for oneDNN and computes with the packed copy). A layout that fails any of these keeps the
-`reload_weights` path; the reason is recorded.
+`reload_weights` path; the reason is recorded. On the direct path the resident model's tensors
+then become views of their blocks where they can (`vllm_views.py`); the writer copies only the
+tensors that are not already their block (`same_memory`).
 """
 
 from __future__ import annotations

@@ -4,16 +4,17 @@ Promise: on the direct path (CPU with plain F.linear; a GPU's default engine) ev
 resident model (a tied Llama: the head follows its embedding) becomes a view of its engine block.
 A worker's merge (CandidateMerger, reference path) of candidate A, then B, then A then writes the
 engine's weights with no copy: each resident tensor's address is its block's, the engine's swap
-copies nothing, and the blocks equal the same merge written into a separate model; every candidate
-scores what the native backend scores on that separate model, A the same both times, and vLLM's
-`reload_weights` in place changes no answer and keeps the views. A fresh engine rebinds them. A
+copies nothing, and the blocks equal the same merge written into a separate model. Every candidate
+scores what the native backend scores on that separate model (on a GPU, whose kernels round
+otherwise than torch's, log probabilities within 1e-3), and what vLLM's `reload_weights` in place
+gives, which keeps the views; A scores the same both times. A fresh engine rebinds the views. A
 search worker (its merger made first, its engine started by the first candidate it scores) merges
-into the engine the same way, with no copy, and scores A the same each time, after an engine that
-died mid-candidate too (the fresh engine rebinds the views). A
-reload that replaces the engine's parameters leaves the resident model whole (later candidates go
-through `reload_weights`). The fused merger's resident tensors are views of its flat output buffer,
-which its kernel writes: they keep their copy, the reason recorded, and A, then B, then A still
-scores what native scores (Triton's interpreter on CPU). Skipped without vLLM; the GPU cases without CUDA.
+into the engine the same way, with no copy, and scores A the same each time, also after an engine
+that died mid-candidate. A reload that replaces the engine's parameters leaves the resident model
+whole (later candidates go through `reload_weights`). The fused merger's resident tensors are views
+of its flat output buffer, which its kernel writes: they keep their copy, the reason recorded, and
+A, then B, then A still scores what native scores (Triton's interpreter on CPU). Skipped without
+vLLM; the GPU cases without CUDA.
 """
 
 from __future__ import annotations
@@ -90,6 +91,31 @@ def assert_answers_equal(answers: dict, expected: dict) -> None:
                 assert_same_answer(answer, expected_answer, task, 1e-5)
 
 
+def assert_native_answers(answers: dict, native: dict, device: str) -> None:
+    """On CPU every answer as native's; on a GPU, whose kernels round otherwise, each log probability within 1e-3."""
+    if device == "cpu":
+        assert_answers_equal(answers, native)
+        return
+    for task, docs in native.items():
+        for expected_doc, doc in zip(docs, answers[task], strict=True):
+            for expected, answer in zip(expected_doc, doc, strict=True):
+                if isinstance(expected, tuple):
+                    assert answer[0] == pytest.approx(expected[0], abs=1e-3), task
+
+
+def assert_reload_path_answers(vllm: Evaluator, model, expected: dict) -> None:
+    """vLLM's `reload_weights` in place of the resident weights, then the same answers, the views kept."""
+    engine = vllm._scorer.engine
+    views = engine.view_binding
+    engine.reload_weights(model.state_dict())
+    engine._call(lambda llm: llm.reset_prefix_cache())
+    vllm.evaluate(weights_changed=False)
+    assert_answers_equal(vllm.responses(), expected)
+    assert engine.view_binding is views and views is not None
+    for name, tensor in model.named_parameters(remove_duplicate=False):
+        assert tensor.data_ptr() == views.views[name].data_ptr(), name
+
+
 def assert_views_hold(model, engine, merged: dict[str, torch.Tensor]) -> None:
     """Every resident tensor is its engine block (the same address), and the block holds the merge's weights."""
     binding = engine.view_binding
@@ -119,15 +145,12 @@ def test_a_b_a_merged_into_the_engine_scores_what_native_scores_with_no_copy(zoo
             vllm.evaluate()
             native.evaluate()
             answers.append(vllm.responses())
-            assert_answers_equal(answers[-1], native.responses())
+            assert_native_answers(answers[-1], native.responses(), device)
             assert engine.weight_path == DIRECT, engine.weight_path_reason
             assert_views_hold(model, engine, dict(separate.named_parameters(remove_duplicate=False)))
-        assert engine.swap_times.copied == 0
+            assert engine.swap_times.copied == 0
+            assert_reload_path_answers(vllm, model, answers[-1])
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-        engine.reload_weights(model.state_dict())  # vLLM's reload in place: the same answers, the views kept
-        vllm.evaluate(weights_changed=False)
-        assert_answers_equal(vllm.responses(), answers[0])
-        assert_views_hold(model, engine, dict(separate.named_parameters(remove_duplicate=False)))
         engine.shutdown()  # a fresh engine rebinds the views the old one made
         vllm.evaluate()
         assert engine.starts == 2
@@ -186,7 +209,7 @@ def test_the_fused_merger_keeps_its_flat_buffer_and_the_engine_gets_copies(zoo, 
             vllm.evaluate()
             native.evaluate()
             answers.append(vllm.responses())
-            assert_answers_equal(answers[-1], native.responses())
+            assert_native_answers(answers[-1], native.responses(), device)
         binding = engine.view_binding
         assert engine.weight_path == DIRECT and binding is not None and not binding.views, engine.weight_path_reason
         assert set(binding.copies) == set(dict(model.named_parameters(remove_duplicate=False)))

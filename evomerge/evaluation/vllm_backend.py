@@ -12,9 +12,9 @@ weights for oneDNN and computes with the copy: no, unless the engine computes wi
 and no post-load processing; otherwise each goes through `reload_weights`. On the direct path the
 resident model's tensors then become views of those blocks where they can (`vllm_views.py`): the
 merge writes the engine's weights itself, and a candidate costs only the copies of the tensors that
-cannot be views. `weight_path` and `weight_path_reason` say which path an engine took and why. Then the prefix cache, the only cache
-that depends on the weights (the engine runs eager, so there are no captured CUDA graphs), is
-reset. Scoring A, then B, then A again gives A's scores both times.
+cannot be views. `weight_path`, `weight_path_reason` and `view_binding` say which path an engine
+took and why. Then the prefix cache, the only cache that depends on the weights (the engine runs
+eager, so there are no captured CUDA graphs), is reset. Scoring A, then B, then A again gives A's scores both times.
 
 Requests are the token ids `requests.py` built for the native backend:
 

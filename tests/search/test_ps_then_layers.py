@@ -250,3 +250,46 @@ def test_report_and_status_read_a_phased_run(finished):
     assert status.returncode == 0 and "phase: layers" in status.stdout, status.stdout + status.stderr
     report = run_cli_in_process("report", run_dir)
     assert report.returncode == 0, report.stderr
+
+
+def test_a_tpe_phased_search_resumes_to_the_same_journal(zoo, tmp_path):
+    optimizer = {"name": "tpe", "seed": 7, "n_startup_trials": 3}
+    journals = []
+    for name, stop_after in (("tpe-reference", None), ("tpe-interrupted", 17)):
+        data = phased_data(tmp_path, zoo, name)
+        data["optimizer"] = optimizer
+        spec = parse_spec(data, "spec", tmp_path)
+        run_dir = create_run_dir(spec)
+        if stop_after is not None:
+            with pytest.raises(KeyboardInterrupt):
+                run_phased(spec, run_dir, interrupt_after=stop_after)
+            run, spec, _ = open_run(run_dir)
+            run_phased(spec, run)
+        else:
+            run_phased(spec, run_dir)
+        journals.append(journal_state(run_dir))
+    assert journals[0] == journals[1]
+    assert any(state[0] == "phase_changed" for state in journals[0])
+
+
+def test_more_budget_extends_the_layer_phase(finished, tmp_path):
+    import shutil
+
+    from evomerge.rundir.results import docs_scored
+    from evomerge.rundir.trials import replay
+    from evomerge.search.budget import BudgetRequest, effective_spec, extended_spec, journal_budget
+
+    reference_dir, _, _ = finished
+    run_dir = tmp_path / "extended"
+    shutil.copytree(reference_dir, run_dir)
+    run, frozen, events = open_run(run_dir)
+    spec = effective_spec(frozen, events)
+    asked = sum(1 for e in events if e["event"] == "asked")
+    journal_budget(run, spec, extended_spec(spec, BudgetRequest(max_evals=30), asked, docs_scored(replay(events))))
+    run_phased(effective_spec(frozen, read_events(run_dir / "journal.jsonl")), run)
+    events = read_events(run_dir / "journal.jsonl")
+    first = next(e for e in events if e["event"] == "phase_changed")["first_trial"]
+    asked = [e for e in events if e["event"] == "asked"]
+    assert len(asked) == 30 and [e["event"] for e in events].count("phase_changed") == 1
+    assert sum(e["trial"] >= first for e in asked) == 18  # the 6 new evaluations all go to the layer phase
+    assert events[-1]["event"] == "run_finished"

@@ -67,6 +67,7 @@ ZOOS = {
     "forget": ("build_forgetting_zoo", "forget.yaml"),
     "smol": ("build_smol_zoo", "smol.yaml"),
     "stacking": ("build_stacking_zoo", "stacking_params.yaml"),
+    "stacking_pass": ("build_stacking_pass_zoo", "stacking_pass_params.yaml"),
 }
 PASS_SE = 2.0  # the bar: the evolved merge beats the base by at least 2 SE held-out
 

@@ -9,6 +9,11 @@ consecutive layers of one model, so the candidate a worker scores is the config 
 writes and `mergekit-yaml` rebuilds. The embeddings come from the first step's model and the final
 norm and head from the last step's (mergekit's rule for slices).
 
+With `search.block: k` one slot's genes cover k consecutive positions (layers), taken together
+from one model at one scale: k times fewer genes, and moves that swap or add a whole block at once
+(a depth-expanded model's new block, a stack of blocks) are one step for the optimizer instead of
+k coordinated ones.
+
 x0 is the base itself (its layers in order, the repeats skipped); each parent alone is a baseline
 point too. Genes sit mid-bin (0.75 / 0.25 for take / skip) so the optimizer starts inside a bin,
 not on its edge.
@@ -63,8 +68,9 @@ class LayerGenome:
         self.num_layers = num_layers
         self.models = [spec.models.base, *spec.models.experts]
         self.steps = spec.search.steps_for(num_layers)
-        if self.steps < num_layers:
-            raise ValueError(f"{self.steps} steps cannot hold the base's {num_layers} layers")
+        self.block = spec.search.layers_per_slot  # consecutive positions one slot's genes take together
+        if self.steps < num_layers or self.steps % self.block or num_layers % self.block:
+            raise ValueError(f"{self.steps} steps in blocks of {self.block} cannot hold the base's {num_layers} layers")
         self.genes = self._make_genes()
         self.dim = len(self.genes)
         self.lower = np.zeros(self.dim)
@@ -72,7 +78,7 @@ class LayerGenome:
 
     def _make_genes(self) -> list[LayerGene]:
         genes = []
-        for slot in range(self.steps):
+        for slot in range(self.steps // self.block):
             genes.append(LayerGene(INCLUDE, slot, 0.0, 1.0))
             if len(self.models) > 1:
                 genes.append(LayerGene(MODEL, slot, 0.0, float(len(self.models) - 1)))
@@ -80,26 +86,27 @@ class LayerGenome:
                 genes.append(LayerGene(SCALE, slot, *SCALE_BOUNDS))
         return genes
 
-    def layer_of(self, slot: int) -> int:
-        return slot % self.num_layers
+    def layer_of(self, position: int) -> int:
+        return position % self.num_layers
 
     def gene_table(self) -> list[GeneRow]:
-        """What every gene means, for the journal and the report: slot t acts on layer t mod L."""
+        """What every gene means, for the journal and the report: slot s acts on the layers of
+        positions s*block .. s*block+block-1, position t being layer t mod L."""
         return [
-            GeneRow(
-                gene.name, gene.param, None, gene.slot, None, (self.layer_of(gene.slot), self.layer_of(gene.slot) + 1)
-            )
+            GeneRow(gene.name, gene.param, None, gene.slot, None, (first, first + self.block))
             for gene in self.genes
+            for first in [self.layer_of(gene.slot * self.block)]
         ]
 
     # -- points ------------------------------------------------------------------------------
 
     def path_point(self, path: list[Step]) -> np.ndarray:
-        """The point whose decode is `path`: each step at the first slot of its layer after the previous step's."""
+        """The point whose decode is `path`: each step at the first position of its layer after the
+        previous step's; a slot's positions must be all taken, from one model at one scale, or none."""
         chosen = dict(zip(self._slots_of(path), path, strict=True))
         point = []
         for gene in self.genes:
-            step = chosen.get(gene.slot)
+            step = self._slot_step(chosen, gene.slot)
             if gene.param == INCLUDE:
                 point.append(TAKE if step else SKIP)
             elif gene.param == MODEL:
@@ -107,6 +114,18 @@ class LayerGenome:
             else:
                 point.append(_scale_unit(step.scale if step else 1.0))
         return np.array(point)
+
+    def _slot_step(self, chosen: dict[int, Step], slot: int) -> Step | None:
+        """The step that stands for slot `slot`'s positions in `chosen` (position -> step), or None."""
+        steps = [chosen.get(position) for position in range(slot * self.block, (slot + 1) * self.block)]
+        if all(step is None for step in steps):
+            return None
+        first = steps[0]
+        if first is None or any(
+            step is None or (step.model, step.scale) != (first.model, first.scale) for step in steps
+        ):
+            raise ValueError(f"the path does not fit slots of {self.block} layers taken together")
+        return first
 
     def _slots_of(self, path: list[Step]) -> list[int]:
         slots, slot = [], -1
@@ -165,11 +184,12 @@ class LayerGenome:
     def path(self, values: dict[str, float]) -> list[Step]:
         """The decoded path: every taken slot, in order."""
         steps = []
-        for slot in range(self.steps):
+        for position in range(self.steps):
+            slot = position // self.block
             if values[gene_name(INCLUDE, None, slot, None)]:
                 model = int(values.get(gene_name(MODEL, None, slot, None), 0.0))
                 scale = values.get(gene_name(SCALE, None, slot, None), 1.0)
-                steps.append(Step(model, self.layer_of(slot), scale))
+                steps.append(Step(model, self.layer_of(position), scale))
         return steps
 
     def to_merge_config(self, x) -> MergeConfig:
@@ -220,6 +240,12 @@ def layer_genome_problem(spec: Spec, base: ModelFolder) -> str | None:
         return (
             f"search.max_steps: {steps} is fewer than the base model's {base.num_layers} layers, so the base itself "
             f"is no path; use at least {base.num_layers}"
+        )
+    block = spec.search.layers_per_slot
+    if base.num_layers % block or steps % block:
+        return (
+            f"search.block: {block} must divide the base model's {base.num_layers} layers and search.max_steps ({steps}); "
+            f"use a divisor of {base.num_layers}"
         )
     if spec.search.scales and not all(any(w in name for name in base.tensors) for w in RESIDUAL_WRITERS):
         return (

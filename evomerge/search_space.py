@@ -43,6 +43,13 @@ class SearchSpaceSpec(Strict):
         description=f"layers: one more gene per slot scaling what the step writes to the residual stream (its o_proj and down_proj), in {list(SCALE_BOUNDS)}.",
     )
 
+    block: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_STEPS_LIMIT,
+        strict=True,
+        description="layers: consecutive layers one set of genes takes together (take or skip, whose, the scale); default 1. The base's depth and max_steps must be multiples of it.",
+    )
     params_share: float | None = Field(
         None,
         gt=0,
@@ -53,7 +60,7 @@ class SearchSpaceSpec(Strict):
     @model_validator(mode="after")
     def _layer_settings_need_layers(self):
         if self.space == "params":
-            for name in ("max_steps", "scales"):
+            for name in ("max_steps", "scales", "block"):
                 if name in self.model_fields_set and getattr(self, name) not in (None, False):
                     raise ValueError(f"search.{name} applies to space: layers only; remove it or set space: layers")
         if self.space != "params_then_layers" and self.params_share is not None:
@@ -63,11 +70,12 @@ class SearchSpaceSpec(Strict):
         return self
 
     @model_serializer(mode="wrap")
-    def _without_unset_share(self, handler: SerializerFunctionWrapHandler) -> dict:
-        """A spec that does not use `params_share` dumps (and fingerprints) as before the field existed."""
+    def _without_unset_fields(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """A spec that does not use `params_share` or `block` dumps (and fingerprints) as before they existed."""
         data = handler(self)
-        if data.get("params_share") is None:
-            data.pop("params_share", None)
+        for name in ("params_share", "block"):
+            if data.get(name) is None:
+                data.pop(name, None)
         return data
 
     @property
@@ -81,18 +89,23 @@ class SearchSpaceSpec(Strict):
 
     def layer_space(self) -> SearchSpaceSpec:
         """The second phase's space: `layers` with this spec's slots and scales."""
-        return SearchSpaceSpec(space="layers", max_steps=self.max_steps, scales=self.scales)
+        return SearchSpaceSpec(space="layers", max_steps=self.max_steps, scales=self.scales, block=self.block)
 
     def params_evals(self, max_evals: int) -> int:
         """The evaluations (baselines included) the parameter phase of a params_then_layers run gets."""
         share = DEFAULT_PARAMS_SHARE if self.params_share is None else self.params_share
         return round(share * max_evals)
 
+    @property
+    def layers_per_slot(self) -> int:
+        return self.block or 1
+
     def steps_for(self, num_layers: int) -> int:
         """The path's slots for a base of `num_layers` layers."""
-        return (
-            self.max_steps if self.max_steps is not None else max(num_layers, round(DEFAULT_DEPTH_FACTOR * num_layers))
-        )
+        if self.max_steps is not None:
+            return self.max_steps
+        block = self.layers_per_slot  # the default rounded up to whole blocks
+        return -(-max(num_layers, round(DEFAULT_DEPTH_FACTOR * num_layers)) // block) * block
 
 
 DEFAULT_SEARCH_SPACE = SearchSpaceSpec(space="params", max_steps=None, scales=False)

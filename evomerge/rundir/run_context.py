@@ -74,7 +74,9 @@ def _genome(genome: dict, genes: list[GeneRow] | None) -> str:
 def _layer_genome(search: dict, genes: list[GeneRow] | None) -> str:
     slots = len({row.group for row in genes or []}) or search.get("max_steps") or "?"
     parts = [f"{len(genes)} genes" if genes else None, f"a layer path of up to {slots} slots"]
-    parts.append("take or skip and whose layer per slot" + (", and a scale" if search.get("scales") else ""))
+    block = search.get("block") or 1
+    what = "layer per slot" if block == 1 else f"block of {block} layers per slot"
+    parts.append(f"take or skip and whose {what}" + (", and a scale" if search.get("scales") else ""))
     return "; ".join(part for part in parts if part)
 
 

@@ -229,3 +229,26 @@ def test_the_report_says_what_a_layer_run_searched(finished):
     rows = {row.label: row.value for row in run_context(Ledger.read(RunDir.of(finished[0])))}
     assert rows["merge"] == "passthrough (layer paths), float32"
     assert rows["genome"] == "12 genes; a layer path of up to 6 slots; take or skip and whose layer per slot"
+
+
+def test_a_block_takes_its_layers_together(tmp_path):
+    genome = LayerGenome(layer_spec(tmp_path, block=2, max_steps=8), NUM_LAYERS)
+    assert genome.dim == 8  # 4 slots of 2 layers, include and model genes
+    stack = [Step(0, 0), Step(0, 1), Step(1, 2), Step(1, 3), Step(2, 2), Step(2, 3)]
+    point = genome.path_point(stack)
+    assert genome.path(genome.decode(point)) == stack
+    assert genome.path(genome.decode(genome.x0())) == genome.model_alone(0)
+    config = genome.merge_config_dict(point)
+    assert [s["sources"][0]["layer_range"] for s in config["slices"]] == [[0, 2], [2, 4], [2, 4]]
+    with pytest.raises(ValueError, match="slots of 2 layers"):
+        genome.path_point([Step(0, 0), Step(1, 1), Step(0, 2), Step(0, 3)])
+    rows = genome.gene_table()
+    assert [row.layers for row in rows[::2]] == [(0, 2), (2, 4), (0, 2), (2, 4)]
+
+
+def test_a_block_that_does_not_divide_the_depth_is_refused(tmp_path):
+    llama = SimpleNamespace(num_layers=NUM_LAYERS, tensors={})
+    assert layer_genome_problem(layer_spec(tmp_path, block=3), llama).startswith("search.block: 3 must divide")
+    with pytest.raises(UserError, match="search.block applies to space: layers only"):
+        parse_spec(fake_spec_data(tmp_path, "bad", search={"space": "params", "block": 2}), "spec", tmp_path)
+    assert layer_spec(tmp_path, "a").fingerprint() == layer_spec(tmp_path, "a", block=None).fingerprint()

@@ -155,8 +155,10 @@ class StudyLog:
             if evolved
             else {}
         )
-        if evolved and self.shape.methods:  # the method gene, named like the optimizer's study names it
-            params[METHOD_PARAM] = trial.merge_config["merge_method"]
+        method = trial.merge_config.get("merge_method")
+        # The method gene, named like the optimizer's study names it (a layer phase's passthrough is none of its choices).
+        if evolved and method in self.shape.methods:
+            params[METHOD_PARAM] = method
         score = trial.score
         values = None
         if score is not None and trial.result is not None:

@@ -47,7 +47,7 @@ def phased_score(trial: int, config: dict, eval_set: str) -> float:
 
 def open_phased(spec, run_dir):
     """A Search over the real preflight's shape of `spec`, without tasks: genome, baselines, sources."""
-    from evomerge.genome import Genome
+    from evomerge.genome_multi import make_genome
     from evomerge.hub import resolve_models
     from evomerge.preflight import Prepared, _union_config, baseline_configs, model_fields
     from evomerge.search.loop import Search
@@ -55,7 +55,9 @@ def open_phased(spec, run_dir):
     sources = resolve_models(model_fields(spec), "spec", None)
     num_layers = 4
     union = _union_config(spec).model_dump(mode="json", exclude_none=True)
-    prepared = Prepared(spec, Genome(spec, num_layers), union, {"search": None, "heldout": None}, [], sources=sources)
+    prepared = Prepared(
+        spec, make_genome(spec, num_layers), union, {"search": None, "heldout": None}, [], sources=sources
+    )
     prepared.baselines.extend(baseline_configs(spec))
     search = Search(prepared, run_dir, progress=False)
     search.current_inputs = lambda: {}
@@ -293,3 +295,17 @@ def test_more_budget_extends_the_layer_phase(finished, tmp_path):
     assert len(asked) == 30 and [e["event"] for e in events].count("phase_changed") == 1
     assert sum(e["trial"] >= first for e in asked) == 18  # the 6 new evaluations all go to the layer phase
     assert events[-1]["event"] == "run_finished"
+
+
+def test_a_method_gene_parameter_phase_hands_over_a_single_method_winner(zoo, tmp_path):
+    data = phased_data(tmp_path, zoo, "method-gene")
+    data["merge"] = {"method": ["task_arithmetic", "ties"]}
+    spec = parse_spec(data, "spec", tmp_path)
+    run_dir = create_run_dir(spec)
+    run_phased(spec, run_dir)
+    events = read_events(run_dir / "journal.jsonl")
+    change = next(e for e in events if e["event"] == "phase_changed")
+    methods = {e["merge_config"]["merge_method"] for e in events if e["event"] == "asked" and e["kind"] == "optimizer"}
+    assert {"task_arithmetic", "ties", "passthrough"} <= methods
+    assert isinstance(change["merge_config"]["merge_method"], str)
+    assert (run_dir / PS_WINNER / "config.json").is_file() and events[-1]["event"] == "run_finished"

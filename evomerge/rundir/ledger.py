@@ -137,21 +137,24 @@ class Ledger:
     def phase_change(self) -> tuple[int, dict] | None:
         """(its position in `events`, the event) of a params_then_layers run's change to its layer
         phase; None before it (or in a run of one space). Trials from the event's `first_trial` on
-        are the layer phase's; every reader asks `phase_of`."""
+        are the layer phase's (`in_layer_phase`)."""
         return next(((i, e) for i, e in enumerate(self.events) if e["event"] == EventName.PHASE_CHANGED), None)
 
-    def phase_of(self, trial_id: int) -> str | None:
-        """'params' or 'layers' for a trial of a params_then_layers run; None for a run of one space."""
+    @property
+    def phased(self) -> bool:
+        """Whether the frozen spec searches params_then_layers."""
         search = self.frozen_spec.get("search")
-        if not isinstance(search, dict) or search.get("space") != "params_then_layers":
-            return None
+        return isinstance(search, dict) and search.get("space") == "params_then_layers"
+
+    def in_layer_phase(self, trial_id: int) -> bool:
+        """Whether a trial belongs to a params_then_layers run's layer phase."""
         change = self.phase_change
-        return "layers" if change is not None and trial_id >= change[1]["first_trial"] else "params"
+        return change is not None and trial_id >= change[1]["first_trial"]
 
     @property
     def phase_status(self) -> str | None:
         """What `status` says of a params_then_layers run's phase; None for a run of one space."""
-        if self.phase_of(0) is None:
+        if not self.phased:
             return None
         change = self.phase_change
         if change is None:
@@ -162,10 +165,10 @@ class Ledger:
     def intermediates_of(self, trial_id: int) -> list[tuple[str, dict]]:
         """(name, merge config) of the named merges a trial's config builds on: a layer-phase trial's
         parameter winner; [] for every other trial. What `export` writes as the earlier documents."""
-        change = self.phase_change
-        if change is None or trial_id < change[1]["first_trial"]:
+        if not self.in_layer_phase(trial_id):
             return []
-        return [(change[1]["name"], change[1]["merge_config"])]
+        change = self.phase_change[1]  # type: ignore[index]  # in_layer_phase: there is one
+        return [(change["name"], change["merge_config"])]
 
     @property
     def ties(self) -> dict | None:

@@ -38,7 +38,7 @@ from evomerge.rundir.trials import Trial
 from evomerge.search.budget import docs_spent_of, refuse_a_broken_setup
 from evomerge.search.heldout import rescore_heldout
 from evomerge.search.inputs import checked_inputs, input_fingerprints
-from evomerge.search.phases import LAYERS, Phases
+from evomerge.search.phases import LAYERS, Phases, layer_prepared
 from evomerge.search.progress import ProgressMode, ProgressSettings, SearchProgress
 from evomerge.search.replay import restore_optimizer
 from evomerge.search.runs import create_run_dir
@@ -377,7 +377,8 @@ class Search:
             raise ValueError("a params_then_layers run needs workers for its layer phase")
         event = self.journal.append(EventName.PHASE_CHANGED, **self.phases.change_fields(self.trials, self.optimizer))
         self.phases.changed(event, len(self.events) - 1)
-        self.prepared, self.seeds = self.phases.layer_prepared, self.phases.seeds
+        # From this start's prepared, so the layer phase reads hub datasets at the revisions run() pinned.
+        self.prepared, self.seeds = layer_prepared(self.prepared, self.rundir), self.phases.seeds
         self.optimizer = self.phases.layer_optimizer(self._new_optimizer)()
         progress.say(self.phases.announcement())
         self.phases.materialize_winner()

@@ -57,6 +57,7 @@ class Phases:
         frozen_evals = (ledger.frozen_spec.get("budget") or {}).get("max_evals", spec.budget.max_evals)
         self.params_evals = spec.search.params_evals(frozen_evals) if self.active else 0
         self.layer_prepared = layer_prepared(prepared, run) if self.active else None
+        # Held here and set by `changed`: the loop asks it before every candidate, and the ledger would scan the journal.
         change = ledger.phase_change
         self.change_at, self.change = change if change is not None else (None, None)
 
@@ -102,16 +103,16 @@ class Phases:
 
     def trials_of_current(self, trials: dict[int, Trial]) -> dict[int, Trial]:
         """The trials the current phase's held-out pass picks from: all of them but in a layer phase."""
-        if self.current != LAYERS:
-            return trials
-        return {i: t for i, t in trials.items() if i >= self.change["first_trial"]}
+        return self._split(trials)[1] if self.current == LAYERS else trials
 
     def earlier_ties(self, trials: dict[int, Trial], top_k: int) -> dict | None:
         """The parameter phase's tie report at its held-out cut, for a layer phase with no tie of its own."""
-        if self.current != LAYERS:
-            return None
-        first = self.change["first_trial"]
-        return heldout_candidates({i: t for i, t in trials.items() if i < first}, top_k)[1]
+        return heldout_candidates(self._split(trials)[0], top_k)[1] if self.current == LAYERS else None
+
+    def _split(self, trials: dict[int, Trial]) -> tuple[dict[int, Trial], dict[int, Trial]]:
+        """(the parameter phase's trials, the layer phase's), at the journaled change."""
+        first = self.change["first_trial"]  # type: ignore[index]  # only asked in the layer phase
+        return {i: t for i, t in trials.items() if i < first}, {i: t for i, t in trials.items() if i >= first}
 
 
 def winner_of(trials: dict[int, Trial]) -> Trial:
@@ -181,9 +182,10 @@ def layer_optimizer(new_optimizer, change: dict):
 def materialize_winner(prepared: Prepared, run: RunDir, change: dict) -> Path:
     """RUN/ps_winner/: the params winner's merge, written once (whole or not at all); kept when there."""
     from evomerge.merge.engine import merge_to_disk
+    from evomerge.merge.multi_disk import is_complete_merge
 
     folder = winner_folder(run)
-    if (folder / "config.json").is_file():
+    if is_complete_merge(folder):
         return folder
     spec = prepared.spec
     config = MergeConfig.model_validate(rename_models(change["merge_config"], prepared.sources.folders()))

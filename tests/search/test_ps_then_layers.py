@@ -309,3 +309,20 @@ def test_a_method_gene_parameter_phase_hands_over_a_single_method_winner(zoo, tm
     assert {"task_arithmetic", "ties", "passthrough"} <= methods
     assert isinstance(change["merge_config"]["merge_method"], str)
     assert (run_dir / PS_WINNER / "config.json").is_file() and events[-1]["event"] == "run_finished"
+
+
+def test_the_layer_phase_keeps_the_evaluation_sets_this_start_pinned(zoo, tmp_path):
+    from dataclasses import replace
+
+    spec = parse_spec(phased_data(tmp_path, zoo, "pinned"), "spec", tmp_path)
+    search = open_phased(spec, create_run_dir(spec))
+    pinned = {"search": "search set at its pinned revision", "heldout": "held-out set at its pinned revision"}
+    search.prepared = replace(search.prepared, eval_sets=pinned)  # as run() pins hub datasets before workers start
+    handed = []
+
+    def layer_workers(prepared):
+        handed.append(prepared)
+        return fake_scheduler(score=phased_score)
+
+    search.run_with(fake_scheduler(score=phased_score), layer_workers)
+    assert len(handed) == 1 and handed[0].eval_sets == pinned and handed[0].spec.search.layers

@@ -54,6 +54,9 @@ def pareto_run(tmp_path_factory, demo_zoo):
         {"name": "increment", "tasks": ["demo_increment_search"]},
     ]
     spec["budget"] = {"max_evals": 40, "baselines": False}
+    # One worker: NSGA-II proposes from the results told so far, so two workers racing would make the
+    # front depend on which finished first (on a loaded machine, a different front).
+    spec["workers"] = {**spec.get("workers", {}), "count": 1}
     spec_path = tmp_path / "pareto.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
 
